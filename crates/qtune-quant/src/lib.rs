@@ -1,0 +1,2 @@
+//! Quantizers (placeholder; built by the quant core).
+pub mod rng;

@@ -1,0 +1,15 @@
+//! qtune: fine-tune LLaMA-family models with a fraction of the memory ordinary fine-tuning needs.
+//!
+//! The crate is laid out the way a training step flows:
+//! - [`model`]: the LLaMA-family decoder as forward/backward layer pairs, its loaders (GGUF, HF) and exporter.
+//! - [`data`]: tasks (label-word classification, causal LM on prompt/completion pairs), splits and batching.
+//! - [`train`]: optimizers, LR schedules, the training loop, memory accounting and run reports.
+//! - [`io`]: crash-safe file output.
+//! - the quantizers and quantized kernels live in the `qtune-quant` crate, re-exported as [`quant`].
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod train;
+
+pub use error::{Error, Result};
+pub use qtune_quant as quant;

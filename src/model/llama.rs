@@ -1,0 +1,476 @@
+//! The LLaMA-family decoder as a forward pass that saves named activations and a hand-written backward that hands
+//! each weight gradient to a [`GradSink`] the moment it exists (in exactly the reverse of [`ParamId::all`]'s order,
+//! so a stack of gradients pops in forward order). Weights come through the [`Weights`] trait, so the same model
+//! code runs on f32 tensors (the baselines) and on quantized stores (QFT, QST, QuZO) that apply a matrix without
+//! materializing a whole-model f32 copy.
+use super::config::LlamaConfig;
+use super::layers::{self, Rope};
+use super::params::{BlockParam as P, ParamId, ParamStore};
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+
+/// Where the model's weights come from. Every method that runs the model implements it.
+pub trait Weights {
+    /// y = x·Wᵀ for the matrix `id` (x: [N, in] → [N, out]).
+    fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor>;
+    /// dx = dy·W for the matrix `id` (dy: [N, out] → [N, in]): the input gradient of [`Weights::linear`].
+    fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor>;
+    /// A norm weight vector.
+    fn vector(&self, id: ParamId) -> Result<Tensor>;
+    /// Rows `ids` of the matrix `id` (token embeddings, or the LM head's rows for a set of label words).
+    fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor>;
+}
+
+/// Receives each parameter's gradient once per backward, in reverse forward order.
+pub trait GradSink {
+    fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()>;
+}
+
+impl Weights for ParamStore {
+    fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.get(id).t()?)?)
+    }
+    fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
+        Ok(dy.matmul(self.get(id))?)
+    }
+    fn vector(&self, id: ParamId) -> Result<Tensor> {
+        Ok(self.get(id).clone())
+    }
+    fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.get(id).index_select(ids, 0)?)
+    }
+}
+
+/// What the loss reads: the next-token distribution at some positions of a right-padded batch.
+#[derive(Clone, Debug)]
+pub struct Targets {
+    /// Flat indices `b·T + t` of the positions whose next-token logits the loss reads.
+    pub positions: Vec<u32>,
+    /// Candidate token ids (label words); `None` means the whole vocabulary.
+    pub classes: Option<Vec<u32>>,
+    /// Per position, the right answer: an index into `classes`, or a token id.
+    pub labels: Vec<u32>,
+}
+
+/// A right-padded batch. Rows are padded at the end, so under the causal mask no real position ever attends to
+/// padding and the key-padding mask is implied; the loss reads only real positions.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// [B, T] token ids (u32).
+    pub ids: Tensor,
+    /// Real (unpadded) length of each row.
+    pub lengths: Vec<usize>,
+    pub targets: Targets,
+}
+
+impl Batch {
+    pub fn real_tokens(&self) -> usize {
+        self.lengths.iter().sum()
+    }
+}
+
+/// Activations one block's backward needs (N = B·T rows; d hidden, f FFN width, H/KV heads, hd head width).
+pub struct BlockActs {
+    x: Tensor,     // [N, d] block input (residual stream)
+    rstd1: Tensor, // [N, 1] attention RMSNorm reciprocal std
+    xn1: Tensor,   // [N, d] normalized input to Q/K/V
+    q: Tensor,     // [B, H, T, hd] after RoPE
+    k: Tensor,     // [B, KV, T, hd] after RoPE
+    v: Tensor,     // [B, KV, T, hd]
+    probs: Tensor, // [B, H, T, T] attention probabilities
+    ctx: Tensor,   // [N, H·hd] attention output, input to O
+    x2: Tensor,    // [N, d] residual after attention
+    rstd2: Tensor, // [N, 1]
+    xn2: Tensor,   // [N, d] normalized input to gate/up
+    gate: Tensor,  // [N, f] gate pre-activation
+    up: Tensor,    // [N, f]
+}
+
+impl BlockActs {
+    pub fn bytes(&self) -> usize {
+        [
+            &self.x, &self.rstd1, &self.xn1, &self.q, &self.k, &self.v, &self.probs, &self.ctx, &self.x2, &self.rstd2,
+            &self.xn2, &self.gate, &self.up,
+        ]
+        .iter()
+        .map(|t| tensor_bytes(t))
+        .sum()
+    }
+}
+
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// Saved state of one block: everything, or (activation recomputation) only its input.
+enum Saved {
+    All(Box<BlockActs>),
+    Input(Tensor),
+}
+
+/// What a training forward keeps for the backward.
+pub struct Trace {
+    ids: Tensor,      // [N] token ids
+    shape: (usize, usize),
+    blocks: Vec<Saved>,
+    x_sel: Tensor,    // [P, d] final residual at the loss positions
+    rstd_sel: Tensor, // [P, 1]
+    xn_sel: Tensor,   // [P, d] final-normed hidden at the loss positions
+    dlogits: Tensor,  // [P, C] gradient of the loss w.r.t. the logits it read
+    positions: Tensor, // [P] u32
+    classes: Option<Tensor>, // [C] u32 label-word ids
+}
+
+impl Trace {
+    /// Bytes of activations held for the backward.
+    pub fn bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|s| match s {
+                Saved::All(a) => a.bytes(),
+                Saved::Input(x) => tensor_bytes(x),
+            })
+            .sum();
+        blocks + [&self.x_sel, &self.rstd_sel, &self.xn_sel, &self.dlogits].iter().map(|t| tensor_bytes(t)).sum::<usize>()
+    }
+}
+
+/// The result of a forward over a batch.
+pub struct Output {
+    /// Mean cross-entropy over the target positions.
+    pub loss: f32,
+    /// [P, C] logits the loss read (C = number of classes, or the vocabulary).
+    pub logits: Tensor,
+}
+
+/// How much of the forward to keep for a backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Inference: keep nothing.
+    Nothing,
+    /// Keep every block's activations.
+    All,
+    /// Keep each block's input and recompute the block during the backward.
+    Inputs,
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+}
+
+impl Llama {
+    pub fn new(cfg: LlamaConfig) -> Self {
+        Llama { cfg }
+    }
+
+    fn block_forward(&self, w: &impl Weights, l: usize, x: Tensor, shape: (usize, usize), rope: &Rope, mask: &Tensor) -> Result<(Tensor, BlockActs)> {
+        let c = &self.cfg;
+        let (b, t) = shape;
+        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let id = |p| ParamId::Block(l, p);
+        let (xn1, rstd1) = layers::rms_norm_forward(&x, &w.vector(id(P::AttnNorm))?, c.rms_norm_eps)?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
+        let q = rope.forward(&heads(w.linear(id(P::Q), &xn1)?, h)?)?;
+        let k = rope.forward(&heads(w.linear(id(P::K), &xn1)?, kv)?)?;
+        let v = heads(w.linear(id(P::V), &xn1)?, kv)?;
+        let (ctx, probs) = layers::attention_forward(&q, &k, &v, c.group_size(), mask)?;
+        let ctx = ctx.transpose(1, 2)?.reshape((b * t, h * hd))?;
+        let x2 = (&x + w.linear(id(P::O), &ctx)?)?;
+        let (xn2, rstd2) = layers::rms_norm_forward(&x2, &w.vector(id(P::MlpNorm))?, c.rms_norm_eps)?;
+        let gate = w.linear(id(P::Gate), &xn2)?;
+        let up = w.linear(id(P::Up), &xn2)?;
+        let hmid = layers::swiglu_forward(&gate, &up)?;
+        let out = (&x2 + w.linear(id(P::Down), &hmid)?)?;
+        Ok((out, BlockActs { x, rstd1, xn1, q, k, v, probs, ctx, x2, rstd2, xn2, gate, up }))
+    }
+
+    /// Backward of one block: returns dx and pushes the block's weight gradients (Down … AttnNorm).
+    fn block_backward(&self, w: &impl Weights, l: usize, a: &BlockActs, dout: &Tensor, shape: (usize, usize), rope: &Rope, sink: &mut impl GradSink) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (b, t) = shape;
+        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let id = |p| ParamId::Block(l, p);
+        // MLP
+        let hmid = layers::swiglu_forward(&a.gate, &a.up)?; // recomputed: cheaper than keeping [N, f]
+        let dh = w.linear_t(id(P::Down), dout)?;
+        sink.push(id(P::Down), dout.t()?.matmul(&hmid)?)?;
+        drop(hmid);
+        let (dgate, dup) = layers::swiglu_backward(&dh, &a.gate, &a.up)?;
+        drop(dh);
+        let dxn2 = (w.linear_t(id(P::Gate), &dgate)? + w.linear_t(id(P::Up), &dup)?)?;
+        sink.push(id(P::Up), dup.t()?.matmul(&a.xn2)?)?;
+        sink.push(id(P::Gate), dgate.t()?.matmul(&a.xn2)?)?;
+        let (dx2n, dw) = layers::rms_norm_backward(&dxn2, &a.x2, &w.vector(id(P::MlpNorm))?, &a.rstd2)?;
+        sink.push(id(P::MlpNorm), dw)?;
+        let dx2 = (dout + dx2n)?;
+        // Attention
+        let dctx = w.linear_t(id(P::O), &dx2)?;
+        sink.push(id(P::O), dx2.t()?.matmul(&a.ctx)?)?;
+        let dctx = dctx.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+        let (dq, dk, dv) = layers::attention_backward(&dctx, &a.q, &a.k, &a.v, &a.probs, c.group_size())?;
+        let flat = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.transpose(1, 2)?.reshape((b * t, n * hd))?) };
+        let dq = flat(rope.backward(&dq)?, h)?;
+        let dk = flat(rope.backward(&dk)?, kv)?;
+        let dv = flat(dv, kv)?;
+        let dxn1 = ((w.linear_t(id(P::Q), &dq)? + w.linear_t(id(P::K), &dk)?)? + w.linear_t(id(P::V), &dv)?)?;
+        sink.push(id(P::V), dv.t()?.matmul(&a.xn1)?)?;
+        sink.push(id(P::K), dk.t()?.matmul(&a.xn1)?)?;
+        sink.push(id(P::Q), dq.t()?.matmul(&a.xn1)?)?;
+        let (dxn, dw) = layers::rms_norm_backward(&dxn1, &a.x, &w.vector(id(P::AttnNorm))?, &a.rstd1)?;
+        sink.push(id(P::AttnNorm), dw)?;
+        Ok((dx2 + dxn)?)
+    }
+
+    /// Runs the blocks over `ids` [B, T]; returns the final residual stream [B·T, d] and what `keep` asks for.
+    fn trunk(&self, w: &impl Weights, ids: &Tensor, keep: Keep, dtype: DType) -> Result<(Tensor, Vec<Saved>)> {
+        let (b, t) = ids.dims2()?;
+        let dev = ids.device();
+        let flat_ids = ids.flatten_all()?;
+        let mut x = w.rows(ParamId::Embed, &flat_ids)?.to_dtype(dtype)?;
+        let rope = Rope::new(t, self.cfg.head_dim, self.cfg.rope_theta, dtype, dev)?;
+        let mask = layers::causal_mask(t, dtype, dev)?;
+        let mut saved = Vec::new();
+        for l in 0..self.cfg.num_hidden_layers {
+            let input = x.clone();
+            let (out, acts) = self.block_forward(w, l, x, (b, t), &rope, &mask)?;
+            match keep {
+                Keep::Nothing => {}
+                Keep::All => saved.push(Saved::All(Box::new(acts))),
+                Keep::Inputs => saved.push(Saved::Input(input)),
+            }
+            x = out;
+        }
+        Ok((x, saved))
+    }
+
+    /// The forward over a batch: loss and logits at the target positions; with `keep != Nothing` also the trace a
+    /// backward needs. The LM head is evaluated only where the loss reads it, and only for the label words when
+    /// the task has them.
+    pub fn forward(&self, w: &impl Weights, batch: &Batch, keep: Keep) -> Result<(Output, Option<Trace>)> {
+        let dtype = w.vector(ParamId::FinalNorm)?.dtype();
+        let (b, t) = batch.ids.dims2()?;
+        let dev = batch.ids.device().clone();
+        let (x, blocks) = self.trunk(w, &batch.ids, keep, dtype)?;
+        let tg = &batch.targets;
+        let positions = Tensor::new(tg.positions.as_slice(), &dev)?;
+        let x_sel = x.index_select(&positions, 0)?;
+        drop(x);
+        let (xn_sel, rstd_sel) = layers::rms_norm_forward(&x_sel, &w.vector(ParamId::FinalNorm)?, self.cfg.rms_norm_eps)?;
+        let head = ParamId::head(&self.cfg);
+        let classes = tg.classes.as_ref().map(|c| Tensor::new(c.as_slice(), &dev)).transpose()?;
+        let logits = match &classes {
+            Some(c) => xn_sel.matmul(&w.rows(head, c)?.t()?)?,
+            None => w.linear(head, &xn_sel)?,
+        };
+        let labels = Tensor::new(tg.labels.as_slice(), &dev)?;
+        let (loss, dlogits) = layers::cross_entropy(&logits, &labels)?;
+        let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? as f32;
+        let trace = (keep != Keep::Nothing).then_some(Trace {
+            ids: batch.ids.flatten_all()?,
+            shape: (b, t),
+            blocks,
+            x_sel,
+            rstd_sel,
+            xn_sel,
+            dlogits,
+            positions,
+            classes,
+        });
+        Ok((Output { loss, logits }, trace))
+    }
+
+    /// The backward of [`Llama::forward`]: pushes every parameter's gradient into `sink` in reverse forward order.
+    pub fn backward(&self, w: &impl Weights, trace: Trace, sink: &mut impl GradSink) -> Result<()> {
+        let c = &self.cfg;
+        let Trace { ids, shape, mut blocks, x_sel, rstd_sel, xn_sel, dlogits, positions, classes } = trace;
+        let (b, t) = shape;
+        let dtype = xn_sel.dtype();
+        let dev = xn_sel.device().clone();
+        let head = ParamId::head(c);
+        let vocab_zeros = || Tensor::zeros((c.vocab_size, c.hidden_size), dtype, &dev);
+        // LM head: only the rows the loss read get a gradient when the task has label words.
+        let (dxn_sel, dhead) = match &classes {
+            Some(cl) => {
+                let rows = w.rows(head, cl)?.to_dtype(dtype)?;
+                (dlogits.matmul(&rows)?, vocab_zeros()?.index_add(cl, &dlogits.t()?.matmul(&xn_sel)?, 0)?)
+            }
+            None => (w.linear_t(head, &dlogits)?, dlogits.t()?.matmul(&xn_sel)?),
+        };
+        // A tied head's gradient joins the embedding gradient at the end of the backward.
+        let mut dembed = None;
+        if c.tie_word_embeddings {
+            dembed = Some(dhead);
+        } else {
+            sink.push(ParamId::LmHead, dhead)?;
+        }
+        let (dx_sel, dnorm) = layers::rms_norm_backward(&dxn_sel, &x_sel, &w.vector(ParamId::FinalNorm)?, &rstd_sel)?;
+        sink.push(ParamId::FinalNorm, dnorm)?;
+        let mut dx = Tensor::zeros((b * t, c.hidden_size), dtype, &dev)?.index_add(&positions, &dx_sel, 0)?;
+        let rope = Rope::new(t, c.head_dim, c.rope_theta, dtype, &dev)?;
+        let mask = layers::causal_mask(t, dtype, &dev)?;
+        for l in (0..c.num_hidden_layers).rev() {
+            let saved = blocks.pop().expect("one saved entry per block");
+            let acts = match saved {
+                Saved::All(a) => *a,
+                Saved::Input(x) => self.block_forward(w, l, x, shape, &rope, &mask)?.1,
+            };
+            dx = self.block_backward(w, l, &acts, &dx, shape, &rope, sink)?;
+        }
+        let demb_rows = vocab_zeros()?.index_add(&ids, &dx, 0)?;
+        let dembed = match dembed {
+            Some(d) => (d + demb_rows)?,
+            None => demb_rows,
+        };
+        sink.push(ParamId::Embed, dembed)?;
+        Ok(())
+    }
+
+    /// Logits at every position, [B, T, vocab] (parity tests and generation; training never needs them).
+    pub fn logits(&self, w: &impl Weights, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let dtype = w.vector(ParamId::FinalNorm)?.dtype();
+        let (x, _) = self.trunk(w, ids, Keep::Nothing, dtype)?;
+        let (xn, _) = layers::rms_norm_forward(&x, &w.vector(ParamId::FinalNorm)?, self.cfg.rms_norm_eps)?;
+        let logits = w.linear(ParamId::head(&self.cfg), &xn)?;
+        Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    /// Next-token logits [vocab] after the prompt `ids` (no KV cache: generation here is for eyeballing).
+    pub fn next_logits(&self, w: &impl Weights, ids: &[u32], dev: &Device) -> Result<Tensor> {
+        let t = ids.len();
+        let batch = Tensor::new(ids, dev)?.unsqueeze(0)?;
+        let dtype = w.vector(ParamId::FinalNorm)?.dtype();
+        let (x, _) = self.trunk(w, &batch, Keep::Nothing, dtype)?;
+        let last = x.narrow(0, t - 1, 1)?;
+        let (xn, _) = layers::rms_norm_forward(&last, &w.vector(ParamId::FinalNorm)?, self.cfg.rms_norm_eps)?;
+        Ok(w.linear(ParamId::head(&self.cfg), &xn)?.flatten_all()?.to_dtype(DType::F32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The whole model's backward against central finite differences of its loss in f64, for tied and untied
+    //! heads, label-word and full-vocabulary losses, and with activation recomputation. Budget: 1e-6 relative.
+    use super::*;
+    use crate::train::DenseGrads;
+
+    const FD_BUDGET: f64 = 1e-6;
+
+    pub(crate) fn tiny_config(tied: bool) -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 32,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 4,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 64,
+            tie_word_embeddings: tied,
+            bos_token_id: None,
+            eos_token_id: None,
+        }
+    }
+
+    fn batch(classes: bool) -> Batch {
+        let ids = Tensor::new(&[[3u32, 7, 1, 30, 12, 5], [9, 2, 2, 17, 0, 0]], &Device::Cpu).unwrap();
+        let targets = if classes {
+            Targets { positions: vec![5, 6 + 3], classes: Some(vec![4, 11, 20]), labels: vec![2, 0] }
+        } else {
+            Targets { positions: vec![0, 1, 2, 3, 4, 6, 7, 8], classes: None, labels: vec![7, 1, 30, 12, 5, 2, 2, 17] }
+        };
+        Batch { ids, lengths: vec![6, 4], targets }
+    }
+
+    fn loss(m: &Llama, p: &ParamStore, b: &Batch) -> f64 {
+        let (out, _) = m.forward(p, b, Keep::Nothing).unwrap();
+        // Recompute in f64 from the logits: Output::loss is rounded to f32.
+        let labels = Tensor::new(b.targets.labels.as_slice(), &Device::Cpu).unwrap();
+        layers::cross_entropy(&out.logits, &labels).unwrap().0.to_scalar::<f64>().unwrap()
+    }
+
+    fn check_model(tied: bool, classes: bool, keep: Keep) {
+        let cfg = tiny_config(tied);
+        let m = Llama::new(cfg.clone());
+        let p = ParamStore::random(&cfg, 7, 0.3, DType::F64).unwrap();
+        let b = batch(classes);
+        let (_, trace) = m.forward(&p, &b, keep).unwrap();
+        let mut grads = DenseGrads::default();
+        m.backward(&p, trace.unwrap(), &mut grads).unwrap();
+        let h = 1e-6;
+        for id in ParamId::all(&cfg) {
+            let g = grads.get(id).unwrap_or_else(|| panic!("no gradient for {id:?}"));
+            let gv: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = gv.iter().fold(1e-4f64, |m, x| m.max(x.abs()));
+            let w: Vec<f64> = p.get(id).flatten_all().unwrap().to_vec1().unwrap();
+            // Probe a few entries per tensor, including ones the classes subset leaves at zero.
+            for i in [0, w.len() / 3, w.len() / 2, w.len() - 1] {
+                let mut q = p.clone();
+                let mut wp = w.clone();
+                wp[i] += h;
+                q.set(id, Tensor::from_vec(wp, p.get(id).shape(), &Device::Cpu).unwrap());
+                let lp = loss(&m, &q, &b);
+                let mut wm = w.clone();
+                wm[i] -= h;
+                q.set(id, Tensor::from_vec(wm, p.get(id).shape(), &Device::Cpu).unwrap());
+                let lm = loss(&m, &q, &b);
+                let fd = (lp - lm) / (2.0 * h);
+                let err = (fd - gv[i]).abs() / scale;
+                assert!(err < FD_BUDGET, "{id:?}[{i}] fd {fd} analytic {} rel {err:e} (tied {tied}, classes {classes}, {keep:?})", gv[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_tied_label_words() {
+        check_model(true, true, Keep::All);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_untied_full_vocab() {
+        check_model(false, false, Keep::All);
+    }
+
+    #[test]
+    fn backward_with_recomputation_matches_finite_differences() {
+        check_model(true, false, Keep::Inputs);
+    }
+
+    /// The gradient stack contract: gradients arrive in exactly the reverse of `ParamId::all`, once each.
+    #[test]
+    fn gradients_arrive_in_reverse_forward_order() {
+        struct Order(Vec<ParamId>);
+        impl GradSink for Order {
+            fn push(&mut self, id: ParamId, _g: Tensor) -> Result<()> {
+                self.0.push(id);
+                Ok(())
+            }
+        }
+        for tied in [true, false] {
+            let cfg = tiny_config(tied);
+            let m = Llama::new(cfg.clone());
+            let p = ParamStore::random(&cfg, 1, 0.3, DType::F32).unwrap();
+            let (_, trace) = m.forward(&p, &batch(true), Keep::All).unwrap();
+            let mut order = Order(vec![]);
+            m.backward(&p, trace.unwrap(), &mut order).unwrap();
+            let mut want = ParamId::all(&cfg);
+            want.reverse();
+            assert_eq!(order.0, want);
+        }
+    }
+
+    /// Right padding: the loss positions of a row do not depend on what follows them.
+    #[test]
+    fn padding_does_not_change_real_positions() {
+        let cfg = tiny_config(true);
+        let m = Llama::new(cfg.clone());
+        let p = ParamStore::random(&cfg, 3, 0.3, DType::F64).unwrap();
+        let a = m.logits(&p, &Tensor::new(&[[9u32, 2, 2, 17, 0, 0]], &Device::Cpu).unwrap()).unwrap();
+        let b = m.logits(&p, &Tensor::new(&[[9u32, 2, 2, 17, 31, 8]], &Device::Cpu).unwrap()).unwrap();
+        let d = (a.narrow(1, 0, 4).unwrap() - b.narrow(1, 0, 4).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f64>().unwrap(), 0.0);
+    }
+}

@@ -1,0 +1,212 @@
+//! Model loading and export: a Hugging Face directory (config.json, *.safetensors in f32/f16/bf16, tokenizer.json)
+//! or a GGUF file (tensors dequantized to f32, Q/K rows un-permuted back to HF's rotate-half layout, config and
+//! tokenizer from the metadata). Export writes an HF directory `transformers` loads unchanged.
+use super::config::LlamaConfig;
+use super::params::{BlockParam, ParamId, ParamStore};
+use super::tokenizer::Tok;
+use crate::io::write_atomic;
+use crate::{Error, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// A model as loaded: f32 parameters on the CPU, plus its tokenizer when the source carries one.
+pub struct LoadedModel {
+    pub params: ParamStore,
+    pub tokenizer: Option<Tok>,
+    pub source: PathBuf,
+}
+
+/// Loads a model from an HF directory or a `.gguf` file.
+pub fn load_model(path: &Path) -> Result<LoadedModel> {
+    if !path.exists() {
+        return Err(Error::file(path, "model not found (expected an HF directory or a .gguf file)"));
+    }
+    if path.is_dir() {
+        load_hf_dir(path)
+    } else {
+        load_gguf(path)
+    }
+}
+
+/// Loads `config.json`, every `*.safetensors` file and (if present) `tokenizer.json` from `dir`.
+pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
+    let cfg = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::file(dir, format!("cannot list: {e}")))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::file(dir, "no *.safetensors file"));
+    }
+    let wanted: HashMap<String, ParamId> = ParamId::all(&cfg).into_iter().map(|id| (id.hf_name(), id)).collect();
+    let mut map = HashMap::new();
+    for f in &files {
+        let bytes = std::fs::read(f).map_err(|e| Error::file(f, format!("cannot read: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::file(f, format!("not a valid safetensors file: {e}")))?;
+        for (name, view) in st.tensors() {
+            let Some(&id) = wanted.get(&name) else { continue };
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
+                other => return Err(Error::file(f, format!("tensor `{name}` has unsupported dtype {other:?}"))),
+            };
+            let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .map_err(|e| Error::file(f, format!("tensor `{name}`: {e}")))?;
+            if map.insert(id, t).is_some() {
+                return Err(Error::file(f, format!("tensor `{name}` appears in more than one file")));
+            }
+        }
+    }
+    let params = ParamStore::from_map(cfg, map, dir)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() { Some(Tok::from_file(&tok_path)?) } else { None };
+    Ok(LoadedModel { params, tokenizer, source: dir.to_path_buf() })
+}
+
+fn meta_usize(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<usize> {
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| Error::file(path, format!("GGUF metadata lacks `{key}`")))?
+        .to_u64()
+        .or_else(|_| ct.metadata[key].to_u32().map(|x| x as u64))
+        .map(|x| x as usize)
+        .map_err(|e| Error::file(path, format!("GGUF metadata `{key}`: {e}")))
+}
+
+fn meta_f64(ct: &gguf_file::Content, key: &str) -> Option<f64> {
+    ct.metadata.get(key).and_then(|v| v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).ok())
+}
+
+/// Undoes llama.cpp's conversion-time permutation of Q/K rows (HF rotate-half → interleaved pairs):
+/// GGUF row `h·hd + 2j + p` holds HF row `h·hd + p·hd/2 + j`.
+pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> candle_core::Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let hd = out / n_heads;
+    w.reshape((n_heads, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))
+}
+
+/// Loads a LLaMA-architecture GGUF file; tensors are dequantized to f32.
+pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
+    let file = std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+    let mut reader = std::io::BufReader::new(file);
+    let ct = gguf_file::Content::read(&mut reader).map_err(|e| Error::file(path, format!("not a valid GGUF file: {e}")))?;
+    let arch = ct
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    if arch != "llama" {
+        return Err(Error::file(path, format!("GGUF architecture `{arch}` is not supported (only llama)")));
+    }
+    let embd = ct
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| Error::file(path, "GGUF has no `token_embd.weight`"))?;
+    let emb_dims = embd.shape.dims().to_vec();
+    let hidden = meta_usize(&ct, "llama.embedding_length", path)?;
+    let heads = meta_usize(&ct, "llama.attention.head_count", path)?;
+    let kv_heads = meta_usize(&ct, "llama.attention.head_count_kv", path).unwrap_or(heads);
+    let tok_ids = |key: &str| ct.metadata.get(key).and_then(|v| v.to_u32().ok());
+    let cfg = LlamaConfig {
+        vocab_size: emb_dims.first().copied().unwrap_or(0),
+        hidden_size: hidden,
+        intermediate_size: meta_usize(&ct, "llama.feed_forward_length", path)?,
+        num_hidden_layers: meta_usize(&ct, "llama.block_count", path)?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim: meta_usize(&ct, "llama.rope.dimension_count", path).unwrap_or(if heads > 0 { hidden / heads } else { 0 }),
+        rope_theta: meta_f64(&ct, "llama.rope.freq_base").unwrap_or(10000.0),
+        rms_norm_eps: meta_f64(&ct, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        max_position_embeddings: meta_usize(&ct, "llama.context_length", path).unwrap_or(2048),
+        tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
+        bos_token_id: tok_ids("tokenizer.ggml.bos_token_id"),
+        eos_token_id: tok_ids("tokenizer.ggml.eos_token_id"),
+    };
+    cfg.validate().map_err(|m| Error::file(path, m))?;
+    let mut map = HashMap::new();
+    for id in ParamId::all(&cfg) {
+        let name = id.gguf_name();
+        if !ct.tensor_infos.contains_key(&name) {
+            return Err(Error::file(path, format!("GGUF lacks tensor `{name}`")));
+        }
+        let q = ct
+            .tensor(&mut reader, &name, &Device::Cpu)
+            .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
+        let mut t = q.dequantize(&Device::Cpu).map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
+        // Shapes are checked by ParamStore::from_map; un-permute only what has the expected shape.
+        if t.dims() == id.shape(&cfg).as_slice() {
+            t = match id {
+                ParamId::Block(_, BlockParam::Q) => unpermute_qk(&t, cfg.num_attention_heads)?,
+                ParamId::Block(_, BlockParam::K) => unpermute_qk(&t, cfg.num_key_value_heads)?,
+                _ => t,
+            };
+        }
+        map.insert(id, t);
+    }
+    let params = ParamStore::from_map(cfg, map, path)?;
+    let tokenizer = Some(Tok::from_gguf(&ct, path)?);
+    Ok(LoadedModel { params, tokenizer, source: path.to_path_buf() })
+}
+
+/// Writes `dir/{config.json, model.safetensors, tokenizer.json}` as `transformers` expects, each file atomically.
+pub fn export_hf(params: &ParamStore, tokenizer: Option<&Tok>, dir: &Path) -> Result<()> {
+    for t in params.hf_tensors().values() {
+        check_finite(t)?;
+    }
+    let st_path = dir.join("model.safetensors");
+    let mut views = Vec::new();
+    for (name, t) in params.hf_tensors() {
+        let data: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        views.push((name, SafeView { shape: t.dims().to_vec(), data: data.iter().flat_map(|x| x.to_le_bytes()).collect() }));
+    }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| Error::file(&st_path, format!("cannot serialize: {e}")))?;
+    crate::io::write_bytes_atomic(&st_path, &bytes)?;
+    let cfg_json = serde_json::to_vec_pretty(&params.cfg.to_hf_json()).map_err(|e| Error::Msg(e.to_string()))?;
+    crate::io::write_bytes_atomic(&dir.join("config.json"), &cfg_json)?;
+    if let Some(tok) = tokenizer {
+        let path = dir.join("tokenizer.json");
+        let json = tok.to_json()?;
+        write_atomic(&path, |f| Ok(std::io::Write::write_all(f, json.as_bytes())?))?;
+    }
+    Ok(())
+}
+
+/// Refuses to write NaN or infinite weights anywhere.
+pub fn check_finite(t: &Tensor) -> Result<()> {
+    let s = t.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    if !s.is_finite() {
+        return Err(Error::Numerical("a tensor holds NaN or infinite values; refusing to write it".into()));
+    }
+    Ok(())
+}
+
+/// An f32 tensor already laid out as little-endian bytes, as the `safetensors` serializer wants it.
+struct SafeView {
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for SafeView {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}

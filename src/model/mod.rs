@@ -1,0 +1,14 @@
+//! The model: configuration, parameter naming and storage, layers as forward/backward pairs, the decoder,
+//! loaders (HF directory, GGUF), the tokenizer and the HF exporter.
+pub mod config;
+pub mod layers;
+pub mod llama;
+pub mod load;
+pub mod params;
+pub mod tokenizer;
+
+pub use config::LlamaConfig;
+pub use llama::{Batch, GradSink, Keep, Llama, Output, Targets, Trace, Weights};
+pub use load::{export_hf, load_model, LoadedModel};
+pub use params::{BlockParam, ParamId, ParamStore};
+pub use tokenizer::Tok;

@@ -1,0 +1,234 @@
+//! Parameter naming and storage. Every parameter has one [`ParamId`]; its HF and GGUF names, its shape and its
+//! position in forward order derive from it, so loaders, optimizers, checkpoints and exporters agree on one list.
+use super::config::LlamaConfig;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The nine parameters of one decoder block, in forward order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BlockParam {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    MlpNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+impl BlockParam {
+    pub const ALL: [BlockParam; 9] = [
+        BlockParam::AttnNorm,
+        BlockParam::Q,
+        BlockParam::K,
+        BlockParam::V,
+        BlockParam::O,
+        BlockParam::MlpNorm,
+        BlockParam::Gate,
+        BlockParam::Up,
+        BlockParam::Down,
+    ];
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ParamId {
+    Embed,
+    Block(usize, BlockParam),
+    FinalNorm,
+    /// Only for untied models; a tied model reads its LM head from `Embed`.
+    LmHead,
+}
+
+impl ParamId {
+    /// All parameters in forward order (the order optimizers walk and checkpoints store).
+    pub fn all(cfg: &LlamaConfig) -> Vec<ParamId> {
+        let mut ids = vec![ParamId::Embed];
+        for l in 0..cfg.num_hidden_layers {
+            ids.extend(BlockParam::ALL.iter().map(|&p| ParamId::Block(l, p)));
+        }
+        ids.push(ParamId::FinalNorm);
+        if !cfg.tie_word_embeddings {
+            ids.push(ParamId::LmHead);
+        }
+        ids
+    }
+
+    /// The parameter the LM head reads.
+    pub fn head(cfg: &LlamaConfig) -> ParamId {
+        if cfg.tie_word_embeddings {
+            ParamId::Embed
+        } else {
+            ParamId::LmHead
+        }
+    }
+
+    /// Position in [`ParamId::all`].
+    pub fn index(self, cfg: &LlamaConfig) -> usize {
+        let n = BlockParam::ALL.len();
+        match self {
+            ParamId::Embed => 0,
+            ParamId::Block(l, p) => 1 + l * n + p as usize,
+            ParamId::FinalNorm => 1 + cfg.num_hidden_layers * n,
+            ParamId::LmHead => 2 + cfg.num_hidden_layers * n,
+        }
+    }
+
+    /// Norm weights are vectors; everything else is a matrix `[out, in]` (embeddings: `[vocab, hidden]`).
+    pub fn is_matrix(self) -> bool {
+        !matches!(self, ParamId::FinalNorm | ParamId::Block(_, BlockParam::AttnNorm | BlockParam::MlpNorm))
+    }
+
+    pub fn shape(self, cfg: &LlamaConfig) -> Vec<usize> {
+        let d = cfg.hidden_size;
+        match self {
+            ParamId::Embed | ParamId::LmHead => vec![cfg.vocab_size, d],
+            ParamId::FinalNorm => vec![d],
+            ParamId::Block(_, p) => match p {
+                BlockParam::AttnNorm | BlockParam::MlpNorm => vec![d],
+                BlockParam::Q => vec![cfg.q_dim(), d],
+                BlockParam::K | BlockParam::V => vec![cfg.kv_dim(), d],
+                BlockParam::O => vec![d, cfg.q_dim()],
+                BlockParam::Gate | BlockParam::Up => vec![cfg.intermediate_size, d],
+                BlockParam::Down => vec![d, cfg.intermediate_size],
+            },
+        }
+    }
+
+    pub fn numel(self, cfg: &LlamaConfig) -> usize {
+        self.shape(cfg).iter().product()
+    }
+
+    pub fn hf_name(self) -> String {
+        match self {
+            ParamId::Embed => "model.embed_tokens.weight".into(),
+            ParamId::FinalNorm => "model.norm.weight".into(),
+            ParamId::LmHead => "lm_head.weight".into(),
+            ParamId::Block(l, p) => {
+                let s = match p {
+                    BlockParam::AttnNorm => "input_layernorm",
+                    BlockParam::Q => "self_attn.q_proj",
+                    BlockParam::K => "self_attn.k_proj",
+                    BlockParam::V => "self_attn.v_proj",
+                    BlockParam::O => "self_attn.o_proj",
+                    BlockParam::MlpNorm => "post_attention_layernorm",
+                    BlockParam::Gate => "mlp.gate_proj",
+                    BlockParam::Up => "mlp.up_proj",
+                    BlockParam::Down => "mlp.down_proj",
+                };
+                format!("model.layers.{l}.{s}.weight")
+            }
+        }
+    }
+
+    pub fn gguf_name(self) -> String {
+        match self {
+            ParamId::Embed => "token_embd.weight".into(),
+            ParamId::FinalNorm => "output_norm.weight".into(),
+            ParamId::LmHead => "output.weight".into(),
+            ParamId::Block(l, p) => {
+                let s = match p {
+                    BlockParam::AttnNorm => "attn_norm",
+                    BlockParam::Q => "attn_q",
+                    BlockParam::K => "attn_k",
+                    BlockParam::V => "attn_v",
+                    BlockParam::O => "attn_output",
+                    BlockParam::MlpNorm => "ffn_norm",
+                    BlockParam::Gate => "ffn_gate",
+                    BlockParam::Up => "ffn_up",
+                    BlockParam::Down => "ffn_down",
+                };
+                format!("blk.{l}.{s}.weight")
+            }
+        }
+    }
+}
+
+/// All parameters of a model as dense tensors (f32 for training; f64 in gradient tests), indexed by [`ParamId`].
+#[derive(Clone)]
+pub struct ParamStore {
+    pub cfg: LlamaConfig,
+    tensors: Vec<Tensor>,
+}
+
+impl ParamStore {
+    /// Builds a store from tensors keyed by id; every id of the config must be present with its exact shape.
+    pub fn from_map(cfg: LlamaConfig, mut map: HashMap<ParamId, Tensor>, source: &Path) -> Result<Self> {
+        let mut tensors = Vec::new();
+        for id in ParamId::all(&cfg) {
+            let t = map
+                .remove(&id)
+                .ok_or_else(|| Error::file(source, format!("missing tensor `{}`", id.hf_name())))?;
+            let want = id.shape(&cfg);
+            if t.dims() != want.as_slice() {
+                return Err(Error::file(
+                    source,
+                    format!("tensor `{}` has shape {:?}, the config implies {:?}", id.hf_name(), t.dims(), want),
+                ));
+            }
+            tensors.push(t);
+        }
+        Ok(ParamStore { cfg, tensors })
+    }
+
+    pub fn get(&self, id: ParamId) -> &Tensor {
+        &self.tensors[id.index(&self.cfg)]
+    }
+
+    pub fn set(&mut self, id: ParamId, t: Tensor) {
+        let i = id.index(&self.cfg);
+        self.tensors[i] = t;
+    }
+
+    pub fn ids(&self) -> Vec<ParamId> {
+        ParamId::all(&self.cfg)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.tensors[0].dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.tensors[0].device()
+    }
+
+    /// Bytes held by the parameter tensors.
+    pub fn bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+    }
+
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let tensors = self.tensors.iter().map(|t| t.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(ParamStore { cfg: self.cfg.clone(), tensors })
+    }
+
+    /// Tensors by their HF names, as `save_pretrained` writes them (a tied model has no `lm_head.weight`).
+    pub fn hf_tensors(&self) -> HashMap<String, Tensor> {
+        self.ids().into_iter().map(|id| (id.hf_name(), self.get(id).clone())).collect()
+    }
+}
+
+impl ParamStore {
+    /// A randomly initialized model (tests, and the starting point of models built from scratch): matrices
+    /// N(0, std²), norm weights 1 + N(0, (std/2)²), drawn from the counter-based RNG so a seed fixes them.
+    pub fn random(cfg: &LlamaConfig, seed: u64, std: f32, dtype: DType) -> Result<Self> {
+        use qtune_quant::rng::{fill_gaussian, RngKey, STREAM_GAUSS};
+        cfg.validate().map_err(Error::Msg)?;
+        let mut map = HashMap::new();
+        for id in ParamId::all(cfg) {
+            let shape = id.shape(cfg);
+            let mut v = vec![0f32; id.numel(cfg)];
+            fill_gaussian(&RngKey::new(seed, id.index(cfg) as u32, STREAM_GAUSS), 0, &mut v);
+            if id.is_matrix() {
+                v.iter_mut().for_each(|x| *x *= std);
+            } else {
+                v.iter_mut().for_each(|x| *x = 1.0 + *x * std / 2.0);
+            }
+            map.insert(id, Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?);
+        }
+        ParamStore::from_map(cfg.clone(), map, Path::new("<random>"))
+    }
+}

@@ -1,0 +1,4 @@
+//! Training: gradient sinks, optimizers, LR schedules, the training loop, memory accounting and run reports.
+pub mod grads;
+
+pub use grads::DenseGrads;
