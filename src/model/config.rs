@@ -43,6 +43,8 @@ struct HfConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers ≥ 5 nests `rope_theta` here.
+    rope_parameters: Option<serde_json::Value>,
 }
 
 fn token_id(v: &Option<serde_json::Value>) -> Option<u32> {
@@ -87,7 +89,10 @@ impl LlamaConfig {
             } else {
                 0
             }),
-            rope_theta: hf.rope_theta.unwrap_or(10000.0),
+            rope_theta: hf
+                .rope_theta
+                .or_else(|| hf.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+                .unwrap_or(10000.0),
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),

@@ -164,7 +164,7 @@ impl Llama {
         Llama { cfg }
     }
 
-    fn block_forward(&self, w: &impl Weights, l: usize, x: Tensor, shape: (usize, usize), rope: &Rope, mask: &Tensor) -> Result<(Tensor, BlockActs)> {
+    fn block_forward(&self, w: &dyn Weights, l: usize, x: Tensor, shape: (usize, usize), rope: &Rope, mask: &Tensor) -> Result<(Tensor, BlockActs)> {
         let c = &self.cfg;
         let (b, t) = shape;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -186,7 +186,7 @@ impl Llama {
     }
 
     /// Backward of one block: returns dx and pushes the block's weight gradients (Down … AttnNorm).
-    fn block_backward(&self, w: &impl Weights, l: usize, a: &BlockActs, dout: &Tensor, shape: (usize, usize), rope: &Rope, sink: &mut impl GradSink) -> Result<Tensor> {
+    fn block_backward(&self, w: &dyn Weights, l: usize, a: &BlockActs, dout: &Tensor, shape: (usize, usize), rope: &Rope, sink: &mut dyn GradSink) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t) = shape;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -223,7 +223,7 @@ impl Llama {
     }
 
     /// Runs the blocks over `ids` [B, T]; returns the final residual stream [B·T, d] and what `keep` asks for.
-    fn trunk(&self, w: &impl Weights, ids: &Tensor, keep: Keep, dtype: DType) -> Result<(Tensor, Vec<Saved>)> {
+    fn trunk(&self, w: &dyn Weights, ids: &Tensor, keep: Keep, dtype: DType) -> Result<(Tensor, Vec<Saved>)> {
         let (b, t) = ids.dims2()?;
         let dev = ids.device();
         let flat_ids = ids.flatten_all()?;
@@ -247,7 +247,7 @@ impl Llama {
     /// The forward over a batch: loss and logits at the target positions; with `keep != Nothing` also the trace a
     /// backward needs. The LM head is evaluated only where the loss reads it, and only for the label words when
     /// the task has them.
-    pub fn forward(&self, w: &impl Weights, batch: &Batch, keep: Keep) -> Result<(Output, Option<Trace>)> {
+    pub fn forward(&self, w: &dyn Weights, batch: &Batch, keep: Keep) -> Result<(Output, Option<Trace>)> {
         let dtype = w.vector(ParamId::FinalNorm)?.dtype();
         let (b, t) = batch.ids.dims2()?;
         let dev = batch.ids.device().clone();
@@ -281,7 +281,7 @@ impl Llama {
     }
 
     /// The backward of [`Llama::forward`]: pushes every parameter's gradient into `sink` in reverse forward order.
-    pub fn backward(&self, w: &impl Weights, trace: Trace, sink: &mut impl GradSink) -> Result<()> {
+    pub fn backward(&self, w: &dyn Weights, trace: Trace, sink: &mut dyn GradSink) -> Result<()> {
         let c = &self.cfg;
         let Trace { ids, shape, mut blocks, x_sel, rstd_sel, xn_sel, dlogits, positions, classes } = trace;
         let (b, t) = shape;
@@ -327,7 +327,7 @@ impl Llama {
     }
 
     /// Logits at every position, [B, T, vocab] (parity tests and generation; training never needs them).
-    pub fn logits(&self, w: &impl Weights, ids: &Tensor) -> Result<Tensor> {
+    pub fn logits(&self, w: &dyn Weights, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let dtype = w.vector(ParamId::FinalNorm)?.dtype();
         let (x, _) = self.trunk(w, ids, Keep::Nothing, dtype)?;
@@ -337,7 +337,7 @@ impl Llama {
     }
 
     /// Next-token logits [vocab] after the prompt `ids` (no KV cache: generation here is for eyeballing).
-    pub fn next_logits(&self, w: &impl Weights, ids: &[u32], dev: &Device) -> Result<Tensor> {
+    pub fn next_logits(&self, w: &dyn Weights, ids: &[u32], dev: &Device) -> Result<Tensor> {
         let t = ids.len();
         let batch = Tensor::new(ids, dev)?.unsqueeze(0)?;
         let dtype = w.vector(ParamId::FinalNorm)?.dtype();
