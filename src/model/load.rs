@@ -152,7 +152,8 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         map.insert(id, t);
     }
     let params = ParamStore::from_map(cfg, map, path)?;
-    let tokenizer = Some(Tok::from_gguf(&ct, path)?);
+    // A GGUF without tokenizer metadata still loads (weights only); commands that need text say so.
+    let tokenizer = if ct.metadata.contains_key("tokenizer.ggml.model") { Some(Tok::from_gguf(&ct, path)?) } else { None };
     Ok(LoadedModel { params, tokenizer, source: path.to_path_buf() })
 }
 
@@ -208,5 +209,108 @@ impl safetensors::View for SafeView {
     }
     fn data_len(&self) -> usize {
         self.data.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use crate::model::Llama;
+
+    /// llama.cpp's conversion-time permutation (HF → GGUF), the inverse of [`unpermute_qk`].
+    fn permute_qk(w: &Tensor, n_heads: usize) -> Tensor {
+        let (out, inp) = w.dims2().unwrap();
+        w.reshape((n_heads, 2, out / n_heads / 2, inp)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((out, inp)).unwrap()
+    }
+
+    /// Writes the tiny fixture as a GGUF the way llama.cpp's converter would (f32 tensors, Q/K permuted).
+    fn write_tiny_gguf(path: &Path) -> ParamStore {
+        let hf = load_hf_dir(Path::new("tests/fixtures/tiny_llama")).unwrap().params;
+        let cfg = hf.cfg.clone();
+        let mut tensors = Vec::new();
+        for id in ParamId::all(&cfg) {
+            let mut t = hf.get(id).clone();
+            t = match id {
+                ParamId::Block(_, BlockParam::Q) => permute_qk(&t, cfg.num_attention_heads),
+                ParamId::Block(_, BlockParam::K) => permute_qk(&t, cfg.num_key_value_heads),
+                _ => t,
+            };
+            tensors.push((id.gguf_name(), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+        }
+        use gguf_file::Value;
+        let meta = vec![
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.embedding_length", Value::U32(cfg.hidden_size as u32)),
+            ("llama.feed_forward_length", Value::U32(cfg.intermediate_size as u32)),
+            ("llama.block_count", Value::U32(cfg.num_hidden_layers as u32)),
+            ("llama.attention.head_count", Value::U32(cfg.num_attention_heads as u32)),
+            ("llama.attention.head_count_kv", Value::U32(cfg.num_key_value_heads as u32)),
+            ("llama.rope.dimension_count", Value::U32(cfg.head_dim as u32)),
+            ("llama.rope.freq_base", Value::F32(cfg.rope_theta as f32)),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps as f32)),
+            ("llama.context_length", Value::U32(cfg.max_position_embeddings as u32)),
+        ];
+        let mut f = std::fs::File::create(path).unwrap();
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut f, &meta_refs, &t_refs).unwrap();
+        hf
+    }
+
+    #[test]
+    fn gguf_load_unpermutes_qk_and_matches_the_hf_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let hf = write_tiny_gguf(&path);
+        let g = load_gguf(&path).unwrap();
+        assert!(g.params.cfg.tie_word_embeddings);
+        assert_eq!(g.params.cfg.num_key_value_heads, hf.cfg.num_key_value_heads);
+        for id in ParamId::all(&hf.cfg) {
+            let d = (g.params.get(id) - hf.get(id)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(d, 0.0, "{id:?}");
+        }
+        let ids = Tensor::new(&[[1u32, 5, 9]], &Device::Cpu).unwrap();
+        let m = Llama::new(hf.cfg.clone());
+        let a = m.logits(&g.params, &ids).unwrap();
+        let b = m.logits(&hf, &ids).unwrap();
+        assert_eq!((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn truncated_gguf_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_gguf(&path);
+        let bytes = std::fs::read(&path).unwrap();
+        for cut in [10, bytes.len() / 3, bytes.len() - 7] {
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            let e = load_model(&path).err().expect("truncated file must not load").to_string();
+            assert!(e.contains("tiny.gguf"), "{e}");
+        }
+    }
+
+    #[test]
+    fn export_round_trips_through_the_hf_loader() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = load_hf_dir(Path::new("tests/fixtures/tiny_llama_untied")).unwrap();
+        export_hf(&m.params, m.tokenizer.as_ref(), dir.path()).unwrap();
+        let back = load_hf_dir(dir.path()).unwrap();
+        assert_eq!(back.params.cfg, m.params.cfg);
+        for id in ParamId::all(&m.params.cfg) {
+            let d = (back.params.get(id) - m.params.get(id)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(d, 0.0, "{id:?}");
+        }
+        assert_eq!(back.tokenizer.unwrap().encode("Hi").unwrap(), vec![72, 105]);
+    }
+
+    #[test]
+    fn export_refuses_non_finite_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = load_hf_dir(Path::new("tests/fixtures/tiny_llama")).unwrap().params;
+        let w = m.get(ParamId::FinalNorm).clone();
+        m.set(ParamId::FinalNorm, (w * f64::NAN).unwrap());
+        assert!(matches!(export_hf(&m, None, dir.path()), Err(Error::Numerical(_))));
+        assert!(!dir.path().join("model.safetensors").exists());
     }
 }

@@ -1,0 +1,59 @@
+//! Fine-tuning methods. Each owns the model's weights in its training format and its optimizer state, and runs
+//! one optimizer step at a time; the training loop, evaluation, reports and export are shared.
+pub mod full;
+
+use crate::model::{Batch, Llama, ParamStore, Weights};
+use crate::train::memory::Breakdown;
+use crate::{Error, Result};
+
+pub use full::FullFinetune;
+
+/// What one step reports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepStats {
+    /// Mean loss over the step's micro-batches.
+    pub loss: f32,
+    /// Global gradient norm before clipping (first-order methods).
+    pub grad_norm: Option<f64>,
+    /// Whether the update was applied (a non-finite loss or gradient skips it).
+    pub applied: bool,
+    /// Peak bytes by category during this step.
+    pub memory: Breakdown,
+}
+
+/// What to do when a loss or gradient is NaN or infinite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum OnNonFinite {
+    /// Skip the update and go on.
+    Skip,
+    /// Stop the run with an error.
+    Stop,
+}
+
+impl std::str::FromStr for OnNonFinite {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "skip" => Ok(OnNonFinite::Skip),
+            "stop" => Ok(OnNonFinite::Stop),
+            _ => Err(Error::Option(format!("--on-nan `{s}`: expected skip or stop"))),
+        }
+    }
+}
+
+pub trait Method {
+    /// The method's name as the CLI and reports spell it.
+    fn name(&self) -> &'static str;
+    /// One optimizer step over `micro` (gradient accumulation over the micro-batches) at learning rate `lr`.
+    fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats>;
+    /// The current weights, for evaluation and generation.
+    fn weights(&self) -> &dyn Weights;
+    /// Parameters the method trains.
+    fn trainable_params(&self) -> usize;
+    /// Bytes of weights, gradients and optimizer state held between steps.
+    fn state_bytes(&self) -> Breakdown;
+    /// The model as dense f32 parameters, for export (dequantized or merged as the method requires).
+    fn export_params(&self) -> Result<ParamStore>;
+}
+
+pub const METHODS: &[&str] = &["full-adamw", "full-lion"];

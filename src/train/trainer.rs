@@ -1,0 +1,232 @@
+//! The training loop shared by every method: seeded batches, LR schedule, evaluation before and after, a progress
+//! bar (loss, tokens/s, memory), a jsonl run log, the memory report, `summary.json`, and the HF export.
+use super::memory::{self, Breakdown};
+use super::schedule::Schedule;
+use crate::data::{make_batch, Batcher, Splits, TaskData};
+use crate::methods::Method;
+use crate::model::{export_hf, Batch, Keep, Llama, Tok, Weights};
+use crate::{Error, Result};
+use candle_core::{Device, D};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_seq_len: usize,
+    pub eval_batch_size: usize,
+    pub schedule: Schedule,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub pad_id: u32,
+    /// Skip the evaluations (tests and benchmarks that only time steps).
+    pub skip_eval: bool,
+}
+
+/// Accuracy and mean loss of a model on one split.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct EvalResult {
+    /// Classification: argmax over the label words. Causal LM: next-token accuracy on completion tokens.
+    pub accuracy: f64,
+    pub loss: f64,
+    pub examples: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+/// Evaluates `w` on `data`; examples are batched by length so little compute goes to padding.
+pub fn evaluate(model: &Llama, w: &dyn Weights, data: &TaskData, batch_size: usize, max_len: usize, pad: u32, dev: &Device) -> Result<EvalResult> {
+    let t0 = Instant::now();
+    let mut order: Vec<usize> = (0..data.examples.len()).collect();
+    order.sort_by_key(|&i| data.examples[i].prompt.len());
+    let (mut correct, mut count, mut loss_sum, mut tokens) = (0usize, 0usize, 0f64, 0usize);
+    for chunk in order.chunks(batch_size.max(1)) {
+        let exs: Vec<_> = chunk.iter().map(|&i| &data.examples[i]).collect();
+        let batch = make_batch(&exs, data.classes.as_deref(), max_len, pad, dev)?;
+        let (out, _) = model.forward(w, &batch, Keep::Nothing)?;
+        let pred: Vec<u32> = out.logits.argmax(D::Minus1)?.to_vec1()?;
+        let n = batch.targets.labels.len();
+        correct += pred.iter().zip(&batch.targets.labels).filter(|(p, l)| p == l).count();
+        count += n;
+        loss_sum += out.loss as f64 * n as f64;
+        tokens += batch.real_tokens();
+    }
+    Ok(EvalResult {
+        accuracy: correct as f64 / count.max(1) as f64,
+        loss: loss_sum / count.max(1) as f64,
+        examples: data.examples.len(),
+        tokens,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// One line of the run log.
+#[derive(Serialize)]
+struct LogLine {
+    step: usize,
+    loss: f32,
+    lr: f64,
+    grad_norm: Option<f64>,
+    applied: bool,
+    tokens: usize,
+    step_time_s: f64,
+    rss_bytes: usize,
+    memory: Breakdown,
+}
+
+#[derive(Serialize)]
+pub struct Summary {
+    pub method: String,
+    pub model: String,
+    pub task: String,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_seq_len: usize,
+    pub lr: f64,
+    pub seed: u64,
+    pub params: usize,
+    pub trainable_params: usize,
+    pub peak_rss_bytes: usize,
+    pub model_state_bytes: usize,
+    pub breakdown: Breakdown,
+    pub bytes_per_param: f64,
+    pub step_time_s: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    pub dev_accuracy_before: Option<f64>,
+    pub dev_accuracy_after: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    pub final_loss: Option<f32>,
+    pub skipped_steps: usize,
+    pub machine: String,
+}
+
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{} threads, {cpu}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+/// Trains `method` on `splits` and writes `<out>/{summary.json, log.jsonl, model/}`.
+pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Option<&Tok>, model_name: &str, cfg: &TrainConfig) -> Result<Summary> {
+    if cfg.steps == 0 && !cfg.skip_eval {
+        eprintln!("note: --steps 0: evaluating only");
+    }
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 {
+        return Err(Error::Option("--batch-size and --grad-accum must be at least 1".into()));
+    }
+    if splits.train.examples.is_empty() && cfg.steps > 0 {
+        return Err(Error::Option("the training split is empty".into()));
+    }
+    std::fs::create_dir_all(&cfg.out).map_err(|e| Error::file(&cfg.out, format!("cannot create: {e}")))?;
+    let dev = Device::Cpu;
+    let eval = |data: &TaskData, w: &dyn Weights| evaluate(model, w, data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, &dev);
+    let dev_before = if cfg.skip_eval { None } else { Some(eval(&splits.dev, method.weights())?) };
+    if let Some(r) = &dev_before {
+        eprintln!("dev accuracy before: {:.4} (loss {:.4}, {} examples, {:.0} tok/s)", r.accuracy, r.loss, r.examples, r.tokens as f64 / r.seconds);
+    }
+    let log_path = cfg.out.join("log.jsonl");
+    let mut log = std::fs::File::create(&log_path).map_err(|e| Error::file(&log_path, format!("cannot create: {e}")))?;
+    let bar = indicatif::ProgressBar::new(cfg.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    let mut batcher = Batcher::new(splits.train.examples.len(), cfg.seed);
+    let (mut times, mut tok_rates) = (Vec::new(), Vec::new());
+    let mut peak = method.state_bytes();
+    let (mut last_loss, mut skipped) = (None, 0);
+    for step in 0..cfg.steps {
+        let micro: Vec<Batch> = (0..cfg.grad_accum)
+            .map(|_| {
+                let idx = batcher.next_indices(cfg.batch_size);
+                let exs: Vec<_> = idx.iter().map(|&i| &splits.train.examples[i]).collect();
+                make_batch(&exs, splits.train.classes.as_deref(), cfg.max_seq_len, cfg.pad_id, &dev)
+            })
+            .collect::<Result<_>>()?;
+        let tokens: usize = micro.iter().map(|b| b.real_tokens()).sum();
+        let lr = cfg.schedule.lr(step);
+        let t0 = Instant::now();
+        let stats = method.step(model, &micro, lr)?;
+        let dt = t0.elapsed().as_secs_f64();
+        times.push(dt);
+        tok_rates.push(tokens as f64 / dt);
+        peak = peak.max(stats.memory);
+        if !stats.applied {
+            skipped += 1;
+        }
+        last_loss = Some(stats.loss);
+        let rss = memory::rss_bytes();
+        let line = LogLine { step, loss: stats.loss, lr, grad_norm: stats.grad_norm, applied: stats.applied, tokens, step_time_s: dt, rss_bytes: rss, memory: stats.memory };
+        writeln!(log, "{}", serde_json::to_string(&line).map_err(|e| Error::Msg(e.to_string()))?)?;
+        bar.set_message(format!(
+            "loss {:.4} | {:.0} tok/s | rss {} | lr {lr:.2e}{}",
+            stats.loss,
+            tokens as f64 / dt,
+            memory::human(rss),
+            if stats.applied { "" } else { " | skipped (non-finite)" }
+        ));
+        bar.inc(1);
+    }
+    bar.finish();
+    let (dev_after, eval_res) = if cfg.skip_eval {
+        (None, None)
+    } else {
+        (Some(eval(&splits.dev, method.weights())?), Some(eval(&splits.eval, method.weights())?))
+    };
+    if let (Some(d), Some(e)) = (&dev_after, &eval_res) {
+        eprintln!("dev accuracy after: {:.4} (loss {:.4}); eval accuracy: {:.4} (loss {:.4})", d.accuracy, d.loss, e.accuracy, e.loss);
+    }
+    let params = model.cfg.num_params();
+    let peak_rss = memory::peak_rss_bytes();
+    eprint!("{}", memory::report(&peak, params, peak_rss));
+    let summary = Summary {
+        method: method.name().into(),
+        model: model_name.into(),
+        task: splits.task.clone(),
+        steps: cfg.steps,
+        batch_size: cfg.batch_size,
+        grad_accum: cfg.grad_accum,
+        max_seq_len: cfg.max_seq_len,
+        lr: cfg.schedule.peak,
+        seed: cfg.seed,
+        params,
+        trainable_params: method.trainable_params(),
+        peak_rss_bytes: peak_rss,
+        model_state_bytes: peak.model_state(),
+        breakdown: peak,
+        bytes_per_param: peak.model_state() as f64 / params as f64,
+        step_time_s: median(&mut times),
+        tokens_per_s: median(&mut tok_rates),
+        dev_accuracy_before: dev_before.map(|r| r.accuracy),
+        dev_accuracy_after: dev_after.map(|r| r.accuracy),
+        eval_accuracy: eval_res.map(|r| r.accuracy),
+        final_loss: last_loss,
+        skipped_steps: skipped,
+        machine: machine(),
+    };
+    write_summary(&cfg.out, &summary)?;
+    if cfg.steps > 0 {
+        export_hf(&method.export_params()?, tok, &cfg.out.join("model"))?;
+    }
+    Ok(summary)
+}
+
+pub fn write_summary(out: &Path, summary: &impl Serialize) -> Result<()> {
+    let json = serde_json::to_vec_pretty(summary).map_err(|e| Error::Msg(e.to_string()))?;
+    crate::io::write_bytes_atomic(&out.join("summary.json"), &json)
+}

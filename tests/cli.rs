@@ -1,0 +1,143 @@
+//! The `qtune` binary end to end on the tiny fixture model: a short training run writes every report it promises,
+//! and bad input of each kind ends in a one-line error that names the file or option and the problem.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TINY: &str = "tests/fixtures/tiny_llama";
+
+fn qtune(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qtune")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// A small prompt/completion jsonl (causal-LM task).
+fn lm_data(dir: &Path) -> PathBuf {
+    let p = dir.join("lm.jsonl");
+    let rows: Vec<String> = (0..24)
+        .map(|i| format!(r#"{{"prompt": "Q{i}: what is {i} plus one?", "completion": " {}"}}"#, i + 1))
+        .collect();
+    std::fs::write(&p, rows.join("\n")).unwrap();
+    p
+}
+
+/// Runs and expects failure with exactly one `error:` line containing every `needle`.
+fn expect_error(args: &[&str], needles: &[&str]) {
+    let (ok, _, err) = qtune(args);
+    assert!(!ok, "{args:?} should fail");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` missing from: {}", lines[0]);
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "train", "--model", model, "--task", "lm", "--data", data, "--method", "full-lion", "--steps", "3",
+        "--batch-size", "2", "--train-size", "12", "--dev-size", "4", "--eval-size", "4", "--max-seq-len", "32",
+        "--lr", "1e-3", "--out", out,
+    ]
+}
+
+#[test]
+fn train_writes_summary_log_and_a_loadable_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = lm_data(dir.path());
+    let out = dir.path().join("run");
+    let (ok, _, err) = qtune(&train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap()));
+    assert!(ok, "{err}");
+    assert!(err.contains("peak RSS"), "memory report missing: {err}");
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "method", "model", "task", "steps", "batch_size", "max_seq_len", "params", "trainable_params", "peak_rss_bytes",
+        "model_state_bytes", "bytes_per_param", "step_time_s", "tokens_per_s", "dev_accuracy_before",
+        "dev_accuracy_after", "eval_accuracy",
+    ] {
+        assert!(!s[key].is_null(), "summary.json lacks {key}");
+    }
+    for key in ["weights", "gradients", "optimizer", "activations", "scratch"] {
+        assert!(s["breakdown"][key].as_u64().is_some(), "breakdown lacks {key}");
+    }
+    assert_eq!(s["method"], "full-lion");
+    // FP32 Lion: 4 (weights) + 4 (gradients) + 4 (momentum) bytes per parameter.
+    assert!((s["bytes_per_param"].as_f64().unwrap() - 12.0).abs() < 1e-9, "{}", s["bytes_per_param"]);
+    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3);
+    // The export is an HF directory this tool (and transformers) loads.
+    let (ok, _, err) = qtune(&["eval", "--model", out.join("model").to_str().unwrap(), "--task", "lm", "--data", data.to_str().unwrap(), "--train-size", "12", "--dev-size", "4", "--eval-size", "4", "--out", dir.path().join("ev").to_str().unwrap()]);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn unknown_task_and_method_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = lm_data(dir.path());
+    let out = dir.path().join("run");
+    let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+    a[4] = "sst9";
+    expect_error(&a, &["unknown task `sst9`"]);
+    let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+    a[8] = "full-sgd";
+    expect_error(&a, &["unknown --method `full-sgd`"]);
+}
+
+#[test]
+fn missing_and_truncated_model_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = lm_data(dir.path());
+    let out = dir.path().join("run");
+    let missing = dir.path().join("nope.gguf");
+    expect_error(&train_args(missing.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()), &["nope.gguf", "not found"]);
+    // A copy of the tiny model with its weights cut short.
+    let m = dir.path().join("model");
+    std::fs::create_dir(&m).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(Path::new(TINY).join(f), m.join(f)).unwrap();
+    }
+    let w = std::fs::read(Path::new(TINY).join("model.safetensors")).unwrap();
+    std::fs::write(m.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    expect_error(&train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()), &["model.safetensors", "not a valid safetensors file"]);
+}
+
+#[test]
+fn config_with_a_wrong_shape_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = lm_data(dir.path());
+    let out = dir.path().join("run");
+    let m = dir.path().join("model");
+    std::fs::create_dir(&m).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(Path::new(TINY).join(f), m.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(Path::new(TINY).join("config.json")).unwrap();
+    std::fs::write(m.join("config.json"), cfg.replace("\"intermediate_size\": 160", "\"intermediate_size\": 128")).unwrap();
+    expect_error(&train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()), &["gate_proj", "[160, 64]", "[128, 64]"]);
+    std::fs::write(m.join("config.json"), cfg.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3")).unwrap();
+    expect_error(&train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()), &["config.json", "multiple of num_key_value_heads"]);
+}
+
+#[test]
+fn malformed_dataset_line_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = lm_data(dir.path());
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text = text.replacen("\n", "\n{\"prompt\": \"broken\n", 1);
+    std::fs::write(&data, text).unwrap();
+    let out = dir.path().join("run");
+    expect_error(&train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap()), &["lm.jsonl:2", "malformed JSON"]);
+}
+
+#[test]
+fn impossible_options_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = lm_data(dir.path());
+    let out = dir.path().join("run");
+    let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+    a[22] = "0";
+    expect_error(&a, &["--lr"]);
+    let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+    a[16] = "500";
+    expect_error(&a, &["lm.jsonl", "splits ask for"]);
+}
