@@ -3,10 +3,9 @@
 //! or option at fault.
 use clap::{Args, Parser, Subcommand};
 use qtune::data::tasks::{default_data, load_task, SplitSizes};
-use qtune::methods::{FullFinetune, Method, OnNonFinite, METHODS};
+use qtune::methods::{self, MethodOptions, OnNonFinite, METHODS};
 use qtune::model::{load_model, Keep, Llama, LoadedModel, Tok};
 use qtune::train::memory;
-use qtune::train::optim::{AdamWConfig, LionConfig, Optimizer};
 use qtune::train::schedule::{Schedule, ScheduleKind};
 use qtune::train::trainer::{self, TrainConfig};
 use qtune::{Error, Result};
@@ -73,7 +72,7 @@ struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Peak learning rate (default: 1e-5 for AdamW, 1e-6 for Lion).
+    /// Peak learning rate (default: 1e-5 for AdamW, 1e-6 for Lion and MeZO).
     #[arg(long)]
     lr: Option<f64>,
     /// constant, linear or cosine (after --warmup steps of linear warmup).
@@ -92,6 +91,12 @@ struct TrainArgs {
     /// On a NaN/inf loss or gradient: skip the step, or stop.
     #[arg(long, default_value = "skip")]
     on_nan: String,
+    /// Zeroth-order perturbation scale ε.
+    #[arg(long, default_value_t = 1e-3)]
+    eps: f64,
+    /// Zeroth-order directions per step.
+    #[arg(long, default_value_t = 1)]
+    directions: usize,
     /// Evaluate nothing (timing runs).
     #[arg(long)]
     no_eval: bool,
@@ -138,6 +143,7 @@ fn splits(c: &Common, tok: &Tok) -> Result<qtune::data::Splits> {
 fn train(a: TrainArgs) -> Result<()> {
     let c = &a.common;
     if !METHODS.contains(&a.method.as_str()) {
+        // Checked before the model loads, so a typo costs nothing.
         return Err(Error::Option(format!("unknown --method `{}` (known: {})", a.method, METHODS.join(", "))));
     }
     let kind: ScheduleKind = a.schedule.parse()?;
@@ -146,19 +152,16 @@ fn train(a: TrainArgs) -> Result<()> {
     let splits = splits(c, &tok)?;
     let pad = pad_id(&loaded);
     let model = Llama::new(loaded.params.cfg.clone());
-    let clip = (a.clip > 0.0).then_some(a.clip);
-    let keep = if a.recompute { Keep::Inputs } else { Keep::All };
-    let (mut method, default_lr): (Box<dyn Method>, f64) = match a.method.as_str() {
-        "full-adamw" => {
-            let opt = Optimizer::adamw(AdamWConfig { weight_decay: a.weight_decay, ..Default::default() });
-            (Box::new(FullFinetune::new(loaded.params, opt, clip, keep, on_nan)), 1e-5)
-        }
-        "full-lion" => {
-            let opt = Optimizer::lion(LionConfig { weight_decay: a.weight_decay, ..Default::default() });
-            (Box::new(FullFinetune::new(loaded.params, opt, clip, keep, on_nan)), 1e-6)
-        }
-        _ => unreachable!("checked against METHODS"),
+    let opts = MethodOptions {
+        weight_decay: a.weight_decay,
+        clip: (a.clip > 0.0).then_some(a.clip),
+        keep: if a.recompute { Keep::Inputs } else { Keep::All },
+        on_nan,
+        eps: a.eps,
+        directions: a.directions,
+        seed: c.seed,
     };
+    let (mut method, default_lr) = methods::build(&a.method, loaded.params, &opts)?;
     let lr = a.lr.unwrap_or(default_lr);
     if !(lr.is_finite() && lr > 0.0) {
         return Err(Error::Option(format!("--lr {lr} must be positive")));

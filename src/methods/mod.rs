@@ -1,8 +1,9 @@
 //! Fine-tuning methods. Each owns the model's weights in its training format and its optimizer state, and runs
 //! one optimizer step at a time; the training loop, evaluation, reports and export are shared.
 pub mod full;
+pub mod zo;
 
-use crate::model::{Batch, Llama, ParamStore, Weights};
+use crate::model::{Batch, Keep, Llama, ParamStore, Weights};
 use crate::train::memory::Breakdown;
 use crate::{Error, Result};
 
@@ -56,4 +57,38 @@ pub trait Method {
     fn export_params(&self) -> Result<ParamStore>;
 }
 
-pub const METHODS: &[&str] = &["full-adamw", "full-lion"];
+pub const METHODS: &[&str] = &["full-adamw", "full-lion", "mezo"];
+
+/// Every option a method may read; each method takes what applies to it.
+#[derive(Clone, Debug)]
+pub struct MethodOptions {
+    pub weight_decay: f64,
+    /// Global-norm gradient clip (first-order methods).
+    pub clip: Option<f64>,
+    pub keep: Keep,
+    pub on_nan: OnNonFinite,
+    /// Zeroth-order perturbation scale and directions per step.
+    pub eps: f64,
+    pub directions: usize,
+    pub seed: u64,
+}
+
+/// Builds the method `name` over the model `params`; returns it with its default peak learning rate.
+pub fn build(name: &str, params: ParamStore, o: &MethodOptions) -> Result<(Box<dyn Method>, f64)> {
+    use crate::train::optim::{AdamWConfig, LionConfig, Optimizer};
+    Ok(match name {
+        "full-adamw" => {
+            let opt = Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() });
+            (Box::new(FullFinetune::new(params, opt, o.clip, o.keep, o.on_nan)), 1e-5)
+        }
+        "full-lion" => {
+            let opt = Optimizer::lion(LionConfig { weight_decay: o.weight_decay, ..Default::default() });
+            (Box::new(FullFinetune::new(params, opt, o.clip, o.keep, o.on_nan)), 1e-6)
+        }
+        "mezo" => {
+            let cfg = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };
+            (Box::new(zo::Mezo::new(params, cfg, o.on_nan)?), 1e-6)
+        }
+        other => return Err(Error::Option(format!("unknown --method `{other}` (known: {})", METHODS.join(", ")))),
+    })
+}

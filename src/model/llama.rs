@@ -349,7 +349,7 @@ impl Llama {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The whole model's backward against central finite differences of its loss in f64, for tied and untied
     //! heads, label-word and full-vocabulary losses, and with activation recomputation. Budget: 1e-6 relative.
     use super::*;
@@ -357,7 +357,7 @@ mod tests {
 
     const FD_BUDGET: f64 = 1e-6;
 
-    pub(crate) fn tiny_config(tied: bool) -> LlamaConfig {
+    pub fn tiny_config(tied: bool) -> LlamaConfig {
         LlamaConfig {
             vocab_size: 32,
             hidden_size: 16,
