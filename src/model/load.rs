@@ -18,20 +18,55 @@ pub struct LoadedModel {
     pub source: PathBuf,
 }
 
-/// Loads a model from an HF directory or a `.gguf` file.
+/// A model's config and tokenizer, read before (or without) its tensors.
+pub struct ModelHeader {
+    pub cfg: LlamaConfig,
+    pub tokenizer: Option<Tok>,
+}
+
+/// Loads a model from an HF directory or a `.gguf` file as dense f32 parameters.
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
+    let mut map = HashMap::new();
+    let header = stream_model(path, &mut |id, t| {
+        map.insert(id, t);
+        Ok(())
+    })?;
+    let params = ParamStore::from_map(header.cfg, map, path)?;
+    Ok(LoadedModel { params, tokenizer: header.tokenizer, source: path.to_path_buf() })
+}
+
+/// Reads a model tensor by tensor: each parameter is converted to f32, checked against the config's shape and
+/// handed to `take` before the next one is read, so a caller that quantizes as it goes never holds more than one
+/// f32 tensor. Every parameter of the config arrives exactly once, or this returns an error naming the file.
+pub fn stream_model(path: &Path, take: &mut dyn FnMut(ParamId, Tensor) -> Result<()>) -> Result<ModelHeader> {
     if !path.exists() {
         return Err(Error::file(path, "model not found (expected an HF directory or a .gguf file)"));
     }
-    if path.is_dir() {
-        load_hf_dir(path)
-    } else {
-        load_gguf(path)
+    let mut seen = std::collections::HashSet::new();
+    let mut cfg_out = None;
+    let mut check = |cfg: &LlamaConfig, id: ParamId, t: Tensor, file: &Path| -> Result<()> {
+        let want = id.shape(cfg);
+        if t.dims() != want.as_slice() {
+            return Err(Error::file(file, format!("tensor `{}` has shape {:?}, the config implies {:?}", id.hf_name(), t.dims(), want)));
+        }
+        if !seen.insert(id) {
+            return Err(Error::file(file, format!("tensor `{}` appears more than once", id.hf_name())));
+        }
+        cfg_out.get_or_insert_with(|| cfg.clone());
+        take(id, t)
+    };
+    let header = if path.is_dir() { stream_hf_dir(path, &mut check)? } else { stream_gguf(path, &mut check)? };
+    if let Some(id) = ParamId::all(&header.cfg).into_iter().find(|id| !seen.contains(id)) {
+        return Err(Error::file(path, format!("missing tensor `{}`", id.hf_name())));
     }
+    Ok(header)
 }
 
-/// Loads `config.json`, every `*.safetensors` file and (if present) `tokenizer.json` from `dir`.
-pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
+type Check<'a> = dyn FnMut(&LlamaConfig, ParamId, Tensor, &Path) -> Result<()> + 'a;
+
+/// `config.json`, every `*.safetensors` file (memory-mapped, one tensor converted at a time) and, if present,
+/// `tokenizer.json`.
+fn stream_hf_dir(dir: &Path, check: &mut Check) -> Result<ModelHeader> {
     let cfg = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::file(dir, format!("cannot list: {e}")))?
@@ -43,9 +78,11 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
         return Err(Error::file(dir, "no *.safetensors file"));
     }
     let wanted: HashMap<String, ParamId> = ParamId::all(&cfg).into_iter().map(|id| (id.hf_name(), id)).collect();
-    let mut map = HashMap::new();
     for f in &files {
-        let bytes = std::fs::read(f).map_err(|e| Error::file(f, format!("cannot read: {e}")))?;
+        let file = std::fs::File::open(f).map_err(|e| Error::file(f, format!("cannot open: {e}")))?;
+        // SAFETY: the mapping is read-only and dropped before this function returns; qtune never writes to model
+        // files it reads.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(f, format!("cannot map: {e}")))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::file(f, format!("not a valid safetensors file: {e}")))?;
         for (name, view) in st.tensors() {
@@ -59,15 +96,17 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
             let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
                 .and_then(|t| t.to_dtype(DType::F32))
                 .map_err(|e| Error::file(f, format!("tensor `{name}`: {e}")))?;
-            if map.insert(id, t).is_some() {
-                return Err(Error::file(f, format!("tensor `{name}` appears in more than one file")));
-            }
+            check(&cfg, id, t, f)?;
         }
     }
-    let params = ParamStore::from_map(cfg, map, dir)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tok::from_file(&tok_path)?) } else { None };
-    Ok(LoadedModel { params, tokenizer, source: dir.to_path_buf() })
+    Ok(ModelHeader { cfg, tokenizer })
+}
+
+/// Loads `config.json`, every `*.safetensors` file and (if present) `tokenizer.json` from `dir`.
+pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
+    load_model(dir)
 }
 
 fn meta_usize(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<usize> {
@@ -94,6 +133,11 @@ pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> candle_core::Result<Tensor> {
 
 /// Loads a LLaMA-architecture GGUF file; tensors are dequantized to f32.
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
+    load_model(path)
+}
+
+/// A LLaMA-architecture GGUF file, one tensor dequantized to f32 at a time.
+fn stream_gguf(path: &Path, check: &mut Check) -> Result<ModelHeader> {
     let file = std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
     let mut reader = std::io::BufReader::new(file);
     let ct = gguf_file::Content::read(&mut reader).map_err(|e| Error::file(path, format!("not a valid GGUF file: {e}")))?;
@@ -131,7 +175,6 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         eos_token_id: tok_ids("tokenizer.ggml.eos_token_id"),
     };
     cfg.validate().map_err(|m| Error::file(path, m))?;
-    let mut map = HashMap::new();
     for id in ParamId::all(&cfg) {
         let name = id.gguf_name();
         if !ct.tensor_infos.contains_key(&name) {
@@ -141,7 +184,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
             .tensor(&mut reader, &name, &Device::Cpu)
             .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
         let mut t = q.dequantize(&Device::Cpu).map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
-        // Shapes are checked by ParamStore::from_map; un-permute only what has the expected shape.
+        // Shapes are checked by `check`; un-permute only what has the expected shape.
         if t.dims() == id.shape(&cfg).as_slice() {
             t = match id {
                 ParamId::Block(_, BlockParam::Q) => unpermute_qk(&t, cfg.num_attention_heads)?,
@@ -149,12 +192,11 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
                 _ => t,
             };
         }
-        map.insert(id, t);
+        check(&cfg, id, t, path)?;
     }
-    let params = ParamStore::from_map(cfg, map, path)?;
     // A GGUF without tokenizer metadata still loads (weights only); commands that need text say so.
     let tokenizer = if ct.metadata.contains_key("tokenizer.ggml.model") { Some(Tok::from_gguf(&ct, path)?) } else { None };
-    Ok(LoadedModel { params, tokenizer, source: path.to_path_buf() })
+    Ok(ModelHeader { cfg, tokenizer })
 }
 
 /// Writes `dir/{config.json, model.safetensors, tokenizer.json}` as `transformers` expects, each file atomically.
