@@ -5,6 +5,7 @@ pub mod layers;
 pub mod llama;
 pub mod load;
 pub mod params;
+pub mod quantized;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;

@@ -1,0 +1,221 @@
+//! A model whose matrices are held in a quantized format (`qtune-quant`'s INT8/INT4, NF4 or dense-and-sparse
+//! hybrid) and whose norm weights stay f32. Applying a matrix dequantizes it tile by tile inside the kernel, so no
+//! f32 copy of a whole matrix, let alone of the model, is ever made. Loading quantizes tensor by tensor as the
+//! file is read.
+use super::config::LlamaConfig;
+use super::llama::Weights;
+use super::load::stream_model;
+use super::params::{ParamId, ParamStore};
+use super::tokenizer::Tok;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use qtune_quant::{matmul, QuantBytes, QuantWeight};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// How a method turns an f32 matrix `[rows, cols]` into its stored format.
+pub type Quantize<'a, W> = dyn FnMut(ParamId, &[f32], usize, usize) -> Result<W> + 'a;
+
+pub struct QuantStore<W> {
+    pub cfg: LlamaConfig,
+    /// Indexed by `ParamId::index`; `None` for norm weights.
+    mats: Vec<Option<W>>,
+    /// f32 norm weights, indexed likewise; `None` for matrices.
+    vecs: Vec<Option<Tensor>>,
+}
+
+impl<W: QuantWeight> QuantStore<W> {
+    fn build(cfg: LlamaConfig, mut parts: HashMap<ParamId, Result<Part<W>>>) -> Result<Self> {
+        let n = ParamId::all(&cfg).len();
+        let (mut mats, mut vecs): (Vec<Option<W>>, Vec<Option<Tensor>>) = ((0..n).map(|_| None).collect(), vec![None; n]);
+        for id in ParamId::all(&cfg) {
+            let i = id.index(&cfg);
+            match parts.remove(&id).ok_or_else(|| Error::Msg(format!("missing {id:?}")))?? {
+                Part::Mat(w) => mats[i] = Some(w),
+                Part::Vec(t) => vecs[i] = Some(t),
+            }
+        }
+        Ok(QuantStore { cfg, mats, vecs })
+    }
+
+    /// Reads a model file, quantizing each matrix as it arrives (at most one f32 tensor alive at a time).
+    pub fn load(path: &Path, quantize: &mut Quantize<W>) -> Result<(Self, Option<Tok>)> {
+        let mut parts = HashMap::new();
+        let header = stream_model(path, &mut |id, t| {
+            parts.insert(id, Part::from_tensor(id, t, quantize));
+            Ok(())
+        })?;
+        Ok((Self::build(header.cfg, parts)?, header.tokenizer))
+    }
+
+    /// Quantizes an in-memory f32 model (tests, and methods that start from one).
+    pub fn from_params(p: &ParamStore, quantize: &mut Quantize<W>) -> Result<Self> {
+        let parts = p.ids().into_iter().map(|id| (id, Part::from_tensor(id, p.get(id).clone(), quantize))).collect();
+        Self::build(p.cfg.clone(), parts)
+    }
+
+    pub fn mat(&self, id: ParamId) -> &W {
+        self.mats[id.index(&self.cfg)].as_ref().expect("a matrix parameter")
+    }
+
+    pub fn mat_mut(&mut self, id: ParamId) -> &mut W {
+        let i = id.index(&self.cfg);
+        self.mats[i].as_mut().expect("a matrix parameter")
+    }
+
+    pub fn set_vector(&mut self, id: ParamId, t: Tensor) {
+        let i = id.index(&self.cfg);
+        self.vecs[i] = Some(t);
+    }
+
+    pub fn ids(&self) -> Vec<ParamId> {
+        ParamId::all(&self.cfg)
+    }
+
+    /// Exact bytes of the quantized matrices.
+    pub fn quant_bytes(&self) -> QuantBytes {
+        self.mats.iter().flatten().map(|w| w.storage_bytes()).fold(QuantBytes::default(), |a, b| a + b)
+    }
+
+    /// Bytes of the f32 norm weights.
+    pub fn f32_bytes(&self) -> usize {
+        self.vecs.iter().flatten().map(|t| t.elem_count() * 4).sum()
+    }
+
+    /// The model dequantized to f32, for export (the only place a whole f32 model is built, and only on request).
+    pub fn dequantize(&self) -> Result<ParamStore> {
+        let mut map = HashMap::new();
+        for id in self.ids() {
+            let t = match &self.vecs[id.index(&self.cfg)] {
+                Some(v) => v.clone(),
+                None => {
+                    let w = self.mat(id);
+                    let mut out = vec![0f32; w.len()];
+                    w.dequantize_into(&mut out).map_err(quant_err)?;
+                    Tensor::from_vec(out, (w.rows(), w.cols()), &Device::Cpu)?
+                }
+            };
+            map.insert(id, t);
+        }
+        ParamStore::from_map(self.cfg.clone(), map, Path::new("<quantized>"))
+    }
+}
+
+enum Part<W> {
+    Mat(W),
+    Vec(Tensor),
+}
+
+impl<W> Part<W> {
+    fn from_tensor(id: ParamId, t: Tensor, quantize: &mut Quantize<W>) -> Result<Part<W>> {
+        let t = t.to_dtype(DType::F32)?;
+        if id.is_matrix() {
+            let (r, c) = t.dims2()?;
+            Ok(Part::Mat(quantize(id, &t.flatten_all()?.to_vec1::<f32>()?, r, c)?))
+        } else {
+            Ok(Part::Vec(t))
+        }
+    }
+}
+
+pub fn quant_err(e: qtune_quant::QuantError) -> Error {
+    Error::Msg(format!("quantized kernel: {e}"))
+}
+
+/// y = x·Wᵀ with a quantized W; x: [N, in] f32 on the CPU.
+pub fn qlinear(w: &(impl QuantWeight + ?Sized), x: &Tensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    if k != w.cols() {
+        return Err(Error::Shape(format!("x has {k} columns, the weight {}", w.cols())));
+    }
+    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = vec![0f32; m * w.rows()];
+    matmul::matmul_xwt(&xv, m, w, &mut y).map_err(quant_err)?;
+    Ok(Tensor::from_vec(y, (m, w.rows()), x.device())?)
+}
+
+/// dx = dy·W with a quantized W; dy: [N, out].
+pub fn qlinear_t(w: &(impl QuantWeight + ?Sized), dy: &Tensor) -> Result<Tensor> {
+    let (m, n) = dy.dims2()?;
+    if n != w.rows() {
+        return Err(Error::Shape(format!("dy has {n} columns, the weight {} rows", w.rows())));
+    }
+    let dv = dy.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut dx = vec![0f32; m * w.cols()];
+    matmul::matmul_xw(&dv, m, w, &mut dx).map_err(quant_err)?;
+    Ok(Tensor::from_vec(dx, (m, w.cols()), dy.device())?)
+}
+
+/// Rows `ids` of a quantized matrix, dequantized: [len(ids), cols].
+pub fn qrows(w: &(impl QuantWeight + ?Sized), ids: &Tensor) -> Result<Tensor> {
+    let ids = ids.to_vec1::<u32>()?;
+    let cols = w.cols();
+    let mut out = vec![0f32; ids.len() * cols];
+    for (i, &r) in ids.iter().enumerate() {
+        let r = r as usize;
+        if r >= w.rows() {
+            return Err(Error::Shape(format!("row {r} of a {}-row matrix", w.rows())));
+        }
+        w.dequantize_rows(r..r + 1, &mut out[i * cols..(i + 1) * cols]).map_err(quant_err)?;
+    }
+    Ok(Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?)
+}
+
+impl<W: QuantWeight> Weights for QuantStore<W> {
+    fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
+        qlinear(self.mat(id), x)
+    }
+    fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
+        qlinear_t(self.mat(id), dy)
+    }
+    fn vector(&self, id: ParamId) -> Result<Tensor> {
+        Ok(self.vecs[id.index(&self.cfg)].clone().expect("a vector parameter"))
+    }
+    fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor> {
+        qrows(self.mat(id), ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The quantized store's forward equals the f32 forward on its dequantized weights (budget 1e-4 relative:
+    //! the kernel sums in a different order), and a loaded-and-quantized model equals a quantized loaded one.
+    use super::*;
+    use crate::model::llama::tests::tiny_config;
+    use crate::model::Llama;
+    use qtune_quant::{Bits, Granularity, IntTensor, QuantSpec, Rounding};
+
+    fn int8(_: ParamId, d: &[f32], r: usize, c: usize) -> Result<IntTensor> {
+        IntTensor::quantize(d, r, c, QuantSpec::symmetric(Bits::B8, Granularity::PerRow), Rounding::Nearest).map_err(quant_err)
+    }
+
+    #[test]
+    fn quantized_forward_equals_forward_on_dequantized_weights() {
+        let cfg = tiny_config(false);
+        let p = ParamStore::random(&cfg, 2, 0.3, DType::F32).unwrap();
+        let q = QuantStore::from_params(&p, &mut int8).unwrap();
+        let d = q.dequantize().unwrap();
+        let m = Llama::new(cfg);
+        let ids = Tensor::new(&[[1u32, 4, 9, 30], [2, 2, 7, 0]], &Device::Cpu).unwrap();
+        let a = m.logits(&q, &ids).unwrap();
+        let b = m.logits(&d, &ids).unwrap();
+        let err = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err / scale < 1e-4, "{err} / {scale}");
+    }
+
+    #[test]
+    fn load_quantizes_while_streaming() {
+        let (q, tok) = QuantStore::load(Path::new("tests/fixtures/tiny_llama"), &mut int8).unwrap();
+        assert!(tok.is_some());
+        let p = crate::model::load_model(Path::new("tests/fixtures/tiny_llama")).unwrap().params;
+        let q2 = QuantStore::from_params(&p, &mut int8).unwrap();
+        for id in p.ids().into_iter().filter(|id| id.is_matrix()) {
+            assert_eq!(q.mat(id), q2.mat(id));
+        }
+        // INT8 codes, one f32 scale per row.
+        let b = q.quant_bytes();
+        let mats: usize = p.ids().iter().filter(|id| id.is_matrix()).map(|id| id.numel(&p.cfg)).sum();
+        assert_eq!(b.codes, mats);
+    }
+}
