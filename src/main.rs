@@ -72,7 +72,7 @@ struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Peak learning rate (default: 1e-5 for AdamW, 1e-6 for Lion and MeZO).
+    /// Peak learning rate (default: 1e-5 for AdamW, 1e-6 for Lion, MeZO and QuZO).
     #[arg(long)]
     lr: Option<f64>,
     /// constant, linear or cosine (after --warmup steps of linear warmup).
@@ -97,6 +97,15 @@ struct TrainArgs {
     /// Zeroth-order directions per step.
     #[arg(long, default_value_t = 1)]
     directions: usize,
+    /// Weight bits of quantized methods (quzo: 8 or 4).
+    #[arg(long, default_value_t = 8)]
+    bits: u32,
+    /// QuZO perturbation bits.
+    #[arg(long, default_value_t = 4)]
+    perturb_bits: u32,
+    /// QuZO estimator: qrge2 (the paper: independent roundings), same-rounding (the official code), qrge1.
+    #[arg(long, default_value = "qrge2")]
+    estimator: String,
     /// Evaluate nothing (timing runs).
     #[arg(long)]
     no_eval: bool,
@@ -160,6 +169,9 @@ fn train(a: TrainArgs) -> Result<()> {
         eps: a.eps,
         directions: a.directions,
         seed: c.seed,
+        bits: a.bits,
+        perturb_bits: a.perturb_bits,
+        estimator: a.estimator.parse()?,
     };
     let (mut method, default_lr) = methods::build(&a.method, loaded.params, &opts)?;
     let lr = a.lr.unwrap_or(default_lr);

@@ -1,6 +1,7 @@
 //! Fine-tuning methods. Each owns the model's weights in its training format and its optimizer state, and runs
 //! one optimizer step at a time; the training loop, evaluation, reports and export are shared.
 pub mod full;
+pub mod quzo;
 pub mod zo;
 
 use crate::model::{Batch, Keep, Llama, ParamStore, Weights};
@@ -57,7 +58,7 @@ pub trait Method {
     fn export_params(&self) -> Result<ParamStore>;
 }
 
-pub const METHODS: &[&str] = &["full-adamw", "full-lion", "mezo"];
+pub const METHODS: &[&str] = &["full-adamw", "full-lion", "mezo", "quzo"];
 
 /// Every option a method may read; each method takes what applies to it.
 #[derive(Clone, Debug)]
@@ -71,6 +72,11 @@ pub struct MethodOptions {
     pub eps: f64,
     pub directions: usize,
     pub seed: u64,
+    /// Weight bits of quantized methods (QuZO: 8 or 4).
+    pub bits: u32,
+    /// QuZO's perturbation bits.
+    pub perturb_bits: u32,
+    pub estimator: quzo::Estimator,
 }
 
 /// Builds the method `name` over the model `params`; returns it with its default peak learning rate.
@@ -88,6 +94,11 @@ pub fn build(name: &str, params: ParamStore, o: &MethodOptions) -> Result<(Box<d
         "mezo" => {
             let cfg = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };
             (Box::new(zo::Mezo::new(params, cfg, o.on_nan)?), 1e-6)
+        }
+        "quzo" => {
+            let zo = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };
+            let cfg = quzo::QuzoConfig { zo, bits: o.bits, perturb_bits: o.perturb_bits, estimator: o.estimator };
+            (Box::new(quzo::Quzo::new(&params, cfg, o.on_nan)?), 1e-6)
         }
         other => return Err(Error::Option(format!("unknown --method `{other}` (known: {})", METHODS.join(", ")))),
     })

@@ -1,0 +1,360 @@
+//! QuZO (Zhou et al. 2025): zeroth-order fine-tuning of a model held in INT8 or INT4 (per-output-channel symmetric
+//! by default), with forward passes on the quantized weights only. Per direction i, the Gaussian u_i (regenerated
+//! from a seed, never stored) is quantized twice at `perturb_bits` with stochastic rounding, per tensor:
+//! u₁ perturbs, u₂ updates. With independent roundings (the paper's Q-RGE2) E[u₁u₂ᵀ | u] = uuᵀ, so the
+//! estimate is unbiased as ε → 0:
+//!   μ_i = [L(θ̄ + εu₁) − L(θ̄ − εu₁)] / 2ε,    θ̄ ← θ̄ − Q_SR(η·Σ_i μ_i·u₂,i / n)  (onto the frozen weight grid)
+//! Options for the ablation: `same-rounding` (the official code: u₂ = u₁ bit for bit) and `qrge1` (the code's
+//! naive variant: stochastic rounding to perturb, round-to-nearest to update).
+//! The perturbation is fused into the kernel's tile dequantization ([`PerturbedInt`]): memory stays that of
+//! inference plus one tile per thread.
+use super::zo::{direction_seed, zo_loss, ZoConfig};
+use super::{Method, OnNonFinite, StepStats};
+use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore};
+use crate::model::{Batch, Llama, ParamId, ParamStore, Weights};
+use crate::train::memory::Breakdown;
+use crate::{Error, Result};
+use candle_core::Tensor;
+use qtune_quant::rng::{gaussian, uniform, RngKey, STREAM_GAUSS, STREAM_SR_PERTURB, STREAM_SR_PERTURB2, STREAM_SR_WEIGHT};
+use qtune_quant::round::stochastic_round;
+use qtune_quant::{Bits, Granularity, IntTensor, QuantBytes, QuantSpec, QuantWeight, Rounding};
+use rayon::prelude::*;
+
+/// How u₁ (perturb) and u₂ (update) are drawn from u.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Estimator {
+    /// The paper's Q-RGE2: two independent stochastic roundings.
+    Qrge2,
+    /// The official code's QuZO: one stochastic rounding used for both.
+    SameRounding,
+    /// The official code's Q-RGE1: stochastic rounding to perturb, round-to-nearest to update.
+    Qrge1,
+}
+
+impl std::str::FromStr for Estimator {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "qrge2" => Ok(Estimator::Qrge2),
+            "same-rounding" => Ok(Estimator::SameRounding),
+            "qrge1" => Ok(Estimator::Qrge1),
+            _ => Err(Error::Option(format!("--estimator `{s}`: expected qrge2, same-rounding or qrge1"))),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct QuzoConfig {
+    pub zo: ZoConfig,
+    /// Weight bits (8 or 4).
+    pub bits: u32,
+    /// Perturbation bits (the paper's scripts use 4 for every model).
+    pub perturb_bits: u32,
+    pub estimator: Estimator,
+}
+
+/// The quantized direction of one tensor at one step: u ~ N(0, I) per element (stream GAUSS), quantized per tensor
+/// with scale `scale` to the symmetric `qmax` grid.
+#[derive(Clone, Copy, Debug)]
+pub struct QDirection {
+    pub gauss: RngKey,
+    pub scale: f32,
+    pub qmax: f32,
+}
+
+impl QDirection {
+    /// Scale from the tensor's own max |u| (a pass over its regenerated Gaussians).
+    pub fn new(seed: u64, tensor: u32, len: usize, bits: u32) -> Self {
+        let gauss = RngKey::new(seed, tensor, STREAM_GAUSS);
+        let abs = |i| gaussian(&gauss, i).abs();
+        let absmax = if len < 1 << 16 {
+            (0..len as u64).map(abs).fold(0.0, f32::max)
+        } else {
+            (0..len as u64).into_par_iter().map(abs).reduce(|| 0.0, f32::max)
+        };
+        let qmax = ((1u32 << (bits - 1)) - 1) as f32;
+        QDirection { gauss, scale: absmax.max(f32::MIN_POSITIVE) / qmax, qmax }
+    }
+
+    /// Element `i` quantized with stochastic rounding on `stream` (or to nearest when `stream` is None).
+    #[inline]
+    pub fn at(&self, i: u64, stream: Option<u32>) -> f32 {
+        let y = gaussian(&self.gauss, i) / self.scale;
+        let q = match stream {
+            Some(s) => stochastic_round(y, uniform(&self.gauss.with_stream(s), i)),
+            None => y.round_ties_even(),
+        };
+        q.clamp(-self.qmax, self.qmax) * self.scale
+    }
+}
+
+/// A quantized matrix read as W + ε·u₁: the perturbation is added to each tile as the kernel dequantizes it.
+pub struct PerturbedInt<'a> {
+    pub w: &'a IntTensor,
+    pub dir: QDirection,
+    pub eps: f32,
+}
+
+impl QuantWeight for PerturbedInt<'_> {
+    fn rows(&self) -> usize {
+        self.w.rows()
+    }
+    fn cols(&self) -> usize {
+        self.w.cols()
+    }
+    fn dequantize_span(&self, start: usize, out: &mut [f32]) -> qtune_quant::Result<()> {
+        self.w.dequantize_span(start, out)?;
+        for (j, o) in out.iter_mut().enumerate() {
+            *o += self.eps * self.dir.at((start + j) as u64, Some(STREAM_SR_PERTURB));
+        }
+        Ok(())
+    }
+    fn storage_bytes(&self) -> QuantBytes {
+        self.w.storage_bytes()
+    }
+}
+
+/// The whole model read as θ̄ + ε·u₁ (norm weights perturbed likewise, in f32).
+struct PerturbedModel<'a> {
+    store: &'a QuantStore<IntTensor>,
+    dirs: &'a [QDirection],
+    eps: f32,
+}
+
+impl PerturbedModel<'_> {
+    fn mat(&self, id: ParamId) -> PerturbedInt<'_> {
+        PerturbedInt { w: self.store.mat(id), dir: self.dirs[id.index(&self.store.cfg)], eps: self.eps }
+    }
+}
+
+impl Weights for PerturbedModel<'_> {
+    fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
+        qlinear(&self.mat(id), x)
+    }
+    fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
+        qlinear_t(&self.mat(id), dy)
+    }
+    fn vector(&self, id: ParamId) -> Result<Tensor> {
+        let v = self.store.vector(id)?;
+        let d = self.dirs[id.index(&self.store.cfg)];
+        let u: Vec<f32> = (0..v.elem_count() as u64).map(|i| self.eps * d.at(i, Some(STREAM_SR_PERTURB))).collect();
+        let u = Tensor::from_vec(u, v.shape(), v.device())?;
+        Ok((v + u)?)
+    }
+    fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor> {
+        qrows(&self.mat(id), ids)
+    }
+}
+
+pub struct Quzo {
+    pub store: QuantStore<IntTensor>,
+    pub cfg: QuzoConfig,
+    pub on_nan: OnNonFinite,
+    step: u64,
+}
+
+/// The weight quantizer of QuZO: symmetric per output channel at `bits`, round to nearest.
+pub fn weight_spec(bits: u32) -> Result<QuantSpec> {
+    Ok(QuantSpec::symmetric(Bits::from_count(bits).map_err(quant_err)?, Granularity::PerRow))
+}
+
+impl Quzo {
+    pub fn new(params: &ParamStore, cfg: QuzoConfig, on_nan: OnNonFinite) -> Result<Self> {
+        if !(2..=8).contains(&cfg.perturb_bits) {
+            return Err(Error::Option(format!("--perturb-bits {} must be between 2 and 8", cfg.perturb_bits)));
+        }
+        let spec = weight_spec(cfg.bits)?;
+        let store = QuantStore::from_params(params, &mut |_, d, r, c| IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err))?;
+        Ok(Quzo { store, cfg, on_nan, step: 0 })
+    }
+
+    fn directions(&self, seed: u64) -> Vec<QDirection> {
+        let cfg = &self.store.cfg;
+        self.store.ids().iter().map(|&id| QDirection::new(seed, id.index(cfg) as u32, id.numel(cfg), self.cfg.perturb_bits)).collect()
+    }
+
+}
+
+impl Estimator {
+    /// u₂ at element `i` of a direction, as the estimator draws it.
+    fn u2(self, d: &QDirection, i: u64) -> f32 {
+        match self {
+            Estimator::Qrge2 => d.at(i, Some(STREAM_SR_PERTURB2)),
+            Estimator::SameRounding => d.at(i, Some(STREAM_SR_PERTURB)),
+            Estimator::Qrge1 => d.at(i, None),
+        }
+    }
+}
+
+/// Rows per chunk of the weight update: bounds the update's scratch to ~64K elements.
+const UPDATE_CHUNK: usize = 1 << 16;
+
+impl Method for Quzo {
+    fn name(&self) -> &'static str {
+        "quzo"
+    }
+
+    fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
+        let n = self.cfg.zo.directions;
+        let eps = self.cfg.zo.eps as f32;
+        let mut mem = self.state_bytes();
+        let mut est = Vec::with_capacity(n);
+        let mut loss_sum = 0f32;
+        for dir in 0..n {
+            let seed = direction_seed(self.cfg.zo.seed, self.step, dir);
+            let dirs = self.directions(seed);
+            let plus = zo_loss(model, &PerturbedModel { store: &self.store, dirs: &dirs, eps }, micro)?;
+            let minus = zo_loss(model, &PerturbedModel { store: &self.store, dirs: &dirs, eps: -eps }, micro)?;
+            est.push((dirs, (plus as f64 - minus as f64) / (2.0 * eps as f64)));
+            loss_sum += (plus + minus) / 2.0;
+        }
+        let update_seed = direction_seed(self.cfg.zo.seed ^ 0x5555, self.step, 0);
+        self.step += 1;
+        let loss = loss_sum / n as f32;
+        if !loss.is_finite() || est.iter().any(|(_, g)| !g.is_finite()) {
+            return match self.on_nan {
+                OnNonFinite::Skip => Ok(StepStats { loss, grad_norm: None, applied: false, memory: mem }),
+                OnNonFinite::Stop => Err(Error::Numerical(format!("loss {loss}: stopping (--on-nan stop)"))),
+            };
+        }
+        let cfg = self.store.cfg.clone();
+        let mut scratch = 0;
+        for id in self.store.ids() {
+            let t = id.index(&cfg);
+            let decay = if id.is_matrix() { self.cfg.zo.weight_decay } else { 0.0 };
+            let lr = lr;
+            // Δ(i) = η·(Σ_k μ_k·u₂,k(i) / n + λ·θ(i))
+            let estimator = self.cfg.estimator;
+            let delta = |i: u64, w: f32| -> f32 {
+                let g: f64 = est.iter().map(|(dirs, mu)| mu * estimator.u2(&dirs[t], i) as f64).sum::<f64>() / n as f64;
+                (lr * (g + decay * w as f64)) as f32
+            };
+            if id.is_matrix() {
+                let w = self.store.mat(id);
+                let (rows, cols) = (w.rows(), w.cols());
+                let chunk_rows = (UPDATE_CHUNK / cols).max(1);
+                let mut buf = vec![0f32; chunk_rows * cols];
+                scratch = scratch.max(buf.len() * 4);
+                let rounding = Rounding::Stochastic(RngKey::new(update_seed, t as u32, STREAM_SR_WEIGHT));
+                for r0 in (0..rows).step_by(chunk_rows) {
+                    let r1 = (r0 + chunk_rows).min(rows);
+                    let b = &mut buf[..(r1 - r0) * cols];
+                    self.store.mat(id).dequantize_rows(r0..r1, b).map_err(quant_err)?;
+                    let base = (r0 * cols) as u64;
+                    b.par_iter_mut().enumerate().for_each(|(j, v)| *v -= delta(base + j as u64, *v));
+                    self.store.mat_mut(id).requantize_rows_frozen(r0..r1, b, rounding).map_err(quant_err)?;
+                }
+            } else {
+                let v: Vec<f32> = self.store.vector(id)?.to_vec1()?;
+                let v: Vec<f32> = v.iter().enumerate().map(|(i, &w)| w - delta(i as u64, w)).collect();
+                let len = v.len();
+                self.store.set_vector(id, Tensor::from_vec(v, len, &candle_core::Device::Cpu)?);
+            }
+        }
+        mem.scratch = scratch;
+        let g = est.iter().map(|e| e.1 * e.1).sum::<f64>().sqrt();
+        Ok(StepStats { loss, grad_norm: Some(g), applied: true, memory: mem })
+    }
+
+    fn weights(&self) -> &dyn Weights {
+        &self.store
+    }
+
+    fn trainable_params(&self) -> usize {
+        self.store.cfg.num_params()
+    }
+
+    fn state_bytes(&self) -> Breakdown {
+        Breakdown { weights: self.store.quant_bytes().total() + self.store.f32_bytes(), ..Default::default() }
+    }
+
+    fn export_params(&self) -> Result<ParamStore> {
+        self.store.dequantize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::llama::tests::tiny_config;
+    use crate::model::Targets;
+    use candle_core::{DType, Device};
+
+    /// Q-RGE2 is unbiased: over many draws the mean of u₁⊙u₂ at a coordinate tends to E[u²] = 1, while the same
+    /// rounding reused (ū⊙ū) stays above 1 by the rounding variance. 40 000 draws of a 4-bit per-tensor quantizer
+    /// over a 64-element tensor, coordinates 0, 17 and 63. Tolerance: 4 empirical standard errors of the mean
+    /// (≈ 0.03); the bias of ū⊙ū is tested on the paired difference ū⊙ū − u₁⊙u₂, whose standard error is ~10× smaller.
+    #[test]
+    fn independent_roundings_are_unbiased_and_reused_rounding_is_not() {
+        let n = 40_000u64;
+        let coords = [0u64, 17, 63];
+        // Per coordinate: sums and sums of squares of u₁u₂ and of the paired difference.
+        let mut acc = [[0f64; 4]; 3];
+        for s in 0..n {
+            let d = QDirection::new(s, 0, 64, 4);
+            for (a, &i) in acc.iter_mut().zip(&coords) {
+                let u1 = d.at(i, Some(STREAM_SR_PERTURB)) as f64;
+                let u2 = d.at(i, Some(STREAM_SR_PERTURB2)) as f64;
+                let (p, diff) = (u1 * u2, u1 * u1 - u1 * u2);
+                *a = [a[0] + p, a[1] + p * p, a[2] + diff, a[3] + diff * diff];
+            }
+        }
+        let nf = n as f64;
+        for (a, i) in acc.iter().zip(coords) {
+            let (m12, md) = (a[0] / nf, a[2] / nf);
+            let se12 = ((a[1] / nf - m12 * m12) / nf).sqrt();
+            let sed = ((a[3] / nf - md * md) / nf).sqrt();
+            assert!((m12 - 1.0).abs() < 4.0 * se12, "coordinate {i}: mean u1*u2 = {m12} (se {se12})");
+            assert!(md > 4.0 * sed, "coordinate {i}: mean ubar^2 - u1*u2 = {md} (se {sed}) should be > 0");
+        }
+    }
+
+    fn batch() -> Batch {
+        let ids = Tensor::new(&[[3u32, 7, 1, 30, 12, 5], [9, 2, 2, 17, 0, 0]], &Device::Cpu).unwrap();
+        Batch { ids, lengths: vec![6, 4], targets: Targets { positions: vec![5, 9], classes: Some(vec![4, 11]), labels: vec![1, 0] } }
+    }
+
+    /// The fused perturbation equals perturbing a dequantized copy explicitly.
+    #[test]
+    fn fused_perturbation_equals_explicit_perturbation() {
+        let cfg = tiny_config(true);
+        let p = ParamStore::random(&cfg, 4, 0.3, DType::F32).unwrap();
+        let q = Quzo::new(&p, QuzoConfig { zo: ZoConfig { eps: 1e-2, directions: 1, weight_decay: 0.0, seed: 1 }, bits: 8, perturb_bits: 4, estimator: Estimator::Qrge2 }, OnNonFinite::Stop).unwrap();
+        let dirs = q.directions(77);
+        let mut explicit = q.store.dequantize().unwrap();
+        for id in explicit.ids() {
+            let d = dirs[id.index(&cfg)];
+            let w = explicit.get(id).clone();
+            let u: Vec<f32> = (0..w.elem_count() as u64).map(|i| 1e-2 * d.at(i, Some(STREAM_SR_PERTURB))).collect();
+            explicit.set(id, (w.clone() + Tensor::from_vec(u, w.shape(), &Device::Cpu).unwrap()).unwrap());
+        }
+        let m = Llama::new(cfg);
+        let a = zo_loss(&m, &PerturbedModel { store: &q.store, dirs: &dirs, eps: 1e-2 }, &[batch()]).unwrap();
+        let b = zo_loss(&m, &explicit, &[batch()]).unwrap();
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+
+    /// Same seed, same weights; and the update actually moves INT4 codes (stochastic rounding at work).
+    #[test]
+    fn seeded_runs_are_identical_and_codes_move() {
+        let cfg = tiny_config(true);
+        let m = Llama::new(cfg.clone());
+        let p = ParamStore::random(&cfg, 4, 0.3, DType::F32).unwrap();
+        let run = || {
+            let c = QuzoConfig { zo: ZoConfig { eps: 1e-2, directions: 2, weight_decay: 0.0, seed: 9 }, bits: 4, perturb_bits: 4, estimator: Estimator::Qrge2 };
+            let mut q = Quzo::new(&p, c, OnNonFinite::Stop).unwrap();
+            for _ in 0..2 {
+                q.step(&m, &[batch()], 1e-2).unwrap();
+            }
+            q
+        };
+        let (a, b) = (run(), run());
+        let fresh = Quzo::new(&p, a.cfg, OnNonFinite::Stop).unwrap();
+        let mut moved = 0;
+        for id in p.ids().into_iter().filter(|id| id.is_matrix()) {
+            assert_eq!(a.store.mat(id), b.store.mat(id));
+            moved += a.store.mat(id).codes().iter().zip(fresh.store.mat(id).codes()).filter(|(x, y)| x != y).count();
+        }
+        assert!(moved > 0, "no INT4 code moved");
+    }
+}
