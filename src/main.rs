@@ -72,7 +72,7 @@ struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Peak learning rate (default: 1e-5 for AdamW, 1e-6 for Lion, MeZO and QuZO).
+    /// Peak learning rate (default: 1e-5 for AdamW, 1e-6 for Lion, QFT, MeZO and QuZO).
     #[arg(long)]
     lr: Option<f64>,
     /// constant, linear or cosine (after --warmup steps of linear warmup).
@@ -106,6 +106,15 @@ struct TrainArgs {
     /// QuZO estimator: qrge2 (the paper: independent roundings), same-rounding (the official code), qrge1.
     #[arg(long, default_value = "qrge2")]
     estimator: String,
+    /// QFT: fraction of each matrix's entries kept in f32 as outliers.
+    #[arg(long, default_value_t = 0.01)]
+    outlier_fraction: f64,
+    /// QFT: steps between recalibrations of scales and outlier thresholds (default: one epoch; 0: never).
+    #[arg(long)]
+    recalibrate_every: Option<usize>,
+    /// QFT: apply each update inside the backward, without the gradient stack.
+    #[arg(long)]
+    fused: bool,
     /// Evaluate nothing (timing runs).
     #[arg(long)]
     no_eval: bool,
@@ -172,6 +181,10 @@ fn train(a: TrainArgs) -> Result<()> {
         bits: a.bits,
         perturb_bits: a.perturb_bits,
         estimator: a.estimator.parse()?,
+        outlier_fraction: a.outlier_fraction,
+        // Default: once per epoch.
+        recalibrate_every: a.recalibrate_every.unwrap_or(c.train_size.div_ceil(a.batch_size.max(1) * a.grad_accum.max(1))),
+        fused: a.fused,
     };
     let (mut method, default_lr) = methods::build(&a.method, loaded.params, &opts)?;
     let lr = a.lr.unwrap_or(default_lr);

@@ -51,7 +51,7 @@ impl Method for FullFinetune {
         let norm = grads.global_norm()? / micro.len() as f64;
         if !loss.is_finite() || !norm.is_finite() {
             return match self.on_nan {
-                OnNonFinite::Skip => Ok(StepStats { loss, grad_norm: Some(norm), applied: false, memory: mem }),
+                OnNonFinite::Skip => Ok(StepStats { loss, grad_norm: Some(norm), applied: false, memory: mem, ..Default::default() }),
                 OnNonFinite::Stop => Err(Error::Numerical(format!("loss {loss}, gradient norm {norm}: stopping (--on-nan stop)"))),
             };
         }
@@ -65,7 +65,7 @@ impl Method for FullFinetune {
             self.params.set(id, w);
         }
         mem.optimizer = mem.optimizer.max(self.opt.state_bytes());
-        Ok(StepStats { loss, grad_norm: Some(norm), applied: true, memory: mem })
+        Ok(StepStats { loss, grad_norm: Some(norm), applied: true, memory: mem, ..Default::default() })
     }
 
     fn weights(&self) -> &dyn Weights {

@@ -1,6 +1,7 @@
 //! Fine-tuning methods. Each owns the model's weights in its training format and its optimizer state, and runs
 //! one optimizer step at a time; the training loop, evaluation, reports and export are shared.
 pub mod full;
+pub mod qft;
 pub mod quzo;
 pub mod zo;
 
@@ -21,6 +22,8 @@ pub struct StepStats {
     pub applied: bool,
     /// Peak bytes by category during this step.
     pub memory: Breakdown,
+    /// Quantized weights: the fraction of stored entries this step changed.
+    pub changed_fraction: Option<f64>,
 }
 
 /// What to do when a loss or gradient is NaN or infinite.
@@ -58,7 +61,7 @@ pub trait Method {
     fn export_params(&self) -> Result<ParamStore>;
 }
 
-pub const METHODS: &[&str] = &["full-adamw", "full-lion", "mezo", "quzo"];
+pub const METHODS: &[&str] = &["full-adamw", "full-lion", "qft", "mezo", "quzo"];
 
 /// Every option a method may read; each method takes what applies to it.
 #[derive(Clone, Debug)]
@@ -77,6 +80,12 @@ pub struct MethodOptions {
     /// QuZO's perturbation bits.
     pub perturb_bits: u32,
     pub estimator: quzo::Estimator,
+    /// QFT: fraction of each matrix kept as f32 outliers.
+    pub outlier_fraction: f64,
+    /// QFT: steps between recalibrations of scales and outlier thresholds (0: never).
+    pub recalibrate_every: usize,
+    /// QFT: apply the update inside the backward (no gradient stack).
+    pub fused: bool,
 }
 
 /// Builds the method `name` over the model `params`; returns it with its default peak learning rate.
@@ -90,6 +99,18 @@ pub fn build(name: &str, params: ParamStore, o: &MethodOptions) -> Result<(Box<d
         "full-lion" => {
             let opt = Optimizer::lion(LionConfig { weight_decay: o.weight_decay, ..Default::default() });
             (Box::new(FullFinetune::new(params, opt, o.clip, o.keep, o.on_nan)), 1e-6)
+        }
+        "qft" => {
+            let cfg = qft::QftConfig {
+                lion: LionConfig { weight_decay: o.weight_decay, ..Default::default() },
+                outlier_fraction: o.outlier_fraction,
+                clip: o.clip,
+                recalibrate_every: o.recalibrate_every,
+                fused: o.fused,
+                keep: o.keep,
+                seed: o.seed,
+            };
+            (Box::new(qft::Qft::new(&params, cfg, o.on_nan)?), 1e-6)
         }
         "mezo" => {
             let cfg = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };

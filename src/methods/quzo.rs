@@ -213,7 +213,7 @@ impl Method for Quzo {
         let loss = loss_sum / n as f32;
         if !loss.is_finite() || est.iter().any(|(_, g)| !g.is_finite()) {
             return match self.on_nan {
-                OnNonFinite::Skip => Ok(StepStats { loss, grad_norm: None, applied: false, memory: mem }),
+                OnNonFinite::Skip => Ok(StepStats { loss, grad_norm: None, applied: false, memory: mem, ..Default::default() }),
                 OnNonFinite::Stop => Err(Error::Numerical(format!("loss {loss}: stopping (--on-nan stop)"))),
             };
         }
@@ -253,7 +253,7 @@ impl Method for Quzo {
         }
         mem.scratch = scratch;
         let g = est.iter().map(|e| e.1 * e.1).sum::<f64>().sqrt();
-        Ok(StepStats { loss, grad_norm: Some(g), applied: true, memory: mem })
+        Ok(StepStats { loss, grad_norm: Some(g), applied: true, memory: mem, ..Default::default() })
     }
 
     fn weights(&self) -> &dyn Weights {

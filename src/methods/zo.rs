@@ -126,7 +126,7 @@ impl Method for Mezo {
         let loss = loss_sum / n as f32;
         if !loss.is_finite() || grads.iter().any(|(_, g)| !g.is_finite()) {
             return match self.on_nan {
-                OnNonFinite::Skip => Ok(StepStats { loss, grad_norm: None, applied: false, memory: mem }),
+                OnNonFinite::Skip => Ok(StepStats { loss, grad_norm: None, applied: false, memory: mem, ..Default::default() }),
                 OnNonFinite::Stop => Err(Error::Numerical(format!("loss {loss}: stopping (--on-nan stop)"))),
             };
         }
@@ -138,7 +138,7 @@ impl Method for Mezo {
             }
             self.params.set(id, w);
         }
-        Ok(StepStats { loss, grad_norm: Some(grads.iter().map(|g| g.1 * g.1).sum::<f64>().sqrt()), applied: true, memory: mem })
+        Ok(StepStats { loss, grad_norm: Some(grads.iter().map(|g| g.1 * g.1).sum::<f64>().sqrt()), applied: true, memory: mem, ..Default::default() })
     }
 
     fn weights(&self) -> &dyn Weights {

@@ -76,6 +76,8 @@ struct LogLine {
     step_time_s: f64,
     rss_bytes: usize,
     memory: Breakdown,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    changed_fraction: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -171,7 +173,7 @@ pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Optio
         }
         last_loss = Some(stats.loss);
         let rss = memory::rss_bytes();
-        let line = LogLine { step, loss: stats.loss, lr, grad_norm: stats.grad_norm, applied: stats.applied, tokens, step_time_s: dt, rss_bytes: rss, memory: stats.memory };
+        let line = LogLine { step, loss: stats.loss, lr, grad_norm: stats.grad_norm, applied: stats.applied, tokens, step_time_s: dt, rss_bytes: rss, memory: stats.memory, changed_fraction: stats.changed_fraction };
         writeln!(log, "{}", serde_json::to_string(&line).map_err(|e| Error::Msg(e.to_string()))?)?;
         bar.set_message(format!(
             "loss {:.4} | {:.0} tok/s | rss {} | lr {lr:.2e}{}",
