@@ -113,7 +113,7 @@ fn config_with_a_wrong_shape_is_named() {
     }
     let cfg = std::fs::read_to_string(Path::new(TINY).join("config.json")).unwrap();
     std::fs::write(m.join("config.json"), cfg.replace("\"intermediate_size\": 160", "\"intermediate_size\": 128")).unwrap();
-    expect_error(&train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()), &["model.safetensors", "has shape", "128]"]);
+    expect_error(&train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()), &["model.safetensors", "has shape", "128"]);
     std::fs::write(m.join("config.json"), cfg.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3")).unwrap();
     expect_error(&train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()), &["config.json", "multiple of num_key_value_heads"]);
 }

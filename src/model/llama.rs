@@ -19,9 +19,21 @@ pub trait Weights {
     fn vector(&self, id: ParamId) -> Result<Tensor>;
     /// Rows `ids` of the matrix `id` (token embeddings, or the LM head's rows for a set of label words).
     fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor>;
+    /// Whether `id` is trained: the backward forms no gradient for a frozen parameter.
+    fn trains(&self, _id: ParamId) -> bool {
+        true
+    }
+    /// Hands on the gradient of the matrix `id` in y = x·Wᵀ given the upstream gradient `dy`. The default forms
+    /// dW = dyᵀ·x; a method that trains something other than W itself (LoRA's factors) forms that instead.
+    fn weight_grad(&self, id: ParamId, dy: &Tensor, x: &Tensor, sink: &mut dyn GradSink) -> Result<()> {
+        if self.trains(id) {
+            sink.push(id, dy.t()?.matmul(x)?)?;
+        }
+        Ok(())
+    }
 }
 
-/// Receives each parameter's gradient once per backward, in reverse forward order.
+/// Receives each trained parameter's gradient once per backward, in reverse forward order.
 pub trait GradSink {
     fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()>;
 }
@@ -98,6 +110,13 @@ impl BlockActs {
     }
 }
 
+fn push_if_trained(w: &dyn Weights, sink: &mut dyn GradSink, id: ParamId, g: Tensor) -> Result<()> {
+    if w.trains(id) {
+        sink.push(id, g)?;
+    }
+    Ok(())
+}
+
 pub fn tensor_bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
 }
@@ -164,7 +183,7 @@ impl Llama {
         Llama { cfg }
     }
 
-    fn block_forward(&self, w: &dyn Weights, l: usize, x: Tensor, shape: (usize, usize), rope: &Rope, mask: &Tensor) -> Result<(Tensor, BlockActs)> {
+    pub fn block_forward(&self, w: &dyn Weights, l: usize, x: Tensor, shape: (usize, usize), rope: &Rope, mask: &Tensor) -> Result<(Tensor, BlockActs)> {
         let c = &self.cfg;
         let (b, t) = shape;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -186,7 +205,7 @@ impl Llama {
     }
 
     /// Backward of one block: returns dx and pushes the block's weight gradients (Down … AttnNorm).
-    fn block_backward(&self, w: &dyn Weights, l: usize, a: &BlockActs, dout: &Tensor, shape: (usize, usize), rope: &Rope, sink: &mut dyn GradSink) -> Result<Tensor> {
+    pub fn block_backward(&self, w: &dyn Weights, l: usize, a: &BlockActs, dout: &Tensor, shape: (usize, usize), rope: &Rope, sink: &mut dyn GradSink) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t) = shape;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -194,19 +213,19 @@ impl Llama {
         // MLP
         let hmid = layers::swiglu_forward(&a.gate, &a.up)?; // recomputed: cheaper than keeping [N, f]
         let dh = w.linear_t(id(P::Down), dout)?;
-        sink.push(id(P::Down), dout.t()?.matmul(&hmid)?)?;
+        w.weight_grad(id(P::Down), dout, &hmid, sink)?;
         drop(hmid);
         let (dgate, dup) = layers::swiglu_backward(&dh, &a.gate, &a.up)?;
         drop(dh);
         let dxn2 = (w.linear_t(id(P::Gate), &dgate)? + w.linear_t(id(P::Up), &dup)?)?;
-        sink.push(id(P::Up), dup.t()?.matmul(&a.xn2)?)?;
-        sink.push(id(P::Gate), dgate.t()?.matmul(&a.xn2)?)?;
+        w.weight_grad(id(P::Up), &dup, &a.xn2, sink)?;
+        w.weight_grad(id(P::Gate), &dgate, &a.xn2, sink)?;
         let (dx2n, dw) = layers::rms_norm_backward(&dxn2, &a.x2, &w.vector(id(P::MlpNorm))?, &a.rstd2)?;
-        sink.push(id(P::MlpNorm), dw)?;
+        push_if_trained(w, sink, id(P::MlpNorm), dw)?;
         let dx2 = (dout + dx2n)?;
         // Attention
         let dctx = w.linear_t(id(P::O), &dx2)?;
-        sink.push(id(P::O), dx2.t()?.matmul(&a.ctx)?)?;
+        w.weight_grad(id(P::O), &dx2, &a.ctx, sink)?;
         let dctx = dctx.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
         let (dq, dk, dv) = layers::attention_backward(&dctx, &a.q, &a.k, &a.v, &a.probs, c.group_size())?;
         let flat = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.transpose(1, 2)?.reshape((b * t, n * hd))?) };
@@ -214,11 +233,11 @@ impl Llama {
         let dk = flat(rope.backward(&dk)?, kv)?;
         let dv = flat(dv, kv)?;
         let dxn1 = ((w.linear_t(id(P::Q), &dq)? + w.linear_t(id(P::K), &dk)?)? + w.linear_t(id(P::V), &dv)?)?;
-        sink.push(id(P::V), dv.t()?.matmul(&a.xn1)?)?;
-        sink.push(id(P::K), dk.t()?.matmul(&a.xn1)?)?;
-        sink.push(id(P::Q), dq.t()?.matmul(&a.xn1)?)?;
+        w.weight_grad(id(P::V), &dv, &a.xn1, sink)?;
+        w.weight_grad(id(P::K), &dk, &a.xn1, sink)?;
+        w.weight_grad(id(P::Q), &dq, &a.xn1, sink)?;
         let (dxn, dw) = layers::rms_norm_backward(&dxn1, &a.x, &w.vector(id(P::AttnNorm))?, &a.rstd1)?;
-        sink.push(id(P::AttnNorm), dw)?;
+        push_if_trained(w, sink, id(P::AttnNorm), dw)?;
         Ok((dx2 + dxn)?)
     }
 
@@ -290,22 +309,27 @@ impl Llama {
         let head = ParamId::head(c);
         let vocab_zeros = || Tensor::zeros((c.vocab_size, c.hidden_size), dtype, &dev);
         // LM head: only the rows the loss read get a gradient when the task has label words.
-        let (dxn_sel, dhead) = match &classes {
-            Some(cl) => {
-                let rows = w.rows(head, cl)?.to_dtype(dtype)?;
-                (dlogits.matmul(&rows)?, vocab_zeros()?.index_add(cl, &dlogits.t()?.matmul(&xn_sel)?, 0)?)
-            }
-            None => (w.linear_t(head, &dlogits)?, dlogits.t()?.matmul(&xn_sel)?),
+        let dxn_sel = match &classes {
+            Some(cl) => dlogits.matmul(&w.rows(head, cl)?.to_dtype(dtype)?)?,
+            None => w.linear_t(head, &dlogits)?,
+        };
+        let dhead = if w.trains(head) {
+            Some(match &classes {
+                Some(cl) => vocab_zeros()?.index_add(cl, &dlogits.t()?.matmul(&xn_sel)?, 0)?,
+                None => dlogits.t()?.matmul(&xn_sel)?,
+            })
+        } else {
+            None
         };
         // A tied head's gradient joins the embedding gradient at the end of the backward.
         let mut dembed = None;
         if c.tie_word_embeddings {
-            dembed = Some(dhead);
-        } else {
-            sink.push(ParamId::LmHead, dhead)?;
+            dembed = dhead;
+        } else if let Some(d) = dhead {
+            sink.push(ParamId::LmHead, d)?;
         }
         let (dx_sel, dnorm) = layers::rms_norm_backward(&dxn_sel, &x_sel, &w.vector(ParamId::FinalNorm)?, &rstd_sel)?;
-        sink.push(ParamId::FinalNorm, dnorm)?;
+        push_if_trained(w, sink, ParamId::FinalNorm, dnorm)?;
         let mut dx = Tensor::zeros((b * t, c.hidden_size), dtype, &dev)?.index_add(&positions, &dx_sel, 0)?;
         let rope = Rope::new(t, c.head_dim, c.rope_theta, dtype, &dev)?;
         let mask = layers::causal_mask(t, dtype, &dev)?;
@@ -317,12 +341,14 @@ impl Llama {
             };
             dx = self.block_backward(w, l, &acts, &dx, shape, &rope, sink)?;
         }
-        let demb_rows = vocab_zeros()?.index_add(&ids, &dx, 0)?;
-        let dembed = match dembed {
-            Some(d) => (d + demb_rows)?,
-            None => demb_rows,
-        };
-        sink.push(ParamId::Embed, dembed)?;
+        if w.trains(ParamId::Embed) {
+            let demb_rows = vocab_zeros()?.index_add(&ids, &dx, 0)?;
+            let dembed = match dembed {
+                Some(d) => (d + demb_rows)?,
+                None => demb_rows,
+            };
+            sink.push(ParamId::Embed, dembed)?;
+        }
         Ok(())
     }
 
