@@ -61,7 +61,7 @@ impl Method for FullFinetune {
         for id in self.params.ids() {
             let g = grads.take(id).ok_or_else(|| Error::Msg(format!("no gradient for {id:?}")))?;
             let g = if scale != 1.0 { (g * scale)? } else { g };
-            let w = self.opt.update(id, self.params.get(id), &g, lr)?;
+            let w = self.opt.update(id.index(&self.params.cfg), self.params.get(id), &g, lr, id.is_matrix())?;
             self.params.set(id, w);
         }
         mem.optimizer = mem.optimizer.max(self.opt.state_bytes());

@@ -1,6 +1,6 @@
-//! FP32 optimizers of the full fine-tuning baselines: AdamW and Lion (Chen et al. 2023), both with decoupled
-//! weight decay applied to matrices only (norm weights are not decayed, as in HF's and MeZO's trainers).
-use crate::model::ParamId;
+//! FP32 optimizers: AdamW and Lion (Chen et al. 2023) with decoupled weight decay. States are keyed by a slot
+//! number the caller chooses (a model parameter's `ParamId::index`, or an adapter's own numbering), and the caller
+//! says whether a tensor is decayed (matrices are, norm weights are not, as in HF's and MeZO's trainers).
 use crate::{Error, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -35,9 +35,9 @@ impl Default for LionConfig {
 /// An FP32 optimizer over dense parameter tensors. States are created on a parameter's first update.
 pub enum Optimizer {
     /// m, v per parameter: 8 bytes/param of state.
-    AdamW { cfg: AdamWConfig, step: u64, m: HashMap<ParamId, Tensor>, v: HashMap<ParamId, Tensor> },
+    AdamW { cfg: AdamWConfig, step: u64, m: HashMap<usize, Tensor>, v: HashMap<usize, Tensor> },
     /// m per parameter: 4 bytes/param of state.
-    Lion { cfg: LionConfig, m: HashMap<ParamId, Tensor> },
+    Lion { cfg: LionConfig, m: HashMap<usize, Tensor> },
 }
 
 impl Optimizer {
@@ -55,12 +55,12 @@ impl Optimizer {
         }
     }
 
-    /// Returns the updated parameter `w` given its gradient `g`.
-    pub fn update(&mut self, id: ParamId, w: &Tensor, g: &Tensor, lr: f64) -> Result<Tensor> {
+    /// Returns the updated tensor `w` of slot `id` given its gradient `g`; `decayed` applies the weight decay.
+    pub fn update(&mut self, id: usize, w: &Tensor, g: &Tensor, lr: f64, decayed: bool) -> Result<Tensor> {
         if w.shape() != g.shape() {
-            return Err(Error::Shape(format!("{id:?}: weight {:?} vs gradient {:?}", w.shape(), g.shape())));
+            return Err(Error::Shape(format!("slot {id}: weight {:?} vs gradient {:?}", w.shape(), g.shape())));
         }
-        let decay = |wd: f64| if id.is_matrix() { wd } else { 0.0 };
+        let decay = |wd: f64| if decayed { wd } else { 0.0 };
         match self {
             Optimizer::AdamW { cfg, step, m, v } => {
                 let (b1, b2) = (cfg.beta1, cfg.beta2);
@@ -99,14 +99,14 @@ impl Optimizer {
 
     /// Bytes of optimizer state currently held.
     pub fn state_bytes(&self) -> usize {
-        let sum = |m: &HashMap<ParamId, Tensor>| m.values().map(crate::model::llama::tensor_bytes).sum::<usize>();
+        let sum = |m: &HashMap<usize, Tensor>| m.values().map(crate::model::llama::tensor_bytes).sum::<usize>();
         match self {
             Optimizer::AdamW { m, v, .. } => sum(m) + sum(v),
             Optimizer::Lion { m, .. } => sum(m),
         }
     }
 
-    /// Bytes of state per parameter once every parameter has been updated.
+    /// Bytes of state per trained parameter once every one has been updated.
     pub fn state_bytes_per_param(&self) -> usize {
         match self {
             Optimizer::AdamW { .. } => 8,
@@ -120,16 +120,15 @@ mod tests {
     //! Each optimizer against a scalar f64 reference of its update rule over several steps (budget 1e-6 relative,
     //! f32 arithmetic).
     use super::*;
-    use crate::model::BlockParam;
     use candle_core::Device;
 
     const BUDGET: f64 = 1e-6;
 
-    fn run(opt: &mut Optimizer, id: ParamId, w0: &[f32], grads: &[Vec<f32>], lr: f64) -> Vec<f32> {
+    fn run(opt: &mut Optimizer, decayed: bool, w0: &[f32], grads: &[Vec<f32>], lr: f64) -> Vec<f32> {
         let mut w = Tensor::new(w0, &Device::Cpu).unwrap();
         for g in grads {
             opt.begin_step();
-            w = opt.update(id, &w, &Tensor::new(g.as_slice(), &Device::Cpu).unwrap(), lr).unwrap();
+            w = opt.update(0, &w, &Tensor::new(g.as_slice(), &Device::Cpu).unwrap(), lr, decayed).unwrap();
         }
         w.to_vec1().unwrap()
     }
@@ -139,8 +138,7 @@ mod tests {
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
         let w0 = [0.5f32, -1.0, 2.0];
         let grads = vec![vec![0.1f32, -0.2, 0.3], vec![-0.05, 0.4, 0.1], vec![0.2, 0.0, -0.3]];
-        let id = ParamId::Block(0, BlockParam::Q);
-        let got = run(&mut Optimizer::adamw(cfg), id, &w0, &grads, 0.01);
+        let got = run(&mut Optimizer::adamw(cfg), true, &w0, &grads, 0.01);
         for i in 0..3 {
             let (mut w, mut m, mut v) = (w0[i] as f64, 0.0, 0.0);
             for (t, g) in grads.iter().enumerate() {
@@ -160,8 +158,8 @@ mod tests {
         let cfg = LionConfig { beta1: 0.9, beta2: 0.99, weight_decay: 0.5 };
         let w0 = [0.5f32, -1.0, 2.0];
         let grads = vec![vec![0.1f32, -0.2, 0.3], vec![-0.5, 0.4, 0.1], vec![0.2, 0.0, -0.3]];
-        for (id, wd) in [(ParamId::Block(0, BlockParam::Up), 0.5), (ParamId::Block(0, BlockParam::AttnNorm), 0.0)] {
-            let got = run(&mut Optimizer::lion(cfg), id, &w0, &grads, 0.01);
+        for (decayed, wd) in [(true, 0.5), (false, 0.0)] {
+            let got = run(&mut Optimizer::lion(cfg), decayed, &w0, &grads, 0.01);
             for i in 0..3 {
                 let (mut w, mut m) = (w0[i] as f64, 0.0f64);
                 for g in &grads {
@@ -171,7 +169,7 @@ mod tests {
                     w = w * (1.0 - 0.01 * wd) - 0.01 * s;
                     m = 0.99 * m + 0.01 * g;
                 }
-                assert!((got[i] as f64 - w).abs() / w.abs() < BUDGET, "{id:?}[{i}]: {} vs {w}", got[i]);
+                assert!((got[i] as f64 - w).abs() / w.abs() < BUDGET, "decayed {decayed} [{i}]: {} vs {w}", got[i]);
             }
         }
     }
