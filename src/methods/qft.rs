@@ -187,9 +187,8 @@ struct Lion<'a> {
 
 impl Lion<'_> {
     /// Lion on one parameter with gradient `g(start, out)` scaled by `scale`; weights re-encoded with stochastic
-    /// rounding on their frozen grid; momentum re-quantized block-wise. Returns the fraction of entries whose stored
-    /// value changed.
-    fn update(&mut self, id: ParamId, g: &(dyn Fn(usize, &mut [f32]) -> Result<()> + Sync), scale: f32, lr: f64) -> Result<f64> {
+    /// rounding on their frozen grid; momentum re-quantized block-wise. Returns how many stored entries changed.
+    fn update(&mut self, id: ParamId, g: &(dyn Fn(usize, &mut [f32]) -> Result<()> + Sync), scale: f32, lr: f64) -> Result<usize> {
         let LionConfig { beta1, beta2, weight_decay } = self.cfg.lion;
         let (b1, b2) = (beta1 as f32, beta2 as f32);
         let wd = if id.is_matrix() { weight_decay as f32 } else { 0.0 };
@@ -220,14 +219,14 @@ impl Lion<'_> {
             if let Some(e) = errors.into_inner().expect("not poisoned") {
                 return Err(e);
             }
-            changed_fraction(&before, w)
+            changed_entries(&before, w)
         } else {
             let v: Vec<f32> = store.vector(id)?.to_vec1()?;
             let (mut gr, mut mr) = (vec![0f32; v.len()], vec![0f32; v.len()]);
             g(0, &mut gr)?;
             m.dequantize_span(0, &mut mr)?;
             let new: Vec<f32> = (0..v.len()).map(|j| step_dir(v[j], mr[j], gr[j])).collect();
-            let changed = new.iter().zip(&v).filter(|(a, b)| a != b).count() as f64 / v.len() as f64;
+            let changed = new.iter().zip(&v).filter(|(a, b)| a != b).count();
             let n = new.len();
             store.set_vector(id, Tensor::from_vec(new, n, &candle_core::Device::Cpu)?);
             changed
@@ -251,11 +250,11 @@ fn cfg_matrices(cfg: &crate::model::LlamaConfig) -> Vec<ParamId> {
     ParamId::all(cfg).into_iter().filter(|id| id.is_matrix()).collect()
 }
 
-/// Fraction of a hybrid matrix's stored entries (dense codes and sparse values) that differ.
-fn changed_fraction(a: &HybridTensor, b: &HybridTensor) -> f64 {
+/// How many of a hybrid matrix's stored entries (dense codes and sparse values) differ.
+fn changed_entries(a: &HybridTensor, b: &HybridTensor) -> usize {
     let dense = a.dense().codes().iter().zip(b.dense().codes()).filter(|(x, y)| x != y).count();
     let sparse = a.sparse().2.iter().zip(b.sparse().2).filter(|(x, y)| x != y).count();
-    (dense + sparse) as f64 / a.len().max(1) as f64
+    dense + sparse
 }
 
 /// The stack sink: quantize at once and push (first micro-batch) or add into the entry at the same depth.
@@ -303,8 +302,7 @@ impl GradSink for StackSink<'_> {
 struct FusedSink<'a> {
     lion: Lion<'a>,
     lr: f64,
-    changed: f64,
-    count: usize,
+    changed: usize,
 }
 
 impl GradSink for FusedSink<'_> {
@@ -315,7 +313,6 @@ impl GradSink for FusedSink<'_> {
             Ok(())
         };
         self.changed += self.lion.update(id, &src, 1.0, self.lr)?;
-        self.count += 1;
         Ok(())
     }
 }
@@ -340,8 +337,7 @@ impl Method for Qft {
         let mut mem = self.state_bytes();
         let mut loss = 0f32;
         let mut sumsq = 0f64;
-        let mut changed = 0f64;
-        let mut nparams = 0usize;
+        let mut changed = 0usize;
         for (k, batch) in micro.iter().enumerate() {
             // The model borrows the weights for the forward and backward; the trace is consumed by the backward.
             let (out, trace) = model.forward(&self.weights, batch, self.cfg.keep)?;
@@ -355,10 +351,9 @@ impl Method for Qft {
                 // backward is done with it (see QftWeights).
                 let Qft { weights, momentum, cfg, step, .. } = self;
                 let lion = Lion { weights, momentum, cfg, step: *step };
-                let mut sink = FusedSink { lion, lr, changed: 0.0, count: 0 };
+                let mut sink = FusedSink { lion, lr, changed: 0 };
                 model.backward(weights, trace, &mut sink)?;
                 changed = sink.changed;
-                nparams = sink.count;
             } else {
                 let mut sink = StackSink { stack: &mut self.stack, depth: 0, accumulate: k > 0, last: k + 1 == n, sumsq: 0.0, seed: self.cfg.seed ^ self.step, micro: k as u64 };
                 model.backward(&self.weights, trace, &mut sink)?;
@@ -381,7 +376,6 @@ impl Method for Qft {
             while let Some((id, g)) = self.stack.pop() {
                 let src = |start: usize, out: &mut [f32]| g.dequantize_span(start, out);
                 changed += self.lion().update(id, &src, scale, lr)?;
-                nparams += 1;
             }
         }
         self.step += 1;
@@ -391,7 +385,7 @@ impl Method for Qft {
             grad_norm: (!self.cfg.fused).then_some(norm),
             applied: true,
             memory: mem,
-            changed_fraction: Some(changed / nparams.max(1) as f64),
+            changed_fraction: Some(changed as f64 / model.cfg.num_params() as f64),
         };
         Ok(stats)
     }

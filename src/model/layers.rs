@@ -123,18 +123,41 @@ pub fn attention_backward(
     Ok((dq, reduce_kv(&dk, group)?, reduce_kv(&dv, group)?))
 }
 
+/// LayerNorm over the last dim of `x` [N, d] with affine `w`, `b` [d] (PyTorch's, biased variance):
+/// returns `(y [N, d], x̂ [N, d], rstd [N, 1])`.
+pub fn layer_norm_forward(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let xhat = xc.broadcast_mul(&rstd)?;
+    let y = xhat.broadcast_mul(w)?.broadcast_add(b)?;
+    Ok((y, xhat, rstd))
+}
+
+/// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) with g = dy·w; dw = Σ_rows dy·x̂; db = Σ_rows dy.
+pub fn layer_norm_backward(dy: &Tensor, xhat: &Tensor, w: &Tensor, rstd: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let dw = (dy * xhat)?.sum(0)?;
+    let db = dy.sum(0)?;
+    let g = dy.broadcast_mul(w)?;
+    let proj = (&g * xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?.sub(&xhat.broadcast_mul(&proj)?)?.broadcast_mul(rstd)?;
+    Ok((dx, dw, db))
+}
+
+/// Backward of SiLU: dx = dy·silu'(x), silu'(x) = σ(x)·(1 + x·(1 − σ(x))).
+pub fn silu_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let s = candle_nn::ops::sigmoid(x)?;
+    dy * (&s * (1.0 + (x * (1.0 - &s)?)?)?)?
+}
+
 /// SwiGLU activation h = silu(gate) ⊙ up.
 pub fn swiglu_forward(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
-/// Backward of [`swiglu_forward`]: silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
+/// Backward of [`swiglu_forward`].
 pub fn swiglu_backward(dh: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor)> {
-    let s = candle_nn::ops::sigmoid(gate)?;
-    let silu = (gate * &s)?;
-    let dsilu = (&s * (1.0 + (gate * (1.0 - &s)?)?)?)?;
-    let dgate = ((dh * up)? * dsilu)?;
-    let dup = (dh * silu)?;
+    let dgate = silu_backward(&(dh * up)?, gate)?;
+    let dup = (dh * gate.silu()?)?;
     Ok((dgate, dup))
 }
 
@@ -156,7 +179,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Each backward against central finite differences in f64 (budget: 1e-6 relative to the gradient's scale,
     //! with h = 1e-6 the truncation error is ~1e-12 and round-off ~1e-10).
     use super::*;
@@ -165,7 +188,8 @@ mod tests {
     const FD_BUDGET: f64 = 1e-6;
     const H: f64 = 1e-6;
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
+    /// Uniform(−1, 1) f64 tensor from an LCG (deterministic, dependency-free).
+    pub fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let v: Vec<f64> = (0..n)
@@ -178,7 +202,7 @@ mod tests {
     }
 
     /// Finite-difference check of d<f(x), r>/dx against `analytic` for a scalar probe with random weights r.
-    fn check(name: &str, x: &Tensor, analytic: &Tensor, f: impl Fn(&Tensor) -> Tensor, r: &Tensor) {
+    pub fn check(name: &str, x: &Tensor, analytic: &Tensor, f: impl Fn(&Tensor) -> Tensor, r: &Tensor) {
         let xv: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
         let av: Vec<f64> = analytic.flatten_all().unwrap().to_vec1().unwrap();
         let scale = av.iter().fold(0f64, |m, a| m.max(a.abs())).max(1e-3);
@@ -229,6 +253,26 @@ mod tests {
         check("dq", &q, &dq, |q| attention_forward(q, &k, &v, g, &mask).unwrap().0, &r);
         check("dk", &k, &dk, |k| attention_forward(&q, k, &v, g, &mask).unwrap().0, &r);
         check("dv", &v, &dv, |v| attention_forward(&q, &k, v, g, &mask).unwrap().0, &r);
+    }
+
+    #[test]
+    fn layer_norm_backward_matches_finite_differences() {
+        let x = rand(&[3, 8], 14).affine(2.0, 0.3).unwrap();
+        let w = (rand(&[8], 15) + 1.5).unwrap();
+        let b = rand(&[8], 16);
+        let r = rand(&[3, 8], 17);
+        let (_, xhat, rstd) = layer_norm_forward(&x, &w, &b, 1e-5).unwrap();
+        let (dx, dw, db) = layer_norm_backward(&r, &xhat, &w, &rstd).unwrap();
+        check("dx", &x, &dx, |x| layer_norm_forward(x, &w, &b, 1e-5).unwrap().0, &r);
+        check("dw", &w, &dw, |w| layer_norm_forward(&x, w, &b, 1e-5).unwrap().0, &r);
+        check("db", &b, &db, |b| layer_norm_forward(&x, &w, b, 1e-5).unwrap().0, &r);
+    }
+
+    #[test]
+    fn silu_backward_matches_finite_differences() {
+        let x = (rand(&[4, 5], 18) * 4.0).unwrap();
+        let r = rand(&[4, 5], 19);
+        check("dx", &x, &silu_backward(&r, &x).unwrap(), |x| x.silu().unwrap(), &r);
     }
 
     #[test]

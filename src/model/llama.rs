@@ -33,6 +33,9 @@ pub trait Weights {
     }
 }
 
+/// Called with (i, hidden state [B·T, d]) for the embeddings (i = 0) and each block's output (i = l + 1).
+pub type Visit<'a> = &'a mut dyn FnMut(usize, &Tensor) -> Result<()>;
+
 /// Receives each trained parameter's gradient once per backward, in reverse forward order.
 pub trait GradSink {
     fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()>;
@@ -122,9 +125,27 @@ pub fn tensor_bytes(t: &Tensor) -> usize {
 }
 
 /// Saved state of one block: everything, or (activation recomputation) only its input.
-enum Saved {
+pub enum Saved {
     All(Box<BlockActs>),
     Input(Tensor),
+}
+
+impl Saved {
+    /// What `keep` keeps of a block whose forward took `input` and produced `acts` (`None` for inference).
+    pub fn new(keep: Keep, input: Tensor, acts: BlockActs) -> Option<Saved> {
+        match keep {
+            Keep::Nothing => None,
+            Keep::All => Some(Saved::All(Box::new(acts))),
+            Keep::Inputs => Some(Saved::Input(input)),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Saved::All(a) => a.bytes(),
+            Saved::Input(x) => tensor_bytes(x),
+        }
+    }
 }
 
 /// What a training forward keeps for the backward.
@@ -143,14 +164,7 @@ pub struct Trace {
 impl Trace {
     /// Bytes of activations held for the backward.
     pub fn bytes(&self) -> usize {
-        let blocks: usize = self
-            .blocks
-            .iter()
-            .map(|s| match s {
-                Saved::All(a) => a.bytes(),
-                Saved::Input(x) => tensor_bytes(x),
-            })
-            .sum();
+        let blocks: usize = self.blocks.iter().map(Saved::bytes).sum();
         blocks + [&self.x_sel, &self.rstd_sel, &self.xn_sel, &self.dlogits].iter().map(|t| tensor_bytes(t)).sum::<usize>()
     }
 }
@@ -241,26 +255,59 @@ impl Llama {
         Ok((dx2 + dxn)?)
     }
 
+    /// Block `l`'s activations for its backward: the saved ones, or recomputed from its saved input.
+    pub fn block_acts(&self, w: &dyn Weights, l: usize, saved: Saved, shape: (usize, usize), rope: &Rope, mask: &Tensor) -> Result<BlockActs> {
+        Ok(match saved {
+            Saved::All(a) => *a,
+            Saved::Input(x) => self.block_forward(w, l, x, shape, rope, mask)?.1,
+        })
+    }
+
     /// Runs the blocks over `ids` [B, T]; returns the final residual stream [B·T, d] and what `keep` asks for.
-    fn trunk(&self, w: &dyn Weights, ids: &Tensor, keep: Keep, dtype: DType) -> Result<(Tensor, Vec<Saved>)> {
+    /// `visit` sees the embeddings (i = 0) and each block's output (i = l + 1) the moment they exist.
+    fn trunk(&self, w: &dyn Weights, ids: &Tensor, keep: Keep, dtype: DType, visit: Visit) -> Result<(Tensor, Vec<Saved>)> {
         let (b, t) = ids.dims2()?;
         let dev = ids.device();
         let flat_ids = ids.flatten_all()?;
         let mut x = w.rows(ParamId::Embed, &flat_ids)?.to_dtype(dtype)?;
+        visit(0, &x)?;
         let rope = Rope::new(t, self.cfg.head_dim, self.cfg.rope_theta, dtype, dev)?;
         let mask = layers::causal_mask(t, dtype, dev)?;
         let mut saved = Vec::new();
         for l in 0..self.cfg.num_hidden_layers {
             let input = x.clone();
             let (out, acts) = self.block_forward(w, l, x, (b, t), &rope, &mask)?;
-            match keep {
-                Keep::Nothing => {}
-                Keep::All => saved.push(Saved::All(Box::new(acts))),
-                Keep::Inputs => saved.push(Saved::Input(input)),
-            }
+            saved.extend(Saved::new(keep, input, acts));
             x = out;
+            visit(l + 1, &x)?;
         }
         Ok((x, saved))
+    }
+
+    /// An inference pass over the blocks that keeps nothing and hands the embeddings (i = 0) and each block's
+    /// output (i = l + 1), all [B·T, d], to `visit` as soon as they exist; returns the final residual stream.
+    /// QST's side network reads the frozen base this way, keeping only what it derives from each state.
+    pub fn hidden_states(&self, w: &dyn Weights, ids: &Tensor, dtype: DType, visit: Visit) -> Result<Tensor> {
+        Ok(self.trunk(w, ids, Keep::Nothing, dtype, visit)?.0)
+    }
+
+    /// LM-head logits of final-normed hidden states `xn` [P, d]: over the label words `classes` [C] when the task
+    /// has them (only those rows of the head are read), else over the vocabulary.
+    pub fn head_forward(&self, w: &dyn Weights, xn: &Tensor, classes: Option<&Tensor>) -> Result<Tensor> {
+        let head = ParamId::head(&self.cfg);
+        Ok(match classes {
+            Some(c) => xn.matmul(&w.rows(head, c)?.to_dtype(xn.dtype())?.t()?)?,
+            None => w.linear(head, xn)?,
+        })
+    }
+
+    /// The input gradient of [`Llama::head_forward`]: dxn [P, d] from dlogits [P, C].
+    pub fn head_backward(&self, w: &dyn Weights, dlogits: &Tensor, classes: Option<&Tensor>) -> Result<Tensor> {
+        let head = ParamId::head(&self.cfg);
+        Ok(match classes {
+            Some(cl) => dlogits.matmul(&w.rows(head, cl)?.to_dtype(dlogits.dtype())?)?,
+            None => w.linear_t(head, dlogits)?,
+        })
     }
 
     /// The forward over a batch: loss and logits at the target positions; with `keep != Nothing` also the trace a
@@ -270,18 +317,14 @@ impl Llama {
         let dtype = w.vector(ParamId::FinalNorm)?.dtype();
         let (b, t) = batch.ids.dims2()?;
         let dev = batch.ids.device().clone();
-        let (x, blocks) = self.trunk(w, &batch.ids, keep, dtype)?;
+        let (x, blocks) = self.trunk(w, &batch.ids, keep, dtype, &mut |_, _| Ok(()))?;
         let tg = &batch.targets;
         let positions = Tensor::new(tg.positions.as_slice(), &dev)?;
         let x_sel = x.index_select(&positions, 0)?;
         drop(x);
         let (xn_sel, rstd_sel) = layers::rms_norm_forward(&x_sel, &w.vector(ParamId::FinalNorm)?, self.cfg.rms_norm_eps)?;
-        let head = ParamId::head(&self.cfg);
         let classes = tg.classes.as_ref().map(|c| Tensor::new(c.as_slice(), &dev)).transpose()?;
-        let logits = match &classes {
-            Some(c) => xn_sel.matmul(&w.rows(head, c)?.t()?)?,
-            None => w.linear(head, &xn_sel)?,
-        };
+        let logits = self.head_forward(w, &xn_sel, classes.as_ref())?;
         let labels = Tensor::new(tg.labels.as_slice(), &dev)?;
         let (loss, dlogits) = layers::cross_entropy(&logits, &labels)?;
         let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? as f32;
@@ -309,10 +352,7 @@ impl Llama {
         let head = ParamId::head(c);
         let vocab_zeros = || Tensor::zeros((c.vocab_size, c.hidden_size), dtype, &dev);
         // LM head: only the rows the loss read get a gradient when the task has label words.
-        let dxn_sel = match &classes {
-            Some(cl) => dlogits.matmul(&w.rows(head, cl)?.to_dtype(dtype)?)?,
-            None => w.linear_t(head, &dlogits)?,
-        };
+        let dxn_sel = self.head_backward(w, &dlogits, classes.as_ref())?;
         let dhead = if w.trains(head) {
             Some(match &classes {
                 Some(cl) => vocab_zeros()?.index_add(cl, &dlogits.t()?.matmul(&xn_sel)?, 0)?,
@@ -335,10 +375,7 @@ impl Llama {
         let mask = layers::causal_mask(t, dtype, &dev)?;
         for l in (0..c.num_hidden_layers).rev() {
             let saved = blocks.pop().expect("one saved entry per block");
-            let acts = match saved {
-                Saved::All(a) => *a,
-                Saved::Input(x) => self.block_forward(w, l, x, shape, &rope, &mask)?.1,
-            };
+            let acts = self.block_acts(w, l, saved, shape, &rope, &mask)?;
             dx = self.block_backward(w, l, &acts, &dx, shape, &rope, sink)?;
         }
         if w.trains(ParamId::Embed) {
@@ -356,7 +393,7 @@ impl Llama {
     pub fn logits(&self, w: &dyn Weights, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let dtype = w.vector(ParamId::FinalNorm)?.dtype();
-        let (x, _) = self.trunk(w, ids, Keep::Nothing, dtype)?;
+        let x = self.hidden_states(w, ids, dtype, &mut |_, _| Ok(()))?;
         let (xn, _) = layers::rms_norm_forward(&x, &w.vector(ParamId::FinalNorm)?, self.cfg.rms_norm_eps)?;
         let logits = w.linear(ParamId::head(&self.cfg), &xn)?;
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
@@ -367,7 +404,7 @@ impl Llama {
         let t = ids.len();
         let batch = Tensor::new(ids, dev)?.unsqueeze(0)?;
         let dtype = w.vector(ParamId::FinalNorm)?.dtype();
-        let (x, _) = self.trunk(w, &batch, Keep::Nothing, dtype)?;
+        let x = self.hidden_states(w, &batch, dtype, &mut |_, _| Ok(()))?;
         let last = x.narrow(0, t - 1, 1)?;
         let (xn, _) = layers::rms_norm_forward(&last, &w.vector(ParamId::FinalNorm)?, self.cfg.rms_norm_eps)?;
         Ok(w.linear(ParamId::head(&self.cfg), &xn)?.flatten_all()?.to_dtype(DType::F32)?)
