@@ -97,7 +97,7 @@ struct TrainArgs {
     /// Zeroth-order directions per step.
     #[arg(long, default_value_t = 1)]
     directions: usize,
-    /// Weight bits of quantized methods (quzo: 8 or 4).
+    /// Weight bits of quantized methods (quzo, qat: 8 or 4).
     #[arg(long, default_value_t = 8)]
     bits: u32,
     /// QuZO perturbation bits.

@@ -1,11 +1,13 @@
 //! Fine-tuning methods. Each owns the model's weights in its training format and its optimizer state, and runs
 //! one optimizer step at a time; the training loop, evaluation, reports and export are shared.
 pub mod full;
+pub mod lora;
 pub mod qft;
+pub mod qst;
 pub mod quzo;
 pub mod zo;
 
-use crate::model::{Batch, Keep, Llama, ParamStore, Weights};
+use crate::model::{export_hf, Batch, Keep, Llama, Output, ParamStore, Tok, Weights};
 use crate::train::memory::Breakdown;
 use crate::{Error, Result};
 
@@ -59,9 +61,20 @@ pub trait Method {
     fn state_bytes(&self) -> Breakdown;
     /// The model as dense f32 parameters, for export (dequantized or merged as the method requires).
     fn export_params(&self) -> Result<ParamStore>;
+    /// The inference forward evaluation runs. A method whose model is not the decoder over [`Method::weights`]
+    /// (QST: base plus side network) overrides it.
+    fn forward(&self, model: &Llama, batch: &Batch) -> Result<Output> {
+        Ok(model.forward(self.weights(), batch, Keep::Nothing)?.0)
+    }
+    /// Writes the trained model to `dir`: an HF checkpoint of [`Method::export_params`], unless the method's model
+    /// is not a LLaMA (QST writes its side network and a reference to `base_model`, the file the run started from).
+    fn export(&self, dir: &std::path::Path, tok: Option<&Tok>, base_model: &str) -> Result<()> {
+        let _ = base_model;
+        export_hf(&self.export_params()?, tok, dir)
+    }
 }
 
-pub const METHODS: &[&str] = &["full-adamw", "full-lion", "qft", "mezo", "quzo"];
+pub const METHODS: &[&str] = &["full-adamw", "full-lion", "qft", "mezo", "quzo", "qat"];
 
 /// Every option a method may read; each method takes what applies to it.
 #[derive(Clone, Debug)]
@@ -111,6 +124,10 @@ pub fn build(name: &str, params: ParamStore, o: &MethodOptions) -> Result<(Box<d
                 seed: o.seed,
             };
             (Box::new(qft::Qft::new(&params, cfg, o.on_nan)?), 1e-6)
+        }
+        "qat" => {
+            let opt = Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() });
+            (Box::new(FullFinetune::qat(params, opt, quzo::weight_spec(o.bits)?, o.clip, o.keep, o.on_nan)?), 1e-5)
         }
         "mezo" => {
             let cfg = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };

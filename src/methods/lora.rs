@@ -1,0 +1,373 @@
+//! LoRA (Hu et al. 2021) and QLoRA (Dettmers et al. 2023): the parameter-efficient baselines QST is compared
+//! against, in the same engine. The base is frozen: f32 ([`ParamStore`], `lora`) or NF4 with double quantization
+//! ([`QuantStore<Nf4Tensor>`], `qlora`, blocks of 64 / 256 as bitsandbytes stores them). Every attention and MLP
+//! projection (q, k, v, o, gate, up, down: PEFT's `all-linear` minus the LM head, QLoRA's setting) gets a pair of
+//! factors A [r, in], B [out, r]:
+//!   y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ,  s = alpha / r,
+//! with PEFT's defaults: A Kaiming-uniform (PyTorch's `nn.Linear` init), B zero (so the first forward is the base
+//! model's), no dropout, r = 8, alpha = 16. Embeddings, norms and the LM head stay frozen.
+//!
+//! Gradients flow through the frozen base as in QLoRA: the model's hand-written backward calls
+//! [`Weights::weight_grad`] with (dy, x) for each projection, and [`LoraWeights`] forms the factor gradients there,
+//! without materializing dyᵀ·x ([out, in]):
+//!   dB = s·dyᵀ·(x·Aᵀ) [out, r],   dA = s·(dy·B)ᵀ·x [r, in].
+//! The model's [`GradSink`] is keyed by model parameter, and every model parameter is frozen here, so the factor
+//! gradients collect in a buffer inside the weights (a `RefCell`, written during the backward that only borrows
+//! them) rather than widening the sink interface for one method.
+//!
+//! Deviation from QLoRA/bitsandbytes: `qlora` quantizes the (tied) embedding too, as every matrix of a
+//! [`QuantStore`] is quantized; bitsandbytes keeps embeddings and the LM head in 16 bits. QST shares this base.
+//!
+//! Export merges W + s·B·A into a full f32 checkpoint (for `qlora`, into the dequantized NF4 base: the model that
+//! was trained, which is what a user merging a QLoRA adapter wants).
+//!
+//! [`Trained`] and [`FirstOrder`] (a method's own tensors and their optimizer step) are shared with QST.
+use super::{Method, OnNonFinite, StepStats};
+use crate::model::quantized::{quant_err, QuantStore};
+use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, ParamId, ParamStore, Weights};
+use crate::train::memory::{block_scratch_bytes, Breakdown};
+use crate::train::optim::Optimizer;
+use crate::train::DenseGrads;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use qtune_quant::rng::{fill_uniform, RngKey, STREAM_GAUSS};
+use qtune_quant::{Nf4Tensor, QuantWeight};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::hash::Hash;
+
+/// NF4 block size (QLoRA / bitsandbytes); the double quantization's block of 256 is fixed in `Nf4Tensor`.
+pub const NF4_BLOCK: usize = 64;
+
+/// The projections LoRA adapts, in forward order.
+pub const TARGETS: [BlockParam; 7] =
+    [BlockParam::Q, BlockParam::K, BlockParam::V, BlockParam::O, BlockParam::Gate, BlockParam::Up, BlockParam::Down];
+
+/// Quantizes a model to NF4 with double quantization, matrix by matrix (the frozen base of `qlora` and `qst`).
+pub fn nf4_base(params: &ParamStore) -> Result<QuantStore<Nf4Tensor>> {
+    QuantStore::from_params(params, &mut |_, d, r, c| Nf4Tensor::quantize(d, r, c, NF4_BLOCK, true).map_err(quant_err))
+}
+
+/// PyTorch's default `nn.Linear` weight init (`kaiming_uniform_(a=√5)`): U(−1/√fan_in, 1/√fan_in), drawn from the
+/// counter-based RNG so `key` fixes it.
+pub fn kaiming_uniform(shape: &[usize], fan_in: usize, key: RngKey, dtype: DType) -> Result<Tensor> {
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    let mut v = vec![0f32; shape.iter().product()];
+    fill_uniform(&key, 0, &mut v);
+    v.iter_mut().for_each(|x| *x = (2.0 * *x - 1.0) * bound);
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+/// A method's own trained tensors (LoRA factors, QST's side network) in a fixed order: a tensor's position is its
+/// optimizer slot; `decayed` says whether weight decay applies (matrices yes; norms, biases, gates no).
+#[derive(Clone)]
+pub struct Trained<K> {
+    keys: Vec<K>,
+    tensors: Vec<Tensor>,
+    decayed: Vec<bool>,
+    index: HashMap<K, usize>,
+}
+
+impl<K: Copy + Eq + Hash + Debug> Trained<K> {
+    /// `items`: (key, initial value, decayed), in forward order.
+    pub fn new(items: Vec<(K, Tensor, bool)>) -> Self {
+        let mut t = Trained { keys: vec![], tensors: vec![], decayed: vec![], index: HashMap::new() };
+        for (k, v, d) in items {
+            t.index.insert(k, t.keys.len());
+            t.keys.push(k);
+            t.tensors.push(v);
+            t.decayed.push(d);
+        }
+        t
+    }
+
+    pub fn contains(&self, k: K) -> bool {
+        self.index.contains_key(&k)
+    }
+
+    /// The tensor of `k`: a key the method itself created, so its absence is a bug.
+    pub fn get(&self, k: K) -> &Tensor {
+        &self.tensors[self.index[&k]]
+    }
+
+    pub fn set(&mut self, k: K, t: Tensor) {
+        let i = self.index[&k];
+        self.tensors[i] = t;
+    }
+
+    pub fn keys(&self) -> &[K] {
+        &self.keys
+    }
+
+    pub fn numel(&self) -> usize {
+        self.tensors.iter().map(|t| t.elem_count()).sum()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.tensors.iter().map(crate::model::llama::tensor_bytes).sum()
+    }
+}
+
+/// The optimizer half of a first-order method over its own tensors: clip, skip/stop on non-finite values, update.
+pub struct FirstOrder {
+    pub opt: Optimizer,
+    /// Global-norm clip (None: no clipping).
+    pub clip: Option<f64>,
+    pub on_nan: OnNonFinite,
+}
+
+impl FirstOrder {
+    /// Ends a step whose `micro` micro-batches summed their (mean-loss) gradients into `grads`: scales by 1/micro,
+    /// checks, clips by the global norm and updates every tensor of `t`.
+    pub fn step<K: Copy + Eq + Hash + Debug>(
+        &mut self,
+        t: &mut Trained<K>,
+        mut grads: DenseGrads<K>,
+        micro: usize,
+        loss: f32,
+        mut mem: Breakdown,
+        lr: f64,
+    ) -> Result<StepStats> {
+        mem.gradients = mem.gradients.max(grads.bytes());
+        let norm = grads.global_norm()? / micro as f64;
+        if !loss.is_finite() || !norm.is_finite() {
+            return match self.on_nan {
+                OnNonFinite::Skip => Ok(StepStats { loss, grad_norm: Some(norm), applied: false, memory: mem, ..Default::default() }),
+                OnNonFinite::Stop => Err(Error::Numerical(format!("loss {loss}, gradient norm {norm}: stopping (--on-nan stop)"))),
+            };
+        }
+        let scale = self.clip.map_or(1.0, |c| (c / norm).min(1.0)) / micro as f64;
+        self.opt.begin_step();
+        for slot in 0..t.keys.len() {
+            let k = t.keys[slot];
+            let g = grads.take(k).ok_or_else(|| Error::Msg(format!("no gradient for {k:?}")))?;
+            let g = if scale != 1.0 { (g * scale)? } else { g };
+            t.tensors[slot] = self.opt.update(slot, &t.tensors[slot], &g, lr, t.decayed[slot])?;
+        }
+        mem.optimizer = mem.optimizer.max(self.opt.state_bytes());
+        Ok(StepStats { loss, grad_norm: Some(norm), applied: true, memory: mem, ..Default::default() })
+    }
+}
+
+/// A frozen base model: its weights, config, exact bytes, and its dense f32 form for a merged export.
+pub trait FrozenBase: Weights {
+    fn cfg(&self) -> &LlamaConfig;
+    fn weight_bytes(&self) -> usize;
+    fn to_dense(&self) -> Result<ParamStore>;
+}
+
+impl FrozenBase for ParamStore {
+    fn cfg(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+    fn weight_bytes(&self) -> usize {
+        self.bytes()
+    }
+    fn to_dense(&self) -> Result<ParamStore> {
+        Ok(self.clone())
+    }
+}
+
+impl<W: QuantWeight> FrozenBase for QuantStore<W> {
+    fn cfg(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+    fn weight_bytes(&self) -> usize {
+        self.quant_bytes().total() + self.f32_bytes()
+    }
+    fn to_dense(&self) -> Result<ParamStore> {
+        self.dequantize()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Factor {
+    /// [r, in]
+    A,
+    /// [out, r]
+    B,
+}
+
+pub type LoraKey = (ParamId, Factor);
+
+#[derive(Clone, Copy, Debug)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    /// Seeds A's init.
+    pub seed: u64,
+}
+
+impl LoraConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::Option("--lora-r must be at least 1".into()));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(Error::Option(format!("--lora-alpha {} must be positive", self.alpha)));
+        }
+        Ok(())
+    }
+
+    /// Trainable parameters for a model config: r·(in + out) per adapted projection.
+    pub fn trainable_params(&self, cfg: &LlamaConfig) -> usize {
+        let per_block: usize = TARGETS
+            .iter()
+            .map(|&p| ParamId::Block(0, p).shape(cfg).iter().sum::<usize>() * self.r)
+            .sum();
+        per_block * cfg.num_hidden_layers
+    }
+}
+
+/// Mixed into the run seed so LoRA's init draws differ from other methods' draws under the same seed.
+const LORA_SEED_TAG: u64 = 0x4C4F_5241; // "LORA"
+
+/// A frozen base plus LoRA factors, behind the [`Weights`] trait the model runs on.
+pub struct LoraWeights<B> {
+    pub base: B,
+    /// alpha / r.
+    scale: f64,
+    factors: Trained<LoraKey>,
+    /// Factor gradients formed during a backward, summed over a step's micro-batches.
+    grads: RefCell<DenseGrads<LoraKey>>,
+}
+
+impl<B: FrozenBase> LoraWeights<B> {
+    /// Factors for every [`TARGETS`] projection of every block, in `dtype`.
+    pub fn new(base: B, cfg: &LlamaConfig, lc: LoraConfig, dtype: DType) -> Result<Self> {
+        lc.validate()?;
+        let mut items = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            for &p in &TARGETS {
+                let id = ParamId::Block(l, p);
+                let (out, inp) = (id.shape(cfg)[0], id.shape(cfg)[1]);
+                let key = RngKey::new(lc.seed ^ LORA_SEED_TAG, items.len() as u32, STREAM_GAUSS);
+                items.push(((id, Factor::A), kaiming_uniform(&[lc.r, inp], inp, key, dtype)?, true));
+                items.push(((id, Factor::B), Tensor::zeros((out, lc.r), dtype, &Device::Cpu)?, true));
+            }
+        }
+        Ok(LoraWeights { base, scale: lc.alpha / lc.r as f64, factors: Trained::new(items), grads: RefCell::default() })
+    }
+
+    fn factors(&self, id: ParamId) -> Option<(&Tensor, &Tensor)> {
+        self.factors.contains((id, Factor::A)).then(|| (self.factors.get((id, Factor::A)), self.factors.get((id, Factor::B))))
+    }
+
+    /// The base with every adapted W replaced by W + s·B·A, dense f32.
+    pub fn merged(&self) -> Result<ParamStore> {
+        let mut p = self.base.to_dense()?;
+        for id in p.ids() {
+            if let Some((a, b)) = self.factors(id) {
+                let delta = (b.matmul(a)? * self.scale)?.to_dtype(p.get(id).dtype())?;
+                p.set(id, (p.get(id) + delta)?);
+            }
+        }
+        Ok(p)
+    }
+}
+
+impl<B: FrozenBase> Weights for LoraWeights<B> {
+    fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.linear(id, x)?;
+        match self.factors(id) {
+            Some((a, b)) => Ok((y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?)?),
+            None => Ok(y),
+        }
+    }
+    fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
+        let dx = self.base.linear_t(id, dy)?;
+        match self.factors(id) {
+            Some((a, b)) => Ok((dx + (dy.matmul(b)?.matmul(a)? * self.scale)?)?),
+            None => Ok(dx),
+        }
+    }
+    fn vector(&self, id: ParamId) -> Result<Tensor> {
+        self.base.vector(id)
+    }
+    fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor> {
+        self.base.rows(id, ids)
+    }
+    /// Every model parameter is frozen; the factors are trained through [`Weights::weight_grad`].
+    fn trains(&self, _id: ParamId) -> bool {
+        false
+    }
+    fn weight_grad(&self, id: ParamId, dy: &Tensor, x: &Tensor, _sink: &mut dyn GradSink) -> Result<()> {
+        let Some((a, b)) = self.factors(id) else { return Ok(()) };
+        let db = (dy.t()?.matmul(&x.matmul(&a.t()?)?)? * self.scale)?;
+        let da = (dy.matmul(b)?.t()?.matmul(x)? * self.scale)?;
+        let mut g = self.grads.borrow_mut();
+        g.add((id, Factor::B), db)?;
+        g.add((id, Factor::A), da)
+    }
+}
+
+/// The sink of a backward whose model parameters are all frozen: a gradient arriving there is a bug.
+struct FrozenSink;
+
+impl GradSink for FrozenSink {
+    fn push(&mut self, id: ParamId, _grad: Tensor) -> Result<()> {
+        Err(Error::Msg(format!("{id:?} is frozen but received a gradient")))
+    }
+}
+
+/// LoRA over an f32 base (`lora`) or QLoRA over an NF4 base (`qlora`).
+pub struct Lora<B> {
+    weights: LoraWeights<B>,
+    update: FirstOrder,
+    keep: Keep,
+    name: &'static str,
+}
+
+impl<B: FrozenBase> Lora<B> {
+    pub fn new(name: &'static str, base: B, lc: LoraConfig, update: FirstOrder, keep: Keep) -> Result<Self> {
+        let cfg = base.cfg().clone();
+        let dtype = base.vector(ParamId::FinalNorm)?.dtype();
+        Ok(Lora { weights: LoraWeights::new(base, &cfg, lc, dtype)?, update, keep, name })
+    }
+}
+
+impl<B: FrozenBase> Method for Lora<B> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
+        let mut loss = 0f32;
+        let mut mem = self.state_bytes();
+        for batch in micro {
+            let (out, trace) = model.forward(&self.weights, batch, self.keep)?;
+            let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
+            mem.activations = mem.activations.max(trace.bytes());
+            let (b, t) = batch.ids.dims2()?;
+            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, b, t, self.keep, 4));
+            // The factor gradients collect inside the weights; the sink receives nothing.
+            model.backward(&self.weights, trace, &mut FrozenSink)?;
+            loss += out.loss / micro.len() as f32;
+        }
+        let grads = self.weights.grads.take();
+        self.update.step(&mut self.weights.factors, grads, micro.len(), loss, mem, lr)
+    }
+
+    fn weights(&self) -> &dyn Weights {
+        &self.weights
+    }
+
+    fn trainable_params(&self) -> usize {
+        self.weights.factors.numel()
+    }
+
+    fn state_bytes(&self) -> Breakdown {
+        let n = self.weights.factors.numel();
+        Breakdown {
+            weights: self.weights.base.weight_bytes() + self.weights.factors.bytes(),
+            gradients: self.weights.factors.bytes(),
+            optimizer: n * self.update.opt.state_bytes_per_param(),
+            ..Default::default()
+        }
+    }
+
+    fn export_params(&self) -> Result<ParamStore> {
+        self.weights.merged()
+    }
+}

@@ -1,0 +1,632 @@
+//! QST (Zhang et al., ACL 2024, arXiv 2401.07159): quantized side tuning. The LLM is frozen in NF4 with double
+//! quantization (blocks of 64 / 256, f32 compute on dequantized tiles) and a thin side network learns from its hidden
+//! states. Nothing back-propagates through the base, so the base's forward keeps no activation.
+//!
+//! One forward (N base layers, d base width, s = d/r side width; h_f,0 the embeddings, h_f,i base block i's output):
+//!   h_g,0 = down_0(h_f,0)
+//!   x_i   = (1 − β_i)·down_i(h_f,i) + β_i·h_g,i−1,  β_i = σ(γ_i)                          (i = 1..N)
+//!   h_g,i = side_block_i(x_i)
+//!   h     = α ⊙ norm_f(h_f,N) + (1 − α) ⊙ up(norm_g(h_g,N))  → frozen LM head → cross-entropy
+//! The side blocks are LLaMA blocks at width s and FFN width ffn/r with the base's head counts; they run on the
+//! decoder's own [`Llama::block_forward`] / [`Llama::block_backward`] with their own RoPE table and causal mask. Like
+//! the base, the head is evaluated only where the loss reads it.
+//!
+//! Downsample modules (`--downsample`): `adapter` (the default: Linear d→k, SiLU, Linear k→s, LayerNorm; k = 16),
+//! `lora` (the same without the SiLU), `linear` (Linear d→s, as in LST; no norm), `maxpool` / `avgpool`
+//! (`MaxPool1d(r, r)` over the features, as the 2023 prototypes; no parameters). The linears have no bias, as the
+//! code's `AdapterLinear`.
+//!
+//! Where this follows the paper, the official code (YouAreSpecialToMe/QST), or neither (papers.md §2.6):
+//! - Start point (paper): α is a raw per-dimension vector initialized to 1 (not clamped) and the upsample is
+//!   zero-initialized, so the first forward is exactly the NF4 base model's (tested). The code's α = σ(a), a = 1
+//!   (0.73) with a random upsample does not start at the pre-trained model. Consequence of the exact start: at the
+//!   first step only α has a gradient; the upsample's is ∝ (1 − α) and the side network's ∝ (1 − α)·W_up, so the side
+//!   starts learning a few steps in (AdamW normalizes the small scale away).
+//! - Gates: γ_i ∈ R^s per dimension (the code's shape), zero-initialized, β = 0.5 (the paper's init; the code: 0.5).
+//! - N + 1 downsample modules, one for the embeddings and one per layer; the code reuses module 0 for both the
+//!   embeddings and layer 1's output (N modules).
+//! - Adapter: no dropout (the code's dropout never runs) and no `alpha_r` scaling (computed, never used, in the code).
+//! - Side layers: Kaiming-uniform (PyTorch's `nn.Linear` default; the code never calls `post_init`), norms 1, no
+//!   pruning-based init. Heads: the code keeps H query and KV heads, so head_dim = s/H (SmolLM2-135M at r = 16: s = 36,
+//!   9 heads, 3 KV heads, head_dim 4). Where H does not divide s, or s/H is odd, head_dim is s/H rounded up to an even
+//!   number (RoPE rotates pairs) and Q/K/V project s → H·head_dim, O back to s.
+//! - Widths are rounded down (d/r, ffn/r), as `MaxPool1d(r, r)` rounds.
+//! - f32 compute (the paper: bf16). Weight decay applies to matrices only (HF's Trainer would also decay γ and α).
+//! - The embedding is NF4 like every other matrix (bitsandbytes keeps it in 16 bits); see `lora.rs`.
+//!
+//! Memory: the base forward ([`Llama::hidden_states`]) keeps nothing; each h_f,i is downsampled the moment it exists
+//! and only what the downsample's gradient needs survives ([`DownActs`]: the adapter, LoRA-style and linear variants
+//! keep their input h_f,i [B·T, d]; pooling keeps nothing). The side keeps its blocks' activations, or with
+//! `--recompute` only their inputs [B·T, s]. Export writes the side network (`side.safetensors`) and `qst.json`,
+//! which names the base model file and how it was quantized; the base itself is not copied.
+use super::lora::{kaiming_uniform, nf4_base, FirstOrder, FrozenBase, Trained, NF4_BLOCK};
+use super::{Method, StepStats};
+use crate::model::layers::{self, Rope};
+use crate::model::llama::{tensor_bytes, Saved};
+use crate::model::quantized::QuantStore;
+use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, Output, ParamId, ParamStore, Tok, Weights};
+use crate::train::memory::{block_activation_elems, block_scratch_bytes, Breakdown};
+use crate::train::DenseGrads;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, D};
+use qtune_quant::rng::{RngKey, STREAM_GAUSS};
+use qtune_quant::Nf4Tensor;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The adapter's LayerNorm eps (PyTorch's default).
+const LN_EPS: f64 = 1e-5;
+/// Mixed into the run seed so QST's init draws differ from other methods' draws under the same seed.
+const QST_SEED_TAG: u64 = 0x0051_5354; // "QST"
+
+/// How a base hidden state [B·T, d] is brought down to the side width s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Downsample {
+    Adapter,
+    Lora,
+    Linear,
+    MaxPool,
+    AvgPool,
+}
+
+impl std::str::FromStr for Downsample {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "adapter" => Ok(Downsample::Adapter),
+            "lora" => Ok(Downsample::Lora),
+            "linear" => Ok(Downsample::Linear),
+            "maxpool" => Ok(Downsample::MaxPool),
+            "avgpool" => Ok(Downsample::AvgPool),
+            _ => Err(Error::Option(format!("--downsample `{s}`: expected adapter, lora, linear, maxpool or avgpool"))),
+        }
+    }
+}
+
+impl Downsample {
+    fn factored(self) -> bool {
+        matches!(self, Downsample::Adapter | Downsample::Lora)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct QstConfig {
+    /// Reduction factor: side width d/r, side FFN width ffn/r.
+    pub r: usize,
+    pub downsample: Downsample,
+    /// Inner width k of the adapter and LoRA-style downsamples.
+    pub adapter_rank: usize,
+    /// What the side blocks keep for their backward: all activations, or their inputs (recomputation).
+    pub keep: Keep,
+    /// Seeds the side network's init.
+    pub seed: u64,
+}
+
+/// Every tensor QST trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SideParam {
+    /// Downsample module i: i = 0 reads the embeddings, i = l + 1 base block l's output.
+    Down(usize, DownParam),
+    /// γ_i [s], i = 1..=N: β_i = σ(γ_i) weighs the previous side state in side block i − 1's input.
+    Gate(usize),
+    /// Side decoder block l's parameters (shapes of the side config).
+    Block(usize, BlockParam),
+    /// The side's final RMSNorm weight [s].
+    Norm,
+    /// Upsample Linear(s → d): weight [d, s] and bias [d].
+    UpWeight,
+    UpBias,
+    /// α [d]: the weight of the base's final hidden state in the output mix.
+    Alpha,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DownParam {
+    /// Adapter / LoRA-style first factor [k, d].
+    A,
+    /// Second factor [s, k].
+    B,
+    /// The LayerNorm after the factors: weight and bias [s].
+    LnWeight,
+    LnBias,
+    /// Linear downsample [s, d].
+    Proj,
+}
+
+impl SideParam {
+    /// The tensor's name in `side.safetensors`.
+    pub fn name(self) -> String {
+        match self {
+            SideParam::Down(i, p) => match p {
+                DownParam::A => format!("downsample.{i}.in_proj.weight"),
+                DownParam::B => format!("downsample.{i}.out_proj.weight"),
+                DownParam::LnWeight => format!("downsample.{i}.norm.weight"),
+                DownParam::LnBias => format!("downsample.{i}.norm.bias"),
+                DownParam::Proj => format!("downsample.{i}.weight"),
+            },
+            SideParam::Gate(i) => format!("gates.{i}"),
+            SideParam::Block(l, p) => ParamId::Block(l, p).hf_name().replacen("model.", "side.", 1),
+            SideParam::Norm => "side.norm.weight".into(),
+            SideParam::UpWeight => "upsample.weight".into(),
+            SideParam::UpBias => "upsample.bias".into(),
+            SideParam::Alpha => "alpha".into(),
+        }
+    }
+
+    /// Weight decay applies to matrices only.
+    fn decayed(self) -> bool {
+        match self {
+            SideParam::Down(_, p) => matches!(p, DownParam::A | DownParam::B | DownParam::Proj),
+            SideParam::Block(l, p) => ParamId::Block(l, p).is_matrix(),
+            SideParam::UpWeight => true,
+            SideParam::Gate(_) | SideParam::Norm | SideParam::UpBias | SideParam::Alpha => false,
+        }
+    }
+}
+
+/// The side blocks' config: the base family at width d/r and FFN width ffn/r, with the base's head counts and
+/// head_dim (d/r)/H rounded up to an even number (see the module docs).
+pub fn side_config(base: &LlamaConfig, r: usize) -> Result<LlamaConfig> {
+    if r == 0 {
+        return Err(Error::Option("--side-r must be at least 1".into()));
+    }
+    let (s, f) = (base.hidden_size / r, base.intermediate_size / r);
+    if s < 2 || f == 0 {
+        return Err(Error::Option(format!(
+            "--side-r {r} leaves a side network of width {s} and FFN width {f} (the model has {} and {}); use a smaller r",
+            base.hidden_size, base.intermediate_size
+        )));
+    }
+    let head_dim = 2 * s.div_ceil(base.num_attention_heads).div_ceil(2);
+    let cfg = LlamaConfig { hidden_size: s, intermediate_size: f, head_dim, ..base.clone() };
+    cfg.validate().map_err(|m| Error::Option(format!("--side-r {r}: side config invalid: {m}")))?;
+    Ok(cfg)
+}
+
+/// Every trained tensor and its shape, in forward order (which is also the optimizer's slot order).
+pub fn side_param_shapes(base: &LlamaConfig, side: &LlamaConfig, q: &QstConfig) -> Vec<(SideParam, Vec<usize>)> {
+    let (d, s, k) = (base.hidden_size, side.hidden_size, q.adapter_rank);
+    let down = |i: usize| -> Vec<(SideParam, Vec<usize>)> {
+        let p = |dp| SideParam::Down(i, dp);
+        match q.downsample {
+            Downsample::Adapter | Downsample::Lora => vec![
+                (p(DownParam::A), vec![k, d]),
+                (p(DownParam::B), vec![s, k]),
+                (p(DownParam::LnWeight), vec![s]),
+                (p(DownParam::LnBias), vec![s]),
+            ],
+            Downsample::Linear => vec![(p(DownParam::Proj), vec![s, d])],
+            Downsample::MaxPool | Downsample::AvgPool => vec![],
+        }
+    };
+    let mut out = down(0);
+    for i in 1..=base.num_hidden_layers {
+        out.extend(down(i));
+        out.push((SideParam::Gate(i), vec![s]));
+        out.extend(BlockParam::ALL.iter().map(|&p| (SideParam::Block(i - 1, p), ParamId::Block(i - 1, p).shape(side))));
+    }
+    out.extend([
+        (SideParam::Norm, vec![s]),
+        (SideParam::UpWeight, vec![d, s]),
+        (SideParam::UpBias, vec![d]),
+        (SideParam::Alpha, vec![d]),
+    ]);
+    out
+}
+
+/// QST's trained network: downsamples, gates, side blocks, side norm, upsample and α.
+pub struct SideNet {
+    pub cfg: QstConfig,
+    /// The side blocks, as a decoder at the side config (only its block forward/backward are used).
+    pub side: Llama,
+    pub params: Trained<SideParam>,
+}
+
+/// The side blocks read their weights through the model's [`Weights`] interface, by their block ids.
+impl Weights for Trained<SideParam> {
+    fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.get(side_block_param(id)?).t()?)?)
+    }
+    fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
+        Ok(dy.matmul(self.get(side_block_param(id)?))?)
+    }
+    fn vector(&self, id: ParamId) -> Result<Tensor> {
+        Ok(self.get(side_block_param(id)?).clone())
+    }
+    fn rows(&self, id: ParamId, _ids: &Tensor) -> Result<Tensor> {
+        Err(Error::Msg(format!("the side network has no rows to read ({id:?})")))
+    }
+}
+
+fn side_block_param(id: ParamId) -> Result<SideParam> {
+    match id {
+        ParamId::Block(l, p) => Ok(SideParam::Block(l, p)),
+        other => Err(Error::Msg(format!("the side network has no {other:?}"))),
+    }
+}
+
+/// Routes the side blocks' gradients (pushed by block id) into QST's gradient buffers.
+struct BlockSink<'a>(&'a mut DenseGrads<SideParam>);
+
+impl GradSink for BlockSink<'_> {
+    fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()> {
+        self.0.add(side_block_param(id)?, grad)
+    }
+}
+
+/// What a downsample's parameter gradients need (N = B·T rows, d base width, k rank, s side width).
+pub enum DownActs {
+    /// Adapter / LoRA-style.
+    Factored {
+        h: Tensor,    // [N, d] the input h_f,i
+        z: Tensor,    // [N, k] first factor's output (pre-SiLU)
+        xhat: Tensor, // [N, s] LayerNorm's normalized input
+        rstd: Tensor, // [N, 1]
+    },
+    Linear {
+        h: Tensor, // [N, d] the input h_f,i
+    },
+    /// Pooling has no parameters and the frozen base takes no gradient: nothing.
+    Pool,
+}
+
+impl DownActs {
+    fn bytes(&self) -> usize {
+        match self {
+            DownActs::Factored { h, z, xhat, rstd } => [h, z, xhat, rstd].iter().map(|t| tensor_bytes(t)).sum(),
+            DownActs::Linear { h } => tensor_bytes(h),
+            DownActs::Pool => 0,
+        }
+    }
+}
+
+/// What a QST training forward keeps for the backward (N = B·T rows, s side width, d base width, P loss positions,
+/// C classes). Nothing of the base is kept beyond what the downsamples hold.
+pub struct SideTrace {
+    shape: (usize, usize),
+    downs: Vec<DownActs>, // N_layers + 1
+    diffs: Vec<Tensor>,   // N_layers × [N, s]: h_g,i−1 − down_i(h_f,i), the gates' backward input
+    blocks: Vec<Saved>,   // N_layers side blocks: activations, or inputs [N, s] when recomputing
+    hg_sel: Tensor,       // [P, s] last side state at the loss positions
+    rstd: Tensor,         // [P, 1] side norm's reciprocal std
+    sn: Tensor,           // [P, s] side-normed state, the upsample's input
+    mix: Tensor,          // [P, d] norm_f(h_f,N) − up(sn), α's gradient input
+    dlogits: Tensor,      // [P, C]
+    positions: Tensor,    // [P] u32
+    classes: Option<Tensor>, // [C] u32
+}
+
+impl SideTrace {
+    /// Bytes held for the backward.
+    pub fn bytes(&self) -> usize {
+        self.downs.iter().map(DownActs::bytes).sum::<usize>()
+            + self.diffs.iter().map(tensor_bytes).sum::<usize>()
+            + self.blocks.iter().map(Saved::bytes).sum::<usize>()
+            + [&self.hg_sel, &self.rstd, &self.sn, &self.mix, &self.dlogits].iter().map(|t| tensor_bytes(t)).sum::<usize>()
+    }
+}
+
+/// Side input x = (1 − β)·ds + β·prev with β = σ(γ), as ds + β·(prev − ds). Returns (x, prev − ds).
+fn gate_forward(ds: &Tensor, prev: &Tensor, gamma: &Tensor) -> Result<(Tensor, Tensor)> {
+    let beta = candle_nn::ops::sigmoid(gamma)?;
+    let diff = (prev - ds)?;
+    Ok(((ds + diff.broadcast_mul(&beta)?)?, diff))
+}
+
+/// Backward of [`gate_forward`]: (d ds, d prev, dγ) with dγ = Σ_rows dx·(prev − ds)·β(1 − β).
+fn gate_backward(dx: &Tensor, diff: &Tensor, gamma: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let beta = candle_nn::ops::sigmoid(gamma)?;
+    let one_minus = beta.affine(-1.0, 1.0)?;
+    let dgamma = ((dx * diff)?.sum(0)? * (&beta * &one_minus)?)?;
+    Ok((dx.broadcast_mul(&one_minus)?, dx.broadcast_mul(&beta)?, dgamma))
+}
+
+/// Output mix h = α⊙hf + (1 − α)⊙u, written so α = 1 gives hf bit for bit. Returns (h, hf − u).
+fn mix_forward(hf: &Tensor, u: &Tensor, alpha: &Tensor) -> Result<(Tensor, Tensor)> {
+    let h = (hf.broadcast_mul(alpha)? + u.broadcast_mul(&alpha.affine(-1.0, 1.0)?)?)?;
+    Ok((h, (hf - u)?))
+}
+
+/// Backward of [`mix_forward`] in u and α (hf is the frozen base's): (du, dα).
+fn mix_backward(dh: &Tensor, diff: &Tensor, alpha: &Tensor) -> Result<(Tensor, Tensor)> {
+    Ok((dh.broadcast_mul(&alpha.affine(-1.0, 1.0)?)?, (dh * diff)?.sum(0)?))
+}
+
+impl SideNet {
+    /// A freshly initialized side network for a base of config `base`, in `dtype`.
+    pub fn new(base: &LlamaConfig, cfg: QstConfig, dtype: DType) -> Result<Self> {
+        let side = side_config(base, cfg.r)?;
+        if cfg.downsample.factored() && cfg.adapter_rank == 0 {
+            return Err(Error::Option("--adapter-rank must be at least 1".into()));
+        }
+        if cfg.keep == Keep::Nothing {
+            return Err(Error::Option("QST trains its side network: it must keep activations or block inputs".into()));
+        }
+        let dev = Device::Cpu;
+        let mut items = Vec::new();
+        for (slot, (p, shape)) in side_param_shapes(base, &side, &cfg).into_iter().enumerate() {
+            let key = RngKey::new(cfg.seed ^ QST_SEED_TAG, slot as u32, STREAM_GAUSS);
+            let ones = || Tensor::ones(shape.as_slice(), dtype, &dev);
+            let zeros = || Tensor::zeros(shape.as_slice(), dtype, &dev);
+            let t = match p {
+                SideParam::Down(_, DownParam::LnWeight) | SideParam::Norm | SideParam::Alpha => ones()?,
+                SideParam::Down(_, DownParam::LnBias) | SideParam::Gate(_) | SideParam::UpWeight | SideParam::UpBias => zeros()?,
+                SideParam::Block(l, bp) if !ParamId::Block(l, bp).is_matrix() => ones()?,
+                // Matrices [out, in]: PyTorch's nn.Linear init.
+                _ => kaiming_uniform(&shape, shape[1], key, dtype)?,
+            };
+            items.push((p, t, p.decayed()));
+        }
+        Ok(SideNet { cfg, side: Llama::new(side), params: Trained::new(items) })
+    }
+
+    fn dtype(&self) -> DType {
+        self.params.get(SideParam::Alpha).dtype()
+    }
+
+    fn down(&self, i: usize, p: DownParam) -> &Tensor {
+        self.params.get(SideParam::Down(i, p))
+    }
+
+    /// Downsample module `i` on a base hidden state `h` [N, d] → [N, s], and what its gradient needs.
+    fn down_forward(&self, i: usize, h: &Tensor) -> Result<(Tensor, DownActs)> {
+        let s = self.side.cfg.hidden_size;
+        let pooled = || -> Result<Tensor> {
+            let n = h.dim(0)?;
+            Ok(h.narrow(1, 0, s * self.cfg.r)?.reshape((n, s, self.cfg.r))?)
+        };
+        Ok(match self.cfg.downsample {
+            Downsample::Adapter | Downsample::Lora => {
+                let z = h.matmul(&self.down(i, DownParam::A).t()?)?;
+                let a = if self.cfg.downsample == Downsample::Adapter { z.silu()? } else { z.clone() };
+                let y = a.matmul(&self.down(i, DownParam::B).t()?)?;
+                let (out, xhat, rstd) =
+                    layers::layer_norm_forward(&y, self.down(i, DownParam::LnWeight), self.down(i, DownParam::LnBias), LN_EPS)?;
+                (out, DownActs::Factored { h: h.clone(), z, xhat, rstd })
+            }
+            Downsample::Linear => (h.matmul(&self.down(i, DownParam::Proj).t()?)?, DownActs::Linear { h: h.clone() }),
+            Downsample::MaxPool => (pooled()?.max(D::Minus1)?, DownActs::Pool),
+            Downsample::AvgPool => (pooled()?.mean(D::Minus1)?, DownActs::Pool),
+        })
+    }
+
+    /// Parameter gradients of downsample `i` given the gradient `dy` [N, s] of its output.
+    fn down_backward(&self, i: usize, acts: DownActs, dy: &Tensor, grads: &mut DenseGrads<SideParam>) -> Result<()> {
+        let key = |p| SideParam::Down(i, p);
+        match acts {
+            DownActs::Factored { h, z, xhat, rstd } => {
+                let (dy, dw, db) = layers::layer_norm_backward(dy, &xhat, self.down(i, DownParam::LnWeight), &rstd)?;
+                grads.add(key(DownParam::LnWeight), dw)?;
+                grads.add(key(DownParam::LnBias), db)?;
+                let adapter = self.cfg.downsample == Downsample::Adapter;
+                let a = if adapter { z.silu()? } else { z.clone() };
+                grads.add(key(DownParam::B), dy.t()?.matmul(&a)?)?;
+                let da = dy.matmul(self.down(i, DownParam::B))?;
+                let dz = if adapter { layers::silu_backward(&da, &z)? } else { da };
+                grads.add(key(DownParam::A), dz.t()?.matmul(&h)?)
+            }
+            DownActs::Linear { h } => grads.add(key(DownParam::Proj), dy.t()?.matmul(&h)?),
+            DownActs::Pool => Ok(()),
+        }
+    }
+
+    /// The QST forward over `batch` with the frozen `base` (model `model`): loss and logits at the target positions;
+    /// with `keep != Nothing` also the trace the backward needs (what the side blocks keep is `self.cfg.keep`).
+    pub fn forward(&self, model: &Llama, base: &dyn Weights, batch: &Batch, keep: Keep) -> Result<(Output, Option<SideTrace>)> {
+        let train = keep != Keep::Nothing;
+        let side_keep = if train { self.cfg.keep } else { Keep::Nothing };
+        let dtype = self.dtype();
+        let (b, t) = batch.ids.dims2()?;
+        let dev = batch.ids.device().clone();
+        let sc = &self.side.cfg;
+        let rope = Rope::new(t, sc.head_dim, sc.rope_theta, dtype, &dev)?;
+        let mask = layers::causal_mask(t, dtype, &dev)?;
+        let (mut downs, mut diffs, mut blocks) = (Vec::new(), Vec::new(), Vec::new());
+        let mut hg: Option<Tensor> = None;
+        let base_dtype = base.vector(ParamId::FinalNorm)?.dtype();
+        // Each base state is consumed the moment it exists: downsampled, mixed in, run through its side block.
+        let x = model.hidden_states(base, &batch.ids, base_dtype, &mut |i, hf| {
+            let (ds, acts) = self.down_forward(i, &hf.to_dtype(dtype)?)?;
+            if train {
+                downs.push(acts);
+            }
+            hg = Some(match hg.take() {
+                None => ds,
+                Some(prev) => {
+                    let (x, diff) = gate_forward(&ds, &prev, self.params.get(SideParam::Gate(i)))?;
+                    if train {
+                        diffs.push(diff);
+                    }
+                    let (out, acts) = self.side.block_forward(&self.params, i - 1, x.clone(), (b, t), &rope, &mask)?;
+                    blocks.extend(Saved::new(side_keep, x, acts));
+                    out
+                }
+            });
+            Ok(())
+        })?;
+        let hg = hg.ok_or_else(|| Error::Msg("the base produced no hidden state".into()))?;
+        let tg = &batch.targets;
+        let positions = Tensor::new(tg.positions.as_slice(), &dev)?;
+        let classes = tg.classes.as_ref().map(|c| Tensor::new(c.as_slice(), &dev)).transpose()?;
+        let x_sel = x.index_select(&positions, 0)?;
+        drop(x);
+        let (hf, _) = layers::rms_norm_forward(&x_sel, &base.vector(ParamId::FinalNorm)?, model.cfg.rms_norm_eps)?;
+        let hg_sel = hg.index_select(&positions, 0)?;
+        drop(hg);
+        let (sn, rstd) = layers::rms_norm_forward(&hg_sel, self.params.get(SideParam::Norm), sc.rms_norm_eps)?;
+        let u = sn.matmul(&self.params.get(SideParam::UpWeight).t()?)?.broadcast_add(self.params.get(SideParam::UpBias))?;
+        let (h, mix) = mix_forward(&hf.to_dtype(dtype)?, &u, self.params.get(SideParam::Alpha))?;
+        let logits = model.head_forward(base, &h, classes.as_ref())?;
+        let labels = Tensor::new(tg.labels.as_slice(), &dev)?;
+        let (loss, dlogits) = layers::cross_entropy(&logits, &labels)?;
+        let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? as f32;
+        let trace = train.then_some(SideTrace {
+            shape: (b, t),
+            downs,
+            diffs,
+            blocks,
+            hg_sel,
+            rstd,
+            sn,
+            mix,
+            dlogits,
+            positions,
+            classes,
+        });
+        Ok((Output { loss, logits }, trace))
+    }
+
+    /// The backward of [`SideNet::forward`]: adds every trained tensor's gradient into `grads`. Nothing flows into
+    /// the base (the head's input gradient is all it reads of it).
+    pub fn backward(&self, model: &Llama, base: &dyn Weights, trace: SideTrace, grads: &mut DenseGrads<SideParam>) -> Result<()> {
+        let SideTrace { shape, mut downs, mut diffs, mut blocks, hg_sel, rstd, sn, mix, dlogits, positions, classes } = trace;
+        let (b, t) = shape;
+        let dtype = self.dtype();
+        let dev = hg_sel.device().clone();
+        let sc = &self.side.cfg;
+        let dh = model.head_backward(base, &dlogits, classes.as_ref())?.to_dtype(dtype)?;
+        let (du, dalpha) = mix_backward(&dh, &mix, self.params.get(SideParam::Alpha))?;
+        grads.add(SideParam::Alpha, dalpha)?;
+        grads.add(SideParam::UpBias, du.sum(0)?)?;
+        grads.add(SideParam::UpWeight, du.t()?.matmul(&sn)?)?;
+        let dsn = du.matmul(self.params.get(SideParam::UpWeight))?;
+        let (dhg_sel, dnorm) = layers::rms_norm_backward(&dsn, &hg_sel, self.params.get(SideParam::Norm), &rstd)?;
+        grads.add(SideParam::Norm, dnorm)?;
+        let mut dhg = Tensor::zeros((b * t, sc.hidden_size), dtype, &dev)?.index_add(&positions, &dhg_sel, 0)?;
+        let rope = Rope::new(t, sc.head_dim, sc.rope_theta, dtype, &dev)?;
+        let mask = layers::causal_mask(t, dtype, &dev)?;
+        let missing = || Error::Msg("QST trace is missing a layer".into());
+        for i in (1..=model.cfg.num_hidden_layers).rev() {
+            let acts = self.side.block_acts(&self.params, i - 1, blocks.pop().ok_or_else(missing)?, shape, &rope, &mask)?;
+            let dx = self.side.block_backward(&self.params, i - 1, &acts, &dhg, shape, &rope, &mut BlockSink(grads))?;
+            drop(acts);
+            let (dds, dprev, dgamma) = gate_backward(&dx, &diffs.pop().ok_or_else(missing)?, self.params.get(SideParam::Gate(i)))?;
+            grads.add(SideParam::Gate(i), dgamma)?;
+            self.down_backward(i, downs.pop().ok_or_else(missing)?, &dds, grads)?;
+            dhg = dprev;
+        }
+        self.down_backward(0, downs.pop().ok_or_else(missing)?, &dhg, grads)
+    }
+
+    /// Transient bytes beyond the trace for a batch of `b` × `t`: the base forward holds one base block's
+    /// activations at a time; the side backward one side block's scratch (and its activations when recomputing).
+    fn scratch_bytes(&self, model: &Llama, b: usize, t: usize) -> usize {
+        let elem = self.dtype().size_in_bytes();
+        let base = block_activation_elems(&model.cfg, b, t) * 4;
+        base.max(block_scratch_bytes(&self.side.cfg, b, t, self.cfg.keep, elem))
+    }
+}
+
+/// The QST method: NF4 base, side network, AdamW (or Lion) on the side network only.
+pub struct Qst {
+    base: QuantStore<Nf4Tensor>,
+    net: SideNet,
+    update: FirstOrder,
+}
+
+impl Qst {
+    pub fn new(params: &ParamStore, cfg: QstConfig, update: FirstOrder) -> Result<Self> {
+        // Options are checked before the (slow) quantization.
+        let net = SideNet::new(&params.cfg, cfg, DType::F32)?;
+        Ok(Qst { base: nf4_base(params)?, net, update })
+    }
+
+    /// The run's description next to `side.safetensors`: the base model it reads and how, and the wiring.
+    fn manifest(&self, base_model: &str) -> serde_json::Value {
+        let q = &self.net.cfg;
+        serde_json::json!({
+            "method": "qst",
+            "base_model": base_model,
+            "base_quantization": {
+                "format": "nf4",
+                "block": NF4_BLOCK,
+                "double_quant": true,
+                "double_quant_block": 256,
+                "quantized": "every matrix, the embedding included; norm weights f32",
+            },
+            "base_config": self.base.cfg.to_hf_json(),
+            "side_config": self.net.side.cfg.to_hf_json(),
+            "r": q.r,
+            "downsample": q.downsample,
+            "adapter_rank": q.adapter_rank,
+            "layer_norm_eps": LN_EPS,
+            "wiring": {
+                "downsample.{i}": "i = 0 reads the token embeddings, i = l + 1 the output of base layer l",
+                "side input of side.layers.{l}": "(1 - b)*downsample.{l+1}(h_f) + b*h_g, b = sigmoid(gates.{l+1}), h_g the previous side state (downsample.0's output before layer 0)",
+                "output": "alpha*model.norm(h_f) + (1 - alpha)*upsample(side.norm(h_g)) into the frozen LM head",
+            },
+            "tensors": self.net.params.keys().iter().map(|k| k.name()).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl Method for Qst {
+    fn name(&self) -> &'static str {
+        "qst"
+    }
+
+    fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
+        let mut grads = DenseGrads::default();
+        let mut loss = 0f32;
+        let mut mem = self.state_bytes();
+        for batch in micro {
+            let (out, trace) = self.net.forward(model, &self.base, batch, self.net.cfg.keep)?;
+            let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
+            mem.activations = mem.activations.max(trace.bytes());
+            let (b, t) = batch.ids.dims2()?;
+            mem.scratch = mem.scratch.max(self.net.scratch_bytes(model, b, t));
+            self.net.backward(model, &self.base, trace, &mut grads)?;
+            loss += out.loss / micro.len() as f32;
+        }
+        self.update.step(&mut self.net.params, grads, micro.len(), loss, mem, lr)
+    }
+
+    fn forward(&self, model: &Llama, batch: &Batch) -> Result<Output> {
+        Ok(self.net.forward(model, &self.base, batch, Keep::Nothing)?.0)
+    }
+
+    /// The frozen NF4 base (QST's model is base + side network: evaluation goes through [`Method::forward`]).
+    fn weights(&self) -> &dyn Weights {
+        &self.base
+    }
+
+    fn trainable_params(&self) -> usize {
+        self.net.params.numel()
+    }
+
+    fn state_bytes(&self) -> Breakdown {
+        let side = self.net.params.bytes();
+        Breakdown {
+            weights: self.base.weight_bytes() + side,
+            gradients: side,
+            optimizer: self.net.params.numel() * self.update.opt.state_bytes_per_param(),
+            ..Default::default()
+        }
+    }
+
+    fn export_params(&self) -> Result<ParamStore> {
+        Err(Error::Option("qst: the side network is not a LLaMA checkpoint; the run exports side.safetensors and qst.json".into()))
+    }
+
+    /// Writes `dir/{side.safetensors, qst.json, tokenizer.json}`; the base is referenced, not copied.
+    fn export(&self, dir: &Path, tok: Option<&Tok>, base_model: &str) -> Result<()> {
+        let mut tensors = Vec::new();
+        for &k in self.net.params.keys() {
+            let t = self.net.params.get(k).to_dtype(DType::F32)?;
+            crate::model::load::check_finite(&t)?;
+            tensors.push((k.name(), t));
+        }
+        let path = dir.join("side.safetensors");
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let bytes = safetensors::tensor::serialize(tensors, Some(metadata))
+            .map_err(|e| Error::file(&path, format!("cannot serialize: {e}")))?;
+        crate::io::write_bytes_atomic(&path, &bytes)?;
+        let json = serde_json::to_vec_pretty(&self.manifest(base_model)).map_err(|e| Error::Msg(e.to_string()))?;
+        crate::io::write_bytes_atomic(&dir.join("qst.json"), &json)?;
+        if let Some(tok) = tok {
+            crate::io::write_bytes_atomic(&dir.join("tokenizer.json"), tok.to_json()?.as_bytes())?;
+        }
+        Ok(())
+    }
+}
