@@ -28,6 +28,19 @@ enum Cmd {
     Eval(Common),
     /// Sample a continuation of a prompt.
     Generate(GenArgs),
+    /// Compare finished runs: a Markdown table, results.json, and loss/memory plots (SVG and PNG).
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// Run output folders (each with summary.json and, for training runs, log.jsonl).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    #[arg(long, default_value = "runs/report")]
+    out: PathBuf,
+    #[arg(long, default_value = "qtune")]
+    title: String,
 }
 
 #[derive(Args, Clone)]
@@ -72,7 +85,8 @@ struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Peak learning rate (default: 1e-5 for AdamW, 1e-6 for Lion, QFT, MeZO and QuZO).
+    /// Peak learning rate (default: 1e-5 for AdamW, 1e-6 for Lion, QFT, MeZO and QuZO; 2e-4 for QST and 1e-4 for
+    /// LoRA/QLoRA with AdamW, a tenth of that with --optimizer lion).
     #[arg(long)]
     lr: Option<f64>,
     /// constant, linear or cosine (after --warmup steps of linear warmup).
@@ -115,6 +129,24 @@ struct TrainArgs {
     /// QFT: apply each update inside the backward, without the gradient stack.
     #[arg(long)]
     fused: bool,
+    /// QST: reduction factor r of the side network (width d/r, FFN width ffn/r).
+    #[arg(long, default_value_t = 16)]
+    side_r: usize,
+    /// QST downsample module: adapter, lora, linear, maxpool or avgpool.
+    #[arg(long, default_value = "adapter")]
+    downsample: String,
+    /// QST: inner width of the adapter and LoRA-style downsamples.
+    #[arg(long, default_value_t = 16)]
+    adapter_rank: usize,
+    /// LoRA/QLoRA rank.
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    /// LoRA/QLoRA alpha (the update is scaled by alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// Optimizer of qst, lora and qlora: adamw or lion.
+    #[arg(long, default_value = "adamw")]
+    optimizer: String,
     /// Evaluate nothing (timing runs).
     #[arg(long)]
     no_eval: bool,
@@ -166,6 +198,7 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     let kind: ScheduleKind = a.schedule.parse()?;
     let on_nan: OnNonFinite = a.on_nan.parse()?;
+    let (downsample, optimizer) = (a.downsample.parse()?, a.optimizer.parse()?);
     let (loaded, tok) = load(&c.model)?;
     let splits = splits(c, &tok)?;
     let pad = pad_id(&loaded);
@@ -185,6 +218,12 @@ fn train(a: TrainArgs) -> Result<()> {
         // Default: once per epoch.
         recalibrate_every: a.recalibrate_every.unwrap_or(c.train_size.div_ceil(a.batch_size.max(1) * a.grad_accum.max(1))),
         fused: a.fused,
+        side_r: a.side_r,
+        downsample,
+        adapter_rank: a.adapter_rank,
+        lora_r: a.lora_r,
+        lora_alpha: a.lora_alpha,
+        optimizer,
     };
     let (mut method, default_lr) = methods::build(&a.method, loaded.params, &opts)?;
     let lr = a.lr.unwrap_or(default_lr);
@@ -286,12 +325,20 @@ fn generate(a: GenArgs) -> Result<()> {
     Ok(())
 }
 
+fn report(a: ReportArgs) -> Result<()> {
+    let runs = a.runs.iter().map(|d| qtune::report::read_run(d)).collect::<Result<Vec<_>>>()?;
+    print!("{}", qtune::report::write_report(&runs, &a.out, &a.title)?);
+    eprintln!("wrote {}/{{results.md, results.json, loss.svg, loss.png, memory.svg, memory.png}}", a.out.display());
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Train(a) => train(a),
         Cmd::Eval(c) => eval(c),
         Cmd::Generate(a) => generate(a),
+        Cmd::Report(a) => report(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");

@@ -68,13 +68,30 @@ pub trait Method {
     }
     /// Writes the trained model to `dir`: an HF checkpoint of [`Method::export_params`], unless the method's model
     /// is not a LLaMA (QST writes its side network and a reference to `base_model`, the file the run started from).
-    fn export(&self, dir: &std::path::Path, tok: Option<&Tok>, base_model: &str) -> Result<()> {
-        let _ = base_model;
+    fn export(&self, dir: &std::path::Path, tok: Option<&Tok>, _base_model: &str) -> Result<()> {
         export_hf(&self.export_params()?, tok, dir)
     }
 }
 
-pub const METHODS: &[&str] = &["full-adamw", "full-lion", "qft", "mezo", "quzo", "qat"];
+pub const METHODS: &[&str] = &["full-adamw", "full-lion", "qft", "mezo", "quzo", "qat", "qst", "lora", "qlora"];
+
+/// The optimizer of the methods that train their own tensors (QST, LoRA, QLoRA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimizerKind {
+    AdamW,
+    Lion,
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "adamw" => Ok(OptimizerKind::AdamW),
+            "lion" => Ok(OptimizerKind::Lion),
+            _ => Err(Error::Option(format!("--optimizer `{s}`: expected adamw or lion"))),
+        }
+    }
+}
 
 /// Every option a method may read; each method takes what applies to it.
 #[derive(Clone, Debug)]
@@ -99,6 +116,17 @@ pub struct MethodOptions {
     pub recalibrate_every: usize,
     /// QFT: apply the update inside the backward (no gradient stack).
     pub fused: bool,
+    /// QST: reduction factor r (side width d/r, FFN width ffn/r).
+    pub side_r: usize,
+    /// QST: how base hidden states are brought down to the side width.
+    pub downsample: qst::Downsample,
+    /// QST: inner width of the adapter and LoRA-style downsamples.
+    pub adapter_rank: usize,
+    /// LoRA / QLoRA rank and alpha (scale alpha / r).
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    /// QST, LoRA, QLoRA: AdamW (the papers' setting) or Lion.
+    pub optimizer: OptimizerKind,
 }
 
 /// Builds the method `name` over the model `params`; returns it with its default peak learning rate.
@@ -137,6 +165,27 @@ pub fn build(name: &str, params: ParamStore, o: &MethodOptions) -> Result<(Box<d
             let zo = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };
             let cfg = quzo::QuzoConfig { zo, bits: o.bits, perturb_bits: o.perturb_bits, estimator: o.estimator };
             (Box::new(quzo::Quzo::new(&params, cfg, o.on_nan)?), 1e-6)
+        }
+        "qst" | "lora" | "qlora" => {
+            // Peak LRs: QST's paper 2e-4, LoRA 1e-4 with AdamW; Lion wants about a tenth.
+            let (opt, lr_scale) = match o.optimizer {
+                OptimizerKind::AdamW => (Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() }), 1.0),
+                OptimizerKind::Lion => (Optimizer::lion(LionConfig { weight_decay: o.weight_decay, ..Default::default() }), 0.1),
+            };
+            let update = lora::FirstOrder { opt, clip: o.clip, on_nan: o.on_nan };
+            let lc = lora::LoraConfig { r: o.lora_r, alpha: o.lora_alpha, seed: o.seed };
+            let (m, lr): (Box<dyn Method>, f64) = match name {
+                "qst" => {
+                    let cfg = qst::QstConfig { r: o.side_r, downsample: o.downsample, adapter_rank: o.adapter_rank, keep: o.keep, seed: o.seed };
+                    (Box::new(qst::Qst::new(&params, cfg, update)?), 2e-4)
+                }
+                "lora" => (Box::new(lora::Lora::new("lora", params, lc, update, o.keep)?), 1e-4),
+                _ => {
+                    lc.validate()?;
+                    (Box::new(lora::Lora::new("qlora", lora::nf4_base(&params)?, lc, update, o.keep)?), 1e-4)
+                }
+            };
+            (m, lr * lr_scale)
         }
         other => return Err(Error::Option(format!("unknown --method `{other}` (known: {})", METHODS.join(", ")))),
     })

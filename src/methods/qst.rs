@@ -44,7 +44,10 @@ use super::{Method, StepStats};
 use crate::model::layers::{self, Rope};
 use crate::model::llama::{tensor_bytes, Saved};
 use crate::model::quantized::QuantStore;
-use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, Output, ParamId, ParamStore, Tok, Weights};
+use crate::model::{
+    Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, Output, ParamId, ParamStore, Tok,
+    Weights,
+};
 use crate::train::memory::{block_activation_elems, block_scratch_bytes, Breakdown};
 use crate::train::DenseGrads;
 use crate::{Error, Result};
@@ -79,7 +82,9 @@ impl std::str::FromStr for Downsample {
             "linear" => Ok(Downsample::Linear),
             "maxpool" => Ok(Downsample::MaxPool),
             "avgpool" => Ok(Downsample::AvgPool),
-            _ => Err(Error::Option(format!("--downsample `{s}`: expected adapter, lora, linear, maxpool or avgpool"))),
+            _ => Err(Error::Option(format!(
+                "--downsample `{s}`: expected adapter, lora, linear, maxpool or avgpool"
+            ))),
         }
     }
 }
@@ -146,7 +151,9 @@ impl SideParam {
                 DownParam::Proj => format!("downsample.{i}.weight"),
             },
             SideParam::Gate(i) => format!("gates.{i}"),
-            SideParam::Block(l, p) => ParamId::Block(l, p).hf_name().replacen("model.", "side.", 1),
+            SideParam::Block(l, p) => ParamId::Block(l, p)
+                .hf_name()
+                .replacen("model.", "side.", 1),
             SideParam::Norm => "side.norm.weight".into(),
             SideParam::UpWeight => "upsample.weight".into(),
             SideParam::UpBias => "upsample.bias".into(),
@@ -179,13 +186,23 @@ pub fn side_config(base: &LlamaConfig, r: usize) -> Result<LlamaConfig> {
         )));
     }
     let head_dim = 2 * s.div_ceil(base.num_attention_heads).div_ceil(2);
-    let cfg = LlamaConfig { hidden_size: s, intermediate_size: f, head_dim, ..base.clone() };
-    cfg.validate().map_err(|m| Error::Option(format!("--side-r {r}: side config invalid: {m}")))?;
+    let cfg = LlamaConfig {
+        hidden_size: s,
+        intermediate_size: f,
+        head_dim,
+        ..base.clone()
+    };
+    cfg.validate()
+        .map_err(|m| Error::Option(format!("--side-r {r}: side config invalid: {m}")))?;
     Ok(cfg)
 }
 
 /// Every trained tensor and its shape, in forward order (which is also the optimizer's slot order).
-pub fn side_param_shapes(base: &LlamaConfig, side: &LlamaConfig, q: &QstConfig) -> Vec<(SideParam, Vec<usize>)> {
+pub fn side_param_shapes(
+    base: &LlamaConfig,
+    side: &LlamaConfig,
+    q: &QstConfig,
+) -> Vec<(SideParam, Vec<usize>)> {
     let (d, s, k) = (base.hidden_size, side.hidden_size, q.adapter_rank);
     let down = |i: usize| -> Vec<(SideParam, Vec<usize>)> {
         let p = |dp| SideParam::Down(i, dp);
@@ -204,7 +221,12 @@ pub fn side_param_shapes(base: &LlamaConfig, side: &LlamaConfig, q: &QstConfig) 
     for i in 1..=base.num_hidden_layers {
         out.extend(down(i));
         out.push((SideParam::Gate(i), vec![s]));
-        out.extend(BlockParam::ALL.iter().map(|&p| (SideParam::Block(i - 1, p), ParamId::Block(i - 1, p).shape(side))));
+        out.extend(BlockParam::ALL.iter().map(|&p| {
+            (
+                SideParam::Block(i - 1, p),
+                ParamId::Block(i - 1, p).shape(side),
+            )
+        }));
     }
     out.extend([
         (SideParam::Norm, vec![s]),
@@ -235,7 +257,9 @@ impl Weights for Trained<SideParam> {
         Ok(self.get(side_block_param(id)?).clone())
     }
     fn rows(&self, id: ParamId, _ids: &Tensor) -> Result<Tensor> {
-        Err(Error::Msg(format!("the side network has no rows to read ({id:?})")))
+        Err(Error::Msg(format!(
+            "the side network has no rows to read ({id:?})"
+        )))
     }
 }
 
@@ -274,7 +298,9 @@ pub enum DownActs {
 impl DownActs {
     fn bytes(&self) -> usize {
         match self {
-            DownActs::Factored { h, z, xhat, rstd } => [h, z, xhat, rstd].iter().map(|t| tensor_bytes(t)).sum(),
+            DownActs::Factored { h, z, xhat, rstd } => {
+                [h, z, xhat, rstd].iter().map(|t| tensor_bytes(t)).sum()
+            }
             DownActs::Linear { h } => tensor_bytes(h),
             DownActs::Pool => 0,
         }
@@ -285,15 +311,15 @@ impl DownActs {
 /// C classes). Nothing of the base is kept beyond what the downsamples hold.
 pub struct SideTrace {
     shape: (usize, usize),
-    downs: Vec<DownActs>, // N_layers + 1
-    diffs: Vec<Tensor>,   // N_layers × [N, s]: h_g,i−1 − down_i(h_f,i), the gates' backward input
-    blocks: Vec<Saved>,   // N_layers side blocks: activations, or inputs [N, s] when recomputing
-    hg_sel: Tensor,       // [P, s] last side state at the loss positions
-    rstd: Tensor,         // [P, 1] side norm's reciprocal std
-    sn: Tensor,           // [P, s] side-normed state, the upsample's input
-    mix: Tensor,          // [P, d] norm_f(h_f,N) − up(sn), α's gradient input
-    dlogits: Tensor,      // [P, C]
-    positions: Tensor,    // [P] u32
+    downs: Vec<DownActs>,    // N_layers + 1
+    diffs: Vec<Tensor>, // N_layers × [N, s]: h_g,i−1 − down_i(h_f,i), the gates' backward input
+    blocks: Vec<Saved>, // N_layers side blocks: activations, or inputs [N, s] when recomputing
+    hg_sel: Tensor,     // [P, s] last side state at the loss positions
+    rstd: Tensor,       // [P, 1] side norm's reciprocal std
+    sn: Tensor,         // [P, s] side-normed state, the upsample's input
+    mix: Tensor,        // [P, d] norm_f(h_f,N) − up(sn), α's gradient input
+    dlogits: Tensor,    // [P, C]
+    positions: Tensor,  // [P] u32
     classes: Option<Tensor>, // [C] u32
 }
 
@@ -303,7 +329,10 @@ impl SideTrace {
         self.downs.iter().map(DownActs::bytes).sum::<usize>()
             + self.diffs.iter().map(tensor_bytes).sum::<usize>()
             + self.blocks.iter().map(Saved::bytes).sum::<usize>()
-            + [&self.hg_sel, &self.rstd, &self.sn, &self.mix, &self.dlogits].iter().map(|t| tensor_bytes(t)).sum::<usize>()
+            + [&self.hg_sel, &self.rstd, &self.sn, &self.mix, &self.dlogits]
+                .iter()
+                .map(|t| tensor_bytes(t))
+                .sum::<usize>()
     }
 }
 
@@ -319,7 +348,11 @@ fn gate_backward(dx: &Tensor, diff: &Tensor, gamma: &Tensor) -> Result<(Tensor, 
     let beta = candle_nn::ops::sigmoid(gamma)?;
     let one_minus = beta.affine(-1.0, 1.0)?;
     let dgamma = ((dx * diff)?.sum(0)? * (&beta * &one_minus)?)?;
-    Ok((dx.broadcast_mul(&one_minus)?, dx.broadcast_mul(&beta)?, dgamma))
+    Ok((
+        dx.broadcast_mul(&one_minus)?,
+        dx.broadcast_mul(&beta)?,
+        dgamma,
+    ))
 }
 
 /// Output mix h = α⊙hf + (1 − α)⊙u, written so α = 1 gives hf bit for bit. Returns (h, hf − u).
@@ -330,7 +363,10 @@ fn mix_forward(hf: &Tensor, u: &Tensor, alpha: &Tensor) -> Result<(Tensor, Tenso
 
 /// Backward of [`mix_forward`] in u and α (hf is the frozen base's): (du, dα).
 fn mix_backward(dh: &Tensor, diff: &Tensor, alpha: &Tensor) -> Result<(Tensor, Tensor)> {
-    Ok((dh.broadcast_mul(&alpha.affine(-1.0, 1.0)?)?, (dh * diff)?.sum(0)?))
+    Ok((
+        dh.broadcast_mul(&alpha.affine(-1.0, 1.0)?)?,
+        (dh * diff)?.sum(0)?,
+    ))
 }
 
 impl SideNet {
@@ -341,7 +377,9 @@ impl SideNet {
             return Err(Error::Option("--adapter-rank must be at least 1".into()));
         }
         if cfg.keep == Keep::Nothing {
-            return Err(Error::Option("QST trains its side network: it must keep activations or block inputs".into()));
+            return Err(Error::Option(
+                "QST trains its side network: it must keep activations or block inputs".into(),
+            ));
         }
         let dev = Device::Cpu;
         let mut items = Vec::new();
@@ -350,15 +388,24 @@ impl SideNet {
             let ones = || Tensor::ones(shape.as_slice(), dtype, &dev);
             let zeros = || Tensor::zeros(shape.as_slice(), dtype, &dev);
             let t = match p {
-                SideParam::Down(_, DownParam::LnWeight) | SideParam::Norm | SideParam::Alpha => ones()?,
-                SideParam::Down(_, DownParam::LnBias) | SideParam::Gate(_) | SideParam::UpWeight | SideParam::UpBias => zeros()?,
+                SideParam::Down(_, DownParam::LnWeight) | SideParam::Norm | SideParam::Alpha => {
+                    ones()?
+                }
+                SideParam::Down(_, DownParam::LnBias)
+                | SideParam::Gate(_)
+                | SideParam::UpWeight
+                | SideParam::UpBias => zeros()?,
                 SideParam::Block(l, bp) if !ParamId::Block(l, bp).is_matrix() => ones()?,
                 // Matrices [out, in]: PyTorch's nn.Linear init.
                 _ => kaiming_uniform(&shape, shape[1], key, dtype)?,
             };
             items.push((p, t, p.decayed()));
         }
-        Ok(SideNet { cfg, side: Llama::new(side), params: Trained::new(items) })
+        Ok(SideNet {
+            cfg,
+            side: Llama::new(side),
+            params: Trained::new(items),
+        })
     }
 
     fn dtype(&self) -> DType {
@@ -374,36 +421,71 @@ impl SideNet {
         let s = self.side.cfg.hidden_size;
         let pooled = || -> Result<Tensor> {
             let n = h.dim(0)?;
-            Ok(h.narrow(1, 0, s * self.cfg.r)?.reshape((n, s, self.cfg.r))?)
+            Ok(h.narrow(1, 0, s * self.cfg.r)?
+                .reshape((n, s, self.cfg.r))?)
         };
         Ok(match self.cfg.downsample {
             Downsample::Adapter | Downsample::Lora => {
                 let z = h.matmul(&self.down(i, DownParam::A).t()?)?;
-                let a = if self.cfg.downsample == Downsample::Adapter { z.silu()? } else { z.clone() };
+                let a = if self.cfg.downsample == Downsample::Adapter {
+                    z.silu()?
+                } else {
+                    z.clone()
+                };
                 let y = a.matmul(&self.down(i, DownParam::B).t()?)?;
-                let (out, xhat, rstd) =
-                    layers::layer_norm_forward(&y, self.down(i, DownParam::LnWeight), self.down(i, DownParam::LnBias), LN_EPS)?;
-                (out, DownActs::Factored { h: h.clone(), z, xhat, rstd })
+                let (out, xhat, rstd) = layers::layer_norm_forward(
+                    &y,
+                    self.down(i, DownParam::LnWeight),
+                    self.down(i, DownParam::LnBias),
+                    LN_EPS,
+                )?;
+                (
+                    out,
+                    DownActs::Factored {
+                        h: h.clone(),
+                        z,
+                        xhat,
+                        rstd,
+                    },
+                )
             }
-            Downsample::Linear => (h.matmul(&self.down(i, DownParam::Proj).t()?)?, DownActs::Linear { h: h.clone() }),
+            Downsample::Linear => (
+                h.matmul(&self.down(i, DownParam::Proj).t()?)?,
+                DownActs::Linear { h: h.clone() },
+            ),
             Downsample::MaxPool => (pooled()?.max(D::Minus1)?, DownActs::Pool),
             Downsample::AvgPool => (pooled()?.mean(D::Minus1)?, DownActs::Pool),
         })
     }
 
     /// Parameter gradients of downsample `i` given the gradient `dy` [N, s] of its output.
-    fn down_backward(&self, i: usize, acts: DownActs, dy: &Tensor, grads: &mut DenseGrads<SideParam>) -> Result<()> {
+    fn down_backward(
+        &self,
+        i: usize,
+        acts: DownActs,
+        dy: &Tensor,
+        grads: &mut DenseGrads<SideParam>,
+    ) -> Result<()> {
         let key = |p| SideParam::Down(i, p);
         match acts {
             DownActs::Factored { h, z, xhat, rstd } => {
-                let (dy, dw, db) = layers::layer_norm_backward(dy, &xhat, self.down(i, DownParam::LnWeight), &rstd)?;
+                let (dy, dw, db) = layers::layer_norm_backward(
+                    dy,
+                    &xhat,
+                    self.down(i, DownParam::LnWeight),
+                    &rstd,
+                )?;
                 grads.add(key(DownParam::LnWeight), dw)?;
                 grads.add(key(DownParam::LnBias), db)?;
                 let adapter = self.cfg.downsample == Downsample::Adapter;
                 let a = if adapter { z.silu()? } else { z.clone() };
                 grads.add(key(DownParam::B), dy.t()?.matmul(&a)?)?;
                 let da = dy.matmul(self.down(i, DownParam::B))?;
-                let dz = if adapter { layers::silu_backward(&da, &z)? } else { da };
+                let dz = if adapter {
+                    layers::silu_backward(&da, &z)?
+                } else {
+                    da
+                };
                 grads.add(key(DownParam::A), dz.t()?.matmul(&h)?)
             }
             DownActs::Linear { h } => grads.add(key(DownParam::Proj), dy.t()?.matmul(&h)?),
@@ -413,7 +495,13 @@ impl SideNet {
 
     /// The QST forward over `batch` with the frozen `base` (model `model`): loss and logits at the target positions;
     /// with `keep != Nothing` also the trace the backward needs (what the side blocks keep is `self.cfg.keep`).
-    pub fn forward(&self, model: &Llama, base: &dyn Weights, batch: &Batch, keep: Keep) -> Result<(Output, Option<SideTrace>)> {
+    pub fn forward(
+        &self,
+        model: &Llama,
+        base: &dyn Weights,
+        batch: &Batch,
+        keep: Keep,
+    ) -> Result<(Output, Option<SideTrace>)> {
         let train = keep != Keep::Nothing;
         let side_keep = if train { self.cfg.keep } else { Keep::Nothing };
         let dtype = self.dtype();
@@ -438,7 +526,14 @@ impl SideNet {
                     if train {
                         diffs.push(diff);
                     }
-                    let (out, acts) = self.side.block_forward(&self.params, i - 1, x.clone(), (b, t), &rope, &mask)?;
+                    let (out, acts) = self.side.block_forward(
+                        &self.params,
+                        i - 1,
+                        x.clone(),
+                        (b, t),
+                        &rope,
+                        &mask,
+                    )?;
                     blocks.extend(Saved::new(side_keep, x, acts));
                     out
                 }
@@ -448,14 +543,25 @@ impl SideNet {
         let hg = hg.ok_or_else(|| Error::Msg("the base produced no hidden state".into()))?;
         let tg = &batch.targets;
         let positions = Tensor::new(tg.positions.as_slice(), &dev)?;
-        let classes = tg.classes.as_ref().map(|c| Tensor::new(c.as_slice(), &dev)).transpose()?;
+        let classes = tg
+            .classes
+            .as_ref()
+            .map(|c| Tensor::new(c.as_slice(), &dev))
+            .transpose()?;
         let x_sel = x.index_select(&positions, 0)?;
         drop(x);
-        let (hf, _) = layers::rms_norm_forward(&x_sel, &base.vector(ParamId::FinalNorm)?, model.cfg.rms_norm_eps)?;
+        let (hf, _) = layers::rms_norm_forward(
+            &x_sel,
+            &base.vector(ParamId::FinalNorm)?,
+            model.cfg.rms_norm_eps,
+        )?;
         let hg_sel = hg.index_select(&positions, 0)?;
         drop(hg);
-        let (sn, rstd) = layers::rms_norm_forward(&hg_sel, self.params.get(SideParam::Norm), sc.rms_norm_eps)?;
-        let u = sn.matmul(&self.params.get(SideParam::UpWeight).t()?)?.broadcast_add(self.params.get(SideParam::UpBias))?;
+        let (sn, rstd) =
+            layers::rms_norm_forward(&hg_sel, self.params.get(SideParam::Norm), sc.rms_norm_eps)?;
+        let u = sn
+            .matmul(&self.params.get(SideParam::UpWeight).t()?)?
+            .broadcast_add(self.params.get(SideParam::UpBias))?;
         let (h, mix) = mix_forward(&hf.to_dtype(dtype)?, &u, self.params.get(SideParam::Alpha))?;
         let logits = model.head_forward(base, &h, classes.as_ref())?;
         let labels = Tensor::new(tg.labels.as_slice(), &dev)?;
@@ -479,29 +585,70 @@ impl SideNet {
 
     /// The backward of [`SideNet::forward`]: adds every trained tensor's gradient into `grads`. Nothing flows into
     /// the base (the head's input gradient is all it reads of it).
-    pub fn backward(&self, model: &Llama, base: &dyn Weights, trace: SideTrace, grads: &mut DenseGrads<SideParam>) -> Result<()> {
-        let SideTrace { shape, mut downs, mut diffs, mut blocks, hg_sel, rstd, sn, mix, dlogits, positions, classes } = trace;
+    pub fn backward(
+        &self,
+        model: &Llama,
+        base: &dyn Weights,
+        trace: SideTrace,
+        grads: &mut DenseGrads<SideParam>,
+    ) -> Result<()> {
+        let SideTrace {
+            shape,
+            mut downs,
+            mut diffs,
+            mut blocks,
+            hg_sel,
+            rstd,
+            sn,
+            mix,
+            dlogits,
+            positions,
+            classes,
+        } = trace;
         let (b, t) = shape;
         let dtype = self.dtype();
         let dev = hg_sel.device().clone();
         let sc = &self.side.cfg;
-        let dh = model.head_backward(base, &dlogits, classes.as_ref())?.to_dtype(dtype)?;
+        let dh = model
+            .head_backward(base, &dlogits, classes.as_ref())?
+            .to_dtype(dtype)?;
         let (du, dalpha) = mix_backward(&dh, &mix, self.params.get(SideParam::Alpha))?;
         grads.add(SideParam::Alpha, dalpha)?;
         grads.add(SideParam::UpBias, du.sum(0)?)?;
         grads.add(SideParam::UpWeight, du.t()?.matmul(&sn)?)?;
         let dsn = du.matmul(self.params.get(SideParam::UpWeight))?;
-        let (dhg_sel, dnorm) = layers::rms_norm_backward(&dsn, &hg_sel, self.params.get(SideParam::Norm), &rstd)?;
+        let (dhg_sel, dnorm) =
+            layers::rms_norm_backward(&dsn, &hg_sel, self.params.get(SideParam::Norm), &rstd)?;
         grads.add(SideParam::Norm, dnorm)?;
-        let mut dhg = Tensor::zeros((b * t, sc.hidden_size), dtype, &dev)?.index_add(&positions, &dhg_sel, 0)?;
+        let mut dhg = Tensor::zeros((b * t, sc.hidden_size), dtype, &dev)?
+            .index_add(&positions, &dhg_sel, 0)?;
         let rope = Rope::new(t, sc.head_dim, sc.rope_theta, dtype, &dev)?;
         let mask = layers::causal_mask(t, dtype, &dev)?;
         let missing = || Error::Msg("QST trace is missing a layer".into());
         for i in (1..=model.cfg.num_hidden_layers).rev() {
-            let acts = self.side.block_acts(&self.params, i - 1, blocks.pop().ok_or_else(missing)?, shape, &rope, &mask)?;
-            let dx = self.side.block_backward(&self.params, i - 1, &acts, &dhg, shape, &rope, &mut BlockSink(grads))?;
+            let acts = self.side.block_acts(
+                &self.params,
+                i - 1,
+                blocks.pop().ok_or_else(missing)?,
+                shape,
+                &rope,
+                &mask,
+            )?;
+            let dx = self.side.block_backward(
+                &self.params,
+                i - 1,
+                &acts,
+                &dhg,
+                shape,
+                &rope,
+                &mut BlockSink(grads),
+            )?;
             drop(acts);
-            let (dds, dprev, dgamma) = gate_backward(&dx, &diffs.pop().ok_or_else(missing)?, self.params.get(SideParam::Gate(i)))?;
+            let (dds, dprev, dgamma) = gate_backward(
+                &dx,
+                &diffs.pop().ok_or_else(missing)?,
+                self.params.get(SideParam::Gate(i)),
+            )?;
             grads.add(SideParam::Gate(i), dgamma)?;
             self.down_backward(i, downs.pop().ok_or_else(missing)?, &dds, grads)?;
             dhg = dprev;
@@ -514,7 +661,13 @@ impl SideNet {
     fn scratch_bytes(&self, model: &Llama, b: usize, t: usize) -> usize {
         let elem = self.dtype().size_in_bytes();
         let base = block_activation_elems(&model.cfg, b, t) * 4;
-        base.max(block_scratch_bytes(&self.side.cfg, b, t, self.cfg.keep, elem))
+        base.max(block_scratch_bytes(
+            &self.side.cfg,
+            b,
+            t,
+            self.cfg.keep,
+            elem,
+        ))
     }
 }
 
@@ -529,7 +682,11 @@ impl Qst {
     pub fn new(params: &ParamStore, cfg: QstConfig, update: FirstOrder) -> Result<Self> {
         // Options are checked before the (slow) quantization.
         let net = SideNet::new(&params.cfg, cfg, DType::F32)?;
-        Ok(Qst { base: nf4_base(params)?, net, update })
+        Ok(Qst {
+            base: nf4_base(params)?,
+            net,
+            update,
+        })
     }
 
     /// The run's description next to `side.safetensors`: the base model it reads and how, and the wiring.
@@ -571,15 +728,19 @@ impl Method for Qst {
         let mut loss = 0f32;
         let mut mem = self.state_bytes();
         for batch in micro {
-            let (out, trace) = self.net.forward(model, &self.base, batch, self.net.cfg.keep)?;
-            let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
+            let (out, trace) = self
+                .net
+                .forward(model, &self.base, batch, self.net.cfg.keep)?;
+            let trace =
+                trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
             mem.activations = mem.activations.max(trace.bytes());
             let (b, t) = batch.ids.dims2()?;
             mem.scratch = mem.scratch.max(self.net.scratch_bytes(model, b, t));
             self.net.backward(model, &self.base, trace, &mut grads)?;
             loss += out.loss / micro.len() as f32;
         }
-        self.update.step(&mut self.net.params, grads, micro.len(), loss, mem, lr)
+        self.update
+            .step(&mut self.net.params, grads, micro.len(), loss, mem, lr)
     }
 
     fn forward(&self, model: &Llama, batch: &Batch) -> Result<Output> {
@@ -622,11 +783,512 @@ impl Method for Qst {
         let bytes = safetensors::tensor::serialize(tensors, Some(metadata))
             .map_err(|e| Error::file(&path, format!("cannot serialize: {e}")))?;
         crate::io::write_bytes_atomic(&path, &bytes)?;
-        let json = serde_json::to_vec_pretty(&self.manifest(base_model)).map_err(|e| Error::Msg(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&self.manifest(base_model))
+            .map_err(|e| Error::Msg(e.to_string()))?;
         crate::io::write_bytes_atomic(&dir.join("qst.json"), &json)?;
         if let Some(tok) = tok {
             crate::io::write_bytes_atomic(&dir.join("tokenizer.json"), tok.to_json()?.as_bytes())?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every new backward against central finite differences in f64 (budget 1e-6 relative to the gradient's
+    //! scale): gates, output mix, each downsample variant, and the whole QST model with every trained tensor probed.
+    //! Plus: the first forward is the NF4 base model's, bit for bit; what the trace keeps; the trainable fraction.
+    use super::*;
+    use crate::methods::OnNonFinite;
+    use crate::model::layers::tests::{check, rand};
+    use crate::model::llama::tests::tiny_config;
+    use crate::model::Targets;
+    use crate::train::optim::{AdamWConfig, Optimizer};
+
+    const FD_BUDGET: f64 = 1e-6;
+
+    fn qcfg(downsample: Downsample, keep: Keep) -> QstConfig {
+        QstConfig {
+            r: 2,
+            downsample,
+            adapter_rank: 4,
+            keep,
+            seed: 5,
+        }
+    }
+
+    pub fn smollm2_config() -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rope_theta: 100000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            bos_token_id: Some(1),
+            eos_token_id: Some(2),
+        }
+    }
+
+    fn batch(classes: bool) -> Batch {
+        let ids = Tensor::new(
+            &[[3u32, 7, 1, 30, 12, 5], [9, 2, 2, 17, 0, 0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let targets = if classes {
+            Targets {
+                positions: vec![5, 6 + 3],
+                classes: Some(vec![4, 11, 20]),
+                labels: vec![2, 0],
+            }
+        } else {
+            Targets {
+                positions: vec![0, 1, 2, 3, 4, 6, 7, 8],
+                classes: None,
+                labels: vec![7, 1, 30, 12, 5, 2, 2, 17],
+            }
+        };
+        Batch {
+            ids,
+            lengths: vec![6, 4],
+            targets,
+        }
+    }
+
+    /// A side network whose every tensor is random, so no gradient vanishes (at init α = 1 and the zero upsample
+    /// cut the side network off).
+    fn random_net(base: &LlamaConfig, q: QstConfig) -> SideNet {
+        let mut net = SideNet::new(base, q, DType::F64).unwrap();
+        for (j, &k) in net.params.keys().to_vec().iter().enumerate() {
+            let t = net.params.get(k);
+            let noise = rand(t.dims(), 100 + j as u64);
+            let v = match k {
+                SideParam::Alpha => (noise * 0.3).unwrap().affine(1.0, 0.5).unwrap(),
+                _ => (t + (noise * 0.4).unwrap()).unwrap(),
+            };
+            net.params.set(k, v);
+        }
+        net
+    }
+
+    fn with(net: &SideNet, k: SideParam, t: &Tensor) -> SideNet {
+        let mut params = net.params.clone();
+        params.set(k, t.clone());
+        SideNet {
+            cfg: net.cfg,
+            side: Llama::new(net.side.cfg.clone()),
+            params,
+        }
+    }
+
+    #[test]
+    fn side_config_keeps_the_head_counts() {
+        let s = side_config(&smollm2_config(), 16).unwrap();
+        assert_eq!((s.hidden_size, s.intermediate_size), (36, 96));
+        assert_eq!(
+            (s.num_attention_heads, s.num_key_value_heads, s.head_dim),
+            (9, 3, 4)
+        );
+        // 576/64 = 9 = H: head_dim 1 rounds up to 2, so Q/K/V project 9 → 18.
+        let s = side_config(&smollm2_config(), 64).unwrap();
+        assert_eq!((s.hidden_size, s.head_dim, s.q_dim()), (9, 2, 18));
+        for r in [0, 300] {
+            assert!(matches!(
+                side_config(&smollm2_config(), r),
+                Err(Error::Option(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn gate_and_mix_backward_match_finite_differences() {
+        let (ds, prev, gamma, r) = (
+            rand(&[3, 4], 1),
+            rand(&[3, 4], 2),
+            rand(&[4], 3),
+            rand(&[3, 4], 4),
+        );
+        let (_, diff) = gate_forward(&ds, &prev, &gamma).unwrap();
+        let (dds, dprev, dgamma) = gate_backward(&r, &diff, &gamma).unwrap();
+        check(
+            "gate dds",
+            &ds,
+            &dds,
+            |x| gate_forward(x, &prev, &gamma).unwrap().0,
+            &r,
+        );
+        check(
+            "gate dprev",
+            &prev,
+            &dprev,
+            |x| gate_forward(&ds, x, &gamma).unwrap().0,
+            &r,
+        );
+        check(
+            "gate dgamma",
+            &gamma,
+            &dgamma,
+            |x| gate_forward(&ds, &prev, x).unwrap().0,
+            &r,
+        );
+        let (hf, u, alpha) = (rand(&[3, 5], 5), rand(&[3, 5], 6), rand(&[5], 7));
+        let r = rand(&[3, 5], 8);
+        let (_, diff) = mix_forward(&hf, &u, &alpha).unwrap();
+        let (du, dalpha) = mix_backward(&r, &diff, &alpha).unwrap();
+        check(
+            "mix du",
+            &u,
+            &du,
+            |x| mix_forward(&hf, x, &alpha).unwrap().0,
+            &r,
+        );
+        check(
+            "mix dalpha",
+            &alpha,
+            &dalpha,
+            |x| mix_forward(&hf, &u, x).unwrap().0,
+            &r,
+        );
+    }
+
+    #[test]
+    fn downsample_gradients_match_finite_differences() {
+        let base = tiny_config(true);
+        for ds in [Downsample::Adapter, Downsample::Lora, Downsample::Linear] {
+            let net = random_net(&base, qcfg(ds, Keep::All));
+            let h = (rand(&[5, base.hidden_size], 9) * 3.0).unwrap();
+            let r = rand(&[5, net.side.cfg.hidden_size], 10);
+            let i = 1;
+            let (_, acts) = net.down_forward(i, &h).unwrap();
+            let mut grads = DenseGrads::default();
+            net.down_backward(i, acts, &r, &mut grads).unwrap();
+            for &k in net
+                .params
+                .keys()
+                .iter()
+                .filter(|k| matches!(k, SideParam::Down(j, _) if *j == i))
+            {
+                let g = grads
+                    .get(k)
+                    .unwrap_or_else(|| panic!("no gradient for {k:?}"));
+                check(
+                    &format!("{ds:?} {k:?}"),
+                    net.params.get(k),
+                    g,
+                    |x| with(&net, k, x).down_forward(i, &h).unwrap().0,
+                    &r,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn pooling_takes_max_and_mean_over_groups_of_r_features() {
+        let base = tiny_config(true);
+        let h = rand(&[2, 16], 11);
+        let hv: Vec<Vec<f64>> = h.to_vec2().unwrap();
+        for (ds, r) in [(Downsample::MaxPool, 2), (Downsample::AvgPool, 3)] {
+            let net = SideNet::new(
+                &base,
+                QstConfig {
+                    r,
+                    ..qcfg(ds, Keep::All)
+                },
+                DType::F64,
+            )
+            .unwrap();
+            let (out, acts) = net.down_forward(0, &h).unwrap();
+            assert!(matches!(acts, DownActs::Pool));
+            let out: Vec<Vec<f64>> = out.to_vec2().unwrap();
+            assert_eq!(out[0].len(), 16 / r);
+            for (row, o) in hv.iter().zip(&out) {
+                for (j, &v) in o.iter().enumerate() {
+                    let g = &row[j * r..(j + 1) * r];
+                    let want = if ds == Downsample::MaxPool {
+                        g.iter().cloned().fold(f64::MIN, f64::max)
+                    } else {
+                        g.iter().sum::<f64>() / r as f64
+                    };
+                    assert!((v - want).abs() < 1e-15, "{ds:?}: {v} vs {want}");
+                }
+            }
+        }
+    }
+
+    fn loss(net: &SideNet, m: &Llama, base: &ParamStore, b: &Batch) -> f64 {
+        let (out, _) = net.forward(m, base, b, Keep::Nothing).unwrap();
+        let labels = Tensor::new(b.targets.labels.as_slice(), &Device::Cpu).unwrap();
+        layers::cross_entropy(&out.logits, &labels)
+            .unwrap()
+            .0
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    fn check_model(ds: Downsample, classes: bool, keep: Keep) {
+        let cfg = tiny_config(true);
+        let m = Llama::new(cfg.clone());
+        let base = ParamStore::random(&cfg, 7, 0.3, DType::F64).unwrap();
+        let net = random_net(&cfg, qcfg(ds, keep));
+        let b = batch(classes);
+        let (_, trace) = net.forward(&m, &base, &b, keep).unwrap();
+        let mut grads = DenseGrads::default();
+        net.backward(&m, &base, trace.unwrap(), &mut grads).unwrap();
+        let h = 1e-6;
+        for &k in net.params.keys() {
+            let g = grads
+                .get(k)
+                .unwrap_or_else(|| panic!("no gradient for {k:?}"));
+            let gv: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = gv.iter().fold(1e-4f64, |m, x| m.max(x.abs()));
+            let w = net.params.get(k);
+            let wv: Vec<f64> = w.flatten_all().unwrap().to_vec1().unwrap();
+            for i in [0, wv.len() / 2, wv.len() - 1] {
+                let at = |d: f64| {
+                    let mut v = wv.clone();
+                    v[i] += d;
+                    loss(
+                        &with(
+                            &net,
+                            k,
+                            &Tensor::from_vec(v, w.shape(), &Device::Cpu).unwrap(),
+                        ),
+                        &m,
+                        &base,
+                        &b,
+                    )
+                };
+                let fd = (at(h) - at(-h)) / (2.0 * h);
+                let err = (fd - gv[i]).abs() / scale;
+                assert!(err < FD_BUDGET, "{k:?}[{i}] fd {fd} analytic {} rel {err:e} ({ds:?}, classes {classes}, {keep:?})", gv[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn qst_backward_matches_finite_differences_adapter() {
+        check_model(Downsample::Adapter, true, Keep::All);
+    }
+
+    #[test]
+    fn qst_backward_matches_finite_differences_lora_recompute_full_vocab() {
+        check_model(Downsample::Lora, false, Keep::Inputs);
+    }
+
+    #[test]
+    fn qst_backward_matches_finite_differences_linear() {
+        check_model(Downsample::Linear, true, Keep::All);
+    }
+
+    #[test]
+    fn qst_backward_matches_finite_differences_pooling() {
+        check_model(Downsample::MaxPool, false, Keep::All);
+        check_model(Downsample::AvgPool, true, Keep::Inputs);
+    }
+
+    fn adamw() -> FirstOrder {
+        FirstOrder {
+            opt: Optimizer::adamw(AdamWConfig::default()),
+            clip: Some(1.0),
+            on_nan: OnNonFinite::Stop,
+        }
+    }
+
+    fn tiny_qst(ds: Downsample) -> (Llama, Qst) {
+        let cfg = tiny_config(true);
+        let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
+        (
+            Llama::new(cfg),
+            Qst::new(&p, qcfg(ds, Keep::All), adamw()).unwrap(),
+        )
+    }
+
+    /// The start point: α = 1 and a zero upsample reproduce the NF4 base model's logits bit for bit, and the
+    /// dequantized f32 model's up to the kernels' summation order.
+    #[test]
+    fn first_forward_equals_the_base_model() {
+        let (m, q) = tiny_qst(Downsample::Adapter);
+        let dense = q.base.dequantize().unwrap();
+        for classes in [true, false] {
+            let b = batch(classes);
+            let got = q.forward(&m, &b).unwrap();
+            let nf4 = m.forward(&q.base, &b, Keep::Nothing).unwrap().0;
+            let f32_ = m.forward(&dense, &b, Keep::Nothing).unwrap().0;
+            let (g, n, d): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                got.logits.flatten_all().unwrap().to_vec1().unwrap(),
+                nf4.logits.flatten_all().unwrap().to_vec1().unwrap(),
+                f32_.logits.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(g, n, "QST's first forward differs from the NF4 base's");
+            assert_eq!(got.loss, nf4.loss);
+            let scale = d.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = g
+                .iter()
+                .zip(&d)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+                / scale;
+            assert!(err < 1e-6, "vs dequantized f32 model: rel err {err:e}");
+        }
+    }
+
+    #[test]
+    fn training_steps_lower_the_loss() {
+        let (m, mut q) = tiny_qst(Downsample::Adapter);
+        let b = batch(true);
+        let first = q.step(&m, std::slice::from_ref(&b), 1e-2).unwrap();
+        let mut last = first;
+        for _ in 0..15 {
+            last = q.step(&m, std::slice::from_ref(&b), 1e-2).unwrap();
+            assert!(last.applied);
+        }
+        assert!(
+            last.loss < first.loss * 0.9,
+            "loss {} → {}",
+            first.loss,
+            last.loss
+        );
+    }
+
+    /// What the trace keeps of the base: the adapter keeps its input h_f,i, the rank-wide pre-activation and
+    /// LayerNorm's x̂ and rstd per module, pooling nothing; everything else is the side network's own.
+    #[test]
+    fn trace_keeps_only_what_the_downsamples_need_of_the_base() {
+        let cfg = tiny_config(true);
+        let m = Llama::new(cfg.clone());
+        let base = ParamStore::random(&cfg, 7, 0.3, DType::F32).unwrap();
+        let b = batch(true);
+        let bytes = |ds| {
+            let net = SideNet::new(
+                &cfg,
+                QstConfig {
+                    adapter_rank: 4,
+                    ..qcfg(ds, Keep::All)
+                },
+                DType::F32,
+            )
+            .unwrap();
+            net.forward(&m, &base, &b, Keep::All)
+                .unwrap()
+                .1
+                .unwrap()
+                .bytes()
+        };
+        let n = 12; // B·T
+        let (d, k, s) = (cfg.hidden_size, 4, cfg.hidden_size / 2);
+        let per_module = n * (d + k + s + 1) * 4;
+        assert_eq!(
+            bytes(Downsample::Adapter) - bytes(Downsample::MaxPool),
+            (cfg.num_hidden_layers + 1) * per_module
+        );
+        assert_eq!(
+            bytes(Downsample::Linear) - bytes(Downsample::AvgPool),
+            (cfg.num_hidden_layers + 1) * n * d * 4
+        );
+    }
+
+    /// Model state: NF4 codes (½ byte per weight), one 8-bit code per block of 64, one f32 per 256 block codes
+    /// plus the f32 offset, f32 norms; side parameters, their gradients and AdamW's two moments.
+    #[test]
+    fn state_bytes_count_the_nf4_base_and_the_side_network() {
+        let (_, q) = tiny_qst(Downsample::Adapter);
+        let cfg = tiny_config(true);
+        let nf4: usize = ParamId::all(&cfg)
+            .into_iter()
+            .map(|id| {
+                let n = id.numel(&cfg);
+                let blocks = n.div_ceil(64);
+                if id.is_matrix() {
+                    n.div_ceil(2) + blocks + 4 * blocks.div_ceil(256) + 4
+                } else {
+                    4 * n
+                }
+            })
+            .sum();
+        let side = q.trainable_params();
+        let b = q.state_bytes();
+        assert_eq!(b.weights, nf4 + 4 * side);
+        assert_eq!((b.gradients, b.optimizer), (4 * side, 8 * side));
+    }
+
+    #[test]
+    fn export_writes_the_side_network_and_a_manifest() {
+        let (_, q) = tiny_qst(Downsample::Lora);
+        let dir = tempfile::tempdir().unwrap();
+        q.export(dir.path(), None, "models/base.gguf").unwrap();
+        let t = candle_core::safetensors::load(dir.path().join("side.safetensors"), &Device::Cpu)
+            .unwrap();
+        assert_eq!(t.len(), q.net.params.keys().len());
+        assert_eq!(t["alpha"].to_vec1::<f32>().unwrap(), vec![1.0; 16]);
+        assert!(
+            t.contains_key("side.layers.1.mlp.down_proj.weight")
+                && t.contains_key("downsample.2.in_proj.weight")
+        );
+        let j: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("qst.json")).unwrap()).unwrap();
+        assert_eq!(j["base_model"], "models/base.gguf");
+        assert_eq!(j["downsample"], "lora");
+        assert_eq!(j["side_config"]["hidden_size"], 8);
+        assert!(q.export_params().is_err());
+    }
+
+    /// Trainable parameters for SmolLM2-135M at r = 16 (`cargo test smollm2 -- --nocapture` prints the table).
+    #[test]
+    fn smollm2_trainable_fraction() {
+        let base = smollm2_config();
+        let side = side_config(&base, 16).unwrap();
+        let total = base.num_params();
+        let count = |ds| -> usize {
+            let q = QstConfig {
+                r: 16,
+                downsample: ds,
+                adapter_rank: 16,
+                keep: Keep::All,
+                seed: 0,
+            };
+            side_param_shapes(&base, &side, &q)
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum()
+        };
+        // Per side block: 2 norms (72), q/o 36·36, k/v 12·36, gate/up/down 36·96.
+        let common =
+            30 * (72 + 2 * 1296 + 2 * 432 + 3 * 3456) + 30 * 36 + 36 + 576 * 36 + 576 + 576;
+        let adapter = 31 * (16 * 576 + 36 * 16 + 72);
+        assert_eq!(count(Downsample::Adapter), common + adapter);
+        assert_eq!(count(Downsample::MaxPool), common);
+        println!("SmolLM2-135M ({total} parameters), QST r = 16, adapter rank 16:");
+        for ds in [
+            Downsample::Adapter,
+            Downsample::Lora,
+            Downsample::Linear,
+            Downsample::MaxPool,
+            Downsample::AvgPool,
+        ] {
+            let n = count(ds);
+            println!(
+                "  {ds:?}: {n} trainable ({:.3}%)",
+                100.0 * n as f64 / total as f64
+            );
+        }
+        for r in [8, 16] {
+            let n = crate::methods::lora::LoraConfig {
+                r,
+                alpha: 16.0,
+                seed: 0,
+            }
+            .trainable_params(&base);
+            println!(
+                "  LoRA r = {r}: {n} trainable ({:.3}%)",
+                100.0 * n as f64 / total as f64
+            );
+        }
+        let frac = count(Downsample::Adapter) as f64 / total as f64;
+        assert!((0.004..0.007).contains(&frac), "{frac}");
     }
 }

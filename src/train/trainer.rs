@@ -4,7 +4,7 @@ use super::memory::{self, Breakdown};
 use super::schedule::Schedule;
 use crate::data::{make_batch, Batcher, Splits, TaskData};
 use crate::methods::Method;
-use crate::model::{export_hf, Batch, Keep, Llama, Tok, Weights};
+use crate::model::{Batch, Keep, Llama, Output, Tok, Weights};
 use crate::{Error, Result};
 use candle_core::{Device, D};
 use serde::Serialize;
@@ -40,6 +40,11 @@ pub struct EvalResult {
 
 /// Evaluates `w` on `data`; examples are batched by length so little compute goes to padding.
 pub fn evaluate(model: &Llama, w: &dyn Weights, data: &TaskData, batch_size: usize, max_len: usize, pad: u32, dev: &Device) -> Result<EvalResult> {
+    evaluate_with(&|b| Ok(model.forward(w, b, Keep::Nothing)?.0), data, batch_size, max_len, pad, dev)
+}
+
+/// [`evaluate`] with any inference forward (a method's own, e.g. QST's base plus side network).
+pub fn evaluate_with(forward: &dyn Fn(&Batch) -> Result<Output>, data: &TaskData, batch_size: usize, max_len: usize, pad: u32, dev: &Device) -> Result<EvalResult> {
     let t0 = Instant::now();
     let mut order: Vec<usize> = (0..data.examples.len()).collect();
     order.sort_by_key(|&i| data.examples[i].prompt.len());
@@ -47,7 +52,7 @@ pub fn evaluate(model: &Llama, w: &dyn Weights, data: &TaskData, batch_size: usi
     for chunk in order.chunks(batch_size.max(1)) {
         let exs: Vec<_> = chunk.iter().map(|&i| &data.examples[i]).collect();
         let batch = make_batch(&exs, data.classes.as_deref(), max_len, pad, dev)?;
-        let (out, _) = model.forward(w, &batch, Keep::Nothing)?;
+        let out = forward(&batch)?;
         let pred: Vec<u32> = out.logits.argmax(D::Minus1)?.to_vec1()?;
         let n = batch.targets.labels.len();
         correct += pred.iter().zip(&batch.targets.labels).filter(|(p, l)| p == l).count();
@@ -136,8 +141,8 @@ pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Optio
     }
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::file(&cfg.out, format!("cannot create: {e}")))?;
     let dev = Device::Cpu;
-    let eval = |data: &TaskData, w: &dyn Weights| evaluate(model, w, data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, &dev);
-    let dev_before = if cfg.skip_eval { None } else { Some(eval(&splits.dev, method.weights())?) };
+    let eval = |data: &TaskData, m: &dyn Method| evaluate_with(&|b| m.forward(model, b), data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, &dev);
+    let dev_before = if cfg.skip_eval { None } else { Some(eval(&splits.dev, method)?) };
     if let Some(r) = &dev_before {
         eprintln!("dev accuracy before: {:.4} (loss {:.4}, {} examples, {:.0} tok/s)", r.accuracy, r.loss, r.examples, r.tokens as f64 / r.seconds);
     }
@@ -188,7 +193,7 @@ pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Optio
     let (dev_after, eval_res) = if cfg.skip_eval {
         (None, None)
     } else {
-        (Some(eval(&splits.dev, method.weights())?), Some(eval(&splits.eval, method.weights())?))
+        (Some(eval(&splits.dev, method)?), Some(eval(&splits.eval, method)?))
     };
     if let (Some(d), Some(e)) = (&dev_after, &eval_res) {
         eprintln!("dev accuracy after: {:.4} (loss {:.4}); eval accuracy: {:.4} (loss {:.4})", d.accuracy, d.loss, e.accuracy, e.loss);
@@ -223,7 +228,7 @@ pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Optio
     };
     write_summary(&cfg.out, &summary)?;
     if cfg.steps > 0 {
-        export_hf(&method.export_params()?, tok, &cfg.out.join("model"))?;
+        method.export(&cfg.out.join("model"), tok, model_name)?;
     }
     Ok(summary)
 }

@@ -20,7 +20,11 @@ pub struct RngKey {
 
 impl RngKey {
     pub const fn new(seed: u64, tensor: u32, stream: u32) -> Self {
-        Self { seed, tensor, stream }
+        Self {
+            seed,
+            tensor,
+            stream,
+        }
     }
 
     /// The same seed and tensor, another purpose.
@@ -45,10 +49,10 @@ pub const STREAM_SR_GRAD: u32 = 5;
 /// Stochastic rounding of the INT8 Lion momentum (QFT).
 pub const STREAM_SR_MOMENTUM: u32 = 6;
 
-const PHILOX_M0: u32 = 0xD251_1F53;
-const PHILOX_M1: u32 = 0xCD9E_8D57;
-const PHILOX_W0: u32 = 0x9E37_79B9;
-const PHILOX_W1: u32 = 0xBB67_AE85;
+pub(crate) const PHILOX_M0: u32 = 0xD251_1F53;
+pub(crate) const PHILOX_M1: u32 = 0xCD9E_8D57;
+pub(crate) const PHILOX_W0: u32 = 0x9E37_79B9;
+pub(crate) const PHILOX_W1: u32 = 0xBB67_AE85;
 
 #[inline(always)]
 fn mulhilo(a: u32, b: u32) -> (u32, u32) {
@@ -76,7 +80,10 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// The four random words of block `b` (elements 4b .. 4b+3) of a stream.
 #[inline]
 fn block(key: &RngKey, b: u64) -> [u32; 4] {
-    philox4x32_10([b as u32, (b >> 32) as u32, key.tensor, key.stream], [key.seed as u32, (key.seed >> 32) as u32])
+    philox4x32_10(
+        [b as u32, (b >> 32) as u32, key.tensor, key.stream],
+        [key.seed as u32, (key.seed >> 32) as u32],
+    )
 }
 
 /// Top 24 bits as a float in [0, 1): exact, equally spaced at 2^-24.
@@ -120,41 +127,92 @@ pub fn gaussian(key: &RngKey, i: u64) -> f32 {
 /// Chunk of a bulk fill handed to one rayon task; a multiple of 4 keeps Philox blocks whole inside a chunk.
 const FILL_CHUNK: usize = 1 << 14;
 
-/// Fills `out` with elements `start ..` of the stream, one Philox call per four elements.
-fn fill_seq(key: &RngKey, start: u64, out: &mut [f32], f: fn([u32; 4]) -> [f32; 4]) {
-    let mut i = 0;
-    while i < out.len() {
-        let idx = start + i as u64;
-        let lane = (idx & 3) as usize;
-        let take = (4 - lane).min(out.len() - i);
-        let vals = f(block(key, idx >> 2));
-        out[i..i + take].copy_from_slice(&vals[lane..lane + take]);
-        i += take;
+/// What a fill produces from each Philox block.
+#[derive(Clone, Copy)]
+enum Draw {
+    Uniform,
+    Gaussian,
+}
+
+impl Draw {
+    #[inline]
+    fn map(self, w: [u32; 4]) -> [f32; 4] {
+        match self {
+            Draw::Uniform => uniforms(w),
+            Draw::Gaussian => gaussians(w),
+        }
     }
 }
 
-fn fill_par(key: &RngKey, start: u64, out: &mut [f32], f: fn([u32; 4]) -> [f32; 4]) {
+/// Uniforms of whole blocks `b0 ..` (4 per block), eight blocks per AVX2 step where the CPU has it.
+fn uniform_blocks(key: &RngKey, b0: u64, out: &mut [f32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx2() {
+        let k = [key.seed as u32, (key.seed >> 32) as u32];
+        for (j, o) in out.chunks_exact_mut(32).enumerate() {
+            let o: &mut [f32; 32] = o.try_into().expect("chunks of 32");
+            // SAFETY: AVX2+FMA are present.
+            unsafe {
+                crate::simd::philox_uniform8(k, key.tensor, key.stream, b0 + 8 * j as u64, o)
+            };
+        }
+        done = out.len() / 32 * 32;
+    }
+    for (j, o) in out[done..].chunks_exact_mut(4).enumerate() {
+        o.copy_from_slice(&uniforms(block(key, b0 + (done / 4 + j) as u64)));
+    }
+}
+
+/// Elements of a single block, from lane `start % 4` on.
+fn fill_partial(key: &RngKey, start: u64, out: &mut [f32], draw: Draw) {
+    if !out.is_empty() {
+        let lane = (start & 3) as usize;
+        out.copy_from_slice(&draw.map(block(key, start >> 2))[lane..lane + out.len()]);
+    }
+}
+
+/// Fills `out` with elements `start ..` of the stream, one Philox call per four elements.
+fn fill_seq(key: &RngKey, start: u64, out: &mut [f32], draw: Draw) {
+    let head = ((4 - (start & 3)) & 3).min(out.len() as u64) as usize;
+    let (head_out, rest) = out.split_at_mut(head);
+    fill_partial(key, start, head_out, draw);
+    let body = rest.len() / 4 * 4;
+    let (body_out, tail_out) = rest.split_at_mut(body);
+    let b0 = (start + head as u64) >> 2;
+    match draw {
+        Draw::Uniform => uniform_blocks(key, b0, body_out),
+        Draw::Gaussian => {
+            for (j, o) in body_out.chunks_exact_mut(4).enumerate() {
+                o.copy_from_slice(&gaussians(block(key, b0 + j as u64)));
+            }
+        }
+    }
+    fill_partial(key, start + (head + body) as u64, tail_out, draw);
+}
+
+fn fill_par(key: &RngKey, start: u64, out: &mut [f32], draw: Draw) {
     if out.len() <= FILL_CHUNK {
-        return fill_seq(key, start, out, f);
+        return fill_seq(key, start, out, draw);
     }
     out.par_chunks_mut(FILL_CHUNK)
         .enumerate()
-        .for_each(|(c, chunk)| fill_seq(key, start + (c * FILL_CHUNK) as u64, chunk, f));
+        .for_each(|(c, chunk)| fill_seq(key, start + (c * FILL_CHUNK) as u64, chunk, draw));
 }
 
 /// `out[j] = uniform(key, start + j)`, in parallel.
 pub fn fill_uniform(key: &RngKey, start: u64, out: &mut [f32]) {
-    fill_par(key, start, out, uniforms)
+    fill_par(key, start, out, Draw::Uniform)
 }
 
 /// `out[j] = gaussian(key, start + j)`, in parallel.
 pub fn fill_gaussian(key: &RngKey, start: u64, out: &mut [f32]) {
-    fill_par(key, start, out, gaussians)
+    fill_par(key, start, out, Draw::Gaussian)
 }
 
 /// Sequential uniform fill for small buffers inside already-parallel kernels (stochastic rounding).
 pub(crate) fn fill_uniform_seq(key: &RngKey, start: u64, out: &mut [f32]) {
-    fill_seq(key, start, out, uniforms)
+    fill_seq(key, start, out, Draw::Uniform)
 }
 
 #[cfg(test)]
@@ -164,10 +222,19 @@ mod tests {
     /// Random123's published known-answer vectors (tests/kat_vectors).
     #[test]
     fn philox_known_answers() {
-        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
-        assert_eq!(philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]);
         assert_eq!(
-            philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            philox4x32_10([0; 4], [0; 2]),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
+        assert_eq!(
+            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
+            [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
+        );
+        assert_eq!(
+            philox4x32_10(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
     }
@@ -215,8 +282,16 @@ mod tests {
         fill_uniform(&key, start, &mut u);
         fill_gaussian(&key, start, &mut z);
         for (j, (&a, &b)) in u.iter().zip(&z).enumerate() {
-            assert_eq!(a.to_bits(), uniform(&key, start + j as u64).to_bits(), "uniform {j}");
-            assert_eq!(b.to_bits(), gaussian(&key, start + j as u64).to_bits(), "gaussian {j}");
+            assert_eq!(
+                a.to_bits(),
+                uniform(&key, start + j as u64).to_bits(),
+                "uniform {j}"
+            );
+            assert_eq!(
+                b.to_bits(),
+                gaussian(&key, start + j as u64).to_bits(),
+                "gaussian {j}"
+            );
         }
         // Reverse order, odd chunk sizes: same values.
         let mut tail = vec![0.0; 11];
@@ -231,13 +306,22 @@ mod tests {
     #[test]
     fn different_keys_are_independent() {
         let base = RngKey::new(1, 0, STREAM_GAUSS);
-        let others = [base.with_stream(STREAM_SR_PERTURB), RngKey { tensor: 1, ..base }, RngKey { seed: 2, ..base }];
+        let others = [
+            base.with_stream(STREAM_SR_PERTURB),
+            RngKey { tensor: 1, ..base },
+            RngKey { seed: 2, ..base },
+        ];
         let mut a = vec![0.0; N];
         fill_gaussian(&base, 0, &mut a);
         for other in others {
             let mut b = vec![0.0; N];
             fill_gaussian(&other, 0, &mut b);
-            let corr = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() / N as f64;
+            let corr = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| x as f64 * y as f64)
+                .sum::<f64>()
+                / N as f64;
             assert!(corr.abs() < 1e-2, "{other:?}: correlation {corr}");
             assert_ne!(a[..8], b[..8]);
         }

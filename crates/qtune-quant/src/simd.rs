@@ -1,0 +1,439 @@
+//! Inner loops of quantization and dequantization, dispatched at run time: on x86-64 with AVX2+FMA the same
+//! scalar code is compiled a second time with those features enabled (LLVM vectorizes it), and the nibble
+//! unpacking loops that LLVM cannot vectorize well have hand-written AVX2 versions. Every path computes bit-for-bit
+//! the same values (fused multiply-add everywhere, ties-to-even rounding), so results never depend on the CPU.
+//!
+//! 4-bit layout (shared by INT4 and NF4, bitsandbytes' order): element 2j is the high nibble of byte j, element
+//! 2j+1 the low nibble. `phase = true` means the first element of a slice sits in the low nibble of byte 0.
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Defines `pub(crate) fn $name` whose body is compiled twice: portable, and with AVX2+FMA enabled, picking the
+/// second at run time when the CPU has it.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                if $crate::simd::has_avx2() {
+                    // SAFETY: the CPU supports the features `avx2` was compiled with.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+/// Lanes of the reductions below: independent accumulators that LLVM turns into vector registers (a single
+/// running max is a serial dependency it will not vectorize without fast-math).
+const LANES: usize = 16;
+
+multiversion! {
+    /// max |x| over a slice (NaN ignored).
+    fn absmax(x: &[f32]) -> f32 {
+        // `if a > m { a } else { m }` is exactly `maxps(a, m)`, NaN in `a` included.
+        let mut acc = [0.0f32; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (m, &v) in acc.iter_mut().zip(c) {
+                let a = v.abs();
+                *m = if a > *m { a } else { *m };
+            }
+        }
+        acc.iter().chain(tail).fold(0.0f32, |m, &v| { let a = v.abs(); if a > m { a } else { m } })
+    }
+}
+
+multiversion! {
+    /// (min, max) over a slice (NaN ignored); (0, 0) for an empty slice.
+    fn min_max(x: &[f32]) -> (f32, f32) {
+        let Some(&x0) = x.iter().find(|v| !v.is_nan()) else { return (0.0, 0.0) };
+        let (mut lo, mut hi) = ([x0; LANES], [x0; LANES]);
+        let chunks = x.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(c) {
+                *l = if v < *l { v } else { *l };
+                *h = if v > *h { v } else { *h };
+            }
+        }
+        let lo = lo.iter().chain(tail).fold(x0, |m, &v| if v < m { v } else { m });
+        let hi = hi.iter().chain(tail).fold(x0, |m, &v| if v > m { v } else { m });
+        (lo, hi)
+    }
+}
+
+multiversion! {
+    /// The grid step of encoding, fused into one pass: `y = (x − (b·scale + offset))·inv` where b is the current
+    /// grid index (`base`, for re-encoding relative to the current codes) or 0, rounded to nearest (ties to even)
+    /// or stochastically with the uniforms `u`, then `q = clamp(b + round(y), lo, hi)`. NaN inputs end at `lo`.
+    #[allow(clippy::too_many_arguments)]
+    fn encode_grid(
+        x: &[f32],
+        base: Option<&[f32]>,
+        scale: f32,
+        offset: f32,
+        inv: f32,
+        u: Option<&[f32]>,
+        lo: f32,
+        hi: f32,
+        q: &mut [f32],
+    ) {
+        let n = q.len();
+        let (x, base, u) = (&x[..n], base.map(|b| &b[..n]), u.map(|u| &u[..n]));
+        for i in 0..n {
+            let b = base.map_or(0.0, |b| b[i]);
+            let y = (x[i] - b.mul_add(scale, offset)) * inv;
+            let r = match u {
+                Some(u) => crate::round::stochastic_round(y, u[i]),
+                None => y.round_ties_even(),
+            };
+            q[i] = (b + r).max(lo).min(hi);
+        }
+    }
+}
+
+multiversion! {
+    /// Clamped integer-valued grid values plus `add` to bytes: 8-bit codes (add 0; negative values become two's
+    /// complement) or 4-bit nibble values (add the nibble zero).
+    fn grid_to_bytes(q: &[f32], add: f32, out: &mut [u8]) {
+        out.iter_mut().zip(q).for_each(|(o, &q)| {
+            // SAFETY: `encode_grid` clamped q to the grid, so q + add is a finite integer in −127..=255.
+            *o = unsafe { (q + add).to_int_unchecked::<i32>() } as u8
+        });
+    }
+}
+
+multiversion! {
+    /// NF4 codes (0..=15) of one block's values: the number of level midpoints strictly below the scaled value,
+    /// scaled as bitsandbytes does (`x·inv` for full blocks, `x/absmax` for the trailing partial block).
+    fn nf4_codes(x: &[f32], mids: &[f32; 15], absmax: f32, partial: bool, codes: &mut [u8]) {
+        let inv = 1.0 / absmax;
+        for (c, &v) in codes.iter_mut().zip(x) {
+            let v = if partial { v / absmax } else { v * inv }.clamp(-1.0, 1.0);
+            *c = mids.iter().map(|&m| (m < v) as u8).sum();
+        }
+    }
+}
+
+multiversion! {
+    /// 8-bit codes to `q·scale + offset`; `signed` reads the bytes as i8.
+    fn dequant_b8(codes: &[u8], signed: bool, scale: f32, offset: f32, out: &mut [f32]) {
+        if signed {
+            out.iter_mut().zip(codes).for_each(|(o, &c)| *o = (c as i8 as f32).mul_add(scale, offset));
+        } else {
+            out.iter_mut().zip(codes).for_each(|(o, &c)| *o = (c as f32).mul_add(scale, offset));
+        }
+    }
+}
+
+/// Portable 4-bit dequantization: nibble u → `(u − zero)·scale + offset` (NF4 passes its table via `lut`).
+#[inline(always)]
+fn dequant_nibbles_scalar(bytes: &[u8], phase: bool, out: &mut [f32], f: impl Fn(u8) -> f32) {
+    let mut o = 0;
+    let mut b = 0;
+    if phase && !out.is_empty() {
+        out[0] = f(bytes[0] & 15);
+        o = 1;
+        b = 1;
+    }
+    while o + 1 < out.len() {
+        out[o] = f(bytes[b] >> 4);
+        out[o + 1] = f(bytes[b] & 15);
+        o += 2;
+        b += 1;
+    }
+    if o < out.len() {
+        out[o] = f(bytes[b] >> 4);
+    }
+}
+
+/// Uniform 4-bit codes to values: `(u − zero)·scale + offset`.
+pub(crate) fn dequant_b4(
+    bytes: &[u8],
+    phase: bool,
+    zero: f32,
+    scale: f32,
+    offset: f32,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2+FMA are present; the kernel stays within `bytes` and `out`.
+        return unsafe {
+            avx2::dequant_nibbles(
+                bytes,
+                phase,
+                out,
+                avx2::Nibbles::Uniform {
+                    zero,
+                    scale,
+                    offset,
+                },
+            )
+        };
+    }
+    dequant_nibbles_scalar(bytes, phase, out, |u| {
+        (u as f32 - zero).mul_add(scale, offset)
+    })
+}
+
+/// NF4 codes to values: `lut[u]·absmax` (a plain product, as bitsandbytes computes it).
+pub(crate) fn dequant_lut4(
+    bytes: &[u8],
+    phase: bool,
+    lut: &[f32; 16],
+    absmax: f32,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe {
+            avx2::dequant_nibbles(bytes, phase, out, avx2::Nibbles::Lut { lut, absmax })
+        };
+    }
+    dequant_nibbles_scalar(bytes, phase, out, |u| lut[u as usize] * absmax)
+}
+
+multiversion! {
+    /// Writes 4-bit codes `codes[j]` (0..=15) into the nibbles starting at `phase`, leaving the other nibble of a
+    /// shared first or last byte untouched.
+    fn pack_nibbles(codes: &[u8], phase: bool, bytes: &mut [u8]) {
+        let (mut codes, mut bytes) = (codes, bytes);
+        if phase && !codes.is_empty() {
+            bytes[0] = (bytes[0] & 0xF0) | codes[0];
+            (codes, bytes) = (&codes[1..], &mut bytes[1..]);
+        }
+        let pairs = codes.chunks_exact(2);
+        let last = pairs.remainder();
+        let whole = codes.len() / 2;
+        for (b, p) in bytes.iter_mut().zip(pairs) {
+            *b = (p[0] << 4) | p[1];
+        }
+        if let [c] = last {
+            bytes[whole] = (bytes[whole] & 0x0F) | (c << 4);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::philox_uniform8;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    pub(super) enum Nibbles<'a> {
+        Uniform { zero: f32, scale: f32, offset: f32 },
+        Lut { lut: &'a [f32; 16], absmax: f32 },
+    }
+
+    /// 16 nibbles of 8 bytes → two vectors of 8 values, in element order (high nibble first).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn unpack16(p: *const u8) -> (__m256i, __m256i) {
+        let raw = _mm_loadl_epi64(p as *const __m128i);
+        let lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+        let idx = _mm_unpacklo_epi8(hi, lo);
+        (
+            _mm256_cvtepu8_epi32(idx),
+            _mm256_cvtepu8_epi32(_mm_srli_si128(idx, 8)),
+        )
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dequant_nibbles(
+        bytes: &[u8],
+        phase: bool,
+        out: &mut [f32],
+        kind: Nibbles,
+    ) {
+        let scalar = |u: u8| match &kind {
+            Nibbles::Uniform {
+                zero,
+                scale,
+                offset,
+            } => (u as f32 - zero).mul_add(*scale, *offset),
+            Nibbles::Lut { lut, absmax } => lut[u as usize] * absmax,
+        };
+        let (mut o, mut b) = (0, 0);
+        if phase && !out.is_empty() {
+            out[0] = scalar(bytes[0] & 15);
+            (o, b) = (1, 1);
+        }
+        // Vector body: 8 bytes → 16 values per step.
+        let steps = (out.len() - o) / 16;
+        match &kind {
+            Nibbles::Uniform {
+                zero,
+                scale,
+                offset,
+            } => {
+                let (vz, vs, vo) = (
+                    _mm256_set1_ps(*zero),
+                    _mm256_set1_ps(*scale),
+                    _mm256_set1_ps(*offset),
+                );
+                for s in 0..steps {
+                    let (a, c) = unpack16(bytes.as_ptr().add(b + 8 * s));
+                    let fa = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(a), vz), vs, vo);
+                    let fc = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), vz), vs, vo);
+                    _mm256_storeu_ps(out.as_mut_ptr().add(o + 16 * s), fa);
+                    _mm256_storeu_ps(out.as_mut_ptr().add(o + 16 * s + 8), fc);
+                }
+            }
+            Nibbles::Lut { lut, absmax } => {
+                let (t0, t1) = (
+                    _mm256_loadu_ps(lut.as_ptr()),
+                    _mm256_loadu_ps(lut.as_ptr().add(8)),
+                );
+                let va = _mm256_set1_ps(*absmax);
+                // permutevar8x32 looks at the low 3 bits; bit 3 (moved to the sign bit) picks the table half.
+                let look = |i: __m256i| {
+                    let v0 = _mm256_permutevar8x32_ps(t0, i);
+                    let v1 = _mm256_permutevar8x32_ps(t1, i);
+                    _mm256_mul_ps(
+                        _mm256_blendv_ps(v0, v1, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28))),
+                        va,
+                    )
+                };
+                for s in 0..steps {
+                    let (a, c) = unpack16(bytes.as_ptr().add(b + 8 * s));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(o + 16 * s), look(a));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(o + 16 * s + 8), look(c));
+                }
+            }
+        }
+        o += 16 * steps;
+        b += 8 * steps;
+        super::dequant_nibbles_scalar(&bytes[b..], false, &mut out[o..], scalar);
+    }
+
+    /// Eight Philox4x32-10 blocks at once (counters `[b lo, b hi, c2, c3]` for b = b0 .. b0+8, key `key`), turned
+    /// into uniforms like `rng::uniforms` and stored block after block: `out[4j + l]` = lane l of block b0 + j.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn philox_uniform8(
+        key: [u32; 2],
+        c2: u32,
+        c3: u32,
+        b0: u64,
+        out: &mut [f32; 32],
+    ) {
+        let lo: [u32; 8] = std::array::from_fn(|j| (b0 + j as u64) as u32);
+        let hi: [u32; 8] = std::array::from_fn(|j| ((b0 + j as u64) >> 32) as u32);
+        let mut c0 = _mm256_loadu_si256(lo.as_ptr() as *const __m256i);
+        let mut c1 = _mm256_loadu_si256(hi.as_ptr() as *const __m256i);
+        let mut c2 = _mm256_set1_epi32(c2 as i32);
+        let mut c3 = _mm256_set1_epi32(c3 as i32);
+        let (mut k0, mut k1) = (key[0], key[1]);
+        // 32×32→64 products of all eight lanes: even lanes directly, odd lanes shifted down; split into hi/lo.
+        let mulhilo = |a: __m256i, m: u32| {
+            let m = _mm256_set1_epi32(m as i32);
+            let even = _mm256_mul_epu32(a, m);
+            let odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+            let lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0b1010_1010);
+            let hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0b1010_1010);
+            (hi, lo)
+        };
+        for round in 0..10 {
+            if round > 0 {
+                k0 = k0.wrapping_add(crate::rng::PHILOX_W0);
+                k1 = k1.wrapping_add(crate::rng::PHILOX_W1);
+            }
+            let (hi0, lo0) = mulhilo(c0, crate::rng::PHILOX_M0);
+            let (hi1, lo1) = mulhilo(c2, crate::rng::PHILOX_M1);
+            c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(k0 as i32));
+            c1 = lo1;
+            c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(k1 as i32));
+            c3 = lo0;
+        }
+        let unit = |w: __m256i| {
+            _mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)),
+                _mm256_set1_ps(1.0 / 16_777_216.0),
+            )
+        };
+        let (u0, u1, u2, u3) = (unit(c0), unit(c1), unit(c2), unit(c3));
+        // 4×8 → 8×4 transpose: block j's four words become out[4j .. 4j+4].
+        let t0 = _mm256_unpacklo_ps(u0, u1); // b0w0 b0w1 b1w0 b1w1 | b4w0 b4w1 b5w0 b5w1
+        let t1 = _mm256_unpackhi_ps(u0, u1); // b2.. b3.. | b6.. b7..
+        let t2 = _mm256_unpacklo_ps(u2, u3);
+        let t3 = _mm256_unpackhi_ps(u2, u3);
+        let r0 = _mm256_shuffle_ps(t0, t2, 0b01_00_01_00); // b0 | b4
+        let r1 = _mm256_shuffle_ps(t0, t2, 0b11_10_11_10); // b1 | b5
+        let r2 = _mm256_shuffle_ps(t1, t3, 0b01_00_01_00); // b2 | b6
+        let r3 = _mm256_shuffle_ps(t1, t3, 0b11_10_11_10); // b3 | b7
+        let p = out.as_mut_ptr();
+        _mm256_storeu_ps(p, _mm256_permute2f128_ps(r0, r1, 0x20));
+        _mm256_storeu_ps(p.add(8), _mm256_permute2f128_ps(r2, r3, 0x20));
+        _mm256_storeu_ps(p.add(16), _mm256_permute2f128_ps(r0, r1, 0x31));
+        _mm256_storeu_ps(p.add(24), _mm256_permute2f128_ps(r2, r3, 0x31));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 and portable nibble kernels agree bit for bit, at every phase and length.
+    #[test]
+    fn nibble_kernels_match_scalar() {
+        let bytes: Vec<u8> = (0..64u32)
+            .map(|i| (i.wrapping_mul(0x9E) ^ (i >> 1)) as u8)
+            .collect();
+        let lut: [f32; 16] = std::array::from_fn(|i| (i as f32 - 7.3) / 8.1);
+        for phase in [false, true] {
+            for len in [0, 1, 2, 15, 16, 17, 33, 100] {
+                let (mut a, mut b, mut c, mut d) = (
+                    vec![0.0; len],
+                    vec![0.0; len],
+                    vec![0.0; len],
+                    vec![0.0; len],
+                );
+                dequant_b4(&bytes, phase, 8.0, 0.37, -0.1, &mut a);
+                dequant_nibbles_scalar(&bytes, phase, &mut b, |u| {
+                    (u as f32 - 8.0).mul_add(0.37, -0.1)
+                });
+                dequant_lut4(&bytes, phase, &lut, 1.7, &mut c);
+                dequant_nibbles_scalar(&bytes, phase, &mut d, |u| lut[u as usize] * 1.7);
+                assert_eq!(a, b, "uniform phase {phase} len {len}");
+                assert_eq!(c, d, "lut phase {phase} len {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn pack_nibbles_keeps_neighbours() {
+        let mut bytes = [0xABu8, 0xCD, 0xEF];
+        pack_nibbles(&[1, 2, 3], true, &mut bytes);
+        assert_eq!(bytes, [0xA1, 0x23, 0xEF]);
+        pack_nibbles(&[4], false, &mut bytes[2..]);
+        assert_eq!(bytes, [0xA1, 0x23, 0x4F]);
+        let mut out = [0.0; 3];
+        dequant_nibbles_scalar(&bytes, true, &mut out, |u| u as f32);
+        assert_eq!(out, [1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn reductions() {
+        assert_eq!(absmax(&[1.0, -3.0, 2.0, f32::NAN]), 3.0);
+        assert_eq!(min_max(&[1.0, -3.0, 2.0]), (-3.0, 2.0));
+        let long: Vec<f32> = (0..100).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
+        assert_eq!(min_max(&long), (-50.0, 50.0));
+        assert_eq!(absmax(&long), 50.0);
+        assert_eq!(min_max(&[f32::NAN, 2.0, -1.0]), (-1.0, 2.0));
+        assert_eq!(min_max(&[]), (0.0, 0.0));
+    }
+}
