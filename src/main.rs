@@ -150,6 +150,9 @@ struct TrainArgs {
     /// Evaluate nothing (timing runs).
     #[arg(long)]
     no_eval: bool,
+    /// Write the batches this run would train on to FILE (jsonl) and exit without training.
+    #[arg(long)]
+    dump_batches: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -243,6 +246,9 @@ fn train(a: TrainArgs) -> Result<()> {
         pad_id: pad,
         skip_eval: a.no_eval,
     };
+    if let Some(path) = &a.dump_batches {
+        return trainer::dump_batches(&splits, &cfg, path);
+    }
     let s = trainer::train(&model, method.as_mut(), &splits, Some(&tok), &c.model.display().to_string(), &cfg)?;
     eprintln!(
         "{}: median step {:.2} s, {:.1} tok/s, model state {:.2} B/param; wrote {}",

@@ -158,13 +158,7 @@ pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Optio
     let mut peak = method.state_bytes();
     let (mut last_loss, mut skipped) = (None, 0);
     for step in 0..cfg.steps {
-        let micro: Vec<Batch> = (0..cfg.grad_accum)
-            .map(|_| {
-                let idx = batcher.next_indices(cfg.batch_size);
-                let exs: Vec<_> = idx.iter().map(|&i| &splits.train.examples[i]).collect();
-                make_batch(&exs, splits.train.classes.as_deref(), cfg.max_seq_len, cfg.pad_id, &dev)
-            })
-            .collect::<Result<_>>()?;
+        let micro = next_micro_batches(&mut batcher, splits, cfg)?;
         let tokens: usize = micro.iter().map(|b| b.real_tokens()).sum();
         let lr = cfg.schedule.lr(step);
         let t0 = Instant::now();
@@ -231,6 +225,36 @@ pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Optio
         method.export(&cfg.out.join("model"), tok, model_name)?;
     }
     Ok(summary)
+}
+
+/// The micro-batches of the next step, as training draws them.
+pub fn next_micro_batches(batcher: &mut Batcher, splits: &Splits, cfg: &TrainConfig) -> Result<Vec<Batch>> {
+    (0..cfg.grad_accum)
+        .map(|_| {
+            let idx = batcher.next_indices(cfg.batch_size);
+            let exs: Vec<_> = idx.iter().map(|&i| &splits.train.examples[i]).collect();
+            make_batch(&exs, splits.train.classes.as_deref(), cfg.max_seq_len, cfg.pad_id, &Device::Cpu)
+        })
+        .collect()
+}
+
+/// Writes the exact batches a training run with `cfg` would use, one jsonl line per micro-batch
+/// (`step`, `micro`, `ids`, `lengths`, `positions`, `classes`, `labels`), so other tools (the PyTorch peers of the
+/// benchmark) can train on the same data.
+pub fn dump_batches(splits: &Splits, cfg: &TrainConfig, path: &Path) -> Result<()> {
+    let mut batcher = Batcher::new(splits.train.examples.len(), cfg.seed);
+    crate::io::write_atomic(path, |f| {
+        for step in 0..cfg.steps {
+            for (k, b) in next_micro_batches(&mut batcher, splits, cfg)?.iter().enumerate() {
+                let line = serde_json::json!({
+                    "step": step, "micro": k, "ids": b.ids.to_vec2::<u32>()?, "lengths": b.lengths,
+                    "positions": b.targets.positions, "classes": b.targets.classes, "labels": b.targets.labels,
+                });
+                writeln!(f, "{line}")?;
+            }
+        }
+        Ok(())
+    })
 }
 
 pub fn write_summary(out: &Path, summary: &impl Serialize) -> Result<()> {
