@@ -150,6 +150,10 @@ struct TrainArgs {
     /// Evaluate nothing (timing runs).
     #[arg(long)]
     no_eval: bool,
+    /// Also write the training state in the method's own format (quantized weights, optimizer states) to
+    /// <out>/state.safetensors.
+    #[arg(long)]
+    save_state: bool,
     /// Write the batches this run would train on to FILE (jsonl) and exit without training.
     #[arg(long)]
     dump_batches: Option<PathBuf>,
@@ -245,6 +249,7 @@ fn train(a: TrainArgs) -> Result<()> {
         out: out.clone(),
         pad_id: pad,
         skip_eval: a.no_eval,
+        save_state: a.save_state,
     };
     if let Some(path) = &a.dump_batches {
         return trainer::dump_batches(&splits, &cfg, path);

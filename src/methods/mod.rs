@@ -59,6 +59,18 @@ pub trait Method {
     fn trainable_params(&self) -> usize;
     /// Bytes of weights, gradients and optimizer state held between steps.
     fn state_bytes(&self) -> Breakdown;
+    /// Whether [`Method::save_state`] is implemented.
+    fn saves_state(&self) -> bool {
+        false
+    }
+    /// Writes the training state in the method's own format (quantized codes, scales, outliers, optimizer states).
+    fn save_state(&self, _w: &mut crate::checkpoint::StateWriter) -> Result<()> {
+        Err(Error::Option(format!("{} cannot save its training state yet", self.name())))
+    }
+    /// Restores what [`Method::save_state`] wrote.
+    fn load_state(&mut self, _r: &crate::checkpoint::StateReader) -> Result<()> {
+        Err(Error::Option(format!("{} cannot load a training state yet", self.name())))
+    }
     /// The model as dense f32 parameters, for export (dequantized or merged as the method requires).
     fn export_params(&self) -> Result<ParamStore>;
     /// The inference forward evaluation runs. A method whose model is not the decoder over [`Method::weights`]

@@ -25,6 +25,8 @@ pub struct TrainConfig {
     pub pad_id: u32,
     /// Skip the evaluations (tests and benchmarks that only time steps).
     pub skip_eval: bool,
+    /// Write the method's training state to `<out>/state.safetensors` at the end.
+    pub save_state: bool,
 }
 
 /// Accuracy and mean loss of a model on one split.
@@ -132,6 +134,9 @@ fn median(v: &mut [f64]) -> Option<f64> {
 pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Option<&Tok>, model_name: &str, cfg: &TrainConfig) -> Result<Summary> {
     if cfg.steps == 0 && !cfg.skip_eval {
         eprintln!("note: --steps 0: evaluating only");
+    }
+    if cfg.save_state && !method.saves_state() {
+        return Err(Error::Option(format!("--save-state: {} cannot save its training state yet", method.name())));
     }
     if cfg.batch_size == 0 || cfg.grad_accum == 0 {
         return Err(Error::Option("--batch-size and --grad-accum must be at least 1".into()));

@@ -93,6 +93,25 @@ impl HybridTensor {
         Self::from_split(s, rows, cols, fraction)
     }
 
+    /// Rebuilds a tensor from its stored parts (a checkpoint): the dense INT8 per-row part and the CSR outliers,
+    /// checked for consistency (row pointers monotone and ending at the value count, columns in range).
+    pub fn from_raw(dense: IntTensor, fraction: f64, threshold: f32, row_ptr: Vec<u32>, col_idx: Vec<u32>, values: Vec<f32>) -> Result<Self> {
+        let (rows, cols) = (dense.rows(), dense.cols());
+        if dense.spec() != DENSE_SPEC {
+            return Err(QuantError::InvalidShape { rows, cols, reason: "the dense part must be INT8 symmetric per row" });
+        }
+        if !(0.0..1.0).contains(&fraction) {
+            return Err(QuantError::InvalidFraction(fraction));
+        }
+        check_len("row_ptr", rows + 1, row_ptr.len())?;
+        check_len("col_idx", values.len(), col_idx.len())?;
+        let monotone = row_ptr.windows(2).all(|w| w[0] <= w[1]);
+        if row_ptr[0] != 0 || !monotone || row_ptr[rows] as usize != values.len() || col_idx.iter().any(|&c| c as usize >= cols) {
+            return Err(QuantError::InvalidShape { rows, cols, reason: "inconsistent CSR outliers" });
+        }
+        Ok(HybridTensor { dense, fraction, threshold, row_ptr, col_idx, values })
+    }
+
     fn from_split(s: Split, rows: usize, cols: usize, fraction: f64) -> Result<Self> {
         Ok(HybridTensor {
             dense: IntTensor::from_parts(rows, cols, DENSE_SPEC, s.codes, s.scales)?,

@@ -307,6 +307,28 @@ impl IntTensor {
     }
 
     /// Assembles a tensor from parts that the caller computed consistently (the hybrid quantizer's dense part).
+    /// Rebuilds a tensor from its stored parts (a checkpoint), checking that every length matches the shape.
+    pub fn from_raw(
+        rows: usize,
+        cols: usize,
+        spec: QuantSpec,
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+        offsets: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        let n = check_shape(rows, cols)?;
+        let group = spec.group_len(rows, cols)?;
+        check_len("codes", spec.bits.code_bytes(n), codes.len())?;
+        check_len("scales", n.div_ceil(group), scales.len())?;
+        if offsets.is_some() == spec.symmetric {
+            return Err(QuantError::InvalidShape { rows, cols, reason: "offsets must be present exactly for asymmetric tensors" });
+        }
+        if let Some(o) = &offsets {
+            check_len("offsets", scales.len(), o.len())?;
+        }
+        Ok(IntTensor { rows, cols, spec, group, codes, scales, offsets })
+    }
+
     pub(crate) fn from_parts(
         rows: usize,
         cols: usize,
