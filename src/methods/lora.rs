@@ -61,7 +61,8 @@ pub fn nf4_base(params: &ParamStore) -> Result<QuantStore<Nf4Tensor>> {
 }
 
 /// PyTorch's default `nn.Linear` weight init (`kaiming_uniform_(a=√5)`): U(−1/√fan_in, 1/√fan_in), drawn from the
-/// counter-based RNG so `key` fixes it.
+/// counter-based RNG so `key` fixes it. Callers key it by a method-tagged seed on the Gaussian stream (the stream
+/// registry has no init stream, and nothing else draws from those seeds).
 pub fn kaiming_uniform(
     shape: &[usize],
     fan_in: usize,

@@ -5,7 +5,7 @@
 //! One forward (N base layers, d base width, s = d/r side width; h_f,0 the embeddings, h_f,i base block i's output):
 //!   h_g,0 = down_0(h_f,0)
 //!   x_i   = (1 − β_i)·down_i(h_f,i) + β_i·h_g,i−1,  β_i = σ(γ_i)                          (i = 1..N)
-//!   h_g,i = side_block_i(x_i)
+//!   h_g,i = side_block_i(x_i)                                  (side decoder block l = i − 1)
 //!   h     = α ⊙ norm_f(h_f,N) + (1 − α) ⊙ up(norm_g(h_g,N))  → frozen LM head → cross-entropy
 //! The side blocks are LLaMA blocks at width s and FFN width ffn/r with the base's head counts; they run on the
 //! decoder's own [`Llama::block_forward`] / [`Llama::block_backward`] with their own RoPE table and causal mask. Like
@@ -37,7 +37,9 @@
 //! Memory: the base forward ([`Llama::hidden_states`]) keeps nothing; each h_f,i is downsampled the moment it exists
 //! and only what the downsample's gradient needs survives ([`DownActs`]: the adapter, LoRA-style and linear variants
 //! keep their input h_f,i [B·T, d]; pooling keeps nothing). The side keeps its blocks' activations, or with
-//! `--recompute` only their inputs [B·T, s]. Export writes the side network (`side.safetensors`) and `qst.json`,
+//! `--recompute` only their inputs [B·T, s]. With the base's head count, a side block's attention probabilities
+//! [B, H, T, T] are as large as a base block's: at long sequences they are most of what QST keeps, and
+//! `--recompute` drops them for one extra side-block forward each. Export writes the side network (`side.safetensors`) and `qst.json`,
 //! which names the base model file and how it was quantized; the base itself is not copied.
 use super::lora::{kaiming_uniform, nf4_base, FirstOrder, FrozenBase, Trained, NF4_BLOCK};
 use super::{Method, StepStats};
@@ -691,7 +693,7 @@ impl Qst {
 
     /// The run's description next to `side.safetensors`: the base model it reads and how, and the wiring.
     fn manifest(&self, base_model: &str) -> serde_json::Value {
-        let q = &self.net.cfg;
+        let (q, sc) = (&self.net.cfg, &self.net.side.cfg);
         serde_json::json!({
             "method": "qst",
             "base_model": base_model,
@@ -703,7 +705,17 @@ impl Qst {
                 "quantized": "every matrix, the embedding included; norm weights f32",
             },
             "base_config": self.base.cfg.to_hf_json(),
-            "side_config": self.net.side.cfg.to_hf_json(),
+            // The side blocks only (no embeddings or head of their own).
+            "side_config": {
+                "hidden_size": sc.hidden_size,
+                "intermediate_size": sc.intermediate_size,
+                "num_hidden_layers": sc.num_hidden_layers,
+                "num_attention_heads": sc.num_attention_heads,
+                "num_key_value_heads": sc.num_key_value_heads,
+                "head_dim": sc.head_dim,
+                "rope_theta": sc.rope_theta,
+                "rms_norm_eps": sc.rms_norm_eps,
+            },
             "r": q.r,
             "downsample": q.downsample,
             "adapter_rank": q.adapter_rank,
@@ -1290,5 +1302,88 @@ mod tests {
         }
         let frac = count(Downsample::Adapter) as f64 / total as f64;
         assert!((0.004..0.007).contains(&frac), "{frac}");
+    }
+
+    /// Peak RSS of one training step at SmolLM2-135M's shape (random weights), batch 16 × 512 tokens, label-word
+    /// loss at the last position: the issue's QST-vs-LoRA memory comparison. Minutes of CPU and ~15 GB; run one
+    /// per process, in release, on a big machine: `cargo test --release --lib peak_rss_ -- --ignored --exact
+    /// methods::qst::tests::peak_rss_qst` (VmHWM is per process).
+    fn probe(method: &str, recompute: bool) {
+        let cfg = smollm2_config();
+        let params = ParamStore::random(&cfg, 1, 0.02, DType::F32).unwrap();
+        let o = crate::methods::MethodOptions {
+            weight_decay: 0.0,
+            clip: Some(1.0),
+            keep: if recompute { Keep::Inputs } else { Keep::All },
+            on_nan: OnNonFinite::Skip,
+            eps: 1e-3,
+            directions: 1,
+            seed: 0,
+            bits: 8,
+            perturb_bits: 4,
+            estimator: crate::methods::quzo::Estimator::Qrge2,
+            outlier_fraction: 0.01,
+            recalibrate_every: 0,
+            fused: false,
+            side_r: 16,
+            downsample: Downsample::Adapter,
+            adapter_rank: 16,
+            lora_r: 8,
+            lora_alpha: 16.0,
+            optimizer: crate::methods::OptimizerKind::AdamW,
+        };
+        let (mut m, lr) = crate::methods::build(method, params, &o).unwrap();
+        let (b, t) = (16, 512);
+        let ids: Vec<u32> = (0..(b * t) as u64)
+            .map(|i| (i.wrapping_mul(2654435761) % cfg.vocab_size as u64) as u32)
+            .collect();
+        let targets = Targets {
+            positions: (0..b).map(|r| (r * t + t - 1) as u32).collect(),
+            classes: Some(vec![4093, 6369]),
+            labels: (0..b).map(|r| (r % 2) as u32).collect(),
+        };
+        let batch = Batch {
+            ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
+            lengths: vec![t; b],
+            targets,
+        };
+        let t0 = std::time::Instant::now();
+        let stats = m.step(&Llama::new(cfg), &[batch], lr).unwrap();
+        println!(
+            "{{\"method\": \"{method}\", \"recompute\": {recompute}, \"peak_rss_bytes\": {}, \"step_s\": {:.1}, \"breakdown\": {}}}",
+            crate::train::memory::peak_rss_bytes(),
+            t0.elapsed().as_secs_f64(),
+            serde_json::to_string(&stats.memory).unwrap()
+        );
+    }
+
+    #[test]
+    #[ignore]
+    fn peak_rss_qst() {
+        probe("qst", false);
+    }
+
+    #[test]
+    #[ignore]
+    fn peak_rss_qst_recompute() {
+        probe("qst", true);
+    }
+
+    #[test]
+    #[ignore]
+    fn peak_rss_lora() {
+        probe("lora", false);
+    }
+
+    #[test]
+    #[ignore]
+    fn peak_rss_lora_recompute() {
+        probe("lora", true);
+    }
+
+    #[test]
+    #[ignore]
+    fn peak_rss_qlora() {
+        probe("qlora", false);
     }
 }
