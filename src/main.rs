@@ -4,6 +4,8 @@
 use clap::{Args, Parser, Subcommand};
 use qtune::data::tasks::{default_data, load_task, SplitSizes};
 use qtune::methods::{self, MethodOptions, OnNonFinite, METHODS};
+use qtune::model::load::read_header;
+use qtune::model::quantized::Source;
 use qtune::model::{load_model, Keep, Llama, LoadedModel, Tok};
 use qtune::train::memory;
 use qtune::train::schedule::{Schedule, ScheduleKind};
@@ -179,12 +181,18 @@ struct GenArgs {
 
 fn load(path: &PathBuf) -> Result<(LoadedModel, Tok)> {
     let loaded = load_model(path)?;
-    let tok = loaded.tokenizer.clone().ok_or_else(|| Error::file(path, "no tokenizer (tokenizer.json or GGUF metadata)"))?;
+    let tok = tokenizer(loaded.tokenizer.clone(), path)?;
     Ok((loaded, tok))
 }
 
-fn pad_id(loaded: &LoadedModel) -> u32 {
-    loaded.params.cfg.eos_token_id.unwrap_or(0)
+/// Batches are right-padded with the end-of-sequence token (never read by the loss).
+fn pad_id(cfg: &qtune::model::LlamaConfig) -> u32 {
+    cfg.eos_token_id.unwrap_or(0)
+}
+
+/// The tokenizer a command needs, or an error naming the model.
+fn tokenizer(tok: Option<Tok>, path: &std::path::Path) -> Result<Tok> {
+    tok.ok_or_else(|| Error::file(path, "no tokenizer (tokenizer.json or GGUF metadata)"))
 }
 
 fn splits(c: &Common, tok: &Tok) -> Result<qtune::data::Splits> {
@@ -206,10 +214,12 @@ fn train(a: TrainArgs) -> Result<()> {
     let kind: ScheduleKind = a.schedule.parse()?;
     let on_nan: OnNonFinite = a.on_nan.parse()?;
     let (downsample, optimizer) = (a.downsample.parse()?, a.optimizer.parse()?);
-    let (loaded, tok) = load(&c.model)?;
+    // The config and tokenizer first; the weights are read by the method, which quantizes them as they arrive.
+    let header = read_header(&c.model)?;
+    let tok = tokenizer(header.tokenizer, &c.model)?;
     let splits = splits(c, &tok)?;
-    let pad = pad_id(&loaded);
-    let model = Llama::new(loaded.params.cfg.clone());
+    let pad = pad_id(&header.cfg);
+    let model = Llama::new(header.cfg);
     let opts = MethodOptions {
         weight_decay: a.weight_decay,
         clip: (a.clip > 0.0).then_some(a.clip),
@@ -232,7 +242,7 @@ fn train(a: TrainArgs) -> Result<()> {
         lora_alpha: a.lora_alpha,
         optimizer,
     };
-    let (mut method, default_lr) = methods::build(&a.method, loaded.params, &opts)?;
+    let (mut method, default_lr) = methods::build(&a.method, Source::File(c.model.clone()), &opts)?;
     let lr = a.lr.unwrap_or(default_lr);
     if !(lr.is_finite() && lr > 0.0) {
         return Err(Error::Option(format!("--lr {lr} must be positive")));
@@ -270,7 +280,7 @@ fn eval(c: Common) -> Result<()> {
     let (loaded, tok) = load(&c.model)?;
     let splits = splits(&c, &tok)?;
     let model = Llama::new(loaded.params.cfg.clone());
-    let pad = pad_id(&loaded);
+    let pad = pad_id(&loaded.params.cfg);
     let dev = candle_core::Device::Cpu;
     let d = trainer::evaluate(&model, &loaded.params, &splits.dev, c.eval_batch_size, c.max_seq_len, pad, &dev)?;
     let e = trainer::evaluate(&model, &loaded.params, &splits.eval, c.eval_batch_size, c.max_seq_len, pad, &dev)?;

@@ -23,7 +23,7 @@
 //!
 //! [`Trained`] and [`FirstOrder`] (a method's own tensors and their optimizer step) are shared with QST.
 use super::{Method, OnNonFinite, StepStats};
-use crate::model::quantized::{quant_err, QuantStore};
+use crate::model::quantized::{quant_err, QuantStore, Source};
 use crate::model::{
     Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, ParamId, ParamStore, Weights,
 };
@@ -54,8 +54,8 @@ pub const TARGETS: [BlockParam; 7] = [
 ];
 
 /// Quantizes a model to NF4 with double quantization, matrix by matrix (the frozen base of `qlora` and `qst`).
-pub fn nf4_base(params: &ParamStore) -> Result<QuantStore<Nf4Tensor>> {
-    QuantStore::from_params(params, &mut |_, d, r, c| {
+pub fn nf4_base(source: Source) -> Result<QuantStore<Nf4Tensor>> {
+    source.quantize(&mut |_, d, r, c| {
         Nf4Tensor::quantize(d, r, c, NF4_BLOCK, true).map_err(quant_err)
     })
 }
@@ -613,7 +613,7 @@ mod tests {
             Llama::new(cfg),
             Lora::new(
                 "qlora",
-                nf4_base(&p).unwrap(),
+                nf4_base(Source::Params(p.clone())).unwrap(),
                 LoraConfig {
                     r: 4,
                     alpha: 8.0,

@@ -7,6 +7,7 @@ pub mod qst;
 pub mod quzo;
 pub mod zo;
 
+use crate::model::quantized::Source;
 use crate::model::{export_hf, Batch, Keep, Llama, Output, ParamStore, Tok, Weights};
 use crate::train::memory::Breakdown;
 use crate::{Error, Result};
@@ -141,17 +142,18 @@ pub struct MethodOptions {
     pub optimizer: OptimizerKind,
 }
 
-/// Builds the method `name` over the model `params`; returns it with its default peak learning rate.
-pub fn build(name: &str, params: ParamStore, o: &MethodOptions) -> Result<(Box<dyn Method>, f64)> {
+/// Builds the method `name` starting from `source`; returns it with its default peak learning rate. Quantized
+/// methods quantize the model as it is read; f32 methods load it whole.
+pub fn build(name: &str, source: Source, o: &MethodOptions) -> Result<(Box<dyn Method>, f64)> {
     use crate::train::optim::{AdamWConfig, LionConfig, Optimizer};
     Ok(match name {
         "full-adamw" => {
             let opt = Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() });
-            (Box::new(FullFinetune::new(params, opt, o.clip, o.keep, o.on_nan)), 1e-5)
+            (Box::new(FullFinetune::new(source.params()?, opt, o.clip, o.keep, o.on_nan)), 1e-5)
         }
         "full-lion" => {
             let opt = Optimizer::lion(LionConfig { weight_decay: o.weight_decay, ..Default::default() });
-            (Box::new(FullFinetune::new(params, opt, o.clip, o.keep, o.on_nan)), 1e-6)
+            (Box::new(FullFinetune::new(source.params()?, opt, o.clip, o.keep, o.on_nan)), 1e-6)
         }
         "qft" => {
             let cfg = qft::QftConfig {
@@ -163,20 +165,20 @@ pub fn build(name: &str, params: ParamStore, o: &MethodOptions) -> Result<(Box<d
                 keep: o.keep,
                 seed: o.seed,
             };
-            (Box::new(qft::Qft::new(&params, cfg, o.on_nan)?), 1e-6)
+            (Box::new(qft::Qft::new(source, cfg, o.on_nan)?), 1e-6)
         }
         "qat" => {
             let opt = Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() });
-            (Box::new(FullFinetune::qat(params, opt, quzo::weight_spec(o.bits)?, o.clip, o.keep, o.on_nan)?), 1e-5)
+            (Box::new(FullFinetune::qat(source.params()?, opt, quzo::weight_spec(o.bits)?, o.clip, o.keep, o.on_nan)?), 1e-5)
         }
         "mezo" => {
             let cfg = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };
-            (Box::new(zo::Mezo::new(params, cfg, o.on_nan)?), 1e-6)
+            (Box::new(zo::Mezo::new(source.params()?, cfg, o.on_nan)?), 1e-6)
         }
         "quzo" => {
             let zo = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };
             let cfg = quzo::QuzoConfig { zo, bits: o.bits, perturb_bits: o.perturb_bits, estimator: o.estimator };
-            (Box::new(quzo::Quzo::new(&params, cfg, o.on_nan)?), 1e-6)
+            (Box::new(quzo::Quzo::new(source, cfg, o.on_nan)?), 1e-6)
         }
         "qst" | "lora" | "qlora" => {
             // Peak LRs: QST's paper 2e-4, LoRA 1e-4 with AdamW; Lion wants about a tenth.
@@ -189,12 +191,12 @@ pub fn build(name: &str, params: ParamStore, o: &MethodOptions) -> Result<(Box<d
             let (m, lr): (Box<dyn Method>, f64) = match name {
                 "qst" => {
                     let cfg = qst::QstConfig { r: o.side_r, downsample: o.downsample, adapter_rank: o.adapter_rank, keep: o.keep, seed: o.seed };
-                    (Box::new(qst::Qst::new(&params, cfg, update)?), 2e-4)
+                    (Box::new(qst::Qst::new(source, cfg, update)?), 2e-4)
                 }
-                "lora" => (Box::new(lora::Lora::new("lora", params, lc, update, o.keep)?), 1e-4),
+                "lora" => (Box::new(lora::Lora::new("lora", source.params()?, lc, update, o.keep)?), 1e-4),
                 _ => {
                     lc.validate()?;
-                    (Box::new(lora::Lora::new("qlora", lora::nf4_base(&params)?, lc, update, o.keep)?), 1e-4)
+                    (Box::new(lora::Lora::new("qlora", lora::nf4_base(source)?, lc, update, o.keep)?), 1e-4)
                 }
             };
             (m, lr * lr_scale)

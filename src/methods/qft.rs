@@ -16,7 +16,7 @@
 //! - Fused variant (`fused`): the Lion update is applied inside the backward as each f32 gradient arrives (no
 //!   stack, no gradient state); it needs one micro-batch per step and no clipping (both need every gradient first).
 use super::{Method, OnNonFinite, StepStats};
-use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore};
+use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore, Source};
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::{Batch, GradSink, Keep, Llama, ParamId, ParamStore, Weights};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
@@ -170,13 +170,13 @@ fn key(seed: u64, step: u64, id: usize, stream: u32) -> RngKey {
 }
 
 impl Qft {
-    pub fn new(params: &ParamStore, cfg: QftConfig, on_nan: OnNonFinite) -> Result<Self> {
+    pub fn new(source: Source, cfg: QftConfig, on_nan: OnNonFinite) -> Result<Self> {
         if cfg.fused && cfg.clip.is_some() {
             return Err(Error::Option("--fused applies each update inside the backward, so it cannot clip by the global norm: pass --clip 0".into()));
         }
         let frac = cfg.outlier_fraction;
-        let store = QuantStore::from_params(params, &mut |_, d, r, c| HybridTensor::quantize(d, r, c, frac, Rounding::Nearest).map_err(quant_err))?;
-        let momentum = params.ids().iter().map(|&id| Int8Blocks::zeros(id.numel(&params.cfg))).collect::<Result<_>>()?;
+        let store = source.quantize(&mut |_, d, r, c| HybridTensor::quantize(d, r, c, frac, Rounding::Nearest).map_err(quant_err))?;
+        let momentum = store.ids().iter().map(|&id| Int8Blocks::zeros(id.numel(&store.cfg))).collect::<Result<_>>()?;
         Ok(Qft { weights: QftWeights(RefCell::new(store)), momentum, stack: Vec::new(), cfg, on_nan, step: 0 })
     }
 
@@ -539,7 +539,7 @@ mod tests {
     fn lion_update_matches_the_reference_rule() {
         let cfg = tiny_config(true);
         let p = ParamStore::random(&cfg, 2, 0.3, DType::F32).unwrap();
-        let mut q = Qft::new(&p, cfg_lion(0.1), OnNonFinite::Stop).unwrap();
+        let mut q = Qft::new(Source::Params(p.clone()), cfg_lion(0.1), OnNonFinite::Stop).unwrap();
         let id = ParamId::Block(0, crate::model::BlockParam::Gate);
         let n = id.numel(&cfg);
         // A non-zero momentum first, from one update with another gradient.
@@ -604,14 +604,14 @@ mod tests {
         let cfg = tiny_config(true);
         let m = Llama::new(cfg.clone());
         let p = ParamStore::random(&cfg, 2, 0.3, DType::F32).unwrap();
-        let mut one = Qft::new(&p, cfg_lion(0.0), OnNonFinite::Stop).unwrap();
-        let mut two = Qft::new(&p, cfg_lion(0.0), OnNonFinite::Stop).unwrap();
+        let mut one = Qft::new(Source::Params(p.clone()), cfg_lion(0.0), OnNonFinite::Stop).unwrap();
+        let mut two = Qft::new(Source::Params(p.clone()), cfg_lion(0.0), OnNonFinite::Stop).unwrap();
         let s1 = one.step(&m, &[batch()], 1e-3).unwrap();
         let s2 = two.step(&m, &[batch(), batch()], 1e-3).unwrap();
         let (n1, n2) = (s1.grad_norm.unwrap(), s2.grad_norm.unwrap());
         assert!((n1 - n2).abs() / n1 < 0.02, "norm {n1} vs accumulated {n2}");
         for fused in [false, true] {
-            let mut q = Qft::new(&p, QftConfig { fused, ..cfg_lion(0.0) }, OnNonFinite::Stop).unwrap();
+            let mut q = Qft::new(Source::Params(p.clone()), QftConfig { fused, ..cfg_lion(0.0) }, OnNonFinite::Stop).unwrap();
             let first = q.step(&m, &[batch()], 1e-2).unwrap();
             let mut last = first;
             for _ in 0..15 {
@@ -628,14 +628,14 @@ mod tests {
         let cfg = tiny_config(true);
         let m = Llama::new(cfg.clone());
         let p = ParamStore::random(&cfg, 2, 0.3, DType::F32).unwrap();
-        let mut a = Qft::new(&p, cfg_lion(0.1), OnNonFinite::Stop).unwrap();
+        let mut a = Qft::new(Source::Params(p.clone()), cfg_lion(0.1), OnNonFinite::Stop).unwrap();
         a.step(&m, &[batch()], 1e-3).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.safetensors");
         let mut w = StateWriter::new("qft");
         a.save_state(&mut w).unwrap();
         w.write(&path).unwrap();
-        let mut b = Qft::new(&p, cfg_lion(0.1), OnNonFinite::Stop).unwrap();
+        let mut b = Qft::new(Source::Params(p.clone()), cfg_lion(0.1), OnNonFinite::Stop).unwrap();
         b.load_state(&StateReader::open(&path).unwrap()).unwrap();
         a.step(&m, &[batch()], 1e-3).unwrap();
         b.step(&m, &[batch()], 1e-3).unwrap();
@@ -655,7 +655,7 @@ mod tests {
     fn model_state_is_at_most_3_3_bytes_per_parameter() {
         let cfg = LlamaConfig { vocab_size: 1024, hidden_size: 256, intermediate_size: 704, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 64, ..tiny_config(true) };
         let p = ParamStore::random(&cfg, 2, 0.05, DType::F32).unwrap();
-        let q = Qft::new(&p, cfg_lion(0.0), OnNonFinite::Stop).unwrap();
+        let q = Qft::new(Source::Params(p.clone()), cfg_lion(0.0), OnNonFinite::Stop).unwrap();
         let b = q.state_bytes();
         let per = b.model_state() as f64 / cfg.num_params() as f64;
         assert!(per <= 3.3, "{per} bytes/param");

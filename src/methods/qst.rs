@@ -45,7 +45,7 @@ use super::lora::{kaiming_uniform, nf4_base, FirstOrder, FrozenBase, Trained, NF
 use super::{Method, StepStats};
 use crate::model::layers::{self, Rope};
 use crate::model::llama::{tensor_bytes, Saved};
-use crate::model::quantized::QuantStore;
+use crate::model::quantized::{QuantStore, Source};
 use crate::model::{
     Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, Output, ParamId, ParamStore, Tok,
     Weights,
@@ -681,11 +681,11 @@ pub struct Qst {
 }
 
 impl Qst {
-    pub fn new(params: &ParamStore, cfg: QstConfig, update: FirstOrder) -> Result<Self> {
+    pub fn new(source: Source, cfg: QstConfig, update: FirstOrder) -> Result<Self> {
         // Options are checked before the (slow) quantization.
-        let net = SideNet::new(&params.cfg, cfg, DType::F32)?;
+        let net = SideNet::new(&source.cfg()?, cfg, DType::F32)?;
         Ok(Qst {
-            base: nf4_base(params)?,
+            base: nf4_base(source)?,
             net,
             update,
         })
@@ -1117,7 +1117,7 @@ mod tests {
         let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
         (
             Llama::new(cfg),
-            Qst::new(&p, qcfg(ds, Keep::All), adamw()).unwrap(),
+            Qst::new(Source::Params(p.clone()), qcfg(ds, Keep::All), adamw()).unwrap(),
         )
     }
 
@@ -1332,7 +1332,7 @@ mod tests {
             lora_alpha: 16.0,
             optimizer: crate::methods::OptimizerKind::AdamW,
         };
-        let (mut m, lr) = crate::methods::build(method, params, &o).unwrap();
+        let (mut m, lr) = crate::methods::build(method, Source::Params(params), &o).unwrap();
         let (b, t) = (16, 512);
         let ids: Vec<u32> = (0..(b * t) as u64)
             .map(|i| (i.wrapping_mul(2654435761) % cfg.vocab_size as u64) as u32)

@@ -10,7 +10,7 @@
 //! inference plus one tile per thread.
 use super::zo::{direction_seed, zo_loss, ZoConfig};
 use super::{Method, OnNonFinite, StepStats};
-use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore};
+use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore, Source};
 use crate::model::{Batch, Llama, ParamId, ParamStore, Weights};
 use crate::train::memory::Breakdown;
 use crate::{Error, Result};
@@ -159,12 +159,12 @@ pub fn weight_spec(bits: u32) -> Result<QuantSpec> {
 }
 
 impl Quzo {
-    pub fn new(params: &ParamStore, cfg: QuzoConfig, on_nan: OnNonFinite) -> Result<Self> {
+    pub fn new(source: Source, cfg: QuzoConfig, on_nan: OnNonFinite) -> Result<Self> {
         if !(2..=8).contains(&cfg.perturb_bits) {
             return Err(Error::Option(format!("--perturb-bits {} must be between 2 and 8", cfg.perturb_bits)));
         }
         let spec = weight_spec(cfg.bits)?;
-        let store = QuantStore::from_params(params, &mut |_, d, r, c| IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err))?;
+        let store = source.quantize(&mut |_, d, r, c| IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err))?;
         Ok(Quzo { store, cfg, on_nan, step: 0 })
     }
 
@@ -319,7 +319,7 @@ mod tests {
     fn fused_perturbation_equals_explicit_perturbation() {
         let cfg = tiny_config(true);
         let p = ParamStore::random(&cfg, 4, 0.3, DType::F32).unwrap();
-        let q = Quzo::new(&p, QuzoConfig { zo: ZoConfig { eps: 1e-2, directions: 1, weight_decay: 0.0, seed: 1 }, bits: 8, perturb_bits: 4, estimator: Estimator::Qrge2 }, OnNonFinite::Stop).unwrap();
+        let q = Quzo::new(Source::Params(p.clone()), QuzoConfig { zo: ZoConfig { eps: 1e-2, directions: 1, weight_decay: 0.0, seed: 1 }, bits: 8, perturb_bits: 4, estimator: Estimator::Qrge2 }, OnNonFinite::Stop).unwrap();
         let dirs = q.directions(77);
         let mut explicit = q.store.dequantize().unwrap();
         for id in explicit.ids() {
@@ -342,14 +342,14 @@ mod tests {
         let p = ParamStore::random(&cfg, 4, 0.3, DType::F32).unwrap();
         let run = || {
             let c = QuzoConfig { zo: ZoConfig { eps: 1e-2, directions: 2, weight_decay: 0.0, seed: 9 }, bits: 4, perturb_bits: 4, estimator: Estimator::Qrge2 };
-            let mut q = Quzo::new(&p, c, OnNonFinite::Stop).unwrap();
+            let mut q = Quzo::new(Source::Params(p.clone()), c, OnNonFinite::Stop).unwrap();
             for _ in 0..2 {
                 q.step(&m, &[batch()], 1e-2).unwrap();
             }
             q
         };
         let (a, b) = (run(), run());
-        let fresh = Quzo::new(&p, a.cfg, OnNonFinite::Stop).unwrap();
+        let fresh = Quzo::new(Source::Params(p.clone()), a.cfg, OnNonFinite::Stop).unwrap();
         let mut moved = 0;
         for id in p.ids().into_iter().filter(|id| id.is_matrix()) {
             assert_eq!(a.store.mat(id), b.store.mat(id));

@@ -62,12 +62,28 @@ pub fn stream_model(path: &Path, take: &mut dyn FnMut(ParamId, Tensor) -> Result
     Ok(header)
 }
 
+/// A model's config and tokenizer, without reading its tensors.
+pub fn read_header(path: &Path) -> Result<ModelHeader> {
+    if !path.exists() {
+        return Err(Error::file(path, "model not found (expected an HF directory or a .gguf file)"));
+    }
+    if path.is_dir() {
+        let cfg = LlamaConfig::from_hf_file(&path.join("config.json"))?;
+        let tok_path = path.join("tokenizer.json");
+        let tokenizer = if tok_path.exists() { Some(Tok::from_file(&tok_path)?) } else { None };
+        Ok(ModelHeader { cfg, tokenizer })
+    } else {
+        Ok(gguf_open(path)?.2)
+    }
+}
+
 type Check<'a> = dyn FnMut(&LlamaConfig, ParamId, Tensor, &Path) -> Result<()> + 'a;
 
 /// `config.json`, every `*.safetensors` file (memory-mapped, one tensor converted at a time) and, if present,
 /// `tokenizer.json`.
 fn stream_hf_dir(dir: &Path, check: &mut Check) -> Result<ModelHeader> {
-    let cfg = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
+    let header = read_header(dir)?;
+    let cfg = &header.cfg;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::file(dir, format!("cannot list: {e}")))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -77,7 +93,7 @@ fn stream_hf_dir(dir: &Path, check: &mut Check) -> Result<ModelHeader> {
     if files.is_empty() {
         return Err(Error::file(dir, "no *.safetensors file"));
     }
-    let wanted: HashMap<String, ParamId> = ParamId::all(&cfg).into_iter().map(|id| (id.hf_name(), id)).collect();
+    let wanted: HashMap<String, ParamId> = ParamId::all(cfg).into_iter().map(|id| (id.hf_name(), id)).collect();
     for f in &files {
         let file = std::fs::File::open(f).map_err(|e| Error::file(f, format!("cannot open: {e}")))?;
         // SAFETY: the mapping is read-only and dropped before this function returns; qtune never writes to model
@@ -96,12 +112,10 @@ fn stream_hf_dir(dir: &Path, check: &mut Check) -> Result<ModelHeader> {
             let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
                 .and_then(|t| t.to_dtype(DType::F32))
                 .map_err(|e| Error::file(f, format!("tensor `{name}`: {e}")))?;
-            check(&cfg, id, t, f)?;
+            check(cfg, id, t, f)?;
         }
     }
-    let tok_path = dir.join("tokenizer.json");
-    let tokenizer = if tok_path.exists() { Some(Tok::from_file(&tok_path)?) } else { None };
-    Ok(ModelHeader { cfg, tokenizer })
+    Ok(header)
 }
 
 /// Loads `config.json`, every `*.safetensors` file and (if present) `tokenizer.json` from `dir`.
@@ -136,8 +150,8 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     load_model(path)
 }
 
-/// A LLaMA-architecture GGUF file, one tensor dequantized to f32 at a time.
-fn stream_gguf(path: &Path, check: &mut Check) -> Result<ModelHeader> {
+/// Opens a GGUF file and reads its header: config and tokenizer from the metadata.
+fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::BufReader<std::fs::File>, ModelHeader)> {
     let file = std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
     let mut reader = std::io::BufReader::new(file);
     let ct = gguf_file::Content::read(&mut reader).map_err(|e| Error::file(path, format!("not a valid GGUF file: {e}")))?;
@@ -175,7 +189,16 @@ fn stream_gguf(path: &Path, check: &mut Check) -> Result<ModelHeader> {
         eos_token_id: tok_ids("tokenizer.ggml.eos_token_id"),
     };
     cfg.validate().map_err(|m| Error::file(path, m))?;
-    for id in ParamId::all(&cfg) {
+    // A GGUF without tokenizer metadata still loads (weights only); commands that need text say so.
+    let tokenizer = if ct.metadata.contains_key("tokenizer.ggml.model") { Some(Tok::from_gguf(&ct, path)?) } else { None };
+    Ok((ct, reader, ModelHeader { cfg, tokenizer }))
+}
+
+/// A LLaMA-architecture GGUF file, one tensor dequantized to f32 at a time.
+fn stream_gguf(path: &Path, check: &mut Check) -> Result<ModelHeader> {
+    let (ct, mut reader, header) = gguf_open(path)?;
+    let cfg = &header.cfg;
+    for id in ParamId::all(cfg) {
         let name = id.gguf_name();
         if !ct.tensor_infos.contains_key(&name) {
             return Err(Error::file(path, format!("GGUF lacks tensor `{name}`")));
@@ -185,18 +208,16 @@ fn stream_gguf(path: &Path, check: &mut Check) -> Result<ModelHeader> {
             .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
         let mut t = q.dequantize(&Device::Cpu).map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
         // Shapes are checked by `check`; un-permute only what has the expected shape.
-        if t.dims() == id.shape(&cfg).as_slice() {
+        if t.dims() == id.shape(cfg).as_slice() {
             t = match id {
                 ParamId::Block(_, BlockParam::Q) => unpermute_qk(&t, cfg.num_attention_heads)?,
                 ParamId::Block(_, BlockParam::K) => unpermute_qk(&t, cfg.num_key_value_heads)?,
                 _ => t,
             };
         }
-        check(&cfg, id, t, path)?;
+        check(cfg, id, t, path)?;
     }
-    // A GGUF without tokenizer metadata still loads (weights only); commands that need text say so.
-    let tokenizer = if ct.metadata.contains_key("tokenizer.ggml.model") { Some(Tok::from_gguf(&ct, path)?) } else { None };
-    Ok(ModelHeader { cfg, tokenizer })
+    Ok(header)
 }
 
 /// Writes `dir/{config.json, model.safetensors, tokenizer.json}` as `transformers` expects, each file atomically.

@@ -13,6 +13,39 @@ use qtune_quant::{matmul, QuantBytes, QuantWeight};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Where a method's starting weights come from: a model file, read tensor by tensor (a quantized method quantizes
+/// each matrix as it arrives and never holds an f32 copy of the model), or an f32 model already in memory.
+pub enum Source {
+    File(std::path::PathBuf),
+    Params(ParamStore),
+}
+
+impl Source {
+    /// The model's configuration (reads only the header of a file).
+    pub fn cfg(&self) -> Result<LlamaConfig> {
+        match self {
+            Source::File(p) => Ok(super::load::read_header(p)?.cfg),
+            Source::Params(p) => Ok(p.cfg.clone()),
+        }
+    }
+
+    /// The model as dense f32 parameters (the f32 methods).
+    pub fn params(self) -> Result<ParamStore> {
+        match self {
+            Source::File(p) => Ok(super::load::load_model(&p)?.params),
+            Source::Params(p) => Ok(p),
+        }
+    }
+
+    /// The model with its matrices quantized by `quantize` as they are read.
+    pub fn quantize<W: QuantWeight>(self, quantize: &mut Quantize<W>) -> Result<QuantStore<W>> {
+        match self {
+            Source::File(p) => Ok(QuantStore::load(&p, quantize)?.0),
+            Source::Params(p) => QuantStore::from_params(&p, quantize),
+        }
+    }
+}
+
 /// How a method turns an f32 matrix `[rows, cols]` into its stored format.
 pub type Quantize<'a, W> = dyn FnMut(ParamId, &[f32], usize, usize) -> Result<W> + 'a;
 
