@@ -6,6 +6,7 @@
 //! - [`train`]: optimizers, LR schedules, the training loop, memory accounting and run reports.
 //! - [`io`]: crash-safe file output.
 //! - the quantizers and quantized kernels live in the `qtune-quant` crate, re-exported as [`quant`].
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod error;

@@ -32,6 +32,23 @@ enum Cmd {
     Generate(GenArgs),
     /// Compare finished runs: a Markdown table, results.json, and loss/memory plots (SVG and PNG).
     Report(ReportArgs),
+    /// Run every method with the same settings, each in its own process, and report them side by side.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Runs to include (default: all of them; see `qtune bench --list`).
+    #[arg(long, value_delimiter = ',')]
+    runs: Option<Vec<String>>,
+    #[arg(long, default_value = "runs/bench")]
+    out: PathBuf,
+    /// List the runs and exit.
+    #[arg(long)]
+    list: bool,
+    /// Arguments passed to every `qtune train` (after `--`), e.g. `-- --steps 10 --batch-size 8`.
+    #[arg(last = true)]
+    train_args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -353,6 +370,19 @@ fn report(a: ReportArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.list {
+        for (name, args) in qtune::bench::RUNS {
+            println!("{name}: qtune train {}", args.join(" "));
+        }
+        return Ok(());
+    }
+    let runs = a.runs.unwrap_or_else(|| qtune::bench::RUNS.iter().map(|r| r.0.to_string()).collect());
+    let exe = std::env::current_exe()?;
+    print!("{}", qtune::bench::run(&exe, &runs, &a.train_args, &a.out)?);
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -360,6 +390,7 @@ fn main() {
         Cmd::Eval(c) => eval(c),
         Cmd::Generate(a) => generate(a),
         Cmd::Report(a) => report(a),
+        Cmd::Bench(a) => bench(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");

@@ -55,14 +55,14 @@ fn pct(v: &serde_json::Value) -> String {
 /// The comparison table (one row per run).
 pub fn table(runs: &[RunRecord]) -> String {
     let mut s = String::from(
-        "| run | method | peak RSS MiB | model state B/param | weights MiB | gradients MiB | optimizer MiB | activations MiB | trainable params | step s | tokens/s | dev acc before | dev acc after | eval acc |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| run | method | peak RSS MiB | model state B/param | weights MiB | gradients MiB | optimizer MiB | activations MiB | trainable params | step s | tokens/s | MFU % | dev acc before | dev acc after | eval acc |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
         let m = &r.summary;
         let b = breakdown(r);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.name,
             m["method"].as_str().unwrap_or("?"),
             mib(m["peak_rss_bytes"].as_f64().unwrap_or(0.0)),
@@ -74,6 +74,7 @@ pub fn table(runs: &[RunRecord]) -> String {
             m["trainable_params"].as_u64().map_or("–".into(), |x| x.to_string()),
             num(&m["step_time_s"], 2),
             num(&m["tokens_per_s"], 1),
+            pct(&m["mfu"]),
             pct(&m["dev_accuracy_before"]),
             pct(&m["dev_accuracy_after"]),
             pct(&m["eval_accuracy"]),
@@ -220,6 +221,7 @@ mod tests {
         let md = table(&runs);
         assert!(md.contains("| qft | qft | 2861 | 3.10 |"), "{md}");
         assert!(md.contains("| 62.5 |"), "{md}");
+        assert!(md.contains("| – | – | 62.5 |"), "MFU and dev-before absent: {md}");
         let dir = tempfile::tempdir().unwrap();
         write_report(&runs, dir.path(), "test").unwrap();
         for f in ["results.md", "results.json", "loss.svg", "loss.png", "memory.svg", "memory.png"] {

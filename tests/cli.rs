@@ -141,3 +141,23 @@ fn impossible_options_are_named() {
     a[16] = "500";
     expect_error(&a, &["lm.jsonl", "splits ask for"]);
 }
+
+/// Every method trains end to end through the CLI on the tiny model, and `qtune bench` tabulates them.
+#[test]
+fn bench_runs_every_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = lm_data(dir.path());
+    let out = dir.path().join("bench");
+    let (ok, stdout, err) = qtune(&[
+        "bench", "--out", out.to_str().unwrap(), "--", "--model", TINY, "--task", "lm", "--data", data.to_str().unwrap(),
+        "--steps", "2", "--batch-size", "2", "--train-size", "12", "--dev-size", "4", "--eval-size", "4",
+        "--max-seq-len", "24", "--lr", "1e-3",
+    ]);
+    assert!(ok, "{err}");
+    for (name, _) in qtune::bench::RUNS {
+        assert!(stdout.contains(&format!("| {name} |")), "{name} missing from the table:\n{stdout}");
+    }
+    for f in ["results.md", "results.json", "loss.png", "memory.png"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+}

@@ -99,6 +99,9 @@ pub struct Summary {
     pub lr: f64,
     pub seed: u64,
     pub params: usize,
+    /// Parameters that take part in a token's matmuls (the embedding table is a lookup; a label-word task reads
+    /// only a few LM-head rows): what FLOPs per token are counted from.
+    pub matmul_params: usize,
     pub trainable_params: usize,
     pub peak_rss_bytes: usize,
     pub model_state_bytes: usize,
@@ -211,6 +214,7 @@ pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Optio
         lr: cfg.schedule.peak,
         seed: cfg.seed,
         params,
+        matmul_params: params - if splits.train.classes.is_some() || !model.cfg.tie_word_embeddings { model.cfg.vocab_size * model.cfg.hidden_size } else { 0 },
         trainable_params: method.trainable_params(),
         peak_rss_bytes: peak_rss,
         model_state_bytes: peak.model_state(),
