@@ -122,16 +122,12 @@ impl Method for FullFinetune {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::llama::tests::tiny_config;
-    use crate::model::Targets;
+    use crate::model::llama::tests::{batch, tiny_config};
+    
     use crate::train::optim::AdamWConfig;
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::DType;
     use qtune_quant::{Bits, Granularity};
 
-    fn batch() -> Batch {
-        let ids = Tensor::new(&[[3u32, 7, 1, 30, 12, 5], [9, 2, 2, 17, 0, 0]], &Device::Cpu).unwrap();
-        Batch { ids, lengths: vec![6, 4], targets: Targets { positions: vec![5, 9], classes: Some(vec![4, 11]), labels: vec![1, 0] } }
-    }
 
     /// QAT's straight-through gradient is the f32 model's gradient evaluated at the quantized weights (budget 1e-4
     /// relative: the quantized kernel sums in another order), and the master moves while the copy follows it.
@@ -145,7 +141,7 @@ mod tests {
         let mut qat = FullFinetune::qat(p.clone(), opt, spec, None, Keep::All, OnNonFinite::Stop).unwrap();
         let deq = quantize(&p, spec).unwrap().dequantize().unwrap();
         let grads = |w: &dyn Weights| {
-            let (_, t) = m.forward(w, &batch(), Keep::All).unwrap();
+            let (_, t) = m.forward(w, &batch(true), Keep::All).unwrap();
             let mut g = DenseGrads::default();
             m.backward(w, t.unwrap(), &mut g).unwrap();
             g
@@ -157,7 +153,7 @@ mod tests {
             let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
             assert!(err / scale < 1e-4, "{id:?}: {err} / {scale}");
         }
-        qat.step(&m, &[batch()], 1e-2).unwrap();
+        qat.step(&m, &[batch(true)], 1e-2).unwrap();
         let requantized = quantize(&qat.params, spec).unwrap();
         let (_, q) = qat.fake_quant.as_ref().unwrap();
         for id in p.ids().into_iter().filter(|id| id.is_matrix()) {

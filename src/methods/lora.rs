@@ -467,37 +467,12 @@ mod tests {
     //! 1e-6 relative), the merged export against the adapted forward, and the exact start of QLoRA (B = 0).
     use super::*;
     use crate::model::layers::{self, tests::rand};
-    use crate::model::llama::tests::tiny_config;
-    use crate::model::Targets;
+    use crate::model::llama::tests::{batch, tiny_config};
+    
     use crate::train::optim::AdamWConfig;
 
     const FD_BUDGET: f64 = 1e-6;
 
-    fn batch(classes: bool) -> Batch {
-        let ids = Tensor::new(
-            &[[3u32, 7, 1, 30, 12, 5], [9, 2, 2, 17, 0, 0]],
-            &Device::Cpu,
-        )
-        .unwrap();
-        let targets = if classes {
-            Targets {
-                positions: vec![5, 6 + 3],
-                classes: Some(vec![4, 11, 20]),
-                labels: vec![2, 0],
-            }
-        } else {
-            Targets {
-                positions: vec![0, 1, 2, 3, 4, 6, 7, 8],
-                classes: None,
-                labels: vec![7, 1, 30, 12, 5, 2, 2, 17],
-            }
-        };
-        Batch {
-            ids,
-            lengths: vec![6, 4],
-            targets,
-        }
-    }
 
     /// LoRA over a random f64 base with random B (at init B = 0 would zero A's gradient).
     fn random_lora(tied: bool) -> (Llama, LoraWeights<ParamStore>) {

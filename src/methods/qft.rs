@@ -491,9 +491,9 @@ impl Method for Qft {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::llama::tests::tiny_config;
-    use crate::model::{LlamaConfig, Targets};
-    use candle_core::{DType, Device};
+    use crate::model::llama::tests::{batch, tiny_config};
+    use crate::model::LlamaConfig;
+    use candle_core::DType;
     use qtune_quant::rng::fill_gaussian;
 
     fn cfg_lion(lr_wd: f64) -> QftConfig {
@@ -592,10 +592,6 @@ mod tests {
         }
     }
 
-    fn batch() -> Batch {
-        let ids = Tensor::new(&[[3u32, 7, 1, 30, 12, 5], [9, 2, 2, 17, 0, 0]], &Device::Cpu).unwrap();
-        Batch { ids, lengths: vec![6, 4], targets: Targets { positions: vec![5, 9], classes: Some(vec![4, 11]), labels: vec![1, 0] } }
-    }
 
     /// Two identical micro-batches accumulated on the stack give the norm of one (within INT8 error), and both the
     /// stack and the fused variant train: the loss falls and stored weights change every step.
@@ -606,16 +602,16 @@ mod tests {
         let p = ParamStore::random(&cfg, 2, 0.3, DType::F32).unwrap();
         let mut one = Qft::new(Source::Params(p.clone()), cfg_lion(0.0), OnNonFinite::Stop).unwrap();
         let mut two = Qft::new(Source::Params(p.clone()), cfg_lion(0.0), OnNonFinite::Stop).unwrap();
-        let s1 = one.step(&m, &[batch()], 1e-3).unwrap();
-        let s2 = two.step(&m, &[batch(), batch()], 1e-3).unwrap();
+        let s1 = one.step(&m, &[batch(true)], 1e-3).unwrap();
+        let s2 = two.step(&m, &[batch(true), batch(true)], 1e-3).unwrap();
         let (n1, n2) = (s1.grad_norm.unwrap(), s2.grad_norm.unwrap());
         assert!((n1 - n2).abs() / n1 < 0.02, "norm {n1} vs accumulated {n2}");
         for fused in [false, true] {
             let mut q = Qft::new(Source::Params(p.clone()), QftConfig { fused, ..cfg_lion(0.0) }, OnNonFinite::Stop).unwrap();
-            let first = q.step(&m, &[batch()], 1e-2).unwrap();
+            let first = q.step(&m, &[batch(true)], 1e-2).unwrap();
             let mut last = first;
             for _ in 0..15 {
-                last = q.step(&m, &[batch()], 1e-2).unwrap();
+                last = q.step(&m, &[batch(true)], 1e-2).unwrap();
                 assert!(last.changed_fraction.unwrap() > 0.01, "fused {fused}: weights did not move");
             }
             assert!(last.loss < first.loss * 0.5, "fused {fused}: loss {} -> {}", first.loss, last.loss);
@@ -629,7 +625,7 @@ mod tests {
         let m = Llama::new(cfg.clone());
         let p = ParamStore::random(&cfg, 2, 0.3, DType::F32).unwrap();
         let mut a = Qft::new(Source::Params(p.clone()), cfg_lion(0.1), OnNonFinite::Stop).unwrap();
-        a.step(&m, &[batch()], 1e-3).unwrap();
+        a.step(&m, &[batch(true)], 1e-3).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.safetensors");
         let mut w = StateWriter::new("qft");
@@ -637,8 +633,8 @@ mod tests {
         w.write(&path).unwrap();
         let mut b = Qft::new(Source::Params(p.clone()), cfg_lion(0.1), OnNonFinite::Stop).unwrap();
         b.load_state(&StateReader::open(&path).unwrap()).unwrap();
-        a.step(&m, &[batch()], 1e-3).unwrap();
-        b.step(&m, &[batch()], 1e-3).unwrap();
+        a.step(&m, &[batch(true)], 1e-3).unwrap();
+        b.step(&m, &[batch(true)], 1e-3).unwrap();
         let (sa, sb) = (a.weights.0.borrow(), b.weights.0.borrow());
         for id in p.ids() {
             if id.is_matrix() {

@@ -813,7 +813,7 @@ mod tests {
     use super::*;
     use crate::methods::OnNonFinite;
     use crate::model::layers::tests::{check, rand};
-    use crate::model::llama::tests::tiny_config;
+    use crate::model::llama::tests::{batch, tiny_config};
     use crate::model::Targets;
     use crate::train::optim::{AdamWConfig, Optimizer};
 
@@ -847,31 +847,6 @@ mod tests {
         }
     }
 
-    fn batch(classes: bool) -> Batch {
-        let ids = Tensor::new(
-            &[[3u32, 7, 1, 30, 12, 5], [9, 2, 2, 17, 0, 0]],
-            &Device::Cpu,
-        )
-        .unwrap();
-        let targets = if classes {
-            Targets {
-                positions: vec![5, 6 + 3],
-                classes: Some(vec![4, 11, 20]),
-                labels: vec![2, 0],
-            }
-        } else {
-            Targets {
-                positions: vec![0, 1, 2, 3, 4, 6, 7, 8],
-                classes: None,
-                labels: vec![7, 1, 30, 12, 5, 2, 2, 17],
-            }
-        };
-        Batch {
-            ids,
-            lengths: vec![6, 4],
-            targets,
-        }
-    }
 
     /// A side network whose every tensor is random, so no gradient vanishes (at init α = 1 and the zero upsample
     /// cut the side network off).

@@ -276,8 +276,8 @@ impl Method for Quzo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::llama::tests::tiny_config;
-    use crate::model::Targets;
+    use crate::model::llama::tests::{batch, tiny_config};
+    
     use candle_core::{DType, Device};
 
     /// Q-RGE2 is unbiased: over many draws the mean of u₁⊙u₂ at a coordinate tends to E[u²] = 1, while the same
@@ -309,10 +309,6 @@ mod tests {
         }
     }
 
-    fn batch() -> Batch {
-        let ids = Tensor::new(&[[3u32, 7, 1, 30, 12, 5], [9, 2, 2, 17, 0, 0]], &Device::Cpu).unwrap();
-        Batch { ids, lengths: vec![6, 4], targets: Targets { positions: vec![5, 9], classes: Some(vec![4, 11]), labels: vec![1, 0] } }
-    }
 
     /// The fused perturbation equals perturbing a dequantized copy explicitly.
     #[test]
@@ -329,8 +325,8 @@ mod tests {
             explicit.set(id, (w.clone() + Tensor::from_vec(u, w.shape(), &Device::Cpu).unwrap()).unwrap());
         }
         let m = Llama::new(cfg);
-        let a = zo_loss(&m, &PerturbedModel { store: &q.store, dirs: &dirs, eps: 1e-2 }, &[batch()]).unwrap();
-        let b = zo_loss(&m, &explicit, &[batch()]).unwrap();
+        let a = zo_loss(&m, &PerturbedModel { store: &q.store, dirs: &dirs, eps: 1e-2 }, &[batch(true)]).unwrap();
+        let b = zo_loss(&m, &explicit, &[batch(true)]).unwrap();
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
 
@@ -344,7 +340,7 @@ mod tests {
             let c = QuzoConfig { zo: ZoConfig { eps: 1e-2, directions: 2, weight_decay: 0.0, seed: 9 }, bits: 4, perturb_bits: 4, estimator: Estimator::Qrge2 };
             let mut q = Quzo::new(Source::Params(p.clone()), c, OnNonFinite::Stop).unwrap();
             for _ in 0..2 {
-                q.step(&m, &[batch()], 1e-2).unwrap();
+                q.step(&m, &[batch(true)], 1e-2).unwrap();
             }
             q
         };

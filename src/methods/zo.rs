@@ -161,14 +161,10 @@ impl Method for Mezo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::llama::tests::tiny_config;
-    use crate::model::Targets;
+    use crate::model::llama::tests::{batch, tiny_config};
+    
     use candle_core::{DType, Device};
 
-    fn batch() -> Batch {
-        let ids = Tensor::new(&[[3u32, 7, 1, 30, 12, 5], [9, 2, 2, 17, 0, 0]], &Device::Cpu).unwrap();
-        Batch { ids, lengths: vec![6, 4], targets: Targets { positions: vec![5, 9], classes: Some(vec![4, 11]), labels: vec![1, 0] } }
-    }
 
     /// The perturbed forward equals a forward on an explicitly perturbed copy, including the embedding rows.
     #[test]
@@ -180,8 +176,8 @@ mod tests {
         for id in p.ids() {
             q.set(id, (p.get(id) + (direction(&p, id, 42).unwrap() * 1e-2).unwrap()).unwrap());
         }
-        let a = zo_loss(&m, &Perturbed { base: &p, seed: 42, eps: 1e-2 }, &[batch()]).unwrap();
-        let b = zo_loss(&m, &q, &[batch()]).unwrap();
+        let a = zo_loss(&m, &Perturbed { base: &p, seed: 42, eps: 1e-2 }, &[batch(true)]).unwrap();
+        let b = zo_loss(&m, &q, &[batch(true)]).unwrap();
         assert_eq!(a, b);
     }
 
@@ -192,7 +188,7 @@ mod tests {
         let cfg = tiny_config(true);
         let p = ParamStore::random(&cfg, 5, 0.3, DType::F64).unwrap();
         let m = Llama::new(cfg.clone());
-        let b = batch();
+        let b = batch(true);
         // Output::loss is rounded to f32: take the two-point difference from the f64 logits.
         let big = 1e-6;
         let lp = m.forward(&Perturbed { base: &p, seed: 9, eps: big }, &b, Keep::Nothing).unwrap().0.logits;
@@ -218,7 +214,7 @@ mod tests {
             let p = ParamStore::random(&cfg, 5, 0.3, DType::F32).unwrap();
             let mut z = Mezo::new(p, ZoConfig { eps: 1e-3, directions: 2, weight_decay: 0.1, seed: 3 }, OnNonFinite::Stop).unwrap();
             for _ in 0..3 {
-                z.step(&m, &[batch()], 1e-2).unwrap();
+                z.step(&m, &[batch(true)], 1e-2).unwrap();
             }
             z.params
         };

@@ -438,7 +438,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn batch(classes: bool) -> Batch {
+    /// A right-padded two-row batch on the tiny vocabulary: label words at the last real token, or every next token.
+    pub fn batch(classes: bool) -> Batch {
         let ids = Tensor::new(&[[3u32, 7, 1, 30, 12, 5], [9, 2, 2, 17, 0, 0]], &Device::Cpu).unwrap();
         let targets = if classes {
             Targets { positions: vec![5, 6 + 3], classes: Some(vec![4, 11, 20]), labels: vec![2, 0] }
