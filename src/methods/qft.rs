@@ -618,6 +618,34 @@ mod tests {
         }
     }
 
+    /// Clipping by the global norm scales what the optimizer pops: with clip c the first momentum is (1 − β2)·g·c/‖g‖,
+    /// so its norm over the whole model is (1 − β2)·c (within INT8 error); and the scheduled recalibration re-splits
+    /// the outliers (new thresholds) while training goes on.
+    #[test]
+    fn clipping_scales_popped_gradients_and_recalibration_runs() {
+        let cfg = tiny_config(true);
+        let m = Llama::new(cfg.clone());
+        let p = ParamStore::random(&cfg, 2, 0.3, DType::F32).unwrap();
+        let mut q = Qft::new(Source::Params(p.clone()), QftConfig { clip: Some(1e-3), ..cfg_lion(0.0) }, OnNonFinite::Stop).unwrap();
+        let s = q.step(&m, &[batch(true)], 1e-3).unwrap();
+        assert!(s.grad_norm.unwrap() > 1e-2, "the test needs an unclipped norm above the clip");
+        let mut sumsq = 0f64;
+        for mo in &q.momentum {
+            let mut v = vec![0f32; mo.len()];
+            mo.dequantize_span(0, &mut v).unwrap();
+            sumsq += v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>();
+        }
+        let want = (1.0 - 0.99) * 1e-3;
+        assert!((sumsq.sqrt() - want).abs() / want < 0.02, "momentum norm {} vs {want}", sumsq.sqrt());
+        let mut r = Qft::new(Source::Params(p), QftConfig { recalibrate_every: 1, ..cfg_lion(0.0) }, OnNonFinite::Stop).unwrap();
+        let id = ParamId::Block(0, crate::model::BlockParam::Down);
+        let t0 = r.weights.0.borrow().mat(id).threshold();
+        for _ in 0..3 {
+            r.step(&m, &[batch(true)], 5e-2).unwrap();
+        }
+        assert_ne!(r.weights.0.borrow().mat(id).threshold(), t0, "thresholds were not recalibrated");
+    }
+
     /// A saved state loads back bit for bit, and training on from it equals training on without the round trip.
     #[test]
     fn state_round_trip_is_exact() {
