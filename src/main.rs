@@ -27,7 +27,7 @@ enum Cmd {
     /// Fine-tune a model on a task and report accuracy before/after and memory.
     Train(TrainArgs),
     /// Evaluate a model on a task's dev and eval splits.
-    Eval(Common),
+    Eval(EvalArgs),
     /// Sample a continuation of a prompt.
     Generate(GenArgs),
     /// Compare finished runs: a Markdown table, results.json, and loss/memory plots (SVG and PNG).
@@ -179,6 +179,15 @@ struct TrainArgs {
 }
 
 #[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Run the model with its matrices in INT8 or INT4 (per output channel, as QuZO holds them) instead of f32.
+    #[arg(long)]
+    bits: Option<u32>,
+}
+
+#[derive(Args)]
 struct GenArgs {
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
@@ -293,18 +302,35 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn eval(c: Common) -> Result<()> {
-    let (loaded, tok) = load(&c.model)?;
+fn eval(a: EvalArgs) -> Result<()> {
+    let c = a.common;
+    let header = read_header(&c.model)?;
+    let tok = tokenizer(header.tokenizer, &c.model)?;
     let splits = splits(&c, &tok)?;
-    let model = Llama::new(loaded.params.cfg.clone());
-    let pad = pad_id(&loaded.params.cfg);
+    let model = Llama::new(header.cfg);
+    let pad = pad_id(&model.cfg);
+    // f32, or quantized while the file is read (no f32 model in memory).
+    let (weights_box, weights, method): (Box<dyn qtune::model::Weights>, usize, String) = match a.bits {
+        None => {
+            let p = load_model(&c.model)?.params;
+            let b = p.bytes();
+            (Box::new(p), b, "inference".into())
+        }
+        Some(bits) => {
+            let spec = qtune::methods::quzo::weight_spec(bits)?;
+            let q = Source::File(c.model.clone()).quantize(&mut |_, d, r, cols| {
+                qtune::quant::IntTensor::quantize(d, r, cols, spec, qtune::quant::Rounding::Nearest).map_err(qtune::model::quantized::quant_err)
+            })?;
+            let b = q.quant_bytes().total() + q.f32_bytes();
+            (Box::new(q), b, format!("inference-int{bits}"))
+        }
+    };
     let dev = candle_core::Device::Cpu;
-    let d = trainer::evaluate(&model, &loaded.params, &splits.dev, c.eval_batch_size, c.max_seq_len, pad, &dev)?;
-    let e = trainer::evaluate(&model, &loaded.params, &splits.eval, c.eval_batch_size, c.max_seq_len, pad, &dev)?;
+    let d = trainer::evaluate(&model, weights_box.as_ref(), &splits.dev, c.eval_batch_size, c.max_seq_len, pad, &dev)?;
+    let e = trainer::evaluate(&model, weights_box.as_ref(), &splits.eval, c.eval_batch_size, c.max_seq_len, pad, &dev)?;
     let params = model.cfg.num_params();
-    let weights = loaded.params.bytes();
     let summary = serde_json::json!({
-        "method": "inference",
+        "method": method,
         "model": c.model.display().to_string(),
         "task": splits.task,
         "steps": 0,
@@ -387,7 +413,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Train(a) => train(a),
-        Cmd::Eval(c) => eval(c),
+        Cmd::Eval(a) => eval(a),
         Cmd::Generate(a) => generate(a),
         Cmd::Report(a) => report(a),
         Cmd::Bench(a) => bench(a),

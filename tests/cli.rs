@@ -68,6 +68,12 @@ fn train_writes_summary_log_and_a_loadable_export() {
     // The export is an HF directory this tool (and transformers) loads.
     let (ok, _, err) = qtune(&["eval", "--model", out.join("model").to_str().unwrap(), "--task", "lm", "--data", data.to_str().unwrap(), "--train-size", "12", "--dev-size", "4", "--eval-size", "4", "--out", dir.path().join("ev").to_str().unwrap()]);
     assert!(ok, "{err}");
+    // The same evaluation with INT4 weights (QuZO's inference baseline).
+    let (ok, _, err) = qtune(&["eval", "--bits", "4", "--model", out.join("model").to_str().unwrap(), "--task", "lm", "--data", data.to_str().unwrap(), "--train-size", "12", "--dev-size", "4", "--eval-size", "4", "--out", dir.path().join("ev4").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("ev4/summary.json")).unwrap()).unwrap();
+    assert_eq!(s["method"], "inference-int4");
+    assert!(s["bytes_per_param"].as_f64().unwrap() < 1.0, "{}", s["bytes_per_param"]);
 }
 
 #[test]
