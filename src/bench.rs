@@ -44,7 +44,10 @@ pub fn run(exe: &Path, runs: &[String], common: &[String], out: &Path) -> Result
     let mut records = Vec::new();
     for name in runs {
         let (_, args) = RUNS.iter().find(|(n, _)| n == name).ok_or_else(|| {
-            Error::Option(format!("unknown bench run `{name}` (known: {})", RUNS.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")))
+            Error::Option(format!(
+                "unknown bench run `{name}` (known: {})",
+                RUNS.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
+            ))
         })?;
         let dir = out.join(name);
         if !dir.join("summary.json").exists() {

@@ -63,7 +63,9 @@ impl StateWriter {
         self.tensors.insert(name.into(), (Dtype::F32, vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect()));
     }
     pub fn tensor(&mut self, name: &str, t: &candle_core::Tensor) -> Result<()> {
-        if let Some(bad) = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?.iter().find(|x| !x.is_finite()) {
+        if let Some(bad) =
+            t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?.iter().find(|x| !x.is_finite())
+        {
             return Err(Error::Numerical(format!("state tensor `{name}` holds {bad}; refusing to save it")));
         }
         self.f32(name, &t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
@@ -76,7 +78,8 @@ impl StateWriter {
         self.meta("crc32", c);
         let meta = HashMap::from([("qtune".to_string(), serde_json::Value::Object(self.meta).to_string())]);
         let views: Vec<(&String, Raw)> = self.tensors.iter().map(|(k, v)| (k, Raw(v))).collect();
-        let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::file(path, format!("cannot serialize: {e}")))?;
+        let bytes = safetensors::tensor::serialize(views, Some(meta))
+            .map_err(|e| Error::file(path, format!("cannot serialize: {e}")))?;
         crate::io::write_bytes_atomic(path, &bytes)
     }
 }
@@ -91,8 +94,10 @@ pub struct StateReader {
 impl StateReader {
     pub fn open(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-        let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::file(path, format!("not a valid state file: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("not a valid state file: {e}")))?;
+        let (_, md) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::file(path, format!("not a valid state file: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::file(path, format!("not a valid state file: {e}")))?;
         let meta: serde_json::Value = md
             .metadata()
             .as_ref()
@@ -100,9 +105,13 @@ impl StateReader {
             .and_then(|s| serde_json::from_str(s).ok())
             .ok_or_else(|| Error::file(path, "not a qtune state file (no metadata)"))?;
         if meta["format_version"].as_u64() != Some(FORMAT_VERSION) {
-            return Err(Error::file(path, format!("state format version {} is not {FORMAT_VERSION}", meta["format_version"])));
+            return Err(Error::file(
+                path,
+                format!("state format version {} is not {FORMAT_VERSION}", meta["format_version"]),
+            ));
         }
-        let tensors: BTreeMap<_, _> = st.tensors().into_iter().map(|(k, v)| (k, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect();
+        let tensors: BTreeMap<_, _> =
+            st.tensors().into_iter().map(|(k, v)| (k, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect();
         if meta["crc32"].as_u64() != Some(crc(&tensors) as u64) {
             return Err(Error::file(path, "checksum mismatch: the state file is corrupt"));
         }
@@ -124,10 +133,18 @@ impl StateReader {
         Ok(self.raw(name, Dtype::U8)?.to_vec())
     }
     pub fn u32(&self, name: &str) -> Result<Vec<u32>> {
-        Ok(self.raw(name, Dtype::U32)?.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+        Ok(self
+            .raw(name, Dtype::U32)?
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect())
     }
     pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
-        Ok(self.raw(name, Dtype::F32)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+        Ok(self
+            .raw(name, Dtype::F32)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect())
     }
     /// An f32 vector of exactly `len` elements.
     pub fn f32_len(&self, name: &str, len: usize) -> Result<Vec<f32>> {

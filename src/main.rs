@@ -259,7 +259,9 @@ fn train(a: TrainArgs) -> Result<()> {
         estimator: a.estimator.parse()?,
         outlier_fraction: a.outlier_fraction,
         // Default: once per epoch.
-        recalibrate_every: a.recalibrate_every.unwrap_or(c.train_size.div_ceil(a.batch_size.max(1) * a.grad_accum.max(1))),
+        recalibrate_every: a
+            .recalibrate_every
+            .unwrap_or(c.train_size.div_ceil(a.batch_size.max(1) * a.grad_accum.max(1))),
         fused: a.fused,
         side_r: a.side_r,
         downsample,
@@ -319,7 +321,8 @@ fn eval(a: EvalArgs) -> Result<()> {
         Some(bits) => {
             let spec = qtune::methods::quzo::weight_spec(bits)?;
             let q = Source::File(c.model.clone()).quantize(&mut |_, d, r, cols| {
-                qtune::quant::IntTensor::quantize(d, r, cols, spec, qtune::quant::Rounding::Nearest).map_err(qtune::model::quantized::quant_err)
+                qtune::quant::IntTensor::quantize(d, r, cols, spec, qtune::quant::Rounding::Nearest)
+                    .map_err(qtune::model::quantized::quant_err)
             })?;
             let b = q.quant_bytes().total() + q.f32_bytes();
             (Box::new(q), b, format!("inference-int{bits}"))
@@ -349,17 +352,31 @@ fn eval(a: EvalArgs) -> Result<()> {
         "eval_accuracy": e.accuracy,
         "machine": trainer::machine(),
     });
-    eprintln!("dev accuracy {:.4} (loss {:.4}); eval accuracy {:.4} (loss {:.4}); {:.0} tok/s", d.accuracy, d.loss, e.accuracy, e.loss, summary["tokens_per_s"].as_f64().unwrap_or(0.0));
+    eprintln!(
+        "dev accuracy {:.4} (loss {:.4}); eval accuracy {:.4} (loss {:.4}); {:.0} tok/s",
+        d.accuracy,
+        d.loss,
+        e.accuracy,
+        e.loss,
+        summary["tokens_per_s"].as_f64().unwrap_or(0.0)
+    );
     let out = c.out.unwrap_or_else(|| PathBuf::from(format!("runs/eval-{}", c.task)));
     trainer::write_summary(&out, &summary)?;
-    eprint!("{}", memory::report(&memory::Breakdown { weights, ..Default::default() }, params, memory::peak_rss_bytes()));
+    eprint!(
+        "{}",
+        memory::report(&memory::Breakdown { weights, ..Default::default() }, params, memory::peak_rss_bytes())
+    );
     Ok(())
 }
 
 fn generate(a: GenArgs) -> Result<()> {
     let (loaded, tok) = load(&a.model)?;
     let model = Llama::new(loaded.params.cfg.clone());
-    let text = if a.chat { format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", a.prompt) } else { a.prompt.clone() };
+    let text = if a.chat {
+        format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", a.prompt)
+    } else {
+        a.prompt.clone()
+    };
     let mut ids = tok.encode(&text)?;
     if ids.is_empty() {
         return Err(Error::Option("--prompt is empty".into()));
@@ -374,11 +391,12 @@ fn generate(a: GenArgs) -> Result<()> {
             let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let p: Vec<f64> = logits.iter().map(|&l| (((l - m) as f64) / a.temperature).exp()).collect();
             let mut u = qtune::quant::rng::uniform(&key, i as u64) as f64 * p.iter().sum::<f64>();
-            p.iter().position(|&x| {
-                u -= x;
-                u <= 0.0
-            })
-            .unwrap_or(p.len() - 1)
+            p.iter()
+                .position(|&x| {
+                    u -= x;
+                    u <= 0.0
+                })
+                .unwrap_or(p.len() - 1)
         } as u32;
         ids.push(next);
         if Some(next) == model.cfg.eos_token_id {

@@ -35,9 +35,31 @@ fn expect_error(args: &[&str], needles: &[&str]) {
 
 fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
-        "train", "--model", model, "--task", "lm", "--data", data, "--method", "full-lion", "--steps", "3",
-        "--batch-size", "2", "--train-size", "12", "--dev-size", "4", "--eval-size", "4", "--max-seq-len", "32",
-        "--lr", "1e-3", "--out", out,
+        "train",
+        "--model",
+        model,
+        "--task",
+        "lm",
+        "--data",
+        data,
+        "--method",
+        "full-lion",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--train-size",
+        "12",
+        "--dev-size",
+        "4",
+        "--eval-size",
+        "4",
+        "--max-seq-len",
+        "32",
+        "--lr",
+        "1e-3",
+        "--out",
+        out,
     ]
 }
 
@@ -51,9 +73,22 @@ fn train_writes_summary_log_and_a_loadable_export() {
     assert!(err.contains("peak RSS"), "memory report missing: {err}");
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
     for key in [
-        "method", "model", "task", "steps", "batch_size", "max_seq_len", "params", "trainable_params", "peak_rss_bytes",
-        "model_state_bytes", "bytes_per_param", "step_time_s", "tokens_per_s", "dev_accuracy_before",
-        "dev_accuracy_after", "eval_accuracy",
+        "method",
+        "model",
+        "task",
+        "steps",
+        "batch_size",
+        "max_seq_len",
+        "params",
+        "trainable_params",
+        "peak_rss_bytes",
+        "model_state_bytes",
+        "bytes_per_param",
+        "step_time_s",
+        "tokens_per_s",
+        "dev_accuracy_before",
+        "dev_accuracy_after",
+        "eval_accuracy",
     ] {
         assert!(!s[key].is_null(), "summary.json lacks {key}");
     }
@@ -66,12 +101,47 @@ fn train_writes_summary_log_and_a_loadable_export() {
     let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 3);
     // The export is an HF directory this tool (and transformers) loads.
-    let (ok, _, err) = qtune(&["eval", "--model", out.join("model").to_str().unwrap(), "--task", "lm", "--data", data.to_str().unwrap(), "--train-size", "12", "--dev-size", "4", "--eval-size", "4", "--out", dir.path().join("ev").to_str().unwrap()]);
+    let (ok, _, err) = qtune(&[
+        "eval",
+        "--model",
+        out.join("model").to_str().unwrap(),
+        "--task",
+        "lm",
+        "--data",
+        data.to_str().unwrap(),
+        "--train-size",
+        "12",
+        "--dev-size",
+        "4",
+        "--eval-size",
+        "4",
+        "--out",
+        dir.path().join("ev").to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     // The same evaluation with INT4 weights (QuZO's inference baseline).
-    let (ok, _, err) = qtune(&["eval", "--bits", "4", "--model", out.join("model").to_str().unwrap(), "--task", "lm", "--data", data.to_str().unwrap(), "--train-size", "12", "--dev-size", "4", "--eval-size", "4", "--out", dir.path().join("ev4").to_str().unwrap()]);
+    let (ok, _, err) = qtune(&[
+        "eval",
+        "--bits",
+        "4",
+        "--model",
+        out.join("model").to_str().unwrap(),
+        "--task",
+        "lm",
+        "--data",
+        data.to_str().unwrap(),
+        "--train-size",
+        "12",
+        "--dev-size",
+        "4",
+        "--eval-size",
+        "4",
+        "--out",
+        dir.path().join("ev4").to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("ev4/summary.json")).unwrap()).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("ev4/summary.json")).unwrap()).unwrap();
     assert_eq!(s["method"], "inference-int4");
     assert!(s["bytes_per_param"].as_f64().unwrap() < 1.0, "{}", s["bytes_per_param"]);
 }
@@ -95,7 +165,10 @@ fn missing_and_truncated_model_files_are_named() {
     let data = lm_data(dir.path());
     let out = dir.path().join("run");
     let missing = dir.path().join("nope.gguf");
-    expect_error(&train_args(missing.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()), &["nope.gguf", "not found"]);
+    expect_error(
+        &train_args(missing.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()),
+        &["nope.gguf", "not found"],
+    );
     // A copy of the tiny model with its weights cut short.
     let m = dir.path().join("model");
     std::fs::create_dir(&m).unwrap();
@@ -104,7 +177,10 @@ fn missing_and_truncated_model_files_are_named() {
     }
     let w = std::fs::read(Path::new(TINY).join("model.safetensors")).unwrap();
     std::fs::write(m.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
-    expect_error(&train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()), &["model.safetensors", "not a valid safetensors file"]);
+    expect_error(
+        &train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()),
+        &["model.safetensors", "not a valid safetensors file"],
+    );
 }
 
 #[test]
@@ -118,10 +194,18 @@ fn config_with_a_wrong_shape_is_named() {
         std::fs::copy(Path::new(TINY).join(f), m.join(f)).unwrap();
     }
     let cfg = std::fs::read_to_string(Path::new(TINY).join("config.json")).unwrap();
-    std::fs::write(m.join("config.json"), cfg.replace("\"intermediate_size\": 160", "\"intermediate_size\": 128")).unwrap();
-    expect_error(&train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()), &["model.safetensors", "has shape", "128"]);
-    std::fs::write(m.join("config.json"), cfg.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3")).unwrap();
-    expect_error(&train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()), &["config.json", "multiple of num_key_value_heads"]);
+    std::fs::write(m.join("config.json"), cfg.replace("\"intermediate_size\": 160", "\"intermediate_size\": 128"))
+        .unwrap();
+    expect_error(
+        &train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()),
+        &["model.safetensors", "has shape", "128"],
+    );
+    std::fs::write(m.join("config.json"), cfg.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3"))
+        .unwrap();
+    expect_error(
+        &train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()),
+        &["config.json", "multiple of num_key_value_heads"],
+    );
 }
 
 #[test]
@@ -155,9 +239,30 @@ fn bench_runs_every_method() {
     let data = lm_data(dir.path());
     let out = dir.path().join("bench");
     let (ok, stdout, err) = qtune(&[
-        "bench", "--out", out.to_str().unwrap(), "--", "--model", TINY, "--task", "lm", "--data", data.to_str().unwrap(),
-        "--steps", "2", "--batch-size", "2", "--train-size", "12", "--dev-size", "4", "--eval-size", "4",
-        "--max-seq-len", "24", "--lr", "1e-3",
+        "bench",
+        "--out",
+        out.to_str().unwrap(),
+        "--",
+        "--model",
+        TINY,
+        "--task",
+        "lm",
+        "--data",
+        data.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--train-size",
+        "12",
+        "--dev-size",
+        "4",
+        "--eval-size",
+        "4",
+        "--max-seq-len",
+        "24",
+        "--lr",
+        "1e-3",
     ]);
     assert!(ok, "{err}");
     for (name, _) in qtune::bench::RUNS {

@@ -43,7 +43,10 @@ fn check_dir(dir: &str) {
     let pl = model.logits(&loaded.params, &pids).unwrap();
     for (b, row) in mask.iter().enumerate() {
         let n = row.iter().filter(|&&m| m == 1).count();
-        let e = rel_err(&pl.get(b).unwrap().narrow(0, 0, n).unwrap(), &refs["logits_padded"].get(b).unwrap().narrow(0, 0, n).unwrap());
+        let e = rel_err(
+            &pl.get(b).unwrap().narrow(0, 0, n).unwrap(),
+            &refs["logits_padded"].get(b).unwrap().narrow(0, 0, n).unwrap(),
+        );
         assert!(e < F32_LOGIT_BUDGET, "{dir}: padded row {b} off by {e:e}");
     }
     // f64: logits, HF's causal-LM loss and every parameter's gradient.

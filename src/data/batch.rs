@@ -9,7 +9,13 @@ use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 
 /// Builds one right-padded batch from `examples`.
-pub fn make_batch(examples: &[&Example], classes: Option<&[u32]>, max_len: usize, pad: u32, dev: &Device) -> Result<Batch> {
+pub fn make_batch(
+    examples: &[&Example],
+    classes: Option<&[u32]>,
+    max_len: usize,
+    pad: u32,
+    dev: &Device,
+) -> Result<Batch> {
     if max_len < 2 {
         return Err(Error::Option(format!("--max-seq-len {max_len} is too short (at least 2)")));
     }

@@ -4,7 +4,7 @@ pub mod batch;
 pub mod tasks;
 
 pub use batch::{make_batch, Batcher};
-pub use tasks::{load_task, Example, Splits, SplitSizes, Target, TaskData};
+pub use tasks::{load_task, Example, SplitSizes, Splits, Target, TaskData};
 
 /// A seeded permutation of `0..n` (Fisher–Yates on the counter-based RNG, so it is reproducible anywhere).
 pub fn permutation(n: usize, seed: u64, stream: u32) -> Vec<usize> {

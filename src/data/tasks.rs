@@ -101,7 +101,9 @@ fn label_ids(tok: &Tok, words: &[&str]) -> Result<Vec<u32>> {
         .iter()
         .map(|w| match tok.encode(w)?.as_slice() {
             [id] => Ok(*id),
-            ids => Err(Error::Msg(format!("label word {w:?} is {} tokens; label words must be single tokens", ids.len()))),
+            ids => {
+                Err(Error::Msg(format!("label word {w:?} is {} tokens; label words must be single tokens", ids.len())))
+            }
         })
         .collect()
 }
@@ -163,7 +165,10 @@ fn boolq(dir: &Path, tok: &Tok, sizes: SplitSizes, seed: u64) -> Result<Splits> 
     let pp = permutation(pool.len(), seed, 0);
     let vp = permutation(val.len(), seed, 1);
     let pick = |idx: &[usize], rows: &[(String, String, bool)]| -> Result<TaskData> {
-        Ok(TaskData { examples: idx.iter().map(|&i| encode(&rows[i])).collect::<Result<_>>()?, classes: Some(classes.clone()) })
+        Ok(TaskData {
+            examples: idx.iter().map(|&i| encode(&rows[i])).collect::<Result<_>>()?,
+            classes: Some(classes.clone()),
+        })
     };
     Ok(Splits {
         task: "boolq".into(),
@@ -190,7 +195,10 @@ fn causal_lm(path: &Path, tok: &Tok, sizes: SplitSizes, seed: u64) -> Result<Spl
         return Err(Error::file(path, format!("has {} rows; the splits ask for {need}", rows.len())));
     }
     let p = permutation(rows.len(), seed, 0);
-    let take = |r: std::ops::Range<usize>| TaskData { examples: p[r].iter().map(|&i| rows[i].clone()).collect(), classes: None };
+    let take = |r: std::ops::Range<usize>| TaskData {
+        examples: p[r].iter().map(|&i| rows[i].clone()).collect(),
+        classes: None,
+    };
     Ok(Splits {
         task: "lm".into(),
         train: take(0..sizes.train),

@@ -9,11 +9,11 @@
 use super::{Method, OnNonFinite, StepStats};
 use crate::model::quantized::{quant_err, QuantStore};
 use crate::model::{Batch, Keep, Llama, ParamStore, Weights};
-use qtune_quant::{IntTensor, QuantSpec, Rounding};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
 use crate::train::optim::Optimizer;
 use crate::train::DenseGrads;
 use crate::{Error, Result};
+use qtune_quant::{IntTensor, QuantSpec, Rounding};
 
 pub struct FullFinetune {
     pub params: ParamStore,
@@ -37,7 +37,14 @@ impl FullFinetune {
     }
 
     /// Quantization-aware training: the model runs on `spec`-quantized matrices (straight-through estimator).
-    pub fn qat(params: ParamStore, opt: Optimizer, spec: QuantSpec, clip: Option<f64>, keep: Keep, on_nan: OnNonFinite) -> Result<Self> {
+    pub fn qat(
+        params: ParamStore,
+        opt: Optimizer,
+        spec: QuantSpec,
+        clip: Option<f64>,
+        keep: Keep,
+        on_nan: OnNonFinite,
+    ) -> Result<Self> {
         let q = quantize(&params, spec)?;
         Ok(FullFinetune { params, opt, clip, keep, on_nan, fake_quant: Some((spec, q)), name: "qat" })
     }
@@ -51,7 +58,9 @@ impl FullFinetune {
 }
 
 fn quantize(params: &ParamStore, spec: QuantSpec) -> Result<QuantStore<IntTensor>> {
-    QuantStore::from_params(params, &mut |_, d, r, c| IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err))
+    QuantStore::from_params(params, &mut |_, d, r, c| {
+        IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err)
+    })
 }
 
 impl Method for FullFinetune {
@@ -77,8 +86,12 @@ impl Method for FullFinetune {
         let norm = grads.global_norm()? / micro.len() as f64;
         if !loss.is_finite() || !norm.is_finite() {
             return match self.on_nan {
-                OnNonFinite::Skip => Ok(StepStats { loss, grad_norm: Some(norm), applied: false, memory: mem, ..Default::default() }),
-                OnNonFinite::Stop => Err(Error::Numerical(format!("loss {loss}, gradient norm {norm}: stopping (--on-nan stop)"))),
+                OnNonFinite::Skip => {
+                    Ok(StepStats { loss, grad_norm: Some(norm), applied: false, memory: mem, ..Default::default() })
+                }
+                OnNonFinite::Stop => {
+                    Err(Error::Numerical(format!("loss {loss}, gradient norm {norm}: stopping (--on-nan stop)")))
+                }
             };
         }
         let clip = self.clip.map_or(1.0, |c| (c / norm).min(1.0));
@@ -123,11 +136,10 @@ impl Method for FullFinetune {
 mod tests {
     use super::*;
     use crate::model::llama::tests::{batch, tiny_config};
-    
+
     use crate::train::optim::AdamWConfig;
     use candle_core::DType;
     use qtune_quant::{Bits, Granularity};
-
 
     /// QAT's straight-through gradient is the f32 model's gradient evaluated at the quantized weights (budget 1e-4
     /// relative: the quantized kernel sums in another order), and the master moves while the copy follows it.

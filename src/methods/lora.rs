@@ -24,9 +24,7 @@
 //! [`Trained`] and [`FirstOrder`] (a method's own tensors and their optimizer step) are shared with QST.
 use super::{Method, OnNonFinite, StepStats};
 use crate::model::quantized::{quant_err, QuantStore, Source};
-use crate::model::{
-    Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, ParamId, ParamStore, Weights,
-};
+use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, ParamId, ParamStore, Weights};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
 use crate::train::optim::Optimizer;
 use crate::train::DenseGrads;
@@ -43,32 +41,18 @@ use std::hash::Hash;
 pub const NF4_BLOCK: usize = 64;
 
 /// The projections LoRA adapts, in forward order.
-pub const TARGETS: [BlockParam; 7] = [
-    BlockParam::Q,
-    BlockParam::K,
-    BlockParam::V,
-    BlockParam::O,
-    BlockParam::Gate,
-    BlockParam::Up,
-    BlockParam::Down,
-];
+pub const TARGETS: [BlockParam; 7] =
+    [BlockParam::Q, BlockParam::K, BlockParam::V, BlockParam::O, BlockParam::Gate, BlockParam::Up, BlockParam::Down];
 
 /// Quantizes a model to NF4 with double quantization, matrix by matrix (the frozen base of `qlora` and `qst`).
 pub fn nf4_base(source: Source) -> Result<QuantStore<Nf4Tensor>> {
-    source.quantize(&mut |_, d, r, c| {
-        Nf4Tensor::quantize(d, r, c, NF4_BLOCK, true).map_err(quant_err)
-    })
+    source.quantize(&mut |_, d, r, c| Nf4Tensor::quantize(d, r, c, NF4_BLOCK, true).map_err(quant_err))
 }
 
 /// PyTorch's default `nn.Linear` weight init (`kaiming_uniform_(a=√5)`): U(−1/√fan_in, 1/√fan_in), drawn from the
 /// counter-based RNG so `key` fixes it. Callers key it by a method-tagged seed on the Gaussian stream (the stream
 /// registry has no init stream, and nothing else draws from those seeds).
-pub fn kaiming_uniform(
-    shape: &[usize],
-    fan_in: usize,
-    key: RngKey,
-    dtype: DType,
-) -> Result<Tensor> {
+pub fn kaiming_uniform(shape: &[usize], fan_in: usize, key: RngKey, dtype: DType) -> Result<Tensor> {
     let bound = 1.0 / (fan_in as f32).sqrt();
     let mut v = vec![0f32; shape.iter().product()];
     fill_uniform(&key, 0, &mut v);
@@ -89,12 +73,7 @@ pub struct Trained<K> {
 impl<K: Copy + Eq + Hash + Debug> Trained<K> {
     /// `items`: (key, initial value, decayed), in forward order.
     pub fn new(items: Vec<(K, Tensor, bool)>) -> Self {
-        let mut t = Trained {
-            keys: vec![],
-            tensors: vec![],
-            decayed: vec![],
-            index: HashMap::new(),
-        };
+        let mut t = Trained { keys: vec![], tensors: vec![], decayed: vec![], index: HashMap::new() };
         for (k, v, d) in items {
             t.index.insert(k, t.keys.len());
             t.keys.push(k);
@@ -127,10 +106,7 @@ impl<K: Copy + Eq + Hash + Debug> Trained<K> {
     }
 
     pub fn bytes(&self) -> usize {
-        self.tensors
-            .iter()
-            .map(crate::model::llama::tensor_bytes)
-            .sum()
+        self.tensors.iter().map(crate::model::llama::tensor_bytes).sum()
     }
 }
 
@@ -158,38 +134,24 @@ impl FirstOrder {
         let norm = grads.global_norm()? / micro as f64;
         if !loss.is_finite() || !norm.is_finite() {
             return match self.on_nan {
-                OnNonFinite::Skip => Ok(StepStats {
-                    loss,
-                    grad_norm: Some(norm),
-                    applied: false,
-                    memory: mem,
-                    ..Default::default()
-                }),
-                OnNonFinite::Stop => Err(Error::Numerical(format!(
-                    "loss {loss}, gradient norm {norm}: stopping (--on-nan stop)"
-                ))),
+                OnNonFinite::Skip => {
+                    Ok(StepStats { loss, grad_norm: Some(norm), applied: false, memory: mem, ..Default::default() })
+                }
+                OnNonFinite::Stop => {
+                    Err(Error::Numerical(format!("loss {loss}, gradient norm {norm}: stopping (--on-nan stop)")))
+                }
             };
         }
         let scale = self.clip.map_or(1.0, |c| (c / norm).min(1.0)) / micro as f64;
         self.opt.begin_step();
         for slot in 0..t.keys.len() {
             let k = t.keys[slot];
-            let g = grads
-                .take(k)
-                .ok_or_else(|| Error::Msg(format!("no gradient for {k:?}")))?;
+            let g = grads.take(k).ok_or_else(|| Error::Msg(format!("no gradient for {k:?}")))?;
             let g = if scale != 1.0 { (g * scale)? } else { g };
-            t.tensors[slot] = self
-                .opt
-                .update(slot, &t.tensors[slot], &g, lr, t.decayed[slot])?;
+            t.tensors[slot] = self.opt.update(slot, &t.tensors[slot], &g, lr, t.decayed[slot])?;
         }
         mem.optimizer = mem.optimizer.max(self.opt.state_bytes());
-        Ok(StepStats {
-            loss,
-            grad_norm: Some(norm),
-            applied: true,
-            memory: mem,
-            ..Default::default()
-        })
+        Ok(StepStats { loss, grad_norm: Some(norm), applied: true, memory: mem, ..Default::default() })
     }
 }
 
@@ -248,20 +210,15 @@ impl LoraConfig {
             return Err(Error::Option("--lora-r must be at least 1".into()));
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(Error::Option(format!(
-                "--lora-alpha {} must be positive",
-                self.alpha
-            )));
+            return Err(Error::Option(format!("--lora-alpha {} must be positive", self.alpha)));
         }
         Ok(())
     }
 
     /// Trainable parameters for a model config: r·(in + out) per adapted projection.
     pub fn trainable_params(&self, cfg: &LlamaConfig) -> usize {
-        let per_block: usize = TARGETS
-            .iter()
-            .map(|&p| ParamId::Block(0, p).shape(cfg).iter().sum::<usize>() * self.r)
-            .sum();
+        let per_block: usize =
+            TARGETS.iter().map(|&p| ParamId::Block(0, p).shape(cfg).iter().sum::<usize>() * self.r).sum();
         per_block * cfg.num_hidden_layers
     }
 }
@@ -289,33 +246,17 @@ impl<B: FrozenBase> LoraWeights<B> {
                 let id = ParamId::Block(l, p);
                 let (out, inp) = (id.shape(cfg)[0], id.shape(cfg)[1]);
                 let key = RngKey::new(lc.seed ^ LORA_SEED_TAG, items.len() as u32, STREAM_GAUSS);
-                items.push((
-                    (id, Factor::A),
-                    kaiming_uniform(&[lc.r, inp], inp, key, dtype)?,
-                    true,
-                ));
-                items.push((
-                    (id, Factor::B),
-                    Tensor::zeros((out, lc.r), dtype, &Device::Cpu)?,
-                    true,
-                ));
+                items.push(((id, Factor::A), kaiming_uniform(&[lc.r, inp], inp, key, dtype)?, true));
+                items.push(((id, Factor::B), Tensor::zeros((out, lc.r), dtype, &Device::Cpu)?, true));
             }
         }
-        Ok(LoraWeights {
-            base,
-            scale: lc.alpha / lc.r as f64,
-            factors: Trained::new(items),
-            grads: RefCell::default(),
-        })
+        Ok(LoraWeights { base, scale: lc.alpha / lc.r as f64, factors: Trained::new(items), grads: RefCell::default() })
     }
 
     fn factors(&self, id: ParamId) -> Option<(&Tensor, &Tensor)> {
-        self.factors.contains((id, Factor::A)).then(|| {
-            (
-                self.factors.get((id, Factor::A)),
-                self.factors.get((id, Factor::B)),
-            )
-        })
+        self.factors
+            .contains((id, Factor::A))
+            .then(|| (self.factors.get((id, Factor::A)), self.factors.get((id, Factor::B))))
     }
 
     /// The base with every adapted W replaced by W + s·B·A, dense f32.
@@ -356,13 +297,7 @@ impl<B: FrozenBase> Weights for LoraWeights<B> {
     fn trains(&self, _id: ParamId) -> bool {
         false
     }
-    fn weight_grad(
-        &self,
-        id: ParamId,
-        dy: &Tensor,
-        x: &Tensor,
-        _sink: &mut dyn GradSink,
-    ) -> Result<()> {
+    fn weight_grad(&self, id: ParamId, dy: &Tensor, x: &Tensor, _sink: &mut dyn GradSink) -> Result<()> {
         let Some((a, b)) = self.factors(id) else {
             return Ok(());
         };
@@ -379,9 +314,7 @@ struct FrozenSink;
 
 impl GradSink for FrozenSink {
     fn push(&mut self, id: ParamId, _grad: Tensor) -> Result<()> {
-        Err(Error::Msg(format!(
-            "{id:?} is frozen but received a gradient"
-        )))
+        Err(Error::Msg(format!("{id:?} is frozen but received a gradient")))
     }
 }
 
@@ -394,21 +327,10 @@ pub struct Lora<B> {
 }
 
 impl<B: FrozenBase> Lora<B> {
-    pub fn new(
-        name: &'static str,
-        base: B,
-        lc: LoraConfig,
-        update: FirstOrder,
-        keep: Keep,
-    ) -> Result<Self> {
+    pub fn new(name: &'static str, base: B, lc: LoraConfig, update: FirstOrder, keep: Keep) -> Result<Self> {
         let cfg = base.cfg().clone();
         let dtype = base.vector(ParamId::FinalNorm)?.dtype();
-        Ok(Lora {
-            weights: LoraWeights::new(base, &cfg, lc, dtype)?,
-            update,
-            keep,
-            name,
-        })
+        Ok(Lora { weights: LoraWeights::new(base, &cfg, lc, dtype)?, update, keep, name })
     }
 }
 
@@ -422,20 +344,16 @@ impl<B: FrozenBase> Method for Lora<B> {
         let mut mem = self.state_bytes();
         for batch in micro {
             let (out, trace) = model.forward(&self.weights, batch, self.keep)?;
-            let trace =
-                trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
+            let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
             mem.activations = mem.activations.max(trace.bytes());
             let (b, t) = batch.ids.dims2()?;
-            mem.scratch = mem
-                .scratch
-                .max(block_scratch_bytes(&model.cfg, b, t, self.keep, 4));
+            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, b, t, self.keep, 4));
             // The factor gradients collect inside the weights; the sink receives nothing.
             model.backward(&self.weights, trace, &mut FrozenSink)?;
             loss += out.loss / micro.len() as f32;
         }
         let grads = self.weights.grads.take();
-        self.update
-            .step(&mut self.weights.factors, grads, micro.len(), loss, mem, lr)
+        self.update.step(&mut self.weights.factors, grads, micro.len(), loss, mem, lr)
     }
 
     fn weights(&self) -> &dyn Weights {
@@ -468,32 +386,20 @@ mod tests {
     use super::*;
     use crate::model::layers::{self, tests::rand};
     use crate::model::llama::tests::{batch, tiny_config};
-    
+
     use crate::train::optim::AdamWConfig;
 
     const FD_BUDGET: f64 = 1e-6;
-
 
     /// LoRA over a random f64 base with random B (at init B = 0 would zero A's gradient).
     fn random_lora(tied: bool) -> (Llama, LoraWeights<ParamStore>) {
         let cfg = tiny_config(tied);
         let base = ParamStore::random(&cfg, 7, 0.3, DType::F64).unwrap();
-        let mut w = LoraWeights::new(
-            base,
-            &cfg,
-            LoraConfig {
-                r: 3,
-                alpha: 6.0,
-                seed: 1,
-            },
-            DType::F64,
-        )
-        .unwrap();
+        let mut w = LoraWeights::new(base, &cfg, LoraConfig { r: 3, alpha: 6.0, seed: 1 }, DType::F64).unwrap();
         for (j, k) in w.factors.keys().to_vec().into_iter().enumerate() {
             if k.1 == Factor::B {
                 let shape = w.factors.get(k).dims().to_vec();
-                w.factors
-                    .set(k, (rand(&shape, 50 + j as u64) * 0.5).unwrap());
+                w.factors.set(k, (rand(&shape, 50 + j as u64) * 0.5).unwrap());
             }
         }
         (Llama::new(cfg), w)
@@ -502,11 +408,7 @@ mod tests {
     fn loss(m: &Llama, w: &dyn Weights, b: &Batch) -> f64 {
         let (out, _) = m.forward(w, b, Keep::Nothing).unwrap();
         let labels = Tensor::new(b.targets.labels.as_slice(), &Device::Cpu).unwrap();
-        layers::cross_entropy(&out.logits, &labels)
-            .unwrap()
-            .0
-            .to_scalar::<f64>()
-            .unwrap()
+        layers::cross_entropy(&out.logits, &labels).unwrap().0.to_scalar::<f64>().unwrap()
     }
 
     fn check(tied: bool, classes: bool, keep: Keep) {
@@ -517,9 +419,7 @@ mod tests {
         let grads = w.grads.take();
         let h = 1e-6;
         for &k in w.factors.keys() {
-            let g = grads
-                .get(k)
-                .unwrap_or_else(|| panic!("no gradient for {k:?}"));
+            let g = grads.get(k).unwrap_or_else(|| panic!("no gradient for {k:?}"));
             let gv: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
             let scale = gv.iter().fold(1e-4f64, |m, x| m.max(x.abs()));
             let t = w.factors.get(k);
@@ -530,12 +430,8 @@ mod tests {
                     v[i] += d;
                     let mut f = w.factors.clone();
                     f.set(k, Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap());
-                    let wp = LoraWeights {
-                        base: w.base.clone(),
-                        scale: w.scale,
-                        factors: f,
-                        grads: RefCell::default(),
-                    };
+                    let wp =
+                        LoraWeights { base: w.base.clone(), scale: w.scale, factors: f, grads: RefCell::default() };
                     loss(&m, &wp, &b)
                 };
                 let fd = (at(h) - at(-h)) / (2.0 * h);
@@ -565,35 +461,21 @@ mod tests {
         let ids = Tensor::new(&[[1u32, 4, 9, 30], [2, 2, 7, 0]], &Device::Cpu).unwrap();
         let a = m.logits(&w, &ids).unwrap();
         let b = m.logits(&w.merged().unwrap(), &ids).unwrap();
-        let err = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let err = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(err < 1e-12, "{err}");
     }
 
     fn qlora() -> (Llama, Lora<QuantStore<Nf4Tensor>>) {
         let cfg = tiny_config(true);
         let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
-        let update = FirstOrder {
-            opt: Optimizer::adamw(AdamWConfig::default()),
-            clip: Some(1.0),
-            on_nan: OnNonFinite::Stop,
-        };
+        let update =
+            FirstOrder { opt: Optimizer::adamw(AdamWConfig::default()), clip: Some(1.0), on_nan: OnNonFinite::Stop };
         (
             Llama::new(cfg),
             Lora::new(
                 "qlora",
                 nf4_base(Source::Params(p.clone())).unwrap(),
-                LoraConfig {
-                    r: 4,
-                    alpha: 8.0,
-                    seed: 0,
-                },
+                LoraConfig { r: 4, alpha: 8.0, seed: 0 },
                 update,
                 Keep::All,
             )
@@ -616,23 +498,10 @@ mod tests {
         for _ in 0..10 {
             last = q.step(&m, std::slice::from_ref(&b), 1e-2).unwrap();
         }
-        assert!(
-            last.loss < first.loss * 0.9,
-            "loss {} → {}",
-            first.loss,
-            last.loss
-        );
+        assert!(last.loss < first.loss * 0.9, "loss {} → {}", first.loss, last.loss);
         // Model state: the NF4 base, the factors, their gradients and AdamW's moments.
         let n = q.trainable_params();
-        assert_eq!(
-            n,
-            LoraConfig {
-                r: 4,
-                alpha: 8.0,
-                seed: 0
-            }
-            .trainable_params(&m.cfg)
-        );
+        assert_eq!(n, LoraConfig { r: 4, alpha: 8.0, seed: 0 }.trainable_params(&m.cfg));
         let s = q.state_bytes();
         assert_eq!(s.weights, q.weights.base.weight_bytes() + 4 * n);
         assert_eq!((s.gradients, s.optimizer), (4 * n, 8 * n));
@@ -640,18 +509,7 @@ mod tests {
 
     #[test]
     fn bad_options_are_errors() {
-        for lc in [
-            LoraConfig {
-                r: 0,
-                alpha: 16.0,
-                seed: 0,
-            },
-            LoraConfig {
-                r: 8,
-                alpha: f64::NAN,
-                seed: 0,
-            },
-        ] {
+        for lc in [LoraConfig { r: 0, alpha: 16.0, seed: 0 }, LoraConfig { r: 8, alpha: f64::NAN, seed: 0 }] {
             assert!(matches!(lc.validate(), Err(Error::Option(_))));
         }
     }

@@ -169,7 +169,17 @@ pub fn build(name: &str, source: Source, o: &MethodOptions) -> Result<(Box<dyn M
         }
         "qat" => {
             let opt = Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() });
-            (Box::new(FullFinetune::qat(source.params()?, opt, quzo::weight_spec(o.bits)?, o.clip, o.keep, o.on_nan)?), 1e-5)
+            (
+                Box::new(FullFinetune::qat(
+                    source.params()?,
+                    opt,
+                    quzo::weight_spec(o.bits)?,
+                    o.clip,
+                    o.keep,
+                    o.on_nan,
+                )?),
+                1e-5,
+            )
         }
         "mezo" => {
             let cfg = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };
@@ -183,14 +193,24 @@ pub fn build(name: &str, source: Source, o: &MethodOptions) -> Result<(Box<dyn M
         "qst" | "lora" | "qlora" => {
             // Peak LRs: QST's paper 2e-4, LoRA 1e-4 with AdamW; Lion wants about a tenth.
             let (opt, lr_scale) = match o.optimizer {
-                OptimizerKind::AdamW => (Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() }), 1.0),
-                OptimizerKind::Lion => (Optimizer::lion(LionConfig { weight_decay: o.weight_decay, ..Default::default() }), 0.1),
+                OptimizerKind::AdamW => {
+                    (Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() }), 1.0)
+                }
+                OptimizerKind::Lion => {
+                    (Optimizer::lion(LionConfig { weight_decay: o.weight_decay, ..Default::default() }), 0.1)
+                }
             };
             let update = lora::FirstOrder { opt, clip: o.clip, on_nan: o.on_nan };
             let lc = lora::LoraConfig { r: o.lora_r, alpha: o.lora_alpha, seed: o.seed };
             let (m, lr): (Box<dyn Method>, f64) = match name {
                 "qst" => {
-                    let cfg = qst::QstConfig { r: o.side_r, downsample: o.downsample, adapter_rank: o.adapter_rank, keep: o.keep, seed: o.seed };
+                    let cfg = qst::QstConfig {
+                        r: o.side_r,
+                        downsample: o.downsample,
+                        adapter_rank: o.adapter_rank,
+                        keep: o.keep,
+                        seed: o.seed,
+                    };
                     (Box::new(qst::Qst::new(source, cfg, update)?), 2e-4)
                 }
                 "lora" => (Box::new(lora::Lora::new("lora", source.params()?, lc, update, o.keep)?), 1e-4),

@@ -16,8 +16,8 @@
 //! - Fused variant (`fused`): the Lion update is applied inside the backward as each f32 gradient arrives (no
 //!   stack, no gradient state); it needs one micro-batch per step and no clipping (both need every gradient first).
 use super::{Method, OnNonFinite, StepStats};
-use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore, Source};
 use crate::checkpoint::{StateReader, StateWriter};
+use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore, Source};
 use crate::model::{Batch, GradSink, Keep, Llama, ParamId, ParamStore, Weights};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
 use crate::train::optim::LionConfig;
@@ -114,8 +114,15 @@ impl Int8Blocks {
         let pieces = (0..len.div_ceil(PIECE))
             .map(|p| {
                 let n = PIECE.min(len - p * PIECE);
-                IntTensor::from_raw(1, n, Self::SPEC, r.u8(&format!("{prefix}.{p}.codes"))?, r.f32(&format!("{prefix}.{p}.scales"))?, None)
-                    .map_err(|e| Error::file(r.path(), format!("`{prefix}` piece {p}: {e}")))
+                IntTensor::from_raw(
+                    1,
+                    n,
+                    Self::SPEC,
+                    r.u8(&format!("{prefix}.{p}.codes"))?,
+                    r.f32(&format!("{prefix}.{p}.scales"))?,
+                    None,
+                )
+                .map_err(|e| Error::file(r.path(), format!("`{prefix}` piece {p}: {e}")))
             })
             .collect::<Result<_>>()?;
         Ok(Int8Blocks { pieces, len })
@@ -172,10 +179,14 @@ fn key(seed: u64, step: u64, id: usize, stream: u32) -> RngKey {
 impl Qft {
     pub fn new(source: Source, cfg: QftConfig, on_nan: OnNonFinite) -> Result<Self> {
         if cfg.fused && cfg.clip.is_some() {
-            return Err(Error::Option("--fused applies each update inside the backward, so it cannot clip by the global norm: pass --clip 0".into()));
+            return Err(Error::Option(
+                "--fused applies each update inside the backward, so it cannot clip by the global norm: pass --clip 0"
+                    .into(),
+            ));
         }
         let frac = cfg.outlier_fraction;
-        let store = source.quantize(&mut |_, d, r, c| HybridTensor::quantize(d, r, c, frac, Rounding::Nearest).map_err(quant_err))?;
+        let store = source
+            .quantize(&mut |_, d, r, c| HybridTensor::quantize(d, r, c, frac, Rounding::Nearest).map_err(quant_err))?;
         let momentum = store.ids().iter().map(|&id| Int8Blocks::zeros(id.numel(&store.cfg))).collect::<Result<_>>()?;
         Ok(Qft { weights: QftWeights(RefCell::new(store)), momentum, stack: Vec::new(), cfg, on_nan, step: 0 })
     }
@@ -208,7 +219,13 @@ struct Lion<'a> {
 impl Lion<'_> {
     /// Lion on one parameter with gradient `g(start, out)` scaled by `scale`; weights re-encoded with stochastic
     /// rounding on their frozen grid; momentum re-quantized block-wise. Returns how many stored entries changed.
-    fn update(&mut self, id: ParamId, g: &(dyn Fn(usize, &mut [f32]) -> Result<()> + Sync), scale: f32, lr: f64) -> Result<usize> {
+    fn update(
+        &mut self,
+        id: ParamId,
+        g: &(dyn Fn(usize, &mut [f32]) -> Result<()> + Sync),
+        scale: f32,
+        lr: f64,
+    ) -> Result<usize> {
         let LionConfig { beta1, beta2, weight_decay } = self.cfg.lion;
         let (b1, b2) = (beta1 as f32, beta2 as f32);
         let wd = if id.is_matrix() { weight_decay as f32 } else { 0.0 };
@@ -263,7 +280,6 @@ impl Lion<'_> {
         })?;
         Ok(changed)
     }
-
 }
 
 fn cfg_matrices(cfg: &crate::model::LlamaConfig) -> Vec<ParamId> {
@@ -293,16 +309,23 @@ impl GradSink for StackSink<'_> {
     fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()> {
         let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
         drop(grad);
-        let k = RngKey::new(super::zo::direction_seed(self.seed, self.micro, self.depth), self.depth as u32, STREAM_SR_GRAD);
+        let k = RngKey::new(
+            super::zo::direction_seed(self.seed, self.micro, self.depth),
+            self.depth as u32,
+            STREAM_SR_GRAD,
+        );
         if !self.accumulate {
             if self.last {
                 self.sumsq += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
             }
             self.stack.push((id, Int8Blocks::quantize(&g, k)?));
         } else {
-            let (eid, entry) = self.stack.get_mut(self.depth).ok_or_else(|| Error::Msg("gradient stack underflow".into()))?;
+            let (eid, entry) =
+                self.stack.get_mut(self.depth).ok_or_else(|| Error::Msg("gradient stack underflow".into()))?;
             if *eid != id {
-                return Err(Error::Msg(format!("gradient stack out of order: {id:?} arrived where {eid:?} was pushed")));
+                return Err(Error::Msg(format!(
+                    "gradient stack out of order: {id:?} arrived where {eid:?} was pushed"
+                )));
             }
             let s = entry.rewrite(k, |start, v| {
                 let n = v.len();
@@ -375,7 +398,15 @@ impl Method for Qft {
                 model.backward(weights, trace, &mut sink)?;
                 changed = sink.changed;
             } else {
-                let mut sink = StackSink { stack: &mut self.stack, depth: 0, accumulate: k > 0, last: k + 1 == n, sumsq: 0.0, seed: self.cfg.seed ^ self.step, micro: k as u64 };
+                let mut sink = StackSink {
+                    stack: &mut self.stack,
+                    depth: 0,
+                    accumulate: k > 0,
+                    last: k + 1 == n,
+                    sumsq: 0.0,
+                    seed: self.cfg.seed ^ self.step,
+                    micro: k as u64,
+                };
                 model.backward(&self.weights, trace, &mut sink)?;
                 sumsq += sink.sumsq;
                 mem.gradients = mem.gradients.max(self.stack.iter().map(|(_, g)| g.bytes()).sum());
@@ -387,8 +418,12 @@ impl Method for Qft {
                 self.stack.clear();
                 self.step += 1;
                 return match self.on_nan {
-                    OnNonFinite::Skip => Ok(StepStats { loss, grad_norm: Some(norm), applied: false, memory: mem, ..Default::default() }),
-                    OnNonFinite::Stop => Err(Error::Numerical(format!("loss {loss}, gradient norm {norm}: stopping (--on-nan stop)"))),
+                    OnNonFinite::Skip => {
+                        Ok(StepStats { loss, grad_norm: Some(norm), applied: false, memory: mem, ..Default::default() })
+                    }
+                    OnNonFinite::Stop => {
+                        Err(Error::Numerical(format!("loss {loss}, gradient norm {norm}: stopping (--on-nan stop)")))
+                    }
                 };
             }
             let clip = self.cfg.clip.map_or(1.0, |c| (c / norm).min(1.0));
@@ -471,11 +506,25 @@ impl Method for Qft {
             let shape = id.shape(&cfg);
             if id.is_matrix() {
                 let (rows, cols) = (shape[0], shape[1]);
-                let dense = IntTensor::from_raw(rows, cols, QuantSpec::symmetric(Bits::B8, Granularity::PerRow), r.u8(&format!("{name}.codes"))?, r.f32(&format!("{name}.scales"))?, None)
-                    .map_err(|e| bad(format!("`{name}`: {e}")))?;
+                let dense = IntTensor::from_raw(
+                    rows,
+                    cols,
+                    QuantSpec::symmetric(Bits::B8, Granularity::PerRow),
+                    r.u8(&format!("{name}.codes"))?,
+                    r.f32(&format!("{name}.scales"))?,
+                    None,
+                )
+                .map_err(|e| bad(format!("`{name}`: {e}")))?;
                 let threshold = r.f32_len(&format!("{name}.threshold"), 1)?[0];
-                let h = HybridTensor::from_raw(dense, self.cfg.outlier_fraction, threshold, r.u32(&format!("{name}.row_ptr"))?, r.u32(&format!("{name}.col_idx"))?, r.f32(&format!("{name}.values"))?)
-                    .map_err(|e| bad(format!("`{name}`: {e}")))?;
+                let h = HybridTensor::from_raw(
+                    dense,
+                    self.cfg.outlier_fraction,
+                    threshold,
+                    r.u32(&format!("{name}.row_ptr"))?,
+                    r.u32(&format!("{name}.col_idx"))?,
+                    r.f32(&format!("{name}.values"))?,
+                )
+                .map_err(|e| bad(format!("`{name}`: {e}")))?;
                 *store.mat_mut(id) = h;
             } else {
                 let v = r.f32_len(&name, shape[0])?;
@@ -592,7 +641,6 @@ mod tests {
         }
     }
 
-
     /// Two identical micro-batches accumulated on the stack give the norm of one (within INT8 error), and both the
     /// stack and the fused variant train: the loss falls and stored weights change every step.
     #[test]
@@ -607,7 +655,8 @@ mod tests {
         let (n1, n2) = (s1.grad_norm.unwrap(), s2.grad_norm.unwrap());
         assert!((n1 - n2).abs() / n1 < 0.02, "norm {n1} vs accumulated {n2}");
         for fused in [false, true] {
-            let mut q = Qft::new(Source::Params(p.clone()), QftConfig { fused, ..cfg_lion(0.0) }, OnNonFinite::Stop).unwrap();
+            let mut q =
+                Qft::new(Source::Params(p.clone()), QftConfig { fused, ..cfg_lion(0.0) }, OnNonFinite::Stop).unwrap();
             let first = q.step(&m, &[batch(true)], 1e-2).unwrap();
             let mut last = first;
             for _ in 0..15 {
@@ -626,7 +675,9 @@ mod tests {
         let cfg = tiny_config(true);
         let m = Llama::new(cfg.clone());
         let p = ParamStore::random(&cfg, 2, 0.3, DType::F32).unwrap();
-        let mut q = Qft::new(Source::Params(p.clone()), QftConfig { clip: Some(1e-3), ..cfg_lion(0.0) }, OnNonFinite::Stop).unwrap();
+        let mut q =
+            Qft::new(Source::Params(p.clone()), QftConfig { clip: Some(1e-3), ..cfg_lion(0.0) }, OnNonFinite::Stop)
+                .unwrap();
         let s = q.step(&m, &[batch(true)], 1e-3).unwrap();
         assert!(s.grad_norm.unwrap() > 1e-2, "the test needs an unclipped norm above the clip");
         let mut sumsq = 0f64;
@@ -637,7 +688,8 @@ mod tests {
         }
         let want = (1.0 - 0.99) * 1e-3;
         assert!((sumsq.sqrt() - want).abs() / want < 0.02, "momentum norm {} vs {want}", sumsq.sqrt());
-        let mut r = Qft::new(Source::Params(p), QftConfig { recalibrate_every: 1, ..cfg_lion(0.0) }, OnNonFinite::Stop).unwrap();
+        let mut r = Qft::new(Source::Params(p), QftConfig { recalibrate_every: 1, ..cfg_lion(0.0) }, OnNonFinite::Stop)
+            .unwrap();
         let id = ParamId::Block(0, crate::model::BlockParam::Down);
         let t0 = r.weights.0.borrow().mat(id).threshold();
         for _ in 0..3 {
@@ -677,7 +729,16 @@ mod tests {
     /// scales), INT8 gradients and INT8 momentum (block scales): ≤ 3.3 bytes, the paper's target.
     #[test]
     fn model_state_is_at_most_3_3_bytes_per_parameter() {
-        let cfg = LlamaConfig { vocab_size: 1024, hidden_size: 256, intermediate_size: 704, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 64, ..tiny_config(true) };
+        let cfg = LlamaConfig {
+            vocab_size: 1024,
+            hidden_size: 256,
+            intermediate_size: 704,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 64,
+            ..tiny_config(true)
+        };
         let p = ParamStore::random(&cfg, 2, 0.05, DType::F32).unwrap();
         let q = Qft::new(Source::Params(p.clone()), cfg_lion(0.0), OnNonFinite::Stop).unwrap();
         let b = q.state_bytes();

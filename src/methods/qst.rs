@@ -46,10 +46,7 @@ use super::{Method, StepStats};
 use crate::model::layers::{self, Rope};
 use crate::model::llama::{tensor_bytes, Saved};
 use crate::model::quantized::{QuantStore, Source};
-use crate::model::{
-    Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, Output, ParamId, ParamStore, Tok,
-    Weights,
-};
+use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, Output, ParamId, ParamStore, Tok, Weights};
 use crate::train::memory::{block_activation_elems, block_scratch_bytes, Breakdown};
 use crate::train::DenseGrads;
 use crate::{Error, Result};
@@ -84,9 +81,7 @@ impl std::str::FromStr for Downsample {
             "linear" => Ok(Downsample::Linear),
             "maxpool" => Ok(Downsample::MaxPool),
             "avgpool" => Ok(Downsample::AvgPool),
-            _ => Err(Error::Option(format!(
-                "--downsample `{s}`: expected adapter, lora, linear, maxpool or avgpool"
-            ))),
+            _ => Err(Error::Option(format!("--downsample `{s}`: expected adapter, lora, linear, maxpool or avgpool"))),
         }
     }
 }
@@ -153,9 +148,7 @@ impl SideParam {
                 DownParam::Proj => format!("downsample.{i}.weight"),
             },
             SideParam::Gate(i) => format!("gates.{i}"),
-            SideParam::Block(l, p) => ParamId::Block(l, p)
-                .hf_name()
-                .replacen("model.", "side.", 1),
+            SideParam::Block(l, p) => ParamId::Block(l, p).hf_name().replacen("model.", "side.", 1),
             SideParam::Norm => "side.norm.weight".into(),
             SideParam::UpWeight => "upsample.weight".into(),
             SideParam::UpBias => "upsample.bias".into(),
@@ -188,23 +181,13 @@ pub fn side_config(base: &LlamaConfig, r: usize) -> Result<LlamaConfig> {
         )));
     }
     let head_dim = 2 * s.div_ceil(base.num_attention_heads).div_ceil(2);
-    let cfg = LlamaConfig {
-        hidden_size: s,
-        intermediate_size: f,
-        head_dim,
-        ..base.clone()
-    };
-    cfg.validate()
-        .map_err(|m| Error::Option(format!("--side-r {r}: side config invalid: {m}")))?;
+    let cfg = LlamaConfig { hidden_size: s, intermediate_size: f, head_dim, ..base.clone() };
+    cfg.validate().map_err(|m| Error::Option(format!("--side-r {r}: side config invalid: {m}")))?;
     Ok(cfg)
 }
 
 /// Every trained tensor and its shape, in forward order (which is also the optimizer's slot order).
-pub fn side_param_shapes(
-    base: &LlamaConfig,
-    side: &LlamaConfig,
-    q: &QstConfig,
-) -> Vec<(SideParam, Vec<usize>)> {
+pub fn side_param_shapes(base: &LlamaConfig, side: &LlamaConfig, q: &QstConfig) -> Vec<(SideParam, Vec<usize>)> {
     let (d, s, k) = (base.hidden_size, side.hidden_size, q.adapter_rank);
     let down = |i: usize| -> Vec<(SideParam, Vec<usize>)> {
         let p = |dp| SideParam::Down(i, dp);
@@ -223,12 +206,7 @@ pub fn side_param_shapes(
     for i in 1..=base.num_hidden_layers {
         out.extend(down(i));
         out.push((SideParam::Gate(i), vec![s]));
-        out.extend(BlockParam::ALL.iter().map(|&p| {
-            (
-                SideParam::Block(i - 1, p),
-                ParamId::Block(i - 1, p).shape(side),
-            )
-        }));
+        out.extend(BlockParam::ALL.iter().map(|&p| (SideParam::Block(i - 1, p), ParamId::Block(i - 1, p).shape(side))));
     }
     out.extend([
         (SideParam::Norm, vec![s]),
@@ -259,9 +237,7 @@ impl Weights for Trained<SideParam> {
         Ok(self.get(side_block_param(id)?).clone())
     }
     fn rows(&self, id: ParamId, _ids: &Tensor) -> Result<Tensor> {
-        Err(Error::Msg(format!(
-            "the side network has no rows to read ({id:?})"
-        )))
+        Err(Error::Msg(format!("the side network has no rows to read ({id:?})")))
     }
 }
 
@@ -300,9 +276,7 @@ pub enum DownActs {
 impl DownActs {
     fn bytes(&self) -> usize {
         match self {
-            DownActs::Factored { h, z, xhat, rstd } => {
-                [h, z, xhat, rstd].iter().map(|t| tensor_bytes(t)).sum()
-            }
+            DownActs::Factored { h, z, xhat, rstd } => [h, z, xhat, rstd].iter().map(|t| tensor_bytes(t)).sum(),
             DownActs::Linear { h } => tensor_bytes(h),
             DownActs::Pool => 0,
         }
@@ -314,14 +288,14 @@ impl DownActs {
 pub struct SideTrace {
     shape: (usize, usize),
     downs: Vec<DownActs>,    // N_layers + 1
-    diffs: Vec<Tensor>, // N_layers × [N, s]: h_g,i−1 − down_i(h_f,i), the gates' backward input
-    blocks: Vec<Saved>, // N_layers side blocks: activations, or inputs [N, s] when recomputing
-    hg_sel: Tensor,     // [P, s] last side state at the loss positions
-    rstd: Tensor,       // [P, 1] side norm's reciprocal std
-    sn: Tensor,         // [P, s] side-normed state, the upsample's input
-    mix: Tensor,        // [P, d] norm_f(h_f,N) − up(sn), α's gradient input
-    dlogits: Tensor,    // [P, C]
-    positions: Tensor,  // [P] u32
+    diffs: Vec<Tensor>,      // N_layers × [N, s]: h_g,i−1 − down_i(h_f,i), the gates' backward input
+    blocks: Vec<Saved>,      // N_layers side blocks: activations, or inputs [N, s] when recomputing
+    hg_sel: Tensor,          // [P, s] last side state at the loss positions
+    rstd: Tensor,            // [P, 1] side norm's reciprocal std
+    sn: Tensor,              // [P, s] side-normed state, the upsample's input
+    mix: Tensor,             // [P, d] norm_f(h_f,N) − up(sn), α's gradient input
+    dlogits: Tensor,         // [P, C]
+    positions: Tensor,       // [P] u32
     classes: Option<Tensor>, // [C] u32
 }
 
@@ -350,11 +324,7 @@ fn gate_backward(dx: &Tensor, diff: &Tensor, gamma: &Tensor) -> Result<(Tensor, 
     let beta = candle_nn::ops::sigmoid(gamma)?;
     let one_minus = beta.affine(-1.0, 1.0)?;
     let dgamma = ((dx * diff)?.sum(0)? * (&beta * &one_minus)?)?;
-    Ok((
-        dx.broadcast_mul(&one_minus)?,
-        dx.broadcast_mul(&beta)?,
-        dgamma,
-    ))
+    Ok((dx.broadcast_mul(&one_minus)?, dx.broadcast_mul(&beta)?, dgamma))
 }
 
 /// Output mix h = α⊙hf + (1 − α)⊙u, written so α = 1 gives hf bit for bit. Returns (h, hf − u).
@@ -365,10 +335,7 @@ fn mix_forward(hf: &Tensor, u: &Tensor, alpha: &Tensor) -> Result<(Tensor, Tenso
 
 /// Backward of [`mix_forward`] in u and α (hf is the frozen base's): (du, dα).
 fn mix_backward(dh: &Tensor, diff: &Tensor, alpha: &Tensor) -> Result<(Tensor, Tensor)> {
-    Ok((
-        dh.broadcast_mul(&alpha.affine(-1.0, 1.0)?)?,
-        (dh * diff)?.sum(0)?,
-    ))
+    Ok((dh.broadcast_mul(&alpha.affine(-1.0, 1.0)?)?, (dh * diff)?.sum(0)?))
 }
 
 impl SideNet {
@@ -379,9 +346,7 @@ impl SideNet {
             return Err(Error::Option("--adapter-rank must be at least 1".into()));
         }
         if cfg.keep == Keep::Nothing {
-            return Err(Error::Option(
-                "QST trains its side network: it must keep activations or block inputs".into(),
-            ));
+            return Err(Error::Option("QST trains its side network: it must keep activations or block inputs".into()));
         }
         let dev = Device::Cpu;
         let mut items = Vec::new();
@@ -390,9 +355,7 @@ impl SideNet {
             let ones = || Tensor::ones(shape.as_slice(), dtype, &dev);
             let zeros = || Tensor::zeros(shape.as_slice(), dtype, &dev);
             let t = match p {
-                SideParam::Down(_, DownParam::LnWeight) | SideParam::Norm | SideParam::Alpha => {
-                    ones()?
-                }
+                SideParam::Down(_, DownParam::LnWeight) | SideParam::Norm | SideParam::Alpha => ones()?,
                 SideParam::Down(_, DownParam::LnBias)
                 | SideParam::Gate(_)
                 | SideParam::UpWeight
@@ -403,11 +366,7 @@ impl SideNet {
             };
             items.push((p, t, p.decayed()));
         }
-        Ok(SideNet {
-            cfg,
-            side: Llama::new(side),
-            params: Trained::new(items),
-        })
+        Ok(SideNet { cfg, side: Llama::new(side), params: Trained::new(items) })
     }
 
     fn dtype(&self) -> DType {
@@ -423,17 +382,12 @@ impl SideNet {
         let s = self.side.cfg.hidden_size;
         let pooled = || -> Result<Tensor> {
             let n = h.dim(0)?;
-            Ok(h.narrow(1, 0, s * self.cfg.r)?
-                .reshape((n, s, self.cfg.r))?)
+            Ok(h.narrow(1, 0, s * self.cfg.r)?.reshape((n, s, self.cfg.r))?)
         };
         Ok(match self.cfg.downsample {
             Downsample::Adapter | Downsample::Lora => {
                 let z = h.matmul(&self.down(i, DownParam::A).t()?)?;
-                let a = if self.cfg.downsample == Downsample::Adapter {
-                    z.silu()?
-                } else {
-                    z.clone()
-                };
+                let a = if self.cfg.downsample == Downsample::Adapter { z.silu()? } else { z.clone() };
                 let y = a.matmul(&self.down(i, DownParam::B).t()?)?;
                 let (out, xhat, rstd) = layers::layer_norm_forward(
                     &y,
@@ -441,53 +395,27 @@ impl SideNet {
                     self.down(i, DownParam::LnBias),
                     LN_EPS,
                 )?;
-                (
-                    out,
-                    DownActs::Factored {
-                        h: h.clone(),
-                        z,
-                        xhat,
-                        rstd,
-                    },
-                )
+                (out, DownActs::Factored { h: h.clone(), z, xhat, rstd })
             }
-            Downsample::Linear => (
-                h.matmul(&self.down(i, DownParam::Proj).t()?)?,
-                DownActs::Linear { h: h.clone() },
-            ),
+            Downsample::Linear => (h.matmul(&self.down(i, DownParam::Proj).t()?)?, DownActs::Linear { h: h.clone() }),
             Downsample::MaxPool => (pooled()?.max(D::Minus1)?, DownActs::Pool),
             Downsample::AvgPool => (pooled()?.mean(D::Minus1)?, DownActs::Pool),
         })
     }
 
     /// Parameter gradients of downsample `i` given the gradient `dy` [N, s] of its output.
-    fn down_backward(
-        &self,
-        i: usize,
-        acts: DownActs,
-        dy: &Tensor,
-        grads: &mut DenseGrads<SideParam>,
-    ) -> Result<()> {
+    fn down_backward(&self, i: usize, acts: DownActs, dy: &Tensor, grads: &mut DenseGrads<SideParam>) -> Result<()> {
         let key = |p| SideParam::Down(i, p);
         match acts {
             DownActs::Factored { h, z, xhat, rstd } => {
-                let (dy, dw, db) = layers::layer_norm_backward(
-                    dy,
-                    &xhat,
-                    self.down(i, DownParam::LnWeight),
-                    &rstd,
-                )?;
+                let (dy, dw, db) = layers::layer_norm_backward(dy, &xhat, self.down(i, DownParam::LnWeight), &rstd)?;
                 grads.add(key(DownParam::LnWeight), dw)?;
                 grads.add(key(DownParam::LnBias), db)?;
                 let adapter = self.cfg.downsample == Downsample::Adapter;
                 let a = if adapter { z.silu()? } else { z.clone() };
                 grads.add(key(DownParam::B), dy.t()?.matmul(&a)?)?;
                 let da = dy.matmul(self.down(i, DownParam::B))?;
-                let dz = if adapter {
-                    layers::silu_backward(&da, &z)?
-                } else {
-                    da
-                };
+                let dz = if adapter { layers::silu_backward(&da, &z)? } else { da };
                 grads.add(key(DownParam::A), dz.t()?.matmul(&h)?)
             }
             DownActs::Linear { h } => grads.add(key(DownParam::Proj), dy.t()?.matmul(&h)?),
@@ -528,14 +456,7 @@ impl SideNet {
                     if train {
                         diffs.push(diff);
                     }
-                    let (out, acts) = self.side.block_forward(
-                        &self.params,
-                        i - 1,
-                        x.clone(),
-                        (b, t),
-                        &rope,
-                        &mask,
-                    )?;
+                    let (out, acts) = self.side.block_forward(&self.params, i - 1, x.clone(), (b, t), &rope, &mask)?;
                     blocks.extend(Saved::new(side_keep, x, acts));
                     out
                 }
@@ -545,25 +466,15 @@ impl SideNet {
         let hg = hg.ok_or_else(|| Error::Msg("the base produced no hidden state".into()))?;
         let tg = &batch.targets;
         let positions = Tensor::new(tg.positions.as_slice(), &dev)?;
-        let classes = tg
-            .classes
-            .as_ref()
-            .map(|c| Tensor::new(c.as_slice(), &dev))
-            .transpose()?;
+        let classes = tg.classes.as_ref().map(|c| Tensor::new(c.as_slice(), &dev)).transpose()?;
         let x_sel = x.index_select(&positions, 0)?;
         drop(x);
-        let (hf, _) = layers::rms_norm_forward(
-            &x_sel,
-            &base.vector(ParamId::FinalNorm)?,
-            model.cfg.rms_norm_eps,
-        )?;
+        let (hf, _) = layers::rms_norm_forward(&x_sel, &base.vector(ParamId::FinalNorm)?, model.cfg.rms_norm_eps)?;
         let hg_sel = hg.index_select(&positions, 0)?;
         drop(hg);
-        let (sn, rstd) =
-            layers::rms_norm_forward(&hg_sel, self.params.get(SideParam::Norm), sc.rms_norm_eps)?;
-        let u = sn
-            .matmul(&self.params.get(SideParam::UpWeight).t()?)?
-            .broadcast_add(self.params.get(SideParam::UpBias))?;
+        let (sn, rstd) = layers::rms_norm_forward(&hg_sel, self.params.get(SideParam::Norm), sc.rms_norm_eps)?;
+        let u =
+            sn.matmul(&self.params.get(SideParam::UpWeight).t()?)?.broadcast_add(self.params.get(SideParam::UpBias))?;
         let (h, mix) = mix_forward(&hf.to_dtype(dtype)?, &u, self.params.get(SideParam::Alpha))?;
         let logits = model.head_forward(base, &h, classes.as_ref())?;
         let labels = Tensor::new(tg.labels.as_slice(), &dev)?;
@@ -594,63 +505,31 @@ impl SideNet {
         trace: SideTrace,
         grads: &mut DenseGrads<SideParam>,
     ) -> Result<()> {
-        let SideTrace {
-            shape,
-            mut downs,
-            mut diffs,
-            mut blocks,
-            hg_sel,
-            rstd,
-            sn,
-            mix,
-            dlogits,
-            positions,
-            classes,
-        } = trace;
+        let SideTrace { shape, mut downs, mut diffs, mut blocks, hg_sel, rstd, sn, mix, dlogits, positions, classes } =
+            trace;
         let (b, t) = shape;
         let dtype = self.dtype();
         let dev = hg_sel.device().clone();
         let sc = &self.side.cfg;
-        let dh = model
-            .head_backward(base, &dlogits, classes.as_ref())?
-            .to_dtype(dtype)?;
+        let dh = model.head_backward(base, &dlogits, classes.as_ref())?.to_dtype(dtype)?;
         let (du, dalpha) = mix_backward(&dh, &mix, self.params.get(SideParam::Alpha))?;
         grads.add(SideParam::Alpha, dalpha)?;
         grads.add(SideParam::UpBias, du.sum(0)?)?;
         grads.add(SideParam::UpWeight, du.t()?.matmul(&sn)?)?;
         let dsn = du.matmul(self.params.get(SideParam::UpWeight))?;
-        let (dhg_sel, dnorm) =
-            layers::rms_norm_backward(&dsn, &hg_sel, self.params.get(SideParam::Norm), &rstd)?;
+        let (dhg_sel, dnorm) = layers::rms_norm_backward(&dsn, &hg_sel, self.params.get(SideParam::Norm), &rstd)?;
         grads.add(SideParam::Norm, dnorm)?;
-        let mut dhg = Tensor::zeros((b * t, sc.hidden_size), dtype, &dev)?
-            .index_add(&positions, &dhg_sel, 0)?;
+        let mut dhg = Tensor::zeros((b * t, sc.hidden_size), dtype, &dev)?.index_add(&positions, &dhg_sel, 0)?;
         let rope = Rope::new(t, sc.head_dim, sc.rope_theta, dtype, &dev)?;
         let mask = layers::causal_mask(t, dtype, &dev)?;
         let missing = || Error::Msg("QST trace is missing a layer".into());
         for i in (1..=model.cfg.num_hidden_layers).rev() {
-            let acts = self.side.block_acts(
-                &self.params,
-                i - 1,
-                blocks.pop().ok_or_else(missing)?,
-                shape,
-                &rope,
-                &mask,
-            )?;
-            let dx = self.side.block_backward(
-                &self.params,
-                i - 1,
-                &acts,
-                &dhg,
-                shape,
-                &rope,
-                &mut BlockSink(grads),
-            )?;
+            let acts =
+                self.side.block_acts(&self.params, i - 1, blocks.pop().ok_or_else(missing)?, shape, &rope, &mask)?;
+            let dx = self.side.block_backward(&self.params, i - 1, &acts, &dhg, shape, &rope, &mut BlockSink(grads))?;
             drop(acts);
-            let (dds, dprev, dgamma) = gate_backward(
-                &dx,
-                &diffs.pop().ok_or_else(missing)?,
-                self.params.get(SideParam::Gate(i)),
-            )?;
+            let (dds, dprev, dgamma) =
+                gate_backward(&dx, &diffs.pop().ok_or_else(missing)?, self.params.get(SideParam::Gate(i)))?;
             grads.add(SideParam::Gate(i), dgamma)?;
             self.down_backward(i, downs.pop().ok_or_else(missing)?, &dds, grads)?;
             dhg = dprev;
@@ -663,13 +542,7 @@ impl SideNet {
     fn scratch_bytes(&self, model: &Llama, b: usize, t: usize) -> usize {
         let elem = self.dtype().size_in_bytes();
         let base = block_activation_elems(&model.cfg, b, t) * 4;
-        base.max(block_scratch_bytes(
-            &self.side.cfg,
-            b,
-            t,
-            self.cfg.keep,
-            elem,
-        ))
+        base.max(block_scratch_bytes(&self.side.cfg, b, t, self.cfg.keep, elem))
     }
 }
 
@@ -684,11 +557,7 @@ impl Qst {
     pub fn new(source: Source, cfg: QstConfig, update: FirstOrder) -> Result<Self> {
         // Options are checked before the (slow) quantization.
         let net = SideNet::new(&source.cfg()?, cfg, DType::F32)?;
-        Ok(Qst {
-            base: nf4_base(source)?,
-            net,
-            update,
-        })
+        Ok(Qst { base: nf4_base(source)?, net, update })
     }
 
     /// The run's description next to `side.safetensors`: the base model it reads and how, and the wiring.
@@ -740,19 +609,15 @@ impl Method for Qst {
         let mut loss = 0f32;
         let mut mem = self.state_bytes();
         for batch in micro {
-            let (out, trace) = self
-                .net
-                .forward(model, &self.base, batch, self.net.cfg.keep)?;
-            let trace =
-                trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
+            let (out, trace) = self.net.forward(model, &self.base, batch, self.net.cfg.keep)?;
+            let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
             mem.activations = mem.activations.max(trace.bytes());
             let (b, t) = batch.ids.dims2()?;
             mem.scratch = mem.scratch.max(self.net.scratch_bytes(model, b, t));
             self.net.backward(model, &self.base, trace, &mut grads)?;
             loss += out.loss / micro.len() as f32;
         }
-        self.update
-            .step(&mut self.net.params, grads, micro.len(), loss, mem, lr)
+        self.update.step(&mut self.net.params, grads, micro.len(), loss, mem, lr)
     }
 
     fn forward(&self, model: &Llama, batch: &Batch) -> Result<Output> {
@@ -779,7 +644,9 @@ impl Method for Qst {
     }
 
     fn export_params(&self) -> Result<ParamStore> {
-        Err(Error::Option("qst: the side network is not a LLaMA checkpoint; the run exports side.safetensors and qst.json".into()))
+        Err(Error::Option(
+            "qst: the side network is not a LLaMA checkpoint; the run exports side.safetensors and qst.json".into(),
+        ))
     }
 
     /// Writes `dir/{side.safetensors, qst.json, tokenizer.json}`; the base is referenced, not copied.
@@ -795,8 +662,7 @@ impl Method for Qst {
         let bytes = safetensors::tensor::serialize(tensors, Some(metadata))
             .map_err(|e| Error::file(&path, format!("cannot serialize: {e}")))?;
         crate::io::write_bytes_atomic(&path, &bytes)?;
-        let json = serde_json::to_vec_pretty(&self.manifest(base_model))
-            .map_err(|e| Error::Msg(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&self.manifest(base_model)).map_err(|e| Error::Msg(e.to_string()))?;
         crate::io::write_bytes_atomic(&dir.join("qst.json"), &json)?;
         if let Some(tok) = tok {
             crate::io::write_bytes_atomic(&dir.join("tokenizer.json"), tok.to_json()?.as_bytes())?;
@@ -820,13 +686,7 @@ mod tests {
     const FD_BUDGET: f64 = 1e-6;
 
     fn qcfg(downsample: Downsample, keep: Keep) -> QstConfig {
-        QstConfig {
-            r: 2,
-            downsample,
-            adapter_rank: 4,
-            keep,
-            seed: 5,
-        }
+        QstConfig { r: 2, downsample, adapter_rank: 4, keep, seed: 5 }
     }
 
     pub fn smollm2_config() -> LlamaConfig {
@@ -847,7 +707,6 @@ mod tests {
         }
     }
 
-
     /// A side network whose every tensor is random, so no gradient vanishes (at init α = 1 and the zero upsample
     /// cut the side network off).
     fn random_net(base: &LlamaConfig, q: QstConfig) -> SideNet {
@@ -867,81 +726,36 @@ mod tests {
     fn with(net: &SideNet, k: SideParam, t: &Tensor) -> SideNet {
         let mut params = net.params.clone();
         params.set(k, t.clone());
-        SideNet {
-            cfg: net.cfg,
-            side: Llama::new(net.side.cfg.clone()),
-            params,
-        }
+        SideNet { cfg: net.cfg, side: Llama::new(net.side.cfg.clone()), params }
     }
 
     #[test]
     fn side_config_keeps_the_head_counts() {
         let s = side_config(&smollm2_config(), 16).unwrap();
         assert_eq!((s.hidden_size, s.intermediate_size), (36, 96));
-        assert_eq!(
-            (s.num_attention_heads, s.num_key_value_heads, s.head_dim),
-            (9, 3, 4)
-        );
+        assert_eq!((s.num_attention_heads, s.num_key_value_heads, s.head_dim), (9, 3, 4));
         // 576/64 = 9 = H: head_dim 1 rounds up to 2, so Q/K/V project 9 → 18.
         let s = side_config(&smollm2_config(), 64).unwrap();
         assert_eq!((s.hidden_size, s.head_dim, s.q_dim()), (9, 2, 18));
         for r in [0, 300] {
-            assert!(matches!(
-                side_config(&smollm2_config(), r),
-                Err(Error::Option(_))
-            ));
+            assert!(matches!(side_config(&smollm2_config(), r), Err(Error::Option(_))));
         }
     }
 
     #[test]
     fn gate_and_mix_backward_match_finite_differences() {
-        let (ds, prev, gamma, r) = (
-            rand(&[3, 4], 1),
-            rand(&[3, 4], 2),
-            rand(&[4], 3),
-            rand(&[3, 4], 4),
-        );
+        let (ds, prev, gamma, r) = (rand(&[3, 4], 1), rand(&[3, 4], 2), rand(&[4], 3), rand(&[3, 4], 4));
         let (_, diff) = gate_forward(&ds, &prev, &gamma).unwrap();
         let (dds, dprev, dgamma) = gate_backward(&r, &diff, &gamma).unwrap();
-        check(
-            "gate dds",
-            &ds,
-            &dds,
-            |x| gate_forward(x, &prev, &gamma).unwrap().0,
-            &r,
-        );
-        check(
-            "gate dprev",
-            &prev,
-            &dprev,
-            |x| gate_forward(&ds, x, &gamma).unwrap().0,
-            &r,
-        );
-        check(
-            "gate dgamma",
-            &gamma,
-            &dgamma,
-            |x| gate_forward(&ds, &prev, x).unwrap().0,
-            &r,
-        );
+        check("gate dds", &ds, &dds, |x| gate_forward(x, &prev, &gamma).unwrap().0, &r);
+        check("gate dprev", &prev, &dprev, |x| gate_forward(&ds, x, &gamma).unwrap().0, &r);
+        check("gate dgamma", &gamma, &dgamma, |x| gate_forward(&ds, &prev, x).unwrap().0, &r);
         let (hf, u, alpha) = (rand(&[3, 5], 5), rand(&[3, 5], 6), rand(&[5], 7));
         let r = rand(&[3, 5], 8);
         let (_, diff) = mix_forward(&hf, &u, &alpha).unwrap();
         let (du, dalpha) = mix_backward(&r, &diff, &alpha).unwrap();
-        check(
-            "mix du",
-            &u,
-            &du,
-            |x| mix_forward(&hf, x, &alpha).unwrap().0,
-            &r,
-        );
-        check(
-            "mix dalpha",
-            &alpha,
-            &dalpha,
-            |x| mix_forward(&hf, &u, x).unwrap().0,
-            &r,
-        );
+        check("mix du", &u, &du, |x| mix_forward(&hf, x, &alpha).unwrap().0, &r);
+        check("mix dalpha", &alpha, &dalpha, |x| mix_forward(&hf, &u, x).unwrap().0, &r);
     }
 
     #[test]
@@ -955,15 +769,8 @@ mod tests {
             let (_, acts) = net.down_forward(i, &h).unwrap();
             let mut grads = DenseGrads::default();
             net.down_backward(i, acts, &r, &mut grads).unwrap();
-            for &k in net
-                .params
-                .keys()
-                .iter()
-                .filter(|k| matches!(k, SideParam::Down(j, _) if *j == i))
-            {
-                let g = grads
-                    .get(k)
-                    .unwrap_or_else(|| panic!("no gradient for {k:?}"));
+            for &k in net.params.keys().iter().filter(|k| matches!(k, SideParam::Down(j, _) if *j == i)) {
+                let g = grads.get(k).unwrap_or_else(|| panic!("no gradient for {k:?}"));
                 check(
                     &format!("{ds:?} {k:?}"),
                     net.params.get(k),
@@ -981,15 +788,7 @@ mod tests {
         let h = rand(&[2, 16], 11);
         let hv: Vec<Vec<f64>> = h.to_vec2().unwrap();
         for (ds, r) in [(Downsample::MaxPool, 2), (Downsample::AvgPool, 3)] {
-            let net = SideNet::new(
-                &base,
-                QstConfig {
-                    r,
-                    ..qcfg(ds, Keep::All)
-                },
-                DType::F64,
-            )
-            .unwrap();
+            let net = SideNet::new(&base, QstConfig { r, ..qcfg(ds, Keep::All) }, DType::F64).unwrap();
             let (out, acts) = net.down_forward(0, &h).unwrap();
             assert!(matches!(acts, DownActs::Pool));
             let out: Vec<Vec<f64>> = out.to_vec2().unwrap();
@@ -1011,11 +810,7 @@ mod tests {
     fn loss(net: &SideNet, m: &Llama, base: &ParamStore, b: &Batch) -> f64 {
         let (out, _) = net.forward(m, base, b, Keep::Nothing).unwrap();
         let labels = Tensor::new(b.targets.labels.as_slice(), &Device::Cpu).unwrap();
-        layers::cross_entropy(&out.logits, &labels)
-            .unwrap()
-            .0
-            .to_scalar::<f64>()
-            .unwrap()
+        layers::cross_entropy(&out.logits, &labels).unwrap().0.to_scalar::<f64>().unwrap()
     }
 
     fn check_model(ds: Downsample, classes: bool, keep: Keep) {
@@ -1029,9 +824,7 @@ mod tests {
         net.backward(&m, &base, trace.unwrap(), &mut grads).unwrap();
         let h = 1e-6;
         for &k in net.params.keys() {
-            let g = grads
-                .get(k)
-                .unwrap_or_else(|| panic!("no gradient for {k:?}"));
+            let g = grads.get(k).unwrap_or_else(|| panic!("no gradient for {k:?}"));
             let gv: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
             let scale = gv.iter().fold(1e-4f64, |m, x| m.max(x.abs()));
             let w = net.params.get(k);
@@ -1040,20 +833,15 @@ mod tests {
                 let at = |d: f64| {
                     let mut v = wv.clone();
                     v[i] += d;
-                    loss(
-                        &with(
-                            &net,
-                            k,
-                            &Tensor::from_vec(v, w.shape(), &Device::Cpu).unwrap(),
-                        ),
-                        &m,
-                        &base,
-                        &b,
-                    )
+                    loss(&with(&net, k, &Tensor::from_vec(v, w.shape(), &Device::Cpu).unwrap()), &m, &base, &b)
                 };
                 let fd = (at(h) - at(-h)) / (2.0 * h);
                 let err = (fd - gv[i]).abs() / scale;
-                assert!(err < FD_BUDGET, "{k:?}[{i}] fd {fd} analytic {} rel {err:e} ({ds:?}, classes {classes}, {keep:?})", gv[i]);
+                assert!(
+                    err < FD_BUDGET,
+                    "{k:?}[{i}] fd {fd} analytic {} rel {err:e} ({ds:?}, classes {classes}, {keep:?})",
+                    gv[i]
+                );
             }
         }
     }
@@ -1080,20 +868,13 @@ mod tests {
     }
 
     fn adamw() -> FirstOrder {
-        FirstOrder {
-            opt: Optimizer::adamw(AdamWConfig::default()),
-            clip: Some(1.0),
-            on_nan: OnNonFinite::Stop,
-        }
+        FirstOrder { opt: Optimizer::adamw(AdamWConfig::default()), clip: Some(1.0), on_nan: OnNonFinite::Stop }
     }
 
     fn tiny_qst(ds: Downsample) -> (Llama, Qst) {
         let cfg = tiny_config(true);
         let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
-        (
-            Llama::new(cfg),
-            Qst::new(Source::Params(p.clone()), qcfg(ds, Keep::All), adamw()).unwrap(),
-        )
+        (Llama::new(cfg), Qst::new(Source::Params(p.clone()), qcfg(ds, Keep::All), adamw()).unwrap())
     }
 
     /// The start point: α = 1 and a zero upsample reproduce the NF4 base model's logits bit for bit, and the
@@ -1115,11 +896,7 @@ mod tests {
             assert_eq!(g, n, "QST's first forward differs from the NF4 base's");
             assert_eq!(got.loss, nf4.loss);
             let scale = d.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let err = g
-                .iter()
-                .zip(&d)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-                / scale;
+            let err = g.iter().zip(&d).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
             assert!(err < 1e-6, "vs dequantized f32 model: rel err {err:e}");
         }
     }
@@ -1134,12 +911,7 @@ mod tests {
             last = q.step(&m, std::slice::from_ref(&b), 1e-2).unwrap();
             assert!(last.applied);
         }
-        assert!(
-            last.loss < first.loss * 0.9,
-            "loss {} → {}",
-            first.loss,
-            last.loss
-        );
+        assert!(last.loss < first.loss * 0.9, "loss {} → {}", first.loss, last.loss);
     }
 
     /// What the trace keeps of the base: the adapter keeps its input h_f,i, the rank-wide pre-activation and
@@ -1151,32 +923,14 @@ mod tests {
         let base = ParamStore::random(&cfg, 7, 0.3, DType::F32).unwrap();
         let b = batch(true);
         let bytes = |ds| {
-            let net = SideNet::new(
-                &cfg,
-                QstConfig {
-                    adapter_rank: 4,
-                    ..qcfg(ds, Keep::All)
-                },
-                DType::F32,
-            )
-            .unwrap();
-            net.forward(&m, &base, &b, Keep::All)
-                .unwrap()
-                .1
-                .unwrap()
-                .bytes()
+            let net = SideNet::new(&cfg, QstConfig { adapter_rank: 4, ..qcfg(ds, Keep::All) }, DType::F32).unwrap();
+            net.forward(&m, &base, &b, Keep::All).unwrap().1.unwrap().bytes()
         };
         let n = 12; // B·T
         let (d, k, s) = (cfg.hidden_size, 4, cfg.hidden_size / 2);
         let per_module = n * (d + k + s + 1) * 4;
-        assert_eq!(
-            bytes(Downsample::Adapter) - bytes(Downsample::MaxPool),
-            (cfg.num_hidden_layers + 1) * per_module
-        );
-        assert_eq!(
-            bytes(Downsample::Linear) - bytes(Downsample::AvgPool),
-            (cfg.num_hidden_layers + 1) * n * d * 4
-        );
+        assert_eq!(bytes(Downsample::Adapter) - bytes(Downsample::MaxPool), (cfg.num_hidden_layers + 1) * per_module);
+        assert_eq!(bytes(Downsample::Linear) - bytes(Downsample::AvgPool), (cfg.num_hidden_layers + 1) * n * d * 4);
     }
 
     /// Model state: NF4 codes (½ byte per weight), one 8-bit code per block of 64, one f32 per 256 block codes
@@ -1208,14 +962,10 @@ mod tests {
         let (_, q) = tiny_qst(Downsample::Lora);
         let dir = tempfile::tempdir().unwrap();
         q.export(dir.path(), None, "models/base.gguf").unwrap();
-        let t = candle_core::safetensors::load(dir.path().join("side.safetensors"), &Device::Cpu)
-            .unwrap();
+        let t = candle_core::safetensors::load(dir.path().join("side.safetensors"), &Device::Cpu).unwrap();
         assert_eq!(t.len(), q.net.params.keys().len());
         assert_eq!(t["alpha"].to_vec1::<f32>().unwrap(), vec![1.0; 16]);
-        assert!(
-            t.contains_key("side.layers.1.mlp.down_proj.weight")
-                && t.contains_key("downsample.2.in_proj.weight")
-        );
+        assert!(t.contains_key("side.layers.1.mlp.down_proj.weight") && t.contains_key("downsample.2.in_proj.weight"));
         let j: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.path().join("qst.json")).unwrap()).unwrap();
         assert_eq!(j["base_model"], "models/base.gguf");
@@ -1231,49 +981,23 @@ mod tests {
         let side = side_config(&base, 16).unwrap();
         let total = base.num_params();
         let count = |ds| -> usize {
-            let q = QstConfig {
-                r: 16,
-                downsample: ds,
-                adapter_rank: 16,
-                keep: Keep::All,
-                seed: 0,
-            };
-            side_param_shapes(&base, &side, &q)
-                .iter()
-                .map(|(_, s)| s.iter().product::<usize>())
-                .sum()
+            let q = QstConfig { r: 16, downsample: ds, adapter_rank: 16, keep: Keep::All, seed: 0 };
+            side_param_shapes(&base, &side, &q).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
         };
         // Per side block: 2 norms (72), q/o 36·36, k/v 12·36, gate/up/down 36·96.
-        let common =
-            30 * (72 + 2 * 1296 + 2 * 432 + 3 * 3456) + 30 * 36 + 36 + 576 * 36 + 576 + 576;
+        let common = 30 * (72 + 2 * 1296 + 2 * 432 + 3 * 3456) + 30 * 36 + 36 + 576 * 36 + 576 + 576;
         let adapter = 31 * (16 * 576 + 36 * 16 + 72);
         assert_eq!(count(Downsample::Adapter), common + adapter);
         assert_eq!(count(Downsample::MaxPool), common);
         println!("SmolLM2-135M ({total} parameters), QST r = 16, adapter rank 16:");
-        for ds in [
-            Downsample::Adapter,
-            Downsample::Lora,
-            Downsample::Linear,
-            Downsample::MaxPool,
-            Downsample::AvgPool,
-        ] {
+        for ds in [Downsample::Adapter, Downsample::Lora, Downsample::Linear, Downsample::MaxPool, Downsample::AvgPool]
+        {
             let n = count(ds);
-            println!(
-                "  {ds:?}: {n} trainable ({:.3}%)",
-                100.0 * n as f64 / total as f64
-            );
+            println!("  {ds:?}: {n} trainable ({:.3}%)", 100.0 * n as f64 / total as f64);
         }
         for r in [8, 16] {
-            let n = crate::methods::lora::LoraConfig {
-                r,
-                alpha: 16.0,
-                seed: 0,
-            }
-            .trainable_params(&base);
-            println!(
-                "  LoRA r = {r}: {n} trainable ({:.3}%)",
-                100.0 * n as f64 / total as f64
-            );
+            let n = crate::methods::lora::LoraConfig { r, alpha: 16.0, seed: 0 }.trainable_params(&base);
+            println!("  LoRA r = {r}: {n} trainable ({:.3}%)", 100.0 * n as f64 / total as f64);
         }
         let frac = count(Downsample::Adapter) as f64 / total as f64;
         assert!((0.004..0.007).contains(&frac), "{frac}");
@@ -1309,19 +1033,14 @@ mod tests {
         };
         let (mut m, lr) = crate::methods::build(method, Source::Params(params), &o).unwrap();
         let (b, t) = (16, 512);
-        let ids: Vec<u32> = (0..(b * t) as u64)
-            .map(|i| (i.wrapping_mul(2654435761) % cfg.vocab_size as u64) as u32)
-            .collect();
+        let ids: Vec<u32> =
+            (0..(b * t) as u64).map(|i| (i.wrapping_mul(2654435761) % cfg.vocab_size as u64) as u32).collect();
         let targets = Targets {
             positions: (0..b).map(|r| (r * t + t - 1) as u32).collect(),
             classes: Some(vec![4093, 6369]),
             labels: (0..b).map(|r| (r % 2) as u32).collect(),
         };
-        let batch = Batch {
-            ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
-            lengths: vec![t; b],
-            targets,
-        };
+        let batch = Batch { ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(), lengths: vec![t; b], targets };
         let t0 = std::time::Instant::now();
         let stats = m.step(&Llama::new(cfg), &[batch], lr).unwrap();
         println!(

@@ -15,7 +15,9 @@ use crate::model::{Batch, Llama, ParamId, ParamStore, Weights};
 use crate::train::memory::Breakdown;
 use crate::{Error, Result};
 use candle_core::Tensor;
-use qtune_quant::rng::{gaussian, uniform, RngKey, STREAM_GAUSS, STREAM_SR_PERTURB, STREAM_SR_PERTURB2, STREAM_SR_WEIGHT};
+use qtune_quant::rng::{
+    gaussian, uniform, RngKey, STREAM_GAUSS, STREAM_SR_PERTURB, STREAM_SR_PERTURB2, STREAM_SR_WEIGHT,
+};
 use qtune_quant::round::stochastic_round;
 use qtune_quant::{Bits, Granularity, IntTensor, QuantBytes, QuantSpec, QuantWeight, Rounding};
 use rayon::prelude::*;
@@ -164,15 +166,19 @@ impl Quzo {
             return Err(Error::Option(format!("--perturb-bits {} must be between 2 and 8", cfg.perturb_bits)));
         }
         let spec = weight_spec(cfg.bits)?;
-        let store = source.quantize(&mut |_, d, r, c| IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err))?;
+        let store = source
+            .quantize(&mut |_, d, r, c| IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err))?;
         Ok(Quzo { store, cfg, on_nan, step: 0 })
     }
 
     fn directions(&self, seed: u64) -> Vec<QDirection> {
         let cfg = &self.store.cfg;
-        self.store.ids().iter().map(|&id| QDirection::new(seed, id.index(cfg) as u32, id.numel(cfg), self.cfg.perturb_bits)).collect()
+        self.store
+            .ids()
+            .iter()
+            .map(|&id| QDirection::new(seed, id.index(cfg) as u32, id.numel(cfg), self.cfg.perturb_bits))
+            .collect()
     }
-
 }
 
 impl Estimator {
@@ -213,7 +219,9 @@ impl Method for Quzo {
         let loss = loss_sum / n as f32;
         if !loss.is_finite() || est.iter().any(|(_, g)| !g.is_finite()) {
             return match self.on_nan {
-                OnNonFinite::Skip => Ok(StepStats { loss, grad_norm: None, applied: false, memory: mem, ..Default::default() }),
+                OnNonFinite::Skip => {
+                    Ok(StepStats { loss, grad_norm: None, applied: false, memory: mem, ..Default::default() })
+                }
                 OnNonFinite::Stop => Err(Error::Numerical(format!("loss {loss}: stopping (--on-nan stop)"))),
             };
         }
@@ -277,7 +285,7 @@ impl Method for Quzo {
 mod tests {
     use super::*;
     use crate::model::llama::tests::{batch, tiny_config};
-    
+
     use candle_core::{DType, Device};
 
     /// Q-RGE2 is unbiased: over many draws the mean of u₁⊙u₂ at a coordinate tends to E[u²] = 1, while the same
@@ -309,13 +317,22 @@ mod tests {
         }
     }
 
-
     /// The fused perturbation equals perturbing a dequantized copy explicitly.
     #[test]
     fn fused_perturbation_equals_explicit_perturbation() {
         let cfg = tiny_config(true);
         let p = ParamStore::random(&cfg, 4, 0.3, DType::F32).unwrap();
-        let q = Quzo::new(Source::Params(p.clone()), QuzoConfig { zo: ZoConfig { eps: 1e-2, directions: 1, weight_decay: 0.0, seed: 1 }, bits: 8, perturb_bits: 4, estimator: Estimator::Qrge2 }, OnNonFinite::Stop).unwrap();
+        let q = Quzo::new(
+            Source::Params(p.clone()),
+            QuzoConfig {
+                zo: ZoConfig { eps: 1e-2, directions: 1, weight_decay: 0.0, seed: 1 },
+                bits: 8,
+                perturb_bits: 4,
+                estimator: Estimator::Qrge2,
+            },
+            OnNonFinite::Stop,
+        )
+        .unwrap();
         let dirs = q.directions(77);
         let mut explicit = q.store.dequantize().unwrap();
         for id in explicit.ids() {
@@ -337,7 +354,12 @@ mod tests {
         let m = Llama::new(cfg.clone());
         let p = ParamStore::random(&cfg, 4, 0.3, DType::F32).unwrap();
         let run = || {
-            let c = QuzoConfig { zo: ZoConfig { eps: 1e-2, directions: 2, weight_decay: 0.0, seed: 9 }, bits: 4, perturb_bits: 4, estimator: Estimator::Qrge2 };
+            let c = QuzoConfig {
+                zo: ZoConfig { eps: 1e-2, directions: 2, weight_decay: 0.0, seed: 9 },
+                bits: 4,
+                perturb_bits: 4,
+                estimator: Estimator::Qrge2,
+            };
             let mut q = Quzo::new(Source::Params(p.clone()), c, OnNonFinite::Stop).unwrap();
             for _ in 0..2 {
                 q.step(&m, &[batch(true)], 1e-2).unwrap();

@@ -96,7 +96,10 @@ pub struct Mezo {
 impl Mezo {
     pub fn new(params: ParamStore, cfg: ZoConfig, on_nan: OnNonFinite) -> Result<Self> {
         if cfg.directions == 0 || !(cfg.eps > 0.0 && cfg.eps.is_finite()) {
-            return Err(Error::Option(format!("zeroth-order needs --directions ≥ 1 and --eps > 0 (got {} and {})", cfg.directions, cfg.eps)));
+            return Err(Error::Option(format!(
+                "zeroth-order needs --directions ≥ 1 and --eps > 0 (got {} and {})",
+                cfg.directions, cfg.eps
+            )));
         }
         Ok(Mezo { params, cfg, on_nan, step: 0 })
     }
@@ -126,7 +129,9 @@ impl Method for Mezo {
         let loss = loss_sum / n as f32;
         if !loss.is_finite() || grads.iter().any(|(_, g)| !g.is_finite()) {
             return match self.on_nan {
-                OnNonFinite::Skip => Ok(StepStats { loss, grad_norm: None, applied: false, memory: mem, ..Default::default() }),
+                OnNonFinite::Skip => {
+                    Ok(StepStats { loss, grad_norm: None, applied: false, memory: mem, ..Default::default() })
+                }
                 OnNonFinite::Stop => Err(Error::Numerical(format!("loss {loss}: stopping (--on-nan stop)"))),
             };
         }
@@ -138,7 +143,13 @@ impl Method for Mezo {
             }
             self.params.set(id, w);
         }
-        Ok(StepStats { loss, grad_norm: Some(grads.iter().map(|g| g.1 * g.1).sum::<f64>().sqrt()), applied: true, memory: mem, ..Default::default() })
+        Ok(StepStats {
+            loss,
+            grad_norm: Some(grads.iter().map(|g| g.1 * g.1).sum::<f64>().sqrt()),
+            applied: true,
+            memory: mem,
+            ..Default::default()
+        })
     }
 
     fn weights(&self) -> &dyn Weights {
@@ -162,9 +173,8 @@ impl Method for Mezo {
 mod tests {
     use super::*;
     use crate::model::llama::tests::{batch, tiny_config};
-    
-    use candle_core::{DType, Device};
 
+    use candle_core::{DType, Device};
 
     /// The perturbed forward equals a forward on an explicitly perturbed copy, including the embedding rows.
     #[test]
@@ -201,7 +211,12 @@ mod tests {
         m.backward(&p, trace.unwrap(), &mut g).unwrap();
         let mut dd = 0f64;
         for id in p.ids() {
-            dd += (g.get(id).unwrap() * direction(&p, id, 9).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+            dd += (g.get(id).unwrap() * direction(&p, id, 9).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
         }
         assert!((mu - dd).abs() / dd.abs() < 1e-6, "SPSA {mu} vs directional derivative {dd}");
     }
@@ -212,7 +227,9 @@ mod tests {
         let m = Llama::new(cfg.clone());
         let run = || {
             let p = ParamStore::random(&cfg, 5, 0.3, DType::F32).unwrap();
-            let mut z = Mezo::new(p, ZoConfig { eps: 1e-3, directions: 2, weight_decay: 0.1, seed: 3 }, OnNonFinite::Stop).unwrap();
+            let mut z =
+                Mezo::new(p, ZoConfig { eps: 1e-3, directions: 2, weight_decay: 0.1, seed: 3 }, OnNonFinite::Stop)
+                    .unwrap();
             for _ in 0..3 {
                 z.step(&m, &[batch(true)], 1e-2).unwrap();
             }

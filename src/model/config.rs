@@ -59,8 +59,8 @@ impl LlamaConfig {
     /// Reads and validates a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-        let hf: HfConfig =
-            serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not a valid LLaMA config.json: {e}")))?;
+        let hf: HfConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::file(path, format!("not a valid LLaMA config.json: {e}")))?;
         if let Some(mt) = &hf.model_type {
             if !matches!(mt.as_str(), "llama" | "mistral" | "qwen2" | "smollm") {
                 return Err(Error::file(path, format!("model_type `{mt}` is not a LLaMA-family decoder")));
@@ -120,7 +120,11 @@ impl LlamaConfig {
             }
         }
         // Far beyond any LLaMA-family model: rejects configs that would make us allocate absurd amounts.
-        if self.hidden_size > 1 << 16 || self.intermediate_size > 1 << 18 || self.vocab_size > 1 << 22 || self.num_hidden_layers > 1024 {
+        if self.hidden_size > 1 << 16
+            || self.intermediate_size > 1 << 18
+            || self.vocab_size > 1 << 22
+            || self.num_hidden_layers > 1024
+        {
             return Err("dimensions are implausibly large".into());
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {

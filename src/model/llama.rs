@@ -104,8 +104,19 @@ pub struct BlockActs {
 impl BlockActs {
     pub fn bytes(&self) -> usize {
         [
-            &self.x, &self.rstd1, &self.xn1, &self.q, &self.k, &self.v, &self.probs, &self.ctx, &self.x2, &self.rstd2,
-            &self.xn2, &self.gate, &self.up,
+            &self.x,
+            &self.rstd1,
+            &self.xn1,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.probs,
+            &self.ctx,
+            &self.x2,
+            &self.rstd2,
+            &self.xn2,
+            &self.gate,
+            &self.up,
         ]
         .iter()
         .map(|t| tensor_bytes(t))
@@ -150,14 +161,14 @@ impl Saved {
 
 /// What a training forward keeps for the backward.
 pub struct Trace {
-    ids: Tensor,      // [N] token ids
+    ids: Tensor, // [N] token ids
     shape: (usize, usize),
     blocks: Vec<Saved>,
-    x_sel: Tensor,    // [P, d] final residual at the loss positions
-    rstd_sel: Tensor, // [P, 1]
-    xn_sel: Tensor,   // [P, d] final-normed hidden at the loss positions
-    dlogits: Tensor,  // [P, C] gradient of the loss w.r.t. the logits it read
-    positions: Tensor, // [P] u32
+    x_sel: Tensor,           // [P, d] final residual at the loss positions
+    rstd_sel: Tensor,        // [P, 1]
+    xn_sel: Tensor,          // [P, d] final-normed hidden at the loss positions
+    dlogits: Tensor,         // [P, C] gradient of the loss w.r.t. the logits it read
+    positions: Tensor,       // [P] u32
     classes: Option<Tensor>, // [C] u32 label-word ids
 }
 
@@ -165,7 +176,8 @@ impl Trace {
     /// Bytes of activations held for the backward.
     pub fn bytes(&self) -> usize {
         let blocks: usize = self.blocks.iter().map(Saved::bytes).sum();
-        blocks + [&self.x_sel, &self.rstd_sel, &self.xn_sel, &self.dlogits].iter().map(|t| tensor_bytes(t)).sum::<usize>()
+        blocks
+            + [&self.x_sel, &self.rstd_sel, &self.xn_sel, &self.dlogits].iter().map(|t| tensor_bytes(t)).sum::<usize>()
     }
 }
 
@@ -197,13 +209,22 @@ impl Llama {
         Llama { cfg }
     }
 
-    pub fn block_forward(&self, w: &dyn Weights, l: usize, x: Tensor, shape: (usize, usize), rope: &Rope, mask: &Tensor) -> Result<(Tensor, BlockActs)> {
+    pub fn block_forward(
+        &self,
+        w: &dyn Weights,
+        l: usize,
+        x: Tensor,
+        shape: (usize, usize),
+        rope: &Rope,
+        mask: &Tensor,
+    ) -> Result<(Tensor, BlockActs)> {
         let c = &self.cfg;
         let (b, t) = shape;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let id = |p| ParamId::Block(l, p);
         let (xn1, rstd1) = layers::rms_norm_forward(&x, &w.vector(id(P::AttnNorm))?, c.rms_norm_eps)?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
+        let heads =
+            |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
         let q = rope.forward(&heads(w.linear(id(P::Q), &xn1)?, h)?)?;
         let k = rope.forward(&heads(w.linear(id(P::K), &xn1)?, kv)?)?;
         let v = heads(w.linear(id(P::V), &xn1)?, kv)?;
@@ -219,7 +240,16 @@ impl Llama {
     }
 
     /// Backward of one block: returns dx and pushes the block's weight gradients (Down … AttnNorm).
-    pub fn block_backward(&self, w: &dyn Weights, l: usize, a: &BlockActs, dout: &Tensor, shape: (usize, usize), rope: &Rope, sink: &mut dyn GradSink) -> Result<Tensor> {
+    pub fn block_backward(
+        &self,
+        w: &dyn Weights,
+        l: usize,
+        a: &BlockActs,
+        dout: &Tensor,
+        shape: (usize, usize),
+        rope: &Rope,
+        sink: &mut dyn GradSink,
+    ) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t) = shape;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -256,7 +286,15 @@ impl Llama {
     }
 
     /// Block `l`'s activations for its backward: the saved ones, or recomputed from its saved input.
-    pub fn block_acts(&self, w: &dyn Weights, l: usize, saved: Saved, shape: (usize, usize), rope: &Rope, mask: &Tensor) -> Result<BlockActs> {
+    pub fn block_acts(
+        &self,
+        w: &dyn Weights,
+        l: usize,
+        saved: Saved,
+        shape: (usize, usize),
+        rope: &Rope,
+        mask: &Tensor,
+    ) -> Result<BlockActs> {
         Ok(match saved {
             Saved::All(a) => *a,
             Saved::Input(x) => self.block_forward(w, l, x, shape, rope, mask)?.1,
@@ -265,7 +303,14 @@ impl Llama {
 
     /// Runs the blocks over `ids` [B, T]; returns the final residual stream [B·T, d] and what `keep` asks for.
     /// `visit` sees the embeddings (i = 0) and each block's output (i = l + 1) the moment they exist.
-    fn trunk(&self, w: &dyn Weights, ids: &Tensor, keep: Keep, dtype: DType, visit: Visit) -> Result<(Tensor, Vec<Saved>)> {
+    fn trunk(
+        &self,
+        w: &dyn Weights,
+        ids: &Tensor,
+        keep: Keep,
+        dtype: DType,
+        visit: Visit,
+    ) -> Result<(Tensor, Vec<Saved>)> {
         let (b, t) = ids.dims2()?;
         let dev = ids.device();
         let flat_ids = ids.flatten_all()?;
@@ -322,7 +367,8 @@ impl Llama {
         let positions = Tensor::new(tg.positions.as_slice(), &dev)?;
         let x_sel = x.index_select(&positions, 0)?;
         drop(x);
-        let (xn_sel, rstd_sel) = layers::rms_norm_forward(&x_sel, &w.vector(ParamId::FinalNorm)?, self.cfg.rms_norm_eps)?;
+        let (xn_sel, rstd_sel) =
+            layers::rms_norm_forward(&x_sel, &w.vector(ParamId::FinalNorm)?, self.cfg.rms_norm_eps)?;
         let classes = tg.classes.as_ref().map(|c| Tensor::new(c.as_slice(), &dev)).transpose()?;
         let logits = self.head_forward(w, &xn_sel, classes.as_ref())?;
         let labels = Tensor::new(tg.labels.as_slice(), &dev)?;
@@ -483,7 +529,11 @@ pub(crate) mod tests {
                 let lm = loss(&m, &q, &b);
                 let fd = (lp - lm) / (2.0 * h);
                 let err = (fd - gv[i]).abs() / scale;
-                assert!(err < FD_BUDGET, "{id:?}[{i}] fd {fd} analytic {} rel {err:e} (tied {tied}, classes {classes}, {keep:?})", gv[i]);
+                assert!(
+                    err < FD_BUDGET,
+                    "{id:?}[{i}] fd {fd} analytic {} rel {err:e} (tied {tied}, classes {classes}, {keep:?})",
+                    gv[i]
+                );
             }
         }
     }

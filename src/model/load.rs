@@ -47,7 +47,10 @@ pub fn stream_model(path: &Path, take: &mut dyn FnMut(ParamId, Tensor) -> Result
     let mut check = |cfg: &LlamaConfig, id: ParamId, t: Tensor, file: &Path| -> Result<()> {
         let want = id.shape(cfg);
         if t.dims() != want.as_slice() {
-            return Err(Error::file(file, format!("tensor `{}` has shape {:?}, the config implies {:?}", id.hf_name(), t.dims(), want)));
+            return Err(Error::file(
+                file,
+                format!("tensor `{}` has shape {:?}, the config implies {:?}", id.hf_name(), t.dims(), want),
+            ));
         }
         if !seen.insert(id) {
             return Err(Error::file(file, format!("tensor `{}` appears more than once", id.hf_name())));
@@ -154,20 +157,14 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
 fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::BufReader<std::fs::File>, ModelHeader)> {
     let file = std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
     let mut reader = std::io::BufReader::new(file);
-    let ct = gguf_file::Content::read(&mut reader).map_err(|e| Error::file(path, format!("not a valid GGUF file: {e}")))?;
-    let arch = ct
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .unwrap_or_default();
+    let ct =
+        gguf_file::Content::read(&mut reader).map_err(|e| Error::file(path, format!("not a valid GGUF file: {e}")))?;
+    let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
     if arch != "llama" {
         return Err(Error::file(path, format!("GGUF architecture `{arch}` is not supported (only llama)")));
     }
-    let embd = ct
-        .tensor_infos
-        .get("token_embd.weight")
-        .ok_or_else(|| Error::file(path, "GGUF has no `token_embd.weight`"))?;
+    let embd =
+        ct.tensor_infos.get("token_embd.weight").ok_or_else(|| Error::file(path, "GGUF has no `token_embd.weight`"))?;
     let emb_dims = embd.shape.dims().to_vec();
     let hidden = meta_usize(&ct, "llama.embedding_length", path)?;
     let heads = meta_usize(&ct, "llama.attention.head_count", path)?;
@@ -180,7 +177,11 @@ fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::BufReader<std:
         num_hidden_layers: meta_usize(&ct, "llama.block_count", path)?,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
-        head_dim: meta_usize(&ct, "llama.rope.dimension_count", path).unwrap_or(if heads > 0 { hidden / heads } else { 0 }),
+        head_dim: meta_usize(&ct, "llama.rope.dimension_count", path).unwrap_or(if heads > 0 {
+            hidden / heads
+        } else {
+            0
+        }),
         rope_theta: meta_f64(&ct, "llama.rope.freq_base").unwrap_or(10000.0),
         rms_norm_eps: meta_f64(&ct, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         max_position_embeddings: meta_usize(&ct, "llama.context_length", path).unwrap_or(2048),
@@ -190,7 +191,8 @@ fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::BufReader<std:
     };
     cfg.validate().map_err(|m| Error::file(path, m))?;
     // A GGUF without tokenizer metadata still loads (weights only); commands that need text say so.
-    let tokenizer = if ct.metadata.contains_key("tokenizer.ggml.model") { Some(Tok::from_gguf(&ct, path)?) } else { None };
+    let tokenizer =
+        if ct.metadata.contains_key("tokenizer.ggml.model") { Some(Tok::from_gguf(&ct, path)?) } else { None };
     Ok((ct, reader, ModelHeader { cfg, tokenizer }))
 }
 
@@ -229,7 +231,10 @@ pub fn export_hf(params: &ParamStore, tokenizer: Option<&Tok>, dir: &Path) -> Re
     let mut views = Vec::new();
     for (name, t) in params.hf_tensors() {
         let data: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        views.push((name, SafeView { shape: t.dims().to_vec(), data: data.iter().flat_map(|x| x.to_le_bytes()).collect() }));
+        views.push((
+            name,
+            SafeView { shape: t.dims().to_vec(), data: data.iter().flat_map(|x| x.to_le_bytes()).collect() },
+        ));
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let bytes = safetensors::tensor::serialize(views, Some(metadata))
@@ -278,13 +283,20 @@ impl safetensors::View for SafeView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
     use crate::model::Llama;
+    use candle_core::quantized::{GgmlDType, QTensor};
 
     /// llama.cpp's conversion-time permutation (HF → GGUF), the inverse of [`unpermute_qk`].
     fn permute_qk(w: &Tensor, n_heads: usize) -> Tensor {
         let (out, inp) = w.dims2().unwrap();
-        w.reshape((n_heads, 2, out / n_heads / 2, inp)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((out, inp)).unwrap()
+        w.reshape((n_heads, 2, out / n_heads / 2, inp))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((out, inp))
+            .unwrap()
     }
 
     /// Writes the tiny fixture as a GGUF the way llama.cpp's converter would (f32 tensors, Q/K permuted).
@@ -330,7 +342,8 @@ mod tests {
         assert!(g.params.cfg.tie_word_embeddings);
         assert_eq!(g.params.cfg.num_key_value_heads, hf.cfg.num_key_value_heads);
         for id in ParamId::all(&hf.cfg) {
-            let d = (g.params.get(id) - hf.get(id)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d =
+                (g.params.get(id) - hf.get(id)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert_eq!(d, 0.0, "{id:?}");
         }
         let ids = Tensor::new(&[[1u32, 5, 9]], &Device::Cpu).unwrap();
@@ -361,7 +374,14 @@ mod tests {
         let back = load_hf_dir(dir.path()).unwrap();
         assert_eq!(back.params.cfg, m.params.cfg);
         for id in ParamId::all(&m.params.cfg) {
-            let d = (back.params.get(id) - m.params.get(id)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (back.params.get(id) - m.params.get(id))
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert_eq!(d, 0.0, "{id:?}");
         }
         assert_eq!(back.tokenizer.unwrap().encode("Hi").unwrap(), vec![72, 105]);

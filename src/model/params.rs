@@ -159,9 +159,7 @@ impl ParamStore {
     pub fn from_map(cfg: LlamaConfig, mut map: HashMap<ParamId, Tensor>, source: &Path) -> Result<Self> {
         let mut tensors = Vec::new();
         for id in ParamId::all(&cfg) {
-            let t = map
-                .remove(&id)
-                .ok_or_else(|| Error::file(source, format!("missing tensor `{}`", id.hf_name())))?;
+            let t = map.remove(&id).ok_or_else(|| Error::file(source, format!("missing tensor `{}`", id.hf_name())))?;
             let want = id.shape(&cfg);
             if t.dims() != want.as_slice() {
                 return Err(Error::file(

@@ -60,7 +60,8 @@ pub struct QuantStore<W> {
 impl<W: QuantWeight> QuantStore<W> {
     fn build(cfg: LlamaConfig, mut parts: HashMap<ParamId, Result<Part<W>>>) -> Result<Self> {
         let n = ParamId::all(&cfg).len();
-        let (mut mats, mut vecs): (Vec<Option<W>>, Vec<Option<Tensor>>) = ((0..n).map(|_| None).collect(), vec![None; n]);
+        let (mut mats, mut vecs): (Vec<Option<W>>, Vec<Option<Tensor>>) =
+            ((0..n).map(|_| None).collect(), vec![None; n]);
         for id in ParamId::all(&cfg) {
             let i = id.index(&cfg);
             match parts.remove(&id).ok_or_else(|| Error::Msg(format!("missing {id:?}")))?? {
@@ -219,7 +220,8 @@ mod tests {
     use qtune_quant::{Bits, Granularity, IntTensor, QuantSpec, Rounding};
 
     fn int8(_: ParamId, d: &[f32], r: usize, c: usize) -> Result<IntTensor> {
-        IntTensor::quantize(d, r, c, QuantSpec::symmetric(Bits::B8, Granularity::PerRow), Rounding::Nearest).map_err(quant_err)
+        IntTensor::quantize(d, r, c, QuantSpec::symmetric(Bits::B8, Granularity::PerRow), Rounding::Nearest)
+            .map_err(quant_err)
     }
 
     #[test]

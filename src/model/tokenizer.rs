@@ -17,13 +17,14 @@ pub struct Tok {
 
 impl Tok {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = Tokenizer::from_file(path).map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        let inner =
+            Tokenizer::from_file(path).map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
         Ok(Tok { inner })
     }
 
     pub fn from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Self> {
-        let mut inner =
-            Tokenizer::from_gguf(ct).map_err(|e| Error::file(path, format!("cannot build the tokenizer from GGUF metadata: {e}")))?;
+        let mut inner = Tokenizer::from_gguf(ct)
+            .map_err(|e| Error::file(path, format!("cannot build the tokenizer from GGUF metadata: {e}")))?;
         let pre = ct.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned();
         if pre.as_deref() == Some("smollm") {
             inner.with_pre_tokenizer(Some(Sequence::new(vec![

@@ -83,7 +83,8 @@ pub fn human(bytes: usize) -> String {
 
 /// The report printed at the end of a run.
 pub fn report(b: &Breakdown, params: usize, peak_rss: usize) -> String {
-    let row = |name: &str, v: usize| format!("  {name:<12} {:>12}  {:>6.2} B/param\n", human(v), v as f64 / params as f64);
+    let row =
+        |name: &str, v: usize| format!("  {name:<12} {:>12}  {:>6.2} B/param\n", human(v), v as f64 / params as f64);
     let mut s = String::from("memory (counted by the engine):\n");
     s += &row("weights", b.weights);
     s += &row("gradients", b.gradients);

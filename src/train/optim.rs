@@ -165,7 +165,13 @@ mod tests {
                 for g in &grads {
                     let g = g[i] as f64;
                     let c = 0.9 * m + 0.1 * g;
-                    let s = if c > 0.0 { 1.0 } else if c < 0.0 { -1.0 } else { 0.0 };
+                    let s = if c > 0.0 {
+                        1.0
+                    } else if c < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    };
                     w = w * (1.0 - 0.01 * wd) - 0.01 * s;
                     m = 0.99 * m + 0.01 * g;
                 }

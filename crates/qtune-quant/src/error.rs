@@ -5,18 +5,10 @@
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum QuantError {
     #[error("{what}: expected {expected} elements, got {got}")]
-    LengthMismatch {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    LengthMismatch { what: &'static str, expected: usize, got: usize },
 
     #[error("invalid shape {rows}x{cols}: {reason}")]
-    InvalidShape {
-        rows: usize,
-        cols: usize,
-        reason: &'static str,
-    },
+    InvalidShape { rows: usize, cols: usize, reason: &'static str },
 
     #[error("invalid block size {block}: {reason}")]
     InvalidBlockSize { block: usize, reason: &'static str },
@@ -28,11 +20,7 @@ pub enum QuantError {
     InvalidFraction(f64),
 
     #[error("elements {start}..{end} are out of bounds for a tensor of {len} elements")]
-    OutOfBounds {
-        start: usize,
-        end: usize,
-        len: usize,
-    },
+    OutOfBounds { start: usize, end: usize, len: usize },
 }
 
 pub type Result<T> = std::result::Result<T, QuantError>;
@@ -42,32 +30,20 @@ pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Resu
     if expected == got {
         Ok(())
     } else {
-        Err(QuantError::LengthMismatch {
-            what,
-            expected,
-            got,
-        })
+        Err(QuantError::LengthMismatch { what, expected, got })
     }
 }
 
 /// Checks a rows×cols shape and returns its element count (overflow is an error, not a wrap).
 pub(crate) fn check_shape(rows: usize, cols: usize) -> Result<usize> {
-    rows.checked_mul(cols).ok_or(QuantError::InvalidShape {
-        rows,
-        cols,
-        reason: "element count overflows usize",
-    })
+    rows.checked_mul(cols).ok_or(QuantError::InvalidShape { rows, cols, reason: "element count overflows usize" })
 }
 
 /// Checks that `start..end` lies inside a tensor of `len` elements.
 pub(crate) fn check_span(start: usize, count: usize, len: usize) -> Result<()> {
     match start.checked_add(count) {
         Some(end) if end <= len => Ok(()),
-        _ => Err(QuantError::OutOfBounds {
-            start,
-            end: start.saturating_add(count),
-            len,
-        }),
+        _ => Err(QuantError::OutOfBounds { start, end: start.saturating_add(count), len }),
     }
 }
 
@@ -80,10 +56,7 @@ mod tests {
         let e = check_len("data", 12, 10).unwrap_err();
         assert_eq!(e.to_string(), "data: expected 12 elements, got 10");
         let e = check_span(8, 4, 10).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "elements 8..12 are out of bounds for a tensor of 10 elements"
-        );
+        assert_eq!(e.to_string(), "elements 8..12 are out of bounds for a tensor of 10 elements");
         assert!(check_shape(usize::MAX, 2).is_err());
         assert_eq!(check_shape(3, 4), Ok(12));
         assert!(check_span(usize::MAX, 2, 10).is_err());

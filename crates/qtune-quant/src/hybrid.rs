@@ -64,13 +64,7 @@ struct Split {
 
 impl HybridTensor {
     /// Splits and quantizes a row-major rows×cols matrix, keeping the top `fraction` of entries by |w| in f32.
-    pub fn quantize(
-        data: &[f32],
-        rows: usize,
-        cols: usize,
-        fraction: f64,
-        rounding: Rounding,
-    ) -> Result<Self> {
+    pub fn quantize(data: &[f32], rows: usize, cols: usize, fraction: f64, rounding: Rounding) -> Result<Self> {
         check_len("hybrid input", check_shape(rows, cols)?, data.len())?;
         if !(0.0..1.0).contains(&fraction) {
             return Err(QuantError::InvalidFraction(fraction));
@@ -83,11 +77,7 @@ impl HybridTensor {
             });
         }
         if cols > u32::MAX as usize || data.len() as f64 * fraction > u32::MAX as f64 {
-            return Err(QuantError::InvalidShape {
-                rows,
-                cols,
-                reason: "column and outlier indices must fit in u32",
-            });
+            return Err(QuantError::InvalidShape { rows, cols, reason: "column and outlier indices must fit in u32" });
         }
         let s = split(&Source::Data(data), rows, cols, fraction, &rounding);
         Self::from_split(s, rows, cols, fraction)
@@ -95,10 +85,21 @@ impl HybridTensor {
 
     /// Rebuilds a tensor from its stored parts (a checkpoint): the dense INT8 per-row part and the CSR outliers,
     /// checked for consistency (row pointers monotone and ending at the value count, columns in range).
-    pub fn from_raw(dense: IntTensor, fraction: f64, threshold: f32, row_ptr: Vec<u32>, col_idx: Vec<u32>, values: Vec<f32>) -> Result<Self> {
+    pub fn from_raw(
+        dense: IntTensor,
+        fraction: f64,
+        threshold: f32,
+        row_ptr: Vec<u32>,
+        col_idx: Vec<u32>,
+        values: Vec<f32>,
+    ) -> Result<Self> {
         let (rows, cols) = (dense.rows(), dense.cols());
         if dense.spec() != DENSE_SPEC {
-            return Err(QuantError::InvalidShape { rows, cols, reason: "the dense part must be INT8 symmetric per row" });
+            return Err(QuantError::InvalidShape {
+                rows,
+                cols,
+                reason: "the dense part must be INT8 symmetric per row",
+            });
         }
         if !(0.0..1.0).contains(&fraction) {
             return Err(QuantError::InvalidFraction(fraction));
@@ -106,7 +107,11 @@ impl HybridTensor {
         check_len("row_ptr", rows + 1, row_ptr.len())?;
         check_len("col_idx", values.len(), col_idx.len())?;
         let monotone = row_ptr.windows(2).all(|w| w[0] <= w[1]);
-        if row_ptr[0] != 0 || !monotone || row_ptr[rows] as usize != values.len() || col_idx.iter().any(|&c| c as usize >= cols) {
+        if row_ptr[0] != 0
+            || !monotone
+            || row_ptr[rows] as usize != values.len()
+            || col_idx.iter().any(|&c| c as usize >= cols)
+        {
             return Err(QuantError::InvalidShape { rows, cols, reason: "inconsistent CSR outliers" });
         }
         Ok(HybridTensor { dense, fraction, threshold, row_ptr, col_idx, values })
@@ -150,34 +155,25 @@ impl HybridTensor {
         }
         let (row_ptr, col_idx) = (&self.row_ptr, &self.col_idx);
         let (groups, codes) = self.dense.split();
-        codes
-            .par_chunks_mut(cols)
-            .zip(value_rows)
-            .enumerate()
-            .for_each_init(
-                || {
-                    (
-                        vec![0.0f32; cols],
-                        Encoder::new(groups.format, &rounding, Encode::Delta),
-                    )
-                },
-                |(x, enc), (r, (codes, values))| {
-                    let first = r * cols;
-                    groups.dequant_span(codes, first, first, x);
-                    let cols_r = &col_idx[row_ptr[r] as usize..row_ptr[r + 1] as usize];
-                    for (&c, &v) in cols_r.iter().zip(values.iter()) {
-                        x[c as usize] = v;
-                    }
-                    f(r, x);
-                    // Sparse positions take the new value exactly and read as 0 in the dense part, whose code
-                    // there is 0 and stays 0 (a zero delta).
-                    for (&c, v) in cols_r.iter().zip(values.iter_mut()) {
-                        *v = x[c as usize];
-                        x[c as usize] = 0.0;
-                    }
-                    enc.run(codes, first, first, x, groups.params(r).0, 0.0);
-                },
-            );
+        codes.par_chunks_mut(cols).zip(value_rows).enumerate().for_each_init(
+            || (vec![0.0f32; cols], Encoder::new(groups.format, &rounding, Encode::Delta)),
+            |(x, enc), (r, (codes, values))| {
+                let first = r * cols;
+                groups.dequant_span(codes, first, first, x);
+                let cols_r = &col_idx[row_ptr[r] as usize..row_ptr[r + 1] as usize];
+                for (&c, &v) in cols_r.iter().zip(values.iter()) {
+                    x[c as usize] = v;
+                }
+                f(r, x);
+                // Sparse positions take the new value exactly and read as 0 in the dense part, whose code
+                // there is 0 and stays 0 (a zero delta).
+                for (&c, v) in cols_r.iter().zip(values.iter_mut()) {
+                    *v = x[c as usize];
+                    x[c as usize] = 0.0;
+                }
+                enc.run(codes, first, first, x, groups.params(r).0, 0.0);
+            },
+        );
     }
 
     /// The dense INT8 part (0 at outlier positions).
@@ -206,9 +202,7 @@ impl HybridTensor {
     /// Row `r`'s values (dense dequantized, sparse exact) into `out` (length cols).
     fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let cols = self.dense.cols();
-        self.dense
-            .groups()
-            .dequant_span(&self.dense.codes, 0, r * cols, out);
+        self.dense.groups().dequant_span(&self.dense.codes, 0, r * cols, out);
         let (a, b) = (self.row_ptr[r] as usize, self.row_ptr[r + 1] as usize);
         for (&c, &v) in self.col_idx[a..b].iter().zip(&self.values[a..b]) {
             out[c as usize] = v;
@@ -271,13 +265,7 @@ fn kth_bin(hist: &[u64], k: u64) -> (usize, u64) {
 fn kth_largest_abs_bits(src: &Source, rows: usize, cols: usize, k: u64) -> u32 {
     let hi_hist = histogram(src, rows, cols, |_| true, |b| (b >> 16) as usize);
     let (hi, above) = kth_bin(&hi_hist, k);
-    let lo_hist = histogram(
-        src,
-        rows,
-        cols,
-        |b| (b >> 16) as usize == hi,
-        |b| (b & 0xFFFF) as usize,
-    );
+    let lo_hist = histogram(src, rows, cols, |b| (b >> 16) as usize == hi, |b| (b & 0xFFFF) as usize);
     let (lo, _) = kth_bin(&lo_hist, k - above);
     ((hi as u32) << 16) | lo as u32
 }
@@ -286,11 +274,7 @@ fn split(src: &Source, rows: usize, cols: usize, fraction: f64, rounding: &Round
     let n = rows * cols;
     let k = (fraction * n as f64).floor() as u64;
     // No outliers: a threshold above every finite magnitude's bits.
-    let t_bits = if k == 0 {
-        u32::MAX
-    } else {
-        kth_largest_abs_bits(src, rows, cols, k)
-    };
+    let t_bits = if k == 0 { u32::MAX } else { kth_largest_abs_bits(src, rows, cols, k) };
 
     // How many entries each row has above and at the threshold; ties go to the earliest rows.
     let counts: Vec<(u64, u64)> = (0..rows)
@@ -298,12 +282,10 @@ fn split(src: &Source, rows: usize, cols: usize, fraction: f64, rounding: &Round
         .map_init(
             || vec![0.0f32; cols],
             |scratch, r| {
-                src.row(r, cols, scratch)
-                    .iter()
-                    .fold((0, 0), |(gt, eq), &v| {
-                        let b = abs_bits(v);
-                        (gt + (b > t_bits) as u64, eq + (b == t_bits) as u64)
-                    })
+                src.row(r, cols, scratch).iter().fold((0, 0), |(gt, eq), &v| {
+                    let b = abs_bits(v);
+                    (gt + (b > t_bits) as u64, eq + (b == t_bits) as u64)
+                })
             },
         )
         .collect();
@@ -323,13 +305,7 @@ fn split(src: &Source, rows: usize, cols: usize, fraction: f64, rounding: &Round
         .par_chunks_mut(cols)
         .enumerate()
         .map_init(
-            || {
-                (
-                    vec![0.0f32; cols],
-                    vec![0.0f32; cols],
-                    Encoder::new(dense, rounding, Encode::Fresh),
-                )
-            },
+            || (vec![0.0f32; cols], vec![0.0f32; cols], Encoder::new(dense, rounding, Encode::Fresh)),
             |(scratch, masked, enc), (r, codes)| {
                 let row = src.row(r, cols, scratch);
                 let mut ties = ties[r];
@@ -363,19 +339,8 @@ fn split(src: &Source, rows: usize, cols: usize, fraction: f64, rounding: &Round
         values.extend(outliers.iter().map(|o| o.1));
         row_ptr.push(values.len() as u32);
     }
-    let threshold = if k == 0 {
-        f32::INFINITY
-    } else {
-        f32::from_bits(t_bits)
-    };
-    Split {
-        codes,
-        scales,
-        row_ptr,
-        col_idx,
-        values,
-        threshold,
-    }
+    let threshold = if k == 0 { f32::INFINITY } else { f32::from_bits(t_bits) };
+    Split { codes, scales, row_ptr, col_idx, values, threshold }
 }
 
 impl QuantWeight for HybridTensor {
@@ -399,10 +364,7 @@ impl QuantWeight for HybridTensor {
             let hi = (end - r * cols).min(cols) as u32;
             let from = row_cols.partition_point(|&c| c < lo);
             let to = row_cols.partition_point(|&c| c < hi);
-            for (&c, &v) in row_cols[from..to]
-                .iter()
-                .zip(&self.values[a + from..a + to])
-            {
+            for (&c, &v) in row_cols[from..to].iter().zip(&self.values[a + from..a + to]) {
                 out[r * cols + c as usize - start] = v;
             }
         }
@@ -440,8 +402,7 @@ mod tests {
     fn outliers_are_restored_exactly_and_counted() {
         let (rows, cols) = (33, 70);
         let w = weights(rows, cols, 1);
-        let h = HybridTensor::quantize(&w, rows, cols, DEFAULT_OUTLIER_FRACTION, Rounding::Nearest)
-            .unwrap();
+        let h = HybridTensor::quantize(&w, rows, cols, DEFAULT_OUTLIER_FRACTION, Rounding::Nearest).unwrap();
         let k = (0.01 * (rows * cols) as f64).floor() as usize; // ⌊p·n⌋ = 23
         assert_eq!(h.nnz(), k);
         let mut y = vec![0.0; w.len()];
@@ -462,9 +423,7 @@ mod tests {
         // The dense scale of each row ignores its outliers: absmax of the rest / 127.
         for r in 0..rows {
             let outl: Vec<u32> = ci[rp[r] as usize..rp[r + 1] as usize].to_vec();
-            let rest = (0..cols)
-                .filter(|c| !outl.contains(&(*c as u32)))
-                .map(|c| w[r * cols + c].abs());
+            let rest = (0..cols).filter(|c| !outl.contains(&(*c as u32))).map(|c| w[r * cols + c].abs());
             let am = rest.fold(0.0f32, f32::max);
             assert_eq!(h.dense().scales()[r], am / 127.0, "row {r}");
         }
@@ -487,11 +446,7 @@ mod tests {
             let h = HybridTensor::quantize(&w, rows, cols, p, Rounding::Nearest).unwrap();
             let mut y = vec![0.0; w.len()];
             h.dequantize_into(&mut y).unwrap();
-            w.iter()
-                .zip(&y)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum::<f64>()
-                .sqrt()
+            w.iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt()
         };
         let plain = IntTensor::quantize(&w, rows, cols, DENSE_SPEC, Rounding::Nearest).unwrap();
         let h0 = HybridTensor::quantize(&w, rows, cols, 0.0, Rounding::Nearest).unwrap();
@@ -507,15 +462,10 @@ mod tests {
         let mut h = HybridTensor::quantize(&w, rows, cols, 0.02, Rounding::Nearest).unwrap();
         let before = h.clone();
         // Identity update: nothing moves, even under stochastic rounding.
-        h.update_rows(
-            Rounding::Stochastic(RngKey::new(1, 0, STREAM_SR_WEIGHT)),
-            |_, _| {},
-        );
+        h.update_rows(Rounding::Stochastic(RngKey::new(1, 0, STREAM_SR_WEIGHT)), |_, _| {});
         assert_eq!(h, before);
         // Add 0.5 to everything: sparse values move exactly, the split and scales stay.
-        h.update_rows(Rounding::Nearest, |_, x| {
-            x.iter_mut().for_each(|v| *v += 0.5)
-        });
+        h.update_rows(Rounding::Nearest, |_, x| x.iter_mut().for_each(|v| *v += 0.5));
         let (rp, ci, vals) = h.sparse();
         assert_eq!((rp, ci), (before.sparse().0, before.sparse().1));
         for (a, b) in vals.iter().zip(before.sparse().2) {
@@ -539,22 +489,12 @@ mod tests {
         let before = h.clone();
         let scales = before.dense().scales().to_vec();
         let key = RngKey::new(9, 0, STREAM_SR_WEIGHT);
-        h.update_rows(Rounding::Stochastic(key), |r, x| {
-            x.iter_mut().for_each(|v| *v += STEP * scales[r])
-        });
+        h.update_rows(Rounding::Stochastic(key), |r, x| x.iter_mut().for_each(|v| *v += STEP * scales[r]));
         let (a, b) = (&h.dense().codes, &before.dense().codes);
-        let moved: f64 = a
-            .iter()
-            .zip(b.iter())
-            .map(|(&a, &b)| (a as i8 as f64) - (b as i8 as f64))
-            .sum();
+        let moved: f64 = a.iter().zip(b.iter()).map(|(&a, &b)| (a as i8 as f64) - (b as i8 as f64)).sum();
         let n = (rows * cols - h.nnz()) as f64;
         let tol = 5.0 * ((STEP * (1.0 - STEP)) as f64).sqrt() / n.sqrt();
-        assert!(
-            (moved / n - STEP as f64).abs() < tol,
-            "mean move {}",
-            moved / n
-        );
+        assert!((moved / n - STEP as f64).abs() < tol, "mean move {}", moved / n);
     }
 
     #[test]

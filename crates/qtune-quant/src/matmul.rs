@@ -77,12 +77,7 @@ unsafe fn gemm_into(
 }
 
 /// `y = x·Wᵀ`: x is m×k, W is n×k, y is m×n (row-major). The Linear layer's forward.
-pub fn matmul_xwt<W: QuantWeight + ?Sized>(
-    x: &[f32],
-    m: usize,
-    w: &W,
-    y: &mut [f32],
-) -> Result<()> {
+pub fn matmul_xwt<W: QuantWeight + ?Sized>(x: &[f32], m: usize, w: &W, y: &mut [f32]) -> Result<()> {
     let (n, k) = (w.rows(), w.cols());
     check_len("matmul_xwt x (m×k)", m * k, x.len())?;
     check_len("matmul_xwt y (m×n)", m * n, y.len())?;
@@ -109,12 +104,7 @@ pub fn matmul_xwt<W: QuantWeight + ?Sized>(
 }
 
 /// `dx = dy·W`: dy is m×n, W is n×k, dx is m×k (row-major). The input gradient of `y = x·Wᵀ`.
-pub fn matmul_xw<W: QuantWeight + ?Sized>(
-    dy: &[f32],
-    m: usize,
-    w: &W,
-    dx: &mut [f32],
-) -> Result<()> {
+pub fn matmul_xw<W: QuantWeight + ?Sized>(dy: &[f32], m: usize, w: &W, dx: &mut [f32]) -> Result<()> {
     let (n, k) = (w.rows(), w.cols());
     check_len("matmul_xw dy (m×n)", m * n, dy.len())?;
     check_len("matmul_xw dx (m×k)", m * k, dx.len())?;
@@ -166,25 +156,9 @@ mod tests {
         let w = gauss(n * k, 1);
         let r = Rounding::Nearest;
         vec![
+            Box::new(IntTensor::quantize(&w, n, k, QuantSpec::symmetric(Bits::B8, Granularity::PerRow), r).unwrap()),
             Box::new(
-                IntTensor::quantize(
-                    &w,
-                    n,
-                    k,
-                    QuantSpec::symmetric(Bits::B8, Granularity::PerRow),
-                    r,
-                )
-                .unwrap(),
-            ),
-            Box::new(
-                IntTensor::quantize(
-                    &w,
-                    n,
-                    k,
-                    QuantSpec::asymmetric(Bits::B4, Granularity::PerBlock(64)),
-                    r,
-                )
-                .unwrap(),
+                IntTensor::quantize(&w, n, k, QuantSpec::asymmetric(Bits::B4, Granularity::PerBlock(64)), r).unwrap(),
             ),
             Box::new(Nf4Tensor::quantize(&w, n, k, 64, true).unwrap()),
             Box::new(HybridTensor::quantize(&w, n, k, 0.01, r).unwrap()),
@@ -205,29 +179,15 @@ mod tests {
             let mut dx = vec![0.0; m * k];
             matmul_xw(&dy, m, w.as_ref(), &mut dx).unwrap();
             let y_ref: Vec<f64> = (0..m * n)
-                .map(|i| {
-                    (0..k)
-                        .map(|d| x[(i / n) * k + d] as f64 * wd[(i % n) * k + d] as f64)
-                        .sum()
-                })
+                .map(|i| (0..k).map(|d| x[(i / n) * k + d] as f64 * wd[(i % n) * k + d] as f64).sum())
                 .collect();
             let dx_ref: Vec<f64> = (0..m * k)
-                .map(|i| {
-                    (0..n)
-                        .map(|j| dy[(i / k) * n + j] as f64 * wd[j * k + i % k] as f64)
-                        .sum()
-                })
+                .map(|i| (0..n).map(|j| dy[(i / k) * n + j] as f64 * wd[j * k + i % k] as f64).sum())
                 .collect();
             for (name, got, want) in [("x·Wᵀ", &y, &y_ref), ("dy·W", &dx, &dx_ref)] {
                 let scale = want.iter().fold(0.0f64, |a, &b| a.max(b.abs()));
-                let err = got
-                    .iter()
-                    .zip(want)
-                    .fold(0.0f64, |a, (&g, &w)| a.max((g as f64 - w).abs()));
-                assert!(
-                    err <= MATMUL_RTOL * scale,
-                    "format {f} {name} m={m} n={n} k={k}: err {err} vs {scale}"
-                );
+                let err = got.iter().zip(want).fold(0.0f64, |a, (&g, &w)| a.max((g as f64 - w).abs()));
+                assert!(err <= MATMUL_RTOL * scale, "format {f} {name} m={m} n={n} k={k}: err {err} vs {scale}");
             }
         }
     }

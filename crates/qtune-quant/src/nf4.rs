@@ -158,18 +158,13 @@ impl DoubleQuant {
                 am
             })
             .collect();
-        DoubleQuant {
-            codes,
-            absmax2,
-            offset,
-        }
+        DoubleQuant { codes, absmax2, offset }
     }
 
     /// The absmax of NF4 block `b`: `map[code]·absmax2 + offset`, rounded after each operation like bitsandbytes.
     #[inline]
     pub fn absmax(&self, b: usize) -> f32 {
-        f32::from_bits(DYNAMIC_MAP_BITS[self.codes[b] as usize]) * self.absmax2[b / DQ_BLOCK]
-            + self.offset
+        f32::from_bits(DYNAMIC_MAP_BITS[self.codes[b] as usize]) * self.absmax2[b / DQ_BLOCK] + self.offset
     }
 }
 
@@ -193,13 +188,7 @@ pub struct Nf4Tensor {
 impl Nf4Tensor {
     /// Quantizes with blocks of `block` elements (bitsandbytes/QLoRA: 64), optionally double-quantizing the
     /// block absmax values.
-    pub fn quantize(
-        data: &[f32],
-        rows: usize,
-        cols: usize,
-        block: usize,
-        double_quant: bool,
-    ) -> Result<Self> {
+    pub fn quantize(data: &[f32], rows: usize, cols: usize, block: usize, double_quant: bool) -> Result<Self> {
         check_len("nf4 input", check_shape(rows, cols)?, data.len())?;
         if block == 0 || block % 2 == 1 {
             return Err(QuantError::InvalidBlockSize {
@@ -218,11 +207,7 @@ impl Nf4Tensor {
             .zip(data.par_chunks(per_task))
             .for_each(|((codes, absmax), x)| {
                 let mut buf = [0u8; 256];
-                for ((x, am), codes) in x
-                    .chunks(block)
-                    .zip(absmax.iter_mut())
-                    .zip(codes.chunks_mut(block / 2))
-                {
+                for ((x, am), codes) in x.chunks(block).zip(absmax.iter_mut()).zip(codes.chunks_mut(block / 2)) {
                     *am = encode_block(x, x.len() < block, codes, &mut buf);
                 }
             });
@@ -230,18 +215,9 @@ impl Nf4Tensor {
             // bitsandbytes pads an odd count with 0.0, whose code (7) fills the last low nibble.
             codes[n / 2] |= 7;
         }
-        let scales = if double_quant {
-            Nf4Scales::Double(DoubleQuant::quantize(&absmax))
-        } else {
-            Nf4Scales::Plain(absmax)
-        };
-        Ok(Nf4Tensor {
-            rows,
-            cols,
-            block,
-            codes,
-            scales,
-        })
+        let scales =
+            if double_quant { Nf4Scales::Double(DoubleQuant::quantize(&absmax)) } else { Nf4Scales::Plain(absmax) };
+        Ok(Nf4Tensor { rows, cols, block, codes, scales })
     }
 
     pub fn block_len(&self) -> usize {
@@ -298,13 +274,7 @@ impl QuantWeight for Nf4Tensor {
         let mut at = start;
         for_each_group_run(start, out.len(), self.block, |b, run| {
             let o = &mut out[at - start..at - start + run];
-            simd::dequant_lut4(
-                &self.codes[at / 2..],
-                at % 2 == 1,
-                &NF4_LEVELS,
-                self.block_absmax(b),
-                o,
-            );
+            simd::dequant_lut4(&self.codes[at / 2..], at % 2 == 1, &NF4_LEVELS, self.block_absmax(b), o);
             at += run;
         });
         Ok(())
@@ -315,11 +285,7 @@ impl QuantWeight for Nf4Tensor {
             Nf4Scales::Plain(a) => 4 * a.len(),
             Nf4Scales::Double(dq) => dq.codes.len() + 4 * dq.absmax2.len() + 4,
         };
-        QuantBytes {
-            codes: self.codes.len(),
-            scales,
-            ..Default::default()
-        }
+        QuantBytes { codes: self.codes.len(), scales, ..Default::default() }
     }
 }
 
@@ -425,20 +391,14 @@ mod tests {
     fn tables_are_bitsandbytes_ones() {
         let bits: Vec<u32> = NF4_LEVELS.iter().map(|v| v.to_bits()).collect();
         assert_eq!(bits[..4], [0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0]);
-        assert_eq!(
-            bits[8..12],
-            [0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a]
-        );
+        assert_eq!(bits[8..12], [0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a]);
         let d = dynamic_map();
         assert!(d.windows(2).all(|w| w[0] < w[1]));
         assert_eq!((d[0], d[127], d[255]), (-0.99296874, 0.0, 1.0));
         // The table's bins are 3e-5 wide, coarser than the map near 0: a value just below 0 gets −2.1e-5
         // (index 123) and 0 itself +2.1e-5 (131), exactly as bitsandbytes' CPU kernel quantizes them.
         let lut = dynamic_lut();
-        assert_eq!(
-            (lut[0], lut[32767], lut[32768], lut[65535]),
-            (0, 123, 131, 255)
-        );
+        assert_eq!((lut[0], lut[32767], lut[32768], lut[65535]), (0, 123, 131, 255));
     }
 
     /// f64 reference: nearest level, on the same f32 scaled value.
@@ -456,20 +416,13 @@ mod tests {
             let am = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             for (j, &v) in blk.iter().enumerate() {
                 let i = b * NF4_BLOCK + j;
-                let s = if blk.len() < NF4_BLOCK {
-                    v / am
-                } else {
-                    v * (1.0 / am)
-                } as f64;
+                let s = if blk.len() < NF4_BLOCK { v / am } else { v * (1.0 / am) } as f64;
                 // A value exactly on an (f32) midpoint goes to the lower level, elsewhere the nearest one.
                 let best = match NF4_MIDS.iter().position(|&m| m as f64 == s) {
                     Some(j) => j,
                     None => (0..16)
                         .min_by(|&p, &q| {
-                            let (dp, dq) = (
-                                (s - NF4_LEVELS[p] as f64).abs(),
-                                (s - NF4_LEVELS[q] as f64).abs(),
-                            );
+                            let (dp, dq) = ((s - NF4_LEVELS[p] as f64).abs(), (s - NF4_LEVELS[q] as f64).abs());
                             dp.partial_cmp(&dq).unwrap()
                         })
                         .unwrap(),
@@ -499,10 +452,7 @@ mod tests {
                 // Double quantization perturbs the absmax itself by at most half a dynamic-map step (≤ 0.7%).
                 let slack = if dq { 0.008 } else { 0.0 };
                 for (&a, &c) in xb.iter().zip(yb) {
-                    assert!(
-                        ((a - c) as f64).abs() <= (NF4_BUDGET + slack) * am,
-                        "block {b}: {a} vs {c}"
-                    );
+                    assert!(((a - c) as f64).abs() <= (NF4_BUDGET + slack) * am, "block {b}: {a} vs {c}");
                 }
             }
         }
@@ -514,19 +464,12 @@ mod tests {
         let odd = Nf4Tensor::quantize(&[1.0, -1.0, 0.5], 1, 3, NF4_BLOCK, false).unwrap();
         assert_eq!(odd.codes(), &[0xF0, 0xC7]);
         let x = vec![0.5f32; 64 * 512];
-        let plain = Nf4Tensor::quantize(&x, 512, 64, NF4_BLOCK, false)
-            .unwrap()
-            .storage_bytes();
+        let plain = Nf4Tensor::quantize(&x, 512, 64, NF4_BLOCK, false).unwrap().storage_bytes();
         assert_eq!((plain.codes, plain.scales), (16384, 512 * 4));
-        let dq = Nf4Tensor::quantize(&x, 512, 64, NF4_BLOCK, true)
-            .unwrap()
-            .storage_bytes();
+        let dq = Nf4Tensor::quantize(&x, 512, 64, NF4_BLOCK, true).unwrap().storage_bytes();
         assert_eq!((dq.codes, dq.scales), (16384, 512 + 2 * 4 + 4));
         assert!(Nf4Tensor::quantize(&x, 1, 10, NF4_BLOCK, true).is_err());
-        assert!(matches!(
-            Nf4Tensor::quantize(&x[..6], 2, 3, 3, false),
-            Err(QuantError::InvalidBlockSize { .. })
-        ));
+        assert!(matches!(Nf4Tensor::quantize(&x[..6], 2, 3, 3, false), Err(QuantError::InvalidBlockSize { .. })));
         // All-zero blocks read back as zeros, double-quantized or not.
         let z = Nf4Tensor::quantize(&[0.0; 130], 1, 130, NF4_BLOCK, true).unwrap();
         let mut y = vec![1.0; 130];

@@ -20,11 +20,7 @@ pub struct RngKey {
 
 impl RngKey {
     pub const fn new(seed: u64, tensor: u32, stream: u32) -> Self {
-        Self {
-            seed,
-            tensor,
-            stream,
-        }
+        Self { seed, tensor, stream }
     }
 
     /// The same seed and tensor, another purpose.
@@ -80,10 +76,7 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// The four random words of block `b` (elements 4b .. 4b+3) of a stream.
 #[inline]
 fn block(key: &RngKey, b: u64) -> [u32; 4] {
-    philox4x32_10(
-        [b as u32, (b >> 32) as u32, key.tensor, key.stream],
-        [key.seed as u32, (key.seed >> 32) as u32],
-    )
+    philox4x32_10([b as u32, (b >> 32) as u32, key.tensor, key.stream], [key.seed as u32, (key.seed >> 32) as u32])
 }
 
 /// Top 24 bits as a float in [0, 1): exact, equally spaced at 2^-24.
@@ -153,9 +146,7 @@ fn uniform_blocks(key: &RngKey, b0: u64, out: &mut [f32]) {
         for (j, o) in out.chunks_exact_mut(32).enumerate() {
             let o: &mut [f32; 32] = o.try_into().expect("chunks of 32");
             // SAFETY: AVX2+FMA are present.
-            unsafe {
-                crate::simd::philox_uniform8(k, key.tensor, key.stream, b0 + 8 * j as u64, o)
-            };
+            unsafe { crate::simd::philox_uniform8(k, key.tensor, key.stream, b0 + 8 * j as u64, o) };
         }
         done = out.len() / 32 * 32;
     }
@@ -222,19 +213,10 @@ mod tests {
     /// Random123's published known-answer vectors (tests/kat_vectors).
     #[test]
     fn philox_known_answers() {
+        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]);
         assert_eq!(
-            philox4x32_10([0; 4], [0; 2]),
-            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
-        );
-        assert_eq!(
-            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
-            [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
-        );
-        assert_eq!(
-            philox4x32_10(
-                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
-                [0xa4093822, 0x299f31d0]
-            ),
+            philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
     }
@@ -282,16 +264,8 @@ mod tests {
         fill_uniform(&key, start, &mut u);
         fill_gaussian(&key, start, &mut z);
         for (j, (&a, &b)) in u.iter().zip(&z).enumerate() {
-            assert_eq!(
-                a.to_bits(),
-                uniform(&key, start + j as u64).to_bits(),
-                "uniform {j}"
-            );
-            assert_eq!(
-                b.to_bits(),
-                gaussian(&key, start + j as u64).to_bits(),
-                "gaussian {j}"
-            );
+            assert_eq!(a.to_bits(), uniform(&key, start + j as u64).to_bits(), "uniform {j}");
+            assert_eq!(b.to_bits(), gaussian(&key, start + j as u64).to_bits(), "gaussian {j}");
         }
         // Reverse order, odd chunk sizes: same values.
         let mut tail = vec![0.0; 11];
@@ -306,22 +280,13 @@ mod tests {
     #[test]
     fn different_keys_are_independent() {
         let base = RngKey::new(1, 0, STREAM_GAUSS);
-        let others = [
-            base.with_stream(STREAM_SR_PERTURB),
-            RngKey { tensor: 1, ..base },
-            RngKey { seed: 2, ..base },
-        ];
+        let others = [base.with_stream(STREAM_SR_PERTURB), RngKey { tensor: 1, ..base }, RngKey { seed: 2, ..base }];
         let mut a = vec![0.0; N];
         fill_gaussian(&base, 0, &mut a);
         for other in others {
             let mut b = vec![0.0; N];
             fill_gaussian(&other, 0, &mut b);
-            let corr = a
-                .iter()
-                .zip(&b)
-                .map(|(&x, &y)| x as f64 * y as f64)
-                .sum::<f64>()
-                / N as f64;
+            let corr = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() / N as f64;
             assert!(corr.abs() < 1e-2, "{other:?}: correlation {corr}");
             assert_ne!(a[..8], b[..8]);
         }

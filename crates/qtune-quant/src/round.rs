@@ -96,10 +96,7 @@ mod tests {
                 let sum: f64 = buf.iter().map(|&v| v as f64 - y as f64).sum();
                 let mean_err = sum / n as f64;
                 let bound = K_SIGMA * sigma / (n as f64).sqrt();
-                assert!(
-                    mean_err.abs() <= bound,
-                    "y={y} n={n}: mean error {mean_err} > {bound}"
-                );
+                assert!(mean_err.abs() <= bound, "y={y} n={n}: mean error {mean_err} > {bound}");
             }
         }
     }

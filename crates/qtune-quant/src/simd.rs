@@ -160,49 +160,21 @@ fn dequant_nibbles_scalar(bytes: &[u8], phase: bool, out: &mut [f32], f: impl Fn
 }
 
 /// Uniform 4-bit codes to values: `(u − zero)·scale + offset`.
-pub(crate) fn dequant_b4(
-    bytes: &[u8],
-    phase: bool,
-    zero: f32,
-    scale: f32,
-    offset: f32,
-    out: &mut [f32],
-) {
+pub(crate) fn dequant_b4(bytes: &[u8], phase: bool, zero: f32, scale: f32, offset: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: AVX2+FMA are present; the kernel stays within `bytes` and `out`.
-        return unsafe {
-            avx2::dequant_nibbles(
-                bytes,
-                phase,
-                out,
-                avx2::Nibbles::Uniform {
-                    zero,
-                    scale,
-                    offset,
-                },
-            )
-        };
+        return unsafe { avx2::dequant_nibbles(bytes, phase, out, avx2::Nibbles::Uniform { zero, scale, offset }) };
     }
-    dequant_nibbles_scalar(bytes, phase, out, |u| {
-        (u as f32 - zero).mul_add(scale, offset)
-    })
+    dequant_nibbles_scalar(bytes, phase, out, |u| (u as f32 - zero).mul_add(scale, offset))
 }
 
 /// NF4 codes to values: `lut[u]·absmax` (a plain product, as bitsandbytes computes it).
-pub(crate) fn dequant_lut4(
-    bytes: &[u8],
-    phase: bool,
-    lut: &[f32; 16],
-    absmax: f32,
-    out: &mut [f32],
-) {
+pub(crate) fn dequant_lut4(bytes: &[u8], phase: bool, lut: &[f32; 16], absmax: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: as above.
-        return unsafe {
-            avx2::dequant_nibbles(bytes, phase, out, avx2::Nibbles::Lut { lut, absmax })
-        };
+        return unsafe { avx2::dequant_nibbles(bytes, phase, out, avx2::Nibbles::Lut { lut, absmax }) };
     }
     dequant_nibbles_scalar(bytes, phase, out, |u| lut[u as usize] * absmax)
 }
@@ -247,25 +219,13 @@ mod avx2 {
         let lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
         let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
         let idx = _mm_unpacklo_epi8(hi, lo);
-        (
-            _mm256_cvtepu8_epi32(idx),
-            _mm256_cvtepu8_epi32(_mm_srli_si128(idx, 8)),
-        )
+        (_mm256_cvtepu8_epi32(idx), _mm256_cvtepu8_epi32(_mm_srli_si128(idx, 8)))
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dequant_nibbles(
-        bytes: &[u8],
-        phase: bool,
-        out: &mut [f32],
-        kind: Nibbles,
-    ) {
+    pub(super) unsafe fn dequant_nibbles(bytes: &[u8], phase: bool, out: &mut [f32], kind: Nibbles) {
         let scalar = |u: u8| match &kind {
-            Nibbles::Uniform {
-                zero,
-                scale,
-                offset,
-            } => (u as f32 - zero).mul_add(*scale, *offset),
+            Nibbles::Uniform { zero, scale, offset } => (u as f32 - zero).mul_add(*scale, *offset),
             Nibbles::Lut { lut, absmax } => lut[u as usize] * absmax,
         };
         let (mut o, mut b) = (0, 0);
@@ -276,16 +236,8 @@ mod avx2 {
         // Vector body: 8 bytes → 16 values per step.
         let steps = (out.len() - o) / 16;
         match &kind {
-            Nibbles::Uniform {
-                zero,
-                scale,
-                offset,
-            } => {
-                let (vz, vs, vo) = (
-                    _mm256_set1_ps(*zero),
-                    _mm256_set1_ps(*scale),
-                    _mm256_set1_ps(*offset),
-                );
+            Nibbles::Uniform { zero, scale, offset } => {
+                let (vz, vs, vo) = (_mm256_set1_ps(*zero), _mm256_set1_ps(*scale), _mm256_set1_ps(*offset));
                 for s in 0..steps {
                     let (a, c) = unpack16(bytes.as_ptr().add(b + 8 * s));
                     let fa = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(a), vz), vs, vo);
@@ -295,19 +247,13 @@ mod avx2 {
                 }
             }
             Nibbles::Lut { lut, absmax } => {
-                let (t0, t1) = (
-                    _mm256_loadu_ps(lut.as_ptr()),
-                    _mm256_loadu_ps(lut.as_ptr().add(8)),
-                );
+                let (t0, t1) = (_mm256_loadu_ps(lut.as_ptr()), _mm256_loadu_ps(lut.as_ptr().add(8)));
                 let va = _mm256_set1_ps(*absmax);
                 // permutevar8x32 looks at the low 3 bits; bit 3 (moved to the sign bit) picks the table half.
                 let look = |i: __m256i| {
                     let v0 = _mm256_permutevar8x32_ps(t0, i);
                     let v1 = _mm256_permutevar8x32_ps(t1, i);
-                    _mm256_mul_ps(
-                        _mm256_blendv_ps(v0, v1, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28))),
-                        va,
-                    )
+                    _mm256_mul_ps(_mm256_blendv_ps(v0, v1, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28))), va)
                 };
                 for s in 0..steps {
                     let (a, c) = unpack16(bytes.as_ptr().add(b + 8 * s));
@@ -324,13 +270,7 @@ mod avx2 {
     /// Eight Philox4x32-10 blocks at once (counters `[b lo, b hi, c2, c3]` for b = b0 .. b0+8, key `key`), turned
     /// into uniforms like `rng::uniforms` and stored block after block: `out[4j + l]` = lane l of block b0 + j.
     #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn philox_uniform8(
-        key: [u32; 2],
-        c2: u32,
-        c3: u32,
-        b0: u64,
-        out: &mut [f32; 32],
-    ) {
+    pub(crate) unsafe fn philox_uniform8(key: [u32; 2], c2: u32, c3: u32, b0: u64, out: &mut [f32; 32]) {
         let lo: [u32; 8] = std::array::from_fn(|j| (b0 + j as u64) as u32);
         let hi: [u32; 8] = std::array::from_fn(|j| ((b0 + j as u64) >> 32) as u32);
         let mut c0 = _mm256_loadu_si256(lo.as_ptr() as *const __m256i);
@@ -359,12 +299,8 @@ mod avx2 {
             c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(k1 as i32));
             c3 = lo0;
         }
-        let unit = |w: __m256i| {
-            _mm256_mul_ps(
-                _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)),
-                _mm256_set1_ps(1.0 / 16_777_216.0),
-            )
-        };
+        let unit =
+            |w: __m256i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), _mm256_set1_ps(1.0 / 16_777_216.0));
         let (u0, u1, u2, u3) = (unit(c0), unit(c1), unit(c2), unit(c3));
         // 4×8 → 8×4 transpose: block j's four words become out[4j .. 4j+4].
         let t0 = _mm256_unpacklo_ps(u0, u1); // b0w0 b0w1 b1w0 b1w1 | b4w0 b4w1 b5w0 b5w1
@@ -390,22 +326,13 @@ mod tests {
     /// The AVX2 and portable nibble kernels agree bit for bit, at every phase and length.
     #[test]
     fn nibble_kernels_match_scalar() {
-        let bytes: Vec<u8> = (0..64u32)
-            .map(|i| (i.wrapping_mul(0x9E) ^ (i >> 1)) as u8)
-            .collect();
+        let bytes: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(0x9E) ^ (i >> 1)) as u8).collect();
         let lut: [f32; 16] = std::array::from_fn(|i| (i as f32 - 7.3) / 8.1);
         for phase in [false, true] {
             for len in [0, 1, 2, 15, 16, 17, 33, 100] {
-                let (mut a, mut b, mut c, mut d) = (
-                    vec![0.0; len],
-                    vec![0.0; len],
-                    vec![0.0; len],
-                    vec![0.0; len],
-                );
+                let (mut a, mut b, mut c, mut d) = (vec![0.0; len], vec![0.0; len], vec![0.0; len], vec![0.0; len]);
                 dequant_b4(&bytes, phase, 8.0, 0.37, -0.1, &mut a);
-                dequant_nibbles_scalar(&bytes, phase, &mut b, |u| {
-                    (u as f32 - 8.0).mul_add(0.37, -0.1)
-                });
+                dequant_nibbles_scalar(&bytes, phase, &mut b, |u| (u as f32 - 8.0).mul_add(0.37, -0.1));
                 dequant_lut4(&bytes, phase, &lut, 1.7, &mut c);
                 dequant_nibbles_scalar(&bytes, phase, &mut d, |u| lut[u as usize] * 1.7);
                 assert_eq!(a, b, "uniform phase {phase} len {len}");

@@ -81,19 +81,11 @@ pub struct QuantSpec {
 
 impl QuantSpec {
     pub const fn symmetric(bits: Bits, granularity: Granularity) -> Self {
-        Self {
-            bits,
-            symmetric: true,
-            granularity,
-        }
+        Self { bits, symmetric: true, granularity }
     }
 
     pub const fn asymmetric(bits: Bits, granularity: Granularity) -> Self {
-        Self {
-            bits,
-            symmetric: false,
-            granularity,
-        }
+        Self { bits, symmetric: false, granularity }
     }
 
     /// Elements per scale group for a rows×cols tensor (never 0, so `element / group` is always defined).
@@ -101,19 +93,15 @@ impl QuantSpec {
         match self.granularity {
             Granularity::PerTensor => Ok((rows * cols).max(1)),
             Granularity::PerRow => Ok(cols.max(1)),
-            Granularity::PerBlock(0) => Err(QuantError::InvalidBlockSize {
-                block: 0,
-                reason: "a block must hold at least one element",
-            }),
+            Granularity::PerBlock(0) => {
+                Err(QuantError::InvalidBlockSize { block: 0, reason: "a block must hold at least one element" })
+            }
             Granularity::PerBlock(b) => Ok(b),
         }
     }
 
     pub(crate) fn format(&self) -> Format {
-        Format {
-            bits: self.bits,
-            symmetric: self.symmetric,
-        }
+        Format { bits: self.bits, symmetric: self.symmetric }
     }
 }
 
@@ -167,21 +155,8 @@ impl Format {
     ) {
         let rel = start - first;
         match self.bits {
-            Bits::B8 => simd::dequant_b8(
-                &codes[rel..rel + out.len()],
-                self.symmetric,
-                scale,
-                offset,
-                out,
-            ),
-            Bits::B4 => simd::dequant_b4(
-                &codes[rel / 2..],
-                rel % 2 == 1,
-                self.nibble_zero(),
-                scale,
-                offset,
-                out,
-            ),
+            Bits::B8 => simd::dequant_b8(&codes[rel..rel + out.len()], self.symmetric, scale, offset, out),
+            Bits::B4 => simd::dequant_b4(&codes[rel / 2..], rel % 2 == 1, self.nibble_zero(), scale, offset, out),
         }
     }
 }
@@ -216,25 +191,13 @@ impl<'r> Encoder<'r> {
 
     /// Encodes `data` (absolute elements `start ..`, all in one group with this scale and offset) into `codes`
     /// (the codes from absolute element `first` on; even for 4-bit).
-    pub(crate) fn run(
-        &mut self,
-        codes: &mut [u8],
-        first: usize,
-        start: usize,
-        data: &[f32],
-        scale: f32,
-        offset: f32,
-    ) {
+    pub(crate) fn run(&mut self, codes: &mut [u8], first: usize, start: usize, data: &[f32], scale: f32, offset: f32) {
         let f = self.format;
         let inv = if scale == 0.0 { 0.0 } else { 1.0 / scale };
         // A subnormal scale would give an infinite inverse: such a group reads back as `offset` anyway.
         let inv = if inv.is_finite() { inv } else { 0.0 };
         let (lo, hi) = f.q_range();
-        let add = if f.bits == Bits::B4 {
-            f.nibble_zero()
-        } else {
-            0.0
-        };
+        let add = if f.bits == Bits::B4 { f.nibble_zero() } else { 0.0 };
         for (c, x) in data.chunks(ROUND_CHUNK).enumerate() {
             let (at, n) = (start + c * ROUND_CHUNK, x.len());
             let base = match self.mode {
@@ -251,9 +214,7 @@ impl<'r> Encoder<'r> {
             let rel = at - first;
             match f.bits {
                 Bits::B8 => codes[rel..rel + n].copy_from_slice(&self.bytes[..n]),
-                Bits::B4 => {
-                    simd::pack_nibbles(&self.bytes[..n], rel % 2 == 1, &mut codes[rel / 2..])
-                }
+                Bits::B4 => simd::pack_nibbles(&self.bytes[..n], rel % 2 == 1, &mut codes[rel / 2..]),
             }
         }
     }
@@ -284,13 +245,7 @@ pub struct IntTensor {
 
 impl IntTensor {
     /// Quantizes a row-major rows×cols matrix.
-    pub fn quantize(
-        data: &[f32],
-        rows: usize,
-        cols: usize,
-        spec: QuantSpec,
-        rounding: Rounding,
-    ) -> Result<Self> {
+    pub fn quantize(data: &[f32], rows: usize, cols: usize, spec: QuantSpec, rounding: Rounding) -> Result<Self> {
         check_len("quantize input", check_shape(rows, cols)?, data.len())?;
         let group = spec.group_len(rows, cols)?;
         let mut t = IntTensor {
@@ -321,7 +276,11 @@ impl IntTensor {
         check_len("codes", spec.bits.code_bytes(n), codes.len())?;
         check_len("scales", n.div_ceil(group), scales.len())?;
         if offsets.is_some() == spec.symmetric {
-            return Err(QuantError::InvalidShape { rows, cols, reason: "offsets must be present exactly for asymmetric tensors" });
+            return Err(QuantError::InvalidShape {
+                rows,
+                cols,
+                reason: "offsets must be present exactly for asymmetric tensors",
+            });
         }
         if let Some(o) = &offsets {
             check_len("offsets", scales.len(), o.len())?;
@@ -337,15 +296,7 @@ impl IntTensor {
         scales: Vec<f32>,
     ) -> Result<Self> {
         let group = spec.group_len(rows, cols)?;
-        Ok(IntTensor {
-            rows,
-            cols,
-            spec,
-            group,
-            codes,
-            scales,
-            offsets: None,
-        })
+        Ok(IntTensor { rows, cols, spec, group, codes, scales, offsets: None })
     }
 
     /// Recomputes the scales from `data` and encodes it (the same as a fresh [`IntTensor::quantize`], in place).
@@ -380,24 +331,11 @@ impl IntTensor {
     }
 
     /// [`IntTensor::requantize_frozen`] for whole rows `rows` only (`data` holds those rows).
-    pub fn requantize_rows_frozen(
-        &mut self,
-        rows: Range<usize>,
-        data: &[f32],
-        rounding: Rounding,
-    ) -> Result<()> {
+    pub fn requantize_rows_frozen(&mut self, rows: Range<usize>, data: &[f32], rounding: Rounding) -> Result<()> {
         if rows.start > rows.end || rows.end > self.rows {
-            return Err(QuantError::OutOfBounds {
-                start: rows.start,
-                end: rows.end,
-                len: self.rows,
-            });
+            return Err(QuantError::OutOfBounds { start: rows.start, end: rows.end, len: self.rows });
         }
-        check_len(
-            "requantize_rows_frozen input",
-            rows.len() * self.cols,
-            data.len(),
-        )?;
+        check_len("requantize_rows_frozen input", rows.len() * self.cols, data.len())?;
         let start = rows.start * self.cols;
         let (groups, codes) = self.split();
         groups.encode_span(codes, 0, start, data, &rounding, Encode::Delta);
@@ -440,26 +378,18 @@ impl IntTensor {
     }
 
     pub(crate) fn groups(&self) -> Groups<'_> {
-        Groups {
-            format: self.spec.format(),
-            group: self.group,
-            scales: &self.scales,
-            offsets: self.offsets.as_deref(),
-        }
+        Groups { format: self.spec.format(), group: self.group, scales: &self.scales, offsets: self.offsets.as_deref() }
     }
 
     /// Encodes the whole tensor in parallel tasks of `PAR_CHUNK` elements.
     fn encode_all(&mut self, data: &[f32], rounding: Rounding, mode: Encode) {
         let bytes_per_chunk = self.spec.bits.code_bytes(PAR_CHUNK);
         let (groups, codes) = self.split();
-        codes
-            .par_chunks_mut(bytes_per_chunk)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                let first = c * PAR_CHUNK;
-                let end = (first + PAR_CHUNK).min(data.len());
-                groups.encode_span(chunk, first, first, &data[first..end], &rounding, mode)
-            });
+        codes.par_chunks_mut(bytes_per_chunk).enumerate().for_each(|(c, chunk)| {
+            let first = c * PAR_CHUNK;
+            let end = (first + PAR_CHUNK).min(data.len());
+            groups.encode_span(chunk, first, first, &data[first..end], &rounding, mode)
+        });
     }
 }
 
@@ -492,14 +422,7 @@ impl Groups<'_> {
         let mut at = start;
         for_each_group_run(start, data.len(), self.group, |g, run| {
             let (scale, offset) = self.params(g);
-            enc.run(
-                codes,
-                first,
-                at,
-                &data[at - start..at - start + run],
-                scale,
-                offset,
-            );
+            enc.run(codes, first, at, &data[at - start..at - start + run], scale, offset);
             at += run;
         });
     }
@@ -509,26 +432,14 @@ impl Groups<'_> {
         let mut at = start;
         for_each_group_run(start, out.len(), self.group, |g, run| {
             let (scale, offset) = self.params(g);
-            self.format.dequant_run(
-                codes,
-                first,
-                at,
-                scale,
-                offset,
-                &mut out[at - start..at - start + run],
-            );
+            self.format.dequant_run(codes, first, at, scale, offset, &mut out[at - start..at - start + run]);
             at += run;
         });
     }
 }
 
 /// Calls `f(group, count)` for the consecutive runs of `[start, start + len)` that lie in one group each.
-pub(crate) fn for_each_group_run(
-    start: usize,
-    len: usize,
-    group: usize,
-    mut f: impl FnMut(usize, usize),
-) {
+pub(crate) fn for_each_group_run(start: usize, len: usize, group: usize, mut f: impl FnMut(usize, usize)) {
     let (mut at, end) = (start, start + len);
     while at < end {
         let g = at / group;
@@ -544,10 +455,7 @@ fn par_reduce<T: Send + Copy>(x: &[f32], seq: fn(&[f32]) -> T, combine: fn(T, T)
     if x.len() <= SEQ_LIMIT {
         seq(x)
     } else {
-        x.par_chunks(SEQ_LIMIT)
-            .map(seq)
-            .reduce_with(combine)
-            .expect("non-empty")
+        x.par_chunks(SEQ_LIMIT).map(seq).reduce_with(combine).expect("non-empty")
     }
 }
 
@@ -568,11 +476,7 @@ impl QuantWeight for IntTensor {
 
     fn storage_bytes(&self) -> QuantBytes {
         let f32s = self.scales.len() + self.offsets.as_ref().map_or(0, Vec::len);
-        QuantBytes {
-            codes: self.codes.len(),
-            scales: 4 * f32s,
-            ..Default::default()
-        }
+        QuantBytes { codes: self.codes.len(), scales: 4 * f32s, ..Default::default() }
     }
 }
 
@@ -601,12 +505,8 @@ mod tests {
     fn specs() -> Vec<QuantSpec> {
         let mut v = Vec::new();
         for bits in [Bits::B8, Bits::B4] {
-            for g in [
-                Granularity::PerTensor,
-                Granularity::PerRow,
-                Granularity::PerBlock(64),
-                Granularity::PerBlock(7),
-            ] {
+            for g in [Granularity::PerTensor, Granularity::PerRow, Granularity::PerBlock(64), Granularity::PerBlock(7)]
+            {
                 v.push(QuantSpec::symmetric(bits, g));
                 v.push(QuantSpec::asymmetric(bits, g));
             }
@@ -628,13 +528,7 @@ mod tests {
         }
     }
 
-    fn check_round_trip(
-        spec: QuantSpec,
-        rows: usize,
-        cols: usize,
-        rounding: Rounding,
-        budget: f64,
-    ) {
+    fn check_round_trip(spec: QuantSpec, rows: usize, cols: usize, rounding: Rounding, budget: f64) {
         let x = data(rows, cols, 1);
         let t = IntTensor::quantize(&x, rows, cols, spec, rounding).unwrap();
         let mut y = vec![0.0; x.len()];
@@ -642,17 +536,9 @@ mod tests {
         let (_, qmax) = spec.format().q_range();
         for i in 0..x.len() {
             let (lo, hi) = group_range(&x, spec, rows, cols, i);
-            let step = (hi - lo)
-                / if spec.symmetric {
-                    2.0 * qmax as f64
-                } else {
-                    qmax as f64
-                };
+            let step = (hi - lo) / if spec.symmetric { 2.0 * qmax as f64 } else { qmax as f64 };
             let err = (x[i] as f64 - y[i] as f64).abs();
-            assert!(
-                err <= budget * step + 1e-30,
-                "{spec:?} {rounding:?} element {i}: error {err} > {budget} × {step}"
-            );
+            assert!(err <= budget * step + 1e-30, "{spec:?} {rounding:?} element {i}: error {err} > {budget} × {step}");
         }
     }
 
@@ -666,46 +552,25 @@ mod tests {
     #[test]
     fn round_trip_stochastic_within_one_step() {
         for spec in specs() {
-            check_round_trip(
-                spec,
-                5,
-                30,
-                Rounding::Stochastic(RngKey::new(3, 1, 4)),
-                SR_BUDGET,
-            );
+            check_round_trip(spec, 5, 30, Rounding::Stochastic(RngKey::new(3, 1, 4)), SR_BUDGET);
         }
     }
 
     #[test]
     fn codes_layout_is_documented_one() {
         let x = [1.0, -1.0, 0.6, 0.0, -0.25];
-        let t = IntTensor::quantize(
-            &x,
-            1,
-            5,
-            QuantSpec::symmetric(Bits::B8, Granularity::PerTensor),
-            Rounding::Nearest,
-        )
-        .unwrap();
+        let t =
+            IntTensor::quantize(&x, 1, 5, QuantSpec::symmetric(Bits::B8, Granularity::PerTensor), Rounding::Nearest)
+                .unwrap();
         assert_eq!(t.codes(), &[127u8, (-127i8) as u8, 76, 0, (-32i8) as u8]); // 76.2 → 76, −31.75 → −32
-        let t = IntTensor::quantize(
-            &x,
-            1,
-            5,
-            QuantSpec::symmetric(Bits::B4, Granularity::PerTensor),
-            Rounding::Nearest,
-        )
-        .unwrap();
+        let t =
+            IntTensor::quantize(&x, 1, 5, QuantSpec::symmetric(Bits::B4, Granularity::PerTensor), Rounding::Nearest)
+                .unwrap();
         // q = 7, −7, 4.2→4, 0, −1.75→−2; nibbles q+8 packed high-first, odd tail padded with a zero nibble.
         assert_eq!(t.codes(), &[0xF1, 0xC8, 0x60]);
-        let t = IntTensor::quantize(
-            &x,
-            1,
-            5,
-            QuantSpec::asymmetric(Bits::B4, Granularity::PerTensor),
-            Rounding::Nearest,
-        )
-        .unwrap();
+        let t =
+            IntTensor::quantize(&x, 1, 5, QuantSpec::asymmetric(Bits::B4, Granularity::PerTensor), Rounding::Nearest)
+                .unwrap();
         assert_eq!(t.scales(), &[2.0 / 15.0]);
         assert_eq!(t.offsets(), Some(&[-1.0f32][..]));
         assert_eq!(t.codes()[0] >> 4, 15);
@@ -721,8 +586,7 @@ mod tests {
         let r = Rounding::Stochastic(RngKey::new(1, 2, 3));
         let t = IntTensor::quantize(&x, rows, cols, spec, r).unwrap();
         let mut codes = vec![0; t.codes.len()];
-        t.groups()
-            .encode_span(&mut codes, 0, 0, &x, &r, Encode::Fresh);
+        t.groups().encode_span(&mut codes, 0, 0, &x, &r, Encode::Fresh);
         assert_eq!(codes, t.codes);
         // Row-wise dequantization agrees with the whole-tensor one.
         let mut all = vec![0.0; x.len()];
@@ -740,8 +604,7 @@ mod tests {
             let before = t.clone();
             let mut y = vec![0.0; x.len()];
             t.dequantize_into(&mut y).unwrap();
-            t.requantize_frozen(&y, Rounding::Stochastic(RngKey::new(1, 1, 1)))
-                .unwrap();
+            t.requantize_frozen(&y, Rounding::Stochastic(RngKey::new(1, 1, 1))).unwrap();
             assert_eq!(t, before, "{spec:?}");
             // Values far outside the frozen range clamp to the grid ends.
             let big: Vec<f32> = x.iter().map(|v| v * 100.0).collect();
@@ -769,11 +632,8 @@ mod tests {
         let t0 = IntTensor::quantize(&x, rows, cols, spec, Rounding::Nearest).unwrap();
         let mut y = vec![0.0; x.len()];
         t0.dequantize_into(&mut y).unwrap();
-        let moved: Vec<f32> = y
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v + (DELTA_STEPS as f32) * t0.scales[i / cols])
-            .collect();
+        let moved: Vec<f32> =
+            y.iter().enumerate().map(|(i, &v)| v + (DELTA_STEPS as f32) * t0.scales[i / cols]).collect();
         let mean_code_move = |t: &IntTensor| {
             let (mut s, mut n) = (0.0, 0);
             for (i, (&a, &b)) in t.codes.iter().zip(&t0.codes).enumerate() {
@@ -785,18 +645,11 @@ mod tests {
             s / n as f64
         };
         let mut sr = t0.clone();
-        sr.requantize_frozen(
-            &moved,
-            Rounding::Stochastic(RngKey::new(42, 0, crate::rng::STREAM_SR_WEIGHT)),
-        )
-        .unwrap();
+        sr.requantize_frozen(&moved, Rounding::Stochastic(RngKey::new(42, 0, crate::rng::STREAM_SR_WEIGHT))).unwrap();
         let m = mean_code_move(&sr);
         let n = (rows - 1) * cols; // the zero row has scale 0 and is excluded
         let tol = 5.0 * (DELTA_STEPS * (1.0 - DELTA_STEPS)).sqrt() / (n as f64).sqrt();
-        assert!(
-            (m - DELTA_STEPS).abs() < tol,
-            "mean code move {m}, expected {DELTA_STEPS} ± {tol}"
-        );
+        assert!((m - DELTA_STEPS).abs() < tol, "mean code move {m}, expected {DELTA_STEPS} ± {tol}");
         let mut rtn = t0.clone();
         rtn.requantize_frozen(&moved, Rounding::Nearest).unwrap();
         assert_eq!(mean_code_move(&rtn), 0.0);
@@ -810,15 +663,11 @@ mod tests {
         let mut rows = vec![0.0; 20];
         t.dequantize_rows(3..5, &mut rows).unwrap();
         let before = t.clone();
-        t.requantize_rows_frozen(3..5, &rows, Rounding::Nearest)
-            .unwrap();
+        t.requantize_rows_frozen(3..5, &rows, Rounding::Nearest).unwrap();
         assert_eq!(t, before);
         let x2: Vec<f32> = x.iter().map(|v| v * 3.0).collect();
         t.recalibrate(&x2, Rounding::Nearest).unwrap();
-        assert_eq!(
-            t,
-            IntTensor::quantize(&x2, 6, 10, spec, Rounding::Nearest).unwrap()
-        );
+        assert_eq!(t, IntTensor::quantize(&x2, 6, 10, spec, Rounding::Nearest).unwrap());
     }
 
     #[test]
@@ -826,11 +675,7 @@ mod tests {
         let spec = QuantSpec::symmetric(Bits::B8, Granularity::PerRow);
         assert!(matches!(
             IntTensor::quantize(&[1.0; 5], 2, 3, spec, Rounding::Nearest),
-            Err(QuantError::LengthMismatch {
-                expected: 6,
-                got: 5,
-                ..
-            })
+            Err(QuantError::LengthMismatch { expected: 6, got: 5, .. })
         ));
         let block0 = QuantSpec::symmetric(Bits::B8, Granularity::PerBlock(0));
         assert!(matches!(
@@ -839,9 +684,7 @@ mod tests {
         ));
         assert_eq!(Bits::from_count(3), Err(QuantError::UnsupportedBits(3)));
         let mut t = IntTensor::quantize(&[1.0; 6], 2, 3, spec, Rounding::Nearest).unwrap();
-        assert!(t
-            .requantize_rows_frozen(1..3, &[0.0; 6], Rounding::Nearest)
-            .is_err());
+        assert!(t.requantize_rows_frozen(1..3, &[0.0; 6], Rounding::Nearest).is_err());
         assert!(t.dequantize_span(4, &mut [0.0; 3]).is_err());
         assert!(t.dequantize_rows(0..1, &mut [0.0; 2]).is_err());
         // Empty tensors are fine.
@@ -852,11 +695,7 @@ mod tests {
     #[test]
     fn storage_bytes_are_exact() {
         let x = data(8, 64, 3);
-        let q = |spec| {
-            IntTensor::quantize(&x, 8, 64, spec, Rounding::Nearest)
-                .unwrap()
-                .storage_bytes()
-        };
+        let q = |spec| IntTensor::quantize(&x, 8, 64, spec, Rounding::Nearest).unwrap().storage_bytes();
         let b = q(QuantSpec::symmetric(Bits::B8, Granularity::PerRow));
         assert_eq!((b.codes, b.scales), (512, 8 * 4));
         let b = q(QuantSpec::asymmetric(Bits::B4, Granularity::PerBlock(64)));

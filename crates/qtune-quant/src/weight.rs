@@ -65,17 +65,9 @@ pub trait QuantWeight: Sync {
     /// Dequantizes whole rows `rows` into `out` (length `rows.len() × cols`).
     fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
         if rows.start > rows.end || rows.end > self.rows() {
-            return Err(QuantError::OutOfBounds {
-                start: rows.start,
-                end: rows.end,
-                len: self.rows(),
-            });
+            return Err(QuantError::OutOfBounds { start: rows.start, end: rows.end, len: self.rows() });
         }
-        check_len(
-            "dequantize_rows output",
-            rows.len() * self.cols(),
-            out.len(),
-        )?;
+        check_len("dequantize_rows output", rows.len() * self.cols(), out.len())?;
         self.dequantize_span(rows.start * self.cols(), out)
     }
 
@@ -89,11 +81,7 @@ pub trait QuantWeight: Sync {
 }
 
 /// Shared bounds check for `dequantize_span` implementations.
-pub(crate) fn check_dequant_span(
-    w: &(impl QuantWeight + ?Sized),
-    start: usize,
-    count: usize,
-) -> Result<()> {
+pub(crate) fn check_dequant_span(w: &(impl QuantWeight + ?Sized), start: usize, count: usize) -> Result<()> {
     check_span(start, count, w.len())
 }
 
@@ -103,18 +91,8 @@ mod tests {
 
     #[test]
     fn bytes_add_and_total() {
-        let a = QuantBytes {
-            codes: 10,
-            scales: 4,
-            sparse_values: 0,
-            sparse_indices: 0,
-        };
-        let b = QuantBytes {
-            codes: 1,
-            scales: 2,
-            sparse_values: 3,
-            sparse_indices: 4,
-        };
+        let a = QuantBytes { codes: 10, scales: 4, sparse_values: 0, sparse_indices: 0 };
+        let b = QuantBytes { codes: 1, scales: 2, sparse_values: 3, sparse_indices: 4 };
         assert_eq!((a + b).total(), 24);
         assert_eq!((a + b).sparse_indices, 4);
     }

@@ -6,27 +6,18 @@ use qtune_quant::nf4::{dynamic_map, Nf4Scales, Nf4Tensor, NF4_BLOCK, NF4_LEVELS}
 use qtune_quant::QuantWeight;
 use safetensors::SafeTensors;
 
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/nf4_bnb.safetensors"
-);
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nf4_bnb.safetensors");
 
 fn load() -> Vec<u8> {
-    std::fs::read(FIXTURE)
-        .unwrap_or_else(|e| panic!("{FIXTURE}: {e} (regenerate with scripts/make_nf4_fixture.py)"))
+    std::fs::read(FIXTURE).unwrap_or_else(|e| panic!("{FIXTURE}: {e} (regenerate with scripts/make_nf4_fixture.py)"))
 }
 
 fn bytes<'a>(st: &'a SafeTensors, name: &str) -> &'a [u8] {
-    st.tensor(name)
-        .unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"))
-        .data()
+    st.tensor(name).unwrap_or_else(|e| panic!("fixture tensor {name}: {e}")).data()
 }
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
-    bytes(st, name)
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
+    bytes(st, name).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
 }
 
 /// Bitwise equality of float arrays, reporting the first difference.
@@ -34,11 +25,7 @@ fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
         let (g, w) = (got[i], want[i]);
-        panic!(
-            "{what}: element {i} is {g} ({:#x}), bitsandbytes has {w} ({:#x})",
-            g.to_bits(),
-            w.to_bits()
-        );
+        panic!("{what}: element {i} is {g} ({:#x}), bitsandbytes has {w} ({:#x})", g.to_bits(), w.to_bits());
     }
 }
 
@@ -65,57 +52,21 @@ fn nf4_matches_bitsandbytes_bit_for_bit() {
         let n = x.len();
 
         let plain = Nf4Tensor::quantize(&x, 1, n, NF4_BLOCK, false).unwrap();
-        assert_codes_eq(
-            &format!("codes{suffix}"),
-            plain.codes(),
-            bytes(&st, &format!("codes{suffix}")),
-        );
-        let Nf4Scales::Plain(absmax) = plain.scales() else {
-            unreachable!()
-        };
-        assert_bits_eq(
-            &format!("absmax{suffix}"),
-            absmax,
-            &f32s(&st, &format!("absmax{suffix}")),
-        );
+        assert_codes_eq(&format!("codes{suffix}"), plain.codes(), bytes(&st, &format!("codes{suffix}")));
+        let Nf4Scales::Plain(absmax) = plain.scales() else { unreachable!() };
+        assert_bits_eq(&format!("absmax{suffix}"), absmax, &f32s(&st, &format!("absmax{suffix}")));
         let mut y = vec![0.0; n];
         plain.dequantize_into(&mut y).unwrap();
-        assert_bits_eq(
-            &format!("dequant_nodq{suffix}"),
-            &y,
-            &f32s(&st, &format!("dequant_nodq{suffix}")),
-        );
+        assert_bits_eq(&format!("dequant_nodq{suffix}"), &y, &f32s(&st, &format!("dequant_nodq{suffix}")));
 
         let dq = Nf4Tensor::quantize(&x, 1, n, NF4_BLOCK, true).unwrap();
-        assert_codes_eq(
-            &format!("codes{suffix} (double quant)"),
-            dq.codes(),
-            plain.codes(),
-        );
-        let Nf4Scales::Double(d) = dq.scales() else {
-            unreachable!()
-        };
-        assert_bits_eq(
-            &format!("dq_offset{suffix}"),
-            &[d.offset],
-            &f32s(&st, &format!("dq_offset{suffix}")),
-        );
-        assert_bits_eq(
-            &format!("dq_absmax2{suffix}"),
-            &d.absmax2,
-            &f32s(&st, &format!("dq_absmax2{suffix}")),
-        );
-        assert_codes_eq(
-            &format!("dq_codes{suffix}"),
-            &d.codes,
-            bytes(&st, &format!("dq_codes{suffix}")),
-        );
+        assert_codes_eq(&format!("codes{suffix} (double quant)"), dq.codes(), plain.codes());
+        let Nf4Scales::Double(d) = dq.scales() else { unreachable!() };
+        assert_bits_eq(&format!("dq_offset{suffix}"), &[d.offset], &f32s(&st, &format!("dq_offset{suffix}")));
+        assert_bits_eq(&format!("dq_absmax2{suffix}"), &d.absmax2, &f32s(&st, &format!("dq_absmax2{suffix}")));
+        assert_codes_eq(&format!("dq_codes{suffix}"), &d.codes, bytes(&st, &format!("dq_codes{suffix}")));
         dq.dequantize_into(&mut y).unwrap();
-        assert_bits_eq(
-            &format!("dequant{suffix}"),
-            &y,
-            &f32s(&st, &format!("dequant{suffix}")),
-        );
+        assert_bits_eq(&format!("dequant{suffix}"), &y, &f32s(&st, &format!("dequant{suffix}")));
 
         // The same values as a 2-D weight whose rows are not whole blocks (blocks span rows, as in bitsandbytes'
         // flattening): same codes, and row-wise dequantization equals the flat one.
