@@ -72,6 +72,14 @@ impl StateWriter {
         Ok(())
     }
 
+    /// Every parameter of a store, by its HF name.
+    pub fn params(&mut self, p: &crate::model::ParamStore) -> Result<()> {
+        for id in p.ids() {
+            self.tensor(&id.hf_name(), p.get(id))?;
+        }
+        Ok(())
+    }
+
     /// Writes the file atomically; the CRC of all tensors goes into the metadata.
     pub fn write(mut self, path: &Path) -> Result<()> {
         let c = crc(&self.tensors);
@@ -128,6 +136,18 @@ impl StateReader {
             Some((d, _, _)) => Err(Error::file(&self.path, format!("`{name}` is {d:?}, expected {dtype:?}"))),
             None => Err(Error::file(&self.path, format!("missing `{name}`"))),
         }
+    }
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+    /// Reads back a parameter store's tensors written by [`StateWriter::params`], checking every shape.
+    pub fn params(&self, into: &mut crate::model::ParamStore) -> Result<()> {
+        for id in into.ids() {
+            let shape = id.shape(&into.cfg);
+            let v = self.f32_len(&id.hf_name(), shape.iter().product())?;
+            into.set(id, candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?);
+        }
+        Ok(())
     }
     pub fn u8(&self, name: &str) -> Result<Vec<u8>> {
         Ok(self.raw(name, Dtype::U8)?.to_vec())

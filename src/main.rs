@@ -169,10 +169,16 @@ struct TrainArgs {
     /// Evaluate nothing (timing runs).
     #[arg(long)]
     no_eval: bool,
-    /// Also write the training state in the method's own format (quantized weights, optimizer states) to
-    /// <out>/state.safetensors.
+    /// Write the training state in the method's own format (quantized weights, optimizer states, data position)
+    /// to <out>/checkpoint.safetensors at the end.
     #[arg(long)]
     save_state: bool,
+    /// Also checkpoint every N steps (atomically, to <out>/checkpoint.safetensors). Ctrl-C checkpoints and stops.
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: usize,
+    /// Continue the run in --out from its checkpoint (same options as the run that wrote it).
+    #[arg(long)]
+    resume: bool,
     /// Write the batches this run would train on to FILE (jsonl) and exit without training.
     #[arg(long)]
     dump_batches: Option<PathBuf>,
@@ -288,7 +294,11 @@ fn train(a: TrainArgs) -> Result<()> {
         pad_id: pad,
         skip_eval: a.no_eval,
         save_state: a.save_state,
+        checkpoint_every: a.checkpoint_every,
+        resume: a.resume,
     };
+    // Ctrl-C: finish the current step, checkpoint (when the method can), stop.
+    let _ = ctrlc::set_handler(|| trainer::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst));
     if let Some(path) = &a.dump_batches {
         return trainer::dump_batches(&splits, &cfg, path);
     }

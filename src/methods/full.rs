@@ -7,6 +7,7 @@
 //! weights after every update, and the weight gradient passes to the master unchanged (straight-through
 //! estimator).
 use super::{Method, OnNonFinite, StepStats};
+use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{quant_err, QuantStore};
 use crate::model::{Batch, Keep, Llama, ParamStore, Weights};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
@@ -129,6 +130,27 @@ impl Method for FullFinetune {
 
     fn export_params(&self) -> Result<ParamStore> {
         Ok(self.params.clone())
+    }
+
+    fn saves_state(&self) -> bool {
+        true
+    }
+
+    /// The f32 weights (QAT: the master; its quantized copy is rebuilt on load) and the optimizer states.
+    fn save_state(&self, w: &mut StateWriter) -> Result<()> {
+        w.params(&self.params)?;
+        self.opt.save(w, "opt")
+    }
+
+    fn load_state(&mut self, r: &StateReader) -> Result<()> {
+        r.params(&mut self.params)?;
+        let shapes: Vec<_> =
+            self.params.ids().iter().map(|id| (id.index(&self.params.cfg), id.shape(&self.params.cfg))).collect();
+        self.opt.load(r, "opt", &shapes)?;
+        if let Some((spec, q)) = &mut self.fake_quant {
+            *q = quantize(&self.params, *spec)?;
+        }
+        Ok(())
     }
 }
 

@@ -23,6 +23,7 @@
 //!
 //! [`Trained`] and [`FirstOrder`] (a method's own tensors and their optimizer step) are shared with QST.
 use super::{Method, OnNonFinite, StepStats};
+use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{quant_err, QuantStore, Source};
 use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, ParamId, ParamStore, Weights};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
@@ -107,6 +108,42 @@ impl<K: Copy + Eq + Hash + Debug> Trained<K> {
 
     pub fn bytes(&self) -> usize {
         self.tensors.iter().map(crate::model::llama::tensor_bytes).sum()
+    }
+
+    /// Writes the tensors (by position, which is also their optimizer slot) under `prefix`.
+    pub fn save(&self, w: &mut StateWriter, prefix: &str) -> Result<()> {
+        for (i, t) in self.tensors.iter().enumerate() {
+            w.tensor(&format!("{prefix}.{i}"), t)?;
+        }
+        Ok(())
+    }
+
+    /// Restores what [`Trained::save`] wrote, checking every shape.
+    pub fn load(&mut self, r: &StateReader, prefix: &str) -> Result<()> {
+        for t in self.tensors.iter_mut().enumerate().map(|(i, t)| (i, t)) {
+            let (i, t) = t;
+            let v = r.f32_len(&format!("{prefix}.{i}"), t.elem_count())?;
+            *t = Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())?;
+        }
+        Ok(())
+    }
+
+    /// (optimizer slot, shape) of every tensor.
+    pub fn slot_shapes(&self) -> Vec<(usize, Vec<usize>)> {
+        self.tensors.iter().enumerate().map(|(i, t)| (i, t.dims().to_vec())).collect()
+    }
+}
+
+impl FirstOrder {
+    /// Saves the trained tensors and the optimizer state.
+    pub fn save<K: Copy + Eq + Hash + Debug>(&self, w: &mut StateWriter, trained: &Trained<K>) -> Result<()> {
+        trained.save(w, "trained")?;
+        self.opt.save(w, "opt")
+    }
+
+    pub fn load<K: Copy + Eq + Hash + Debug>(&mut self, r: &StateReader, trained: &mut Trained<K>) -> Result<()> {
+        trained.load(r, "trained")?;
+        self.opt.load(r, "opt", &trained.slot_shapes())
     }
 }
 
@@ -372,6 +409,19 @@ impl<B: FrozenBase> Method for Lora<B> {
             optimizer: n * self.update.opt.state_bytes_per_param(),
             ..Default::default()
         }
+    }
+
+    fn saves_state(&self) -> bool {
+        true
+    }
+
+    /// The LoRA factors and their optimizer state (the frozen base is the model file).
+    fn save_state(&self, w: &mut StateWriter) -> Result<()> {
+        self.update.save(w, &self.weights.factors)
+    }
+
+    fn load_state(&mut self, r: &StateReader) -> Result<()> {
+        self.update.load(r, &mut self.weights.factors)
     }
 
     fn export_params(&self) -> Result<ParamStore> {

@@ -43,6 +43,7 @@
 //! which names the base model file and how it was quantized; the base itself is not copied.
 use super::lora::{kaiming_uniform, nf4_base, FirstOrder, FrozenBase, Trained, NF4_BLOCK};
 use super::{Method, StepStats};
+use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::layers::{self, Rope};
 use crate::model::llama::{tensor_bytes, Saved};
 use crate::model::quantized::{QuantStore, Source};
@@ -641,6 +642,19 @@ impl Method for Qst {
             optimizer: self.net.params.numel() * self.update.opt.state_bytes_per_param(),
             ..Default::default()
         }
+    }
+
+    fn saves_state(&self) -> bool {
+        true
+    }
+
+    /// The side network and its optimizer state (the NF4 base is re-quantized from the model file).
+    fn save_state(&self, w: &mut StateWriter) -> Result<()> {
+        self.update.save(w, &self.net.params)
+    }
+
+    fn load_state(&mut self, r: &StateReader) -> Result<()> {
+        self.update.load(r, &mut self.net.params)
     }
 
     fn export_params(&self) -> Result<ParamStore> {

@@ -10,6 +10,7 @@
 //! inference plus one tile per thread.
 use super::zo::{direction_seed, zo_loss, ZoConfig};
 use super::{Method, OnNonFinite, StepStats};
+use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore, Source};
 use crate::model::{Batch, Llama, ParamId, ParamStore, Weights};
 use crate::train::memory::Breakdown;
@@ -278,6 +279,50 @@ impl Method for Quzo {
 
     fn export_params(&self) -> Result<ParamStore> {
         self.store.dequantize()
+    }
+
+    fn saves_state(&self) -> bool {
+        true
+    }
+
+    /// INT8/INT4 codes and row scales, f32 norms, and the step.
+    fn save_state(&self, w: &mut StateWriter) -> Result<()> {
+        w.meta("step", self.step);
+        for id in self.store.ids() {
+            let name = id.hf_name();
+            if id.is_matrix() {
+                w.u8(&format!("{name}.codes"), self.store.mat(id).codes());
+                w.f32(&format!("{name}.scales"), self.store.mat(id).scales());
+            } else {
+                w.tensor(&name, &self.store.vector(id)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn load_state(&mut self, r: &StateReader) -> Result<()> {
+        let spec = weight_spec(self.cfg.bits)?;
+        let cfg = self.store.cfg.clone();
+        for id in self.store.ids() {
+            let (name, shape) = (id.hf_name(), id.shape(&cfg));
+            if id.is_matrix() {
+                let t = IntTensor::from_raw(
+                    shape[0],
+                    shape[1],
+                    spec,
+                    r.u8(&format!("{name}.codes"))?,
+                    r.f32(&format!("{name}.scales"))?,
+                    None,
+                )
+                .map_err(|e| Error::file(r.path(), format!("`{name}`: {e}")))?;
+                *self.store.mat_mut(id) = t;
+            } else {
+                let v = r.f32_len(&name, shape[0])?;
+                self.store.set_vector(id, Tensor::from_vec(v, shape[0], &candle_core::Device::Cpu)?);
+            }
+        }
+        self.step = r.meta()["step"].as_u64().ok_or_else(|| Error::file(r.path(), "no `step` in the metadata"))?;
+        Ok(())
     }
 }
 

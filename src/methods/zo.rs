@@ -6,6 +6,7 @@
 //! same one tensor-sized buffer at a time, regenerates z from the same seed, and leaves θ bit-exact between the two
 //! evaluations.
 use super::{Method, OnNonFinite, StepStats};
+use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::{Batch, Keep, Llama, ParamId, ParamStore, Weights};
 use crate::train::memory::Breakdown;
 use crate::{Error, Result};
@@ -166,6 +167,22 @@ impl Method for Mezo {
 
     fn export_params(&self) -> Result<ParamStore> {
         Ok(self.params.clone())
+    }
+
+    fn saves_state(&self) -> bool {
+        true
+    }
+
+    /// The weights and the step (directions are regenerated from seed and step, so nothing else is needed).
+    fn save_state(&self, w: &mut StateWriter) -> Result<()> {
+        w.meta("step", self.step);
+        w.params(&self.params)
+    }
+
+    fn load_state(&mut self, r: &StateReader) -> Result<()> {
+        r.params(&mut self.params)?;
+        self.step = r.meta()["step"].as_u64().ok_or_else(|| Error::file(r.path(), "no `step` in the metadata"))?;
+        Ok(())
     }
 }
 

@@ -97,6 +97,57 @@ impl Optimizer {
         }
     }
 
+    /// Writes the optimizer's states (and AdamW's step count) under `prefix`.
+    pub fn save(&self, w: &mut crate::checkpoint::StateWriter, prefix: &str) -> Result<()> {
+        let put = |w: &mut crate::checkpoint::StateWriter, name: &str, m: &HashMap<usize, Tensor>| -> Result<()> {
+            let mut slots: Vec<usize> = m.keys().copied().collect();
+            slots.sort();
+            for s in slots {
+                w.tensor(&format!("{prefix}.{name}.{s}"), &m[&s])?;
+            }
+            Ok(())
+        };
+        match self {
+            Optimizer::AdamW { step, m, v, .. } => {
+                w.meta(&format!("{prefix}.step"), *step);
+                put(w, "m", m)?;
+                put(w, "v", v)
+            }
+            Optimizer::Lion { m, .. } => put(w, "m", m),
+        }
+    }
+
+    /// Restores what [`Optimizer::save`] wrote, for the slots `shapes` (slot, shape of its tensor); a slot whose state
+    /// is absent had not been updated yet.
+    pub fn load(
+        &mut self,
+        r: &crate::checkpoint::StateReader,
+        prefix: &str,
+        shapes: &[(usize, Vec<usize>)],
+    ) -> Result<()> {
+        let get = |name: &str, m: &mut HashMap<usize, Tensor>| -> Result<()> {
+            m.clear();
+            for (s, shape) in shapes {
+                let key = format!("{prefix}.{name}.{s}");
+                if r.has(&key) {
+                    let v = r.f32_len(&key, shape.iter().product())?;
+                    m.insert(*s, Tensor::from_vec(v, shape.as_slice(), &candle_core::Device::Cpu)?);
+                }
+            }
+            Ok(())
+        };
+        match self {
+            Optimizer::AdamW { step, m, v, .. } => {
+                *step = r.meta()[format!("{prefix}.step")]
+                    .as_u64()
+                    .ok_or_else(|| Error::file(r.path(), format!("no `{prefix}.step` in the metadata")))?;
+                get("m", m)?;
+                get("v", v)
+            }
+            Optimizer::Lion { m, .. } => get("m", m),
+        }
+    }
+
     /// Bytes of optimizer state currently held.
     pub fn state_bytes(&self) -> usize {
         let sum = |m: &HashMap<usize, Tensor>| m.values().map(crate::model::llama::tensor_bytes).sum::<usize>();

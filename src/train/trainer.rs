@@ -25,8 +25,36 @@ pub struct TrainConfig {
     pub pad_id: u32,
     /// Skip the evaluations (tests and benchmarks that only time steps).
     pub skip_eval: bool,
-    /// Write the method's training state to `<out>/state.safetensors` at the end.
+    /// Write the method's training state to `<out>/checkpoint.safetensors` at the end.
     pub save_state: bool,
+    /// Also checkpoint every this many steps (0: never).
+    pub checkpoint_every: usize,
+    /// Continue from `<out>/checkpoint.safetensors`.
+    pub resume: bool,
+}
+
+/// Set by SIGINT: the loop checkpoints after the current step and stops.
+pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The file a run checkpoints to.
+pub fn checkpoint_path(out: &Path) -> PathBuf {
+    out.join("checkpoint.safetensors")
+}
+
+/// Where a checkpointed run stands: the next step, the data order and position, and the figures the summary needs.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LoopState {
+    next_step: usize,
+    batcher: Batcher,
+    dev_before: Option<f64>,
+    skipped: usize,
+}
+
+fn save_checkpoint(method: &dyn Method, out: &Path, st: &LoopState) -> Result<()> {
+    let mut w = crate::checkpoint::StateWriter::new(method.name());
+    w.meta("trainer", st);
+    method.save_state(&mut w)?;
+    w.write(&checkpoint_path(out))
 }
 
 /// Accuracy and mean loss of a model on one split.
@@ -164,8 +192,11 @@ pub fn train(
     if cfg.steps == 0 && !cfg.skip_eval {
         eprintln!("note: --steps 0: evaluating only");
     }
-    if cfg.save_state && !method.saves_state() {
-        return Err(Error::Option(format!("--save-state: {} cannot save its training state yet", method.name())));
+    if (cfg.save_state || cfg.checkpoint_every > 0 || cfg.resume) && !method.saves_state() {
+        return Err(Error::Option(format!(
+            "{} cannot save its training state yet (--save-state, --checkpoint-every, --resume)",
+            method.name()
+        )));
     }
     if cfg.batch_size == 0 || cfg.grad_accum == 0 {
         return Err(Error::Option("--batch-size and --grad-accum must be at least 1".into()));
@@ -178,8 +209,33 @@ pub fn train(
     let eval = |data: &TaskData, m: &dyn Method| {
         evaluate_with(&|b| m.forward(model, b), data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, &dev)
     };
-    let dev_before = if cfg.skip_eval { None } else { Some(eval(&splits.dev, method)?) };
-    if let Some(r) = &dev_before {
+    let mut resumed = None;
+    if cfg.resume {
+        let path = checkpoint_path(&cfg.out);
+        let r = crate::checkpoint::StateReader::open(&path)?;
+        if r.meta()["method"].as_str() != Some(method.name()) {
+            return Err(Error::file(
+                &path,
+                format!("is a checkpoint of `{}`, not `{}`", r.meta()["method"], method.name()),
+            ));
+        }
+        let st: LoopState = serde_json::from_value(r.meta()["trainer"].clone())
+            .map_err(|e| Error::file(&path, format!("trainer state: {e}")))?;
+        if st.batcher.n != splits.train.examples.len() {
+            return Err(Error::file(&path, "was written for another training split (--train-size, --seed)"));
+        }
+        method.load_state(&r)?;
+        eprintln!("resuming from {} at step {}", path.display(), st.next_step);
+        resumed = Some(st);
+    }
+    let dev_before = match &resumed {
+        Some(st) => {
+            st.dev_before.map(|accuracy| EvalResult { accuracy, loss: f64::NAN, examples: 0, tokens: 0, seconds: 0.0 })
+        }
+        None if cfg.skip_eval => None,
+        None => Some(eval(&splits.dev, method)?),
+    };
+    if let (Some(r), None) = (&dev_before, &resumed) {
         eprintln!(
             "dev accuracy before: {:.4} (loss {:.4}, {} examples, {:.0} tok/s)",
             r.accuracy,
@@ -189,18 +245,32 @@ pub fn train(
         );
     }
     let log_path = cfg.out.join("log.jsonl");
+    let first_step = resumed.as_ref().map_or(0, |st| st.next_step);
+    // On resume the log keeps the lines of the steps before the checkpoint (later ones were lost with the run).
+    let kept: String = if resumed.is_some() && log_path.exists() {
+        crate::data::tasks::read_jsonl(&log_path)?
+            .into_iter()
+            .filter(|(_, row)| row.get("step").and_then(|v| v.as_u64()).is_some_and(|s| (s as usize) < first_step))
+            .map(|(_, row)| serde_json::Value::Object(row).to_string() + "\n")
+            .collect()
+    } else {
+        String::new()
+    };
     let mut log =
         std::fs::File::create(&log_path).map_err(|e| Error::file(&log_path, format!("cannot create: {e}")))?;
+    log.write_all(kept.as_bytes())?;
     let bar = indicatif::ProgressBar::new(cfg.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
             .expect("valid template"),
     );
-    let mut batcher = Batcher::new(splits.train.examples.len(), cfg.seed);
+    let mut batcher =
+        resumed.as_ref().map_or_else(|| Batcher::new(splits.train.examples.len(), cfg.seed), |st| st.batcher.clone());
     let (mut times, mut tok_rates) = (Vec::new(), Vec::new());
     let mut peak = method.state_bytes();
-    let (mut last_loss, mut skipped) = (None, 0);
-    for step in 0..cfg.steps {
+    let (mut last_loss, mut skipped) = (None, resumed.as_ref().map_or(0, |st| st.skipped));
+    bar.set_position(first_step as u64);
+    for step in first_step..cfg.steps {
         let micro = next_micro_batches(&mut batcher, splits, cfg)?;
         let tokens: usize = micro.iter().map(|b| b.real_tokens()).sum();
         let lr = cfg.schedule.lr(step);
@@ -236,6 +306,24 @@ pub fn train(
             if stats.applied { "" } else { " | skipped (non-finite)" }
         ));
         bar.inc(1);
+        let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
+        let due = cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0;
+        if due || interrupted {
+            let st = LoopState {
+                next_step: step + 1,
+                batcher: batcher.clone(),
+                dev_before: dev_before.map(|r| r.accuracy),
+                skipped,
+            };
+            save_checkpoint(method, &cfg.out, &st)?;
+        }
+        if interrupted {
+            bar.abandon();
+            return Err(Error::Msg(format!(
+                "interrupted after step {step}: checkpoint written to {}; continue with --resume",
+                checkpoint_path(&cfg.out).display()
+            )));
+        }
     }
     bar.finish();
     let (dev_after, eval_res) = if cfg.skip_eval {
