@@ -34,8 +34,8 @@ fn main() -> qtune::Result<()> {
     let mut m_q: Vec<Int8Blocks> =
         ids.iter().map(|id| Int8Blocks::zeros(id.numel(&params.cfg))).collect::<qtune::Result<_>>()?;
     let mut batcher = Batcher::new(splits.train.examples.len(), 0);
-    println!("| step | entries | sign agreement | of which both zero |");
-    println!("| --- | --- | --- | --- |");
+    println!("| step | entries | sign agreement | of which both zero | agreement where either is non-zero |");
+    println!("| --- | --- | --- | --- | --- |");
     for step in 0..steps {
         let idx = batcher.next_indices(8);
         let exs: Vec<_> = idx.iter().map(|&i| &splits.train.examples[i]).collect();
