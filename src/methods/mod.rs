@@ -27,6 +27,8 @@ pub struct StepStats {
     pub memory: Breakdown,
     /// Quantized weights: the fraction of stored entries this step changed.
     pub changed_fraction: Option<f64>,
+    /// QFT: the fraction of INT8 weight codes this step changed (stochastic rounding at work).
+    pub changed_int8_fraction: Option<f64>,
 }
 
 /// What to do when a loss or gradient is NaN or infinite.

@@ -197,6 +197,12 @@ impl Qft {
         Lion { weights: &self.weights, momentum: &mut self.momentum, cfg: &self.cfg, step: self.step }
     }
 
+    /// Entries held as INT8 codes (matrix entries that are not outliers).
+    fn dense_entries(&self) -> usize {
+        let store = self.weights.0.borrow();
+        cfg_matrices(&store.cfg).iter().map(|&id| store.mat(id).len() - store.mat(id).nnz()).sum()
+    }
+
     fn recalibrate(&mut self) -> Result<()> {
         let mut store = self.weights.0.borrow_mut();
         let cfg = store.cfg.clone();
@@ -218,14 +224,15 @@ struct Lion<'a> {
 
 impl Lion<'_> {
     /// Lion on one parameter with gradient `g(start, out)` scaled by `scale`; weights re-encoded with stochastic
-    /// rounding on their frozen grid; momentum re-quantized block-wise. Returns how many stored entries changed.
+    /// rounding on their frozen grid; momentum re-quantized block-wise. Returns how many stored entries changed:
+    /// (INT8 codes, exact f32 values: outliers and norm weights).
     fn update(
         &mut self,
         id: ParamId,
         g: &(dyn Fn(usize, &mut [f32]) -> Result<()> + Sync),
         scale: f32,
         lr: f64,
-    ) -> Result<usize> {
+    ) -> Result<(usize, usize)> {
         let LionConfig { beta1, beta2, weight_decay } = self.cfg.lion;
         let (b1, b2) = (beta1 as f32, beta2 as f32);
         let wd = if id.is_matrix() { weight_decay as f32 } else { 0.0 };
@@ -263,7 +270,7 @@ impl Lion<'_> {
             g(0, &mut gr)?;
             m.dequantize_span(0, &mut mr)?;
             let new: Vec<f32> = (0..v.len()).map(|j| step_dir(v[j], mr[j], gr[j])).collect();
-            let changed = new.iter().zip(&v).filter(|(a, b)| a != b).count();
+            let changed = (0, new.iter().zip(&v).filter(|(a, b)| a != b).count());
             let n = new.len();
             store.set_vector(id, Tensor::from_vec(new, n, &candle_core::Device::Cpu)?);
             changed
@@ -286,11 +293,15 @@ fn cfg_matrices(cfg: &crate::model::LlamaConfig) -> Vec<ParamId> {
     ParamId::all(cfg).into_iter().filter(|id| id.is_matrix()).collect()
 }
 
-/// How many of a hybrid matrix's stored entries (dense codes and sparse values) differ.
-fn changed_entries(a: &HybridTensor, b: &HybridTensor) -> usize {
+/// How many of a hybrid matrix's stored entries differ: (dense INT8 codes, sparse f32 values).
+fn changed_entries(a: &HybridTensor, b: &HybridTensor) -> (usize, usize) {
     let dense = a.dense().codes().iter().zip(b.dense().codes()).filter(|(x, y)| x != y).count();
     let sparse = a.sparse().2.iter().zip(b.sparse().2).filter(|(x, y)| x != y).count();
-    dense + sparse
+    (dense, sparse)
+}
+
+fn add(a: (usize, usize), b: (usize, usize)) -> (usize, usize) {
+    (a.0 + b.0, a.1 + b.1)
 }
 
 /// The stack sink: quantize at once and push (first micro-batch) or add into the entry at the same depth.
@@ -345,7 +356,7 @@ impl GradSink for StackSink<'_> {
 struct FusedSink<'a> {
     lion: Lion<'a>,
     lr: f64,
-    changed: usize,
+    changed: (usize, usize),
 }
 
 impl GradSink for FusedSink<'_> {
@@ -355,7 +366,7 @@ impl GradSink for FusedSink<'_> {
             out.copy_from_slice(&g[start..start + out.len()]);
             Ok(())
         };
-        self.changed += self.lion.update(id, &src, 1.0, self.lr)?;
+        self.changed = add(self.changed, self.lion.update(id, &src, 1.0, self.lr)?);
         Ok(())
     }
 }
@@ -380,7 +391,7 @@ impl Method for Qft {
         let mut mem = self.state_bytes();
         let mut loss = 0f32;
         let mut sumsq = 0f64;
-        let mut changed = 0usize;
+        let mut changed = (0usize, 0usize);
         for (k, batch) in micro.iter().enumerate() {
             // The model borrows the weights for the forward and backward; the trace is consumed by the backward.
             let (out, trace) = model.forward(&self.weights, batch, self.cfg.keep)?;
@@ -394,7 +405,7 @@ impl Method for Qft {
                 // backward is done with it (see QftWeights).
                 let Qft { weights, momentum, cfg, step, .. } = self;
                 let lion = Lion { weights, momentum, cfg, step: *step };
-                let mut sink = FusedSink { lion, lr, changed: 0 };
+                let mut sink = FusedSink { lion, lr, changed: (0, 0) };
                 model.backward(weights, trace, &mut sink)?;
                 changed = sink.changed;
             } else {
@@ -430,7 +441,7 @@ impl Method for Qft {
             let scale = (clip / n as f64) as f32;
             while let Some((id, g)) = self.stack.pop() {
                 let src = |start: usize, out: &mut [f32]| g.dequantize_span(start, out);
-                changed += self.lion().update(id, &src, scale, lr)?;
+                changed = add(changed, self.lion().update(id, &src, scale, lr)?);
             }
         }
         self.step += 1;
@@ -440,7 +451,8 @@ impl Method for Qft {
             grad_norm: (!self.cfg.fused).then_some(norm),
             applied: true,
             memory: mem,
-            changed_fraction: Some(changed as f64 / model.cfg.num_params() as f64),
+            changed_fraction: Some((changed.0 + changed.1) as f64 / model.cfg.num_params() as f64),
+            changed_int8_fraction: Some(changed.0 as f64 / self.dense_entries() as f64),
         };
         Ok(stats)
     }

@@ -128,6 +128,8 @@ struct LogLine {
     memory: Breakdown,
     #[serde(skip_serializing_if = "Option::is_none")]
     changed_fraction: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    changed_int8_fraction: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -296,6 +298,7 @@ pub fn train(
             rss_bytes: rss,
             memory: stats.memory,
             changed_fraction: stats.changed_fraction,
+            changed_int8_fraction: stats.changed_int8_fraction,
         };
         writeln!(log, "{}", serde_json::to_string(&line).map_err(|e| Error::Msg(e.to_string()))?)?;
         bar.set_message(format!(
