@@ -86,14 +86,7 @@ impl Method for FullFinetune {
         // Gradients were summed over micro-batches of mean losses: scale by 1/n, then clip.
         let norm = grads.global_norm()? / micro.len() as f64;
         if !loss.is_finite() || !norm.is_finite() {
-            return match self.on_nan {
-                OnNonFinite::Skip => {
-                    Ok(StepStats { loss, grad_norm: Some(norm), applied: false, memory: mem, ..Default::default() })
-                }
-                OnNonFinite::Stop => {
-                    Err(Error::Numerical(format!("loss {loss}, gradient norm {norm}: stopping (--on-nan stop)")))
-                }
-            };
+            return self.on_nan.fault(loss, Some(norm), mem);
         }
         let clip = self.clip.map_or(1.0, |c| (c / norm).min(1.0));
         let scale = clip / micro.len() as f64;

@@ -170,14 +170,7 @@ impl FirstOrder {
         mem.gradients = mem.gradients.max(grads.bytes());
         let norm = grads.global_norm()? / micro as f64;
         if !loss.is_finite() || !norm.is_finite() {
-            return match self.on_nan {
-                OnNonFinite::Skip => {
-                    Ok(StepStats { loss, grad_norm: Some(norm), applied: false, memory: mem, ..Default::default() })
-                }
-                OnNonFinite::Stop => {
-                    Err(Error::Numerical(format!("loss {loss}, gradient norm {norm}: stopping (--on-nan stop)")))
-                }
-            };
+            return self.on_nan.fault(loss, Some(norm), mem);
         }
         let scale = self.clip.map_or(1.0, |c| (c / norm).min(1.0)) / micro as f64;
         self.opt.begin_step();

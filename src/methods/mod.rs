@@ -40,6 +40,19 @@ pub enum OnNonFinite {
     Stop,
 }
 
+impl OnNonFinite {
+    /// The outcome of a step whose loss or gradient is not finite: skipped (no update applied), or an error.
+    pub fn fault(self, loss: f32, grad_norm: Option<f64>, memory: Breakdown) -> Result<StepStats> {
+        match self {
+            OnNonFinite::Skip => Ok(StepStats { loss, grad_norm, applied: false, memory, ..Default::default() }),
+            OnNonFinite::Stop => Err(Error::Numerical(format!(
+                "loss {loss}, gradient norm {}: stopping (--on-nan stop)",
+                grad_norm.map_or("–".into(), |n| n.to_string())
+            ))),
+        }
+    }
+}
+
 impl std::str::FromStr for OnNonFinite {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

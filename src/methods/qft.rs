@@ -428,14 +428,7 @@ impl Method for Qft {
             if !loss.is_finite() || !norm.is_finite() {
                 self.stack.clear();
                 self.step += 1;
-                return match self.on_nan {
-                    OnNonFinite::Skip => {
-                        Ok(StepStats { loss, grad_norm: Some(norm), applied: false, memory: mem, ..Default::default() })
-                    }
-                    OnNonFinite::Stop => {
-                        Err(Error::Numerical(format!("loss {loss}, gradient norm {norm}: stopping (--on-nan stop)")))
-                    }
-                };
+                return self.on_nan.fault(loss, Some(norm), mem);
             }
             let clip = self.cfg.clip.map_or(1.0, |c| (c / norm).min(1.0));
             let scale = (clip / n as f64) as f32;

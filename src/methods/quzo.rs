@@ -219,12 +219,7 @@ impl Method for Quzo {
         self.step += 1;
         let loss = loss_sum / n as f32;
         if !loss.is_finite() || est.iter().any(|(_, g)| !g.is_finite()) {
-            return match self.on_nan {
-                OnNonFinite::Skip => {
-                    Ok(StepStats { loss, grad_norm: None, applied: false, memory: mem, ..Default::default() })
-                }
-                OnNonFinite::Stop => Err(Error::Numerical(format!("loss {loss}: stopping (--on-nan stop)"))),
-            };
+            return self.on_nan.fault(loss, None, mem);
         }
         let cfg = self.store.cfg.clone();
         let mut scratch = 0;

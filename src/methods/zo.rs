@@ -129,12 +129,7 @@ impl Method for Mezo {
         self.step += 1;
         let loss = loss_sum / n as f32;
         if !loss.is_finite() || grads.iter().any(|(_, g)| !g.is_finite()) {
-            return match self.on_nan {
-                OnNonFinite::Skip => {
-                    Ok(StepStats { loss, grad_norm: None, applied: false, memory: mem, ..Default::default() })
-                }
-                OnNonFinite::Stop => Err(Error::Numerical(format!("loss {loss}: stopping (--on-nan stop)"))),
-            };
+            return self.on_nan.fault(loss, None, mem);
         }
         for id in self.params.ids() {
             let decay = if id.is_matrix() { self.cfg.weight_decay } else { 0.0 };
