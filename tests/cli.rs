@@ -100,46 +100,21 @@ fn train_writes_summary_log_and_a_loadable_export() {
     assert!((s["bytes_per_param"].as_f64().unwrap() - 12.0).abs() < 1e-9, "{}", s["bytes_per_param"]);
     let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 3);
-    // The export is an HF directory this tool (and transformers) loads.
-    let (ok, _, err) = qtune(&[
-        "eval",
-        "--model",
-        out.join("model").to_str().unwrap(),
-        "--task",
-        "lm",
-        "--data",
-        data.to_str().unwrap(),
-        "--train-size",
-        "12",
-        "--dev-size",
-        "4",
-        "--eval-size",
-        "4",
-        "--out",
-        dir.path().join("ev").to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
-    // The same evaluation with INT4 weights (QuZO's inference baseline).
-    let (ok, _, err) = qtune(&[
-        "eval",
-        "--bits",
-        "4",
-        "--model",
-        out.join("model").to_str().unwrap(),
-        "--task",
-        "lm",
-        "--data",
-        data.to_str().unwrap(),
-        "--train-size",
-        "12",
-        "--dev-size",
-        "4",
-        "--eval-size",
-        "4",
-        "--out",
-        dir.path().join("ev4").to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    // The export is an HF directory this tool (and transformers) loads, in f32 and with INT4 weights (QuZO's
+    // inference baseline).
+    let model = out.join("model");
+    for (name, bits) in [("ev", None), ("ev4", Some("4"))] {
+        let mut args =
+            vec!["eval", "--model", model.to_str().unwrap(), "--task", "lm", "--data", data.to_str().unwrap()];
+        args.extend(["--train-size", "12", "--dev-size", "4", "--eval-size", "4"]);
+        let ev = dir.path().join(name);
+        args.extend(["--out", ev.to_str().unwrap()]);
+        if let Some(b) = bits {
+            args.extend(["--bits", b]);
+        }
+        let (ok, _, err) = qtune(&args);
+        assert!(ok, "{name}: {err}");
+    }
     let s: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("ev4/summary.json")).unwrap()).unwrap();
     assert_eq!(s["method"], "inference-int4");
