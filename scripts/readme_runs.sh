@@ -16,3 +16,11 @@ run zero-shot eval --dev-size 200 --eval-size 200 --max-seq-len 256 --seed 0
 run full-adamw train --method full-adamw --lr 2e-5 "${COMMON[@]}"
 run full-lion train --method full-lion --lr 5e-6 "${COMMON[@]}"
 run qft train --method qft --lr 5e-6 "${COMMON[@]}"
+# Issue 5: QST against LoRA and QLoRA (one learning rate for the three: the QST and QLoRA papers' 2e-4), then the
+# downsample ablation.
+run lora train --method lora --lr 2e-4 "${COMMON[@]}"
+run qlora train --method qlora --lr 2e-4 "${COMMON[@]}"
+run qst train --method qst --lr 2e-4 "${COMMON[@]}"
+for ds in lora linear maxpool avgpool; do
+  run "qst-$ds" train --method qst --downsample "$ds" --lr 2e-4 "${COMMON[@]}"
+done

@@ -17,7 +17,7 @@ use crate::train::memory::Breakdown;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use qtune_quant::rng::{
-    gaussian, uniform, RngKey, STREAM_GAUSS, STREAM_SR_PERTURB, STREAM_SR_PERTURB2, STREAM_SR_WEIGHT,
+    fill_gaussian_seq, fill_uniform_seq, RngKey, STREAM_GAUSS, STREAM_SR_PERTURB, STREAM_SR_PERTURB2, STREAM_SR_WEIGHT,
 };
 use qtune_quant::round::stochastic_round;
 use qtune_quant::{Bits, Granularity, IntTensor, QuantBytes, QuantSpec, QuantWeight, Rounding};
@@ -65,29 +65,51 @@ pub struct QDirection {
     pub qmax: f32,
 }
 
+/// Elements per stack buffer of the bulk direction fills (16 KiB of f32).
+const FILL_CHUNK: usize = 4096;
+
 impl QDirection {
-    /// Scale from the tensor's own max |u| (a pass over its regenerated Gaussians).
+    /// Scale from the tensor's own max |u| (a pass over its regenerated Gaussians, in parallel chunks).
     pub fn new(seed: u64, tensor: u32, len: usize, bits: u32) -> Self {
         let gauss = RngKey::new(seed, tensor, STREAM_GAUSS);
-        let abs = |i| gaussian(&gauss, i).abs();
-        let absmax = if len < 1 << 16 {
-            (0..len as u64).map(abs).fold(0.0, f32::max)
-        } else {
-            (0..len as u64).into_par_iter().map(abs).reduce(|| 0.0, f32::max)
-        };
+        let absmax = (0..len.div_ceil(FILL_CHUNK))
+            .into_par_iter()
+            .map(|c| {
+                let mut buf = [0f32; FILL_CHUNK];
+                let part = &mut buf[..FILL_CHUNK.min(len - c * FILL_CHUNK)];
+                fill_gaussian_seq(&gauss, (c * FILL_CHUNK) as u64, part);
+                part.iter().fold(0f32, |m, v| m.max(v.abs()))
+            })
+            .reduce(|| 0.0, f32::max);
         let qmax = ((1u32 << (bits - 1)) - 1) as f32;
         QDirection { gauss, scale: absmax.max(f32::MIN_POSITIVE) / qmax, qmax }
     }
 
-    /// Element `i` quantized with stochastic rounding on `stream` (or to nearest when `stream` is None).
-    #[inline]
+    /// Elements `start ..` of the quantized direction, with stochastic rounding on `stream` (or to nearest when
+    /// `stream` is None). Bulk: one Philox block per four Gaussians and per four uniforms.
+    pub fn fill(&self, start: u64, out: &mut [f32], stream: Option<u32>) {
+        let mut u = [0f32; FILL_CHUNK];
+        let round = stream.map(|s| self.gauss.with_stream(s));
+        for (c, o) in out.chunks_mut(FILL_CHUNK).enumerate() {
+            let s = start + (c * FILL_CHUNK) as u64;
+            fill_gaussian_seq(&self.gauss, s, o);
+            let u = &mut u[..o.len()];
+            if let Some(key) = &round {
+                fill_uniform_seq(key, s, u);
+            }
+            for (v, &r) in o.iter_mut().zip(u.iter()) {
+                let y = *v / self.scale;
+                let q = if round.is_some() { stochastic_round(y, r) } else { y.round_ties_even() };
+                *v = q.clamp(-self.qmax, self.qmax) * self.scale;
+            }
+        }
+    }
+
+    /// Element `i` alone (as [`QDirection::fill`] draws it).
     pub fn at(&self, i: u64, stream: Option<u32>) -> f32 {
-        let y = gaussian(&self.gauss, i) / self.scale;
-        let q = match stream {
-            Some(s) => stochastic_round(y, uniform(&self.gauss.with_stream(s), i)),
-            None => y.round_ties_even(),
-        };
-        q.clamp(-self.qmax, self.qmax) * self.scale
+        let mut v = [0f32];
+        self.fill(i, &mut v, stream);
+        v[0]
     }
 }
 
@@ -107,8 +129,11 @@ impl QuantWeight for PerturbedInt<'_> {
     }
     fn dequantize_span(&self, start: usize, out: &mut [f32]) -> qtune_quant::Result<()> {
         self.w.dequantize_span(start, out)?;
-        for (j, o) in out.iter_mut().enumerate() {
-            *o += self.eps * self.dir.at((start + j) as u64, Some(STREAM_SR_PERTURB));
+        let mut u = [0f32; FILL_CHUNK];
+        for (c, o) in out.chunks_mut(FILL_CHUNK).enumerate() {
+            let u = &mut u[..o.len()];
+            self.dir.fill((start + c * FILL_CHUNK) as u64, u, Some(STREAM_SR_PERTURB));
+            o.iter_mut().zip(u.iter()).for_each(|(o, u)| *o += self.eps * u);
         }
         Ok(())
     }
@@ -139,10 +164,10 @@ impl Weights for PerturbedModel<'_> {
     }
     fn vector(&self, id: ParamId) -> Result<Tensor> {
         let v = self.store.vector(id)?;
-        let d = self.dirs[id.index(&self.store.cfg)];
-        let u: Vec<f32> = (0..v.elem_count() as u64).map(|i| self.eps * d.at(i, Some(STREAM_SR_PERTURB))).collect();
+        let mut u = vec![0f32; v.elem_count()];
+        self.dirs[id.index(&self.store.cfg)].fill(0, &mut u, Some(STREAM_SR_PERTURB));
         let u = Tensor::from_vec(u, v.shape(), v.device())?;
-        Ok((v + u)?)
+        Ok((v + (u * self.eps as f64)?)?)
     }
     fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor> {
         qrows(&self.mat(id), ids)
@@ -183,14 +208,32 @@ impl Quzo {
 }
 
 impl Estimator {
-    /// u₂ at element `i` of a direction, as the estimator draws it.
-    fn u2(self, d: &QDirection, i: u64) -> f32 {
+    /// The rounding stream of u₂ (None: round to nearest).
+    fn u2_stream(self) -> Option<u32> {
         match self {
-            Estimator::Qrge2 => d.at(i, Some(STREAM_SR_PERTURB2)),
-            Estimator::SameRounding => d.at(i, Some(STREAM_SR_PERTURB)),
-            Estimator::Qrge1 => d.at(i, None),
+            Estimator::Qrge2 => Some(STREAM_SR_PERTURB2),
+            Estimator::SameRounding => Some(STREAM_SR_PERTURB),
+            Estimator::Qrge1 => None,
         }
     }
+}
+
+/// θ(i) ← θ(i) − η·(Σ_k μ_k·u₂,k(i) / n + λ·θ(i)) over elements `start ..` of tensor `t` (`w` holds them), in
+/// parallel chunks; `est` holds each direction's quantized directions and projected gradient μ_k.
+fn zo_update(est: &[(Vec<QDirection>, f64)], t: usize, u2: Option<u32>, lr: f64, decay: f64, start: u64, w: &mut [f32]) {
+    let n = est.len() as f64;
+    w.par_chunks_mut(FILL_CHUNK).enumerate().for_each(|(c, w)| {
+        let s = start + (c * FILL_CHUNK) as u64;
+        let (mut g, mut u) = ([0f64; FILL_CHUNK], [0f32; FILL_CHUNK]);
+        let (g, u) = (&mut g[..w.len()], &mut u[..w.len()]);
+        for (dirs, mu) in est {
+            dirs[t].fill(s, u, u2);
+            g.iter_mut().zip(u.iter()).for_each(|(g, &u)| *g += mu * u as f64);
+        }
+        for (w, g) in w.iter_mut().zip(g.iter()) {
+            *w -= (lr * (g / n + decay * *w as f64)) as f32;
+        }
+    });
 }
 
 /// Rows per chunk of the weight update: bounds the update's scratch to ~64K elements.
@@ -226,13 +269,7 @@ impl Method for Quzo {
         for id in self.store.ids() {
             let t = id.index(&cfg);
             let decay = if id.is_matrix() { self.cfg.zo.weight_decay } else { 0.0 };
-            let lr = lr;
-            // Δ(i) = η·(Σ_k μ_k·u₂,k(i) / n + λ·θ(i))
-            let estimator = self.cfg.estimator;
-            let delta = |i: u64, w: f32| -> f32 {
-                let g: f64 = est.iter().map(|(dirs, mu)| mu * estimator.u2(&dirs[t], i) as f64).sum::<f64>() / n as f64;
-                (lr * (g + decay * w as f64)) as f32
-            };
+            let u2 = self.cfg.estimator.u2_stream();
             if id.is_matrix() {
                 let w = self.store.mat(id);
                 let (rows, cols) = (w.rows(), w.cols());
@@ -244,13 +281,12 @@ impl Method for Quzo {
                     let r1 = (r0 + chunk_rows).min(rows);
                     let b = &mut buf[..(r1 - r0) * cols];
                     self.store.mat(id).dequantize_rows(r0..r1, b).map_err(quant_err)?;
-                    let base = (r0 * cols) as u64;
-                    b.par_iter_mut().enumerate().for_each(|(j, v)| *v -= delta(base + j as u64, *v));
+                    zo_update(&est, t, u2, lr, decay, (r0 * cols) as u64, b);
                     self.store.mat_mut(id).requantize_rows_frozen(r0..r1, b, rounding).map_err(quant_err)?;
                 }
             } else {
-                let v: Vec<f32> = self.store.vector(id)?.to_vec1()?;
-                let v: Vec<f32> = v.iter().enumerate().map(|(i, &w)| w - delta(i as u64, w)).collect();
+                let mut v: Vec<f32> = self.store.vector(id)?.to_vec1()?;
+                zo_update(&est, t, u2, lr, decay, 0, &mut v);
                 let len = v.len();
                 self.store.set_vector(id, Tensor::from_vec(v, len, &candle_core::Device::Cpu)?);
             }

@@ -201,9 +201,15 @@ pub fn fill_gaussian(key: &RngKey, start: u64, out: &mut [f32]) {
     fill_par(key, start, out, Draw::Gaussian)
 }
 
-/// Sequential uniform fill for small buffers inside already-parallel kernels (stochastic rounding).
-pub(crate) fn fill_uniform_seq(key: &RngKey, start: u64, out: &mut [f32]) {
+/// Sequential uniform fill for small buffers inside already-parallel kernels (stochastic rounding, fused
+/// perturbations): one Philox block per four elements, where [`uniform`] spends one per element.
+pub fn fill_uniform_seq(key: &RngKey, start: u64, out: &mut [f32]) {
     fill_seq(key, start, out, Draw::Uniform)
+}
+
+/// Sequential Gaussian fill for small buffers inside already-parallel kernels; same values as [`gaussian`].
+pub fn fill_gaussian_seq(key: &RngKey, start: u64, out: &mut [f32]) {
+    fill_seq(key, start, out, Draw::Gaussian)
 }
 
 #[cfg(test)]
