@@ -10,8 +10,9 @@ use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::{Batch, Keep, Llama, ParamId, ParamStore, Weights};
 use crate::train::memory::Breakdown;
 use crate::{Error, Result};
-use candle_core::Tensor;
-use qtune_quant::rng::{fill_gaussian, gaussian, RngKey, STREAM_GAUSS};
+use candle_core::{DType, Storage, Tensor, WithDType};
+use qtune_quant::rng::{fill_gaussian_seq, gaussian, RngKey, STREAM_GAUSS};
+use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ZoConfig {
@@ -31,12 +32,41 @@ pub fn direction_seed(run_seed: u64, step: u64, dir: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The Gaussian direction z of parameter `id`, as a tensor shaped like it (the one tensor-sized buffer).
-pub fn direction(base: &ParamStore, id: ParamId, seed: u64) -> Result<Tensor> {
+/// Elements per stack buffer of the chunked direction generation (16 KiB of f32).
+const CHUNK: usize = 4096;
+
+/// `s·θ + Σ_k c_k·z_k` for parameter `id`, with z_k its Gaussian direction under seed s_k (`terms` = (s_k, c_k)).
+/// The directions are generated chunk by chunk on the stack, so the result is the one tensor-sized buffer: the
+/// perturbed weight a forward reads, or the updated weight that replaces θ.
+pub fn add_directions(base: &ParamStore, id: ParamId, scale: f64, terms: &[(u64, f64)]) -> Result<Tensor> {
+    match base.get(id).dtype() {
+        DType::F32 => add_directions_as::<f32>(base, id, scale, terms),
+        DType::F64 => add_directions_as::<f64>(base, id, scale, terms),
+        dt => Err(Error::Msg(format!("zeroth-order: parameters of dtype {dt:?} are not supported"))),
+    }
+}
+
+fn add_directions_as<T: WithDType>(base: &ParamStore, id: ParamId, scale: f64, terms: &[(u64, f64)]) -> Result<Tensor> {
     let w = base.get(id);
-    let mut z = vec![0f32; w.elem_count()];
-    fill_gaussian(&RngKey::new(seed, id.index(&base.cfg) as u32, STREAM_GAUSS), 0, &mut z);
-    Ok(Tensor::from_vec(z, w.shape(), w.device())?.to_dtype(w.dtype())?)
+    let mut out: Vec<T> = {
+        let (storage, layout) = w.storage_and_layout();
+        let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+            return Err(Error::Msg(format!("zeroth-order: {id:?} is not a contiguous CPU tensor")));
+        };
+        cpu.as_slice::<T>()?[a..b].to_vec()
+    };
+    let t = id.index(&base.cfg) as u32;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        let mut z = [0f32; CHUNK];
+        let z = &mut z[..o.len()];
+        let mut acc: Vec<f64> = o.iter().map(|v| v.to_f64() * scale).collect();
+        for &(seed, coef) in terms {
+            fill_gaussian_seq(&RngKey::new(seed, t, STREAM_GAUSS), (c * CHUNK) as u64, z);
+            acc.iter_mut().zip(z.iter()).for_each(|(a, &z)| *a += coef * z as f64);
+        }
+        o.iter_mut().zip(acc).for_each(|(o, a)| *o = T::from_f64(a));
+    });
+    Ok(Tensor::from_vec(out, w.shape(), w.device())?)
 }
 
 /// θ + ε·z(seed), applied as each weight is read.
@@ -48,7 +78,7 @@ pub struct Perturbed<'a> {
 
 impl Perturbed<'_> {
     fn weight(&self, id: ParamId) -> Result<Tensor> {
-        Ok((self.base.get(id) + (direction(self.base, id, self.seed)? * self.eps)?)?)
+        add_directions(self.base, id, 1.0, &[(self.seed, self.eps)])
     }
 }
 
@@ -114,9 +144,9 @@ impl Method for Mezo {
     fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
         let n = self.cfg.directions;
         let mut mem = self.state_bytes();
-        // Scratch: the perturbed copy of the largest tensor and its direction.
+        // Scratch: the perturbed (or updated) copy of the largest tensor.
         let largest = self.params.ids().iter().map(|&id| id.numel(&self.params.cfg)).max().unwrap_or(0);
-        mem.scratch = 2 * largest * 4;
+        mem.scratch = largest * self.params.get(self.params.ids()[0]).dtype().size_in_bytes();
         let mut grads = Vec::with_capacity(n);
         let mut loss_sum = 0f32;
         for dir in 0..n {
@@ -133,10 +163,8 @@ impl Method for Mezo {
         }
         for id in self.params.ids() {
             let decay = if id.is_matrix() { self.cfg.weight_decay } else { 0.0 };
-            let mut w = (self.params.get(id) * (1.0 - lr * decay))?;
-            for &(seed, g) in &grads {
-                w = (w - (direction(&self.params, id, seed)? * (lr * g / n as f64))?)?;
-            }
+            let terms: Vec<(u64, f64)> = grads.iter().map(|&(seed, g)| (seed, -lr * g / n as f64)).collect();
+            let w = add_directions(&self.params, id, 1.0 - lr * decay, &terms)?;
             self.params.set(id, w);
         }
         Ok(StepStats {
@@ -186,7 +214,15 @@ mod tests {
     use super::*;
     use crate::model::llama::tests::{batch, tiny_config};
 
-    use candle_core::{DType, Device};
+    use candle_core::Device;
+
+    /// The direction z of `id` as a whole tensor, from the bulk generator (the references' own path).
+    fn direction(base: &ParamStore, id: ParamId, seed: u64) -> Result<Tensor> {
+        let w = base.get(id);
+        let mut z = vec![0f32; w.elem_count()];
+        qtune_quant::rng::fill_gaussian(&RngKey::new(seed, id.index(&base.cfg) as u32, STREAM_GAUSS), 0, &mut z);
+        Ok(Tensor::from_vec(z, w.shape(), w.device())?.to_dtype(w.dtype())?)
+    }
 
     /// The perturbed forward equals a forward on an explicitly perturbed copy, including the embedding rows.
     #[test]

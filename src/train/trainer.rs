@@ -208,8 +208,12 @@ pub fn train(
     }
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::file(&cfg.out, format!("cannot create: {e}")))?;
     let dev = Device::Cpu;
-    let eval = |data: &TaskData, m: &dyn Method| {
-        evaluate_with(&|b| m.forward(model, b), data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, &dev)
+    // An empty split (--dev-size 0, --eval-size 0) is not evaluated.
+    let eval = |data: &TaskData, m: &dyn Method| -> Result<Option<EvalResult>> {
+        if data.examples.is_empty() {
+            return Ok(None);
+        }
+        evaluate_with(&|b| m.forward(model, b), data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, &dev).map(Some)
     };
     let mut resumed = None;
     if cfg.resume {
@@ -235,7 +239,7 @@ pub fn train(
             st.dev_before.map(|accuracy| EvalResult { accuracy, loss: f64::NAN, examples: 0, tokens: 0, seconds: 0.0 })
         }
         None if cfg.skip_eval => None,
-        None => Some(eval(&splits.dev, method)?),
+        None => eval(&splits.dev, method)?,
     };
     if let (Some(r), None) = (&dev_before, &resumed) {
         eprintln!(
@@ -332,13 +336,13 @@ pub fn train(
     let (dev_after, eval_res) = if cfg.skip_eval {
         (None, None)
     } else {
-        (Some(eval(&splits.dev, method)?), Some(eval(&splits.eval, method)?))
+        (eval(&splits.dev, method)?, eval(&splits.eval, method)?)
     };
-    if let (Some(d), Some(e)) = (&dev_after, &eval_res) {
-        eprintln!(
-            "dev accuracy after: {:.4} (loss {:.4}); eval accuracy: {:.4} (loss {:.4})",
-            d.accuracy, d.loss, e.accuracy, e.loss
-        );
+    if let Some(d) = &dev_after {
+        eprintln!("dev accuracy after: {:.4} (loss {:.4})", d.accuracy, d.loss);
+    }
+    if let Some(e) = &eval_res {
+        eprintln!("eval accuracy: {:.4} (loss {:.4})", e.accuracy, e.loss);
     }
     let params = model.cfg.num_params();
     let peak_rss = memory::peak_rss_bytes();
