@@ -339,8 +339,12 @@ fn eval(a: EvalArgs) -> Result<()> {
         }
     };
     let dev = candle_core::Device::Cpu;
-    let d = trainer::evaluate(&model, weights_box.as_ref(), &splits.dev, c.eval_batch_size, c.max_seq_len, pad, &dev)?;
-    let e = trainer::evaluate(&model, weights_box.as_ref(), &splits.eval, c.eval_batch_size, c.max_seq_len, pad, &dev)?;
+    let evaluate = |data: &qtune::data::TaskData| {
+        trainer::evaluate(&model, weights_box.as_ref(), data, c.eval_batch_size, c.max_seq_len, pad, &dev)
+    };
+    let (d, e) = (evaluate(&splits.dev)?, evaluate(&splits.eval)?);
+    // An empty split has no accuracy.
+    let acc = |r: &trainer::EvalResult| (r.examples > 0).then_some(r.accuracy);
     let params = model.cfg.num_params();
     let summary = serde_json::json!({
         "method": method,
@@ -357,9 +361,9 @@ fn eval(a: EvalArgs) -> Result<()> {
         "bytes_per_param": weights as f64 / params as f64,
         "step_time_s": null,
         "tokens_per_s": (d.tokens + e.tokens) as f64 / (d.seconds + e.seconds),
-        "dev_accuracy_before": d.accuracy,
-        "dev_accuracy_after": d.accuracy,
-        "eval_accuracy": e.accuracy,
+        "dev_accuracy_before": acc(&d),
+        "dev_accuracy_after": acc(&d),
+        "eval_accuracy": acc(&e),
         "machine": trainer::machine(),
     });
     eprintln!(
