@@ -157,7 +157,7 @@ struct TrainArgs {
     /// QST: inner width of the adapter and LoRA-style downsamples.
     #[arg(long, default_value_t = 16)]
     adapter_rank: usize,
-    /// LoRA/QLoRA rank.
+    /// LoRA/QLoRA (and mezo/quzo --lora) rank.
     #[arg(long, default_value_t = 8)]
     lora_r: usize,
     /// LoRA/QLoRA alpha (the update is scaled by alpha / r).
@@ -166,6 +166,9 @@ struct TrainArgs {
     /// Optimizer of qst, lora and qlora: adamw or lion.
     #[arg(long, default_value = "adamw")]
     optimizer: String,
+    /// mezo, quzo: train LoRA factors (--lora-r, --lora-alpha) over the frozen f32 / INT8 / INT4 base.
+    #[arg(long)]
+    lora: bool,
     /// Evaluate nothing (timing runs).
     #[arg(long)]
     no_eval: bool,
@@ -275,6 +278,7 @@ fn train(a: TrainArgs) -> Result<()> {
         lora_r: a.lora_r,
         lora_alpha: a.lora_alpha,
         optimizer,
+        lora: a.lora,
     };
     let (mut method, default_lr) = methods::build(&a.method, Source::File(c.model.clone()), &opts)?;
     let lr = a.lr.unwrap_or(default_lr);
@@ -329,11 +333,7 @@ fn eval(a: EvalArgs) -> Result<()> {
             (Box::new(p), b, "inference".into())
         }
         Some(bits) => {
-            let spec = qtune::methods::quzo::weight_spec(bits)?;
-            let q = Source::File(c.model.clone()).quantize(&mut |_, d, r, cols| {
-                qtune::quant::IntTensor::quantize(d, r, cols, spec, qtune::quant::Rounding::Nearest)
-                    .map_err(qtune::model::quantized::quant_err)
-            })?;
+            let q = qtune::methods::quzo::quantize_int(Source::File(c.model.clone()), bits)?;
             let b = q.quant_bytes().total() + q.f32_bytes();
             (Box::new(q), b, format!("inference-int{bits}"))
         }

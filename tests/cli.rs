@@ -121,6 +121,45 @@ fn train_writes_summary_log_and_a_loadable_export() {
     assert!(s["bytes_per_param"].as_f64().unwrap() < 1.0, "{}", s["bytes_per_param"]);
 }
 
+/// `quzo --lora` trains only LoRA factors over an INT4 base; the merged export evaluates.
+#[test]
+fn quzo_lora_trains_factors_and_exports_a_merged_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = lm_data(dir.path());
+    let out = dir.path().join("run");
+    let mut args = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+    args[8] = "quzo";
+    args.extend(["--lora", "--bits", "4", "--eps", "1e-2"]);
+    let (ok, _, err) = qtune(&args);
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["method"], "quzo-lora");
+    let (trained, params) = (s["trainable_params"].as_u64().unwrap(), s["params"].as_u64().unwrap());
+    assert!(trained > 0 && trained < params / 2, "{trained} of {params}");
+    assert_eq!(s["breakdown"]["gradients"], 0);
+    assert_eq!(s["breakdown"]["optimizer"], 0);
+    let ev = dir.path().join("ev");
+    let model = out.join("model");
+    let (ok, _, err) = qtune(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        "lm",
+        "--data",
+        data.to_str().unwrap(),
+        "--train-size",
+        "12",
+        "--dev-size",
+        "4",
+        "--eval-size",
+        "4",
+        "--out",
+        ev.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+}
+
 #[test]
 fn unknown_task_and_method_are_named() {
     let dir = tempfile::tempdir().unwrap();

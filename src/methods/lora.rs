@@ -261,9 +261,9 @@ pub struct LoraWeights<B> {
     pub base: B,
     /// alpha / r.
     scale: f64,
-    factors: Trained<LoraKey>,
+    pub(crate) factors: Trained<LoraKey>,
     /// Factor gradients formed during a backward, summed over a step's micro-batches.
-    grads: RefCell<DenseGrads<LoraKey>>,
+    pub(crate) grads: RefCell<DenseGrads<LoraKey>>,
 }
 
 impl<B: FrozenBase> LoraWeights<B> {
@@ -340,7 +340,7 @@ impl<B: FrozenBase> Weights for LoraWeights<B> {
 }
 
 /// The sink of a backward whose model parameters are all frozen: a gradient arriving there is a bug.
-struct FrozenSink;
+pub(crate) struct FrozenSink;
 
 impl GradSink for FrozenSink {
     fn push(&mut self, id: ParamId, _grad: Tensor) -> Result<()> {

@@ -6,6 +6,7 @@ pub mod qft;
 pub mod qst;
 pub mod quzo;
 pub mod zo;
+pub mod zo_lora;
 
 use crate::model::quantized::Source;
 use crate::model::{export_hf, Batch, Keep, Llama, Output, ParamStore, Tok, Weights};
@@ -155,6 +156,8 @@ pub struct MethodOptions {
     pub lora_alpha: f64,
     /// QST, LoRA, QLoRA: AdamW (the papers' setting) or Lion.
     pub optimizer: OptimizerKind,
+    /// MeZO, QuZO: train LoRA factors (`--lora-r`, `--lora-alpha`) over the frozen (f32 / quantized) base.
+    pub lora: bool,
 }
 
 /// Builds the method `name` starting from `source`; returns it with its default peak learning rate. Quantized
@@ -195,6 +198,20 @@ pub fn build(name: &str, source: Source, o: &MethodOptions) -> Result<(Box<dyn M
                 )?),
                 1e-5,
             )
+        }
+        "mezo" | "quzo" if o.lora => {
+            // MeZO's LoRA setting: lr 1e-4 (QuZO's LoRA scripts: 1e-5 to 1e-4).
+            let zo = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };
+            let lc = lora::LoraConfig { r: o.lora_r, alpha: o.lora_alpha, seed: o.seed };
+            let m: Box<dyn Method> = if name == "mezo" {
+                let dirs = zo_lora::Directions::Gaussian;
+                Box::new(zo_lora::ZoLora::new("mezo-lora", source.params()?, lc, zo, dirs, o.on_nan)?)
+            } else {
+                let base = quzo::quantize_int(source, o.bits)?;
+                let dirs = zo_lora::Directions::Quantized { bits: o.perturb_bits, estimator: o.estimator };
+                Box::new(zo_lora::ZoLora::new("quzo-lora", base, lc, zo, dirs, o.on_nan)?)
+            };
+            (m, 1e-4)
         }
         "mezo" => {
             let cfg = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };

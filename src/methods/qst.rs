@@ -1044,6 +1044,7 @@ mod tests {
             lora_r: 8,
             lora_alpha: 16.0,
             optimizer: crate::methods::OptimizerKind::AdamW,
+            lora: false,
         };
         let (mut m, lr) = crate::methods::build(method, Source::Params(params), &o).unwrap();
         let (b, t) = (16, 512);

@@ -186,15 +186,19 @@ pub fn weight_spec(bits: u32) -> Result<QuantSpec> {
     Ok(QuantSpec::symmetric(Bits::from_count(bits).map_err(quant_err)?, Granularity::PerRow))
 }
 
+/// The model read from `source` onto QuZO's weight grid at `bits` (also the `qtune eval --bits` model and the
+/// base of `quzo --lora`).
+pub fn quantize_int(source: Source, bits: u32) -> Result<QuantStore<IntTensor>> {
+    let spec = weight_spec(bits)?;
+    source.quantize(&mut |_, d, r, c| IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err))
+}
+
 impl Quzo {
     pub fn new(source: Source, cfg: QuzoConfig, on_nan: OnNonFinite) -> Result<Self> {
         if !(2..=8).contains(&cfg.perturb_bits) {
             return Err(Error::Option(format!("--perturb-bits {} must be between 2 and 8", cfg.perturb_bits)));
         }
-        let spec = weight_spec(cfg.bits)?;
-        let store = source
-            .quantize(&mut |_, d, r, c| IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err))?;
-        Ok(Quzo { store, cfg, on_nan, step: 0 })
+        Ok(Quzo { store: quantize_int(source, cfg.bits)?, cfg, on_nan, step: 0 })
     }
 
     fn directions(&self, seed: u64) -> Vec<QDirection> {
@@ -209,7 +213,7 @@ impl Quzo {
 
 impl Estimator {
     /// The rounding stream of u₂ (None: round to nearest).
-    fn u2_stream(self) -> Option<u32> {
+    pub(crate) fn u2_stream(self) -> Option<u32> {
         match self {
             Estimator::Qrge2 => Some(STREAM_SR_PERTURB2),
             Estimator::SameRounding => Some(STREAM_SR_PERTURB),
@@ -220,7 +224,15 @@ impl Estimator {
 
 /// θ(i) ← θ(i) − η·(Σ_k μ_k·u₂,k(i) / n + λ·θ(i)) over elements `start ..` of tensor `t` (`w` holds them), in
 /// parallel chunks; `est` holds each direction's quantized directions and projected gradient μ_k.
-fn zo_update(est: &[(Vec<QDirection>, f64)], t: usize, u2: Option<u32>, lr: f64, decay: f64, start: u64, w: &mut [f32]) {
+fn zo_update(
+    est: &[(Vec<QDirection>, f64)],
+    t: usize,
+    u2: Option<u32>,
+    lr: f64,
+    decay: f64,
+    start: u64,
+    w: &mut [f32],
+) {
     let n = est.len() as f64;
     w.par_chunks_mut(FILL_CHUNK).enumerate().for_each(|(c, w)| {
         let s = start + (c * FILL_CHUNK) as u64;

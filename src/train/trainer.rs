@@ -333,11 +333,8 @@ pub fn train(
         }
     }
     bar.finish();
-    let (dev_after, eval_res) = if cfg.skip_eval {
-        (None, None)
-    } else {
-        (eval(&splits.dev, method)?, eval(&splits.eval, method)?)
-    };
+    let (dev_after, eval_res) =
+        if cfg.skip_eval { (None, None) } else { (eval(&splits.dev, method)?, eval(&splits.eval, method)?) };
     if let Some(d) = &dev_after {
         eprintln!("dev accuracy after: {:.4} (loss {:.4})", d.accuracy, d.loss);
     }

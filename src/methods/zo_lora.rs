@@ -1,0 +1,248 @@
+//! Zeroth-order LoRA: MeZO (`mezo --lora`) and QuZO (`quzo --lora`) training only LoRA factors over a frozen base,
+//! as the QuZO code's LoRA mode (`MODE=lora`) and MeZO's LoRA variant do. The base is f32 for MeZO and INT8/INT4
+//! (per-output-channel symmetric, the QuZO weight grid) for QuZO, run with quantized forward passes; the factors
+//! (PEFT's r = 8, alpha 16 by default) are stored in f32, as in the QuZO code. Per direction k with seed s_k, for
+//! each factor tensor:
+//!   μ_k = [L(θ + ε·u₁,k) − L(θ − ε·u₁,k)] / 2ε,    θ ← θ·(1 − ηλ) − η·Σ_k μ_k·u₂,k / n
+//! with u₁ = u₂ = z ~ N(0, I) (MeZO), or u₁, u₂ two stochastic roundings of z at `--perturb-bits` (QuZO; the
+//! `--estimator` options as in full-parameter QuZO). The factors are float, so the update is not rounded.
+//! Memory: the frozen base, the factors, and one perturbed copy of the factors (a few MB); no gradient, no
+//! optimizer state.
+use super::lora::{FrozenBase, LoraConfig, LoraKey, LoraWeights, Trained};
+use super::quzo::{Estimator, QDirection};
+use super::zo::{direction_seed, zo_loss, ZoConfig};
+use super::{Method, OnNonFinite, StepStats};
+use crate::checkpoint::{StateReader, StateWriter};
+use crate::model::{Batch, Llama, ParamId, ParamStore, Weights};
+use crate::train::memory::Breakdown;
+use crate::{Error, Result};
+use candle_core::Tensor;
+use qtune_quant::rng::{fill_gaussian, RngKey, STREAM_GAUSS, STREAM_SR_PERTURB};
+
+/// How the directions of the factors are drawn.
+#[derive(Clone, Copy, Debug)]
+pub enum Directions {
+    /// MeZO: u₁ = u₂ = z.
+    Gaussian,
+    /// QuZO: z quantized per tensor at `bits` with stochastic rounding, u₂ drawn as `estimator` says.
+    Quantized { bits: u32, estimator: Estimator },
+}
+
+impl Directions {
+    /// u₁ (`update` false) or u₂ (`update` true) of factor tensor `slot` under direction seed `seed`, into `out`.
+    fn fill(self, seed: u64, slot: usize, out: &mut [f32], update: bool) {
+        match self {
+            Directions::Gaussian => fill_gaussian(&RngKey::new(seed, slot as u32, STREAM_GAUSS), 0, out),
+            Directions::Quantized { bits, estimator } => {
+                let d = QDirection::new(seed, slot as u32, out.len(), bits);
+                d.fill(0, out, if update { estimator.u2_stream() } else { Some(STREAM_SR_PERTURB) });
+            }
+        }
+    }
+}
+
+/// LoRA factors trained by zeroth-order SGD over a frozen base `B`.
+pub struct ZoLora<B> {
+    weights: LoraWeights<B>,
+    zo: ZoConfig,
+    directions: Directions,
+    on_nan: OnNonFinite,
+    name: &'static str,
+    step: u64,
+}
+
+impl<B: FrozenBase> ZoLora<B> {
+    pub fn new(
+        name: &'static str,
+        base: B,
+        lc: LoraConfig,
+        zo: ZoConfig,
+        directions: Directions,
+        on_nan: OnNonFinite,
+    ) -> Result<Self> {
+        if zo.directions == 0 || !(zo.eps > 0.0 && zo.eps.is_finite()) {
+            return Err(Error::Option(format!(
+                "zeroth-order needs --directions ≥ 1 and --eps > 0 (got {} and {})",
+                zo.directions, zo.eps
+            )));
+        }
+        let cfg = base.cfg().clone();
+        let dtype = base.vector(ParamId::FinalNorm)?.dtype();
+        Ok(ZoLora { weights: LoraWeights::new(base, &cfg, lc, dtype)?, zo, directions, on_nan, name, step: 0 })
+    }
+
+    /// `factors·scale + Σ (seed, coef): coef·u(seed)` per tensor (u₁ or u₂ as `update` says).
+    fn combine(&self, scale: f64, terms: &[(u64, f64)], update: bool) -> Result<Trained<LoraKey>> {
+        let mut out = self.weights.factors.clone();
+        for (slot, &k) in self.weights.factors.keys().iter().enumerate() {
+            let t = self.weights.factors.get(k);
+            let mut acc = (t * scale)?;
+            let mut u = vec![0f32; t.elem_count()];
+            for &(seed, coef) in terms {
+                self.directions.fill(seed, slot, &mut u, update);
+                let ut = Tensor::from_slice(&u, t.shape(), t.device())?.to_dtype(t.dtype())?;
+                acc = (acc + (ut * coef)?)?;
+            }
+            out.set(k, acc);
+        }
+        Ok(out)
+    }
+
+    /// Mean loss with the factors perturbed by `eps·u₁(seed)` (the factors are restored after).
+    fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, eps: f64) -> Result<f32> {
+        let perturbed = self.combine(1.0, &[(seed, eps)], false)?;
+        let saved = std::mem::replace(&mut self.weights.factors, perturbed);
+        let loss = zo_loss(model, &self.weights, micro);
+        self.weights.factors = saved;
+        loss
+    }
+}
+
+impl<B: FrozenBase> Method for ZoLora<B> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
+        let n = self.zo.directions;
+        let mut mem = self.state_bytes();
+        mem.scratch = self.weights.factors.bytes();
+        let (mut est, mut loss_sum) = (Vec::with_capacity(n), 0f32);
+        for dir in 0..n {
+            let seed = direction_seed(self.zo.seed, self.step, dir);
+            let plus = self.loss_at(model, micro, seed, self.zo.eps)?;
+            let minus = self.loss_at(model, micro, seed, -self.zo.eps)?;
+            est.push((seed, (plus as f64 - minus as f64) / (2.0 * self.zo.eps)));
+            loss_sum += (plus + minus) / 2.0;
+        }
+        self.step += 1;
+        let loss = loss_sum / n as f32;
+        let norm = est.iter().map(|e| e.1 * e.1).sum::<f64>().sqrt();
+        if !loss.is_finite() || !norm.is_finite() {
+            return self.on_nan.fault(loss, None, mem);
+        }
+        let terms: Vec<(u64, f64)> = est.iter().map(|&(seed, mu)| (seed, -lr * mu / n as f64)).collect();
+        self.weights.factors = self.combine(1.0 - lr * self.zo.weight_decay, &terms, true)?;
+        Ok(StepStats { loss, grad_norm: Some(norm), applied: true, memory: mem, ..Default::default() })
+    }
+
+    fn weights(&self) -> &dyn Weights {
+        &self.weights
+    }
+
+    fn trainable_params(&self) -> usize {
+        self.weights.factors.numel()
+    }
+
+    fn state_bytes(&self) -> Breakdown {
+        Breakdown { weights: self.weights.base.weight_bytes() + self.weights.factors.bytes(), ..Default::default() }
+    }
+
+    fn export_params(&self) -> Result<ParamStore> {
+        self.weights.merged()
+    }
+
+    fn saves_state(&self) -> bool {
+        true
+    }
+
+    /// The factors and the step (directions are regenerated from seed and step).
+    fn save_state(&self, w: &mut StateWriter) -> Result<()> {
+        w.meta("step", self.step);
+        self.weights.factors.save(w, "trained")
+    }
+
+    fn load_state(&mut self, r: &StateReader) -> Result<()> {
+        self.weights.factors.load(r, "trained")?;
+        self.step = r.meta()["step"].as_u64().ok_or_else(|| Error::file(r.path(), "no `step` in the metadata"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::llama::tests::{batch, tiny_config};
+    use crate::model::quantized::Source;
+    use crate::model::Keep;
+    use candle_core::DType;
+
+    fn zo(seed: u64) -> ZoConfig {
+        ZoConfig { eps: 1e-3, directions: 2, weight_decay: 0.0, seed }
+    }
+
+    fn quzo_lora(p: &ParamStore, seed: u64) -> ZoLora<crate::model::quantized::QuantStore<qtune_quant::IntTensor>> {
+        let base = super::super::quzo::quantize_int(Source::Params(p.clone()), 4).unwrap();
+        let lc = LoraConfig { r: 2, alpha: 4.0, seed: 1 };
+        let dirs = Directions::Quantized { bits: 4, estimator: Estimator::Qrge2 };
+        ZoLora::new("quzo-lora", base, lc, zo(seed), dirs, OnNonFinite::Stop).unwrap()
+    }
+
+    /// Only the factors move; the same seed gives the same factors; the first forward is the base's (B = 0); and
+    /// the perturbed loss is restored exactly after each evaluation.
+    #[test]
+    fn trains_factors_only_and_is_seeded() {
+        let cfg = tiny_config(true);
+        let m = Llama::new(cfg.clone());
+        let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
+        let b = batch(true);
+        let run = || {
+            let mut z = quzo_lora(&p, 5);
+            let before = m.forward(&z.weights.base, &b, Keep::Nothing).unwrap().0.loss;
+            assert_eq!(before, m.forward(&z.weights, &b, Keep::Nothing).unwrap().0.loss, "B = 0 start");
+            for _ in 0..3 {
+                z.step(&m, &[b.clone()], 1e-2).unwrap();
+            }
+            z
+        };
+        let (x, y) = (run(), run());
+        let mut moved = 0f32;
+        for &k in x.weights.factors.keys() {
+            let d = (x.weights.factors.get(k) - y.weights.factors.get(k)).unwrap().abs().unwrap();
+            assert_eq!(d.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "{k:?} differs between seeded runs");
+            if k.1 == super::super::lora::Factor::B {
+                moved += x.weights.factors.get(k).abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            }
+        }
+        assert!(moved > 0.0, "no B factor moved");
+        let fresh = quzo_lora(&p, 5);
+        for id in p.ids().into_iter().filter(|id| id.is_matrix()) {
+            assert_eq!(x.weights.base.mat(id), fresh.weights.base.mat(id), "the base moved");
+        }
+    }
+
+    /// MeZO-LoRA's two-point estimate is the directional derivative of the loss along z in the factors' space:
+    /// the SPSA difference (f64, ε = 1e-6) against ⟨∇, z⟩ from LoRA's backward (budget 1e-6 relative).
+    #[test]
+    fn mezo_lora_estimate_is_the_directional_derivative() {
+        let cfg = tiny_config(true);
+        let m = Llama::new(cfg.clone());
+        let p = ParamStore::random(&cfg, 3, 0.3, DType::F64).unwrap();
+        let lc = LoraConfig { r: 2, alpha: 4.0, seed: 1 };
+        let mut z = ZoLora::new("mezo-lora", p, lc, zo(1), Directions::Gaussian, OnNonFinite::Stop).unwrap();
+        // Give B a non-zero value so both factors have a gradient.
+        z.weights.factors = z.combine(1.0, &[(77, 0.1)], false).unwrap();
+        let b = batch(true);
+        let eps = 1e-6;
+        let labels = Tensor::new(b.targets.labels.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let mut loss = |e: f64| {
+            let f = z.combine(1.0, &[(9, e)], false).unwrap();
+            let saved = std::mem::replace(&mut z.weights.factors, f);
+            let logits = m.forward(&z.weights, &b, Keep::Nothing).unwrap().0.logits;
+            z.weights.factors = saved;
+            crate::model::layers::cross_entropy(&logits, &labels).unwrap().0.to_scalar::<f64>().unwrap()
+        };
+        let mu = (loss(eps) - loss(-eps)) / (2.0 * eps);
+        let (_, trace) = m.forward(&z.weights, &b, Keep::All).unwrap();
+        m.backward(&z.weights, trace.unwrap(), &mut super::super::lora::FrozenSink).unwrap();
+        let grads = z.weights.grads.take();
+        let mut dd = 0f64;
+        for (slot, &k) in z.weights.factors.keys().iter().enumerate() {
+            let g: Vec<f64> = grads.get(k).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let mut u = vec![0f32; g.len()];
+            Directions::Gaussian.fill(9, slot, &mut u, false);
+            dd += g.iter().zip(&u).map(|(g, &u)| g * u as f64).sum::<f64>();
+        }
+        assert!((mu - dd).abs() <= 1e-6 * dd.abs(), "SPSA {mu} vs directional derivative {dd}");
+    }
+}
