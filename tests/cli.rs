@@ -160,6 +160,33 @@ fn quzo_lora_trains_factors_and_exports_a_merged_model() {
     assert!(ok, "{err}");
 }
 
+/// `--max-memory` refuses a run whose planned peak exceeds it, with the plan in the message, before loading.
+#[test]
+fn max_memory_refuses_a_run_that_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = lm_data(dir.path());
+    let out = dir.path().join("run");
+    let mut args = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+    args.extend(["--max-memory", "0.001"]);
+    expect_error(&args, &["--max-memory 0.001 GiB", "planned to peak", "activations", "--recompute"]);
+    assert!(!out.exists(), "a refused run must not create its output");
+    let mut args = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+    args.extend(["--max-memory", "4"]);
+    let (ok, _, err) = qtune(&args);
+    assert!(ok, "{err}");
+}
+
+/// `qtune plan` prints every bench method for a named config without any model file.
+#[test]
+fn plan_prints_every_method_for_a_named_config() {
+    let (ok, out, err) = qtune(&["plan", "--model", "llama-2-7b", "--method", "all", "--batch", "4", "--seq", "512"]);
+    assert!(ok, "{err}");
+    for m in ["full-adamw", "qft", "qst", "qlora", "quzo-int4", "qat-int4", "mezo"] {
+        assert!(out.contains(&format!("| {m} |")), "{m} missing: {out}");
+    }
+    expect_error(&["plan", "--model", "no-such.json"], &["no-such.json"]);
+}
+
 #[test]
 fn unknown_task_and_method_are_named() {
     let dir = tempfile::tempdir().unwrap();

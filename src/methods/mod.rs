@@ -123,7 +123,7 @@ impl std::str::FromStr for OptimizerKind {
 }
 
 /// Every option a method may read; each method takes what applies to it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct MethodOptions {
     pub weight_decay: f64,
     /// Global-norm gradient clip (first-order methods).

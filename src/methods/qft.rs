@@ -102,6 +102,13 @@ impl Int8Blocks {
         self.pieces.iter().map(|p| p.storage_bytes().total()).sum()
     }
 
+    /// [`Int8Blocks::bytes`] of an array of `len` elements, from its length alone (the memory planner's count).
+    pub fn planned_bytes(len: usize) -> Result<usize> {
+        (0..len.div_ceil(PIECE))
+            .map(|p| Ok(Self::SPEC.planned_bytes(1, PIECE.min(len - p * PIECE)).map_err(quant_err)?.total()))
+            .sum()
+    }
+
     pub fn save(&self, w: &mut StateWriter, prefix: &str) {
         for (p, piece) in self.pieces.iter().enumerate() {
             w.u8(&format!("{prefix}.{p}.codes"), piece.codes());

@@ -300,6 +300,27 @@ pub struct SideTrace {
     classes: Option<Tensor>, // [C] u32
 }
 
+/// [`SideTrace::bytes`] from the shapes alone (the memory planner's count): batch `b` × `t`, `head` = (P loss
+/// positions, C logits per position).
+pub fn trace_bytes(
+    base: &LlamaConfig,
+    side: &LlamaConfig,
+    q: &QstConfig,
+    b: usize,
+    t: usize,
+    head: (usize, usize),
+) -> usize {
+    let (n, d, s, k, layers) = (b * t, base.hidden_size, side.hidden_size, q.adapter_rank, base.num_hidden_layers);
+    let down = match q.downsample {
+        Downsample::Adapter | Downsample::Lora => n * (d + k + s + 1),
+        Downsample::Linear => n * d,
+        Downsample::MaxPool | Downsample::AvgPool => 0,
+    };
+    let block = if q.keep == Keep::Inputs { n * s } else { block_activation_elems(side, b, t) };
+    let (p, c) = head;
+    4 * ((layers + 1) * down + layers * (n * s + block) + p * (s + 1 + s + d + c))
+}
+
 impl SideTrace {
     /// Bytes held for the backward.
     pub fn bytes(&self) -> usize {

@@ -249,7 +249,7 @@ fn zo_update(
 }
 
 /// Rows per chunk of the weight update: bounds the update's scratch to ~64K elements.
-const UPDATE_CHUNK: usize = 1 << 16;
+pub(crate) const UPDATE_CHUNK: usize = 1 << 16;
 
 impl Method for Quzo {
     fn name(&self) -> &'static str {
@@ -285,7 +285,7 @@ impl Method for Quzo {
             if id.is_matrix() {
                 let w = self.store.mat(id);
                 let (rows, cols) = (w.rows(), w.cols());
-                let chunk_rows = (UPDATE_CHUNK / cols).max(1);
+                let chunk_rows = (UPDATE_CHUNK / cols).max(1).min(rows);
                 let mut buf = vec![0f32; chunk_rows * cols];
                 scratch = scratch.max(buf.len() * 4);
                 let rounding = Rounding::Stochastic(RngKey::new(update_seed, t as u32, STREAM_SR_WEIGHT));

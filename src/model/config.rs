@@ -59,8 +59,13 @@ impl LlamaConfig {
     /// Reads and validates a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-        let hf: HfConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::file(path, format!("not a valid LLaMA config.json: {e}")))?;
+        Self::from_hf_json(&text, path)
+    }
+
+    /// Parses and validates the text of a Hugging Face `config.json` (`path` names it in errors).
+    pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
+        let hf: HfConfig =
+            serde_json::from_str(text).map_err(|e| Error::file(path, format!("not a valid LLaMA config.json: {e}")))?;
         if let Some(mt) = &hf.model_type {
             if !matches!(mt.as_str(), "llama" | "mistral" | "qwen2" | "smollm") {
                 return Err(Error::file(path, format!("model_type `{mt}` is not a LLaMA-family decoder")));

@@ -117,6 +117,13 @@ impl HybridTensor {
         Ok(HybridTensor { dense, fraction, threshold, row_ptr, col_idx, values })
     }
 
+    /// Exact storage of a rows×cols matrix with `fraction` of its entries as outliers, computed from the shape alone
+    /// (the memory planner's count; equal to `storage_bytes` of the quantized matrix: exactly ⌊fraction·n⌋ outliers).
+    pub fn planned_bytes(rows: usize, cols: usize, fraction: f64) -> QuantBytes {
+        let k = (fraction * (rows * cols) as f64).floor() as usize;
+        QuantBytes { codes: rows * cols, scales: 4 * rows, sparse_values: 4 * k, sparse_indices: 4 * (rows + 1 + k) }
+    }
+
     fn from_split(s: Split, rows: usize, cols: usize, fraction: f64) -> Result<Self> {
         Ok(HybridTensor {
             dense: IntTensor::from_parts(rows, cols, DENSE_SPEC, s.codes, s.scales)?,
@@ -514,6 +521,7 @@ mod tests {
         assert_eq!(b.scales, 7 * 4);
         assert_eq!(b.sparse_values, 4 * h.nnz());
         assert_eq!(b.sparse_indices, 4 * (8 + h.nnz()));
+        assert_eq!(HybridTensor::planned_bytes(rows, cols, 0.05), b);
         assert!(matches!(
             HybridTensor::quantize(&w, 7, 13, 1.0, Rounding::Nearest),
             Err(QuantError::InvalidFraction(_))

@@ -186,6 +186,15 @@ pub struct Nf4Tensor {
 }
 
 impl Nf4Tensor {
+    /// Exact storage of `n` elements at block `block`, computed from the shape alone (the memory planner's count;
+    /// equal to `storage_bytes` of the quantized tensor): packed codes, and the block absmax in f32 or, double
+    /// quantized, as one byte each plus an f32 per [`DQ_BLOCK`] blocks and the offset.
+    pub fn planned_bytes(n: usize, block: usize, double_quant: bool) -> QuantBytes {
+        let blocks = n.div_ceil(block.max(1));
+        let scales = if double_quant { blocks + 4 * blocks.div_ceil(DQ_BLOCK) + 4 } else { 4 * blocks };
+        QuantBytes { codes: n.div_ceil(2), scales, ..Default::default() }
+    }
+
     /// Quantizes with blocks of `block` elements (bitsandbytes/QLoRA: 64), optionally double-quantizing the
     /// block absmax values.
     pub fn quantize(data: &[f32], rows: usize, cols: usize, block: usize, double_quant: bool) -> Result<Self> {
@@ -468,6 +477,10 @@ mod tests {
         assert_eq!((plain.codes, plain.scales), (16384, 512 * 4));
         let dq = Nf4Tensor::quantize(&x, 512, 64, NF4_BLOCK, true).unwrap().storage_bytes();
         assert_eq!((dq.codes, dq.scales), (16384, 512 + 2 * 4 + 4));
+        assert_eq!(Nf4Tensor::planned_bytes(64 * 512, NF4_BLOCK, false), plain);
+        assert_eq!(Nf4Tensor::planned_bytes(64 * 512, NF4_BLOCK, true), dq);
+        let odd = Nf4Tensor::quantize(&x[..130], 1, 130, NF4_BLOCK, true).unwrap().storage_bytes();
+        assert_eq!(Nf4Tensor::planned_bytes(130, NF4_BLOCK, true), odd);
         assert!(Nf4Tensor::quantize(&x, 1, 10, NF4_BLOCK, true).is_err());
         assert!(matches!(Nf4Tensor::quantize(&x[..6], 2, 3, 3, false), Err(QuantError::InvalidBlockSize { .. })));
         // All-zero blocks read back as zeros, double-quantized or not.

@@ -100,6 +100,15 @@ impl QuantSpec {
         }
     }
 
+    /// Exact storage of a rows×cols tensor in this format, computed from the shape alone (the memory planner's
+    /// count; equal to [`QuantWeight::storage_bytes`] of the quantized tensor).
+    pub fn planned_bytes(&self, rows: usize, cols: usize) -> Result<QuantBytes> {
+        let n = rows * cols;
+        let groups = n.div_ceil(self.group_len(rows, cols)?);
+        let f32s = if self.symmetric { groups } else { 2 * groups };
+        Ok(QuantBytes { codes: self.bits.code_bytes(n), scales: 4 * f32s, ..Default::default() })
+    }
+
     pub(crate) fn format(&self) -> Format {
         Format { bits: self.bits, symmetric: self.symmetric }
     }
@@ -702,5 +711,13 @@ mod tests {
         assert_eq!((b.codes, b.scales), (256, 8 * 2 * 4));
         let b = q(QuantSpec::symmetric(Bits::B4, Granularity::PerTensor));
         assert_eq!((b.codes, b.scales, b.total()), (256, 4, 260));
+        for spec in [
+            QuantSpec::symmetric(Bits::B8, Granularity::PerRow),
+            QuantSpec::asymmetric(Bits::B4, Granularity::PerBlock(64)),
+            QuantSpec::symmetric(Bits::B4, Granularity::PerBlock(7)),
+            QuantSpec::asymmetric(Bits::B8, Granularity::PerTensor),
+        ] {
+            assert_eq!(spec.planned_bytes(8, 64).unwrap(), q(spec), "{spec:?}");
+        }
     }
 }

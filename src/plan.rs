@@ -1,0 +1,403 @@
+//! `qtune plan`: the memory a method needs for a model config, batch and sequence length, without loading any
+//! weight. It counts with the engine's own accounting — the quantized formats' exact storage
+//! (`planned_bytes`, equal to `storage_bytes` of the real tensors), the traces' saved activations and the scratch
+//! bounds the methods report ([`block_activation_elems`], [`block_scratch_bytes`]) — and adds what a process holds
+//! beyond that count, in three phases whose maximum is the peak:
+//! - load: f32 methods hold the f32 model; quantized methods the quantized model plus the largest matrix in f32
+//!   twice (read, then converted) while it is quantized;
+//! - train: model state + saved activations + scratch; a zeroth-order step also holds one forward's intermediates;
+//! - evaluation: model state (optimizer states included: evaluation runs before and after training) + one
+//!   inference forward's intermediates at the evaluation batch.
+//!
+//! plus [`RUNTIME_BYTES`] for the process itself. Validated against measured peak RSS (tests/plan.rs, README).
+use crate::methods::{lora::LoraConfig, qft::Int8Blocks, qst, quzo, MethodOptions, OptimizerKind};
+use crate::model::{Keep, LlamaConfig, ParamId};
+use crate::train::memory::{block_activation_elems, block_scratch_bytes, human, Breakdown};
+use crate::{Error, Result};
+use qtune_quant::{HybridTensor, Nf4Tensor, QuantBytes};
+
+/// What the process holds beyond the planned buffers: code, allocator and thread pools, tokenizer and task data.
+/// Measured on the README's machine: `qtune eval` (SmolLM2-135M, BoolQ) peaks 64 MiB above its weights and its
+/// largest forward.
+pub const RUNTIME_BYTES: usize = 64 << 20;
+
+/// Model configs the planner knows by name (HF `config.json` files in `configs/`).
+pub const NAMED_CONFIGS: &[(&str, &str)] = &[
+    ("smollm2-135m", include_str!("../configs/smollm2-135m.json")),
+    ("llama-2-7b", include_str!("../configs/llama-2-7b.json")),
+    ("llama-2-13b", include_str!("../configs/llama-2-13b.json")),
+    ("llama-2-70b", include_str!("../configs/llama-2-70b.json")),
+];
+
+/// A named config, or the config of a `config.json`, HF directory or GGUF file (its header only).
+pub fn resolve_config(model: &str) -> Result<LlamaConfig> {
+    if let Some((_, json)) = NAMED_CONFIGS.iter().find(|(n, _)| *n == model) {
+        return LlamaConfig::from_hf_json(json, std::path::Path::new(model));
+    }
+    let path = std::path::Path::new(model);
+    if path.extension().is_some_and(|e| e == "json") {
+        return LlamaConfig::from_hf_file(path);
+    }
+    if !path.exists() {
+        let names: Vec<&str> = NAMED_CONFIGS.iter().map(|c| c.0).collect();
+        return Err(Error::file(path, format!("not found (and not a known config: {})", names.join(", "))));
+    }
+    Ok(crate::model::load::read_header(path)?.cfg)
+}
+
+/// The batch a plan is for.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub batch: usize,
+    /// Sequence length (the padded length of the longest batch).
+    pub seq: usize,
+    pub eval_batch: usize,
+    /// Label words of a classification task (the loss reads the head at one position per sequence, over these
+    /// words); None: language modelling (every position, the whole vocabulary).
+    pub classes: Option<usize>,
+}
+
+impl Shape {
+    /// (loss positions P, logits per position C) of a batch of `b` sequences.
+    fn head(&self, cfg: &LlamaConfig, b: usize) -> (usize, usize) {
+        match self.classes {
+            Some(c) => (b, c),
+            None => (b * self.seq, cfg.vocab_size),
+        }
+    }
+}
+
+/// A method's planned memory, by phase.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Plan {
+    pub method: String,
+    pub params: usize,
+    /// What the engine counts at a training step's peak (model state, saved activations, scratch).
+    pub counted: Breakdown,
+    /// Intermediates of the largest forward that keeps nothing (evaluation, or a zeroth-order step's forward).
+    pub forward: usize,
+    pub load: usize,
+    pub train: usize,
+    pub eval: usize,
+    pub runtime: usize,
+    /// runtime + max(load, train, eval): the predicted peak RSS.
+    pub peak: usize,
+}
+
+/// How a method stores the model, for the state and load counts.
+enum Store {
+    F32,
+    /// Every matrix quantized (`QuantStore`), vectors f32.
+    Quant(Box<dyn Fn(usize, usize) -> Result<QuantBytes>>),
+}
+
+impl Store {
+    fn bytes(&self, cfg: &LlamaConfig) -> Result<usize> {
+        let mut total = 0;
+        for id in ParamId::all(cfg) {
+            let shape = id.shape(cfg);
+            total += match (self, id.is_matrix()) {
+                (Store::Quant(q), true) => q(shape[0], shape[1])?.total(),
+                _ => 4 * id.numel(cfg),
+            };
+        }
+        Ok(total)
+    }
+}
+
+fn int_store(bits: u32) -> Result<Store> {
+    let spec = quzo::weight_spec(bits)?;
+    Ok(Store::Quant(Box::new(move |r, c| spec.planned_bytes(r, c).map_err(crate::model::quantized::quant_err))))
+}
+
+fn nf4_store() -> Store {
+    use crate::methods::lora::NF4_BLOCK;
+    Store::Quant(Box::new(|r, c| Ok(Nf4Tensor::planned_bytes(r * c, NF4_BLOCK, true))))
+}
+
+/// Saved activations of a backward through the base ([`crate::model::llama::Trace::bytes`]).
+fn trace_bytes(cfg: &LlamaConfig, s: &Shape, keep: Keep) -> usize {
+    let (b, t, n) = (s.batch, s.seq, s.batch * s.seq);
+    let per_block = if keep == Keep::Inputs { n * cfg.hidden_size } else { block_activation_elems(cfg, b, t) };
+    let (p, c) = s.head(cfg, b);
+    4 * (cfg.num_hidden_layers * per_block + p * (2 * cfg.hidden_size + 1 + c))
+}
+
+/// Intermediates of one forward that keeps nothing, batch `b`: one block's activations, the attention scores'
+/// two temporaries [B, H, T, T], and the logits the loss reads.
+fn forward_bytes(cfg: &LlamaConfig, s: &Shape, b: usize) -> usize {
+    let t = s.seq;
+    let (p, c) = s.head(cfg, b);
+    4 * (block_activation_elems(cfg, b, t) + 2 * b * cfg.num_attention_heads * t * t + p * c)
+}
+
+fn optimizer_bytes_per_param(o: &MethodOptions) -> usize {
+    match o.optimizer {
+        OptimizerKind::AdamW => 8,
+        OptimizerKind::Lion => 4,
+    }
+}
+
+/// The method name as runs report it (`mezo --lora` is `mezo-lora`).
+pub fn run_name(method: &str, o: &MethodOptions) -> String {
+    match method {
+        "mezo" | "quzo" if o.lora => format!("{method}-lora"),
+        m => m.to_string(),
+    }
+}
+
+/// Plans `method` (with the options `train` would get) on `cfg` for `shape`.
+pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -> Result<Plan> {
+    let n = cfg.num_params();
+    let (b, t) = (shape.batch, shape.seq);
+    let largest_matrix =
+        ParamId::all(cfg).into_iter().filter(|id| id.is_matrix()).map(|id| id.numel(cfg)).max().unwrap_or(0);
+    let fo_scratch = block_scratch_bytes(cfg, b, t, o.keep, 4);
+    let lora = LoraConfig { r: o.lora_r, alpha: o.lora_alpha, seed: o.seed };
+    let name = run_name(method, o);
+    // (store, counted breakdown, zeroth-order)
+    let (store, counted, zo): (Store, Breakdown, bool) = match name.as_str() {
+        "full-adamw" | "full-lion" => {
+            let opt = if method == "full-adamw" { 8 } else { 4 };
+            let bd = Breakdown {
+                weights: 4 * n,
+                gradients: 4 * n,
+                optimizer: opt * n,
+                activations: trace_bytes(cfg, shape, o.keep),
+                scratch: fo_scratch,
+            };
+            (Store::F32, bd, false)
+        }
+        "qat" => {
+            let fake = int_store(o.bits)?.bytes(cfg)?;
+            let bd = Breakdown {
+                weights: 4 * n + fake,
+                gradients: 4 * n,
+                optimizer: 8 * n,
+                activations: trace_bytes(cfg, shape, o.keep),
+                scratch: fo_scratch,
+            };
+            (Store::F32, bd, false)
+        }
+        "qft" => {
+            let frac = o.outlier_fraction;
+            let store = Store::Quant(Box::new(move |r, c| Ok(HybridTensor::planned_bytes(r, c, frac))));
+            let states: usize =
+                ParamId::all(cfg).into_iter().map(|id| Int8Blocks::planned_bytes(id.numel(cfg))).sum::<Result<_>>()?;
+            let bd = Breakdown {
+                weights: store.bytes(cfg)?,
+                gradients: if o.fused { 0 } else { states },
+                optimizer: states,
+                activations: trace_bytes(cfg, shape, o.keep),
+                scratch: fo_scratch,
+            };
+            (store, bd, false)
+        }
+        "lora" | "qlora" => {
+            lora.validate()?;
+            let store = if method == "lora" { Store::F32 } else { nf4_store() };
+            let f = 4 * lora.trainable_params(cfg);
+            let bd = Breakdown {
+                weights: store.bytes(cfg)? + f,
+                gradients: f,
+                optimizer: f / 4 * optimizer_bytes_per_param(o),
+                activations: trace_bytes(cfg, shape, o.keep),
+                scratch: fo_scratch,
+            };
+            (store, bd, false)
+        }
+        "qst" => {
+            let q = qst::QstConfig {
+                r: o.side_r,
+                downsample: o.downsample,
+                adapter_rank: o.adapter_rank,
+                keep: o.keep,
+                seed: o.seed,
+            };
+            let side = qst::side_config(cfg, q.r)?;
+            let sp: usize =
+                qst::side_param_shapes(cfg, &side, &q).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+            let store = nf4_store();
+            let bd = Breakdown {
+                weights: store.bytes(cfg)? + 4 * sp,
+                gradients: 4 * sp,
+                optimizer: sp * optimizer_bytes_per_param(o),
+                activations: qst::trace_bytes(cfg, &side, &q, b, t, shape.head(cfg, b)),
+                scratch: (4 * block_activation_elems(cfg, b, t)).max(block_scratch_bytes(&side, b, t, o.keep, 4)),
+            };
+            (store, bd, false)
+        }
+        "mezo" => {
+            (Store::F32, Breakdown { weights: 4 * n, scratch: 4 * largest_tensor(cfg), ..Default::default() }, true)
+        }
+        "quzo" => {
+            let store = int_store(o.bits)?;
+            let scratch = ParamId::all(cfg)
+                .into_iter()
+                .filter(|id| id.is_matrix())
+                .map(|id| {
+                    let (rows, cols) = (id.shape(cfg)[0], id.shape(cfg)[1]);
+                    4 * cols * rows.min((quzo::UPDATE_CHUNK / cols).max(1))
+                })
+                .max()
+                .unwrap_or(0);
+            let bd = Breakdown { weights: store.bytes(cfg)?, scratch, ..Default::default() };
+            (store, bd, true)
+        }
+        "mezo-lora" | "quzo-lora" => {
+            lora.validate()?;
+            let store = if method == "mezo" { Store::F32 } else { int_store(o.bits)? };
+            let f = 4 * lora.trainable_params(cfg);
+            let bd = Breakdown { weights: store.bytes(cfg)? + f, scratch: f, ..Default::default() };
+            (store, bd, true)
+        }
+        other => {
+            return Err(Error::Option(format!(
+                "unknown --method `{other}` (known: {})",
+                crate::methods::METHODS.join(", ")
+            )))
+        }
+    };
+    let forward_train = if zo { forward_bytes(cfg, shape, b) } else { 0 };
+    let forward_eval = forward_bytes(cfg, shape, shape.eval_batch);
+    let load = match store {
+        Store::F32 => 4 * n,
+        Store::Quant(_) => store.bytes(cfg)? + 2 * 4 * largest_matrix,
+    };
+    let train = counted.total() + forward_train;
+    let eval = counted.model_state() + forward_eval;
+    Ok(Plan {
+        method: name,
+        params: n,
+        counted,
+        forward: forward_train.max(forward_eval),
+        load,
+        train,
+        eval,
+        runtime: RUNTIME_BYTES,
+        peak: RUNTIME_BYTES + load.max(train).max(eval),
+    })
+}
+
+/// The largest parameter tensor (MeZO's one perturbed copy).
+fn largest_tensor(cfg: &LlamaConfig) -> usize {
+    ParamId::all(cfg).into_iter().map(|id| id.numel(cfg)).max().unwrap_or(0)
+}
+
+/// The plans as a Markdown table (sizes in GiB, model state also in bytes per parameter).
+pub fn table(plans: &[Plan]) -> String {
+    let gib = |b: usize| format!("{:.2}", b as f64 / (1u64 << 30) as f64);
+    let mut s = String::from(
+        "| method | weights | gradients | optimizer | model state (B/param) | activations | scratch | forward | load | train | eval | predicted peak |\n",
+    );
+    s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    for p in plans {
+        let c = &p.counted;
+        s += &format!(
+            "| {} | {} | {} | {} | {} ({:.2}) | {} | {} | {} | {} | {} | {} | **{}** |\n",
+            p.method,
+            gib(c.weights),
+            gib(c.gradients),
+            gib(c.optimizer),
+            gib(c.model_state()),
+            c.model_state() as f64 / p.params as f64,
+            gib(c.activations),
+            gib(c.scratch),
+            gib(p.forward),
+            gib(p.load),
+            gib(p.train),
+            gib(p.eval),
+            gib(p.peak),
+        );
+    }
+    s += &format!("\nGiB; predicted peak = max(load, train, eval) + {} runtime.\n", human(RUNTIME_BYTES));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    //! The planner's count equals what each method counts during a real step (exactly, byte for byte), on the
+    //! tiny model, for every method and the options that change memory.
+    use super::*;
+    use crate::methods::{build, qst::Downsample, OnNonFinite};
+    use crate::model::llama::tests::{batch, tiny_config};
+    use crate::model::quantized::Source;
+    use crate::model::{Llama, ParamStore};
+    use candle_core::DType;
+
+    fn options() -> MethodOptions {
+        MethodOptions {
+            weight_decay: 0.0,
+            clip: Some(1.0),
+            keep: Keep::All,
+            on_nan: OnNonFinite::Stop,
+            eps: 1e-3,
+            directions: 1,
+            seed: 0,
+            bits: 8,
+            perturb_bits: 4,
+            estimator: quzo::Estimator::Qrge2,
+            outlier_fraction: 0.05,
+            recalibrate_every: 0,
+            fused: false,
+            side_r: 2,
+            downsample: Downsample::Adapter,
+            adapter_rank: 4,
+            lora_r: 2,
+            lora_alpha: 4.0,
+            optimizer: OptimizerKind::AdamW,
+            lora: false,
+        }
+    }
+
+    #[test]
+    fn plan_counts_what_the_engine_counts() {
+        let b = batch(true);
+        let (rows, t) = b.ids.dims2().unwrap();
+        let shape = Shape { batch: rows, seq: t, eval_batch: rows, classes: Some(3) };
+        let o = options();
+        let cases: Vec<(&str, MethodOptions)> = vec![
+            ("full-adamw", o),
+            ("full-lion", o),
+            ("full-adamw", MethodOptions { keep: Keep::Inputs, ..o }),
+            ("qat", MethodOptions { bits: 4, ..o }),
+            ("qft", o),
+            ("qft", MethodOptions { fused: true, clip: None, ..o }),
+            ("lora", o),
+            ("qlora", MethodOptions { optimizer: OptimizerKind::Lion, ..o }),
+            ("qst", o),
+            ("qst", MethodOptions { keep: Keep::Inputs, ..o }),
+            ("qst", MethodOptions { downsample: Downsample::Linear, ..o }),
+            ("qst", MethodOptions { downsample: Downsample::Lora, ..o }),
+            ("qst", MethodOptions { downsample: Downsample::MaxPool, ..o }),
+            ("mezo", o),
+            ("quzo", o),
+            ("quzo", MethodOptions { bits: 4, ..o }),
+            ("mezo", MethodOptions { lora: true, ..o }),
+            ("quzo", MethodOptions { lora: true, bits: 4, ..o }),
+        ];
+        for tied in [true, false] {
+            let cfg = tiny_config(tied);
+            let model = Llama::new(cfg.clone());
+            let params = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
+            for (method, o) in &cases {
+                let (mut m, _) = build(method, Source::Params(params.clone()), o).unwrap();
+                let counted = m.step(&model, &[b.clone()], 1e-3).unwrap().memory;
+                let p = plan(&cfg, method, o, &shape).unwrap();
+                assert_eq!(p.counted, counted, "{} (tied {tied}, keep {:?}, {:?})", p.method, o.keep, o.downsample);
+                let held = m.state_bytes();
+                assert_eq!((p.counted.weights, p.counted.optimizer), (held.weights, held.optimizer), "{}", p.method);
+                assert!(p.peak >= p.runtime + p.train.max(p.eval), "{}", p.method);
+            }
+        }
+    }
+
+    /// Named configs resolve; LLaMA-2-7B has its 6.74 B parameters.
+    #[test]
+    fn named_configs_resolve() {
+        let c = resolve_config("llama-2-7b").unwrap();
+        assert_eq!(c.num_params(), 6_738_415_616);
+        assert_eq!(resolve_config("llama-2-70b").unwrap().num_params(), 68_976_648_192);
+        assert!(resolve_config("no-such-model").is_err());
+    }
+}
