@@ -10,6 +10,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod fuzzing;
 pub mod io;
 pub mod methods;
 pub mod model;

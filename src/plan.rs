@@ -327,26 +327,13 @@ mod tests {
 
     fn options() -> MethodOptions {
         MethodOptions {
-            weight_decay: 0.0,
-            clip: Some(1.0),
-            keep: Keep::All,
             on_nan: OnNonFinite::Stop,
-            eps: 1e-3,
-            directions: 1,
-            seed: 0,
-            bits: 8,
-            perturb_bits: 4,
-            estimator: quzo::Estimator::Qrge2,
             outlier_fraction: 0.05,
-            recalibrate_every: 0,
-            fused: false,
             side_r: 2,
-            downsample: Downsample::Adapter,
             adapter_rank: 4,
             lora_r: 2,
             lora_alpha: 4.0,
-            optimizer: OptimizerKind::AdamW,
-            lora: false,
+            ..Default::default()
         }
     }
 

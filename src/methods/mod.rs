@@ -160,6 +160,34 @@ pub struct MethodOptions {
     pub lora: bool,
 }
 
+impl Default for MethodOptions {
+    /// The CLI's defaults (`qtune train --help`).
+    fn default() -> Self {
+        MethodOptions {
+            weight_decay: 0.0,
+            clip: Some(1.0),
+            keep: Keep::All,
+            on_nan: OnNonFinite::Skip,
+            eps: 1e-3,
+            directions: 1,
+            seed: 0,
+            bits: 8,
+            perturb_bits: 4,
+            estimator: quzo::Estimator::Qrge2,
+            outlier_fraction: 0.01,
+            recalibrate_every: 0,
+            fused: false,
+            side_r: 16,
+            downsample: qst::Downsample::Adapter,
+            adapter_rank: 16,
+            lora_r: 8,
+            lora_alpha: 16.0,
+            optimizer: OptimizerKind::AdamW,
+            lora: false,
+        }
+    }
+}
+
 /// Builds the method `name` starting from `source`; returns it with its default peak learning rate. Quantized
 /// methods quantize the model as it is read; f32 methods load it whole.
 pub fn build(name: &str, source: Source, o: &MethodOptions) -> Result<(Box<dyn Method>, f64)> {

@@ -1045,28 +1045,8 @@ mod tests {
     fn probe(method: &str, recompute: bool) {
         let cfg = smollm2_config();
         let params = ParamStore::random(&cfg, 1, 0.02, DType::F32).unwrap();
-        let o = crate::methods::MethodOptions {
-            weight_decay: 0.0,
-            clip: Some(1.0),
-            keep: if recompute { Keep::Inputs } else { Keep::All },
-            on_nan: OnNonFinite::Skip,
-            eps: 1e-3,
-            directions: 1,
-            seed: 0,
-            bits: 8,
-            perturb_bits: 4,
-            estimator: crate::methods::quzo::Estimator::Qrge2,
-            outlier_fraction: 0.01,
-            recalibrate_every: 0,
-            fused: false,
-            side_r: 16,
-            downsample: Downsample::Adapter,
-            adapter_rank: 16,
-            lora_r: 8,
-            lora_alpha: 16.0,
-            optimizer: crate::methods::OptimizerKind::AdamW,
-            lora: false,
-        };
+        let keep = if recompute { Keep::Inputs } else { Keep::All };
+        let o = crate::methods::MethodOptions { keep, ..Default::default() };
         let (mut m, lr) = crate::methods::build(method, Source::Params(params), &o).unwrap();
         let (b, t) = (16, 512);
         let ids: Vec<u32> =
