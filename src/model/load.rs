@@ -202,8 +202,15 @@ fn stream_gguf(path: &Path, check: &mut Check) -> Result<ModelHeader> {
     let cfg = &header.cfg;
     for id in ParamId::all(cfg) {
         let name = id.gguf_name();
-        if !ct.tensor_infos.contains_key(&name) {
+        let Some(info) = ct.tensor_infos.get(&name) else {
             return Err(Error::file(path, format!("GGUF lacks tensor `{name}`")));
+        };
+        // The declared shape is checked before any data is read: a wrong (or huge) shape costs nothing.
+        if info.shape.dims() != id.shape(cfg).as_slice() {
+            return Err(Error::file(
+                path,
+                format!("tensor `{name}` has shape {:?}, the config implies {:?}", info.shape.dims(), id.shape(cfg)),
+            ));
         }
         let q = ct
             .tensor(&mut reader, &name, &Device::Cpu)
