@@ -123,12 +123,12 @@ fn trace_bytes(cfg: &LlamaConfig, s: &Shape, keep: Keep) -> usize {
     4 * (cfg.num_hidden_layers * per_block + p * (2 * cfg.hidden_size + 1 + c))
 }
 
-/// Intermediates of one forward that keeps nothing, batch `b`: one block's activations, the attention scores'
-/// two temporaries [B, H, T, T], and the logits the loss reads.
+/// Intermediates of one forward that keeps nothing, batch `b`: one block's activations, the attention scores
+/// [B, H, T, T] beside its probabilities, and the logits the loss reads.
 fn forward_bytes(cfg: &LlamaConfig, s: &Shape, b: usize) -> usize {
     let t = s.seq;
     let (p, c) = s.head(cfg, b);
-    4 * (block_activation_elems(cfg, b, t) + 2 * b * cfg.num_attention_heads * t * t + p * c)
+    4 * (block_activation_elems(cfg, b, t) + b * cfg.num_attention_heads * t * t + p * c)
 }
 
 fn optimizer_bytes_per_param(o: &MethodOptions) -> usize {
