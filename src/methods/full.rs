@@ -9,11 +9,12 @@
 use super::{Method, OnNonFinite, StepStats};
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{quant_err, QuantStore};
-use crate::model::{Batch, Keep, Llama, ParamStore, Weights};
+use crate::model::{Batch, Keep, Llama, ParamId, ParamStore, Weights};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
 use crate::train::optim::Optimizer;
 use crate::train::DenseGrads;
 use crate::{Error, Result};
+use candle_core::Tensor;
 use qtune_quant::{IntTensor, QuantSpec, Rounding};
 
 pub struct FullFinetune {
@@ -121,8 +122,8 @@ impl Method for FullFinetune {
         }
     }
 
-    fn export_params(&self) -> Result<ParamStore> {
-        Ok(self.params.clone())
+    fn export_tensor(&self, id: ParamId) -> Result<Tensor> {
+        Ok(self.params.get(id).clone())
     }
 
     fn saves_state(&self) -> bool {

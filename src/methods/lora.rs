@@ -189,7 +189,8 @@ impl FirstOrder {
 pub trait FrozenBase: Weights {
     fn cfg(&self) -> &LlamaConfig;
     fn weight_bytes(&self) -> usize;
-    fn to_dense(&self) -> Result<ParamStore>;
+    /// Parameter `id` as a dense f32 tensor (for a merged export, one at a time).
+    fn dense(&self, id: ParamId) -> Result<Tensor>;
 }
 
 impl FrozenBase for ParamStore {
@@ -199,8 +200,8 @@ impl FrozenBase for ParamStore {
     fn weight_bytes(&self) -> usize {
         self.bytes()
     }
-    fn to_dense(&self) -> Result<ParamStore> {
-        Ok(self.clone())
+    fn dense(&self, id: ParamId) -> Result<Tensor> {
+        Ok(self.get(id).clone())
     }
 }
 
@@ -211,8 +212,8 @@ impl<W: QuantWeight> FrozenBase for QuantStore<W> {
     fn weight_bytes(&self) -> usize {
         self.quant_bytes().total() + self.f32_bytes()
     }
-    fn to_dense(&self) -> Result<ParamStore> {
-        self.dequantize()
+    fn dense(&self, id: ParamId) -> Result<Tensor> {
+        QuantStore::dense(self, id)
     }
 }
 
@@ -289,16 +290,13 @@ impl<B: FrozenBase> LoraWeights<B> {
             .then(|| (self.factors.get((id, Factor::A)), self.factors.get((id, Factor::B))))
     }
 
-    /// The base with every adapted W replaced by W + s·B·A, dense f32.
-    pub fn merged(&self) -> Result<ParamStore> {
-        let mut p = self.base.to_dense()?;
-        for id in p.ids() {
-            if let Some((a, b)) = self.factors(id) {
-                let delta = (b.matmul(a)? * self.scale)?.to_dtype(p.get(id).dtype())?;
-                p.set(id, (p.get(id) + delta)?);
-            }
+    /// Parameter `id` of the base with W replaced by W + s·B·A where adapted, dense.
+    pub fn merged(&self, id: ParamId) -> Result<Tensor> {
+        let w = self.base.dense(id)?;
+        match self.factors(id) {
+            Some((a, b)) => Ok((&w + (b.matmul(a)? * self.scale)?.to_dtype(w.dtype())?)?),
+            None => Ok(w),
         }
-        Ok(p)
     }
 }
 
@@ -417,8 +415,8 @@ impl<B: FrozenBase> Method for Lora<B> {
         self.update.load(r, &mut self.weights.factors)
     }
 
-    fn export_params(&self) -> Result<ParamStore> {
-        self.weights.merged()
+    fn export_tensor(&self, id: ParamId) -> Result<Tensor> {
+        self.weights.merged(id)
     }
 }
 
@@ -503,7 +501,10 @@ mod tests {
         let (m, w) = random_lora(true);
         let ids = Tensor::new(&[[1u32, 4, 9, 30], [2, 2, 7, 0]], &Device::Cpu).unwrap();
         let a = m.logits(&w, &ids).unwrap();
-        let b = m.logits(&w.merged().unwrap(), &ids).unwrap();
+        let cfg = m.cfg.clone();
+        let merged = ParamId::all(&cfg).into_iter().map(|id| (id, w.merged(id).unwrap())).collect();
+        let merged = ParamStore::from_map(cfg, merged, std::path::Path::new("merged")).unwrap();
+        let b = m.logits(&merged, &ids).unwrap();
         let err = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(err < 1e-12, "{err}");
     }

@@ -8,10 +8,12 @@ pub mod quzo;
 pub mod zo;
 pub mod zo_lora;
 
+use crate::model::load::write_hf;
 use crate::model::quantized::Source;
-use crate::model::{export_hf, Batch, Keep, Llama, Output, ParamStore, Tok, Weights};
+use crate::model::{Batch, Keep, Llama, LlamaConfig, Output, ParamId, Tok, Weights};
 use crate::train::memory::Breakdown;
 use crate::{Error, Result};
+use candle_core::Tensor;
 
 pub use full::FullFinetune;
 
@@ -88,17 +90,19 @@ pub trait Method {
     fn load_state(&mut self, _r: &crate::checkpoint::StateReader) -> Result<()> {
         Err(Error::Option(format!("{} cannot load a training state yet", self.name())))
     }
-    /// The model as dense f32 parameters, for export (dequantized or merged as the method requires).
-    fn export_params(&self) -> Result<ParamStore>;
+    /// One parameter of the trained model as a dense f32 tensor, for export (dequantized or merged as the method
+    /// requires); the export asks for one at a time, so no whole f32 model is built.
+    fn export_tensor(&self, id: ParamId) -> Result<Tensor>;
     /// The inference forward evaluation runs. A method whose model is not the decoder over [`Method::weights`]
     /// (QST: base plus side network) overrides it.
     fn forward(&self, model: &Llama, batch: &Batch) -> Result<Output> {
         Ok(model.forward(self.weights(), batch, Keep::Nothing)?.0)
     }
-    /// Writes the trained model to `dir`: an HF checkpoint of [`Method::export_params`], unless the method's model
-    /// is not a LLaMA (QST writes its side network and a reference to `base_model`, the file the run started from).
-    fn export(&self, dir: &std::path::Path, tok: Option<&Tok>, _base_model: &str) -> Result<()> {
-        export_hf(&self.export_params()?, tok, dir)
+    /// Writes the trained model to `dir`: an HF checkpoint of [`Method::export_tensor`], streamed, unless the
+    /// method's model is not a LLaMA (QST writes its side network and a reference to `base_model`, the file the run
+    /// started from).
+    fn export(&self, cfg: &LlamaConfig, dir: &std::path::Path, tok: Option<&Tok>, _base_model: &str) -> Result<()> {
+        write_hf(cfg, &|id| self.export_tensor(id), tok, dir)
     }
 }
 

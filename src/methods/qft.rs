@@ -18,7 +18,7 @@
 use super::{Method, OnNonFinite, StepStats};
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore, Source};
-use crate::model::{Batch, GradSink, Keep, Llama, ParamId, ParamStore, Weights};
+use crate::model::{Batch, GradSink, Keep, Llama, ParamId, Weights};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
 use crate::train::optim::LionConfig;
 use crate::{Error, Result};
@@ -476,8 +476,8 @@ impl Method for Qft {
         }
     }
 
-    fn export_params(&self) -> Result<ParamStore> {
-        self.weights.0.borrow().dequantize()
+    fn export_tensor(&self, id: ParamId) -> Result<Tensor> {
+        self.weights.0.borrow().dense(id)
     }
 
     fn saves_state(&self) -> bool {
@@ -554,6 +554,7 @@ mod tests {
     use super::*;
     use crate::model::llama::tests::{batch, tiny_config};
     use crate::model::LlamaConfig;
+    use crate::model::ParamStore;
     use candle_core::DType;
     use qtune_quant::rng::fill_gaussian;
 

@@ -47,7 +47,7 @@ use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::layers::{self, Rope};
 use crate::model::llama::{tensor_bytes, Saved};
 use crate::model::quantized::{QuantStore, Source};
-use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, Output, ParamId, ParamStore, Tok, Weights};
+use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, Output, ParamId, Tok, Weights};
 use crate::train::memory::{block_activation_elems, block_scratch_bytes, Breakdown};
 use crate::train::DenseGrads;
 use crate::{Error, Result};
@@ -678,14 +678,14 @@ impl Method for Qst {
         self.update.load(r, &mut self.net.params)
     }
 
-    fn export_params(&self) -> Result<ParamStore> {
+    fn export_tensor(&self, _id: ParamId) -> Result<Tensor> {
         Err(Error::Option(
             "qst: the side network is not a LLaMA checkpoint; the run exports side.safetensors and qst.json".into(),
         ))
     }
 
     /// Writes `dir/{side.safetensors, qst.json, tokenizer.json}`; the base is referenced, not copied.
-    fn export(&self, dir: &Path, tok: Option<&Tok>, base_model: &str) -> Result<()> {
+    fn export(&self, _cfg: &LlamaConfig, dir: &Path, tok: Option<&Tok>, base_model: &str) -> Result<()> {
         let mut tensors = Vec::new();
         for &k in self.net.params.keys() {
             let t = self.net.params.get(k).to_dtype(DType::F32)?;
@@ -715,6 +715,7 @@ mod tests {
     use crate::methods::OnNonFinite;
     use crate::model::layers::tests::{check, rand};
     use crate::model::llama::tests::{batch, tiny_config};
+    use crate::model::ParamStore;
     use crate::model::Targets;
     use crate::train::optim::{AdamWConfig, Optimizer};
 
@@ -996,7 +997,7 @@ mod tests {
     fn export_writes_the_side_network_and_a_manifest() {
         let (_, q) = tiny_qst(Downsample::Lora);
         let dir = tempfile::tempdir().unwrap();
-        q.export(dir.path(), None, "models/base.gguf").unwrap();
+        q.export(&tiny_config(true), dir.path(), None, "models/base.gguf").unwrap();
         let t = candle_core::safetensors::load(dir.path().join("side.safetensors"), &Device::Cpu).unwrap();
         assert_eq!(t.len(), q.net.params.keys().len());
         assert_eq!(t["alpha"].to_vec1::<f32>().unwrap(), vec![1.0; 16]);
@@ -1006,7 +1007,7 @@ mod tests {
         assert_eq!(j["base_model"], "models/base.gguf");
         assert_eq!(j["downsample"], "lora");
         assert_eq!(j["side_config"]["hidden_size"], 8);
-        assert!(q.export_params().is_err());
+        assert!(q.export_tensor(ParamId::Embed).is_err());
     }
 
     /// Trainable parameters for SmolLM2-135M at r = 16 (`cargo test smollm2 -- --nocapture` prints the table).

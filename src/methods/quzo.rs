@@ -12,7 +12,7 @@ use super::zo::{direction_seed, zo_loss, ZoConfig};
 use super::{Method, OnNonFinite, StepStats};
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore, Source};
-use crate::model::{Batch, Llama, ParamId, ParamStore, Weights};
+use crate::model::{Batch, Llama, ParamId, Weights};
 use crate::train::memory::Breakdown;
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -320,8 +320,8 @@ impl Method for Quzo {
         Breakdown { weights: self.store.quant_bytes().total() + self.store.f32_bytes(), ..Default::default() }
     }
 
-    fn export_params(&self) -> Result<ParamStore> {
-        self.store.dequantize()
+    fn export_tensor(&self, id: ParamId) -> Result<Tensor> {
+        self.store.dense(id)
     }
 
     fn saves_state(&self) -> bool {
@@ -373,6 +373,7 @@ impl Method for Quzo {
 mod tests {
     use super::*;
     use crate::model::llama::tests::{batch, tiny_config};
+    use crate::model::ParamStore;
 
     use candle_core::{DType, Device};
 

@@ -188,8 +188,8 @@ impl Method for Mezo {
         Breakdown { weights: self.params.bytes(), ..Default::default() }
     }
 
-    fn export_params(&self) -> Result<ParamStore> {
-        Ok(self.params.clone())
+    fn export_tensor(&self, id: ParamId) -> Result<Tensor> {
+        Ok(self.params.get(id).clone())
     }
 
     fn saves_state(&self) -> bool {

@@ -13,7 +13,7 @@ use super::quzo::{Estimator, QDirection};
 use super::zo::{direction_seed, zo_loss, ZoConfig};
 use super::{Method, OnNonFinite, StepStats};
 use crate::checkpoint::{StateReader, StateWriter};
-use crate::model::{Batch, Llama, ParamId, ParamStore, Weights};
+use crate::model::{Batch, Llama, ParamId, Weights};
 use crate::train::memory::Breakdown;
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -138,8 +138,8 @@ impl<B: FrozenBase> Method for ZoLora<B> {
         Breakdown { weights: self.weights.base.weight_bytes() + self.weights.factors.bytes(), ..Default::default() }
     }
 
-    fn export_params(&self) -> Result<ParamStore> {
-        self.weights.merged()
+    fn export_tensor(&self, id: ParamId) -> Result<Tensor> {
+        self.weights.merged(id)
     }
 
     fn saves_state(&self) -> bool {
@@ -165,6 +165,7 @@ mod tests {
     use crate::model::llama::tests::{batch, tiny_config};
     use crate::model::quantized::Source;
     use crate::model::Keep;
+    use crate::model::ParamStore;
     use candle_core::DType;
 
     fn zo(seed: u64) -> ZoConfig {

@@ -9,6 +9,7 @@ use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// A model as loaded: f32 parameters on the CPU, plus its tokenizer when the source carries one.
@@ -229,25 +230,60 @@ fn stream_gguf(path: &Path, check: &mut Check) -> Result<ModelHeader> {
     Ok(header)
 }
 
-/// Writes `dir/{config.json, model.safetensors, tokenizer.json}` as `transformers` expects, each file atomically.
+/// Writes `dir/{config.json, model.safetensors, tokenizer.json}` of an f32 model, as `transformers` expects.
 pub fn export_hf(params: &ParamStore, tokenizer: Option<&Tok>, dir: &Path) -> Result<()> {
-    for t in params.hf_tensors().values() {
-        check_finite(t)?;
-    }
+    write_hf(&params.cfg, &|id| Ok(params.get(id).clone()), tokenizer, dir)
+}
+
+/// Writes an HF checkpoint whose tensors `dense` produces one at a time (dense f32, dequantized or merged as the
+/// caller's format needs): the safetensors header is computed from the config's shapes, then each tensor is
+/// made, checked (shape, finiteness) and written before the next, so no whole f32 model is ever built. Each file
+/// is written atomically: a failure (a NaN, a full disk, an interrupt) leaves no partial checkpoint.
+pub fn write_hf(
+    cfg: &LlamaConfig,
+    dense: &dyn Fn(ParamId) -> Result<Tensor>,
+    tokenizer: Option<&Tok>,
+    dir: &Path,
+) -> Result<()> {
     let st_path = dir.join("model.safetensors");
-    let mut views = Vec::new();
-    for (name, t) in params.hf_tensors() {
-        let data: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        views.push((
-            name,
-            SafeView { shape: t.dims().to_vec(), data: data.iter().flat_map(|x| x.to_le_bytes()).collect() },
-        ));
+    let ids = ParamId::all(cfg);
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for &id in &ids {
+        let len = 4 * id.numel(cfg);
+        header.insert(
+            id.hf_name(),
+            serde_json::json!({"dtype": "F32", "shape": id.shape(cfg), "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
     }
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::tensor::serialize(views, Some(metadata))
-        .map_err(|e| Error::file(&st_path, format!("cannot serialize: {e}")))?;
-    crate::io::write_bytes_atomic(&st_path, &bytes)?;
-    let cfg_json = serde_json::to_vec_pretty(&params.cfg.to_hf_json()).map_err(|e| Error::Msg(e.to_string()))?;
+    let mut head = serde_json::to_vec(&header).map_err(|e| Error::Msg(e.to_string()))?;
+    // The data starts 8-byte aligned (the format pads the header with spaces).
+    head.resize(head.len().next_multiple_of(8), b' ');
+    write_atomic(&st_path, |f| {
+        let mut w = std::io::BufWriter::new(f);
+        w.write_all(&(head.len() as u64).to_le_bytes())?;
+        w.write_all(&head)?;
+        for &id in &ids {
+            let t = dense(id)?.to_dtype(DType::F32)?;
+            if t.dims() != id.shape(cfg).as_slice() {
+                return Err(Error::Msg(format!(
+                    "export: `{}` has shape {:?}, not {:?}",
+                    id.hf_name(),
+                    t.dims(),
+                    id.shape(cfg)
+                )));
+            }
+            check_finite(&t)?;
+            for chunk in t.flatten_all()?.to_vec1::<f32>()?.chunks(1 << 14) {
+                w.write_all(&chunk.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+            }
+        }
+        w.flush()?;
+        Ok(())
+    })?;
+    let cfg_json = serde_json::to_vec_pretty(&cfg.to_hf_json()).map_err(|e| Error::Msg(e.to_string()))?;
     crate::io::write_bytes_atomic(&dir.join("config.json"), &cfg_json)?;
     if let Some(tok) = tokenizer {
         let path = dir.join("tokenizer.json");
@@ -264,27 +300,6 @@ pub fn check_finite(t: &Tensor) -> Result<()> {
         return Err(Error::Numerical("a tensor holds NaN or infinite values; refusing to write it".into()));
     }
     Ok(())
-}
-
-/// An f32 tensor already laid out as little-endian bytes, as the `safetensors` serializer wants it.
-struct SafeView {
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl safetensors::View for SafeView {
-    fn dtype(&self) -> safetensors::Dtype {
-        safetensors::Dtype::F32
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
 }
 
 #[cfg(test)]

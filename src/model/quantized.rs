@@ -116,21 +116,22 @@ impl<W: QuantWeight> QuantStore<W> {
         self.vecs.iter().flatten().map(|t| t.elem_count() * 4).sum()
     }
 
-    /// The model dequantized to f32, for export (the only place a whole f32 model is built, and only on request).
-    pub fn dequantize(&self) -> Result<ParamStore> {
-        let mut map = HashMap::new();
-        for id in self.ids() {
-            let t = match &self.vecs[id.index(&self.cfg)] {
-                Some(v) => v.clone(),
-                None => {
-                    let w = self.mat(id);
-                    let mut out = vec![0f32; w.len()];
-                    w.dequantize_into(&mut out).map_err(quant_err)?;
-                    Tensor::from_vec(out, (w.rows(), w.cols()), &Device::Cpu)?
-                }
-            };
-            map.insert(id, t);
+    /// Parameter `id` dequantized to f32 (export streams these one at a time).
+    pub fn dense(&self, id: ParamId) -> Result<Tensor> {
+        match &self.vecs[id.index(&self.cfg)] {
+            Some(v) => Ok(v.clone()),
+            None => {
+                let w = self.mat(id);
+                let mut out = vec![0f32; w.len()];
+                w.dequantize_into(&mut out).map_err(quant_err)?;
+                Ok(Tensor::from_vec(out, (w.rows(), w.cols()), &Device::Cpu)?)
+            }
         }
+    }
+
+    /// The whole model dequantized to f32 (tests and references only: a method never builds it).
+    pub fn dequantize(&self) -> Result<ParamStore> {
+        let map = self.ids().into_iter().map(|id| Ok((id, self.dense(id)?))).collect::<Result<HashMap<_, _>>>()?;
         ParamStore::from_map(self.cfg.clone(), map, Path::new("<quantized>"))
     }
 }

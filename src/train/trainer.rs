@@ -377,7 +377,7 @@ pub fn train(
     };
     write_summary(&cfg.out, &summary)?;
     if cfg.steps > 0 {
-        method.export(&cfg.out.join("model"), tok, model_name)?;
+        method.export(&model.cfg, &cfg.out.join("model"), tok, model_name)?;
     }
     Ok(summary)
 }
