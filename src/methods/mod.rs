@@ -288,3 +288,39 @@ pub fn build(name: &str, source: Source, o: &MethodOptions) -> Result<(Box<dyn M
         other => return Err(Error::Option(format!("unknown --method `{other}` (known: {})", METHODS.join(", ")))),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::llama::tests::{batch, tiny_config};
+    use crate::model::{ParamId, ParamStore};
+    use candle_core::DType;
+
+    /// A NaN loss in any method: `skip` applies no update (the exported weights are untouched), `stop` ends with a
+    /// numerical error. The NaN enters through the final norm, which every method keeps in f32. (QST exports no
+    /// base matrix; its skipped step is checked by `applied` alone.)
+    #[test]
+    fn every_method_skips_or_stops_on_a_non_finite_loss() {
+        let cfg = tiny_config(true);
+        let model = Llama::new(cfg.clone());
+        let mut p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
+        p.set(ParamId::FinalNorm, (p.get(ParamId::FinalNorm) * f64::NAN).unwrap());
+        let tiny =
+            MethodOptions { side_r: 2, adapter_rank: 4, lora_r: 2, outlier_fraction: 0.05, ..Default::default() };
+        for (name, lora) in METHODS.iter().map(|m| (*m, false)).chain([("mezo", true), ("quzo", true)]) {
+            let o = MethodOptions { on_nan: OnNonFinite::Skip, lora, ..tiny };
+            let (mut m, _) = build(name, Source::Params(p.clone()), &o).unwrap();
+            let q = ParamId::Block(0, crate::model::BlockParam::Q);
+            let before = m.export_tensor(q).ok();
+            let s = m.step(&model, &[batch(true)], 1e-2).unwrap();
+            assert!(!s.applied && !s.loss.is_finite(), "{name}: a NaN step was applied");
+            if let Some(before) = before {
+                let d = (m.export_tensor(q).unwrap() - before).unwrap().abs().unwrap().max_all().unwrap();
+                assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name}: weights changed on a skipped step");
+            }
+            let o = MethodOptions { on_nan: OnNonFinite::Stop, lora, ..tiny };
+            let (mut m, _) = build(name, Source::Params(p.clone()), &o).unwrap();
+            assert!(matches!(m.step(&model, &[batch(true)], 1e-2), Err(Error::Numerical(_))), "{name}: did not stop");
+        }
+    }
+}
