@@ -21,6 +21,14 @@ fn lm_data(dir: &Path) -> PathBuf {
 }
 
 /// Runs and expects failure with exactly one `error:` line containing every `needle`.
+/// A temporary folder with the lm data written into it, and the run folder a test writes to.
+fn scratch() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = lm_data(dir.path());
+    let out = dir.path().join("run");
+    (dir, data, out)
+}
+
 fn expect_error(args: &[&str], needles: &[&str]) {
     let (ok, _, err) = qtune(args);
     assert!(!ok, "{args:?} should fail");
@@ -65,9 +73,7 @@ fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
 
 #[test]
 fn train_writes_summary_log_and_a_loadable_export() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = lm_data(dir.path());
-    let out = dir.path().join("run");
+    let (dir, data, out) = scratch();
     let (ok, _, err) = qtune(&train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap()));
     assert!(ok, "{err}");
     assert!(err.contains("peak RSS"), "memory report missing: {err}");
@@ -124,9 +130,7 @@ fn train_writes_summary_log_and_a_loadable_export() {
 /// `quzo --lora` trains only LoRA factors over an INT4 base; the merged export evaluates.
 #[test]
 fn quzo_lora_trains_factors_and_exports_a_merged_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = lm_data(dir.path());
-    let out = dir.path().join("run");
+    let (dir, data, out) = scratch();
     let mut args = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     args[8] = "quzo";
     args.extend(["--lora", "--bits", "4", "--eps", "1e-2"]);
@@ -163,9 +167,7 @@ fn quzo_lora_trains_factors_and_exports_a_merged_model() {
 /// `--max-memory` refuses a run whose planned peak exceeds it, with the plan in the message, before loading.
 #[test]
 fn max_memory_refuses_a_run_that_does_not_fit() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = lm_data(dir.path());
-    let out = dir.path().join("run");
+    let (_dir, data, out) = scratch();
     let mut args = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     args.extend(["--max-memory", "0.001"]);
     expect_error(&args, &["--max-memory 0.001 GiB", "planned to peak", "activations", "--recompute"]);
@@ -189,9 +191,7 @@ fn plan_prints_every_method_for_a_named_config() {
 
 #[test]
 fn unknown_task_and_method_are_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = lm_data(dir.path());
-    let out = dir.path().join("run");
+    let (_dir, data, out) = scratch();
     let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     a[4] = "sst9";
     expect_error(&a, &["unknown task `sst9`"]);
@@ -202,9 +202,7 @@ fn unknown_task_and_method_are_named() {
 
 #[test]
 fn missing_and_truncated_model_files_are_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = lm_data(dir.path());
-    let out = dir.path().join("run");
+    let (dir, data, out) = scratch();
     let missing = dir.path().join("nope.gguf");
     expect_error(
         &train_args(missing.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap()),
@@ -226,9 +224,7 @@ fn missing_and_truncated_model_files_are_named() {
 
 #[test]
 fn config_with_a_wrong_shape_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = lm_data(dir.path());
-    let out = dir.path().join("run");
+    let (dir, data, out) = scratch();
     let m = dir.path().join("model");
     std::fs::create_dir(&m).unwrap();
     for f in ["model.safetensors", "tokenizer.json"] {
@@ -262,9 +258,7 @@ fn malformed_dataset_line_is_named() {
 
 #[test]
 fn impossible_options_are_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = lm_data(dir.path());
-    let out = dir.path().join("run");
+    let (_dir, data, out) = scratch();
     let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     a[22] = "0";
     expect_error(&a, &["--lr"]);
