@@ -8,6 +8,7 @@ BIN=${1:-target/release/qtune}
 OUT=${2:-runs/quiet}
 shift 2 || true
 RUNS=${*:-full-adamw full-lion qft lora qlora qst mezo quzo-int8 quzo-int4}
+mkdir -p "$OUT"
 for r in $RUNS; do
   case $r in
     quzo-int8) args=(--method quzo --bits 8) ;;
