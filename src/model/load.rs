@@ -9,7 +9,7 @@ use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// A model as loaded: f32 parameters on the CPU, plus its tokenizer when the source carries one.
@@ -141,6 +141,37 @@ fn meta_f64(ct: &gguf_file::Content, key: &str) -> Option<f64> {
     ct.metadata.get(key).and_then(|v| v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).ok())
 }
 
+/// candle 0.11.1's GGUF reader divides by `general.alignment` unchecked (found by fuzzing:
+/// `fuzz/regressions/gguf/`): refuse a zero alignment before it reads the file. The key is searched in the first
+/// 64 MiB (the metadata), with the u64 (GGUF v2/v3) and u32 (v1) string-length prefixes; the value is an integer of
+/// the type that follows it.
+fn check_gguf_alignment(reader: &mut (impl std::io::Read + std::io::Seek), path: &Path) -> Result<()> {
+    const KEY: &[u8] = b"general.alignment";
+    let mut head = Vec::new();
+    reader.by_ref().take(64 << 20).read_to_end(&mut head)?;
+    reader.seek(std::io::SeekFrom::Start(0))?;
+    let prefixes = [(KEY.len() as u64).to_le_bytes().to_vec(), (KEY.len() as u32).to_le_bytes().to_vec()];
+    for prefix in prefixes {
+        let needle = [prefix.as_slice(), KEY].concat();
+        for (i, _) in head.windows(needle.len()).enumerate().filter(|(_, w)| *w == needle.as_slice()) {
+            let rest = &head[i + needle.len()..];
+            let (Some(ty), Some(v)) = (rest.get(..4), rest.get(4..8)) else { continue };
+            let ty = u32::from_le_bytes(ty.try_into().expect("4 bytes"));
+            // GGUF value types 0..=5: u8, i8, u16, i16, u32, i32 (little-endian, 1, 1, 2, 2, 4, 4 bytes).
+            let width = match ty {
+                0 | 1 => 1,
+                2 | 3 => 2,
+                4 | 5 => 4,
+                _ => continue,
+            };
+            if v[..width].iter().all(|&b| b == 0) {
+                return Err(Error::file(path, "GGUF metadata `general.alignment` is 0"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Undoes llama.cpp's conversion-time permutation of Q/K rows (HF rotate-half → interleaved pairs):
 /// GGUF row `h·hd + 2j + p` holds HF row `h·hd + p·hd/2 + j`.
 pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> candle_core::Result<Tensor> {
@@ -158,6 +189,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
 fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::BufReader<std::fs::File>, ModelHeader)> {
     let file = std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
     let mut reader = std::io::BufReader::new(file);
+    check_gguf_alignment(&mut reader, path)?;
     let ct =
         gguf_file::Content::read(&mut reader).map_err(|e| Error::file(path, format!("not a valid GGUF file: {e}")))?;
     let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
