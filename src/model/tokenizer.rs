@@ -17,8 +17,14 @@ pub struct Tok {
 
 impl Tok {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner =
-            Tokenizer::from_file(path).map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        // The whole file must parse as JSON before `tokenizers` reads it: tokenizers 0.23 panics on a syntax error
+        // inside its "decoder" object (found by the tokenizer fuzz target: `fuzz/regressions/tokenizer/`).
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        let inner = text
+            .parse::<Tokenizer>()
+            .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
         Ok(Tok { inner })
     }
 
