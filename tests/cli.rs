@@ -29,6 +29,15 @@ fn scratch() -> (tempfile::TempDir, PathBuf, PathBuf) {
     (dir, data, out)
 }
 
+/// `qtune eval` of an exported model on the lm data, writing to `ev`.
+fn eval_export(model: &Path, data: &Path, ev: &Path, extra: &[&str]) -> (bool, String, String) {
+    let (m, d, e) = (model.to_str().unwrap(), data.to_str().unwrap(), ev.to_str().unwrap());
+    let mut args = vec!["eval", "--model", m, "--task", "lm", "--data", d, "--train-size", "12", "--dev-size", "4"];
+    args.extend(["--eval-size", "4", "--out", e]);
+    args.extend(extra);
+    qtune(&args)
+}
+
 fn expect_error(args: &[&str], needles: &[&str]) {
     let (ok, _, err) = qtune(args);
     assert!(!ok, "{args:?} should fail");
@@ -109,16 +118,8 @@ fn train_writes_summary_log_and_a_loadable_export() {
     // The export is an HF directory this tool (and transformers) loads, in f32 and with INT4 weights (QuZO's
     // inference baseline).
     let model = out.join("model");
-    for (name, bits) in [("ev", None), ("ev4", Some("4"))] {
-        let mut args =
-            vec!["eval", "--model", model.to_str().unwrap(), "--task", "lm", "--data", data.to_str().unwrap()];
-        args.extend(["--train-size", "12", "--dev-size", "4", "--eval-size", "4"]);
-        let ev = dir.path().join(name);
-        args.extend(["--out", ev.to_str().unwrap()]);
-        if let Some(b) = bits {
-            args.extend(["--bits", b]);
-        }
-        let (ok, _, err) = qtune(&args);
+    for (name, extra) in [("ev", &[][..]), ("ev4", &["--bits", "4"][..])] {
+        let (ok, _, err) = eval_export(&model, &data, &dir.path().join(name), extra);
         assert!(ok, "{name}: {err}");
     }
     let s: serde_json::Value =
@@ -142,25 +143,7 @@ fn quzo_lora_trains_factors_and_exports_a_merged_model() {
     assert!(trained > 0 && trained < params / 2, "{trained} of {params}");
     assert_eq!(s["breakdown"]["gradients"], 0);
     assert_eq!(s["breakdown"]["optimizer"], 0);
-    let ev = dir.path().join("ev");
-    let model = out.join("model");
-    let (ok, _, err) = qtune(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--task",
-        "lm",
-        "--data",
-        data.to_str().unwrap(),
-        "--train-size",
-        "12",
-        "--dev-size",
-        "4",
-        "--eval-size",
-        "4",
-        "--out",
-        ev.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = eval_export(&out.join("model"), &data, &dir.path().join("ev"), &[]);
     assert!(ok, "{err}");
 }
 
