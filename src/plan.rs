@@ -148,6 +148,14 @@ pub fn run_name(method: &str, o: &MethodOptions) -> String {
 
 /// Plans `method` (with the options `train` would get) on `cfg` for `shape`.
 pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -> Result<Plan> {
+    // Bounds that keep every count below in range (B·H·T² in bytes fits 64 bits for up to 2^16 heads).
+    if shape.batch == 0 || shape.seq == 0 || shape.batch > 1 << 16 || shape.eval_batch > 1 << 16 || shape.seq > 1 << 17
+    {
+        return Err(Error::Option(format!(
+            "plan: batch {} and sequence length {} must be at least 1, batch at most 65536 and length at most 131072",
+            shape.batch, shape.seq
+        )));
+    }
     let n = cfg.num_params();
     let (b, t) = (shape.batch, shape.seq);
     let largest_matrix =
