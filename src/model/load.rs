@@ -116,6 +116,13 @@ fn stream_hf_dir(dir: &Path, check: &mut Check) -> Result<ModelHeader> {
             let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
                 .and_then(|t| t.to_dtype(DType::F32))
                 .map_err(|e| Error::file(f, format!("tensor `{name}`: {e}")))?;
+            // The tensor is a copy now: hand the file pages read so far back to the OS, so a whole shard never
+            // sits in the resident set while a model streams in (a quantizing method then holds one tensor).
+            let end = view.data().as_ptr() as usize + view.data().len() - bytes.as_ptr() as usize;
+            // SAFETY: the mapping is a read-only, private file mapping; dropped pages refault from the unchanged
+            // file, so every slice into it still reads the same bytes.
+            #[cfg(unix)]
+            let _ = unsafe { bytes.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, end) };
             check(cfg, id, t, f)?;
         }
     }
