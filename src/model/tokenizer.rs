@@ -22,9 +22,8 @@ impl Tok {
         // inside its "decoder" object (found by the tokenizer fuzz target: `fuzz/regressions/tokenizer/`).
         serde_json::from_str::<serde_json::Value>(&text)
             .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
-        let inner = text
-            .parse::<Tokenizer>()
-            .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        let inner =
+            text.parse::<Tokenizer>().map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
         Ok(Tok { inner })
     }
 
