@@ -28,10 +28,12 @@ pub fn micro_config() -> Result<LlamaConfig> {
     LlamaConfig::from_hf_json(MICRO_CONFIG, Path::new("micro config"))
 }
 
-/// A scratch folder of this process (in memory where /dev/shm exists): targets rewrite the same files each run.
+/// A scratch folder of this thread (in memory where /dev/shm exists): targets rewrite the same files each run, and
+/// tests running targets on parallel threads must not share them.
 fn scratch() -> Result<PathBuf> {
     let root = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-    let dir = root.join(format!("qtune-fuzz-{}", std::process::id()));
+    let thread: String = format!("{:?}", std::thread::current().id()).chars().filter(char::is_ascii_digit).collect();
+    let dir = root.join(format!("qtune-fuzz-{}-{thread}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| crate::Error::file(&dir, format!("cannot create: {e}")))?;
     Ok(dir)
 }
