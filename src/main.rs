@@ -217,6 +217,13 @@ struct MethodArgs {
     /// QST: inner width of the adapter and LoRA-style downsamples.
     #[arg(long, default_value_t = 16)]
     adapter_rank: usize,
+    /// QST start: paper (α = 1, zero upsample: the first forward is the base model's) or code (the official
+    /// code's α = sigmoid(1), random upsample).
+    #[arg(long, default_value = "paper")]
+    qst_start: String,
+    /// QST: α's learning rate as a multiple of --lr.
+    #[arg(long, default_value_t = 1.0)]
+    alpha_lr_scale: f64,
     /// LoRA/QLoRA (and mezo/quzo --lora) rank.
     #[arg(long, default_value_t = 8)]
     lora_r: usize,
@@ -256,6 +263,8 @@ impl MethodArgs {
             side_r: self.side_r,
             downsample: self.downsample.parse()?,
             adapter_rank: self.adapter_rank,
+            qst_start: self.qst_start.parse()?,
+            alpha_lr_scale: self.alpha_lr_scale,
             lora_r: self.lora_r,
             lora_alpha: self.lora_alpha,
             optimizer: self.optimizer.parse()?,

@@ -221,6 +221,8 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
                 adapter_rank: o.adapter_rank,
                 keep: o.keep,
                 seed: o.seed,
+                start: o.qst_start,
+                alpha_lr_scale: o.alpha_lr_scale,
             };
             let side = qst::side_config(cfg, q.r)?;
             let sp: usize =

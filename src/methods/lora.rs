@@ -68,20 +68,29 @@ pub struct Trained<K> {
     keys: Vec<K>,
     tensors: Vec<Tensor>,
     decayed: Vec<bool>,
+    /// Multiplies the run's learning rate for this tensor (1 unless [`Trained::scale_lr`] set it).
+    lr_scale: Vec<f64>,
     index: HashMap<K, usize>,
 }
 
 impl<K: Copy + Eq + Hash + Debug> Trained<K> {
     /// `items`: (key, initial value, decayed), in forward order.
     pub fn new(items: Vec<(K, Tensor, bool)>) -> Self {
-        let mut t = Trained { keys: vec![], tensors: vec![], decayed: vec![], index: HashMap::new() };
+        let mut t = Trained { keys: vec![], tensors: vec![], decayed: vec![], lr_scale: vec![], index: HashMap::new() };
         for (k, v, d) in items {
             t.index.insert(k, t.keys.len());
             t.keys.push(k);
             t.tensors.push(v);
             t.decayed.push(d);
+            t.lr_scale.push(1.0);
         }
         t
+    }
+
+    /// Trains `k` at `scale` × the run's learning rate.
+    pub fn scale_lr(&mut self, k: K, scale: f64) {
+        let i = self.index[&k];
+        self.lr_scale[i] = scale;
     }
 
     pub fn contains(&self, k: K) -> bool {
@@ -178,7 +187,7 @@ impl FirstOrder {
             let k = t.keys[slot];
             let g = grads.take(k).ok_or_else(|| Error::Msg(format!("no gradient for {k:?}")))?;
             let g = if scale != 1.0 { (g * scale)? } else { g };
-            t.tensors[slot] = self.opt.update(slot, &t.tensors[slot], &g, lr, t.decayed[slot])?;
+            t.tensors[slot] = self.opt.update(slot, &t.tensors[slot], &g, lr * t.lr_scale[slot], t.decayed[slot])?;
         }
         mem.optimizer = mem.optimizer.max(self.opt.state_bytes());
         Ok(StepStats { loss, grad_norm: Some(norm), applied: true, memory: mem, ..Default::default() })

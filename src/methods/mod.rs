@@ -155,6 +155,10 @@ pub struct MethodOptions {
     pub downsample: qst::Downsample,
     /// QST: inner width of the adapter and LoRA-style downsamples.
     pub adapter_rank: usize,
+    /// QST: the paper's exact start or the official code's.
+    pub qst_start: qst::Start,
+    /// QST: α's learning rate as a multiple of the run's.
+    pub alpha_lr_scale: f64,
     /// LoRA / QLoRA rank and alpha (scale alpha / r).
     pub lora_r: usize,
     pub lora_alpha: f64,
@@ -184,6 +188,8 @@ impl Default for MethodOptions {
             side_r: 16,
             downsample: qst::Downsample::Adapter,
             adapter_rank: 16,
+            qst_start: qst::Start::Paper,
+            alpha_lr_scale: 1.0,
             lora_r: 8,
             lora_alpha: 16.0,
             optimizer: OptimizerKind::AdamW,
@@ -274,6 +280,8 @@ pub fn build(name: &str, source: Source, o: &MethodOptions) -> Result<(Box<dyn M
                         adapter_rank: o.adapter_rank,
                         keep: o.keep,
                         seed: o.seed,
+                        start: o.qst_start,
+                        alpha_lr_scale: o.alpha_lr_scale,
                     };
                     (Box::new(qst::Qst::new(source, cfg, update)?), 2e-4)
                 }

@@ -17,11 +17,13 @@
 //! code's `AdapterLinear`.
 //!
 //! Where this follows the paper, the official code (YouAreSpecialToMe/QST), or neither (papers.md §2.6):
-//! - Start point (paper): α is a raw per-dimension vector initialized to 1 (not clamped) and the upsample is
-//!   zero-initialized, so the first forward is exactly the NF4 base model's (tested). The code's α = σ(a), a = 1
-//!   (0.73) with a random upsample does not start at the pre-trained model. Consequence of the exact start: at the
-//!   first step only α has a gradient; the upsample's is ∝ (1 − α) and the side network's ∝ (1 − α)·W_up, so the side
-//!   starts learning a few steps in (AdamW normalizes the small scale away).
+//! - Start point (`--qst-start paper`, the default): α is a raw per-dimension vector initialized to 1 (not clamped)
+//!   and the upsample is zero-initialized, so the first forward is exactly the NF4 base model's (tested).
+//!   `--qst-start code` is the official code's α = σ(a), a = 1 (0.73), with a randomly initialized upsample: it does
+//!   not start at the pre-trained model. Consequence of the exact start: at the first step only α has a gradient;
+//!   the upsample's is ∝ (1 − α) and the side network's ∝ (1 − α)·W_up, so the side enters the output only as fast
+//!   as α leaves 1, about lr per AdamW step. `--alpha-lr-scale` trains α at a multiple of the run's learning rate
+//!   (neither the paper nor the code does; the paper trains for epochs, where lr per step is enough).
 //! - Gates: γ_i ∈ R^s per dimension (the code's shape), zero-initialized, β = 0.5 (the paper's init; the code: 0.5).
 //! - N + 1 downsample modules, one for the embeddings and one per layer; the code reuses module 0 for both the
 //!   embeddings and layer 1's output (N modules).
@@ -87,6 +89,27 @@ impl std::str::FromStr for Downsample {
     }
 }
 
+/// Where QST starts (`--qst-start`, papers.md §2.6 item 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Start {
+    /// The paper's: α a raw vector of ones and a zero upsample, so the first forward is the base model's.
+    Paper,
+    /// The official code's: α = σ(a) with a = 1 (0.73) and a randomly initialized upsample; not the base model.
+    Code,
+}
+
+impl std::str::FromStr for Start {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "paper" => Ok(Start::Paper),
+            "code" => Ok(Start::Code),
+            _ => Err(Error::Option(format!("--qst-start `{s}`: expected paper or code"))),
+        }
+    }
+}
+
 impl Downsample {
     fn factored(self) -> bool {
         matches!(self, Downsample::Adapter | Downsample::Lora)
@@ -104,6 +127,9 @@ pub struct QstConfig {
     pub keep: Keep,
     /// Seeds the side network's init.
     pub seed: u64,
+    pub start: Start,
+    /// α's learning rate as a multiple of the run's (α is the only path into the output at the paper's start).
+    pub alpha_lr_scale: f64,
 }
 
 /// Every tensor QST trains.
@@ -378,6 +404,9 @@ impl SideNet {
             let zeros = || Tensor::zeros(shape.as_slice(), dtype, &dev);
             let t = match p {
                 SideParam::Down(_, DownParam::LnWeight) | SideParam::Norm | SideParam::Alpha => ones()?,
+                SideParam::UpWeight | SideParam::UpBias if cfg.start == Start::Code => {
+                    kaiming_uniform(&shape, side.hidden_size, key, dtype)?
+                }
                 SideParam::Down(_, DownParam::LnBias)
                 | SideParam::Gate(_)
                 | SideParam::UpWeight
@@ -388,11 +417,28 @@ impl SideNet {
             };
             items.push((p, t, p.decayed()));
         }
-        Ok(SideNet { cfg, side: Llama::new(side), params: Trained::new(items) })
+        if !(cfg.alpha_lr_scale.is_finite() && cfg.alpha_lr_scale >= 0.0) {
+            return Err(Error::Option(format!(
+                "--alpha-lr-scale {}: expected a finite number ≥ 0",
+                cfg.alpha_lr_scale
+            )));
+        }
+        let mut params = Trained::new(items);
+        params.scale_lr(SideParam::Alpha, cfg.alpha_lr_scale);
+        Ok(SideNet { cfg, side: Llama::new(side), params })
     }
 
     fn dtype(&self) -> DType {
         self.params.get(SideParam::Alpha).dtype()
+    }
+
+    /// The output mix's α: the trained vector itself (paper start) or σ of it (code start).
+    fn alpha(&self) -> Result<Tensor> {
+        let a = self.params.get(SideParam::Alpha);
+        Ok(match self.cfg.start {
+            Start::Paper => a.clone(),
+            Start::Code => candle_nn::ops::sigmoid(a)?,
+        })
     }
 
     fn down(&self, i: usize, p: DownParam) -> &Tensor {
@@ -497,7 +543,7 @@ impl SideNet {
         let (sn, rstd) = layers::rms_norm_forward(&hg_sel, self.params.get(SideParam::Norm), sc.rms_norm_eps)?;
         let u =
             sn.matmul(&self.params.get(SideParam::UpWeight).t()?)?.broadcast_add(self.params.get(SideParam::UpBias))?;
-        let (h, mix) = mix_forward(&hf.to_dtype(dtype)?, &u, self.params.get(SideParam::Alpha))?;
+        let (h, mix) = mix_forward(&hf.to_dtype(dtype)?, &u, &self.alpha()?)?;
         let logits = model.head_forward(base, &h, classes.as_ref())?;
         let labels = Tensor::new(tg.labels.as_slice(), &dev)?;
         let (loss, dlogits) = layers::cross_entropy(&logits, &labels)?;
@@ -534,7 +580,12 @@ impl SideNet {
         let dev = hg_sel.device().clone();
         let sc = &self.side.cfg;
         let dh = model.head_backward(base, &dlogits, classes.as_ref())?.to_dtype(dtype)?;
-        let (du, dalpha) = mix_backward(&dh, &mix, self.params.get(SideParam::Alpha))?;
+        let alpha = self.alpha()?;
+        let (du, dalpha) = mix_backward(&dh, &mix, &alpha)?;
+        let dalpha = match self.cfg.start {
+            Start::Paper => dalpha,
+            Start::Code => (dalpha * (&alpha * alpha.affine(-1.0, 1.0)?)?)?,
+        };
         grads.add(SideParam::Alpha, dalpha)?;
         grads.add(SideParam::UpBias, du.sum(0)?)?;
         grads.add(SideParam::UpWeight, du.t()?.matmul(&sn)?)?;
@@ -610,11 +661,15 @@ impl Qst {
             "r": q.r,
             "downsample": q.downsample,
             "adapter_rank": q.adapter_rank,
+            "start": q.start,
             "layer_norm_eps": LN_EPS,
             "wiring": {
                 "downsample.{i}": "i = 0 reads the token embeddings, i = l + 1 the output of base layer l",
                 "side input of side.layers.{l}": "(1 - b)*downsample.{l+1}(h_f) + b*h_g, b = sigmoid(gates.{l+1}), h_g the previous side state (downsample.0's output before layer 0)",
-                "output": "alpha*model.norm(h_f) + (1 - alpha)*upsample(side.norm(h_g)) into the frozen LM head",
+                "output": match q.start {
+                    Start::Paper => "a*model.norm(h_f) + (1 - a)*upsample(side.norm(h_g)) into the frozen LM head, a = alpha",
+                    Start::Code => "a*model.norm(h_f) + (1 - a)*upsample(side.norm(h_g)) into the frozen LM head, a = sigmoid(alpha)",
+                },
             },
             "tensors": self.net.params.keys().iter().map(|k| k.name()).collect::<Vec<_>>(),
         })
@@ -722,7 +777,7 @@ mod tests {
     const FD_BUDGET: f64 = 1e-6;
 
     fn qcfg(downsample: Downsample, keep: Keep) -> QstConfig {
-        QstConfig { r: 2, downsample, adapter_rank: 4, keep, seed: 5 }
+        QstConfig { r: 2, downsample, adapter_rank: 4, keep, seed: 5, start: Start::Paper, alpha_lr_scale: 1.0 }
     }
 
     pub fn smollm2_config() -> LlamaConfig {
@@ -849,11 +904,11 @@ mod tests {
         layers::cross_entropy(&out.logits, &labels).unwrap().0.to_scalar::<f64>().unwrap()
     }
 
-    fn check_model(ds: Downsample, classes: bool, keep: Keep) {
-        let cfg = tiny_config(true);
+    fn check_model(q: QstConfig, classes: bool) {
+        let (cfg, keep) = (tiny_config(true), q.keep);
         let m = Llama::new(cfg.clone());
         let base = ParamStore::random(&cfg, 7, 0.3, DType::F64).unwrap();
-        let net = random_net(&cfg, qcfg(ds, keep));
+        let net = random_net(&cfg, q);
         let b = batch(classes);
         let (_, trace) = net.forward(&m, &base, &b, keep).unwrap();
         let mut grads = DenseGrads::default();
@@ -875,7 +930,7 @@ mod tests {
                 let err = (fd - gv[i]).abs() / scale;
                 assert!(
                     err < FD_BUDGET,
-                    "{k:?}[{i}] fd {fd} analytic {} rel {err:e} ({ds:?}, classes {classes}, {keep:?})",
+                    "{k:?}[{i}] fd {fd} analytic {} rel {err:e} ({q:?}, classes {classes})",
                     gv[i]
                 );
             }
@@ -884,23 +939,29 @@ mod tests {
 
     #[test]
     fn qst_backward_matches_finite_differences_adapter() {
-        check_model(Downsample::Adapter, true, Keep::All);
+        check_model(qcfg(Downsample::Adapter, Keep::All), true);
     }
 
     #[test]
     fn qst_backward_matches_finite_differences_lora_recompute_full_vocab() {
-        check_model(Downsample::Lora, false, Keep::Inputs);
+        check_model(qcfg(Downsample::Lora, Keep::Inputs), false);
     }
 
     #[test]
     fn qst_backward_matches_finite_differences_linear() {
-        check_model(Downsample::Linear, true, Keep::All);
+        check_model(qcfg(Downsample::Linear, Keep::All), true);
+    }
+
+    /// The code start's α = σ(a): its chain rule.
+    #[test]
+    fn qst_backward_matches_finite_differences_code_start() {
+        check_model(QstConfig { start: Start::Code, ..qcfg(Downsample::Adapter, Keep::All) }, true);
     }
 
     #[test]
     fn qst_backward_matches_finite_differences_pooling() {
-        check_model(Downsample::MaxPool, false, Keep::All);
-        check_model(Downsample::AvgPool, true, Keep::Inputs);
+        check_model(qcfg(Downsample::MaxPool, Keep::All), false);
+        check_model(qcfg(Downsample::AvgPool, Keep::Inputs), true);
     }
 
     fn adamw() -> FirstOrder {
@@ -934,6 +995,24 @@ mod tests {
             let scale = d.iter().fold(0f32, |m, x| m.max(x.abs()));
             let err = g.iter().zip(&d).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
             assert!(err < 1e-6, "vs dequantized f32 model: rel err {err:e}");
+        }
+    }
+
+    /// AdamW's first step moves every coordinate by lr (m̂/√v̂ = ±1): α's by `alpha_lr_scale` × lr.
+    #[test]
+    fn alpha_trains_at_its_own_learning_rate() {
+        let cfg = tiny_config(true);
+        let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
+        let (m, b, lr) = (Llama::new(cfg), batch(true), 1e-3);
+        for scale in [1.0, 25.0] {
+            let q = QstConfig { alpha_lr_scale: scale, ..qcfg(Downsample::Adapter, Keep::All) };
+            let mut qst = Qst::new(Source::Params(p.clone()), q, adamw()).unwrap();
+            qst.step(&m, std::slice::from_ref(&b), lr).unwrap();
+            let alpha: Vec<f32> = qst.net.params.get(SideParam::Alpha).to_vec1().unwrap();
+            for a in alpha {
+                let moved = (a - 1.0).abs() as f64;
+                assert!((moved - scale * lr).abs() < 1e-2 * scale * lr, "α moved {moved}, want {}", scale * lr);
+            }
         }
     }
 
@@ -1017,7 +1096,7 @@ mod tests {
         let side = side_config(&base, 16).unwrap();
         let total = base.num_params();
         let count = |ds| -> usize {
-            let q = QstConfig { r: 16, downsample: ds, adapter_rank: 16, keep: Keep::All, seed: 0 };
+            let q = QstConfig { r: 16, downsample: ds, adapter_rank: 16, ..qcfg(ds, Keep::All) };
             side_param_shapes(&base, &side, &q).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
         };
         // Per side block: 2 norms (72), q/o 36·36, k/v 12·36, gate/up/down 36·96.
