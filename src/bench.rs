@@ -21,6 +21,23 @@ pub const RUNS: &[(&str, &[&str])] = &[
     ("qat-int4", &["--method", "qat", "--bits", "4"]),
 ];
 
+/// Each bench run's closest PyTorch peer in `scripts/peers_bench.py`: what a user would otherwise run for the same
+/// job. QFT's is bitsandbytes' 8-bit Lion (quantized optimizer state, f32 weights and gradients); QLoRA and QST have
+/// no CPU peer of their own (bitsandbytes' NF4 layers are GPU code), so theirs is PEFT LoRA on the f32 model; the
+/// quantized first-order baseline's is FP32 AdamW.
+pub const CLOSEST_PEER: &[(&str, &str)] = &[
+    ("full-adamw", "torch-adamw"),
+    ("full-lion", "torch-lion"),
+    ("qft", "bnb-lion8bit"),
+    ("lora", "peft-lora"),
+    ("qlora", "peft-lora"),
+    ("qst", "peft-lora"),
+    ("mezo", "torch-mezo"),
+    ("quzo-int8", "torch-mezo"),
+    ("quzo-int4", "torch-mezo"),
+    ("qat-int4", "torch-adamw"),
+];
+
 /// f32 GEMM GFLOP/s of candle on this machine: the best of 5 runs of a 2048³ product.
 pub fn gemm_gflops() -> Result<f64> {
     let n = 2048;
@@ -37,8 +54,10 @@ pub fn gemm_gflops() -> Result<f64> {
 }
 
 /// Runs `runs` (names from [`RUNS`]) with `common` arguments into `out/<name>`, skipping runs already done, then
-/// writes the report with an MFU column.
-pub fn run(exe: &Path, runs: &[String], common: &[String], out: &Path) -> Result<String> {
+/// writes the report with an MFU column. With `peers` (the `--out` folder of `scripts/peers_bench.py`, run on the
+/// same batches), the peers' runs join the table and plots, and a second table gives each run's ratios to its
+/// closest peer ([`CLOSEST_PEER`]).
+pub fn run(exe: &Path, runs: &[String], common: &[String], out: &Path, peers: Option<&Path>) -> Result<String> {
     let gflops = gemm_gflops()?;
     eprintln!("f32 GEMM on this machine: {gflops:.1} GFLOP/s");
     let mut records = Vec::new();
@@ -69,10 +88,79 @@ pub fn run(exe: &Path, runs: &[String], common: &[String], out: &Path) -> Result
     for r in &mut records {
         add_mfu(r, gflops);
     }
-    let mut md = report::write_report(&records, out, "qtune bench")?;
+    let peer_records = match peers {
+        Some(dir) => read_peers(dir)?,
+        None => Vec::new(),
+    };
+    let ratios = ratio_table(&records, &peer_records);
+    records.extend(peer_records);
+    let mut md = format!("qtune bench, {} UTC, {}\n\n", utc_date(), crate::train::trainer::machine());
+    md += &report::write_report(&records, out, "qtune bench")?;
     md += &format!("\nf32 GEMM reference: {gflops:.1} GFLOP/s (candle, 2048³, best of 5, same run); MFU = tokens/s × FLOPs per token / that rate.\n");
+    if !ratios.is_empty() {
+        md += &format!("\nEach qtune run against its closest peer (below 1: qtune uses less / is faster):\n\n{ratios}");
+    }
     crate::io::write_bytes_atomic(&out.join("results.md"), md.as_bytes())?;
     Ok(md)
+}
+
+/// The peers' runs: every sub-folder of `dir` with a summary.json, in name order.
+fn read_peers(dir: &Path) -> Result<Vec<RunRecord>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::file(dir, format!("cannot read the peers folder: {e}")))?;
+    let mut dirs: Vec<_> =
+        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("summary.json").exists()).collect();
+    if dirs.is_empty() {
+        return Err(Error::file(
+            dir,
+            "no peer run (no sub-folder with a summary.json): run scripts/peers_bench.py first",
+        ));
+    }
+    dirs.sort();
+    dirs.iter().map(|d| report::read_run(d)).collect()
+}
+
+/// | run | peer | peak RSS ratio | step time ratio | for every run whose closest peer finished.
+fn ratio_table(runs: &[RunRecord], peers: &[RunRecord]) -> String {
+    let ratio = |a: &RunRecord, b: &RunRecord, key: &str| match (a.summary[key].as_f64(), b.summary[key].as_f64()) {
+        (Some(x), Some(y)) if y > 0.0 => format!("{:.2}×", x / y),
+        _ => "–".into(),
+    };
+    let mut s = String::new();
+    for r in runs {
+        let Some((_, peer)) = CLOSEST_PEER.iter().find(|(n, _)| *n == r.name) else { continue };
+        let Some(p) = peers.iter().find(|p| p.name == *peer) else { continue };
+        s += &format!(
+            "| {} | {} | {} | {} |\n",
+            r.name,
+            p.name,
+            ratio(r, p, "peak_rss_bytes"),
+            ratio(r, p, "step_time_s")
+        );
+    }
+    if s.is_empty() {
+        return s;
+    }
+    format!("| run | closest peer | peak RSS ratio | step time ratio |\n|---|---|---|---|\n{s}")
+}
+
+/// Today's date (UTC) as YYYY-MM-DD, from the system clock.
+fn utc_date() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    civil_date((secs / 86_400) as i64)
+}
+
+/// Days since 1970-01-01 → YYYY-MM-DD (H. Hinnant's `civil_from_days`).
+fn civil_date(days: i64) -> String {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
 }
 
 /// Model FLOPs utilisation: matmul FLOPs per token over the measured GEMM rate, with N the parameters that take
@@ -91,4 +179,31 @@ fn add_mfu(r: &mut RunRecord, gflops: f64) {
         _ => 6.0 * params,
     };
     r.summary["mfu"] = serde_json::json!(tps * per_token / (gflops * 1e9));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        for (days, want) in [(0, "1970-01-01"), (59, "1970-03-01"), (11_016, "2000-02-29"), (20_780, "2026-11-23")] {
+            assert_eq!(civil_date(days), want);
+        }
+    }
+
+    fn record(name: &str, rss: f64, step: f64) -> RunRecord {
+        let summary = serde_json::json!({ "peak_rss_bytes": rss, "step_time_s": step });
+        RunRecord { name: name.into(), summary, losses: vec![] }
+    }
+
+    #[test]
+    fn ratios_pair_each_run_with_its_closest_peer() {
+        let runs = [record("qst", 1.0e9, 5.0), record("qft", 3.0e9, 12.0), record("mezo", 1.0, 1.0)];
+        let peers = [record("peft-lora", 4.0e9, 20.0), record("bnb-lion8bit", 6.0e9, 10.0)];
+        let t = ratio_table(&runs, &peers);
+        assert!(t.contains("| qst | peft-lora | 0.25× | 0.25× |"), "{t}");
+        assert!(t.contains("| qft | bnb-lion8bit | 0.50× | 1.20× |"), "{t}");
+        assert!(!t.contains("mezo"), "a run whose peer did not finish has no row: {t}");
+    }
 }

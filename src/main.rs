@@ -80,6 +80,9 @@ struct BenchArgs {
     /// List the runs and exit.
     #[arg(long)]
     list: bool,
+    /// Include the PyTorch peers' runs from this folder (`scripts/peers_bench.py --out`) and their ratios.
+    #[arg(long)]
+    peers: Option<PathBuf>,
     /// Arguments passed to every `qtune train` (after `--`), e.g. `-- --steps 10 --batch-size 8`.
     #[arg(last = true)]
     train_args: Vec<String>,
@@ -217,8 +220,8 @@ struct MethodArgs {
     /// QST: inner width of the adapter and LoRA-style downsamples.
     #[arg(long, default_value_t = 16)]
     adapter_rank: usize,
-    /// QST start: paper (α = 1, zero upsample: the first forward is the base model's) or code (the official
-    /// code's α = sigmoid(1), random upsample).
+    /// QST start: paper (α = 1: the first forward is the base model's) or code (the official code's
+    /// α = sigmoid(1): the random side network is in the first forward).
     #[arg(long, default_value = "paper")]
     qst_start: String,
     /// QST: α's learning rate as a multiple of --lr.
@@ -521,7 +524,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     let runs = a.runs.unwrap_or_else(|| qtune::bench::RUNS.iter().map(|r| r.0.to_string()).collect());
     let exe = std::env::current_exe()?;
-    print!("{}", qtune::bench::run(&exe, &runs, &a.train_args, &a.out)?);
+    print!("{}", qtune::bench::run(&exe, &runs, &a.train_args, &a.out, a.peers.as_deref())?);
     Ok(())
 }
 
