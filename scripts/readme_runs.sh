@@ -25,16 +25,19 @@ for g in $GROUPS_; do
       run full-adamw train --method full-adamw --lr 2e-5 "${FULL[@]}"
       run full-lion train --method full-lion --lr 5e-6 "${FULL[@]}"
       run qft train --method qft --lr 5e-6 "${FULL[@]}" ;;
-    qst) # one learning rate for the three (the QST and QLoRA papers' 2e-4), and QST at 1e-3: from its exact start
-      # (α = 1, zero upsample) AdamW moves α and the upsample by about lr per step, so 40 steps at 2e-4 barely mix
-      # the side network in
+    qst) # one learning rate for the three (the QST and QLoRA papers' 2e-4). QST from the paper's exact start (α = 1,
+      # the default) and from the official code's (α = σ(1)); then the paper's start with α trained faster
       run lora train --method lora --lr 2e-4 "${FULL[@]}"
       run qlora train --method qlora --lr 2e-4 "${FULL[@]}"
       run qst train --method qst --lr 2e-4 "${FULL[@]}"
-      run qst-lr1e-3 train --method qst --lr 1e-3 "${FULL[@]}" ;;
-    ablation) # the adapter is qst-lr1e-3
+      run qst-code train --method qst --qst-start code --lr 2e-4 "${FULL[@]}"
+      for a in 50 200 500; do
+        run "qst-alpha$a" train --method qst --alpha-lr-scale "$a" --lr 2e-4 "${DEV[@]}"
+      done ;;
+    ablation) # from the code's start, where the side network is in the output from the first step; the adapter is
+      # qst-code
       for ds in lora linear maxpool avgpool; do
-        run "qst-$ds" train --method qst --downsample "$ds" --lr 1e-3 "${DEV[@]}"
+        run "qst-code-$ds" train --method qst --qst-start code --downsample "$ds" --lr 2e-4 "${DEV[@]}"
       done ;;
     zo)
       run infer-int8 eval --bits 8 --dev-size 200 --eval-size 0 --max-seq-len 256 --seed 0

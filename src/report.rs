@@ -104,6 +104,8 @@ pub fn loss_svg(runs: &[RunRecord], title: &str) -> String {
     axes(&mut s, (l, t, w - r, h - b), (0.0, max_step), (ymin, ymax), "step", "training loss");
     for (i, run) in runs.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
+        // Past the palette, the colours come round again dashed.
+        let dash = if i >= COLORS.len() { r#" stroke-dasharray="6 3""# } else { "" };
         let raw: Vec<String> = run.losses.iter().map(|&(st, v)| format!("{:.1},{:.1}", x(st as f64), y(v))).collect();
         let _ = write!(s, r#"<polyline fill="none" stroke="{c}" stroke-opacity="0.25" points="{}"/>"#, raw.join(" "));
         let mut ema = run.losses[0].1;
@@ -115,11 +117,12 @@ pub fn loss_svg(runs: &[RunRecord], title: &str) -> String {
                 format!("{:.1},{:.1}", x(st as f64), y(ema))
             })
             .collect();
-        let _ = write!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#, smooth.join(" "));
+        let _ =
+            write!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="2"{dash} points="{}"/>"#, smooth.join(" "));
         let ly = t + 18.0 * i as f64 + 10.0;
         let _ = write!(
             s,
-            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="3"{dash}/><text x="{}" y="{}">{}</text>"#,
             w - r + 12.0,
             w - r + 32.0,
             w - r + 38.0,

@@ -42,9 +42,10 @@
 //! and only what the downsample's gradient needs survives ([`DownActs`]: the adapter, LoRA-style and linear variants
 //! keep their input h_f,i [B·T, d]; pooling keeps nothing). The side keeps its blocks' activations, or with
 //! `--recompute` only their inputs [B·T, s]. With the base's head count, a side block's attention probabilities
-//! [B, H, T, T] are as large as a base block's: at long sequences they are most of what QST keeps, and
-//! `--recompute` drops them for one extra side-block forward each. Export writes the side network (`side.safetensors`) and `qst.json`,
-//! which names the base model file and how it was quantized; the base itself is not copied.
+//! [B, H, T, T] are as large as a base block's: at long sequences they are most of what QST keeps, so the side
+//! blocks keep only their lower triangle ([`crate::model::layers::Probs`]), and `--recompute` drops them for one
+//! extra side-block forward each. Export writes the side network (`side.safetensors`) and `qst.json`, which names
+//! the base model file and how it was quantized; the base itself is not copied.
 use super::lora::{kaiming_uniform, nf4_base, FirstOrder, FrozenBase, Trained, NF4_BLOCK};
 use super::{Method, StepStats};
 use crate::checkpoint::{StateReader, StateWriter};
@@ -344,7 +345,7 @@ pub fn trace_bytes(
         Downsample::Linear => n * d,
         Downsample::MaxPool | Downsample::AvgPool => 0,
     };
-    let block = if q.keep == Keep::Inputs { n * s } else { block_activation_elems(side, b, t) };
+    let block = if q.keep == Keep::Inputs { n * s } else { block_activation_elems(side, b, t, true) };
     let (p, c) = head;
     4 * ((layers + 1) * down + layers * (n * s + block) + p * (s + 1 + s + d + c))
 }
@@ -388,6 +389,13 @@ fn mix_backward(dh: &Tensor, diff: &Tensor, alpha: &Tensor) -> Result<(Tensor, T
     Ok((dh.broadcast_mul(&alpha.affine(-1.0, 1.0)?)?, (dh * diff)?.sum(0)?))
 }
 
+/// The side decoder: its blocks keep only the lower triangle of their attention probabilities. With the base's head
+/// count at width d/r, those are as large as a base block's and most of what QST keeps; the half they drop costs a
+/// gather and a scatter per block, cheap beside the side attention's own passes over [B, H, T, T].
+fn side_model(cfg: LlamaConfig) -> Llama {
+    Llama { lower_probs: true, ..Llama::new(cfg) }
+}
+
 impl SideNet {
     /// A freshly initialized side network for a base of config `base`, in `dtype`.
     pub fn new(base: &LlamaConfig, cfg: QstConfig, dtype: DType) -> Result<Self> {
@@ -423,7 +431,7 @@ impl SideNet {
         }
         let mut params = Trained::new(items);
         params.scale_lr(SideParam::Alpha, cfg.alpha_lr_scale);
-        Ok(SideNet { cfg, side: Llama::new(side), params })
+        Ok(SideNet { cfg, side: side_model(side), params })
     }
 
     fn dtype(&self) -> DType {
@@ -612,8 +620,8 @@ impl SideNet {
     /// activations at a time; the side backward one side block's scratch (and its activations when recomputing).
     fn scratch_bytes(&self, model: &Llama, b: usize, t: usize) -> usize {
         let elem = self.dtype().size_in_bytes();
-        let base = block_activation_elems(&model.cfg, b, t) * 4;
-        base.max(block_scratch_bytes(&self.side.cfg, b, t, self.cfg.keep, elem))
+        let base = block_activation_elems(&model.cfg, b, t, false) * 4;
+        base.max(block_scratch_bytes(&self.side.cfg, b, t, self.cfg.keep, elem, true))
     }
 }
 
@@ -815,7 +823,7 @@ mod tests {
     fn with(net: &SideNet, k: SideParam, t: &Tensor) -> SideNet {
         let mut params = net.params.clone();
         params.set(k, t.clone());
-        SideNet { cfg: net.cfg, side: Llama::new(net.side.cfg.clone()), params }
+        SideNet { cfg: net.cfg, side: side_model(net.side.cfg.clone()), params }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! code runs on f32 tensors (the baselines) and on quantized stores (QFT, QST, QuZO) that apply a matrix without
 //! materializing a whole-model f32 copy.
 use super::config::LlamaConfig;
-use super::layers::{self, Rope};
+use super::layers::{self, Probs, Rope};
 use super::params::{BlockParam as P, ParamId, ParamStore};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -92,7 +92,7 @@ pub struct BlockActs {
     q: Tensor,     // [B, H, T, hd] after RoPE
     k: Tensor,     // [B, KV, T, hd] after RoPE
     v: Tensor,     // [B, KV, T, hd]
-    probs: Tensor, // [B, H, T, T] attention probabilities
+    probs: Probs,  // [B, H, T, T] attention probabilities, or their lower triangle [B·H, T(T+1)/2]
     ctx: Tensor,   // [N, H·hd] attention output, input to O
     x2: Tensor,    // [N, d] residual after attention
     rstd2: Tensor, // [N, 1]
@@ -110,7 +110,6 @@ impl BlockActs {
             &self.q,
             &self.k,
             &self.v,
-            &self.probs,
             &self.ctx,
             &self.x2,
             &self.rstd2,
@@ -120,7 +119,8 @@ impl BlockActs {
         ]
         .iter()
         .map(|t| tensor_bytes(t))
-        .sum()
+        .sum::<usize>()
+            + self.probs.bytes()
     }
 }
 
@@ -202,11 +202,13 @@ pub enum Keep {
 
 pub struct Llama {
     pub cfg: LlamaConfig,
+    /// Blocks keep only the lower triangle of their attention probabilities ([`Probs`]).
+    pub lower_probs: bool,
 }
 
 impl Llama {
     pub fn new(cfg: LlamaConfig) -> Self {
-        Llama { cfg }
+        Llama { cfg, lower_probs: false }
     }
 
     pub fn block_forward(
@@ -236,6 +238,7 @@ impl Llama {
         let up = w.linear(id(P::Up), &xn2)?;
         let hmid = layers::swiglu_forward(&gate, &up)?;
         let out = (&x2 + w.linear(id(P::Down), &hmid)?)?;
+        let probs = Probs::new(probs, self.lower_probs)?;
         Ok((out, BlockActs { x, rstd1, xn1, q, k, v, probs, ctx, x2, rstd2, xn2, gate, up }))
     }
 
@@ -271,7 +274,7 @@ impl Llama {
         let dctx = w.linear_t(id(P::O), &dx2)?;
         w.weight_grad(id(P::O), &dx2, &a.ctx, sink)?;
         let dctx = dctx.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
-        let (dq, dk, dv) = layers::attention_backward(&dctx, &a.q, &a.k, &a.v, &a.probs, c.group_size())?;
+        let (dq, dk, dv) = layers::attention_backward(&dctx, &a.q, &a.k, &a.v, &a.probs.full()?, c.group_size())?;
         let flat = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.transpose(1, 2)?.reshape((b * t, n * hd))?) };
         let dq = flat(rope.backward(&dq)?, h)?;
         let dk = flat(rope.backward(&dk)?, kv)?;

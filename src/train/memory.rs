@@ -33,23 +33,25 @@ impl Breakdown {
 }
 
 /// Transient bytes of one block's backward beyond the saved activations (batch `b`, length `t`, element size
-/// `elem`): softmax-backward buffers [B,H,T,T]×3 (dprobs, dprobs⊙probs, dscores), repeated K/V [B,H,T,hd]×2,
-/// residual gradients [N,d]×3, MLP gradients [N,f]×4, the largest weight gradient of a block, and — with
-/// recomputation — the block's own activations rebuilt for its backward.
-pub fn block_scratch_bytes(cfg: &LlamaConfig, b: usize, t: usize, keep: Keep, elem: usize) -> usize {
+/// `elem`, `lower`: the blocks keep the lower triangle of their attention probabilities): softmax-backward buffers
+/// [B,H,T,T]×3 (dprobs, dprobs⊙probs, dscores) and, with `lower`, the rebuilt probabilities, repeated K/V
+/// [B,H,T,hd]×2, residual gradients [N,d]×3, MLP gradients [N,f]×4, the largest weight gradient of a block, and —
+/// with recomputation — the block's own activations rebuilt for its backward.
+pub fn block_scratch_bytes(cfg: &LlamaConfig, b: usize, t: usize, keep: Keep, elem: usize, lower: bool) -> usize {
     let n = b * t;
     let (d, f, h, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim);
-    let attn = 3 * b * h * t * t + 2 * b * h * t * hd;
+    let attn = (3 + usize::from(lower)) * b * h * t * t + 2 * b * h * t * hd;
     let grads = 3 * n * d + 4 * n * f + f * d;
-    let recompute = if keep == Keep::Inputs { block_activation_elems(cfg, b, t) } else { 0 };
+    let recompute = if keep == Keep::Inputs { block_activation_elems(cfg, b, t, lower) } else { 0 };
     (attn + grads + recompute) * elem
 }
 
-/// Elements one block saves for its backward (see `BlockActs`).
-pub fn block_activation_elems(cfg: &LlamaConfig, b: usize, t: usize) -> usize {
+/// Elements one block saves for its backward (see `BlockActs`; `lower` as in [`block_scratch_bytes`]).
+pub fn block_activation_elems(cfg: &LlamaConfig, b: usize, t: usize, lower: bool) -> usize {
     let n = b * t;
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
-    4 * n * d + 2 * n + n * cfg.q_dim() * 2 + 2 * n * cfg.kv_dim() + b * cfg.num_attention_heads * t * t + 2 * n * f
+    let probs = b * cfg.num_attention_heads * if lower { t * (t + 1) / 2 } else { t * t };
+    4 * n * d + 2 * n + n * cfg.q_dim() * 2 + 2 * n * cfg.kv_dim() + probs + 2 * n * f
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes; 0 where the OS does not say.
