@@ -58,6 +58,11 @@ pub fn gemm_gflops() -> Result<f64> {
 /// same batches), the peers' runs join the table and plots, and a second table gives each run's ratios to its
 /// closest peer ([`CLOSEST_PEER`]).
 pub fn run(exe: &Path, runs: &[String], common: &[String], out: &Path, peers: Option<&Path>) -> Result<String> {
+    // Read first, so a wrong folder fails before an hour of runs.
+    let peer_records = match peers {
+        Some(dir) => read_peers(dir)?,
+        None => Vec::new(),
+    };
     let gflops = gemm_gflops()?;
     eprintln!("f32 GEMM on this machine: {gflops:.1} GFLOP/s");
     let mut records = Vec::new();
@@ -88,10 +93,6 @@ pub fn run(exe: &Path, runs: &[String], common: &[String], out: &Path, peers: Op
     for r in &mut records {
         add_mfu(r, gflops);
     }
-    let peer_records = match peers {
-        Some(dir) => read_peers(dir)?,
-        None => Vec::new(),
-    };
     let ratios = ratio_table(&records, &peer_records);
     records.extend(peer_records);
     let mut md = format!("qtune bench, {} UTC, {}\n\n", utc_date(), crate::train::trainer::machine());

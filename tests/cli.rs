@@ -248,6 +248,15 @@ fn impossible_options_are_named() {
     let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     a[16] = "500";
     expect_error(&a, &["lm.jsonl", "splits ask for"]);
+    for (flag, value, needle) in
+        [("--qst-start", "middle", "--qst-start `middle`"), ("--alpha-lr-scale", "nan", "--alpha-lr-scale")]
+    {
+        let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+        a[8] = "qst";
+        a.extend([flag, value]);
+        expect_error(&a, &[needle]);
+    }
+    expect_error(&["bench", "--out", out.to_str().unwrap(), "--peers", "no-such-peers"], &["no-such-peers"]);
 }
 
 /// Every method trains end to end through the CLI on the tiny model, and `qtune bench` tabulates them.
