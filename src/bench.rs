@@ -23,8 +23,8 @@ pub const RUNS: &[(&str, &[&str])] = &[
 
 /// Each bench run's closest PyTorch peer in `scripts/peers_bench.py`: what a user would otherwise run for the same
 /// job. QFT's is bitsandbytes' 8-bit Lion (quantized optimizer state, f32 weights and gradients); QLoRA and QST have
-/// no CPU peer of their own (bitsandbytes' NF4 layers are GPU code), so theirs is PEFT LoRA on the f32 model; the
-/// quantized first-order baseline's is FP32 AdamW.
+/// no peer of their own yet (`peers_bench.py` has no PEFT-over-bitsandbytes-NF4 run), so theirs is PEFT LoRA on the
+/// f32 model; the quantized first-order baseline's is FP32 AdamW.
 pub const CLOSEST_PEER: &[(&str, &str)] = &[
     ("full-adamw", "torch-adamw"),
     ("full-lion", "torch-lion"),
