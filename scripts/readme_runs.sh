@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The BoolQ runs the README's result tables come from. Every run: seed 0, 200 dev examples (the MeZO splits' first
+# The BoolQ runs the README's result tables come from. Every run: seed 0 (but seed1), 200 dev examples (the MeZO splits' first
 # rows), 40 steps of batch 8, at most 256 tokens, linear decay, clip 1.0; the first-order tables also evaluate 200
 # held-out examples, the ablation and zeroth-order tables only the dev set (to save CPU time).
-# Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst (issue 5), ablation, zo
-# (issue 6); default all. Runs already finished (summary.json present) are skipped.
+# Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, ablation (issue 5),
+# zo (issue 6); default all. Runs already finished (summary.json present) are skipped.
 set -euo pipefail
 BIN=${1:-target/release/qtune}
 OUT=${2:-runs/readme}
 shift 2 || true
-GROUPS_=${*:-fo qst ablation zo}
+GROUPS_=${*:-fo qst seed1 ablation zo}
 STEPS=(--steps 40 --batch-size 8 --max-seq-len 256 --seed 0)
 FULL=(--dev-size 200 --eval-size 200 "${STEPS[@]}")
 DEV=(--dev-size 200 --eval-size 0 "${STEPS[@]}")
@@ -34,6 +34,11 @@ for g in $GROUPS_; do
       for a in 50 200 500; do
         run "qst-alpha$a" train --method qst --alpha-lr-scale "$a" --lr 2e-4 "${DEV[@]}"
       done ;;
+    seed1) # the QST comparison again on seed 1 (other train/dev samples, other inits)
+      S1=(--dev-size 200 --eval-size 200 --steps 40 --batch-size 8 --max-seq-len 256 --seed 1 --lr 2e-4)
+      run lora-seed1 train --method lora "${S1[@]}"
+      run qst-seed1 train --method qst "${S1[@]}"
+      run qst-code-seed1 train --method qst --qst-start code "${S1[@]}" ;;
     ablation) # from the code's start, where the side network is in the output from the first step; the adapter is
       # qst-code
       for ds in lora linear maxpool avgpool; do
