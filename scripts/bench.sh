@@ -2,7 +2,7 @@
 # The README's benchmark: every qtune method and the PyTorch peers on the same model (SmolLM2-135M-Instruct from
 # the Q4_1 GGUF), task (BoolQ, seed 0) and batches, one after the other on this machine, then one table with each
 # run's ratios to its closest peer. Run it on an otherwise idle machine: the step times are the README's.
-# Usage: scripts/bench.sh [OUT] [STEPS]     (default runs/bench-full, 6 steps; about an hour on 2 cores)
+# Usage: scripts/bench.sh [OUT] [STEPS]     (default runs/bench-full, 6 steps; about half an hour on 2 cores)
 # Writes OUT/<run>/ for every qtune run, OUT/peers/<peer>/ for every peer, OUT/{results.md, results.json,
 # loss.png, memory.png}, and copies the report into docs/bench/ (what the README shows).
 set -euo pipefail
