@@ -432,6 +432,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let (d, e) = (evaluate(&splits.dev)?, evaluate(&splits.eval)?);
     // An empty split has no accuracy.
     let acc = |r: &trainer::EvalResult| (r.examples > 0).then_some(r.accuracy);
+    let loss = |r: &trainer::EvalResult| (r.examples > 0).then_some(r.loss);
     let params = model.cfg.num_params();
     let summary = serde_json::json!({
         "method": method,
@@ -451,14 +452,21 @@ fn eval(a: EvalArgs) -> Result<()> {
         "dev_accuracy_before": acc(&d),
         "dev_accuracy_after": acc(&d),
         "eval_accuracy": acc(&e),
+        "dev_loss_before": loss(&d),
+        "dev_loss_after": loss(&d),
+        "eval_loss": loss(&e),
+        "dev_majority": d.majority,
+        "eval_majority": e.majority,
         "machine": trainer::machine(),
     });
     eprintln!(
-        "dev accuracy {:.4} (loss {:.4}); eval accuracy {:.4} (loss {:.4}); {:.0} tok/s",
+        "dev accuracy {:.4} (loss {:.4}{}); eval accuracy {:.4} (loss {:.4}{}); {:.0} tok/s",
         d.accuracy,
         d.loss,
+        trainer::majority_note(&d),
         e.accuracy,
         e.loss,
+        trainer::majority_note(&e),
         summary["tokens_per_s"].as_f64().unwrap_or(0.0)
     );
     let out = c.out.unwrap_or_else(|| PathBuf::from(format!("runs/eval-{}", c.task)));

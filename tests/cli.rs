@@ -104,6 +104,9 @@ fn train_writes_summary_log_and_a_loadable_export() {
         "dev_accuracy_before",
         "dev_accuracy_after",
         "eval_accuracy",
+        "dev_loss_before",
+        "dev_loss_after",
+        "eval_loss",
     ] {
         assert!(!s[key].is_null(), "summary.json lacks {key}");
     }

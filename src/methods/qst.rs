@@ -531,7 +531,7 @@ impl SideNet {
                         diffs.push(diff);
                     }
                     let (out, acts) = self.side.block_forward(&self.params, i - 1, x.clone(), (b, t), &rope, &mask)?;
-                    blocks.extend(Saved::new(side_keep, x, acts));
+                    blocks.extend(Saved::new(side_keep, x, acts, self.side.lower_probs)?);
                     out
                 }
             });

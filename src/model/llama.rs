@@ -142,13 +142,20 @@ pub enum Saved {
 }
 
 impl Saved {
-    /// What `keep` keeps of a block whose forward took `input` and produced `acts` (`None` for inference).
-    pub fn new(keep: Keep, input: Tensor, acts: BlockActs) -> Option<Saved> {
-        match keep {
+    /// What `keep` keeps of a block whose forward took `input` and produced `acts` (`None` for inference). With
+    /// `lower_probs` the kept attention probabilities are packed to their lower triangle here, not in the forward,
+    /// so an inference pass does not pay for a pack it throws away.
+    pub fn new(keep: Keep, input: Tensor, mut acts: BlockActs, lower_probs: bool) -> Result<Option<Saved>> {
+        Ok(match keep {
             Keep::Nothing => None,
-            Keep::All => Some(Saved::All(Box::new(acts))),
+            Keep::All => {
+                if let Probs::Full(p) = acts.probs {
+                    acts.probs = Probs::new(p, lower_probs)?;
+                }
+                Some(Saved::All(Box::new(acts)))
+            }
             Keep::Inputs => Some(Saved::Input(input)),
-        }
+        })
     }
 
     pub fn bytes(&self) -> usize {
@@ -238,7 +245,7 @@ impl Llama {
         let up = w.linear(id(P::Up), &xn2)?;
         let hmid = layers::swiglu_forward(&gate, &up)?;
         let out = (&x2 + w.linear(id(P::Down), &hmid)?)?;
-        let probs = Probs::new(probs, self.lower_probs)?;
+        let probs = Probs::Full(probs);
         Ok((out, BlockActs { x, rstd1, xn1, q, k, v, probs, ctx, x2, rstd2, xn2, gate, up }))
     }
 
@@ -325,7 +332,7 @@ impl Llama {
         for l in 0..self.cfg.num_hidden_layers {
             let input = x.clone();
             let (out, acts) = self.block_forward(w, l, x, (b, t), &rope, &mask)?;
-            saved.extend(Saved::new(keep, input, acts));
+            saved.extend(Saved::new(keep, input, acts, self.lower_probs)?);
             x = out;
             visit(l + 1, &x)?;
         }
