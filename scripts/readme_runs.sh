@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The BoolQ runs the README's result tables come from. Every run: seed 0 (the seed1 group: 1), 200 dev examples
-# (the MeZO splits' first rows), 40 steps of batch 8, at most 256 tokens, linear decay, clip 1.0; the first-order
+# (the MeZO splits' first rows), 40 steps (the long group: 120) of batch 8, at most 256 tokens, linear decay, clip 1.0; the first-order
 # tables also evaluate 200 held-out examples, the ablation and zeroth-order tables only the dev set (to save CPU).
-# Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, ablation (issue 5),
+# Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, long, ablation (issue 5),
 # zo (issue 6); default all. Runs already finished (summary.json present) are skipped.
 set -euo pipefail
 BIN=${1:-target/release/qtune}
 OUT=${2:-runs/readme}
 shift 2 || true
-GROUPS_=${*:-fo qst seed1 ablation zo}
+GROUPS_=${*:-fo qst seed1 long ablation zo}
 STEPS=(--steps 40 --batch-size 8 --max-seq-len 256 --seed 0)
 FULL=(--dev-size 200 --eval-size 200 "${STEPS[@]}")
 DEV=(--dev-size 200 --eval-size 0 "${STEPS[@]}")
@@ -39,6 +39,14 @@ for g in $GROUPS_; do
       run lora-seed1 train --method lora "${S1[@]}"
       run qst-seed1 train --method qst "${S1[@]}"
       run qst-code-seed1 train --method qst --qst-start code "${S1[@]}" ;;
+    long) # the QST comparison over 120 steps (seed 0): LoRA; QST from the paper's start with α trained ×50, at
+      # r = 16, 8 and 4; QST from the code's start. Run two at a time, each with RAYON_NUM_THREADS=1.
+      L=(--dev-size 200 --eval-size 200 --steps 120 --batch-size 8 --max-seq-len 256 --seed 0 --lr 2e-4)
+      run lora-120 train --method lora "${L[@]}"
+      for r in 16 8 4; do
+        run "qst-a50-r$r-120" train --method qst --alpha-lr-scale 50 --side-r "$r" "${L[@]}"
+      done
+      run qst-code-120 train --method qst --qst-start code "${L[@]}" ;;
     ablation) # from the code's start, where the side network is in the output from the first step; the adapter is
       # qst-code
       for ds in lora linear maxpool avgpool; do
