@@ -46,7 +46,8 @@ for g in $GROUPS_; do
       for r in 16 8 4; do
         run "qst-a50-r$r-120" train --method qst --alpha-lr-scale 50 --side-r "$r" "${L[@]}"
       done
-      run qst-code-120 train --method qst --qst-start code "${L[@]}" ;;
+      run qst-code-120 train --method qst --qst-start code "${L[@]}"
+      run qst-lr1e-3-120 train --method qst --alpha-lr-scale 10 "${L[@]/2e-4/1e-3}" ;;
     ablation) # from the code's start, where the side network is in the output from the first step; the adapter is
       # qst-code
       for ds in lora linear maxpool avgpool; do
