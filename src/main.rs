@@ -3,6 +3,7 @@
 //! or option at fault.
 use clap::{Args, Parser, Subcommand};
 use qtune::data::tasks::{default_data, load_task, SplitSizes};
+use qtune::methods::qst::QstModel;
 use qtune::methods::{self, MethodOptions, OnNonFinite, METHODS};
 use qtune::model::load::read_header;
 use qtune::model::quantized::Source;
@@ -405,29 +406,50 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The model `qtune eval` runs: dense weights (f32 or INT8/INT4), or a QST export (NF4 base + side network).
+enum EvalModel {
+    Weights(Box<dyn qtune::model::Weights>),
+    Qst(QstModel),
+}
+
 fn eval(a: EvalArgs) -> Result<()> {
     let c = a.common;
-    let header = read_header(&c.model)?;
-    let tok = tokenizer(header.tokenizer, &c.model)?;
+    // A QST export names its base model; the decoder's shape and the tokenizer come from that base.
+    let is_qst = QstModel::is_export(&c.model);
+    if is_qst && a.bits.is_some() {
+        return Err(Error::Option(format!("--bits: {} is a QST export (its base is NF4)", c.model.display())));
+    }
+    let qst = is_qst.then(|| QstModel::load(&c.model)).transpose()?;
+    let base_path = qst.as_ref().map_or(c.model.clone(), |(_, p)| p.clone());
+    let header = read_header(&base_path)?;
+    let tok = tokenizer(header.tokenizer, &base_path)?;
     let splits = splits(&c, &tok)?;
     let model = Llama::new(header.cfg);
     let pad = pad_id(&model.cfg);
     // f32, or quantized while the file is read (no f32 model in memory).
-    let (weights_box, weights, method): (Box<dyn qtune::model::Weights>, usize, String) = match a.bits {
-        None => {
+    let (run, weights, method) = match (qst, a.bits) {
+        (Some((q, _)), _) => {
+            let b = q.weight_bytes();
+            (EvalModel::Qst(q), b, "inference-qst".to_string())
+        }
+        (None, None) => {
             let p = load_model(&c.model)?.params;
             let b = p.bytes();
-            (Box::new(p), b, "inference".into())
+            (EvalModel::Weights(Box::new(p)), b, "inference".into())
         }
-        Some(bits) => {
+        (None, Some(bits)) => {
             let q = qtune::methods::quzo::quantize_int(Source::File(c.model.clone()), bits)?;
             let b = q.quant_bytes().total() + q.f32_bytes();
-            (Box::new(q), b, format!("inference-int{bits}"))
+            (EvalModel::Weights(Box::new(q)), b, format!("inference-int{bits}"))
         }
     };
     let dev = candle_core::Device::Cpu;
+    let forward = |b: &qtune::model::Batch| match &run {
+        EvalModel::Weights(w) => Ok(model.forward(w.as_ref(), b, Keep::Nothing)?.0),
+        EvalModel::Qst(q) => q.forward(&model, b),
+    };
     let evaluate = |data: &qtune::data::TaskData| {
-        trainer::evaluate(&model, weights_box.as_ref(), data, c.eval_batch_size, c.max_seq_len, pad, &dev)
+        trainer::evaluate(&forward, data, c.eval_batch_size, c.max_seq_len, pad, &dev)
     };
     let (d, e) = (evaluate(&splits.dev)?, evaluate(&splits.eval)?);
     // An empty split has no accuracy.

@@ -45,7 +45,8 @@
 //! [B, H, T, T] are as large as a base block's: at long sequences they are most of what QST keeps, so the side
 //! blocks keep only their lower triangle ([`crate::model::layers::Probs`]), and `--recompute` drops them for one
 //! extra side-block forward each. Export writes the side network (`side.safetensors`) and `qst.json`, which names
-//! the base model file and how it was quantized; the base itself is not copied.
+//! the base model file and how it was quantized; the base itself is not copied. [`QstModel::load`] reads an export
+//! back (`qtune eval --model RUN/model`), re-quantizing the base it names.
 use super::lora::{kaiming_uniform, nf4_base, FirstOrder, FrozenBase, Trained, NF4_BLOCK};
 use super::{Method, StepStats};
 use crate::checkpoint::{StateReader, StateWriter};
@@ -60,7 +61,7 @@ use candle_core::{DType, Device, Tensor, D};
 use qtune_quant::rng::{RngKey, STREAM_GAUSS};
 use qtune_quant::Nf4Tensor;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The adapter's LayerNorm eps (PyTorch's default).
 const LN_EPS: f64 = 1e-5;
@@ -625,23 +626,109 @@ impl SideNet {
     }
 }
 
-/// The QST method: NF4 base, side network, AdamW (or Lion) on the side network only.
-pub struct Qst {
+/// A QST model: the frozen NF4 base and the side network. Training wraps it in [`Qst`]; [`QstModel::load`] reads
+/// one back from its export for evaluation.
+pub struct QstModel {
     base: QuantStore<Nf4Tensor>,
     net: SideNet,
+}
+
+impl QstModel {
+    fn new(source: Source, cfg: QstConfig) -> Result<Self> {
+        // Options are checked before the (slow) quantization.
+        let net = SideNet::new(&source.cfg()?, cfg, DType::F32)?;
+        Ok(QstModel { base: nf4_base(source)?, net })
+    }
+
+    /// Whether `dir` holds a QST export (`qst.json`).
+    pub fn is_export(dir: &Path) -> bool {
+        dir.join("qst.json").is_file()
+    }
+
+    /// Reads a QST export back: the side network from `side.safetensors`, the base re-quantized from the model file
+    /// `qst.json` names (NF4 quantization is deterministic, so this is the base the side network was trained on).
+    /// Returns the model and the base model's path. Errors name the file: a missing or unreadable base, a base whose
+    /// configuration is not the one recorded, a missing, extra, misshapen or non-finite side tensor.
+    pub fn load(dir: &Path) -> Result<(Self, PathBuf)> {
+        let manifest = dir.join("qst.json");
+        let bytes = std::fs::read(&manifest).map_err(|e| Error::file(&manifest, format!("cannot read: {e}")))?;
+        let j: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| Error::file(&manifest, format!("malformed JSON: {e}")))?;
+        let text = |key: &str| {
+            j[key].as_str().ok_or_else(|| Error::file(&manifest, format!("`{key}` is missing or not a string")))
+        };
+        let count = |key: &str| {
+            j[key].as_u64().map(|v| v as usize).ok_or_else(|| Error::file(&manifest, format!("`{key}` is missing or not a count")))
+        };
+        let cfg = QstConfig {
+            r: count("r")?,
+            downsample: text("downsample")?.parse().map_err(|e| Error::file(&manifest, e))?,
+            adapter_rank: count("adapter_rank")?,
+            keep: Keep::All,
+            seed: 0,
+            start: text("start")?.parse().map_err(|e| Error::file(&manifest, e))?,
+            alpha_lr_scale: 1.0,
+        };
+        let base_path = PathBuf::from(text("base_model")?);
+        let base_cfg = crate::model::load::read_header(&base_path)
+            .map_err(|e| Error::file(&manifest, format!("its base model cannot be read ({e}); paths are relative to the directory the training ran in")))?
+            .cfg;
+        if j["base_config"] != base_cfg.to_hf_json() {
+            return Err(Error::file(
+                &manifest,
+                format!("the side network was trained on another base than {}", base_path.display()),
+            ));
+        }
+        let mut net = SideNet::new(&base_cfg, cfg, DType::F32).map_err(|e| Error::file(&manifest, e))?;
+        let side_path = dir.join("side.safetensors");
+        let mut tensors = candle_core::safetensors::load(&side_path, &Device::Cpu)
+            .map_err(|e| Error::file(&side_path, format!("cannot read: {e}")))?;
+        for k in net.params.keys().to_vec() {
+            let name = k.name();
+            let t = tensors.remove(&name).ok_or_else(|| Error::file(&side_path, format!("no tensor `{name}`")))?;
+            let want = net.params.get(k).dims().to_vec();
+            if t.dims() != want.as_slice() {
+                return Err(Error::file(&side_path, format!("`{name}` has shape {:?}, expected {want:?}", t.dims())));
+            }
+            let t = t.to_dtype(DType::F32)?;
+            crate::model::load::check_finite(&t).map_err(|e| Error::file(&side_path, format!("`{name}`: {e}")))?;
+            net.params.set(k, t);
+        }
+        if let Some(extra) = tensors.keys().next() {
+            return Err(Error::file(&side_path, format!("unexpected tensor `{extra}` for this qst.json")));
+        }
+        Ok((QstModel { base: nf4_base(Source::File(base_path.clone()))?, net }, base_path))
+    }
+
+    /// The inference forward (`model` is the base's decoder): loss and logits at the target positions.
+    pub fn forward(&self, model: &Llama, batch: &Batch) -> Result<Output> {
+        Ok(self.net.forward(model, &self.base, batch, Keep::Nothing)?.0)
+    }
+
+    /// Bytes held: the NF4 base and the side network.
+    pub fn weight_bytes(&self) -> usize {
+        self.base.weight_bytes() + self.net.params.bytes()
+    }
+
+    pub fn trainable_params(&self) -> usize {
+        self.net.params.numel()
+    }
+}
+
+/// The QST method: [`QstModel`] with AdamW (or Lion) on the side network only.
+pub struct Qst {
+    model: QstModel,
     update: FirstOrder,
 }
 
 impl Qst {
     pub fn new(source: Source, cfg: QstConfig, update: FirstOrder) -> Result<Self> {
-        // Options are checked before the (slow) quantization.
-        let net = SideNet::new(&source.cfg()?, cfg, DType::F32)?;
-        Ok(Qst { base: nf4_base(source)?, net, update })
+        Ok(Qst { model: QstModel::new(source, cfg)?, update })
     }
 
     /// The run's description next to `side.safetensors`: the base model it reads and how, and the wiring.
     fn manifest(&self, base_model: &str) -> serde_json::Value {
-        let (q, sc) = (&self.net.cfg, &self.net.side.cfg);
+        let (q, sc) = (&self.model.net.cfg, &self.model.net.side.cfg);
         serde_json::json!({
             "method": "qst",
             "base_model": base_model,
@@ -652,7 +739,7 @@ impl Qst {
                 "double_quant_block": 256,
                 "quantized": "every matrix, the embedding included; norm weights f32",
             },
-            "base_config": self.base.cfg.to_hf_json(),
+            "base_config": self.model.base.cfg.to_hf_json(),
             // The side blocks only (no embeddings or head of their own).
             "side_config": {
                 "hidden_size": sc.hidden_size,
@@ -677,7 +764,7 @@ impl Qst {
                     Start::Code => "a*model.norm(h_f) + (1 - a)*upsample(side.norm(h_g)) into the frozen LM head, a = sigmoid(alpha)",
                 },
             },
-            "tensors": self.net.params.keys().iter().map(|k| k.name()).collect::<Vec<_>>(),
+            "tensors": self.model.net.params.keys().iter().map(|k| k.name()).collect::<Vec<_>>(),
         })
     }
 }
@@ -692,36 +779,36 @@ impl Method for Qst {
         let mut loss = 0f32;
         let mut mem = self.state_bytes();
         for batch in micro {
-            let (out, trace) = self.net.forward(model, &self.base, batch, self.net.cfg.keep)?;
+            let (out, trace) = self.model.net.forward(model, &self.model.base, batch, self.model.net.cfg.keep)?;
             let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
             mem.activations = mem.activations.max(trace.bytes());
             let (b, t) = batch.ids.dims2()?;
-            mem.scratch = mem.scratch.max(self.net.scratch_bytes(model, b, t));
-            self.net.backward(model, &self.base, trace, &mut grads)?;
+            mem.scratch = mem.scratch.max(self.model.net.scratch_bytes(model, b, t));
+            self.model.net.backward(model, &self.model.base, trace, &mut grads)?;
             loss += out.loss / micro.len() as f32;
         }
-        self.update.step(&mut self.net.params, grads, micro.len(), loss, mem, lr)
+        self.update.step(&mut self.model.net.params, grads, micro.len(), loss, mem, lr)
     }
 
     fn forward(&self, model: &Llama, batch: &Batch) -> Result<Output> {
-        Ok(self.net.forward(model, &self.base, batch, Keep::Nothing)?.0)
+        self.model.forward(model, batch)
     }
 
     /// The frozen NF4 base (QST's model is base + side network: evaluation goes through [`Method::forward`]).
     fn weights(&self) -> &dyn Weights {
-        &self.base
+        &self.model.base
     }
 
     fn trainable_params(&self) -> usize {
-        self.net.params.numel()
+        self.model.trainable_params()
     }
 
     fn state_bytes(&self) -> Breakdown {
-        let side = self.net.params.bytes();
+        let side = self.model.net.params.bytes();
         Breakdown {
-            weights: self.base.weight_bytes() + side,
+            weights: self.model.weight_bytes(),
             gradients: side,
-            optimizer: self.net.params.numel() * self.update.opt.state_bytes_per_param(),
+            optimizer: self.model.net.params.numel() * self.update.opt.state_bytes_per_param(),
             ..Default::default()
         }
     }
@@ -732,11 +819,11 @@ impl Method for Qst {
 
     /// The side network and its optimizer state (the NF4 base is re-quantized from the model file).
     fn save_state(&self, w: &mut StateWriter) -> Result<()> {
-        self.update.save(w, &self.net.params)
+        self.update.save(w, &self.model.net.params)
     }
 
     fn load_state(&mut self, r: &StateReader) -> Result<()> {
-        self.update.load(r, &mut self.net.params)
+        self.update.load(r, &mut self.model.net.params)
     }
 
     fn export_tensor(&self, _id: ParamId) -> Result<Tensor> {
@@ -748,8 +835,8 @@ impl Method for Qst {
     /// Writes `dir/{side.safetensors, qst.json, tokenizer.json}`; the base is referenced, not copied.
     fn export(&self, _cfg: &LlamaConfig, dir: &Path, tok: Option<&Tok>, base_model: &str) -> Result<()> {
         let mut tensors = Vec::new();
-        for &k in self.net.params.keys() {
-            let t = self.net.params.get(k).to_dtype(DType::F32)?;
+        for &k in self.model.net.params.keys() {
+            let t = self.model.net.params.get(k).to_dtype(DType::F32)?;
             crate::model::load::check_finite(&t)?;
             tensors.push((k.name(), t));
         }
@@ -985,11 +1072,11 @@ mod tests {
     #[test]
     fn first_forward_equals_the_base_model() {
         let (m, q) = tiny_qst(Downsample::Adapter);
-        let dense = q.base.dequantize().unwrap();
+        let dense = q.model.base.dequantize().unwrap();
         for classes in [true, false] {
             let b = batch(classes);
             let got = q.forward(&m, &b).unwrap();
-            let nf4 = m.forward(&q.base, &b, Keep::Nothing).unwrap().0;
+            let nf4 = m.forward(&q.model.base, &b, Keep::Nothing).unwrap().0;
             let f32_ = m.forward(&dense, &b, Keep::Nothing).unwrap().0;
             let (g, n, d): (Vec<f32>, Vec<f32>, Vec<f32>) = (
                 got.logits.flatten_all().unwrap().to_vec1().unwrap(),
@@ -1014,7 +1101,7 @@ mod tests {
             let q = QstConfig { alpha_lr_scale: scale, ..qcfg(Downsample::Adapter, Keep::All) };
             let mut qst = Qst::new(Source::Params(p.clone()), q, adamw()).unwrap();
             qst.step(&m, std::slice::from_ref(&b), lr).unwrap();
-            let alpha: Vec<f32> = qst.net.params.get(SideParam::Alpha).to_vec1().unwrap();
+            let alpha: Vec<f32> = qst.model.net.params.get(SideParam::Alpha).to_vec1().unwrap();
             for a in alpha {
                 let moved = (a - 1.0).abs() as f64;
                 assert!((moved - scale * lr).abs() < 1e-2 * scale * lr, "α moved {moved}, want {}", scale * lr);
@@ -1084,7 +1171,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         q.export(&tiny_config(true), dir.path(), None, "models/base.gguf").unwrap();
         let t = candle_core::safetensors::load(dir.path().join("side.safetensors"), &Device::Cpu).unwrap();
-        assert_eq!(t.len(), q.net.params.keys().len());
+        assert_eq!(t.len(), q.model.net.params.keys().len());
         assert_eq!(t["alpha"].to_vec1::<f32>().unwrap(), vec![1.0; 16]);
         assert!(t.contains_key("side.layers.1.mlp.down_proj.weight") && t.contains_key("downsample.2.in_proj.weight"));
         let j: serde_json::Value =

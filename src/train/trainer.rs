@@ -4,7 +4,7 @@ use super::memory::{self, Breakdown};
 use super::schedule::Schedule;
 use crate::data::{make_batch, Batcher, Splits, TaskData};
 use crate::methods::Method;
-use crate::model::{Batch, Keep, Llama, Output, Tok, Weights};
+use crate::model::{Batch, Llama, Output, Tok};
 use crate::{Error, Result};
 use candle_core::{Device, D};
 use serde::Serialize;
@@ -74,21 +74,9 @@ pub struct EvalResult {
     pub seconds: f64,
 }
 
-/// Evaluates `w` on `data`; examples are batched by length so little compute goes to padding.
+/// Evaluates an inference `forward` (a model's, or a method's own such as QST's base plus side network) on `data`;
+/// examples are batched by length so little compute goes to padding.
 pub fn evaluate(
-    model: &Llama,
-    w: &dyn Weights,
-    data: &TaskData,
-    batch_size: usize,
-    max_len: usize,
-    pad: u32,
-    dev: &Device,
-) -> Result<EvalResult> {
-    evaluate_with(&|b| Ok(model.forward(w, b, Keep::Nothing)?.0), data, batch_size, max_len, pad, dev)
-}
-
-/// [`evaluate`] with any inference forward (a method's own, e.g. QST's base plus side network).
-pub fn evaluate_with(
     forward: &dyn Fn(&Batch) -> Result<Output>,
     data: &TaskData,
     batch_size: usize,
@@ -238,7 +226,7 @@ pub fn train(
         if data.examples.is_empty() {
             return Ok(None);
         }
-        evaluate_with(&|b| m.forward(model, b), data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, &dev).map(Some)
+        evaluate(&|b| m.forward(model, b), data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, &dev).map(Some)
     };
     let mut resumed = None;
     if cfg.resume {
@@ -473,12 +461,12 @@ mod tests {
             let logits = Tensor::from_vec([1f32, 0.0].repeat(p), (p, 2), &Device::Cpu)?;
             Ok(Output { loss: p as f32, logits })
         };
-        let r = evaluate_with(&forward, &data, 2, 16, 0, &Device::Cpu).unwrap();
+        let r = evaluate(&forward, &data, 2, 16, 0, &Device::Cpu).unwrap();
         assert_eq!(r.accuracy, 2.0 / 5.0);
         assert_eq!(r.majority, Some(3.0 / 5.0));
         // Batches of 2, 2, 1 report losses 2, 2, 1: (2·2 + 2·2 + 1·1) / 5.
         assert_eq!(r.loss, 9.0 / 5.0);
         let lm = TaskData { examples: vec![], classes: None };
-        assert_eq!(evaluate_with(&forward, &lm, 2, 16, 0, &Device::Cpu).unwrap().majority, None);
+        assert_eq!(evaluate(&forward, &lm, 2, 16, 0, &Device::Cpu).unwrap().majority, None);
     }
 }
