@@ -228,6 +228,9 @@ struct MethodArgs {
     /// QST: α's learning rate as a multiple of --lr.
     #[arg(long, default_value_t = 1.0)]
     alpha_lr_scale: f64,
+    /// QST, paper start: keep α in [0, 1] after every step.
+    #[arg(long)]
+    alpha_clamp: bool,
     /// LoRA/QLoRA (and mezo/quzo --lora) rank.
     #[arg(long, default_value_t = 8)]
     lora_r: usize,
@@ -269,6 +272,7 @@ impl MethodArgs {
             adapter_rank: self.adapter_rank,
             qst_start: self.qst_start.parse()?,
             alpha_lr_scale: self.alpha_lr_scale,
+            alpha_clamp: self.alpha_clamp,
             lora_r: self.lora_r,
             lora_alpha: self.lora_alpha,
             optimizer: self.optimizer.parse()?,
@@ -448,9 +452,8 @@ fn eval(a: EvalArgs) -> Result<()> {
         EvalModel::Weights(w) => Ok(model.forward(w.as_ref(), b, Keep::Nothing)?.0),
         EvalModel::Qst(q) => q.forward(&model, b),
     };
-    let evaluate = |data: &qtune::data::TaskData| {
-        trainer::evaluate(&forward, data, c.eval_batch_size, c.max_seq_len, pad, &dev)
-    };
+    let evaluate =
+        |data: &qtune::data::TaskData| trainer::evaluate(&forward, data, c.eval_batch_size, c.max_seq_len, pad, &dev);
     let (d, e) = (evaluate(&splits.dev)?, evaluate(&splits.eval)?);
     // An empty split has no accuracy.
     let acc = |r: &trainer::EvalResult| (r.examples > 0).then_some(r.accuracy);

@@ -223,6 +223,7 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
                 seed: o.seed,
                 start: o.qst_start,
                 alpha_lr_scale: o.alpha_lr_scale,
+                alpha_clamp: o.alpha_clamp,
             };
             let side = qst::side_config(cfg, q.r)?;
             let sp: usize =

@@ -159,6 +159,7 @@ pub struct MethodOptions {
     pub qst_start: qst::Start,
     /// QST: α's learning rate as a multiple of the run's.
     pub alpha_lr_scale: f64,
+    pub alpha_clamp: bool,
     /// LoRA / QLoRA rank and alpha (scale alpha / r).
     pub lora_r: usize,
     pub lora_alpha: f64,
@@ -190,6 +191,7 @@ impl Default for MethodOptions {
             adapter_rank: 16,
             qst_start: qst::Start::Paper,
             alpha_lr_scale: 1.0,
+            alpha_clamp: false,
             lora_r: 8,
             lora_alpha: 16.0,
             optimizer: OptimizerKind::AdamW,
@@ -282,6 +284,7 @@ pub fn build(name: &str, source: Source, o: &MethodOptions) -> Result<(Box<dyn M
                         seed: o.seed,
                         start: o.qst_start,
                         alpha_lr_scale: o.alpha_lr_scale,
+                        alpha_clamp: o.alpha_clamp,
                     };
                     (Box::new(qst::Qst::new(source, cfg, update)?), 2e-4)
                 }

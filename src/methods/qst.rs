@@ -134,6 +134,9 @@ pub struct QstConfig {
     pub start: Start,
     /// α's learning rate as a multiple of the run's (α is the only path into the output at the paper's start).
     pub alpha_lr_scale: f64,
+    /// Paper start: keep α in [0, 1] after every step (papers.md §2.6 item 1), so 1 − α, the side network's share
+    /// of the output, never changes sign.
+    pub alpha_clamp: bool,
 }
 
 /// Every tensor QST trains.
@@ -431,6 +434,11 @@ impl SideNet {
             )));
         }
         let mut params = Trained::new(items);
+        if cfg.alpha_clamp && cfg.start != Start::Paper {
+            return Err(Error::Option(
+                "--alpha-clamp applies to --qst-start paper (the code's α = σ(a) is in (0, 1))".into(),
+            ));
+        }
         params.scale_lr(SideParam::Alpha, cfg.alpha_lr_scale);
         Ok(SideNet { cfg, side: side_model(side), params })
     }
@@ -658,7 +666,10 @@ impl QstModel {
             j[key].as_str().ok_or_else(|| Error::file(&manifest, format!("`{key}` is missing or not a string")))
         };
         let count = |key: &str| {
-            j[key].as_u64().map(|v| v as usize).ok_or_else(|| Error::file(&manifest, format!("`{key}` is missing or not a count")))
+            j[key]
+                .as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::file(&manifest, format!("`{key}` is missing or not a count")))
         };
         let cfg = QstConfig {
             r: count("r")?,
@@ -668,10 +679,18 @@ impl QstModel {
             seed: 0,
             start: text("start")?.parse().map_err(|e| Error::file(&manifest, e))?,
             alpha_lr_scale: 1.0,
+            alpha_clamp: false,
         };
         let base_path = PathBuf::from(text("base_model")?);
         let base_cfg = crate::model::load::read_header(&base_path)
-            .map_err(|e| Error::file(&manifest, format!("its base model cannot be read ({e}); paths are relative to the directory the training ran in")))?
+            .map_err(|e| {
+                Error::file(
+                    &manifest,
+                    format!(
+                        "its base model cannot be read ({e}); paths are relative to the directory the training ran in"
+                    ),
+                )
+            })?
             .cfg;
         if j["base_config"] != base_cfg.to_hf_json() {
             return Err(Error::file(
@@ -755,6 +774,7 @@ impl Qst {
             "downsample": q.downsample,
             "adapter_rank": q.adapter_rank,
             "start": q.start,
+            "alpha_clamp": q.alpha_clamp,
             "layer_norm_eps": LN_EPS,
             "wiring": {
                 "downsample.{i}": "i = 0 reads the token embeddings, i = l + 1 the output of base layer l",
@@ -787,7 +807,13 @@ impl Method for Qst {
             self.model.net.backward(model, &self.model.base, trace, &mut grads)?;
             loss += out.loss / micro.len() as f32;
         }
-        self.update.step(&mut self.model.net.params, grads, micro.len(), loss, mem, lr)
+        let stats = self.update.step(&mut self.model.net.params, grads, micro.len(), loss, mem, lr)?;
+        if self.model.net.cfg.alpha_clamp {
+            let params = &mut self.model.net.params;
+            let alpha = params.get(SideParam::Alpha).clamp(0f32, 1f32)?;
+            params.set(SideParam::Alpha, alpha);
+        }
+        Ok(stats)
     }
 
     fn forward(&self, model: &Llama, batch: &Batch) -> Result<Output> {
@@ -870,7 +896,8 @@ mod tests {
     const FD_BUDGET: f64 = 1e-6;
 
     fn qcfg(downsample: Downsample, keep: Keep) -> QstConfig {
-        QstConfig { r: 2, downsample, adapter_rank: 4, keep, seed: 5, start: Start::Paper, alpha_lr_scale: 1.0 }
+        let start = Start::Paper;
+        QstConfig { r: 2, downsample, adapter_rank: 4, keep, seed: 5, start, alpha_lr_scale: 1.0, alpha_clamp: false }
     }
 
     pub fn smollm2_config() -> LlamaConfig {
@@ -1107,6 +1134,24 @@ mod tests {
                 assert!((moved - scale * lr).abs() < 1e-2 * scale * lr, "α moved {moved}, want {}", scale * lr);
             }
         }
+    }
+
+    /// With `alpha_clamp` a step that would push α above 1 leaves it at 1; without, α crosses 1 both ways.
+    #[test]
+    fn alpha_clamp_keeps_alpha_in_the_unit_interval() {
+        let cfg = tiny_config(true);
+        let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
+        let (m, b) = (Llama::new(cfg), batch(true));
+        for clamp in [false, true] {
+            let q = QstConfig { alpha_lr_scale: 10.0, alpha_clamp: clamp, ..qcfg(Downsample::Adapter, Keep::All) };
+            let mut qst = Qst::new(Source::Params(p.clone()), q, adamw()).unwrap();
+            qst.step(&m, std::slice::from_ref(&b), 1e-2).unwrap();
+            let alpha: Vec<f32> = qst.model.net.params.get(SideParam::Alpha).to_vec1().unwrap();
+            let (above, below) = (alpha.iter().any(|&a| a > 1.0), alpha.iter().any(|&a| a < 1.0));
+            assert_eq!((above, below), (!clamp, true), "clamp {clamp}: {alpha:?}");
+        }
+        let q = QstConfig { alpha_clamp: true, start: Start::Code, ..qcfg(Downsample::Adapter, Keep::All) };
+        assert!(Qst::new(Source::Params(p), q, adamw()).is_err());
     }
 
     #[test]
