@@ -50,7 +50,9 @@ for g in $GROUPS_; do
       run qst-lr1e-3-120 train --method qst --alpha-lr-scale 10 "${L[@]/2e-4/1e-3}"
       # the same rate for LoRA and for QST from the code's start (the code's GLUE rate is 4e-4 to 5e-4)
       run lora-lr1e-3-120 train --method lora "${L[@]/2e-4/1e-3}"
-      run qst-code-lr1e-3-120 train --method qst --qst-start code "${L[@]/2e-4/1e-3}" ;;
+      run qst-code-lr1e-3-120 train --method qst --qst-start code "${L[@]/2e-4/1e-3}"
+      # the paper's start with α kept in [0, 1], so the side network's share 1 − α never changes sign
+      run qst-a50-clamp-120 train --method qst --alpha-lr-scale 50 --alpha-clamp "${L[@]}" ;;
     eval1000) # the long group's trained models on 1000 examples of BoolQ's validation set (MeZO's eval size; at
       # 200 one point is two examples, too coarse for a 1.5-point criterion); QST's exports are read back
       for n in lora-120 lora-lr1e-3-120 qst-code-120 qst-code-lr1e-3-120 qst-a50-r16-120; do

@@ -485,13 +485,9 @@ fn eval(a: EvalArgs) -> Result<()> {
         "machine": trainer::machine(),
     });
     eprintln!(
-        "dev accuracy {:.4} (loss {:.4}{}); eval accuracy {:.4} (loss {:.4}{}); {:.0} tok/s",
-        d.accuracy,
-        d.loss,
-        trainer::majority_note(&d),
-        e.accuracy,
-        e.loss,
-        trainer::majority_note(&e),
+        "dev accuracy {}; eval accuracy {}; {:.0} tok/s",
+        trainer::describe(&d),
+        trainer::describe(&e),
         summary["tokens_per_s"].as_f64().unwrap_or(0.0)
     );
     let out = c.out.unwrap_or_else(|| PathBuf::from(format!("runs/eval-{}", c.task)));

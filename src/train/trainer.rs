@@ -115,10 +115,14 @@ pub fn evaluate(
     })
 }
 
-/// "; majority class 0.6200" for a classification split: the accuracy a model needs to beat to have learned more
-/// than the label prior.
-pub fn majority_note(r: &EvalResult) -> String {
-    r.majority.map_or(String::new(), |m| format!("; majority class {m:.4}"))
+/// "0.6150 (loss 0.6641; majority class 0.6180)": accuracy and loss, and for a classification split the accuracy a
+/// model needs to beat to have learned more than the label prior; "none (no examples)" for an empty split.
+pub fn describe(r: &EvalResult) -> String {
+    if r.examples == 0 {
+        return "none (no examples)".into();
+    }
+    let majority = r.majority.map_or(String::new(), |m| format!("; majority class {m:.4}"));
+    format!("{:.4} (loss {:.4}{majority})", r.accuracy, r.loss)
 }
 
 /// One line of the run log.
@@ -355,10 +359,10 @@ pub fn train(
     let (dev_after, eval_res) =
         if cfg.skip_eval { (None, None) } else { (eval(&splits.dev, method)?, eval(&splits.eval, method)?) };
     if let Some(d) = &dev_after {
-        eprintln!("dev accuracy after: {:.4} (loss {:.4}{})", d.accuracy, d.loss, majority_note(d));
+        eprintln!("dev accuracy after: {}", describe(d));
     }
     if let Some(e) = &eval_res {
-        eprintln!("eval accuracy: {:.4} (loss {:.4}{})", e.accuracy, e.loss, majority_note(e));
+        eprintln!("eval accuracy: {}", describe(e));
     }
     let params = model.cfg.num_params();
     let peak_rss = memory::peak_rss_bytes();
