@@ -2,13 +2,13 @@
 # The BoolQ runs the README's result tables come from. Every run: seed 0 (the seed1 group: 1), 200 dev examples
 # (the MeZO splits' first rows), 40 steps (the long group: 120) of batch 8, at most 256 tokens, linear decay, clip 1.0; the first-order
 # tables also evaluate 200 held-out examples, the ablation and zeroth-order tables only the dev set (to save CPU).
-# Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, long, eval1000, ablation (issue 5),
+# Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, long, eval1000, long240, ablation (issue 5),
 # zo (issue 6); default all. Runs already finished (summary.json present) are skipped.
 set -euo pipefail
 BIN=${1:-target/release/qtune}
 OUT=${2:-runs/readme}
 shift 2 || true
-GROUPS_=${*:-fo qst seed1 long eval1000 ablation zo}
+GROUPS_=${*:-fo qst seed1 long eval1000 long240 ablation zo}
 STEPS=(--steps 40 --batch-size 8 --max-seq-len 256 --seed 0)
 FULL=(--dev-size 200 --eval-size 200 "${STEPS[@]}")
 DEV=(--dev-size 200 --eval-size 0 "${STEPS[@]}")
@@ -50,12 +50,15 @@ for g in $GROUPS_; do
       run qst-lr1e-3-120 train --method qst --alpha-lr-scale 10 "${L[@]/2e-4/1e-3}"
       # the same rate for LoRA and for QST from the code's start (the code's GLUE rate is 4e-4 to 5e-4)
       run lora-lr1e-3-120 train --method lora "${L[@]/2e-4/1e-3}"
-      run qst-code-lr1e-3-120 train --method qst --qst-start code "${L[@]/2e-4/1e-3}"
-      # the paper's start with α kept in [0, 1], so the side network's share 1 − α never changes sign
-      run qst-a50-clamp-120 train --method qst --alpha-lr-scale 50 --alpha-clamp "${L[@]}" ;;
+      run qst-code-lr1e-3-120 train --method qst --qst-start code "${L[@]/2e-4/1e-3}" ;;
+    long240) # twice the steps on twice the training examples (2000), evaluated once, on 1000 validation examples:
+      # LoRA and QST from the code's start; a checkpoint every 20 steps (--resume continues an interrupted run)
+      L2=(--train-size 2000 --dev-size 0 --eval-size 1000 --steps 240 --batch-size 8 --max-seq-len 256 --seed 0)
+      run lora-240 train --method lora --lr 2e-4 --checkpoint-every 20 "${L2[@]}"
+      run qst-code-240 train --method qst --qst-start code --lr 2e-4 --checkpoint-every 20 "${L2[@]}" ;;
     eval1000) # the long group's trained models on 1000 examples of BoolQ's validation set (MeZO's eval size; at
       # 200 one point is two examples, too coarse for a 1.5-point criterion); QST's exports are read back
-      for n in lora-120 lora-lr1e-3-120 qst-code-120 qst-code-lr1e-3-120 qst-a50-r16-120; do
+      for n in lora-120 qst-code-120 qst-code-lr1e-3-120 qst-a50-r16-120; do
         run "$n-eval1000" eval --model "$OUT/$n/model" --dev-size 0 --eval-size 1000 --max-seq-len 256 --seed 0
       done ;;
     ablation) # from the code's start, where the side network is in the output from the first step; the adapter is
