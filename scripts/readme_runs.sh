@@ -58,7 +58,7 @@ for g in $GROUPS_; do
       run qst-code-240 train --method qst --qst-start code --lr 2e-4 --checkpoint-every 20 "${L2[@]}" ;;
     eval1000) # the long group's trained models on 1000 examples of BoolQ's validation set (MeZO's eval size; at
       # 200 one point is two examples, too coarse for a 1.5-point criterion); QST's exports are read back
-      for n in lora-120 qst-code-120 qst-a50-r16-120; do
+      for n in lora-120 qst-code-120 qst-code-lr1e-3-120 qst-a50-r16-120; do
         run "$n-eval1000" eval --model "$OUT/$n/model" --dev-size 0 --eval-size 1000 --max-seq-len 256 --seed 0
       done ;;
     ablation) # from the code's start, where the side network is in the output from the first step; the adapter is
