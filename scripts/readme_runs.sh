@@ -52,10 +52,15 @@ for g in $GROUPS_; do
       run lora-lr1e-3-120 train --method lora "${L[@]/2e-4/1e-3}"
       run qst-code-lr1e-3-120 train --method qst --qst-start code "${L[@]/2e-4/1e-3}" ;;
     long240) # twice the steps on twice the training examples (2000), evaluated once, on 1000 validation examples:
-      # LoRA and QST from the code's start; a checkpoint every 20 steps (--resume continues an interrupted run)
+      # LoRA and QST from the code's start (QST also at lr 1e-3); a checkpoint every 20 steps (--resume continues an
+      # interrupted run)
       L2=(--train-size 2000 --dev-size 0 --eval-size 1000 --steps 240 --batch-size 8 --max-seq-len 256 --seed 0)
       run lora-240 train --method lora --lr 2e-4 --checkpoint-every 20 "${L2[@]}"
-      run qst-code-240 train --method qst --qst-start code --lr 2e-4 --checkpoint-every 20 "${L2[@]}" ;;
+      run qst-code-240 train --method qst --qst-start code --lr 2e-4 --checkpoint-every 20 "${L2[@]}"
+      run qst-code-lr1e-3-240 train --method qst --qst-start code --lr 1e-3 --checkpoint-every 20 "${L2[@]}"
+      # 120 steps from the paper's start with α trained ×50 and kept in [0, 1] (--alpha-clamp)
+      run qst-a50-clamp-120 train --method qst --alpha-lr-scale 50 --alpha-clamp --lr 2e-4 \
+        --dev-size 0 --eval-size 1000 --steps 120 --batch-size 8 --max-seq-len 256 --seed 0 ;;
     eval1000) # the long group's trained models on 1000 examples of BoolQ's validation set (MeZO's eval size; at
       # 200 one point is two examples, too coarse for a 1.5-point criterion); QST's exports are read back
       for n in lora-120 qst-code-120 qst-code-lr1e-3-120 qst-a50-r16-120; do
