@@ -2,13 +2,13 @@
 # The BoolQ runs the README's result tables come from. Every run: seed 0 (the seed1 group: 1), 200 dev examples
 # (the MeZO splits' first rows), 40 steps (the long group: 120) of batch 8, at most 256 tokens, linear decay, clip 1.0; the first-order
 # tables also evaluate 200 held-out examples, the ablation and zeroth-order tables only the dev set (to save CPU).
-# Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, long, eval1000, long240, ablation (issue 5),
-# zo (issue 6); default all. Runs already finished (summary.json present) are skipped.
+# Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, long, eval1000, long240, qlora240,
+# start1000, ablation (issue 5), zo (issue 6); default all. Runs already finished (summary.json present) are skipped.
 set -euo pipefail
 BIN=${1:-target/release/qtune}
 OUT=${2:-runs/readme}
 shift 2 || true
-GROUPS_=${*:-fo qst seed1 long eval1000 long240 ablation zo}
+GROUPS_=${*:-fo qst seed1 long eval1000 long240 qlora240 start1000 ablation zo}
 STEPS=(--steps 40 --batch-size 8 --max-seq-len 256 --seed 0)
 FULL=(--dev-size 200 --eval-size 200 "${STEPS[@]}")
 DEV=(--dev-size 200 --eval-size 0 "${STEPS[@]}")
@@ -58,9 +58,17 @@ for g in $GROUPS_; do
       run lora-240 train --method lora --lr 2e-4 --checkpoint-every 20 "${L2[@]}"
       run qst-code-240 train --method qst --qst-start code --lr 2e-4 --checkpoint-every 20 "${L2[@]}"
       run qst-code-lr1e-3-240 train --method qst --qst-start code --lr 1e-3 --checkpoint-every 20 "${L2[@]}"
+      run qst-code-lr3e-3-240 train --method qst --qst-start code --lr 3e-3 --checkpoint-every 20 "${L2[@]}"
       # 120 steps from the paper's start with α trained ×50 and kept in [0, 1] (--alpha-clamp)
       run qst-a50-clamp-120 train --method qst --alpha-lr-scale 50 --alpha-clamp --lr 2e-4 \
         --dev-size 0 --eval-size 1000 --steps 120 --batch-size 8 --max-seq-len 256 --seed 0 ;;
+    qlora240) # QLoRA (the QST paper's comparator: LoRA over the same NF4 base) over the long240 group's 240 steps
+      run qlora-240 train --method qlora --lr 2e-4 --checkpoint-every 20 --train-size 2000 --dev-size 0 \
+        --eval-size 1000 --steps 240 --batch-size 8 --max-seq-len 256 --seed 0 ;;
+    start1000) # where the runs start, on the same 1000 validation examples: the f32 model (LoRA's base) and the
+      # NF4 base (QST's and QLoRA's; QST from the paper's start with no step is exactly the NF4 base model)
+      run zero-shot-eval1000 eval --dev-size 0 --eval-size 1000 --max-seq-len 256 --seed 0
+      run nf4-eval1000 train --method qst --steps 0 --dev-size 0 --eval-size 1000 --max-seq-len 256 --seed 0 ;;
     eval1000) # the long group's trained models on 1000 examples of BoolQ's validation set (MeZO's eval size; at
       # 200 one point is two examples, too coarse for a 1.5-point criterion); QST's exports are read back
       for n in lora-120 qst-code-120 qst-code-lr1e-3-120 qst-a50-r16-120; do
