@@ -2,13 +2,13 @@
 # The BoolQ runs the README's result tables come from. Every run: seed 0 (the seed1 group: 1), 200 dev examples
 # (the MeZO splits' first rows), 40 steps (the long group: 120) of batch 8, at most 256 tokens, linear decay, clip 1.0; the first-order
 # tables also evaluate 200 held-out examples, the ablation and zeroth-order tables only the dev set (to save CPU).
-# Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, long, eval1000, long240, qlora240,
-# start1000, ablation (issue 5), zo (issue 6); default all. Runs already finished (summary.json present) are skipped.
+# Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, long, long240, qlora240,
+# start1000, eval1000, ablation (issue 5), zo (issue 6); default all. Runs already finished (summary.json present) are skipped.
 set -euo pipefail
 BIN=${1:-target/release/qtune}
 OUT=${2:-runs/readme}
 shift 2 || true
-GROUPS_=${*:-fo qst seed1 long eval1000 long240 qlora240 start1000 ablation zo}
+GROUPS_=${*:-fo qst seed1 long long240 qlora240 start1000 eval1000 ablation zo}
 STEPS=(--steps 40 --batch-size 8 --max-seq-len 256 --seed 0)
 FULL=(--dev-size 200 --eval-size 200 "${STEPS[@]}")
 DEV=(--dev-size 200 --eval-size 0 "${STEPS[@]}")
@@ -71,7 +71,10 @@ for g in $GROUPS_; do
       run nf4-eval1000 train --method qst --steps 0 --dev-size 0 --eval-size 1000 --max-seq-len 256 --seed 0 ;;
     eval1000) # the long group's trained models on 1000 examples of BoolQ's validation set (MeZO's eval size; at
       # 200 one point is two examples, too coarse for a 1.5-point criterion); QST's exports are read back
-      for n in lora-120 qst-code-120 qst-code-lr1e-3-120 qst-a50-r16-120; do
+      # The 240-step models again, with their answers (predictions.jsonl; the runs above were trained before qtune
+      # wrote them), so that `qtune report` pairs them example by example
+      for n in lora-120 qst-code-120 qst-code-lr1e-3-120 qst-a50-r16-120 \
+        lora-240 qlora-240 qst-code-240 qst-code-lr1e-3-240 qst-code-lr3e-3-240; do
         run "$n-eval1000" eval --model "$OUT/$n/model" --dev-size 0 --eval-size 1000 --max-seq-len 256 --seed 0
       done ;;
     ablation) # from the code's start, where the side network is in the output from the first step; the adapter is

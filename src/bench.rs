@@ -195,7 +195,7 @@ mod tests {
 
     fn record(name: &str, rss: f64, step: f64) -> RunRecord {
         let summary = serde_json::json!({ "peak_rss_bytes": rss, "step_time_s": step });
-        RunRecord { name: name.into(), summary, losses: vec![] }
+        RunRecord { name: name.into(), summary, losses: vec![], predictions: vec![] }
     }
 
     #[test]

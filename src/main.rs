@@ -492,6 +492,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     );
     let out = c.out.unwrap_or_else(|| PathBuf::from(format!("runs/eval-{}", c.task)));
     trainer::write_summary(&out, &summary)?;
+    trainer::write_predictions(&out, &[("dev", Some(&d)), ("eval", Some(&e))])?;
     eprint!(
         "{}",
         memory::report(&memory::Breakdown { weights, ..Default::default() }, params, memory::peak_rss_bytes())

@@ -1,6 +1,9 @@
 //! Reports across runs: a Markdown table, the raw numbers as JSON, and plots — the loss curves of all runs on one
 //! chart and a stacked bar of each run's memory breakdown — as SVG (drawn here) and PNG (rendered with resvg).
+//! Runs that wrote `predictions.jsonl` are also compared example by example ([`paired`]): on a few hundred
+//! examples a gap of a point or two between two runs' accuracies can be noise, and the pairing says how much.
 use crate::train::memory::Breakdown;
+use crate::train::trainer::Prediction;
 use crate::{Error, Result};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -13,6 +16,9 @@ pub struct RunRecord {
     pub summary: serde_json::Value,
     /// (step, loss) from log.jsonl.
     pub losses: Vec<(usize, f64)>,
+    /// (split, answer) from predictions.jsonl (classification runs).
+    #[serde(skip)]
+    pub predictions: Vec<(String, Prediction)>,
 }
 
 /// Reads `<dir>/summary.json` and, when present, `<dir>/log.jsonl`.
@@ -33,8 +39,128 @@ pub fn read_run(dir: &Path) -> Result<RunRecord> {
             }
         }
     }
+    let mut predictions = Vec::new();
+    let pp = dir.join("predictions.jsonl");
+    if pp.exists() {
+        for (line, row) in crate::data::tasks::read_jsonl(&pp)? {
+            let split = row.get("split").and_then(|v| v.as_str()).map(str::to_owned);
+            let p = serde_json::from_value::<Prediction>(serde_json::Value::Object(row.clone()));
+            match (split, p) {
+                (Some(split), Ok(p)) => predictions.push((split, p)),
+                (None, _) => return Err(Error::line(&pp, line, "a prediction needs `split`")),
+                (_, Err(e)) => return Err(Error::line(&pp, line, format!("not a prediction: {e}"))),
+            }
+        }
+    }
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(RunRecord { name, summary, losses })
+    Ok(RunRecord { name, summary, losses, predictions })
+}
+
+/// Two runs' answers on the examples both answered (one split: "eval" where both have it, else "dev").
+#[derive(Clone, Debug, PartialEq)]
+pub struct Paired {
+    pub a: String,
+    pub b: String,
+    pub split: String,
+    pub examples: usize,
+    pub both_right: usize,
+    pub only_a: usize,
+    pub only_b: usize,
+    pub both_wrong: usize,
+    /// Accuracy of a minus accuracy of b, in points, and its 95% interval (normal approximation of the paired
+    /// difference: var = ((only_a + only_b)/n − d²)/n).
+    pub diff_points: f64,
+    pub ci95_points: (f64, f64),
+    /// Exact two-sided McNemar test: the probability of a split of the discordant examples at least this uneven if
+    /// the two runs were equally accurate.
+    pub p_value: f64,
+}
+
+/// Pairs `a`'s and `b`'s answers by example key; `None` when they share no example.
+pub fn paired(a: &RunRecord, b: &RunRecord) -> Option<Paired> {
+    let has = |r: &RunRecord, s: &str| r.predictions.iter().any(|(x, _)| x == s);
+    let split = ["eval", "dev"].into_iter().find(|s| has(a, s) && has(b, s))?;
+    let answers = |r: &RunRecord| -> std::collections::HashMap<String, bool> {
+        r.predictions.iter().filter(|(x, _)| x == split).map(|(_, p)| (p.key.clone(), p.predicted == p.label)).collect()
+    };
+    let (ra, rb) = (answers(a), answers(b));
+    let mut counts = [0usize; 4]; // both right, only a, only b, both wrong
+    for (key, &right_a) in &ra {
+        if let Some(&right_b) = rb.get(key) {
+            counts[match (right_a, right_b) {
+                (true, true) => 0,
+                (true, false) => 1,
+                (false, true) => 2,
+                (false, false) => 3,
+            }] += 1;
+        }
+    }
+    let n = counts.iter().sum::<usize>();
+    if n == 0 {
+        return None;
+    }
+    let (nf, disc) = (n as f64, (counts[1] + counts[2]) as f64);
+    let d = (counts[1] as f64 - counts[2] as f64) / nf;
+    let half = 1.96 * ((disc / nf - d * d).max(0.0) / nf).sqrt();
+    Some(Paired {
+        a: a.name.clone(),
+        b: b.name.clone(),
+        split: split.into(),
+        examples: n,
+        both_right: counts[0],
+        only_a: counts[1],
+        only_b: counts[2],
+        both_wrong: counts[3],
+        diff_points: 100.0 * d,
+        ci95_points: (100.0 * (d - half), 100.0 * (d + half)),
+        p_value: mcnemar_exact(counts[1], counts[2]),
+    })
+}
+
+/// Two-sided exact McNemar p-value: 2·P(X ≤ min(b, c)) for X ~ Binomial(b + c, 1/2), at most 1. The terms are
+/// built in log space (2^−n underflows f64 past n ≈ 1074).
+pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
+    let n = b + c;
+    let mut log_term = -(n as f64) * std::f64::consts::LN_2; // log C(n, 0) / 2^n
+    let mut tail = 0.0;
+    for i in 0..=b.min(c) {
+        tail += log_term.exp();
+        log_term += ((n - i) as f64).ln() - ((i + 1) as f64).ln();
+    }
+    (2.0 * tail).min(1.0)
+}
+
+/// The first run with answers against each later one, on the examples they share (Markdown; empty if no pair).
+pub fn paired_table(runs: &[RunRecord]) -> String {
+    let Some(i) = runs.iter().position(|r| !r.predictions.is_empty()) else {
+        return String::new();
+    };
+    let pairs: Vec<Paired> = runs[i + 1..].iter().filter_map(|b| paired(&runs[i], b)).collect();
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\n| a | b | split | examples | both right | only a right | only b right | both wrong | a − b (points) | 95% interval | McNemar p |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for p in &pairs {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:+.1} | {:+.1} … {:+.1} | {:.3} |",
+            p.a,
+            p.b,
+            p.split,
+            p.examples,
+            p.both_right,
+            p.only_a,
+            p.only_b,
+            p.both_wrong,
+            p.diff_points,
+            p.ci95_points.0,
+            p.ci95_points.1,
+            p.p_value
+        );
+    }
+    s
 }
 
 fn breakdown(r: &RunRecord) -> Breakdown {
@@ -274,7 +400,7 @@ pub fn svg_to_png(svg: &str, path: &Path) -> Result<()> {
 
 /// Writes `results.md`, `results.json`, `loss.{svg,png}` and `memory.{svg,png}` for `runs` into `out`.
 pub fn write_report(runs: &[RunRecord], out: &Path, title: &str) -> Result<String> {
-    let md = table(runs);
+    let md = table(runs) + &paired_table(runs);
     crate::io::write_bytes_atomic(&out.join("results.md"), md.as_bytes())?;
     let json = serde_json::to_vec_pretty(runs).map_err(|e| Error::Msg(e.to_string()))?;
     crate::io::write_bytes_atomic(&out.join("results.json"), &json)?;
@@ -296,7 +422,68 @@ mod tests {
         let summary = serde_json::json!({"method": name, "peak_rss_bytes": rss, "bytes_per_param": 3.1,
             "breakdown": {"weights": 100, "gradients": 50, "optimizer": 50, "activations": 10, "scratch": 1},
             "dev_accuracy_after": 0.625});
-        RunRecord { name: name.into(), summary, losses }
+        RunRecord { name: name.into(), summary, losses, predictions: vec![] }
+    }
+
+    /// Exact McNemar p-values against binomial sums by hand: (10, 2): 2·(1 + 12 + 66)/2¹²; (3, 0): 2/2³; equal
+    /// splits give 1; past n = 1074 (where 2^−n underflows) the value stays a probability, symmetric in (b, c).
+    #[test]
+    fn mcnemar_matches_binomial_sums() {
+        assert!((mcnemar_exact(10, 2) - 158.0 / 4096.0).abs() < 1e-15);
+        assert!((mcnemar_exact(0, 3) - 0.25).abs() < 1e-15);
+        assert_eq!(mcnemar_exact(5, 5), 1.0);
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+        let (p, q) = (mcnemar_exact(700, 800), mcnemar_exact(800, 700));
+        // Normal approximation: z = 100/√1500 = 2.58, two-sided 0.0098; the exact value is close to it.
+        assert!(p == q && (p - 0.0098).abs() < 0.002, "{p}");
+    }
+
+    /// Answers written by the trainer read back and pair on shared examples only: a right on 1, 2, 3, b right on
+    /// 1 and 4, example 5 answered by a only. Counts, the difference (+1 of 4 = +25 points) and its interval by hand.
+    #[test]
+    fn runs_pair_on_shared_examples() {
+        use crate::train::trainer::{write_predictions, EvalResult};
+        let answers = |right: &[u32], keys: &[u32]| EvalResult {
+            accuracy: 0.0,
+            loss: 0.0,
+            majority: None,
+            examples: keys.len(),
+            tokens: 0,
+            seconds: 0.0,
+            predictions: keys
+                .iter()
+                .map(|&k| Prediction {
+                    example: k as usize,
+                    key: format!("{k:016x}"),
+                    label: 1,
+                    predicted: right.contains(&k) as u32,
+                    loss: 0.5,
+                })
+                .collect(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut runs = Vec::new();
+        for (name, r) in [("a", answers(&[1, 2, 3], &[1, 2, 3, 4, 5])), ("b", answers(&[1, 4], &[1, 2, 3, 4]))] {
+            let d = dir.path().join(name);
+            crate::train::trainer::write_summary(&d, &serde_json::json!({"method": name})).unwrap();
+            write_predictions(&d, &[("dev", None), ("eval", Some(&r))]).unwrap();
+            let back = read_run(&d).unwrap();
+            assert_eq!(back.predictions.len(), r.predictions.len());
+            assert_eq!(back.predictions[0], ("eval".to_string(), r.predictions[0].clone()));
+            runs.push(back);
+        }
+        let p = paired(&runs[0], &runs[1]).unwrap();
+        assert_eq!((p.examples, p.both_right, p.only_a, p.only_b, p.both_wrong), (4, 1, 2, 1, 0));
+        assert!((p.diff_points - 25.0).abs() < 1e-12);
+        // var = ((2 + 1)/4 − 0.25²)/4 = 0.171875.
+        let half = 100.0 * 1.96 * 0.171875f64.sqrt();
+        assert!((p.ci95_points.0 - (25.0 - half)).abs() < 1e-9 && (p.ci95_points.1 - (25.0 + half)).abs() < 1e-9);
+        assert_eq!(p.p_value, 1.0);
+        let md = paired_table(&runs);
+        assert!(md.contains("| a | b | eval | 4 | 1 | 2 | 1 | 0 | +25.0 |"), "{md}");
+        std::fs::write(dir.path().join("b/predictions.jsonl"), "{\"split\": \"eval\"}\n").unwrap();
+        let err = read_run(&dir.path().join("b")).unwrap_err().to_string();
+        assert!(err.contains("predictions.jsonl") && err.contains("not a prediction"), "{err}");
     }
 
     #[test]

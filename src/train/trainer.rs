@@ -60,8 +60,30 @@ fn save_checkpoint(method: &dyn Method, out: &Path, st: &LoopState) -> Result<()
     w.write(&checkpoint_path(out))
 }
 
+/// One example's answer on a classification split. `key` (a hash of the prompt's tokens and the label) names the
+/// example across runs, so two runs' answers can be paired on the examples they share ([`crate::report::paired`]).
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct Prediction {
+    /// The example's index in its split.
+    pub example: usize,
+    pub key: String,
+    pub label: u32,
+    pub predicted: u32,
+    /// The example's cross-entropy over the label words.
+    pub loss: f64,
+}
+
+/// FNV-1a over the prompt's tokens and the label, as 16 hex digits (a JSON number would lose bits in some readers).
+fn example_key(prompt: &[u32], label: u32) -> String {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in prompt.iter().chain(std::iter::once(&label)).flat_map(|t| t.to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
 /// Accuracy and mean loss of a model on one split.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct EvalResult {
     /// Classification: argmax over the label words. Causal LM: next-token accuracy on completion tokens.
     pub accuracy: f64,
@@ -72,6 +94,9 @@ pub struct EvalResult {
     pub examples: usize,
     pub tokens: usize,
     pub seconds: f64,
+    /// Classification: every example's answer, in split order (empty for causal LM, whose answers are tokens).
+    #[serde(skip)]
+    pub predictions: Vec<Prediction>,
 }
 
 /// Evaluates an inference `forward` (a model's, or a method's own such as QST's base plus side network) on `data`;
@@ -89,6 +114,7 @@ pub fn evaluate(
     order.sort_by_key(|&i| data.examples[i].prompt.len());
     let (mut correct, mut count, mut loss_sum, mut tokens) = (0usize, 0usize, 0f64, 0usize);
     let mut class_counts = vec![0usize; data.classes.as_ref().map_or(0, |c| c.len())];
+    let mut predictions = Vec::new();
     for chunk in order.chunks(batch_size.max(1)) {
         let exs: Vec<_> = chunk.iter().map(|&i| &data.examples[i]).collect();
         let batch = make_batch(&exs, data.classes.as_deref(), max_len, pad, dev)?;
@@ -96,6 +122,22 @@ pub fn evaluate(
         let pred: Vec<u32> = out.logits.argmax(D::Minus1)?.to_vec1()?;
         let n = batch.targets.labels.len();
         correct += pred.iter().zip(&batch.targets.labels).filter(|(p, l)| p == l).count();
+        if data.classes.is_some() {
+            // One loss position per example: row k of the [n, C] label-word logits is example chunk[k].
+            let logits: Vec<Vec<f32>> = out.logits.to_vec2()?;
+            for (k, &i) in chunk.iter().enumerate() {
+                let (row, label) = (&logits[k], batch.targets.labels[k]);
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+                predictions.push(Prediction {
+                    example: i,
+                    key: example_key(&data.examples[i].prompt, label),
+                    label,
+                    predicted: pred[k],
+                    loss: lse - row[label as usize] as f64,
+                });
+            }
+        }
         for &l in &batch.targets.labels {
             if let Some(c) = class_counts.get_mut(l as usize) {
                 *c += 1;
@@ -112,7 +154,29 @@ pub fn evaluate(
         examples: data.examples.len(),
         tokens,
         seconds: t0.elapsed().as_secs_f64(),
+        predictions: {
+            predictions.sort_by_key(|p| p.example);
+            predictions
+        },
     })
+}
+
+/// Writes `<out>/predictions.jsonl`: one line per example of each evaluated classification split (`split` is
+/// "dev" or "eval"; the dev split as it stands after training). Nothing is written when there is none.
+pub fn write_predictions(out: &Path, splits: &[(&str, Option<&EvalResult>)]) -> Result<()> {
+    let mut text = Vec::new();
+    for (split, r) in splits {
+        for p in r.iter().flat_map(|r| &r.predictions) {
+            let mut line = serde_json::to_value(p).map_err(|e| Error::Msg(e.to_string()))?;
+            line["split"] = (*split).into();
+            text.extend(serde_json::to_vec(&line).map_err(|e| Error::Msg(e.to_string()))?);
+            text.push(b'\n');
+        }
+    }
+    if text.is_empty() {
+        return Ok(());
+    }
+    crate::io::write_bytes_atomic(&out.join("predictions.jsonl"), &text)
 }
 
 /// "0.6150 (loss 0.6641; majority class 0.6180)": accuracy and loss, and for a classification split the accuracy a
@@ -259,6 +323,7 @@ pub fn train(
             examples: 0,
             tokens: 0,
             seconds: 0.0,
+            predictions: Vec::new(),
         }),
         None if cfg.skip_eval => None,
         None => eval(&splits.dev, method)?,
@@ -341,8 +406,8 @@ pub fn train(
             let st = LoopState {
                 next_step: step + 1,
                 batcher: batcher.clone(),
-                dev_before: dev_before.map(|r| r.accuracy),
-                dev_loss_before: dev_before.map(|r| r.loss),
+                dev_before: dev_before.as_ref().map(|r| r.accuracy),
+                dev_loss_before: dev_before.as_ref().map(|r| r.loss),
                 skipped,
             };
             save_checkpoint(method, &cfg.out, &st)?;
@@ -391,19 +456,20 @@ pub fn train(
         bytes_per_param: peak.model_state() as f64 / params as f64,
         step_time_s: median(&mut times),
         tokens_per_s: median(&mut tok_rates),
-        dev_accuracy_before: dev_before.map(|r| r.accuracy),
-        dev_accuracy_after: dev_after.map(|r| r.accuracy),
-        eval_accuracy: eval_res.map(|r| r.accuracy),
-        dev_loss_before: dev_before.map(|r| r.loss).filter(|l| l.is_finite()),
-        dev_loss_after: dev_after.map(|r| r.loss),
-        eval_loss: eval_res.map(|r| r.loss),
-        dev_majority: dev_after.and_then(|r| r.majority),
-        eval_majority: eval_res.and_then(|r| r.majority),
+        dev_accuracy_before: dev_before.as_ref().map(|r| r.accuracy),
+        dev_accuracy_after: dev_after.as_ref().map(|r| r.accuracy),
+        eval_accuracy: eval_res.as_ref().map(|r| r.accuracy),
+        dev_loss_before: dev_before.as_ref().map(|r| r.loss).filter(|l| l.is_finite()),
+        dev_loss_after: dev_after.as_ref().map(|r| r.loss),
+        eval_loss: eval_res.as_ref().map(|r| r.loss),
+        dev_majority: dev_after.as_ref().and_then(|r| r.majority),
+        eval_majority: eval_res.as_ref().and_then(|r| r.majority),
         final_loss: last_loss,
         skipped_steps: skipped,
         machine: machine(),
     };
     write_summary(&cfg.out, &summary)?;
+    write_predictions(&cfg.out, &[("dev", dev_after.as_ref()), ("eval", eval_res.as_ref())])?;
     if cfg.steps > 0 {
         method.export(&model.cfg, &cfg.out.join("model"), tok, model_name)?;
     }
@@ -450,6 +516,7 @@ mod tests {
     use super::*;
     use crate::data::{Example, Target};
     use candle_core::Tensor;
+    use std::collections::HashSet;
 
     /// Accuracy, mean loss and the majority class of a classification split, against counts made by hand: a forward
     /// that always answers class 0 on 5 examples labelled 1, 0, 1, 1, 0 is right 2/5 times, and the majority class
@@ -470,6 +537,19 @@ mod tests {
         assert_eq!(r.majority, Some(3.0 / 5.0));
         // Batches of 2, 2, 1 report losses 2, 2, 1: (2·2 + 2·2 + 1·1) / 5.
         assert_eq!(r.loss, 9.0 / 5.0);
+        // Every example's answer, in split order (the batches were sorted by length), with its cross-entropy over
+        // the logits [1, 0] against an f64 reference: ln(e + 1) − logit[label]; budget 1e-12 (f32 logits are exact).
+        let want: Vec<(usize, u32, u32)> = labels.iter().enumerate().map(|(i, &y)| (i, y, 0)).collect();
+        let got: Vec<(usize, u32, u32)> = r.predictions.iter().map(|p| (p.example, p.label, p.predicted)).collect();
+        assert_eq!(got, want);
+        for p in &r.predictions {
+            let reference = (1f64.exp() + 1.0).ln() - if p.label == 0 { 1.0 } else { 0.0 };
+            assert!((p.loss - reference).abs() < 1e-12, "{} vs {reference}", p.loss);
+        }
+        let keys: HashSet<&str> = r.predictions.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys.len(), 5, "distinct prompts have distinct keys");
+        assert_eq!(example_key(&[1, 2], 0), example_key(&[1, 2], 0));
+        assert_ne!(example_key(&[1, 2], 0), example_key(&[1, 2], 1));
         let lm = TaskData { examples: vec![], classes: None };
         assert_eq!(evaluate(&forward, &lm, 2, 16, 0, &Device::Cpu).unwrap().majority, None);
     }
