@@ -430,8 +430,31 @@ fn sigint_checkpoints_and_resume_finishes_identically() {
     assert!(err.contains("interrupted after step") && err.contains("--resume"), "{err}");
     assert!(cut.join("checkpoint.safetensors").exists());
     assert!(!cut.join("model").exists(), "an interrupted run must not export");
-    let (ok, _, err) = qtune(&args(&cut, &["--resume"]).iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    assert!(ok, "resume failed: {err}");
+    let summary = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(cut.join("summary.json")).unwrap()).unwrap()
+    };
+    let resume = |extra: &[&str]| {
+        let (ok, _, err) = qtune(&args(&cut, extra).iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        assert!(ok, "resume failed: {err}");
+    };
+    resume(&["--resume", "--checkpoint-every", "200"]);
+    let first = summary();
+    // Resumed once more from the checkpoint of its last step (as when a run dies in its final evaluation), it runs
+    // no step, and its summary is still the whole run's, from the log.
+    resume(&["--resume"]);
+    let again = summary();
+    for key in ["step_time_s", "tokens_per_s", "final_loss", "breakdown"] {
+        assert!(!first[key].is_null() && first[key] == again[key], "{key}: {} then {}", first[key], again[key]);
+    }
+    // The log is the whole run's: every step once, in order; the summary's peak RSS is at least every step's RSS
+    // sample, the earlier processes' included.
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (0..200).collect::<Vec<u64>>());
+    let max_rss = lines.iter().map(|l| l["rss_bytes"].as_u64().unwrap()).max().unwrap();
+    assert!(again["peak_rss_bytes"].as_u64().unwrap() >= max_rss, "{again}");
+    assert_eq!(again["final_loss"], lines[199]["loss"]);
     let load = |d: &Path| {
         candle_core::safetensors::load(d.join("model/model.safetensors"), &candle_core::Device::Cpu).unwrap()
     };

@@ -190,7 +190,7 @@ pub fn describe(r: &EvalResult) -> String {
 }
 
 /// One line of the run log.
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 struct LogLine {
     step: usize,
     loss: f32,
@@ -339,19 +339,26 @@ pub fn train(
     }
     let log_path = cfg.out.join("log.jsonl");
     let first_step = resumed.as_ref().map_or(0, |st| st.next_step);
-    // On resume the log keeps the lines of the steps before the checkpoint (later ones were lost with the run).
-    let kept: String = if resumed.is_some() && log_path.exists() {
-        crate::data::tasks::read_jsonl(&log_path)?
-            .into_iter()
-            .filter(|(_, row)| row.get("step").and_then(|v| v.as_u64()).is_some_and(|s| (s as usize) < first_step))
-            .map(|(_, row)| serde_json::Value::Object(row).to_string() + "\n")
-            .collect()
+    // On resume the log keeps the lines of the steps before the checkpoint (later ones were lost with the run), and
+    // the summary counts them: its step time, throughput, memory and peak RSS are the whole run's, not the tail's.
+    let kept: Vec<LogLine> = if resumed.is_some() && log_path.exists() {
+        let mut kept = Vec::new();
+        for (line, row) in crate::data::tasks::read_jsonl(&log_path)? {
+            let l: LogLine = serde_json::from_value(serde_json::Value::Object(row))
+                .map_err(|e| Error::line(&log_path, line, format!("not a step line: {e}")))?;
+            if l.step < first_step {
+                kept.push(l);
+            }
+        }
+        kept
     } else {
-        String::new()
+        Vec::new()
     };
     let mut log =
         std::fs::File::create(&log_path).map_err(|e| Error::file(&log_path, format!("cannot create: {e}")))?;
-    log.write_all(kept.as_bytes())?;
+    for l in &kept {
+        writeln!(log, "{}", serde_json::to_string(l).map_err(|e| Error::Msg(e.to_string()))?)?;
+    }
     let bar = indicatif::ProgressBar::new(cfg.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
@@ -359,9 +366,12 @@ pub fn train(
     );
     let mut batcher =
         resumed.as_ref().map_or_else(|| Batcher::new(splits.train.examples.len(), cfg.seed), |st| st.batcher.clone());
-    let (mut times, mut tok_rates) = (Vec::new(), Vec::new());
-    let mut peak = method.state_bytes();
-    let (mut last_loss, mut skipped) = (None, resumed.as_ref().map_or(0, |st| st.skipped));
+    let mut times: Vec<f64> = kept.iter().map(|l| l.step_time_s).collect();
+    let mut tok_rates: Vec<f64> = kept.iter().map(|l| l.tokens as f64 / l.step_time_s).collect();
+    let mut peak = kept.iter().fold(method.state_bytes(), |p, l| p.max(l.memory));
+    // The earlier process's own peak died with it; its per-step RSS samples are a lower bound of that peak.
+    let kept_rss = kept.iter().map(|l| l.rss_bytes).max().unwrap_or(0);
+    let (mut last_loss, mut skipped) = (kept.last().map(|l| l.loss), resumed.as_ref().map_or(0, |st| st.skipped));
     bar.set_position(first_step as u64);
     for step in first_step..cfg.steps {
         let micro = next_micro_batches(&mut batcher, splits, cfg)?;
@@ -430,7 +440,7 @@ pub fn train(
         eprintln!("eval accuracy: {}", describe(e));
     }
     let params = model.cfg.num_params();
-    let peak_rss = memory::peak_rss_bytes();
+    let peak_rss = memory::peak_rss_bytes().max(kept_rss);
     eprint!("{}", memory::report(&peak, params, peak_rss));
     let summary = Summary {
         method: method.name().into(),
