@@ -118,7 +118,7 @@ fn nf4_store() -> Store {
 /// Saved activations of a backward through the base ([`crate::model::llama::Trace::bytes`]).
 fn trace_bytes(cfg: &LlamaConfig, s: &Shape, keep: Keep) -> usize {
     let (b, t, n) = (s.batch, s.seq, s.batch * s.seq);
-    let per_block = if keep == Keep::Inputs { n * cfg.hidden_size } else { block_activation_elems(cfg, b, t, false) };
+    let per_block = if keep == Keep::Inputs { n * cfg.hidden_size } else { block_activation_elems(cfg, b, t, true) };
     let (p, c) = s.head(cfg, b);
     4 * (cfg.num_hidden_layers * per_block + p * (2 * cfg.hidden_size + 1 + c))
 }
@@ -160,7 +160,7 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
     let (b, t) = (shape.batch, shape.seq);
     let largest_matrix =
         ParamId::all(cfg).into_iter().filter(|id| id.is_matrix()).map(|id| id.numel(cfg)).max().unwrap_or(0);
-    let fo_scratch = block_scratch_bytes(cfg, b, t, o.keep, 4, false);
+    let fo_scratch = block_scratch_bytes(cfg, b, t, o.keep, 4);
     let lora = LoraConfig { r: o.lora_r, alpha: o.lora_alpha, seed: o.seed };
     let name = run_name(method, o);
     // (store, counted breakdown, zeroth-order)
@@ -235,7 +235,7 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
                 optimizer: sp * optimizer_bytes_per_param(o),
                 activations: qst::trace_bytes(cfg, &side, &q, b, t, shape.head(cfg, b)),
                 scratch: (4 * block_activation_elems(cfg, b, t, false))
-                    .max(block_scratch_bytes(&side, b, t, o.keep, 4, true)),
+                    .max(block_scratch_bytes(&side, b, t, o.keep, 4)),
             };
             (store, bd, false)
         }

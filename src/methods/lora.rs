@@ -384,7 +384,7 @@ impl<B: FrozenBase> Method for Lora<B> {
             let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
             mem.activations = mem.activations.max(trace.bytes());
             let (b, t) = batch.ids.dims2()?;
-            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, b, t, self.keep, 4, model.lower_probs));
+            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, b, t, self.keep, 4));
             // The factor gradients collect inside the weights; the sink receives nothing.
             model.backward(&self.weights, trace, &mut FrozenSink)?;
             loss += out.loss / micro.len() as f32;

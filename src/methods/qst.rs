@@ -393,13 +393,6 @@ fn mix_backward(dh: &Tensor, diff: &Tensor, alpha: &Tensor) -> Result<(Tensor, T
     Ok((dh.broadcast_mul(&alpha.affine(-1.0, 1.0)?)?, (dh * diff)?.sum(0)?))
 }
 
-/// The side decoder: its blocks keep only the lower triangle of their attention probabilities. With the base's head
-/// count at width d/r, those are as large as a base block's and most of what QST keeps; the half they drop costs a
-/// gather and a scatter per block, cheap beside the side attention's own passes over [B, H, T, T].
-fn side_model(cfg: LlamaConfig) -> Llama {
-    Llama { lower_probs: true, ..Llama::new(cfg) }
-}
-
 impl SideNet {
     /// A freshly initialized side network for a base of config `base`, in `dtype`.
     pub fn new(base: &LlamaConfig, cfg: QstConfig, dtype: DType) -> Result<Self> {
@@ -440,7 +433,7 @@ impl SideNet {
             ));
         }
         params.scale_lr(SideParam::Alpha, cfg.alpha_lr_scale);
-        Ok(SideNet { cfg, side: side_model(side), params })
+        Ok(SideNet { cfg, side: Llama::new(side), params })
     }
 
     fn dtype(&self) -> DType {
@@ -540,7 +533,7 @@ impl SideNet {
                         diffs.push(diff);
                     }
                     let (out, acts) = self.side.block_forward(&self.params, i - 1, x.clone(), (b, t), &rope, &mask)?;
-                    blocks.extend(Saved::new(side_keep, x, acts, self.side.lower_probs)?);
+                    blocks.extend(Saved::new(side_keep, x, acts)?);
                     out
                 }
             });
@@ -630,7 +623,7 @@ impl SideNet {
     fn scratch_bytes(&self, model: &Llama, b: usize, t: usize) -> usize {
         let elem = self.dtype().size_in_bytes();
         let base = block_activation_elems(&model.cfg, b, t, false) * 4;
-        base.max(block_scratch_bytes(&self.side.cfg, b, t, self.cfg.keep, elem, true))
+        base.max(block_scratch_bytes(&self.side.cfg, b, t, self.cfg.keep, elem))
     }
 }
 
@@ -937,7 +930,7 @@ mod tests {
     fn with(net: &SideNet, k: SideParam, t: &Tensor) -> SideNet {
         let mut params = net.params.clone();
         params.set(k, t.clone());
-        SideNet { cfg: net.cfg, side: side_model(net.side.cfg.clone()), params }
+        SideNet { cfg: net.cfg, side: Llama::new(net.side.cfg.clone()), params }
     }
 
     #[test]

@@ -114,10 +114,8 @@ fn lower_index(t: usize, device: &Device) -> Result<Tensor> {
 }
 
 impl Probs {
-    pub fn new(p: Tensor, lower: bool) -> Result<Self> {
-        if !lower {
-            return Ok(Probs::Full(p));
-        }
+    /// Packs [B, H, T, T] causal probabilities to their lower triangle.
+    pub fn lower(p: &Tensor) -> Result<Self> {
         let (b, h, t, _) = p.dims4()?;
         let packed = p.reshape((b * h, t * t))?.index_select(&lower_index(t, p.device())?, 1)?;
         Ok(Probs::Lower { packed, b, h, t })
@@ -268,7 +266,7 @@ pub(crate) mod tests {
         let (b, h, t, hd) = (2, 3, 7, 4);
         let (q, k, v) = (rand(&[b, h, t, hd], 1), rand(&[b, h, t, hd], 2), rand(&[b, h, t, hd], 3));
         let (_, probs) = attention_forward(&q, &k, &v, 1, &causal_mask(t, DType::F64, &Device::Cpu).unwrap()).unwrap();
-        let lower = Probs::new(probs.clone(), true).unwrap();
+        let lower = Probs::lower(&probs).unwrap();
         assert_eq!(lower.bytes(), b * h * t * (t + 1) / 2 * 8);
         let back: Vec<f64> = lower.full().unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(back, probs.flatten_all().unwrap().to_vec1::<f64>().unwrap());

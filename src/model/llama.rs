@@ -142,15 +142,16 @@ pub enum Saved {
 }
 
 impl Saved {
-    /// What `keep` keeps of a block whose forward took `input` and produced `acts` (`None` for inference). With
-    /// `lower_probs` the kept attention probabilities are packed to their lower triangle here, not in the forward,
-    /// so an inference pass does not pay for a pack it throws away.
-    pub fn new(keep: Keep, input: Tensor, mut acts: BlockActs, lower_probs: bool) -> Result<Option<Saved>> {
+    /// What `keep` keeps of a block whose forward took `input` and produced `acts` (`None` for inference). The kept
+    /// attention probabilities are packed to their lower triangle here, not in the forward, so an inference pass does
+    /// not pay for a pack it throws away: under the causal mask the rest is exactly 0, and the half it drops is most
+    /// of a block's saved bytes at long sequences, for a gather here and a scatter in the backward.
+    pub fn new(keep: Keep, input: Tensor, mut acts: BlockActs) -> Result<Option<Saved>> {
         Ok(match keep {
             Keep::Nothing => None,
             Keep::All => {
                 if let Probs::Full(p) = acts.probs {
-                    acts.probs = Probs::new(p, lower_probs)?;
+                    acts.probs = Probs::lower(&p)?;
                 }
                 Some(Saved::All(Box::new(acts)))
             }
@@ -209,13 +210,11 @@ pub enum Keep {
 
 pub struct Llama {
     pub cfg: LlamaConfig,
-    /// Blocks keep only the lower triangle of their attention probabilities ([`Probs`]).
-    pub lower_probs: bool,
 }
 
 impl Llama {
     pub fn new(cfg: LlamaConfig) -> Self {
-        Llama { cfg, lower_probs: false }
+        Llama { cfg }
     }
 
     pub fn block_forward(
@@ -332,7 +331,7 @@ impl Llama {
         for l in 0..self.cfg.num_hidden_layers {
             let input = x.clone();
             let (out, acts) = self.block_forward(w, l, x, (b, t), &rope, &mask)?;
-            saved.extend(Saved::new(keep, input, acts, self.lower_probs)?);
+            saved.extend(Saved::new(keep, input, acts)?);
             x = out;
             visit(l + 1, &x)?;
         }

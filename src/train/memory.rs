@@ -33,20 +33,21 @@ impl Breakdown {
 }
 
 /// Transient bytes of one block's backward beyond the saved activations (batch `b`, length `t`, element size
-/// `elem`, `lower`: the blocks keep the lower triangle of their attention probabilities): softmax-backward buffers
-/// [B,H,T,T]×3 (dprobs, dprobs⊙probs, dscores) and, with `lower`, the rebuilt probabilities, repeated K/V
-/// [B,H,T,hd]×2, residual gradients [N,d]×3, MLP gradients [N,f]×4, the largest weight gradient of a block, and —
-/// with recomputation — the block's own activations rebuilt for its backward.
-pub fn block_scratch_bytes(cfg: &LlamaConfig, b: usize, t: usize, keep: Keep, elem: usize, lower: bool) -> usize {
+/// `elem`): softmax-backward buffers [B,H,T,T]×3 (dprobs, dprobs⊙probs, dscores) and the probabilities rebuilt
+/// from their kept lower triangle, repeated K/V [B,H,T,hd]×2, residual gradients [N,d]×3, MLP gradients [N,f]×4,
+/// the largest weight gradient of a block, and — with recomputation — the block's own activations rebuilt for its
+/// backward.
+pub fn block_scratch_bytes(cfg: &LlamaConfig, b: usize, t: usize, keep: Keep, elem: usize) -> usize {
     let n = b * t;
     let (d, f, h, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim);
-    let attn = (3 + usize::from(lower)) * b * h * t * t + 2 * b * h * t * hd;
+    let attn = 4 * b * h * t * t + 2 * b * h * t * hd;
     let grads = 3 * n * d + 4 * n * f + f * d;
-    let recompute = if keep == Keep::Inputs { block_activation_elems(cfg, b, t, lower) } else { 0 };
+    let recompute = if keep == Keep::Inputs { block_activation_elems(cfg, b, t, true) } else { 0 };
     (attn + grads + recompute) * elem
 }
 
-/// Elements one block saves for its backward (see `BlockActs`; `lower` as in [`block_scratch_bytes`]).
+/// Elements of one block's activations (see `BlockActs`): with `lower` as a block saves them for its backward (the
+/// attention probabilities' lower triangle), without as its forward holds them (the whole [B, H, T, T]).
 pub fn block_activation_elems(cfg: &LlamaConfig, b: usize, t: usize, lower: bool) -> usize {
     let n = b * t;
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
