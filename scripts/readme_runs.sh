@@ -3,12 +3,12 @@
 # (the MeZO splits' first rows), 40 steps (the long group: 120) of batch 8, at most 256 tokens, linear decay, clip 1.0; the first-order
 # tables also evaluate 200 held-out examples, the ablation and zeroth-order tables only the dev set (to save CPU).
 # Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, long, long240, qlora240,
-# start1000, eval1000, ablation (issue 5), zo (issue 6); default all. Runs already finished (summary.json present) are skipped.
+# pool240, start1000, eval1000, ablation (issue 5), zo (issue 6); default all. Runs already finished (summary.json present) are skipped.
 set -euo pipefail
 BIN=${1:-target/release/qtune}
 OUT=${2:-runs/readme}
 shift 2 || true
-GROUPS_=${*:-fo qst seed1 long long240 qlora240 start1000 eval1000 ablation zo}
+GROUPS_=${*:-fo qst seed1 long long240 qlora240 pool240 start1000 eval1000 ablation zo}
 STEPS=(--steps 40 --batch-size 8 --max-seq-len 256 --seed 0)
 FULL=(--dev-size 200 --eval-size 200 "${STEPS[@]}")
 DEV=(--dev-size 200 --eval-size 0 "${STEPS[@]}")
@@ -62,6 +62,13 @@ for g in $GROUPS_; do
       # 120 steps from the paper's start with α trained ×50 and kept in [0, 1] (--alpha-clamp)
       run qst-a50-clamp-120 train --method qst --alpha-lr-scale 50 --alpha-clamp --lr 2e-4 \
         --dev-size 0 --eval-size 1000 --steps 120 --batch-size 8 --max-seq-len 256 --seed 0 ;;
+    pool240) # the long240 pair's QST with the max-pool downsample (parameter-free; in the 40-step ablation it
+      # started and ended highest), at lr 2e-4 and 1e-3
+      for lr in 2e-4 1e-3; do
+        run "qst-code-maxpool-lr$lr-240" train --method qst --qst-start code --downsample maxpool --lr "$lr" \
+          --checkpoint-every 20 --train-size 2000 --dev-size 0 --eval-size 1000 --steps 240 --batch-size 8 \
+          --max-seq-len 256 --seed 0
+      done ;;
     qlora240) # QLoRA (the QST paper's comparator: LoRA over the same NF4 base) over the long240 group's 240 steps
       run qlora-240 train --method qlora --lr 2e-4 --checkpoint-every 20 --train-size 2000 --dev-size 0 \
         --eval-size 1000 --steps 240 --batch-size 8 --max-seq-len 256 --seed 0 ;;
