@@ -33,17 +33,17 @@ impl Breakdown {
 }
 
 /// Transient bytes of one block's backward beyond the saved activations (batch `b`, length `t`, element size
-/// `elem`): softmax-backward buffers [B,H,T,T]×3 (dprobs, dprobs⊙probs, dscores) and the probabilities rebuilt
-/// from their kept lower triangle, repeated K/V [B,H,T,hd]×2, residual gradients [N,d]×3, MLP gradients [N,f]×4,
-/// the largest weight gradient of a block, and — with recomputation — the block's own activations rebuilt for its
-/// backward.
+/// `elem`): softmax-backward buffers [B,H,T,T]×3 (dprobs, dprobs⊙probs, dscores), repeated K/V [B,H,T,hd]×2,
+/// residual gradients [N,d]×3, MLP gradients [N,f]×4, the largest weight gradient of a block, and the whole
+/// probabilities [B,H,T,T]: rebuilt from their kept lower triangle, or — with recomputation — inside the block's own
+/// activations, recomputed for its backward as a forward holds them (never packed).
 pub fn block_scratch_bytes(cfg: &LlamaConfig, b: usize, t: usize, keep: Keep, elem: usize) -> usize {
     let n = b * t;
     let (d, f, h, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim);
-    let attn = 4 * b * h * t * t + 2 * b * h * t * hd;
+    let attn = 3 * b * h * t * t + 2 * b * h * t * hd;
     let grads = 3 * n * d + 4 * n * f + f * d;
-    let recompute = if keep == Keep::Inputs { block_activation_elems(cfg, b, t, true) } else { 0 };
-    (attn + grads + recompute) * elem
+    let probs = if keep == Keep::Inputs { block_activation_elems(cfg, b, t, false) } else { b * h * t * t };
+    (attn + grads + probs) * elem
 }
 
 /// Elements of one block's activations (see `BlockActs`): with `lower` as a block saves them for its backward (the
