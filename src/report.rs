@@ -44,7 +44,7 @@ pub fn read_run(dir: &Path) -> Result<RunRecord> {
     if pp.exists() {
         for (line, row) in crate::data::tasks::read_jsonl(&pp)? {
             let split = row.get("split").and_then(|v| v.as_str()).map(str::to_owned);
-            let p = serde_json::from_value::<Prediction>(serde_json::Value::Object(row.clone()));
+            let p = serde_json::from_value::<Prediction>(serde_json::Value::Object(row));
             match (split, p) {
                 (Some(split), Ok(p)) => predictions.push((split, p)),
                 (None, _) => return Err(Error::line(&pp, line, "a prediction needs `split`")),

@@ -356,8 +356,11 @@ pub fn train(
     };
     let mut log =
         std::fs::File::create(&log_path).map_err(|e| Error::file(&log_path, format!("cannot create: {e}")))?;
+    let mut write_line = |l: &LogLine| -> Result<()> {
+        Ok(writeln!(log, "{}", serde_json::to_string(l).map_err(|e| Error::Msg(e.to_string()))?)?)
+    };
     for l in &kept {
-        writeln!(log, "{}", serde_json::to_string(l).map_err(|e| Error::Msg(e.to_string()))?)?;
+        write_line(l)?;
     }
     let bar = indicatif::ProgressBar::new(cfg.steps as u64);
     bar.set_style(
@@ -401,7 +404,7 @@ pub fn train(
             changed_fraction: stats.changed_fraction,
             changed_int8_fraction: stats.changed_int8_fraction,
         };
-        writeln!(log, "{}", serde_json::to_string(&line).map_err(|e| Error::Msg(e.to_string()))?)?;
+        write_line(&line)?;
         bar.set_message(format!(
             "loss {:.4} | {:.0} tok/s | rss {} | lr {lr:.2e}{}",
             stats.loss,
