@@ -263,6 +263,25 @@ fn median(v: &mut [f64]) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// Reads a run's `log.jsonl` for `--resume`. A last line that does not parse was cut by a kill in mid-write: it is
+/// a step after the checkpoint (the checkpoint is written after its step's line), so it is dropped; any other bad
+/// line is an error naming it.
+fn read_log(path: &Path) -> Result<Vec<LogLine>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let rows: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+    let mut kept = Vec::with_capacity(rows.len());
+    for (k, &(i, line)) in rows.iter().enumerate() {
+        match serde_json::from_str::<LogLine>(line) {
+            Ok(l) => kept.push(l),
+            Err(e) if k + 1 == rows.len() && !text.ends_with('\n') => {
+                eprintln!("note: {}:{}: dropping a cut last line ({e})", path.display(), i + 1)
+            }
+            Err(e) => return Err(Error::line(path, i + 1, format!("not a step line: {e}"))),
+        }
+    }
+    Ok(kept)
+}
+
 /// Trains `method` on `splits` and writes `<out>/{summary.json, log.jsonl, model/}`.
 pub fn train(
     model: &Llama,
@@ -341,27 +360,21 @@ pub fn train(
     let first_step = resumed.as_ref().map_or(0, |st| st.next_step);
     // On resume the log keeps the lines of the steps before the checkpoint (later ones were lost with the run), and
     // the summary counts them: its step time, throughput, memory and peak RSS are the whole run's, not the tail's.
-    let kept: Vec<LogLine> = if resumed.is_some() && log_path.exists() {
-        let mut kept = Vec::new();
-        for (line, row) in crate::data::tasks::read_jsonl(&log_path)? {
-            let l: LogLine = serde_json::from_value(serde_json::Value::Object(row))
-                .map_err(|e| Error::line(&log_path, line, format!("not a step line: {e}")))?;
-            if l.step < first_step {
-                kept.push(l);
-            }
-        }
-        kept
-    } else {
-        Vec::new()
+    let kept: Vec<LogLine> = match &resumed {
+        Some(_) if log_path.exists() => read_log(&log_path)?.into_iter().filter(|l| l.step < first_step).collect(),
+        _ => Vec::new(),
     };
-    let mut log =
-        std::fs::File::create(&log_path).map_err(|e| Error::file(&log_path, format!("cannot create: {e}")))?;
+    // The kept lines go to a new file that replaces the old one whole, so a resume that is itself interrupted here
+    // still leaves the earlier steps' lines behind.
+    let tmp = cfg.out.join("log.jsonl.tmp");
+    let mut log = std::fs::File::create(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
     let mut write_line = |l: &LogLine| -> Result<()> {
         Ok(writeln!(log, "{}", serde_json::to_string(l).map_err(|e| Error::Msg(e.to_string()))?)?)
     };
     for l in &kept {
         write_line(l)?;
     }
+    std::fs::rename(&tmp, &log_path).map_err(|e| Error::file(&log_path, format!("cannot replace: {e}")))?;
     let bar = indicatif::ProgressBar::new(cfg.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
