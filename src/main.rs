@@ -231,6 +231,9 @@ struct MethodArgs {
     /// QST, paper start: keep α in [0, 1] after every step.
     #[arg(long)]
     alpha_clamp: bool,
+    /// QST: start the upsample's weight and bias at 0, so the random side network is not in the first forward.
+    #[arg(long)]
+    zero_upsample: bool,
     /// LoRA/QLoRA (and mezo/quzo --lora) rank.
     #[arg(long, default_value_t = 8)]
     lora_r: usize,
@@ -273,6 +276,7 @@ impl MethodArgs {
             qst_start: self.qst_start.parse()?,
             alpha_lr_scale: self.alpha_lr_scale,
             alpha_clamp: self.alpha_clamp,
+            zero_upsample: self.zero_upsample,
             lora_r: self.lora_r,
             lora_alpha: self.lora_alpha,
             optimizer: self.optimizer.parse()?,

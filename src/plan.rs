@@ -215,16 +215,7 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
             (store, bd, false)
         }
         "qst" => {
-            let q = qst::QstConfig {
-                r: o.side_r,
-                downsample: o.downsample,
-                adapter_rank: o.adapter_rank,
-                keep: o.keep,
-                seed: o.seed,
-                start: o.qst_start,
-                alpha_lr_scale: o.alpha_lr_scale,
-                alpha_clamp: o.alpha_clamp,
-            };
+            let q = o.qst_config();
             let side = qst::side_config(cfg, q.r)?;
             let sp: usize =
                 qst::side_param_shapes(cfg, &side, &q).iter().map(|(_, s)| s.iter().product::<usize>()).sum();

@@ -160,6 +160,7 @@ pub struct MethodOptions {
     /// QST: α's learning rate as a multiple of the run's.
     pub alpha_lr_scale: f64,
     pub alpha_clamp: bool,
+    pub zero_upsample: bool,
     /// LoRA / QLoRA rank and alpha (scale alpha / r).
     pub lora_r: usize,
     pub lora_alpha: f64,
@@ -167,6 +168,23 @@ pub struct MethodOptions {
     pub optimizer: OptimizerKind,
     /// MeZO, QuZO: train LoRA factors (`--lora-r`, `--lora-alpha`) over the frozen (f32 / quantized) base.
     pub lora: bool,
+}
+
+impl MethodOptions {
+    /// QST's configuration from these options (training and `qtune plan` read the same).
+    pub fn qst_config(&self) -> qst::QstConfig {
+        qst::QstConfig {
+            r: self.side_r,
+            downsample: self.downsample,
+            adapter_rank: self.adapter_rank,
+            keep: self.keep,
+            seed: self.seed,
+            start: self.qst_start,
+            alpha_lr_scale: self.alpha_lr_scale,
+            alpha_clamp: self.alpha_clamp,
+            zero_upsample: self.zero_upsample,
+        }
+    }
 }
 
 impl Default for MethodOptions {
@@ -192,6 +210,7 @@ impl Default for MethodOptions {
             qst_start: qst::Start::Paper,
             alpha_lr_scale: 1.0,
             alpha_clamp: false,
+            zero_upsample: false,
             lora_r: 8,
             lora_alpha: 16.0,
             optimizer: OptimizerKind::AdamW,
@@ -275,19 +294,7 @@ pub fn build(name: &str, source: Source, o: &MethodOptions) -> Result<(Box<dyn M
             let update = lora::FirstOrder { opt, clip: o.clip, on_nan: o.on_nan };
             let lc = lora::LoraConfig { r: o.lora_r, alpha: o.lora_alpha, seed: o.seed };
             let (m, lr): (Box<dyn Method>, f64) = match name {
-                "qst" => {
-                    let cfg = qst::QstConfig {
-                        r: o.side_r,
-                        downsample: o.downsample,
-                        adapter_rank: o.adapter_rank,
-                        keep: o.keep,
-                        seed: o.seed,
-                        start: o.qst_start,
-                        alpha_lr_scale: o.alpha_lr_scale,
-                        alpha_clamp: o.alpha_clamp,
-                    };
-                    (Box::new(qst::Qst::new(source, cfg, update)?), 2e-4)
-                }
+                "qst" => (Box::new(qst::Qst::new(source, o.qst_config(), update)?), 2e-4),
                 "lora" => (Box::new(lora::Lora::new("lora", source.params()?, lc, update, o.keep)?), 1e-4),
                 _ => {
                     lc.validate()?;

@@ -19,10 +19,11 @@
 //! Where this follows the paper, the official code (YouAreSpecialToMe/QST), or neither (papers.md §2.6):
 //! - Start point (`--qst-start paper`, the default): α is a raw per-dimension vector initialized to 1 (not clamped),
 //!   so the first forward is exactly the NF4 base model's (tested: h = α⊙hf + (1 − α)⊙u is hf bit for bit at α = 1).
-//!   The upsample keeps PyTorch's random init (the paper does not say; the code). papers.md §2.6 also suggests a
-//!   zero upsample: it makes the side network's entry second order (both α − 1 and W_up start at 0), and 40 steps
-//!   did not move BoolQ (README). `--qst-start code` is the official code's α = σ(a), a = 1 (0.73): the random side
-//!   network is in the first forward, not the pre-trained model. At the exact start only α has a gradient at the
+//!   The upsample keeps PyTorch's random init (the paper does not say; the code). `--zero-upsample` starts it at 0
+//!   (papers.md §2.6 suggests it): with the paper's start the side network's entry is then second order (both
+//!   α − 1 and W_up start at 0). `--qst-start code` is the official code's α = σ(a), a = 1 (0.73): the random side
+//!   network is in the first forward, not the pre-trained model (on BoolQ it lowers the base's AUC from 0.563 to
+//!   0.542, README); with `--zero-upsample` the code's first forward is the base's final state scaled by 0.73. At the exact start only α has a gradient at the
 //!   first step; the side network's is ∝ (1 − α), so it enters the output as fast as α leaves 1, about lr per
 //!   AdamW step. `--alpha-lr-scale` trains α at a multiple of the run's learning rate (neither the paper nor the
 //!   code does; the paper trains for epochs, where lr per step is enough).
@@ -137,6 +138,10 @@ pub struct QstConfig {
     /// Paper start: keep α in [0, 1] after every step (papers.md §2.6 item 1), so 1 − α, the side network's share
     /// of the output, never changes sign.
     pub alpha_clamp: bool,
+    /// Upsample weight and bias start at 0 (papers.md §2.6 item 1) instead of PyTorch's random init, so the side
+    /// network adds nothing to the output until it has learned something: with the code's start the first forward
+    /// is the base's final state scaled by α, not mixed with a random network's.
+    pub zero_upsample: bool,
 }
 
 /// Every tensor QST trains.
@@ -412,6 +417,7 @@ impl SideNet {
             let t = match p {
                 SideParam::Down(_, DownParam::LnWeight) | SideParam::Norm | SideParam::Alpha => ones()?,
                 // PyTorch's nn.Linear init, the bias too (fan-in s).
+                SideParam::UpWeight | SideParam::UpBias if cfg.zero_upsample => zeros()?,
                 SideParam::UpWeight | SideParam::UpBias => kaiming_uniform(&shape, side.hidden_size, key, dtype)?,
                 SideParam::Down(_, DownParam::LnBias) | SideParam::Gate(_) => zeros()?,
                 SideParam::Block(l, bp) if !ParamId::Block(l, bp).is_matrix() => ones()?,
@@ -673,6 +679,7 @@ impl QstModel {
             start: text("start")?.parse().map_err(|e| Error::file(&manifest, e))?,
             alpha_lr_scale: 1.0,
             alpha_clamp: false,
+            zero_upsample: false,
         };
         let base_path = PathBuf::from(text("base_model")?);
         let base_cfg = crate::model::load::read_header(&base_path)
@@ -768,6 +775,7 @@ impl Qst {
             "adapter_rank": q.adapter_rank,
             "start": q.start,
             "alpha_clamp": q.alpha_clamp,
+            "zero_upsample": q.zero_upsample,
             "layer_norm_eps": LN_EPS,
             "wiring": {
                 "downsample.{i}": "i = 0 reads the token embeddings, i = l + 1 the output of base layer l",
@@ -890,7 +898,18 @@ mod tests {
 
     fn qcfg(downsample: Downsample, keep: Keep) -> QstConfig {
         let start = Start::Paper;
-        QstConfig { r: 2, downsample, adapter_rank: 4, keep, seed: 5, start, alpha_lr_scale: 1.0, alpha_clamp: false }
+        let (alpha_lr_scale, alpha_clamp, zero_upsample) = (1.0, false, false);
+        QstConfig {
+            r: 2,
+            downsample,
+            adapter_rank: 4,
+            keep,
+            seed: 5,
+            start,
+            alpha_lr_scale,
+            alpha_clamp,
+            zero_upsample,
+        }
     }
 
     pub fn smollm2_config() -> LlamaConfig {
@@ -1108,6 +1127,30 @@ mod tests {
             let scale = d.iter().fold(0f32, |m, x| m.max(x.abs()));
             let err = g.iter().zip(&d).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
             assert!(err < 1e-6, "vs dequantized f32 model: rel err {err:e}");
+        }
+    }
+
+    /// With `zero_upsample` the code's start is the base model's final state scaled by α = σ(1) (the head is linear,
+    /// so the logits are the base's times σ(1)), not mixed with the random side network; after one step the upsample
+    /// has learned (the side network's gradient is ∝ 1 − α, here 0.27, not 0).
+    #[test]
+    fn zero_upsample_keeps_the_random_side_network_out_of_the_first_forward() {
+        let cfg = tiny_config(true);
+        let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
+        let (m, b) = (Llama::new(cfg), batch(true));
+        let alpha = 1.0 / (1.0 + (-1f32).exp());
+        for zero in [false, true] {
+            let q = QstConfig { start: Start::Code, zero_upsample: zero, ..qcfg(Downsample::Adapter, Keep::All) };
+            let mut qst = Qst::new(Source::Params(p.clone()), q, adamw()).unwrap();
+            let got: Vec<f32> = qst.forward(&m, &b).unwrap().logits.flatten_all().unwrap().to_vec1().unwrap();
+            let base = m.forward(&qst.model.base, &b, Keep::Nothing).unwrap().0.logits;
+            let want: Vec<f32> = base.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - alpha * w).abs())) / scale;
+            assert_eq!(err < 1e-6, zero, "zero upsample {zero}: rel err {err:e} against σ(1)·base logits");
+            qst.step(&m, std::slice::from_ref(&b), 1e-3).unwrap();
+            let up: Vec<f32> = qst.model.net.params.get(SideParam::UpWeight).flatten_all().unwrap().to_vec1().unwrap();
+            assert!(up.iter().all(|&w| w != 0.0), "zero upsample {zero}: the upsample did not move");
         }
     }
 
