@@ -2,6 +2,7 @@
 //! chart and a stacked bar of each run's memory breakdown — as SVG (drawn here) and PNG (rendered with resvg).
 //! Runs that wrote `predictions.jsonl` are also compared example by example ([`paired`]): on a few hundred
 //! examples a gap of a point or two between two runs' accuracies can be noise, and the pairing says how much.
+//! Two-class runs also get their ROC AUC ([`ranking`]): what their scores carry beyond the label prior.
 use crate::train::memory::Breakdown;
 use crate::train::trainer::Prediction;
 use crate::{Error, Result};
@@ -158,6 +159,84 @@ pub fn paired_table(runs: &[RunRecord]) -> String {
             p.ci95_points.0,
             p.ci95_points.1,
             p.p_value
+        );
+    }
+    s
+}
+
+/// How well a two-class run's scores order the examples, whatever its decision threshold: a run that has learned
+/// only the label prior answers the majority class everywhere and its accuracy says nothing of what its scores
+/// carry. Read from `predictions.jsonl` (one split: "eval" where the run has it, else "dev").
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ranking {
+    pub name: String,
+    pub split: String,
+    pub examples: usize,
+    /// Mean P(class 1): the run's prior (the data's is the share of class 1).
+    pub mean_p1: f64,
+    /// Share of class 1 in the split.
+    pub share1: f64,
+    /// ROC AUC of P(class 1): the chance that a class-1 example scores above a class-0 one (ties count half).
+    pub auc: f64,
+}
+
+/// The ranking of a run whose answers are two-class (every label and answer 0 or 1); `None` otherwise. Each
+/// prediction's loss is the cross-entropy over the two label words, so P(label) = exp(−loss).
+pub fn ranking(r: &RunRecord) -> Option<Ranking> {
+    let split = ["eval", "dev"].into_iter().find(|s| r.predictions.iter().any(|(x, _)| x == s))?;
+    let preds: Vec<&Prediction> = r.predictions.iter().filter(|(x, _)| x == split).map(|(_, p)| p).collect();
+    if preds.iter().any(|p| p.label > 1 || p.predicted > 1) {
+        return None;
+    }
+    let scored: Vec<(f64, bool)> = preds
+        .iter()
+        .map(|p| {
+            let p_label = (-p.loss).exp();
+            (if p.label == 1 { p_label } else { 1.0 - p_label }, p.label == 1)
+        })
+        .collect();
+    let n = scored.len() as f64;
+    Some(Ranking {
+        name: r.name.clone(),
+        split: split.into(),
+        examples: scored.len(),
+        mean_p1: scored.iter().map(|s| s.0).sum::<f64>() / n,
+        share1: scored.iter().filter(|s| s.1).count() as f64 / n,
+        auc: auc(&scored)?,
+    })
+}
+
+/// ROC AUC by ranks (Mann–Whitney U): sort the scores, give tied scores their mean rank, and
+/// AUC = (sum of the positives' ranks − n₊(n₊ + 1)/2) / (n₊·n₋). `None` when one class is absent.
+pub fn auc(scored: &[(f64, bool)]) -> Option<f64> {
+    let mut v = scored.to_vec();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut rank_sum, mut i) = (0.0, 0);
+    while i < v.len() {
+        let j = i + v[i..].iter().take_while(|x| x.0 == v[i].0).count();
+        let mean_rank = (i + 1 + j) as f64 / 2.0; // ranks i + 1 ..= j
+        rank_sum += mean_rank * v[i..j].iter().filter(|x| x.1).count() as f64;
+        i = j;
+    }
+    let pos = v.iter().filter(|x| x.1).count() as f64;
+    let neg = v.len() as f64 - pos;
+    (pos > 0.0 && neg > 0.0).then(|| (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg))
+}
+
+/// Every two-class run's prior and AUC (Markdown; empty if none).
+pub fn ranking_table(runs: &[RunRecord]) -> String {
+    let rows: Vec<Ranking> = runs.iter().filter_map(ranking).collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\n| run | split | examples | class-1 share | mean P(class 1) | AUC |\n|---|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.3} | {:.3} | {:.3} |",
+            r.name, r.split, r.examples, r.share1, r.mean_p1, r.auc
         );
     }
     s
@@ -400,7 +479,7 @@ pub fn svg_to_png(svg: &str, path: &Path) -> Result<()> {
 
 /// Writes `results.md`, `results.json`, `loss.{svg,png}` and `memory.{svg,png}` for `runs` into `out`.
 pub fn write_report(runs: &[RunRecord], out: &Path, title: &str) -> Result<String> {
-    let md = table(runs) + &paired_table(runs);
+    let md = table(runs) + &paired_table(runs) + &ranking_table(runs);
     crate::io::write_bytes_atomic(&out.join("results.md"), md.as_bytes())?;
     let json = serde_json::to_vec_pretty(runs).map_err(|e| Error::Msg(e.to_string()))?;
     crate::io::write_bytes_atomic(&out.join("results.json"), &json)?;
@@ -484,6 +563,55 @@ mod tests {
         std::fs::write(dir.path().join("b/predictions.jsonl"), "{\"split\": \"eval\"}\n").unwrap();
         let err = read_run(&dir.path().join("b")).unwrap_err().to_string();
         assert!(err.contains("predictions.jsonl") && err.contains("not a prediction"), "{err}");
+    }
+
+    /// AUC by ranks against the pairwise count by brute force (ties count half), on scores with ties; a perfect
+    /// ranking is 1, a reversed one 0, one class alone has none.
+    #[test]
+    fn auc_matches_pairwise_counts() {
+        let scored: Vec<(f64, bool)> = [0.1, 0.4, 0.4, 0.35, 0.8, 0.4, 0.9, 0.1, 0.55]
+            .iter()
+            .zip([false, true, false, true, true, false, true, true, false])
+            .map(|(&s, y)| (s, y))
+            .collect();
+        let (mut wins, mut pairs) = (0.0, 0.0);
+        for a in scored.iter().filter(|x| x.1) {
+            for b in scored.iter().filter(|x| !x.1) {
+                pairs += 1.0;
+                wins += if a.0 > b.0 {
+                    1.0
+                } else if a.0 == b.0 {
+                    0.5
+                } else {
+                    0.0
+                };
+            }
+        }
+        assert!((auc(&scored).unwrap() - wins / pairs).abs() < 1e-15);
+        assert_eq!(auc(&[(0.2, false), (0.9, true)]), Some(1.0));
+        assert_eq!(auc(&[(0.9, false), (0.2, true)]), Some(0.0));
+        assert_eq!(auc(&[(0.9, true), (0.2, true)]), None);
+    }
+
+    /// P(class 1) from each answer's loss over the two label words: label 1 with loss −ln 0.8 scores 0.8, label 0
+    /// with loss −ln 0.7 scores 0.3. A three-class run has no ranking.
+    #[test]
+    fn ranking_reads_class_one_probabilities() {
+        let pred = |k: u32, label: u32, p_label: f64| Prediction {
+            example: k as usize,
+            key: format!("{k:016x}"),
+            label,
+            predicted: label,
+            loss: -p_label.ln(),
+        };
+        let mut r = run("a", 1e9, vec![]);
+        r.predictions = vec![("eval".into(), pred(0, 1, 0.8)), ("eval".into(), pred(1, 0, 0.7))];
+        let k = ranking(&r).unwrap();
+        assert_eq!((k.examples, k.share1, k.auc), (2, 0.5, 1.0));
+        assert!((k.mean_p1 - 0.55).abs() < 1e-12, "{k:?}");
+        assert!(ranking_table(&[r.clone()]).contains("| a | eval | 2 | 0.500 | 0.550 | 1.000 |"));
+        r.predictions.push(("eval".into(), pred(2, 2, 0.5)));
+        assert!(ranking(&r).is_none());
     }
 
     #[test]
