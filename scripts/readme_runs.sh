@@ -3,12 +3,12 @@
 # (the MeZO splits' first rows), 40 steps (the long group: 120) of batch 8, at most 256 tokens, linear decay, clip 1.0; the first-order
 # tables also evaluate 200 held-out examples, the ablation and zeroth-order tables only the dev set (to save CPU).
 # Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, long, long240, qlora240,
-# pool240, start1000, eval1000, ablation (issue 5), zo (issue 6); default all. Runs already finished (summary.json present) are skipped.
+# pool240, zeroup240, lora240s1, qst240s1, start1000, eval1000, ablation (issue 5), zo (issue 6); default all. Runs already finished (summary.json present) are skipped.
 set -euo pipefail
 BIN=${1:-target/release/qtune}
 OUT=${2:-runs/readme}
 shift 2 || true
-GROUPS_=${*:-fo qst seed1 long long240 qlora240 pool240 start1000 eval1000 ablation zo}
+GROUPS_=${*:-fo qst seed1 long long240 qlora240 pool240 zeroup240 lora240s1 qst240s1 start1000 eval1000 ablation zo}
 STEPS=(--steps 40 --batch-size 8 --max-seq-len 256 --seed 0)
 FULL=(--dev-size 200 --eval-size 200 "${STEPS[@]}")
 DEV=(--dev-size 200 --eval-size 0 "${STEPS[@]}")
@@ -69,13 +69,33 @@ for g in $GROUPS_; do
           --checkpoint-every 20 --train-size 2000 --dev-size 0 --eval-size 1000 --steps 240 --batch-size 8 \
           --max-seq-len 256 --seed 0
       done ;;
+    zeroup240) # QST with the upsample started at 0 (--zero-upsample), lr 1e-3, over the long240 group's steps: from
+      # the code's start (the random side network is not in the first forward), and from the paper's with α trained
+      # ×10 and kept in [0, 1]
+      Z=(--checkpoint-every 20 --train-size 2000 --dev-size 0 --eval-size 1000 --steps 240 --batch-size 8
+        --max-seq-len 256 --seed 0 --lr 1e-3 --zero-upsample)
+      run qst-code-zeroup-lr1e-3-240 train --method qst --qst-start code "${Z[@]}"
+      run qst-zeroup-a10-clamp-lr1e-3-240 train --method qst --alpha-lr-scale 10 --alpha-clamp "${Z[@]}" ;;
+    lora240s1|qst240s1) # the long240 pair on seed 1 (other training sample and inits): LoRA, and the zeroup240
+      # group's closest QST; one group each, so that two processes can run them side by side
+      S=(--checkpoint-every 20 --train-size 2000 --dev-size 0 --eval-size 1000 --steps 240 --batch-size 8
+        --max-seq-len 256 --seed 1)
+      if [ "$g" = lora240s1 ]; then
+        run lora-240-seed1 train --method lora --lr 2e-4 "${S[@]}"
+      else
+        run qst-zeroup-a10-clamp-lr1e-3-240-seed1 train --method qst --zero-upsample --alpha-lr-scale 10 \
+          --alpha-clamp --lr 1e-3 "${S[@]}"
+      fi ;;
     qlora240) # QLoRA (the QST paper's comparator: LoRA over the same NF4 base) over the long240 group's 240 steps
       run qlora-240 train --method qlora --lr 2e-4 --checkpoint-every 20 --train-size 2000 --dev-size 0 \
         --eval-size 1000 --steps 240 --batch-size 8 --max-seq-len 256 --seed 0 ;;
     start1000) # where the runs start, on the same 1000 validation examples: the f32 model (LoRA's base) and the
       # NF4 base (QST's and QLoRA's; QST from the paper's start with no step is exactly the NF4 base model)
       run zero-shot-eval1000 eval --dev-size 0 --eval-size 1000 --max-seq-len 256 --seed 0
-      run nf4-eval1000 train --method qst --steps 0 --dev-size 0 --eval-size 1000 --max-seq-len 256 --seed 0 ;;
+      run nf4-eval1000 train --method qst --steps 0 --dev-size 0 --eval-size 1000 --max-seq-len 256 --seed 0
+      # QST from the code's start, no step: the random side network is 27% of the output
+      run qst-code-start-eval1000 train --method qst --qst-start code --steps 0 --dev-size 0 --eval-size 1000 \
+        --max-seq-len 256 --seed 0 ;;
     eval1000) # the long group's trained models on 1000 examples of BoolQ's validation set (MeZO's eval size; at
       # 200 one point is two examples, too coarse for a 1.5-point criterion); QST's exports are read back
       # The 240-step models again, with their answers (predictions.jsonl; the runs above were trained before qtune
