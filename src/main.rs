@@ -312,7 +312,7 @@ struct GenArgs {
     seed: u64,
 }
 
-fn load(path: &PathBuf) -> Result<(LoadedModel, Tok)> {
+fn load(path: &std::path::Path) -> Result<(LoadedModel, Tok)> {
     let loaded = load_model(path)?;
     let tok = tokenizer(loaded.tokenizer.clone(), path)?;
     Ok((loaded, tok))

@@ -372,7 +372,7 @@ mod tests {
             let params = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
             for (method, o) in &cases {
                 let (mut m, _) = build(method, Source::Params(params.clone()), o).unwrap();
-                let counted = m.step(&model, &[b.clone()], 1e-3).unwrap().memory;
+                let counted = m.step(&model, std::slice::from_ref(&b), 1e-3).unwrap().memory;
                 let p = plan(&cfg, method, o, &shape).unwrap();
                 assert_eq!(p.counted, counted, "{} (tied {tied}, keep {:?}, {:?})", p.method, o.keep, o.downsample);
                 let held = m.state_bytes();

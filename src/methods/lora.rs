@@ -129,8 +129,7 @@ impl<K: Copy + Eq + Hash + Debug> Trained<K> {
 
     /// Restores what [`Trained::save`] wrote, checking every shape.
     pub fn load(&mut self, r: &StateReader, prefix: &str) -> Result<()> {
-        for t in self.tensors.iter_mut().enumerate().map(|(i, t)| (i, t)) {
-            let (i, t) = t;
+        for (i, t) in self.tensors.iter_mut().enumerate() {
             let v = r.f32_len(&format!("{prefix}.{i}"), t.elem_count())?;
             *t = Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())?;
         }

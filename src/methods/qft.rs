@@ -392,7 +392,10 @@ impl Method for Qft {
         if self.cfg.fused && n != 1 {
             return Err(Error::Option("--fused updates inside the backward: use --grad-accum 1".into()));
         }
-        if self.cfg.recalibrate_every > 0 && self.step > 0 && self.step % self.cfg.recalibrate_every as u64 == 0 {
+        if self.cfg.recalibrate_every > 0
+            && self.step > 0
+            && self.step.is_multiple_of(self.cfg.recalibrate_every as u64)
+        {
             self.recalibrate()?;
         }
         let mut mem = self.state_bytes();
@@ -606,7 +609,17 @@ mod tests {
         let n = id.numel(&cfg);
         // A non-zero momentum first, from one update with another gradient.
         let g0 = gauss(n, 10);
-        q.lion().update(id, &|s, o: &mut [f32]| Ok(o.copy_from_slice(&g0[s..s + o.len()])), 1.0, 1e-3).unwrap();
+        q.lion()
+            .update(
+                id,
+                &|s, o: &mut [f32]| {
+                    o.copy_from_slice(&g0[s..s + o.len()]);
+                    Ok(())
+                },
+                1.0,
+                1e-3,
+            )
+            .unwrap();
         let before = q.weights.0.borrow().mat(id).clone();
         let mut w0 = vec![0f32; n];
         before.dequantize_into(&mut w0).unwrap();
@@ -614,7 +627,17 @@ mod tests {
         q.momentum[id.index(&cfg)].dequantize_span(0, &mut m0).unwrap();
         let g = gauss(n, 11);
         let lr = 2e-3;
-        q.lion().update(id, &|s, o: &mut [f32]| Ok(o.copy_from_slice(&g[s..s + o.len()])), 1.0, lr).unwrap();
+        q.lion()
+            .update(
+                id,
+                &|s, o: &mut [f32]| {
+                    o.copy_from_slice(&g[s..s + o.len()]);
+                    Ok(())
+                },
+                1.0,
+                lr,
+            )
+            .unwrap();
         let after = q.weights.0.borrow().mat(id).clone();
         let mut w1 = vec![0f32; n];
         after.dequantize_into(&mut w1).unwrap();

@@ -192,7 +192,7 @@ mod tests {
             let before = m.forward(&z.weights.base, &b, Keep::Nothing).unwrap().0.loss;
             assert_eq!(before, m.forward(&z.weights, &b, Keep::Nothing).unwrap().0.loss, "B = 0 start");
             for _ in 0..3 {
-                z.step(&m, &[b.clone()], 1e-2).unwrap();
+                z.step(&m, std::slice::from_ref(&b), 1e-2).unwrap();
             }
             z
         };

@@ -217,11 +217,7 @@ fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::BufReader<std:
         num_hidden_layers: meta_usize(&ct, "llama.block_count", path)?,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
-        head_dim: meta_usize(&ct, "llama.rope.dimension_count", path).unwrap_or(if heads > 0 {
-            hidden / heads
-        } else {
-            0
-        }),
+        head_dim: meta_usize(&ct, "llama.rope.dimension_count", path).unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
         rope_theta: meta_f64(&ct, "llama.rope.freq_base").unwrap_or(10000.0),
         rms_norm_eps: meta_f64(&ct, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         max_position_embeddings: meta_usize(&ct, "llama.context_length", path).unwrap_or(2048),
