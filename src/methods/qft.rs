@@ -607,19 +607,16 @@ mod tests {
         let mut q = Qft::new(Source::Params(p.clone()), cfg_lion(0.1), OnNonFinite::Stop).unwrap();
         let id = ParamId::Block(0, crate::model::BlockParam::Gate);
         let n = id.numel(&cfg);
+        // The gradient `g` as the update's span reader.
+        let reader = |g: &[f32]| {
+            let g = g.to_vec();
+            move |s: usize, o: &mut [f32]| -> Result<()> {
+                o.copy_from_slice(&g[s..s + o.len()]);
+                Ok(())
+            }
+        };
         // A non-zero momentum first, from one update with another gradient.
-        let g0 = gauss(n, 10);
-        q.lion()
-            .update(
-                id,
-                &|s, o: &mut [f32]| {
-                    o.copy_from_slice(&g0[s..s + o.len()]);
-                    Ok(())
-                },
-                1.0,
-                1e-3,
-            )
-            .unwrap();
+        q.lion().update(id, &reader(&gauss(n, 10)), 1.0, 1e-3).unwrap();
         let before = q.weights.0.borrow().mat(id).clone();
         let mut w0 = vec![0f32; n];
         before.dequantize_into(&mut w0).unwrap();
@@ -627,17 +624,7 @@ mod tests {
         q.momentum[id.index(&cfg)].dequantize_span(0, &mut m0).unwrap();
         let g = gauss(n, 11);
         let lr = 2e-3;
-        q.lion()
-            .update(
-                id,
-                &|s, o: &mut [f32]| {
-                    o.copy_from_slice(&g[s..s + o.len()]);
-                    Ok(())
-                },
-                1.0,
-                lr,
-            )
-            .unwrap();
+        q.lion().update(id, &reader(&g), 1.0, lr).unwrap();
         let after = q.weights.0.borrow().mat(id).clone();
         let mut w1 = vec![0f32; n];
         after.dequantize_into(&mut w1).unwrap();
