@@ -148,12 +148,29 @@ fn accuracy(scores: &[f64], y: &[bool]) -> (f64, f64) {
     (right as f64 / y.len() as f64, p_yes)
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("boolq_probe: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let arg = |k: usize| std::env::args().nth(k);
-    let train: usize = arg(1).and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let count = |k: usize, name: &str, default: usize| -> Result<usize> {
+        match arg(k) {
+            None => Ok(default),
+            Some(s) => s
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| Error::Option(format!("{name} `{s}`: a count of examples, at least 1"))),
+        }
+    };
+    let train = count(1, "train", 2000)?;
     let base = arg(2).unwrap_or_else(|| "nf4".into());
-    let dev: usize = arg(3).and_then(|s| s.parse().ok()).unwrap_or(500);
-    let eval: usize = arg(4).and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let dev = count(3, "dev", 500)?;
+    let eval = count(4, "eval", 1000)?;
     let path = Path::new(MODEL);
     let header = read_header(path)?;
     let tok = header.tokenizer.ok_or_else(|| Error::file(path, "no tokenizer"))?;
