@@ -84,36 +84,22 @@ for g in $GROUPS_; do
         --max-seq-len 256 --seed 0 --lr 1e-3 --zero-upsample)
       run qst-code-zeroup-lr1e-3-240 train --method qst --qst-start code "${Z[@]}"
       run qst-zeroup-a10-clamp-lr1e-3-240 train --method qst --alpha-lr-scale 10 --alpha-clamp "${Z[@]}" ;;
-    lora240s1|qst240s1) # the long240 pair on seed 1 (other training sample and inits): LoRA, and the zeroup240
-      # group's closest QST; one group each, so that two processes can run them side by side
-      S=(--checkpoint-every 20 --train-size 2000 --dev-size 0 --eval-size 1000 --steps 240 --batch-size 8
-        --max-seq-len 256 --seed 1)
-      if [ "$g" = lora240s1 ]; then
-        run lora-240-seed1 train --method lora --lr 2e-4 "${S[@]}"
+    lora240s1|qst240s1|lora480|qst480|lora4ep|qst4ep) # LoRA against the zeroup240 group's closest QST, one group
+      # each so that two processes can run them side by side: *240s1, the long240 pair on seed 1 (other training
+      # sample and inits); *480, seed 0 over twice the steps, 480 batches of 8 from 4000 training examples; *4ep,
+      # 1000 steps, 4 epochs of the 2000 training examples the 240-step runs and examples/boolq_probe fit on (can the
+      # side network reach the probe's AUC with more passes, and where is LoRA after the same steps? LoRA takes ~4.5 h
+      # on one core: an interrupted run resumes from its last checkpoint when the group is run again)
+      case $g in
+        *240s1) tag=240-seed1 S=(--train-size 2000 --steps 240 --seed 1) ;;
+        *480) tag=480 S=(--train-size 4000 --steps 480 --seed 0) ;;
+        *4ep) tag=4ep S=(--train-size 2000 --steps 1000 --seed 0) ;;
+      esac
+      S+=(--checkpoint-every 20 --dev-size 0 --eval-size 1000 --batch-size 8 --max-seq-len 256)
+      if [ "${g#lora}" != "$g" ]; then
+        run "lora-$tag" train --method lora --lr 2e-4 "${S[@]}"
       else
-        run qst-zeroup-a10-clamp-lr1e-3-240-seed1 train --method qst --zero-upsample --alpha-lr-scale 10 \
-          --alpha-clamp --lr 1e-3 "${S[@]}"
-      fi ;;
-    lora480|qst480) # the long240 pair (seed 0) over twice the steps, 480 batches of 8 from 4000 training examples:
-      # LoRA, and the zeroup240 group's closest QST; one group each, to run side by side
-      S=(--checkpoint-every 20 --train-size 4000 --dev-size 0 --eval-size 1000 --steps 480 --batch-size 8
-        --max-seq-len 256 --seed 0)
-      if [ "$g" = lora480 ]; then
-        run lora-480 train --method lora --lr 2e-4 "${S[@]}"
-      else
-        run qst-zeroup-a10-clamp-lr1e-3-480 train --method qst --zero-upsample --alpha-lr-scale 10 --alpha-clamp \
-          --lr 1e-3 "${S[@]}"
-      fi ;;
-    lora4ep|qst4ep) # the 480-step pair's configurations over 4 epochs of the 2000 training examples the 240-step
-      # runs and examples/boolq_probe fit on (1000 steps): can the side network reach the probe's AUC with more
-      # passes, and where is LoRA after the same steps? One group each, to run side by side; long (LoRA ~4.5 h on
-      # one core): an interrupted run resumes from its last checkpoint when the group is run again
-      S=(--checkpoint-every 20 --train-size 2000 --dev-size 0 --eval-size 1000 --steps 1000 --batch-size 8
-        --max-seq-len 256 --seed 0)
-      if [ "$g" = lora4ep ]; then
-        run lora-4ep train --method lora --lr 2e-4 "${S[@]}"
-      else
-        run qst-zeroup-a10-clamp-lr1e-3-4ep train --method qst --zero-upsample --alpha-lr-scale 10 --alpha-clamp \
+        run "qst-zeroup-a10-clamp-lr1e-3-$tag" train --method qst --zero-upsample --alpha-lr-scale 10 --alpha-clamp \
           --lr 1e-3 "${S[@]}"
       fi ;;
     qlora240) # QLoRA (the QST paper's comparator: LoRA over the same NF4 base) over the long240 group's 240 steps
