@@ -14,7 +14,7 @@ use qtune::data::tasks::{load_task, SplitSizes, TaskData};
 use qtune::methods::lora::nf4_base;
 use qtune::model::load::read_header;
 use qtune::model::quantized::Source;
-use qtune::model::{layers, load_model, Llama, ParamId, Weights};
+use qtune::model::{layers, load_model, Llama, Packing, ParamId, Weights};
 use qtune::report::auc;
 use qtune::{Error, Result};
 use std::path::Path;
@@ -41,9 +41,10 @@ fn features(model: &Llama, w: &dyn Weights, data: &TaskData, pad: u32) -> Result
     for (c, chunk) in order.chunks(16).enumerate() {
         let exs: Vec<_> = chunk.iter().map(|&i| &data.examples[i]).collect();
         let batch = make_batch(&exs, Some(classes), 256, pad, &Device::Cpu)?;
-        let positions = Tensor::new(batch.targets.positions.as_slice(), &Device::Cpu)?;
+        let packing = Packing::of(&batch)?;
+        let positions = Tensor::new(packing.positions(&batch.targets.positions)?.as_slice(), &Device::Cpu)?;
         let mut states: Vec<Tensor> = Vec::new();
-        let x = model.hidden_states(w, &batch.ids, DType::F32, &mut |_, h| {
+        let x = model.hidden_states(w, &packing.ids(&batch.ids)?, &packing, DType::F32, &mut |_, h| {
             let h = h.index_select(&positions, 0)?;
             let rms = (h.sqr()?.mean_keepdim(1)? + model.cfg.rms_norm_eps)?.sqrt()?;
             states.push(h.broadcast_div(&rms)?);

@@ -65,6 +65,12 @@ impl Shape {
             None => (b * self.seq, cfg.vocab_size),
         }
     }
+
+    /// The row lengths of a batch of `b` sequences at the planned length: the plan is for full rows, the most a
+    /// batch of this shape can hold (padding is never computed, see [`crate::model::Packing`]).
+    fn lengths(&self, b: usize) -> Vec<usize> {
+        vec![self.seq; b]
+    }
 }
 
 /// A method's planned memory, by phase.
@@ -117,18 +123,19 @@ fn nf4_store() -> Store {
 
 /// Saved activations of a backward through the base ([`crate::model::llama::Trace::bytes`]).
 fn trace_bytes(cfg: &LlamaConfig, s: &Shape, keep: Keep) -> usize {
-    let (b, t, n) = (s.batch, s.seq, s.batch * s.seq);
-    let per_block = if keep == Keep::Inputs { n * cfg.hidden_size } else { block_activation_elems(cfg, b, t, true) };
+    let (b, n) = (s.batch, s.batch * s.seq);
+    let per_block =
+        if keep == Keep::Inputs { n * cfg.hidden_size } else { block_activation_elems(cfg, &s.lengths(b), true) };
     let (p, c) = s.head(cfg, b);
     4 * (cfg.num_hidden_layers * per_block + p * (2 * cfg.hidden_size + 1 + c))
 }
 
-/// Intermediates of one forward that keeps nothing, batch `b`: one block's activations, the attention scores
-/// [B, H, T, T] beside its probabilities, and the logits the loss reads.
+/// Intermediates of one forward that keeps nothing, batch `b`: one block's activations, one row's attention scores
+/// [H, T, T] beside its probabilities (attention runs row by row), and the logits the loss reads.
 fn forward_bytes(cfg: &LlamaConfig, s: &Shape, b: usize) -> usize {
     let t = s.seq;
     let (p, c) = s.head(cfg, b);
-    4 * (block_activation_elems(cfg, b, t, false) + b * cfg.num_attention_heads * t * t + p * c)
+    4 * (block_activation_elems(cfg, &s.lengths(b), false) + cfg.num_attention_heads * t * t + p * c)
 }
 
 fn optimizer_bytes_per_param(o: &MethodOptions) -> usize {
@@ -157,10 +164,11 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
         )));
     }
     let n = cfg.num_params();
-    let (b, t) = (shape.batch, shape.seq);
+    let b = shape.batch;
+    let lengths = shape.lengths(b);
     let largest_matrix =
         ParamId::all(cfg).into_iter().filter(|id| id.is_matrix()).map(|id| id.numel(cfg)).max().unwrap_or(0);
-    let fo_scratch = block_scratch_bytes(cfg, b, t, o.keep, 4);
+    let fo_scratch = block_scratch_bytes(cfg, &lengths, o.keep, 4);
     let lora = LoraConfig { r: o.lora_r, alpha: o.lora_alpha, seed: o.seed };
     let name = run_name(method, o);
     // (store, counted breakdown, zeroth-order)
@@ -224,9 +232,8 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
                 weights: store.bytes(cfg)? + 4 * sp,
                 gradients: 4 * sp,
                 optimizer: sp * optimizer_bytes_per_param(o),
-                activations: qst::trace_bytes(cfg, &side, &q, b, t, shape.head(cfg, b)),
-                scratch: (4 * block_activation_elems(cfg, b, t, false))
-                    .max(block_scratch_bytes(&side, b, t, o.keep, 4)),
+                activations: qst::trace_bytes(cfg, &side, &q, &lengths, shape.head(cfg, b)),
+                scratch: qst::scratch_bytes(cfg, &side, o.keep, &lengths),
             };
             (store, bd, false)
         }
@@ -325,8 +332,8 @@ mod tests {
     use crate::methods::{build, qst::Downsample, OnNonFinite};
     use crate::model::llama::tests::{batch, tiny_config};
     use crate::model::quantized::Source;
-    use crate::model::{Llama, ParamStore};
-    use candle_core::DType;
+    use crate::model::{Batch, Llama, ParamStore, Targets};
+    use candle_core::{DType, Device, Tensor};
 
     fn options() -> MethodOptions {
         MethodOptions {
@@ -340,10 +347,17 @@ mod tests {
         }
     }
 
+    /// The plan is for full rows; the engine counts exactly that on a batch without padding, and no more on a
+    /// padded batch of the same shape (padding is never computed).
     #[test]
     fn plan_counts_what_the_engine_counts() {
-        let b = batch(true);
-        let (rows, t) = b.ids.dims2().unwrap();
+        let padded = batch(true);
+        let (rows, t) = padded.ids.dims2().unwrap();
+        let b = Batch {
+            ids: Tensor::new(&[[3u32, 7, 1, 30, 12, 5], [9, 2, 2, 17, 31, 8]], &Device::Cpu).unwrap(),
+            lengths: vec![t; rows],
+            targets: Targets { positions: vec![5, 11], ..padded.targets.clone() },
+        };
         let shape = Shape { batch: rows, seq: t, eval_batch: rows, classes: Some(3) };
         let o = options();
         let cases: Vec<(&str, MethodOptions)> = vec![
@@ -375,6 +389,16 @@ mod tests {
                 let counted = m.step(&model, std::slice::from_ref(&b), 1e-3).unwrap().memory;
                 let p = plan(&cfg, method, o, &shape).unwrap();
                 assert_eq!(p.counted, counted, "{} (tied {tied}, keep {:?}, {:?})", p.method, o.keep, o.downsample);
+                let (mut m2, _) = build(method, Source::Params(params.clone()), o).unwrap();
+                let less = m2.step(&model, std::slice::from_ref(&padded), 1e-3).unwrap().memory;
+                assert!(
+                    less.activations < counted.activations || counted.activations == 0,
+                    "{}: padded {} against full {}",
+                    p.method,
+                    less.activations,
+                    counted.activations
+                );
+                assert!(less.scratch <= counted.scratch, "{}", p.method);
                 let held = m.state_bytes();
                 assert_eq!((p.counted.weights, p.counted.optimizer), (held.weights, held.optimizer), "{}", p.method);
                 assert!(p.peak >= p.runtime + p.train.max(p.eval), "{}", p.method);

@@ -1,7 +1,7 @@
 //! Batching: truncation to `max_seq_len`, right padding, and the loss positions of each row.
 //! Truncation rule: a prompt that does not fit loses tokens from its start (the question and the answer position
 //! sit at its end); a causal-LM example keeps at least one prompt token and cuts its completion's end if it must.
-//! No packing: one example per row.
+//! One example per row; the model drops the padding before its first block ([`crate::model::Packing`]).
 use super::permutation;
 use super::tasks::{Example, Target};
 use crate::model::{Batch, Targets};

@@ -78,8 +78,7 @@ impl Method for FullFinetune {
             let (out, trace) = model.forward(self.compute_weights(), batch, self.keep)?;
             let trace = trace.expect("training forward keeps a trace");
             mem.activations = mem.activations.max(trace.bytes());
-            let (b, t) = batch.ids.dims2()?;
-            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, b, t, self.keep, 4));
+            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, &batch.lengths, self.keep, 4));
             model.backward(self.compute_weights(), trace, &mut grads)?;
             loss += out.loss / micro.len() as f32;
         }

@@ -382,8 +382,7 @@ impl<B: FrozenBase> Method for Lora<B> {
             let (out, trace) = model.forward(&self.weights, batch, self.keep)?;
             let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
             mem.activations = mem.activations.max(trace.bytes());
-            let (b, t) = batch.ids.dims2()?;
-            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, b, t, self.keep, 4));
+            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, &batch.lengths, self.keep, 4));
             // The factor gradients collect inside the weights; the sink receives nothing.
             model.backward(&self.weights, trace, &mut FrozenSink)?;
             loss += out.loss / micro.len() as f32;

@@ -407,8 +407,7 @@ impl Method for Qft {
             let (out, trace) = model.forward(&self.weights, batch, self.cfg.keep)?;
             let trace = trace.expect("training forward keeps a trace");
             mem.activations = mem.activations.max(trace.bytes());
-            let (b, t) = batch.ids.dims2()?;
-            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, b, t, self.cfg.keep, 4));
+            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, &batch.lengths, self.cfg.keep, 4));
             loss += out.loss / n as f32;
             if self.cfg.fused {
                 // The backward reads the weights through the RefCell; the sink writes a parameter only after the

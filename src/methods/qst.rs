@@ -54,7 +54,7 @@ use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::layers::{self, Rope};
 use crate::model::llama::{tensor_bytes, Saved};
 use crate::model::quantized::{QuantStore, Source};
-use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, Output, ParamId, Tok, Weights};
+use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, Output, Packing, ParamId, Tok, Weights};
 use crate::train::memory::{block_activation_elems, block_scratch_bytes, Breakdown};
 use crate::train::DenseGrads;
 use crate::{Error, Result};
@@ -322,10 +322,10 @@ impl DownActs {
     }
 }
 
-/// What a QST training forward keeps for the backward (N = B·T rows, s side width, d base width, P loss positions,
-/// C classes). Nothing of the base is kept beyond what the downsamples hold.
+/// What a QST training forward keeps for the backward (N packed rows, see [`Packing`]; s side width, d base width,
+/// P loss positions, C classes). Nothing of the base is kept beyond what the downsamples hold.
 pub struct SideTrace {
-    shape: (usize, usize),
+    packing: Packing,
     downs: Vec<DownActs>,    // N_layers + 1
     diffs: Vec<Tensor>,      // N_layers × [N, s]: h_g,i−1 − down_i(h_f,i), the gates' backward input
     blocks: Vec<Saved>,      // N_layers side blocks: activations, or inputs [N, s] when recomputing
@@ -338,25 +338,39 @@ pub struct SideTrace {
     classes: Option<Tensor>, // [C] u32
 }
 
-/// [`SideTrace::bytes`] from the shapes alone (the memory planner's count): batch `b` × `t`, `head` = (P loss
-/// positions, C logits per position).
+/// [`SideTrace::bytes`] from the shapes alone (the memory planner's count): rows of `lengths` real tokens,
+/// `head` = (P loss positions, C logits per position).
 pub fn trace_bytes(
     base: &LlamaConfig,
     side: &LlamaConfig,
     q: &QstConfig,
-    b: usize,
-    t: usize,
+    lengths: &[usize],
     head: (usize, usize),
 ) -> usize {
-    let (n, d, s, k, layers) = (b * t, base.hidden_size, side.hidden_size, q.adapter_rank, base.num_hidden_layers);
+    let n: usize = lengths.iter().sum();
+    let (d, s, k, layers) = (base.hidden_size, side.hidden_size, q.adapter_rank, base.num_hidden_layers);
     let down = match q.downsample {
         Downsample::Adapter | Downsample::Lora => n * (d + k + s + 1),
         Downsample::Linear => n * d,
         Downsample::MaxPool | Downsample::AvgPool => 0,
     };
-    let block = if q.keep == Keep::Inputs { n * s } else { block_activation_elems(side, b, t, true) };
+    let block = if q.keep == Keep::Inputs { n * s } else { block_activation_elems(side, lengths, true) };
     let (p, c) = head;
     4 * ((layers + 1) * down + layers * (n * s + block) + p * (s + 1 + s + d + c))
+}
+
+/// Transient bytes beyond the trace (f32) for a batch of rows of `lengths` real tokens, at the larger of two
+/// moments: the base forward holds one base block's activations at a time, and when it runs the last side block's
+/// saved activations do not exist yet; the side backward holds one side block's scratch (and its activations when
+/// recomputing) beside the whole trace.
+pub fn scratch_bytes(base: &LlamaConfig, side: &LlamaConfig, keep: Keep, lengths: &[usize]) -> usize {
+    let last_side_block = 4 * if keep == Keep::Inputs {
+        lengths.iter().sum::<usize>() * side.hidden_size
+    } else {
+        block_activation_elems(side, lengths, true)
+    };
+    let base_forward = (4 * block_activation_elems(base, lengths, false)).saturating_sub(last_side_block);
+    base_forward.max(block_scratch_bytes(side, lengths, keep, 4))
 }
 
 impl SideTrace {
@@ -517,16 +531,18 @@ impl SideNet {
         let train = keep != Keep::Nothing;
         let side_keep = if train { self.cfg.keep } else { Keep::Nothing };
         let dtype = self.dtype();
-        let (b, t) = batch.ids.dims2()?;
         let dev = batch.ids.device().clone();
+        let packing = Packing::of(batch)?;
         let sc = &self.side.cfg;
+        let t = packing.max_len();
         let rope = Rope::new(t, sc.head_dim, sc.rope_theta, dtype, &dev)?;
         let mask = layers::causal_mask(t, dtype, &dev)?;
         let (mut downs, mut diffs, mut blocks) = (Vec::new(), Vec::new(), Vec::new());
         let mut hg: Option<Tensor> = None;
         let base_dtype = base.vector(ParamId::FinalNorm)?.dtype();
         // Each base state is consumed the moment it exists: downsampled, mixed in, run through its side block.
-        let x = model.hidden_states(base, &batch.ids, base_dtype, &mut |i, hf| {
+        let ids = packing.ids(&batch.ids)?;
+        let x = model.hidden_states(base, &ids, &packing, base_dtype, &mut |i, hf| {
             let (ds, acts) = self.down_forward(i, &hf.to_dtype(dtype)?)?;
             if train {
                 downs.push(acts);
@@ -538,7 +554,8 @@ impl SideNet {
                     if train {
                         diffs.push(diff);
                     }
-                    let (out, acts) = self.side.block_forward(&self.params, i - 1, x.clone(), (b, t), &rope, &mask)?;
+                    let (out, acts) =
+                        self.side.block_forward(&self.params, i - 1, x.clone(), &packing, &rope, &mask)?;
                     blocks.extend(Saved::new(side_keep, x, acts)?);
                     out
                 }
@@ -547,7 +564,7 @@ impl SideNet {
         })?;
         let hg = hg.ok_or_else(|| Error::Msg("the base produced no hidden state".into()))?;
         let tg = &batch.targets;
-        let positions = Tensor::new(tg.positions.as_slice(), &dev)?;
+        let positions = Tensor::new(packing.positions(&tg.positions)?.as_slice(), &dev)?;
         let classes = tg.classes.as_ref().map(|c| Tensor::new(c.as_slice(), &dev)).transpose()?;
         let x_sel = x.index_select(&positions, 0)?;
         drop(x);
@@ -563,7 +580,7 @@ impl SideNet {
         let (loss, dlogits) = layers::cross_entropy(&logits, &labels)?;
         let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? as f32;
         let trace = train.then_some(SideTrace {
-            shape: (b, t),
+            packing,
             downs,
             diffs,
             blocks,
@@ -587,9 +604,8 @@ impl SideNet {
         trace: SideTrace,
         grads: &mut DenseGrads<SideParam>,
     ) -> Result<()> {
-        let SideTrace { shape, mut downs, mut diffs, mut blocks, hg_sel, rstd, sn, mix, dlogits, positions, classes } =
+        let SideTrace { packing, mut downs, mut diffs, mut blocks, hg_sel, rstd, sn, mix, dlogits, positions, classes } =
             trace;
-        let (b, t) = shape;
         let dtype = self.dtype();
         let dev = hg_sel.device().clone();
         let sc = &self.side.cfg;
@@ -606,14 +622,16 @@ impl SideNet {
         let dsn = du.matmul(self.params.get(SideParam::UpWeight))?;
         let (dhg_sel, dnorm) = layers::rms_norm_backward(&dsn, &hg_sel, self.params.get(SideParam::Norm), &rstd)?;
         grads.add(SideParam::Norm, dnorm)?;
-        let mut dhg = Tensor::zeros((b * t, sc.hidden_size), dtype, &dev)?.index_add(&positions, &dhg_sel, 0)?;
+        let mut dhg = Tensor::zeros((packing.n(), sc.hidden_size), dtype, &dev)?.index_add(&positions, &dhg_sel, 0)?;
+        let t = packing.max_len();
         let rope = Rope::new(t, sc.head_dim, sc.rope_theta, dtype, &dev)?;
         let mask = layers::causal_mask(t, dtype, &dev)?;
         let missing = || Error::Msg("QST trace is missing a layer".into());
         for i in (1..=model.cfg.num_hidden_layers).rev() {
             let acts =
-                self.side.block_acts(&self.params, i - 1, blocks.pop().ok_or_else(missing)?, shape, &rope, &mask)?;
-            let dx = self.side.block_backward(&self.params, i - 1, &acts, &dhg, shape, &rope, &mut BlockSink(grads))?;
+                self.side.block_acts(&self.params, i - 1, blocks.pop().ok_or_else(missing)?, &packing, &rope, &mask)?;
+            let dx =
+                self.side.block_backward(&self.params, i - 1, &acts, &dhg, &packing, &rope, &mut BlockSink(grads))?;
             drop(acts);
             let (dds, dprev, dgamma) =
                 gate_backward(&dx, &diffs.pop().ok_or_else(missing)?, self.params.get(SideParam::Gate(i)))?;
@@ -624,12 +642,8 @@ impl SideNet {
         self.down_backward(0, downs.pop().ok_or_else(missing)?, &dhg, grads)
     }
 
-    /// Transient bytes beyond the trace for a batch of `b` × `t`: the base forward holds one base block's
-    /// activations at a time; the side backward one side block's scratch (and its activations when recomputing).
-    fn scratch_bytes(&self, model: &Llama, b: usize, t: usize) -> usize {
-        let elem = self.dtype().size_in_bytes();
-        let base = block_activation_elems(&model.cfg, b, t, false) * 4;
-        base.max(block_scratch_bytes(&self.side.cfg, b, t, self.cfg.keep, elem))
+    fn scratch_bytes(&self, model: &Llama, lengths: &[usize]) -> usize {
+        scratch_bytes(&model.cfg, &self.side.cfg, self.cfg.keep, lengths)
     }
 }
 
@@ -803,8 +817,7 @@ impl Method for Qst {
             let (out, trace) = self.model.net.forward(model, &self.model.base, batch, self.model.net.cfg.keep)?;
             let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
             mem.activations = mem.activations.max(trace.bytes());
-            let (b, t) = batch.ids.dims2()?;
-            mem.scratch = mem.scratch.max(self.model.net.scratch_bytes(model, b, t));
+            mem.scratch = mem.scratch.max(self.model.net.scratch_bytes(model, &batch.lengths));
             self.model.net.backward(model, &self.model.base, trace, &mut grads)?;
             loss += out.loss / micro.len() as f32;
         }
@@ -1215,7 +1228,7 @@ mod tests {
             let net = SideNet::new(&cfg, QstConfig { adapter_rank: 4, ..qcfg(ds, Keep::All) }, DType::F32).unwrap();
             net.forward(&m, &base, &b, Keep::All).unwrap().1.unwrap().bytes()
         };
-        let n = 12; // B·T
+        let n = 10; // real tokens (6 + 4): padding is never computed
         let (d, k, s) = (cfg.hidden_size, 4, cfg.hidden_size / 2);
         let per_module = n * (d + k + s + 1) * 4;
         assert_eq!(bytes(Downsample::Adapter) - bytes(Downsample::MaxPool), (cfg.num_hidden_layers + 1) * per_module);

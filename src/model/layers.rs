@@ -51,14 +51,20 @@ impl Rope {
         Ok(Rope { cos, sin, neg_sin })
     }
 
-    /// x: [B, H, T, hd] contiguous.
+    /// x: [B, H, T, hd] with T at most the table's length (positions 0..T).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)
+        self.rotate(x, &self.sin)
     }
 
     /// RoPE is a rotation, so its backward is the rotation by the opposite angle.
     pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
-        candle_nn::rotary_emb::rope(&dy.contiguous()?, &self.cos, &self.neg_sin)
+        self.rotate(dy, &self.neg_sin)
+    }
+
+    fn rotate(&self, x: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        // A prefix of the table's rows is contiguous, as the fused kernel needs.
+        let t = x.dim(2)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos.narrow(0, 0, t)?, &sin.narrow(0, 0, t)?)
     }
 }
 

@@ -84,43 +84,116 @@ impl Batch {
     }
 }
 
-/// Activations one block's backward needs (N = B·T rows; d hidden, f FFN width, H/KV heads, hd head width).
+/// Where the rows of a right-padded batch [B, T] sit in the packed activations [N, d] the blocks work on
+/// (N = Σ lengths): row b's real tokens are rows `offsets[b] .. offsets[b] + lengths[b]`. Padding is dropped before
+/// the first block, so no projection, attention or gradient is ever computed for it (on BoolQ at ≤ 256 tokens, 39%
+/// of a padded batch's tokens). Each row attends only to itself, so the result is the padded batch's, bit for bit
+/// at the real positions up to the GEMMs' summation order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packing {
+    /// T: the padded width, so flat padded indices b·T + t can be mapped.
+    pub t: usize,
+    pub lengths: Vec<usize>,
+    offsets: Vec<usize>,
+}
+
+impl Packing {
+    /// Rows of `lengths` real tokens in a batch padded to `t`; every length in 1..=t.
+    pub fn new(lengths: &[usize], t: usize) -> Result<Self> {
+        if let Some(&bad) = lengths.iter().find(|&&l| l == 0 || l > t) {
+            return Err(crate::Error::Shape(format!("a batch row of length {bad} in a batch padded to {t}")));
+        }
+        let offsets = lengths.iter().scan(0, |o, &l| Some(std::mem::replace(o, *o + l))).collect();
+        Ok(Packing { t, lengths: lengths.to_vec(), offsets })
+    }
+
+    /// `b` rows with no padding.
+    pub fn full(b: usize, t: usize) -> Result<Self> {
+        Packing::new(&vec![t; b], t)
+    }
+
+    pub fn of(batch: &Batch) -> Result<Self> {
+        let (b, t) = batch.ids.dims2()?;
+        if batch.lengths.len() != b {
+            return Err(crate::Error::Shape(format!("{} row lengths for a batch of {b} rows", batch.lengths.len())));
+        }
+        Packing::new(&batch.lengths, t)
+    }
+
+    /// N, the packed rows.
+    pub fn n(&self) -> usize {
+        self.lengths.iter().sum()
+    }
+
+    /// The longest row (the RoPE table and causal mask a batch needs).
+    pub fn max_len(&self) -> usize {
+        self.lengths.iter().copied().max().unwrap_or(1)
+    }
+
+    /// (offset, length) of each row in the packed activations.
+    pub fn rows(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.offsets.iter().copied().zip(self.lengths.iter().copied())
+    }
+
+    /// The real token ids [N] of a padded batch `ids` [B, T].
+    pub fn ids(&self, ids: &Tensor) -> Result<Tensor> {
+        if self.n() == ids.elem_count() {
+            return Ok(ids.flatten_all()?);
+        }
+        let real: Vec<u32> =
+            self.rows().enumerate().flat_map(|(b, (_, l))| (0..l).map(move |i| (b * self.t + i) as u32)).collect();
+        Ok(ids.flatten_all()?.index_select(&Tensor::new(real.as_slice(), ids.device())?, 0)?)
+    }
+
+    /// Flat padded indices b·T + t (a batch's loss positions) as packed rows; a position in padding is an error.
+    pub fn positions(&self, padded: &[u32]) -> Result<Vec<u32>> {
+        padded
+            .iter()
+            .map(|&p| {
+                let (b, i) = (p as usize / self.t, p as usize % self.t);
+                match (self.offsets.get(b), self.lengths.get(b)) {
+                    (Some(&o), Some(&l)) if i < l => Ok((o + i) as u32),
+                    _ => Err(crate::Error::Shape(format!("loss position {p} is padding or outside the batch"))),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One row's attention activations (L its length).
+struct RowAttn {
+    q: Tensor,    // [1, H, L, hd] after RoPE
+    k: Tensor,    // [1, KV, L, hd] after RoPE
+    v: Tensor,    // [1, KV, L, hd]
+    probs: Probs, // [1, H, L, L] attention probabilities, or their lower triangle [H, L(L+1)/2]
+}
+
+/// Activations one block's backward needs (N = Σ row lengths packed rows, see [`Packing`]; d hidden, f FFN width,
+/// H/KV heads, hd head width).
 pub struct BlockActs {
-    x: Tensor,     // [N, d] block input (residual stream)
-    rstd1: Tensor, // [N, 1] attention RMSNorm reciprocal std
-    xn1: Tensor,   // [N, d] normalized input to Q/K/V
-    q: Tensor,     // [B, H, T, hd] after RoPE
-    k: Tensor,     // [B, KV, T, hd] after RoPE
-    v: Tensor,     // [B, KV, T, hd]
-    probs: Probs,  // [B, H, T, T] attention probabilities, or their lower triangle [B·H, T(T+1)/2]
-    ctx: Tensor,   // [N, H·hd] attention output, input to O
-    x2: Tensor,    // [N, d] residual after attention
-    rstd2: Tensor, // [N, 1]
-    xn2: Tensor,   // [N, d] normalized input to gate/up
-    gate: Tensor,  // [N, f] gate pre-activation
-    up: Tensor,    // [N, f]
+    x: Tensor,          // [N, d] block input (residual stream)
+    rstd1: Tensor,      // [N, 1] attention RMSNorm reciprocal std
+    xn1: Tensor,        // [N, d] normalized input to Q/K/V
+    attn: Vec<RowAttn>, // per row: q, k, v and the attention probabilities
+    ctx: Tensor,        // [N, H·hd] attention output, input to O
+    x2: Tensor,         // [N, d] residual after attention
+    rstd2: Tensor,      // [N, 1]
+    xn2: Tensor,        // [N, d] normalized input to gate/up
+    gate: Tensor,       // [N, f] gate pre-activation
+    up: Tensor,         // [N, f]
 }
 
 impl BlockActs {
     pub fn bytes(&self) -> usize {
-        [
-            &self.x,
-            &self.rstd1,
-            &self.xn1,
-            &self.q,
-            &self.k,
-            &self.v,
-            &self.ctx,
-            &self.x2,
-            &self.rstd2,
-            &self.xn2,
-            &self.gate,
-            &self.up,
-        ]
-        .iter()
-        .map(|t| tensor_bytes(t))
-        .sum::<usize>()
-            + self.probs.bytes()
+        [&self.x, &self.rstd1, &self.xn1, &self.ctx, &self.x2, &self.rstd2, &self.xn2, &self.gate, &self.up]
+            .iter()
+            .map(|t| tensor_bytes(t))
+            .sum::<usize>()
+            + self
+                .attn
+                .iter()
+                .map(|a| tensor_bytes(&a.q) + tensor_bytes(&a.k) + tensor_bytes(&a.v) + a.probs.bytes())
+                .sum::<usize>()
     }
 }
 
@@ -150,8 +223,10 @@ impl Saved {
         Ok(match keep {
             Keep::Nothing => None,
             Keep::All => {
-                if let Probs::Full(p) = acts.probs {
-                    acts.probs = Probs::lower(&p)?;
+                for a in acts.attn.iter_mut() {
+                    if let Probs::Full(p) = &a.probs {
+                        a.probs = Probs::lower(p)?;
+                    }
                 }
                 Some(Saved::All(Box::new(acts)))
             }
@@ -169,8 +244,8 @@ impl Saved {
 
 /// What a training forward keeps for the backward.
 pub struct Trace {
-    ids: Tensor, // [N] token ids
-    shape: (usize, usize),
+    ids: Tensor, // [N] token ids (packed: padding dropped)
+    packing: Packing,
     blocks: Vec<Saved>,
     x_sel: Tensor,           // [P, d] final residual at the loss positions
     rstd_sel: Tensor,        // [P, 1]
@@ -217,35 +292,42 @@ impl Llama {
         Llama { cfg }
     }
 
+    /// Block `l` over the packed rows `x` [N, d] of `packing`; `rope` and `mask` cover its longest row.
     pub fn block_forward(
         &self,
         w: &dyn Weights,
         l: usize,
         x: Tensor,
-        shape: (usize, usize),
+        packing: &Packing,
         rope: &Rope,
         mask: &Tensor,
     ) -> Result<(Tensor, BlockActs)> {
         let c = &self.cfg;
-        let (b, t) = shape;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let id = |p| ParamId::Block(l, p);
         let (xn1, rstd1) = layers::rms_norm_forward(&x, &w.vector(id(P::AttnNorm))?, c.rms_norm_eps)?;
-        let heads =
-            |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
-        let q = rope.forward(&heads(w.linear(id(P::Q), &xn1)?, h)?)?;
-        let k = rope.forward(&heads(w.linear(id(P::K), &xn1)?, kv)?)?;
-        let v = heads(w.linear(id(P::V), &xn1)?, kv)?;
-        let (ctx, probs) = layers::attention_forward(&q, &k, &v, c.group_size(), mask)?;
-        let ctx = ctx.transpose(1, 2)?.reshape((b * t, h * hd))?;
+        let (q, k, v) = (w.linear(id(P::Q), &xn1)?, w.linear(id(P::K), &xn1)?, w.linear(id(P::V), &xn1)?);
+        // Attention row by row: a row attends only to itself, so padding needs no mask and costs nothing.
+        let (mut attn, mut ctx) = (Vec::new(), Vec::new());
+        for (o, len) in packing.rows() {
+            let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(y.narrow(0, o, len)?.reshape((1, len, n, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let (q, k, v) = (rope.forward(&heads(&q, h)?)?, rope.forward(&heads(&k, kv)?)?, heads(&v, kv)?);
+            let m = mask.narrow(0, 0, len)?.narrow(1, 0, len)?;
+            let (c_row, probs) = layers::attention_forward(&q, &k, &v, c.group_size(), &m)?;
+            ctx.push(c_row.transpose(1, 2)?.reshape((len, h * hd))?);
+            attn.push(RowAttn { q, k, v, probs: Probs::Full(probs) });
+        }
+        drop((q, k, v));
+        let ctx = Tensor::cat(&ctx, 0)?;
         let x2 = (&x + w.linear(id(P::O), &ctx)?)?;
         let (xn2, rstd2) = layers::rms_norm_forward(&x2, &w.vector(id(P::MlpNorm))?, c.rms_norm_eps)?;
         let gate = w.linear(id(P::Gate), &xn2)?;
         let up = w.linear(id(P::Up), &xn2)?;
         let hmid = layers::swiglu_forward(&gate, &up)?;
         let out = (&x2 + w.linear(id(P::Down), &hmid)?)?;
-        let probs = Probs::Full(probs);
-        Ok((out, BlockActs { x, rstd1, xn1, q, k, v, probs, ctx, x2, rstd2, xn2, gate, up }))
+        Ok((out, BlockActs { x, rstd1, xn1, attn, ctx, x2, rstd2, xn2, gate, up }))
     }
 
     /// Backward of one block: returns dx and pushes the block's weight gradients (Down … AttnNorm).
@@ -255,12 +337,11 @@ impl Llama {
         l: usize,
         a: &BlockActs,
         dout: &Tensor,
-        shape: (usize, usize),
+        packing: &Packing,
         rope: &Rope,
         sink: &mut dyn GradSink,
     ) -> Result<Tensor> {
         let c = &self.cfg;
-        let (b, t) = shape;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let id = |p| ParamId::Block(l, p);
         // MLP
@@ -279,12 +360,17 @@ impl Llama {
         // Attention
         let dctx = w.linear_t(id(P::O), &dx2)?;
         w.weight_grad(id(P::O), &dx2, &a.ctx, sink)?;
-        let dctx = dctx.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
-        let (dq, dk, dv) = layers::attention_backward(&dctx, &a.q, &a.k, &a.v, &a.probs.full()?, c.group_size())?;
-        let flat = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.transpose(1, 2)?.reshape((b * t, n * hd))?) };
-        let dq = flat(rope.backward(&dq)?, h)?;
-        let dk = flat(rope.backward(&dk)?, kv)?;
-        let dv = flat(dv, kv)?;
+        let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+        for ((o, len), r) in packing.rows().zip(&a.attn) {
+            let dctx = dctx.narrow(0, o, len)?.reshape((1, len, h, hd))?.transpose(1, 2)?.contiguous()?;
+            let (q, k, v) = layers::attention_backward(&dctx, &r.q, &r.k, &r.v, &r.probs.full()?, c.group_size())?;
+            let flat = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.transpose(1, 2)?.reshape((len, n * hd))?) };
+            dq.push(flat(rope.backward(&q)?, h)?);
+            dk.push(flat(rope.backward(&k)?, kv)?);
+            dv.push(flat(v, kv)?);
+        }
+        drop(dctx);
+        let (dq, dk, dv) = (Tensor::cat(&dq, 0)?, Tensor::cat(&dk, 0)?, Tensor::cat(&dv, 0)?);
         let dxn1 = ((w.linear_t(id(P::Q), &dq)? + w.linear_t(id(P::K), &dk)?)? + w.linear_t(id(P::V), &dv)?)?;
         w.weight_grad(id(P::V), &dv, &a.xn1, sink)?;
         w.weight_grad(id(P::K), &dk, &a.xn1, sink)?;
@@ -300,37 +386,38 @@ impl Llama {
         w: &dyn Weights,
         l: usize,
         saved: Saved,
-        shape: (usize, usize),
+        packing: &Packing,
         rope: &Rope,
         mask: &Tensor,
     ) -> Result<BlockActs> {
         Ok(match saved {
             Saved::All(a) => *a,
-            Saved::Input(x) => self.block_forward(w, l, x, shape, rope, mask)?.1,
+            Saved::Input(x) => self.block_forward(w, l, x, packing, rope, mask)?.1,
         })
     }
 
-    /// Runs the blocks over `ids` [B, T]; returns the final residual stream [B·T, d] and what `keep` asks for.
-    /// `visit` sees the embeddings (i = 0) and each block's output (i = l + 1) the moment they exist.
+    /// Runs the blocks over the packed token ids `ids` [N] of `packing`; returns the final residual stream [N, d]
+    /// and what `keep` asks for. `visit` sees the embeddings (i = 0) and each block's output (i = l + 1) the moment
+    /// they exist.
     fn trunk(
         &self,
         w: &dyn Weights,
         ids: &Tensor,
+        packing: &Packing,
         keep: Keep,
         dtype: DType,
         visit: Visit,
     ) -> Result<(Tensor, Vec<Saved>)> {
-        let (b, t) = ids.dims2()?;
         let dev = ids.device();
-        let flat_ids = ids.flatten_all()?;
-        let mut x = w.rows(ParamId::Embed, &flat_ids)?.to_dtype(dtype)?;
+        let mut x = w.rows(ParamId::Embed, ids)?.to_dtype(dtype)?;
         visit(0, &x)?;
+        let t = packing.max_len();
         let rope = Rope::new(t, self.cfg.head_dim, self.cfg.rope_theta, dtype, dev)?;
         let mask = layers::causal_mask(t, dtype, dev)?;
         let mut saved = Vec::new();
         for l in 0..self.cfg.num_hidden_layers {
             let input = x.clone();
-            let (out, acts) = self.block_forward(w, l, x, (b, t), &rope, &mask)?;
+            let (out, acts) = self.block_forward(w, l, x, packing, &rope, &mask)?;
             saved.extend(Saved::new(keep, input, acts)?);
             x = out;
             visit(l + 1, &x)?;
@@ -339,10 +426,18 @@ impl Llama {
     }
 
     /// An inference pass over the blocks that keeps nothing and hands the embeddings (i = 0) and each block's
-    /// output (i = l + 1), all [B·T, d], to `visit` as soon as they exist; returns the final residual stream.
-    /// QST's side network reads the frozen base this way, keeping only what it derives from each state.
-    pub fn hidden_states(&self, w: &dyn Weights, ids: &Tensor, dtype: DType, visit: Visit) -> Result<Tensor> {
-        Ok(self.trunk(w, ids, Keep::Nothing, dtype, visit)?.0)
+    /// output (i = l + 1), all packed [N, d], to `visit` as soon as they exist; returns the final residual stream.
+    /// `ids` [N] are the packed ids of `packing` ([`Packing::ids`]). QST's side network reads the frozen base this
+    /// way, keeping only what it derives from each state.
+    pub fn hidden_states(
+        &self,
+        w: &dyn Weights,
+        ids: &Tensor,
+        packing: &Packing,
+        dtype: DType,
+        visit: Visit,
+    ) -> Result<Tensor> {
+        Ok(self.trunk(w, ids, packing, Keep::Nothing, dtype, visit)?.0)
     }
 
     /// LM-head logits of final-normed hidden states `xn` [P, d]: over the label words `classes` [C] when the task
@@ -369,11 +464,12 @@ impl Llama {
     /// the task has them.
     pub fn forward(&self, w: &dyn Weights, batch: &Batch, keep: Keep) -> Result<(Output, Option<Trace>)> {
         let dtype = w.vector(ParamId::FinalNorm)?.dtype();
-        let (b, t) = batch.ids.dims2()?;
         let dev = batch.ids.device().clone();
-        let (x, blocks) = self.trunk(w, &batch.ids, keep, dtype, &mut |_, _| Ok(()))?;
+        let packing = Packing::of(batch)?;
+        let ids = packing.ids(&batch.ids)?;
+        let (x, blocks) = self.trunk(w, &ids, &packing, keep, dtype, &mut |_, _| Ok(()))?;
         let tg = &batch.targets;
-        let positions = Tensor::new(tg.positions.as_slice(), &dev)?;
+        let positions = Tensor::new(packing.positions(&tg.positions)?.as_slice(), &dev)?;
         let x_sel = x.index_select(&positions, 0)?;
         drop(x);
         let (xn_sel, rstd_sel) =
@@ -384,8 +480,8 @@ impl Llama {
         let (loss, dlogits) = layers::cross_entropy(&logits, &labels)?;
         let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? as f32;
         let trace = (keep != Keep::Nothing).then_some(Trace {
-            ids: batch.ids.flatten_all()?,
-            shape: (b, t),
+            ids,
+            packing,
             blocks,
             x_sel,
             rstd_sel,
@@ -400,8 +496,7 @@ impl Llama {
     /// The backward of [`Llama::forward`]: pushes every parameter's gradient into `sink` in reverse forward order.
     pub fn backward(&self, w: &dyn Weights, trace: Trace, sink: &mut dyn GradSink) -> Result<()> {
         let c = &self.cfg;
-        let Trace { ids, shape, mut blocks, x_sel, rstd_sel, xn_sel, dlogits, positions, classes } = trace;
-        let (b, t) = shape;
+        let Trace { ids, packing, mut blocks, x_sel, rstd_sel, xn_sel, dlogits, positions, classes } = trace;
         let dtype = xn_sel.dtype();
         let dev = xn_sel.device().clone();
         let head = ParamId::head(c);
@@ -425,13 +520,14 @@ impl Llama {
         }
         let (dx_sel, dnorm) = layers::rms_norm_backward(&dxn_sel, &x_sel, &w.vector(ParamId::FinalNorm)?, &rstd_sel)?;
         push_if_trained(w, sink, ParamId::FinalNorm, dnorm)?;
-        let mut dx = Tensor::zeros((b * t, c.hidden_size), dtype, &dev)?.index_add(&positions, &dx_sel, 0)?;
+        let mut dx = Tensor::zeros((packing.n(), c.hidden_size), dtype, &dev)?.index_add(&positions, &dx_sel, 0)?;
+        let t = packing.max_len();
         let rope = Rope::new(t, c.head_dim, c.rope_theta, dtype, &dev)?;
         let mask = layers::causal_mask(t, dtype, &dev)?;
         for l in (0..c.num_hidden_layers).rev() {
             let saved = blocks.pop().expect("one saved entry per block");
-            let acts = self.block_acts(w, l, saved, shape, &rope, &mask)?;
-            dx = self.block_backward(w, l, &acts, &dx, shape, &rope, sink)?;
+            let acts = self.block_acts(w, l, saved, &packing, &rope, &mask)?;
+            dx = self.block_backward(w, l, &acts, &dx, &packing, &rope, sink)?;
         }
         if w.trains(ParamId::Embed) {
             let demb_rows = vocab_zeros()?.index_add(&ids, &dx, 0)?;
@@ -448,7 +544,7 @@ impl Llama {
     pub fn logits(&self, w: &dyn Weights, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let dtype = w.vector(ParamId::FinalNorm)?.dtype();
-        let x = self.hidden_states(w, ids, dtype, &mut |_, _| Ok(()))?;
+        let x = self.hidden_states(w, &ids.flatten_all()?, &Packing::full(b, t)?, dtype, &mut |_, _| Ok(()))?;
         let (xn, _) = layers::rms_norm_forward(&x, &w.vector(ParamId::FinalNorm)?, self.cfg.rms_norm_eps)?;
         let logits = w.linear(ParamId::head(&self.cfg), &xn)?;
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
@@ -457,9 +553,8 @@ impl Llama {
     /// Next-token logits [vocab] after the prompt `ids` (no KV cache: generation here is for eyeballing).
     pub fn next_logits(&self, w: &dyn Weights, ids: &[u32], dev: &Device) -> Result<Tensor> {
         let t = ids.len();
-        let batch = Tensor::new(ids, dev)?.unsqueeze(0)?;
         let dtype = w.vector(ParamId::FinalNorm)?.dtype();
-        let x = self.hidden_states(w, &batch, dtype, &mut |_, _| Ok(()))?;
+        let x = self.hidden_states(w, &Tensor::new(ids, dev)?, &Packing::full(1, t)?, dtype, &mut |_, _| Ok(()))?;
         let last = x.narrow(0, t - 1, 1)?;
         let (xn, _) = layers::rms_norm_forward(&last, &w.vector(ParamId::FinalNorm)?, self.cfg.rms_norm_eps)?;
         Ok(w.linear(ParamId::head(&self.cfg), &xn)?.flatten_all()?.to_dtype(DType::F32)?)
@@ -583,6 +678,53 @@ pub(crate) mod tests {
             want.reverse();
             assert_eq!(order.0, want);
         }
+    }
+
+    /// A packed batch gives each row what the row gives alone: logits and gradients (f64, budget 1e-12 relative).
+    #[test]
+    fn packed_rows_match_rows_run_alone() {
+        let cfg = tiny_config(true);
+        let m = Llama::new(cfg.clone());
+        let p = ParamStore::random(&cfg, 5, 0.3, DType::F64).unwrap();
+        let both = batch(true);
+        let alone = |row: usize, len: usize| Batch {
+            ids: both.ids.narrow(0, row, 1).unwrap().narrow(1, 0, len).unwrap().contiguous().unwrap(),
+            lengths: vec![len],
+            targets: Targets {
+                positions: vec![len as u32 - 1],
+                labels: vec![both.targets.labels[row]],
+                ..both.targets.clone()
+            },
+        };
+        let grads = |b: &Batch| {
+            let (out, trace) = m.forward(&p, b, Keep::All).unwrap();
+            let mut g = DenseGrads::default();
+            m.backward(&p, trace.unwrap(), &mut g).unwrap();
+            (out.logits, g)
+        };
+        let (logits, g) = grads(&both);
+        let rows: Vec<_> = [(0, 6), (1, 4)].iter().map(|&(r, l)| grads(&alone(r, l))).collect();
+        let close = |a: &Tensor, b: &Tensor| {
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-12);
+            let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() / scale;
+            assert!(err < 1e-12, "rel err {err:e}");
+        };
+        close(&logits, &Tensor::cat(&[&rows[0].0, &rows[1].0], 0).unwrap());
+        // The batch loss is the mean over its rows, so its gradient is the mean of the rows' gradients.
+        for id in ParamId::all(&cfg) {
+            let mean = ((rows[0].1.get(id).unwrap() + rows[1].1.get(id).unwrap()).unwrap() * 0.5).unwrap();
+            close(g.get(id).unwrap(), &mean);
+        }
+    }
+
+    /// A loss position in a row's padding, or past the batch, is an error, not a silent read of a pad token.
+    #[test]
+    fn loss_positions_in_padding_are_rejected() {
+        let pk = Packing::new(&[6, 4], 6).unwrap();
+        assert_eq!(pk.positions(&[5, 6, 9]).unwrap(), vec![5, 6, 9]);
+        assert!(pk.positions(&[10]).is_err());
+        assert!(pk.positions(&[12]).is_err());
+        assert!(Packing::new(&[7], 6).is_err() && Packing::new(&[0], 6).is_err());
     }
 
     /// Right padding: the loss positions of a row do not depend on what follows them.

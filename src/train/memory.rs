@@ -32,27 +32,30 @@ impl Breakdown {
     }
 }
 
-/// Transient bytes of one block's backward beyond the saved activations (batch `b`, length `t`, element size
-/// `elem`): softmax-backward buffers [B,H,T,T]×3 (dprobs, dprobs⊙probs, dscores), repeated K/V [B,H,T,hd]×2,
-/// residual gradients [N,d]×3, MLP gradients [N,f]×4, the largest weight gradient of a block, and the whole
-/// probabilities [B,H,T,T]: rebuilt from their kept lower triangle, or — with recomputation — inside the block's own
-/// activations, recomputed for its backward as a forward holds them (never packed).
-pub fn block_scratch_bytes(cfg: &LlamaConfig, b: usize, t: usize, keep: Keep, elem: usize) -> usize {
-    let n = b * t;
+/// Transient bytes of one block's backward beyond the saved activations, for a batch of rows of `lengths` real tokens
+/// (packed, see [`crate::model::Packing`]; element size `elem`). Attention runs row by row, so its buffers are one
+/// row's (L the longest): softmax-backward buffers [H,L,L]×3 (dprobs, dprobs⊙probs, dscores), repeated K/V
+/// [H,L,hd]×2 and the row's whole probabilities [H,L,L] rebuilt from their kept lower triangle; then residual
+/// gradients [N,d]×3, MLP gradients [N,f]×4 and the largest weight gradient of a block. With recomputation the
+/// block's recomputed activations hold every row's whole probabilities, as a forward holds them (never packed).
+pub fn block_scratch_bytes(cfg: &LlamaConfig, lengths: &[usize], keep: Keep, elem: usize) -> usize {
+    let n: usize = lengths.iter().sum();
+    let l = lengths.iter().copied().max().unwrap_or(0);
     let (d, f, h, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim);
-    let attn = 3 * b * h * t * t + 2 * b * h * t * hd;
+    let attn = 3 * h * l * l + 2 * h * l * hd;
     let grads = 3 * n * d + 4 * n * f + f * d;
-    let probs = if keep == Keep::Inputs { block_activation_elems(cfg, b, t, false) } else { b * h * t * t };
+    let probs = if keep == Keep::Inputs { block_activation_elems(cfg, lengths, false) } else { h * l * l };
     (attn + grads + probs) * elem
 }
 
-/// Elements of one block's activations (see `BlockActs`): with `lower` as a block saves them for its backward (the
-/// attention probabilities' lower triangle), without as its forward holds them (the whole [B, H, T, T]).
-pub fn block_activation_elems(cfg: &LlamaConfig, b: usize, t: usize, lower: bool) -> usize {
-    let n = b * t;
+/// Elements of one block's activations (see `BlockActs`) for rows of `lengths` real tokens: with `lower` as a block
+/// saves them for its backward (each row's attention probabilities' lower triangle), without as its forward holds
+/// them (every row's whole [H, L, L]).
+pub fn block_activation_elems(cfg: &LlamaConfig, lengths: &[usize], lower: bool) -> usize {
+    let n: usize = lengths.iter().sum();
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
-    let probs = b * cfg.num_attention_heads * if lower { t * (t + 1) / 2 } else { t * t };
-    4 * n * d + 2 * n + n * cfg.q_dim() * 2 + 2 * n * cfg.kv_dim() + probs + 2 * n * f
+    let probs: usize = lengths.iter().map(|&l| if lower { l * (l + 1) / 2 } else { l * l }).sum();
+    4 * n * d + 2 * n + n * cfg.q_dim() * 2 + 2 * n * cfg.kv_dim() + cfg.num_attention_heads * probs + 2 * n * f
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes; 0 where the OS does not say.
