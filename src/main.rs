@@ -173,6 +173,10 @@ struct TrainArgs {
     /// Write the batches this run would train on to FILE (jsonl) and exit without training.
     #[arg(long)]
     dump_batches: Option<PathBuf>,
+    /// Print this run's planned memory for its own batches (`qtune plan` plans full rows) and exit without loading
+    /// the weights; with FILE, also write the plan as JSON there.
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    plan: Option<Option<PathBuf>>,
 }
 
 /// A method and its options: what `train` trains and `plan` plans.
@@ -347,17 +351,43 @@ fn train(a: TrainArgs) -> Result<()> {
     let header = read_header(&c.model)?;
     let tok = tokenizer(header.tokenizer, &c.model)?;
     let splits = splits(c, &tok)?;
-    let pad = pad_id(&header.cfg);
-    if let Some(cap) = a.max_memory {
-        let shape = plan::Shape {
-            batch: a.batch_size,
-            seq: c.max_seq_len,
-            eval_batch: c.eval_batch_size,
-            classes: splits.train.classes.as_ref().map(Vec::len),
-        };
-        let p = plan::plan(&header.cfg, &a.m.method, &opts, &shape)?;
-        let cap_bytes = (cap * (1u64 << 30) as f64) as usize;
-        if p.peak > cap_bytes {
+    let out = c.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.m.method, c.task)));
+    let mut cfg = TrainConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_seq_len: c.max_seq_len,
+        eval_batch_size: c.eval_batch_size,
+        // The peak is the method's default unless --lr names one: set once the method is built, below.
+        schedule: Schedule { kind, peak: a.lr.unwrap_or(0.0), warmup: a.warmup, total: a.steps },
+        seed: c.seed,
+        out: out.clone(),
+        pad_id: pad_id(&header.cfg),
+        skip_eval: a.no_eval,
+        save_state: a.save_state,
+        checkpoint_every: a.checkpoint_every,
+        resume: a.resume,
+    };
+    if let Some(path) = &a.dump_batches {
+        return trainer::dump_batches(&splits, &cfg, path);
+    }
+    if a.max_memory.is_some() || a.plan.is_some() {
+        let shape = trainer::plan_shape(&splits, &cfg)?;
+        let p = plan_run(&header.cfg, &a.m, &opts, &shape)?;
+        if let Some(json) = &a.plan {
+            let title = format!(
+                "{} ({:.2} B parameters), {} steps of {} × {} from {} training examples, at most {} tokens a row",
+                c.model.display(),
+                header.cfg.num_params() as f64 / 1e9,
+                cfg.steps,
+                cfg.grad_accum,
+                cfg.batch_size,
+                splits.train.examples.len(),
+                cfg.max_seq_len,
+            );
+            return print_plans(&title, &shape, &[p], json.as_deref());
+        }
+        if let Some(cap) = a.max_memory.filter(|&cap| p.peak as f64 > cap * (1u64 << 30) as f64) {
             return Err(Error::Option(format!(
                 "--max-memory {cap} GiB: this run is planned to peak at {} (load {}, train {}, eval {}, + {} runtime; \
                  weights {}, gradients {}, optimizer {}, activations {}, scratch {}). Lower --batch-size or \
@@ -381,27 +411,9 @@ fn train(a: TrainArgs) -> Result<()> {
     if !(lr.is_finite() && lr > 0.0) {
         return Err(Error::Option(format!("--lr {lr} must be positive")));
     }
-    let out = c.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.m.method, c.task)));
-    let cfg = TrainConfig {
-        steps: a.steps,
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        max_seq_len: c.max_seq_len,
-        eval_batch_size: c.eval_batch_size,
-        schedule: Schedule { kind, peak: lr, warmup: a.warmup, total: a.steps },
-        seed: c.seed,
-        out: out.clone(),
-        pad_id: pad,
-        skip_eval: a.no_eval,
-        save_state: a.save_state,
-        checkpoint_every: a.checkpoint_every,
-        resume: a.resume,
-    };
+    cfg.schedule.peak = lr;
     // Ctrl-C: finish the current step, checkpoint (when the method can), stop.
     let _ = ctrlc::set_handler(|| trainer::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst));
-    if let Some(path) = &a.dump_batches {
-        return trainer::dump_batches(&splits, &cfg, path);
-    }
     let s = trainer::train(&model, method.as_mut(), &splits, Some(&tok), &c.model.display().to_string(), &cfg)?;
     eprintln!(
         "{}: median step {:.2} s, {:.1} tok/s, model state {:.2} B/param; wrote {}",
@@ -417,7 +429,7 @@ fn train(a: TrainArgs) -> Result<()> {
 /// The model `qtune eval` runs: dense weights (f32 or INT8/INT4), or a QST export (NF4 base + side network).
 enum EvalModel {
     Weights(Box<dyn qtune::model::Weights>),
-    Qst(QstModel),
+    Qst(Box<QstModel>),
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
@@ -438,7 +450,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let (run, weights, method) = match (qst, a.bits) {
         (Some((q, _)), _) => {
             let b = q.weight_bytes();
-            (EvalModel::Qst(q), b, "inference-qst".to_string())
+            (EvalModel::Qst(Box::new(q)), b, "inference-qst".to_string())
         }
         (None, None) => {
             let p = load_model(&c.model)?.params;
@@ -562,14 +574,52 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Plans one run; a quantized run's name carries its bit width (`quzo-int4`), as `qtune bench` names it.
+fn plan_run(
+    cfg: &qtune::model::LlamaConfig,
+    m: &MethodArgs,
+    o: &MethodOptions,
+    shape: &plan::Shape,
+) -> Result<plan::Plan> {
+    let mut p = plan::plan(cfg, &m.method, o, shape)?;
+    if m.method == "quzo" || m.method == "qat" {
+        p.method = format!("{}-int{}", p.method, m.bits);
+    }
+    Ok(p)
+}
+
+/// Prints plans under a title line that names the batches they are for, and writes them as JSON when asked.
+fn print_plans(title: &str, shape: &plan::Shape, plans: &[plan::Plan], json: Option<&std::path::Path>) -> Result<()> {
+    let longest = |bs: &[plan::BatchShape]| bs.iter().map(plan::BatchShape::longest).max().unwrap_or(0);
+    let train = match plans.first().and_then(|p| p.train_batch.as_ref()) {
+        Some(b) if shape.train.len() > 1 => format!(
+            "{} training batches, planned for the one that needs the most: {} rows, {} tokens, the longest {}",
+            shape.train.len(),
+            b.lengths.len(),
+            b.tokens(),
+            b.longest()
+        ),
+        Some(b) => format!("batch {} × {} tokens", b.lengths.len(), b.longest()),
+        None => "no training step".into(),
+    };
+    println!(
+        "{title}: {train}; {} evaluation batch{} (the longest row {}); {}:\n",
+        shape.eval.len(),
+        if shape.eval.len() == 1 { "" } else { "es" },
+        longest(&shape.eval),
+        shape.classes.map_or("language modelling".to_string(), |c| format!("{c} label words"))
+    );
+    print!("{}", plan::table(plans));
+    if let Some(path) = json {
+        let json = serde_json::to_vec_pretty(plans).map_err(|e| Error::Msg(e.to_string()))?;
+        qtune::io::write_bytes_atomic(path, &json)?;
+    }
+    Ok(())
+}
+
 fn plan_cmd(a: PlanArgs) -> Result<()> {
     let cfg = plan::resolve_config(&a.model)?;
-    let shape = plan::Shape {
-        batch: a.batch,
-        seq: a.seq,
-        eval_batch: a.eval_batch,
-        classes: (a.classes > 0).then_some(a.classes),
-    };
+    let shape = plan::Shape::full(a.batch, a.seq, a.eval_batch, (a.classes > 0).then_some(a.classes));
     let runs: Vec<MethodArgs> = if a.m.method == "all" {
         qtune::bench::RUNS
             .iter()
@@ -584,29 +634,10 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
     };
     let plans = runs
         .iter()
-        .map(|m| {
-            let mut p = plan::plan(&cfg, &m.method, &m.options(OnNonFinite::Skip, 0, 1)?, &shape)?;
-            if m.method == "quzo" || m.method == "qat" {
-                p.method = format!("{}-int{}", p.method, m.bits);
-            }
-            Ok(p)
-        })
+        .map(|m| plan_run(&cfg, m, &m.options(OnNonFinite::Skip, 0, 1)?, &shape))
         .collect::<Result<Vec<_>>>()?;
-    println!(
-        "{} ({:.2} B parameters), batch {} × {} tokens, evaluation batch {}, {}:\n",
-        a.model,
-        cfg.num_params() as f64 / 1e9,
-        a.batch,
-        a.seq,
-        a.eval_batch,
-        shape.classes.map_or("language modelling".to_string(), |c| format!("{c} label words"))
-    );
-    print!("{}", plan::table(&plans));
-    if let Some(path) = a.json {
-        let json = serde_json::to_vec_pretty(&plans).map_err(|e| Error::Msg(e.to_string()))?;
-        qtune::io::write_bytes_atomic(&path, &json)?;
-    }
-    Ok(())
+    let title = format!("{} ({:.2} B parameters), full rows", a.model, cfg.num_params() as f64 / 1e9);
+    print_plans(&title, &shape, &plans, a.json.as_deref())
 }
 
 fn main() {

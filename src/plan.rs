@@ -45,31 +45,53 @@ pub fn resolve_config(model: &str) -> Result<LlamaConfig> {
     Ok(crate::model::load::read_header(path)?.cfg)
 }
 
-/// The batch a plan is for.
-#[derive(Clone, Copy, Debug)]
+/// One batch as the planner sees it: the real length of each row (padding is never computed, see
+/// [`crate::model::Packing`]) and the loss positions the head reads.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BatchShape {
+    pub lengths: Vec<usize>,
+    pub positions: usize,
+}
+
+impl BatchShape {
+    pub fn of(b: &crate::model::Batch) -> BatchShape {
+        BatchShape { lengths: b.lengths.clone(), positions: b.targets.positions.len() }
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.lengths.iter().sum()
+    }
+
+    pub fn longest(&self) -> usize {
+        self.lengths.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// The batches a plan is for.
+#[derive(Clone, Debug)]
 pub struct Shape {
-    pub batch: usize,
-    /// Sequence length (the padded length of the longest batch).
-    pub seq: usize,
-    pub eval_batch: usize,
+    /// Every training (micro-)batch of the run; the train phase is planned for the one that needs the most.
+    pub train: Vec<BatchShape>,
+    /// Every evaluation batch (none: the run does not evaluate).
+    pub eval: Vec<BatchShape>,
     /// Label words of a classification task (the loss reads the head at one position per sequence, over these
-    /// words); None: language modelling (every position, the whole vocabulary).
+    /// words); None: language modelling (the whole vocabulary at each loss position).
     pub classes: Option<usize>,
 }
 
 impl Shape {
-    /// (loss positions P, logits per position C) of a batch of `b` sequences.
-    fn head(&self, cfg: &LlamaConfig, b: usize) -> (usize, usize) {
-        match self.classes {
-            Some(c) => (b, c),
-            None => (b * self.seq, cfg.vocab_size),
-        }
+    /// Full rows: training batches of `batch` × `seq` tokens and evaluation batches of `eval_batch` × `seq` (none
+    /// when 0), with the head at every position for language modelling: the most any data of this shape can need
+    /// (`qtune plan`; `qtune train --plan` plans the run's own batches).
+    pub fn full(batch: usize, seq: usize, eval_batch: usize, classes: Option<usize>) -> Shape {
+        let rows =
+            |b: usize| BatchShape { lengths: vec![seq; b], positions: if classes.is_some() { b } else { b * seq } };
+        Shape { train: vec![rows(batch)], eval: if eval_batch == 0 { vec![] } else { vec![rows(eval_batch)] }, classes }
     }
 
-    /// The row lengths of a batch of `b` sequences at the planned length: the plan is for full rows, the most a
-    /// batch of this shape can hold (padding is never computed, see [`crate::model::Packing`]).
-    fn lengths(&self, b: usize) -> Vec<usize> {
-        vec![self.seq; b]
+    /// (loss positions P, logits per position C) of a batch.
+    fn head(&self, cfg: &LlamaConfig, b: &BatchShape) -> (usize, usize) {
+        (b.positions, self.classes.unwrap_or(cfg.vocab_size))
     }
 }
 
@@ -88,6 +110,8 @@ pub struct Plan {
     pub runtime: usize,
     /// runtime + max(load, train, eval): the predicted peak RSS.
     pub peak: usize,
+    /// The training batch the train phase is planned for (the one that needs the most; none: no training step).
+    pub train_batch: Option<BatchShape>,
 }
 
 /// How a method stores the model, for the state and load counts.
@@ -122,20 +146,18 @@ fn nf4_store() -> Store {
 }
 
 /// Saved activations of a backward through the base ([`crate::model::llama::Trace::bytes`]).
-fn trace_bytes(cfg: &LlamaConfig, s: &Shape, keep: Keep) -> usize {
-    let (b, n) = (s.batch, s.batch * s.seq);
+fn trace_bytes(cfg: &LlamaConfig, s: &Shape, b: &BatchShape, keep: Keep) -> usize {
     let per_block =
-        if keep == Keep::Inputs { n * cfg.hidden_size } else { block_activation_elems(cfg, &s.lengths(b), true) };
+        if keep == Keep::Inputs { b.tokens() * cfg.hidden_size } else { block_activation_elems(cfg, &b.lengths, true) };
     let (p, c) = s.head(cfg, b);
     4 * (cfg.num_hidden_layers * per_block + p * (2 * cfg.hidden_size + 1 + c))
 }
 
-/// Intermediates of one forward that keeps nothing, batch `b`: one block's activations, one row's attention scores
+/// Intermediates of one forward that keeps nothing: one block's activations, the longest row's attention scores
 /// [H, T, T] beside its probabilities (attention runs row by row), and the logits the loss reads.
-fn forward_bytes(cfg: &LlamaConfig, s: &Shape, b: usize) -> usize {
-    let t = s.seq;
-    let (p, c) = s.head(cfg, b);
-    4 * (block_activation_elems(cfg, &s.lengths(b), false) + cfg.num_attention_heads * t * t + p * c)
+fn forward_bytes(cfg: &LlamaConfig, s: &Shape, b: &BatchShape) -> usize {
+    let (t, (p, c)) = (b.longest(), s.head(cfg, b));
+    4 * (block_activation_elems(cfg, &b.lengths, false) + cfg.num_attention_heads * t * t + p * c)
 }
 
 fn optimizer_bytes_per_param(o: &MethodOptions) -> usize {
@@ -153,47 +175,44 @@ pub fn run_name(method: &str, o: &MethodOptions) -> String {
     }
 }
 
+/// What a training batch adds to a method's model state.
+enum BatchCost {
+    /// A backward through the base: its trace and a block's backward scratch.
+    Base,
+    /// QST: the side network's trace and the larger of the base forward's and a side block's scratch.
+    Side(LlamaConfig, qst::QstConfig),
+    /// Zeroth-order: fixed scratch, and one forward's intermediates (no trace).
+    Forward(usize),
+}
+
 /// Plans `method` (with the options `train` would get) on `cfg` for `shape`.
 pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -> Result<Plan> {
     // Bounds that keep every count below in range (B·H·T² in bytes fits 64 bits for up to 2^16 heads).
-    if shape.batch == 0 || shape.seq == 0 || shape.batch > 1 << 16 || shape.eval_batch > 1 << 16 || shape.seq > 1 << 17
-    {
-        return Err(Error::Option(format!(
-            "plan: batch {} and sequence length {} must be at least 1, batch at most 65536 and length at most 131072",
-            shape.batch, shape.seq
-        )));
+    for b in shape.train.iter().chain(&shape.eval) {
+        let (rows, t) = (b.lengths.len(), b.longest());
+        if rows == 0 || b.lengths.contains(&0) || rows > 1 << 16 || t > 1 << 17 {
+            return Err(Error::Option(format!(
+                "plan: a batch of {rows} rows, the longest {t} tokens: a batch needs 1 to 65536 rows of 1 to 131072 \
+                 tokens"
+            )));
+        }
     }
     let n = cfg.num_params();
-    let b = shape.batch;
-    let lengths = shape.lengths(b);
     let largest_matrix =
         ParamId::all(cfg).into_iter().filter(|id| id.is_matrix()).map(|id| id.numel(cfg)).max().unwrap_or(0);
-    let fo_scratch = block_scratch_bytes(cfg, &lengths, o.keep, 4);
     let lora = LoraConfig { r: o.lora_r, alpha: o.lora_alpha, seed: o.seed };
     let name = run_name(method, o);
-    // (store, counted breakdown, zeroth-order)
-    let (store, counted, zo): (Store, Breakdown, bool) = match name.as_str() {
+    // (store, model state: weights, gradients, optimizer; what a batch adds)
+    let (store, state, cost): (Store, Breakdown, BatchCost) = match name.as_str() {
         "full-adamw" | "full-lion" => {
             let opt = if method == "full-adamw" { 8 } else { 4 };
-            let bd = Breakdown {
-                weights: 4 * n,
-                gradients: 4 * n,
-                optimizer: opt * n,
-                activations: trace_bytes(cfg, shape, o.keep),
-                scratch: fo_scratch,
-            };
-            (Store::F32, bd, false)
+            let bd = Breakdown { weights: 4 * n, gradients: 4 * n, optimizer: opt * n, ..Default::default() };
+            (Store::F32, bd, BatchCost::Base)
         }
         "qat" => {
             let fake = int_store(o.bits)?.bytes(cfg)?;
-            let bd = Breakdown {
-                weights: 4 * n + fake,
-                gradients: 4 * n,
-                optimizer: 8 * n,
-                activations: trace_bytes(cfg, shape, o.keep),
-                scratch: fo_scratch,
-            };
-            (Store::F32, bd, false)
+            let bd = Breakdown { weights: 4 * n + fake, gradients: 4 * n, optimizer: 8 * n, ..Default::default() };
+            (Store::F32, bd, BatchCost::Base)
         }
         "qft" => {
             let frac = o.outlier_fraction;
@@ -204,10 +223,9 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
                 weights: store.bytes(cfg)?,
                 gradients: if o.fused { 0 } else { states },
                 optimizer: states,
-                activations: trace_bytes(cfg, shape, o.keep),
-                scratch: fo_scratch,
+                ..Default::default()
             };
-            (store, bd, false)
+            (store, bd, BatchCost::Base)
         }
         "lora" | "qlora" => {
             lora.validate()?;
@@ -217,10 +235,9 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
                 weights: store.bytes(cfg)? + f,
                 gradients: f,
                 optimizer: f / 4 * optimizer_bytes_per_param(o),
-                activations: trace_bytes(cfg, shape, o.keep),
-                scratch: fo_scratch,
+                ..Default::default()
             };
-            (store, bd, false)
+            (store, bd, BatchCost::Base)
         }
         "qst" => {
             let q = o.qst_config();
@@ -232,14 +249,15 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
                 weights: store.bytes(cfg)? + 4 * sp,
                 gradients: 4 * sp,
                 optimizer: sp * optimizer_bytes_per_param(o),
-                activations: qst::trace_bytes(cfg, &side, &q, &lengths, shape.head(cfg, b)),
-                scratch: qst::scratch_bytes(cfg, &side, o.keep, &lengths),
+                ..Default::default()
             };
-            (store, bd, false)
+            (store, bd, BatchCost::Side(side, q))
         }
-        "mezo" => {
-            (Store::F32, Breakdown { weights: 4 * n, scratch: 4 * largest_tensor(cfg), ..Default::default() }, true)
-        }
+        "mezo" => (
+            Store::F32,
+            Breakdown { weights: 4 * n, ..Default::default() },
+            BatchCost::Forward(4 * largest_tensor(cfg)),
+        ),
         "quzo" => {
             let store = int_store(o.bits)?;
             let scratch = ParamId::all(cfg)
@@ -251,15 +269,15 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
                 })
                 .max()
                 .unwrap_or(0);
-            let bd = Breakdown { weights: store.bytes(cfg)?, scratch, ..Default::default() };
-            (store, bd, true)
+            let bd = Breakdown { weights: store.bytes(cfg)?, ..Default::default() };
+            (store, bd, BatchCost::Forward(scratch))
         }
         "mezo-lora" | "quzo-lora" => {
             lora.validate()?;
             let store = if method == "mezo" { Store::F32 } else { int_store(o.bits)? };
             let f = 4 * lora.trainable_params(cfg);
-            let bd = Breakdown { weights: store.bytes(cfg)? + f, scratch: f, ..Default::default() };
-            (store, bd, true)
+            let bd = Breakdown { weights: store.bytes(cfg)? + f, ..Default::default() };
+            (store, bd, BatchCost::Forward(f))
         }
         other => {
             return Err(Error::Option(format!(
@@ -268,8 +286,30 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
             )))
         }
     };
-    let forward_train = if zo { forward_bytes(cfg, shape, b) } else { 0 };
-    let forward_eval = forward_bytes(cfg, shape, shape.eval_batch);
+    // A training batch's count (activations and scratch beside the model state) and the forward it also holds.
+    let batch_count = |b: &BatchShape| -> (Breakdown, usize) {
+        let (activations, scratch, forward) = match &cost {
+            BatchCost::Base => (trace_bytes(cfg, shape, b, o.keep), block_scratch_bytes(cfg, &b.lengths, o.keep, 4), 0),
+            BatchCost::Side(side, q) => (
+                qst::trace_bytes(cfg, side, q, &b.lengths, shape.head(cfg, b)),
+                qst::scratch_bytes(cfg, side, o.keep, &b.lengths),
+                0,
+            ),
+            BatchCost::Forward(scratch) => (0, *scratch, forward_bytes(cfg, shape, b)),
+        };
+        (Breakdown { activations, scratch, ..state }, forward)
+    };
+    // No training batch (an evaluation-only run): the model state alone.
+    let (counted, forward_train, train_batch) = shape
+        .train
+        .iter()
+        .map(|b| {
+            let (c, f) = batch_count(b);
+            (c, f, Some(b.clone()))
+        })
+        .max_by_key(|(c, f, _)| c.total() + f)
+        .unwrap_or((state, 0, None));
+    let forward_eval = shape.eval.iter().map(|b| forward_bytes(cfg, shape, b)).max().unwrap_or(0);
     let load = match store {
         Store::F32 => 4 * n,
         Store::Quant(_) => store.bytes(cfg)? + (2 + 4) * largest_matrix,
@@ -286,6 +326,7 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
         eval,
         runtime: RUNTIME_BYTES,
         peak: RUNTIME_BYTES + load.max(train).max(eval),
+        train_batch,
     })
 }
 
@@ -347,8 +388,8 @@ mod tests {
         }
     }
 
-    /// The plan is for full rows; the engine counts exactly that on a batch without padding, and no more on a
-    /// padded batch of the same shape (padding is never computed).
+    /// The plan for a batch's own row lengths is what the engine counts on it, on a full batch and on a padded one
+    /// (padding is never computed); the full-row plan bounds the padded batch.
     #[test]
     fn plan_counts_what_the_engine_counts() {
         let padded = batch(true);
@@ -358,7 +399,12 @@ mod tests {
             lengths: vec![t; rows],
             targets: Targets { positions: vec![5, 11], ..padded.targets.clone() },
         };
-        let shape = Shape { batch: rows, seq: t, eval_batch: rows, classes: Some(3) };
+        let shape = Shape::full(rows, t, rows, Some(3));
+        let padded_shape = Shape { train: vec![BatchShape::of(&padded)], eval: vec![], classes: Some(3) };
+        // Language modelling: the whole vocabulary at each of the padded batch's 8 loss positions.
+        let lm = batch(false);
+        let lm_shape = Shape { train: vec![BatchShape::of(&lm)], eval: vec![], classes: None };
+        assert_eq!(shape.train, vec![BatchShape::of(&b)]);
         let o = options();
         let cases: Vec<(&str, MethodOptions)> = vec![
             ("full-adamw", o),
@@ -391,6 +437,10 @@ mod tests {
                 assert_eq!(p.counted, counted, "{} (tied {tied}, keep {:?}, {:?})", p.method, o.keep, o.downsample);
                 let (mut m2, _) = build(method, Source::Params(params.clone()), o).unwrap();
                 let less = m2.step(&model, std::slice::from_ref(&padded), 1e-3).unwrap().memory;
+                assert_eq!(plan(&cfg, method, o, &padded_shape).unwrap().counted, less, "{} padded", p.method);
+                let (mut m3, _) = build(method, Source::Params(params.clone()), o).unwrap();
+                let lm_counted = m3.step(&model, std::slice::from_ref(&lm), 1e-3).unwrap().memory;
+                assert_eq!(plan(&cfg, method, o, &lm_shape).unwrap().counted, lm_counted, "{} lm", p.method);
                 assert!(
                     less.activations < counted.activations || counted.activations == 0,
                     "{}: padded {} against full {}",

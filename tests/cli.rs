@@ -114,6 +114,8 @@ fn train_writes_summary_log_and_a_loadable_export() {
         assert!(s["breakdown"][key].as_u64().is_some(), "breakdown lacks {key}");
     }
     assert_eq!(s["method"], "full-lion");
+    let command: Vec<&str> = s["command"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(command[1..], train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap())[..]);
     // FP32 Lion: 4 (weights) + 4 (gradients) + 4 (momentum) bytes per parameter.
     assert!((s["bytes_per_param"].as_f64().unwrap() - 12.0).abs() < 1e-9, "{}", s["bytes_per_param"]);
     let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
@@ -189,6 +191,50 @@ fn max_memory_refuses_a_run_that_does_not_fit() {
     args.extend(["--max-memory", "4"]);
     let (ok, _, err) = qtune(&args);
     assert!(ok, "{err}");
+}
+
+/// `qtune train --plan` plans the run's own batches without training: the train phase is for the batch with the
+/// most tokens of those `--dump-batches` writes, and it needs less than the full-row plan of `qtune plan` (the
+/// rows are shorter than --max-seq-len; padding is never computed).
+#[test]
+fn train_plan_is_for_the_runs_own_batches() {
+    let (dir, data, out) = scratch();
+    let (plan, batches) = (dir.path().join("plan.json"), dir.path().join("batches.jsonl"));
+    let mut args = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+    args.extend(["--plan", plan.to_str().unwrap()]);
+    let (ok, stdout, err) = qtune(&args);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("| full-lion |") && stdout.contains("3 training batches"), "{stdout}");
+    assert!(!out.exists(), "planning must not create the run's output");
+    let mut args = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+    args.extend(["--dump-batches", batches.to_str().unwrap()]);
+    assert!(qtune(&args).0);
+    let most_tokens = std::fs::read_to_string(&batches)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["lengths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_u64().unwrap())
+                .sum::<u64>()
+        })
+        .max()
+        .unwrap();
+    let own: serde_json::Value = serde_json::from_slice(&std::fs::read(&plan).unwrap()).unwrap();
+    let lengths = own[0]["train_batch"]["lengths"].as_array().unwrap();
+    assert_eq!(lengths.iter().map(|n| n.as_u64().unwrap()).sum::<u64>(), most_tokens);
+    assert!(most_tokens < 2 * 32, "the test needs rows shorter than --max-seq-len");
+
+    let full = dir.path().join("full.json");
+    let f = full.to_str().unwrap();
+    let args = ["plan", "--model", TINY, "--method", "full-lion", "--batch", "2", "--seq", "32", "--classes", "0"];
+    assert!(qtune(&[&args[..], &["--json", f]].concat()).0);
+    let full: serde_json::Value = serde_json::from_slice(&std::fs::read(&full).unwrap()).unwrap();
+    let act = |p: &serde_json::Value| p[0]["counted"]["activations"].as_u64().unwrap();
+    assert!(act(&own) < act(&full), "{} against {}", act(&own), act(&full));
+    assert!(own[0]["peak"].as_u64() <= full[0]["peak"].as_u64());
 }
 
 /// `qtune plan` prints every bench method for a named config without any model file.

@@ -101,6 +101,13 @@ pub struct EvalResult {
 
 /// Evaluates an inference `forward` (a model's, or a method's own such as QST's base plus side network) on `data`;
 /// examples are batched by length so little compute goes to padding.
+/// The order evaluation reads a split in: by prompt length, so a batch's rows are about as long as each other.
+fn eval_order(data: &TaskData) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..data.examples.len()).collect();
+    order.sort_by_key(|&i| data.examples[i].prompt.len());
+    order
+}
+
 pub fn evaluate(
     forward: &dyn Fn(&Batch) -> Result<Output>,
     data: &TaskData,
@@ -110,8 +117,7 @@ pub fn evaluate(
     dev: &Device,
 ) -> Result<EvalResult> {
     let t0 = Instant::now();
-    let mut order: Vec<usize> = (0..data.examples.len()).collect();
-    order.sort_by_key(|&i| data.examples[i].prompt.len());
+    let order = eval_order(data);
     let (mut correct, mut count, mut loss_sum, mut tokens) = (0usize, 0usize, 0f64, 0usize);
     let mut class_counts = vec![0usize; data.classes.as_ref().map_or(0, |c| c.len())];
     let mut predictions = Vec::new();
@@ -241,6 +247,8 @@ pub struct Summary {
     pub final_loss: Option<f32>,
     pub skipped_steps: usize,
     pub machine: String,
+    /// The command line this process was started with (`qtune train ...`), to re-run or re-plan the run.
+    pub command: Vec<String>,
 }
 
 pub fn machine() -> String {
@@ -493,6 +501,7 @@ pub fn train(
         final_loss: last_loss,
         skipped_steps: skipped,
         machine: machine(),
+        command: std::env::args().collect(),
     };
     write_summary(&cfg.out, &summary)?;
     write_predictions(&cfg.out, &[("dev", dev_after.as_ref()), ("eval", eval_res.as_ref())])?;
@@ -530,6 +539,26 @@ pub fn dump_batches(splits: &Splits, cfg: &TrainConfig, path: &Path) -> Result<(
         }
         Ok(())
     })
+}
+
+/// The batches a run with `cfg` draws, as the memory planner sees them: every step's training micro-batches (from
+/// the first step) and the evaluation batches of the dev and eval splits (none when the run evaluates nothing).
+pub fn plan_shape(splits: &Splits, cfg: &TrainConfig) -> Result<crate::plan::Shape> {
+    use crate::plan::BatchShape;
+    let mut batcher = Batcher::new(splits.train.examples.len(), cfg.seed);
+    let mut train = Vec::with_capacity(cfg.steps * cfg.grad_accum);
+    for _ in 0..cfg.steps {
+        train.extend(next_micro_batches(&mut batcher, splits, cfg)?.iter().map(BatchShape::of));
+    }
+    let mut eval = Vec::new();
+    for data in [&splits.dev, &splits.eval].into_iter().filter(|_| !cfg.skip_eval) {
+        for chunk in eval_order(data).chunks(cfg.eval_batch_size.max(1)) {
+            let exs: Vec<_> = chunk.iter().map(|&i| &data.examples[i]).collect();
+            let b = make_batch(&exs, data.classes.as_deref(), cfg.max_seq_len, cfg.pad_id, &Device::Cpu)?;
+            eval.push(BatchShape::of(&b));
+        }
+    }
+    Ok(crate::plan::Shape { train, eval, classes: splits.train.classes.as_ref().map(Vec::len) })
 }
 
 pub fn write_summary(out: &Path, summary: &impl Serialize) -> Result<()> {
