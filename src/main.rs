@@ -51,6 +51,7 @@ struct PlanArgs {
     /// Sequence length (of the longest batch).
     #[arg(long, default_value_t = 256)]
     seq: usize,
+    /// Evaluation batch size (0: the run evaluates nothing).
     #[arg(long, default_value_t = 16)]
     eval_batch: usize,
     /// Label words of the task (BoolQ: 2); 0 plans language modelling (the head at every position).
@@ -590,25 +591,27 @@ fn plan_run(
 
 /// Prints plans under a title line that names the batches they are for, and writes them as JSON when asked.
 fn print_plans(title: &str, shape: &plan::Shape, plans: &[plan::Plan], json: Option<&std::path::Path>) -> Result<()> {
-    let longest = |bs: &[plan::BatchShape]| bs.iter().map(plan::BatchShape::longest).max().unwrap_or(0);
+    let describe = |b: &plan::BatchShape| {
+        format!("{} rows, {} tokens, the longest row {}", b.lengths.len(), b.tokens(), b.longest())
+    };
     let train = match plans.first().and_then(|p| p.train_batch.as_ref()) {
         Some(b) if shape.train.len() > 1 => format!(
-            "{} training batches, planned for the one that needs the most: {} rows, {} tokens, the longest {}",
+            "{} training batches (planned with each count at its largest; the one that needs the most: {})",
             shape.train.len(),
-            b.lengths.len(),
-            b.tokens(),
-            b.longest()
+            describe(b)
         ),
-        Some(b) => format!("batch {} × {} tokens", b.lengths.len(), b.longest()),
+        Some(b) => format!("one training batch of {}", describe(b)),
         None => "no training step".into(),
     };
-    println!(
-        "{title}: {train}; {} evaluation batch{} (the longest row {}); {}:\n",
-        shape.eval.len(),
-        if shape.eval.len() == 1 { "" } else { "es" },
-        longest(&shape.eval),
-        shape.classes.map_or("language modelling".to_string(), |c| format!("{c} label words"))
-    );
+    let eval = match shape.eval.iter().max_by_key(|b| (b.longest(), b.tokens())) {
+        Some(b) if shape.eval.len() > 1 => {
+            format!("{} evaluation batches (the one with the longest rows: {})", shape.eval.len(), describe(b))
+        }
+        Some(b) => format!("one evaluation batch of {}", describe(b)),
+        None => "no evaluation".into(),
+    };
+    let task = shape.classes.map_or("language modelling".to_string(), |c| format!("{c} label words"));
+    println!("{title}: {train}; {eval}; {task}:\n");
     print!("{}", plan::table(plans));
     if let Some(path) = json {
         let json = serde_json::to_vec_pretty(plans).map_err(|e| Error::Msg(e.to_string()))?;
@@ -619,7 +622,7 @@ fn print_plans(title: &str, shape: &plan::Shape, plans: &[plan::Plan], json: Opt
 
 fn plan_cmd(a: PlanArgs) -> Result<()> {
     let cfg = plan::resolve_config(&a.model)?;
-    let shape = plan::Shape::full(a.batch, a.seq, a.eval_batch, (a.classes > 0).then_some(a.classes));
+    let shape = plan::Shape::full(a.batch, a.seq, a.eval_batch, (a.classes > 0).then_some(a.classes))?;
     let runs: Vec<MethodArgs> = if a.m.method == "all" {
         qtune::bench::RUNS
             .iter()

@@ -21,6 +21,11 @@ use qtune_quant::{HybridTensor, Nf4Tensor, QuantBytes};
 /// BoolQ) peaks 110 MiB above its weights and its largest forward; a tiny model with a tiny tokenizer, 12 MiB.
 pub const RUNTIME_BYTES: usize = 110 << 20;
 
+/// The most rows a batch and tokens a row may have: bounds that keep every count in range (B·H·T² in bytes fits
+/// 64 bits for up to 2^16 heads).
+pub const MAX_ROWS: usize = 1 << 16;
+pub const MAX_LEN: usize = 1 << 17;
+
 /// Model configs the planner knows by name (HF `config.json` files in `configs/`).
 pub const NAMED_CONFIGS: &[(&str, &str)] = &[
     ("smollm2-135m", include_str!("../configs/smollm2-135m.json")),
@@ -83,10 +88,17 @@ impl Shape {
     /// Full rows: training batches of `batch` × `seq` tokens and evaluation batches of `eval_batch` × `seq` (none
     /// when 0), with the head at every position for language modelling: the most any data of this shape can need
     /// (`qtune plan`; `qtune train --plan` plans the run's own batches).
-    pub fn full(batch: usize, seq: usize, eval_batch: usize, classes: Option<usize>) -> Shape {
+    pub fn full(batch: usize, seq: usize, eval_batch: usize, classes: Option<usize>) -> Result<Shape> {
+        if batch == 0 || seq == 0 || batch.max(eval_batch) > MAX_ROWS || seq > MAX_LEN {
+            return Err(Error::Option(format!(
+                "plan: batch {batch}, evaluation batch {eval_batch} and sequence length {seq}: a batch needs 1 to \
+                 {MAX_ROWS} rows of 1 to {MAX_LEN} tokens"
+            )));
+        }
         let rows =
             |b: usize| BatchShape { lengths: vec![seq; b], positions: if classes.is_some() { b } else { b * seq } };
-        Shape { train: vec![rows(batch)], eval: if eval_batch == 0 { vec![] } else { vec![rows(eval_batch)] }, classes }
+        let eval = if eval_batch == 0 { vec![] } else { vec![rows(eval_batch)] };
+        Ok(Shape { train: vec![rows(batch)], eval, classes })
     }
 
     /// (loss positions P, logits per position C) of a batch.
@@ -110,7 +122,8 @@ pub struct Plan {
     pub runtime: usize,
     /// runtime + max(load, train, eval): the predicted peak RSS.
     pub peak: usize,
-    /// The training batch the train phase is planned for (the one that needs the most; none: no training step).
+    /// The training batch that needs the most (none: no training step). The train phase takes each count at its
+    /// largest over all the batches, which is at least this batch's.
     pub train_batch: Option<BatchShape>,
 }
 
@@ -187,13 +200,12 @@ enum BatchCost {
 
 /// Plans `method` (with the options `train` would get) on `cfg` for `shape`.
 pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -> Result<Plan> {
-    // Bounds that keep every count below in range (B·H·T² in bytes fits 64 bits for up to 2^16 heads).
     for b in shape.train.iter().chain(&shape.eval) {
         let (rows, t) = (b.lengths.len(), b.longest());
-        if rows == 0 || b.lengths.contains(&0) || rows > 1 << 16 || t > 1 << 17 {
+        if rows == 0 || b.lengths.contains(&0) || rows > MAX_ROWS || t > MAX_LEN {
             return Err(Error::Option(format!(
-                "plan: a batch of {rows} rows, the longest {t} tokens: a batch needs 1 to 65536 rows of 1 to 131072 \
-                 tokens"
+                "plan: a batch of {rows} rows, the longest {t} tokens: a batch needs 1 to {MAX_ROWS} rows of 1 to \
+                 {MAX_LEN} tokens"
             )));
         }
     }
@@ -299,16 +311,17 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
         };
         (Breakdown { activations, scratch, ..state }, forward)
     };
-    // No training batch (an evaluation-only run): the model state alone.
-    let (counted, forward_train, train_batch) = shape
-        .train
-        .iter()
-        .map(|b| {
-            let (c, f) = batch_count(b);
-            (c, f, Some(b.clone()))
-        })
-        .max_by_key(|(c, f, _)| c.total() + f)
-        .unwrap_or((state, 0, None));
+    // Over the run's batches, the largest of each count, as the engine reports a run (its activations and its
+    // scratch may peak in different batches); none (an evaluation-only run): the model state alone.
+    let (mut counted, mut forward_train, mut train_batch) = (state, 0, None::<(usize, &BatchShape)>);
+    for b in &shape.train {
+        let (c, f) = batch_count(b);
+        counted = counted.max(c);
+        forward_train = forward_train.max(f);
+        if train_batch.is_none_or(|(most, _)| c.total() + f > most) {
+            train_batch = Some((c.total() + f, b));
+        }
+    }
     let forward_eval = shape.eval.iter().map(|b| forward_bytes(cfg, shape, b)).max().unwrap_or(0);
     let load = match store {
         Store::F32 => 4 * n,
@@ -326,7 +339,7 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
         eval,
         runtime: RUNTIME_BYTES,
         peak: RUNTIME_BYTES + load.max(train).max(eval),
-        train_batch,
+        train_batch: train_batch.map(|(_, b)| b.clone()),
     })
 }
 
@@ -399,7 +412,7 @@ mod tests {
             lengths: vec![t; rows],
             targets: Targets { positions: vec![5, 11], ..padded.targets.clone() },
         };
-        let shape = Shape::full(rows, t, rows, Some(3));
+        let shape = Shape::full(rows, t, rows, Some(3)).unwrap();
         let padded_shape = Shape { train: vec![BatchShape::of(&padded)], eval: vec![], classes: Some(3) };
         // Language modelling: the whole vocabulary at each of the padded batch's 8 loss positions.
         let lm = batch(false);

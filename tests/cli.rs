@@ -333,6 +333,19 @@ fn impossible_options_are_named() {
         expect_error(&a, &[needle]);
     }
     expect_error(&["bench", "--out", out.to_str().unwrap(), "--peers", "no-such-peers"], &["no-such-peers"]);
+    // Planning (--plan, --max-memory) checks the batch options before drawing a batch; so does `qtune plan`.
+    for (i, value, extra, needle) in [
+        (12, "0", "--plan", "--batch-size 0"),
+        (12, "100000000000", "--plan", "at most 65536"),
+        (14, "0", "--plan", "training split is empty"),
+        (14, "0", "--max-memory", "training split is empty"),
+    ] {
+        let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+        a[i] = value;
+        a.extend(if extra == "--plan" { vec![extra] } else { vec![extra, "4"] });
+        expect_error(&a, &[needle]);
+    }
+    expect_error(&["plan", "--batch", "100000000000000"], &["batch 100000000000000", "65536"]);
 }
 
 /// Every method trains end to end through the CLI on the tiny model, and `qtune bench` tabulates them.

@@ -99,15 +99,27 @@ pub struct EvalResult {
     pub predictions: Vec<Prediction>,
 }
 
-/// Evaluates an inference `forward` (a model's, or a method's own such as QST's base plus side network) on `data`;
-/// examples are batched by length so little compute goes to padding.
-/// The order evaluation reads a split in: by prompt length, so a batch's rows are about as long as each other.
-fn eval_order(data: &TaskData) -> Vec<usize> {
+/// The batches evaluation reads `data` in, each with its examples' indices: sorted by prompt length, so a batch's
+/// rows are about as long as each other.
+fn eval_batches(
+    data: &TaskData,
+    batch_size: usize,
+    max_len: usize,
+    pad: u32,
+    dev: Device,
+) -> impl Iterator<Item = Result<(Vec<usize>, Batch)>> + '_ {
     let mut order: Vec<usize> = (0..data.examples.len()).collect();
     order.sort_by_key(|&i| data.examples[i].prompt.len());
-    order
+    let chunks: Vec<Vec<usize>> = order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect();
+    chunks.into_iter().map(move |chunk| {
+        let exs: Vec<_> = chunk.iter().map(|&i| &data.examples[i]).collect();
+        let batch = make_batch(&exs, data.classes.as_deref(), max_len, pad, &dev)?;
+        Ok((chunk, batch))
+    })
 }
 
+/// Evaluates an inference `forward` (a model's, or a method's own such as QST's base plus side network) on `data`;
+/// examples are batched by length so little compute goes to padding.
 pub fn evaluate(
     forward: &dyn Fn(&Batch) -> Result<Output>,
     data: &TaskData,
@@ -117,13 +129,11 @@ pub fn evaluate(
     dev: &Device,
 ) -> Result<EvalResult> {
     let t0 = Instant::now();
-    let order = eval_order(data);
     let (mut correct, mut count, mut loss_sum, mut tokens) = (0usize, 0usize, 0f64, 0usize);
     let mut class_counts = vec![0usize; data.classes.as_ref().map_or(0, |c| c.len())];
     let mut predictions = Vec::new();
-    for chunk in order.chunks(batch_size.max(1)) {
-        let exs: Vec<_> = chunk.iter().map(|&i| &data.examples[i]).collect();
-        let batch = make_batch(&exs, data.classes.as_deref(), max_len, pad, dev)?;
+    for b in eval_batches(data, batch_size, max_len, pad, dev.clone()) {
+        let (chunk, batch) = b?;
         let out = forward(&batch)?;
         let pred: Vec<u32> = out.logits.argmax(D::Minus1)?.to_vec1()?;
         let n = batch.targets.labels.len();
@@ -308,12 +318,7 @@ pub fn train(
             method.name()
         )));
     }
-    if cfg.batch_size == 0 || cfg.grad_accum == 0 {
-        return Err(Error::Option("--batch-size and --grad-accum must be at least 1".into()));
-    }
-    if splits.train.examples.is_empty() && cfg.steps > 0 {
-        return Err(Error::Option("the training split is empty".into()));
-    }
+    check_batching(splits, cfg)?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::file(&cfg.out, format!("cannot create: {e}")))?;
     let dev = Device::Cpu;
     // An empty split (--dev-size 0, --eval-size 0) is not evaluated.
@@ -501,7 +506,7 @@ pub fn train(
         final_loss: last_loss,
         skipped_steps: skipped,
         machine: machine(),
-        command: std::env::args().collect(),
+        command: std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect(),
     };
     write_summary(&cfg.out, &summary)?;
     write_predictions(&cfg.out, &[("dev", dev_after.as_ref()), ("eval", eval_res.as_ref())])?;
@@ -526,6 +531,7 @@ pub fn next_micro_batches(batcher: &mut Batcher, splits: &Splits, cfg: &TrainCon
 /// (`step`, `micro`, `ids`, `lengths`, `positions`, `classes`, `labels`), so other tools (the PyTorch peers of the
 /// benchmark) can train on the same data.
 pub fn dump_batches(splits: &Splits, cfg: &TrainConfig, path: &Path) -> Result<()> {
+    check_batching(splits, cfg)?;
     let mut batcher = Batcher::new(splits.train.examples.len(), cfg.seed);
     crate::io::write_atomic(path, |f| {
         for step in 0..cfg.steps {
@@ -545,20 +551,35 @@ pub fn dump_batches(splits: &Splits, cfg: &TrainConfig, path: &Path) -> Result<(
 /// the first step) and the evaluation batches of the dev and eval splits (none when the run evaluates nothing).
 pub fn plan_shape(splits: &Splits, cfg: &TrainConfig) -> Result<crate::plan::Shape> {
     use crate::plan::BatchShape;
+    check_batching(splits, cfg)?;
     let mut batcher = Batcher::new(splits.train.examples.len(), cfg.seed);
-    let mut train = Vec::with_capacity(cfg.steps * cfg.grad_accum);
+    let mut train = Vec::new();
     for _ in 0..cfg.steps {
         train.extend(next_micro_batches(&mut batcher, splits, cfg)?.iter().map(BatchShape::of));
     }
     let mut eval = Vec::new();
     for data in [&splits.dev, &splits.eval].into_iter().filter(|_| !cfg.skip_eval) {
-        for chunk in eval_order(data).chunks(cfg.eval_batch_size.max(1)) {
-            let exs: Vec<_> = chunk.iter().map(|&i| &data.examples[i]).collect();
-            let b = make_batch(&exs, data.classes.as_deref(), cfg.max_seq_len, cfg.pad_id, &Device::Cpu)?;
-            eval.push(BatchShape::of(&b));
+        for b in eval_batches(data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, Device::Cpu) {
+            eval.push(BatchShape::of(&b?.1));
         }
     }
     Ok(crate::plan::Shape { train, eval, classes: splits.train.classes.as_ref().map(Vec::len) })
+}
+
+/// The batch options and the training split can make the batches `cfg` asks for.
+fn check_batching(splits: &Splits, cfg: &TrainConfig) -> Result<()> {
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.batch_size > crate::plan::MAX_ROWS {
+        return Err(Error::Option(format!(
+            "--batch-size {} and --grad-accum {}: both must be at least 1, the batch size at most {}",
+            cfg.batch_size,
+            cfg.grad_accum,
+            crate::plan::MAX_ROWS
+        )));
+    }
+    if splits.train.examples.is_empty() && cfg.steps > 0 {
+        return Err(Error::Option("the training split is empty".into()));
+    }
+    Ok(())
 }
 
 pub fn write_summary(out: &Path, summary: &impl Serialize) -> Result<()> {
