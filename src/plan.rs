@@ -1,13 +1,14 @@
-//! `qtune plan`: the memory a method needs for a model config, batch and sequence length, without loading any
-//! weight. It counts with the engine's own accounting — the quantized formats' exact storage
+//! `qtune plan` and `qtune train --plan`: the memory a method needs for a model config and a run's batches (full
+//! rows of a batch size and sequence length, or the run's own row lengths), without loading any weight. It counts with the engine's own accounting — the quantized formats' exact storage
 //! (`planned_bytes`, equal to `storage_bytes` of the real tensors), the traces' saved activations and the scratch
 //! bounds the methods report ([`block_activation_elems`], [`block_scratch_bytes`]) — and adds what a process holds
 //! beyond that count, in three phases whose maximum is the peak:
 //! - load: f32 methods hold the f32 model; quantized methods the quantized model plus the largest matrix as read
 //!   (taken as 2 bytes per element, bf16) and in f32 while it is quantized;
-//! - train: model state + saved activations + scratch; a zeroth-order step also holds one forward's intermediates;
+//! - train: model state + saved activations + scratch, each at its largest over the training batches; a
+//!   zeroth-order step also holds one forward's intermediates;
 //! - evaluation: model state (optimizer states included: evaluation runs before and after training) + one
-//!   inference forward's intermediates at the evaluation batch.
+//!   inference forward's intermediates at the largest evaluation batch.
 //!
 //! plus [`RUNTIME_BYTES`] for the process itself. Validated against measured peak RSS (tests/plan.rs, README).
 use crate::methods::{lora::LoraConfig, qft::Int8Blocks, qst, quzo, MethodOptions, OptimizerKind};
@@ -75,7 +76,7 @@ impl BatchShape {
 /// The batches a plan is for.
 #[derive(Clone, Debug)]
 pub struct Shape {
-    /// Every training (micro-)batch of the run; the train phase is planned for the one that needs the most.
+    /// Every training (micro-)batch of the run; the train phase takes each count at its largest over them.
     pub train: Vec<BatchShape>,
     /// Every evaluation batch (none: the run does not evaluate).
     pub eval: Vec<BatchShape>,
