@@ -220,6 +220,10 @@ struct MethodArgs {
     /// QST: reduction factor r of the side network (width d/r, FFN width ffn/r).
     #[arg(long, default_value_t = 16)]
     side_r: usize,
+    /// QST: the side blocks' query heads, with gcd(heads, the base's KV heads) KV heads (default: the base's head
+    /// counts, as the official code; another count is papers.md's experiment, not the paper's setting).
+    #[arg(long)]
+    side_heads: Option<usize>,
     /// QST downsample module: adapter, lora, linear, maxpool or avgpool.
     #[arg(long, default_value = "adapter")]
     downsample: String,
@@ -276,6 +280,7 @@ impl MethodArgs {
             recalibrate_every: self.recalibrate_every.unwrap_or(epoch_steps),
             fused: self.fused,
             side_r: self.side_r,
+            side_heads: self.side_heads,
             downsample: self.downsample.parse()?,
             adapter_rank: self.adapter_rank,
             qst_start: self.qst_start.parse()?,

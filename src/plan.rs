@@ -254,7 +254,7 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
         }
         "qst" => {
             let q = o.qst_config();
-            let side = qst::side_config(cfg, q.r)?;
+            let side = qst::side_config(cfg, q.r, q.side_heads)?;
             let sp: usize =
                 qst::side_param_shapes(cfg, &side, &q).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
             let store = nf4_store();

@@ -152,14 +152,14 @@ fn quzo_lora_trains_factors_and_exports_a_merged_model() {
     assert!(ok, "{err}");
 }
 
-/// A QST run's export (side network + a manifest naming the base) evaluates back to the run's own dev loss; a
-/// damaged side file, or `--bits` on an NF4-based export, is a one-line error naming it.
+/// A QST run's export (side network + a manifest naming the base, here with one side head) evaluates back to the
+/// run's own dev loss; a damaged side file, or `--bits` on an NF4-based export, is a one-line error naming it.
 #[test]
 fn qst_export_evaluates_to_the_runs_own_dev_loss() {
     let (dir, data, out) = scratch();
     let mut args = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     args[8] = "qst";
-    args.extend(["--side-r", "2", "--qst-start", "code"]);
+    args.extend(["--side-r", "2", "--side-heads", "1", "--qst-start", "code"]);
     let (ok, _, err) = qtune(&args);
     assert!(ok, "{err}");
     let read = |p: PathBuf| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
@@ -169,6 +169,7 @@ fn qst_export_evaluates_to_the_runs_own_dev_loss() {
     assert!(ok, "{err}");
     let ev = read(dir.path().join("ev/summary.json"));
     assert_eq!(ev["method"], "inference-qst");
+    assert_eq!(read(model.join("qst.json"))["side_config"]["num_attention_heads"], 1);
     // The same forward on the same NF4 base and side weights: the loss agrees to f32 rounding of the export.
     let (a, b) = (trained["dev_loss_after"].as_f64().unwrap(), ev["dev_loss_after"].as_f64().unwrap());
     assert!((a - b).abs() <= 1e-6 * a.abs(), "run {a} vs export {b}");

@@ -151,6 +151,8 @@ pub struct MethodOptions {
     pub fused: bool,
     /// QST: reduction factor r (side width d/r, FFN width ffn/r).
     pub side_r: usize,
+    /// QST: the side blocks' query heads (`None`: the base's, as the official code).
+    pub side_heads: Option<usize>,
     /// QST: how base hidden states are brought down to the side width.
     pub downsample: qst::Downsample,
     /// QST: inner width of the adapter and LoRA-style downsamples.
@@ -175,6 +177,7 @@ impl MethodOptions {
     pub fn qst_config(&self) -> qst::QstConfig {
         qst::QstConfig {
             r: self.side_r,
+            side_heads: self.side_heads,
             downsample: self.downsample,
             adapter_rank: self.adapter_rank,
             keep: self.keep,
@@ -205,6 +208,7 @@ impl Default for MethodOptions {
             recalibrate_every: 0,
             fused: false,
             side_r: 16,
+            side_heads: None,
             downsample: qst::Downsample::Adapter,
             adapter_rank: 16,
             qst_start: qst::Start::Paper,

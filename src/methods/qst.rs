@@ -34,7 +34,8 @@
 //! - Side layers: Kaiming-uniform (PyTorch's `nn.Linear` default; the code never calls `post_init`), norms 1, no
 //!   pruning-based init. Heads: the code keeps H query and KV heads, so head_dim = s/H (SmolLM2-135M at r = 16: s = 36,
 //!   9 heads, 3 KV heads, head_dim 4). Where H does not divide s, or s/H is odd, head_dim is s/H rounded up to an even
-//!   number (RoPE rotates pairs) and Q/K/V project s → H·head_dim, O back to s.
+//!   number (RoPE rotates pairs) and Q/K/V project s → H·head_dim, O back to s. `--side-heads h` is papers.md's
+//!   optional experiment (not the paper's setting): h query heads, gcd(h, base KV heads) KV heads, head_dim s/h.
 //! - Widths are rounded down (d/r, ffn/r), as `MaxPool1d(r, r)` rounds.
 //! - f32 compute (the paper: bf16). Weight decay applies to matrices only (HF's Trainer would also decay γ and α).
 //! - The embedding is NF4 like every other matrix (bitsandbytes keeps it in 16 bits); see `lora.rs`.
@@ -125,6 +126,9 @@ impl Downsample {
 pub struct QstConfig {
     /// Reduction factor: side width d/r, side FFN width ffn/r.
     pub r: usize,
+    /// The side blocks' query heads: `None` keeps the base's (the official code); `Some(h)` is papers.md §2.6
+    /// item 4's experiment (not the paper's setting), with gcd(h, base KV heads) KV heads.
+    pub side_heads: Option<usize>,
     pub downsample: Downsample,
     /// Inner width k of the adapter and LoRA-style downsamples.
     pub adapter_rank: usize,
@@ -206,9 +210,10 @@ impl SideParam {
     }
 }
 
-/// The side blocks' config: the base family at width d/r and FFN width ffn/r, with the base's head counts and
-/// head_dim (d/r)/H rounded up to an even number (see the module docs).
-pub fn side_config(base: &LlamaConfig, r: usize) -> Result<LlamaConfig> {
+/// The side blocks' config: the base family at width d/r and FFN width ffn/r, with the base's head counts (or
+/// `heads` query heads and gcd(heads, base KV heads) KV heads) and head_dim (d/r)/H rounded up to an even number
+/// (see the module docs).
+pub fn side_config(base: &LlamaConfig, r: usize, heads: Option<usize>) -> Result<LlamaConfig> {
     if r == 0 {
         return Err(Error::Option("--side-r must be at least 1".into()));
     }
@@ -219,10 +224,32 @@ pub fn side_config(base: &LlamaConfig, r: usize) -> Result<LlamaConfig> {
             base.hidden_size, base.intermediate_size
         )));
     }
-    let head_dim = 2 * s.div_ceil(base.num_attention_heads).div_ceil(2);
-    let cfg = LlamaConfig { hidden_size: s, intermediate_size: f, head_dim, ..base.clone() };
+    let (h, kv) = match heads {
+        None => (base.num_attention_heads, base.num_key_value_heads),
+        Some(h) if h == 0 || h > s => {
+            return Err(Error::Option(format!("--side-heads {h}: must be between 1 and the side width {s}")))
+        }
+        Some(h) => (h, gcd(h, base.num_key_value_heads)),
+    };
+    let head_dim = 2 * s.div_ceil(h).div_ceil(2);
+    let cfg = LlamaConfig {
+        hidden_size: s,
+        intermediate_size: f,
+        num_attention_heads: h,
+        num_key_value_heads: kv,
+        head_dim,
+        ..base.clone()
+    };
     cfg.validate().map_err(|m| Error::Option(format!("--side-r {r}: side config invalid: {m}")))?;
     Ok(cfg)
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// Every trained tensor and its shape, in forward order (which is also the optimizer's slot order).
@@ -415,7 +442,7 @@ fn mix_backward(dh: &Tensor, diff: &Tensor, alpha: &Tensor) -> Result<(Tensor, T
 impl SideNet {
     /// A freshly initialized side network for a base of config `base`, in `dtype`.
     pub fn new(base: &LlamaConfig, cfg: QstConfig, dtype: DType) -> Result<Self> {
-        let side = side_config(base, cfg.r)?;
+        let side = side_config(base, cfg.r, cfg.side_heads)?;
         if cfg.downsample.factored() && cfg.adapter_rank == 0 {
             return Err(Error::Option("--adapter-rank must be at least 1".into()));
         }
@@ -684,8 +711,16 @@ impl QstModel {
                 .map(|v| v as usize)
                 .ok_or_else(|| Error::file(&manifest, format!("`{key}` is missing or not a count")))
         };
+        // `side_heads` is absent from exports written before the option existed: the base's heads.
+        let side_heads = match &j["side_heads"] {
+            serde_json::Value::Null => None,
+            v => Some(v.as_u64().map(|v| v as usize).ok_or_else(|| {
+                Error::file(&manifest, "`side_heads` is not a count or null".to_string())
+            })?),
+        };
         let cfg = QstConfig {
             r: count("r")?,
+            side_heads,
             downsample: text("downsample")?.parse().map_err(|e| Error::file(&manifest, e))?,
             adapter_rank: count("adapter_rank")?,
             keep: Keep::All,
@@ -785,6 +820,7 @@ impl Qst {
                 "rms_norm_eps": sc.rms_norm_eps,
             },
             "r": q.r,
+            "side_heads": q.side_heads,
             "downsample": q.downsample,
             "adapter_rank": q.adapter_rank,
             "start": q.start,
@@ -914,6 +950,7 @@ mod tests {
         let (alpha_lr_scale, alpha_clamp, zero_upsample) = (1.0, false, false);
         QstConfig {
             r: 2,
+            side_heads: None,
             downsample,
             adapter_rank: 4,
             keep,
@@ -967,14 +1004,22 @@ mod tests {
 
     #[test]
     fn side_config_keeps_the_head_counts() {
-        let s = side_config(&smollm2_config(), 16).unwrap();
+        let s = side_config(&smollm2_config(), 16, None).unwrap();
         assert_eq!((s.hidden_size, s.intermediate_size), (36, 96));
         assert_eq!((s.num_attention_heads, s.num_key_value_heads, s.head_dim), (9, 3, 4));
         // 576/64 = 9 = H: head_dim 1 rounds up to 2, so Q/K/V project 9 → 18.
-        let s = side_config(&smollm2_config(), 64).unwrap();
+        let s = side_config(&smollm2_config(), 64, None).unwrap();
         assert_eq!((s.hidden_size, s.head_dim, s.q_dim()), (9, 2, 18));
         for r in [0, 300] {
-            assert!(matches!(side_config(&smollm2_config(), r), Err(Error::Option(_))));
+            assert!(matches!(side_config(&smollm2_config(), r, None), Err(Error::Option(_))));
+        }
+        // --side-heads: KV heads gcd(h, 3); 36/5 = 7.2 rounds up to head_dim 8.
+        for (h, want) in [(1, (1, 1, 36)), (3, (3, 3, 12)), (6, (6, 3, 6)), (5, (5, 1, 8))] {
+            let s = side_config(&smollm2_config(), 16, Some(h)).unwrap();
+            assert_eq!((s.num_attention_heads, s.num_key_value_heads, s.head_dim), want, "{h} heads");
+        }
+        for h in [0, 37] {
+            assert!(matches!(side_config(&smollm2_config(), 16, Some(h)), Err(Error::Option(_))));
         }
     }
 
@@ -1090,6 +1135,11 @@ mod tests {
     #[test]
     fn qst_backward_matches_finite_differences_lora_recompute_full_vocab() {
         check_model(qcfg(Downsample::Lora, Keep::Inputs), false);
+    }
+
+    #[test]
+    fn qst_backward_matches_finite_differences_one_side_head() {
+        check_model(QstConfig { side_heads: Some(1), ..qcfg(Downsample::Adapter, Keep::All) }, true);
     }
 
     #[test]
@@ -1272,6 +1322,7 @@ mod tests {
             serde_json::from_slice(&std::fs::read(dir.path().join("qst.json")).unwrap()).unwrap();
         assert_eq!(j["base_model"], "models/base.gguf");
         assert_eq!(j["downsample"], "lora");
+        assert_eq!(j["side_heads"], serde_json::Value::Null);
         assert_eq!(j["side_config"]["hidden_size"], 8);
         assert!(q.export_tensor(ParamId::Embed).is_err());
     }
@@ -1280,7 +1331,7 @@ mod tests {
     #[test]
     fn smollm2_trainable_fraction() {
         let base = smollm2_config();
-        let side = side_config(&base, 16).unwrap();
+        let side = side_config(&base, 16, None).unwrap();
         let total = base.num_params();
         let count = |ds| -> usize {
             let q = QstConfig { r: 16, downsample: ds, adapter_rank: 16, ..qcfg(ds, Keep::All) };
