@@ -5,14 +5,14 @@
 # save CPU). The long groups (120 to 1000 steps) are read on 1000 examples of BoolQ's validation set, at the run's
 # end or (the long group's 120-step runs) by the eval1000 group.
 # Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, long, long240, qlora240,
-# pool240, zeroup240, lora240s1, qst240s1, lora480, qst480, lora4ep, qst4ep, start1000, eval1000, ablation (issue 5),
+# pool240, zeroup240, heads240, lora240s1, qst240s1, lora480, qst480, lora4ep, qst4ep, start1000, eval1000, ablation (issue 5),
 # zo (issue 6); default all. Runs already finished (summary.json present) are skipped; a run interrupted after a
 # checkpoint (the long groups write one every 20 steps) is resumed from it.
 set -euo pipefail
 BIN=${1:-target/release/qtune}
 OUT=${2:-runs/readme}
 shift 2 || true
-GROUPS_=${*:-fo qst seed1 long long240 qlora240 pool240 zeroup240 lora240s1 qst240s1 lora480 qst480 lora4ep qst4ep start1000 eval1000 ablation zo}
+GROUPS_=${*:-fo qst seed1 long long240 qlora240 pool240 zeroup240 heads240 lora240s1 qst240s1 lora480 qst480 lora4ep qst4ep start1000 eval1000 ablation zo}
 STEPS=(--steps 40 --batch-size 8 --max-seq-len 256 --seed 0)
 FULL=(--dev-size 200 --eval-size 200 "${STEPS[@]}")
 DEV=(--dev-size 200 --eval-size 0 "${STEPS[@]}")
@@ -84,6 +84,11 @@ for g in $GROUPS_; do
         --max-seq-len 256 --seed 0 --lr 1e-3 --zero-upsample)
       run qst-code-zeroup-lr1e-3-240 train --method qst --qst-start code "${Z[@]}"
       run qst-zeroup-a10-clamp-lr1e-3-240 train --method qst --alpha-lr-scale 10 --alpha-clamp "${Z[@]}" ;;
+    heads240) # the zeroup240 group's paper-start QST with one side head of width 36 instead of the base's 9 of
+      # width 4 (--side-heads 1: papers.md §2.6 item 4's experiment, not the paper's setting)
+      run qst-zeroup-a10-clamp-lr1e-3-heads1-240 train --method qst --alpha-lr-scale 10 --alpha-clamp --side-heads 1 \
+        --checkpoint-every 20 --train-size 2000 --dev-size 0 --eval-size 1000 --steps 240 --batch-size 8 \
+        --max-seq-len 256 --seed 0 --lr 1e-3 --zero-upsample ;;
     lora240s1|qst240s1|lora480|qst480|lora4ep|qst4ep) # LoRA against the zeroup240 group's closest QST, one group
       # each so that two processes can run them side by side: *240s1, the long240 pair on seed 1 (other training
       # sample and inits); *480, seed 0 over twice the steps, 480 batches of 8 from 4000 training examples; *4ep,

@@ -714,9 +714,11 @@ impl QstModel {
         // `side_heads` is absent from exports written before the option existed: the base's heads.
         let side_heads = match &j["side_heads"] {
             serde_json::Value::Null => None,
-            v => Some(v.as_u64().map(|v| v as usize).ok_or_else(|| {
-                Error::file(&manifest, "`side_heads` is not a count or null".to_string())
-            })?),
+            v => Some(
+                v.as_u64()
+                    .map(|v| v as usize)
+                    .ok_or_else(|| Error::file(&manifest, "`side_heads` is not a count or null".to_string()))?,
+            ),
         };
         let cfg = QstConfig {
             r: count("r")?,
