@@ -712,14 +712,7 @@ impl QstModel {
                 .ok_or_else(|| Error::file(&manifest, format!("`{key}` is missing or not a count")))
         };
         // `side_heads` is absent from exports written before the option existed: the base's heads.
-        let side_heads = match &j["side_heads"] {
-            serde_json::Value::Null => None,
-            v => Some(
-                v.as_u64()
-                    .map(|v| v as usize)
-                    .ok_or_else(|| Error::file(&manifest, "`side_heads` is not a count or null".to_string()))?,
-            ),
-        };
+        let side_heads = if j["side_heads"].is_null() { None } else { Some(count("side_heads")?) };
         let cfg = QstConfig {
             r: count("r")?,
             side_heads,
