@@ -1,7 +1,8 @@
 //! `qtune`: the command-line front end. `train` fine-tunes with a chosen method, `eval` measures a model on a
 //! task, `generate` samples text to eyeball a model. Every error ends the program with one line naming the file
 //! or option at fault.
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use qtune::data::tasks::{default_data, load_task, SplitSizes};
 use qtune::methods::qst::QstModel;
 use qtune::methods::{self, MethodOptions, OnNonFinite, METHODS};
@@ -255,6 +256,9 @@ struct MethodArgs {
     /// mezo, quzo: train LoRA factors (--lora-r, --lora-alpha) over the frozen f32 / INT8 / INT4 base.
     #[arg(long)]
     lora: bool,
+    /// The options above given on the command line (CLI names), not left at their defaults: [`parse`] fills it.
+    #[arg(skip)]
+    given: Vec<String>,
 }
 
 impl MethodArgs {
@@ -265,6 +269,7 @@ impl MethodArgs {
             // Checked before any model loads, so a typo costs nothing.
             return Err(Error::Option(format!("unknown --method `{}` (known: {})", self.method, METHODS.join(", "))));
         }
+        methods::check_options_read(&self.method, self.lora, &self.given)?;
         Ok(MethodOptions {
             weight_decay: self.weight_decay,
             clip: (self.clip > 0.0).then_some(self.clip),
@@ -575,6 +580,21 @@ fn bench(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     let runs = a.runs.unwrap_or_else(|| qtune::bench::RUNS.iter().map(|r| r.0.to_string()).collect());
+    // Every run's command line is checked before the first starts, so a mistake costs nothing.
+    for name in &runs {
+        let Some((_, args)) = qtune::bench::RUNS.iter().find(|(n, _)| n == name) else { continue };
+        let argv =
+            ["qtune", "train"].into_iter().chain(args.iter().copied()).chain(a.train_args.iter().map(|s| s.as_str()));
+        let checked = match parse(argv) {
+            Ok(Cli { cmd: Cmd::Train(t) }) => t.m.options(OnNonFinite::Skip, 0, 1).map(|_| ()),
+            Ok(_) => unreachable!("the command line starts with `train`"),
+            Err(e) => {
+                let first = e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+                Err(Error::Option(first))
+            }
+        };
+        checked.map_err(|e| Error::Msg(format!("bench run `{name}`: {e}")))?;
+    }
     let exe = std::env::current_exe()?;
     print!("{}", qtune::bench::run(&exe, &runs, &a.train_args, &a.out, a.peers.as_deref())?);
     Ok(())
@@ -629,6 +649,11 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
     let cfg = plan::resolve_config(&a.model)?;
     let shape = plan::Shape::full(a.batch, a.seq, a.eval_batch, (a.classes > 0).then_some(a.classes))?;
     let runs: Vec<MethodArgs> = if a.m.method == "all" {
+        if let Some(g) = a.m.given.iter().find(|g| *g != "method") {
+            return Err(Error::Option(format!(
+                "--{g} is not read by --method all (each run plans with its own options)"
+            )));
+        }
         qtune::bench::RUNS
             .iter()
             .map(|(_, args)| {
@@ -648,8 +673,36 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
     print_plans(&title, &shape, &plans, a.json.as_deref())
 }
 
+/// Parses a command line, recording in the method arguments which of their options it gave (clap's ids are the
+/// field names, so `side_r` is `--side-r`).
+fn parse<I, T>(argv: I) -> std::result::Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = Cli::command().try_get_matches_from(argv)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    let method_args = MethodArgs::augment_args(clap::Command::new("method"));
+    let given = |m: &ArgMatches| -> Vec<String> {
+        method_args
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .filter(|id| m.value_source(id) == Some(ValueSource::CommandLine))
+            .map(|id| id.replace('_', "-"))
+            .collect()
+    };
+    if let Some((_, sub)) = matches.subcommand() {
+        match &mut cli.cmd {
+            Cmd::Train(a) => a.m.given = given(sub),
+            Cmd::Plan(a) => a.m.given = given(sub),
+            _ => {}
+        }
+    }
+    Ok(cli)
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let r = match cli.cmd {
         Cmd::Train(a) => train(a),
         Cmd::Eval(a) => eval(a),
@@ -661,5 +714,42 @@ fn main() {
     if let Err(e) = r {
         eprintln!("error: {e}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every method option but `--method` and `--weight-decay` (read by all) has its readers in the table, and
+    /// every reader is a method (or a zeroth-order method's LoRA variant).
+    #[test]
+    fn method_options_table_covers_every_option() {
+        let cmd = MethodArgs::augment_args(clap::Command::new("method"));
+        for a in cmd.get_arguments() {
+            let name = a.get_id().as_str().replace('_', "-");
+            if name != "method" && name != "weight-decay" {
+                assert!(methods::METHOD_OPTIONS.iter().any(|(n, _)| *n == name), "--{name} missing from the table");
+            }
+        }
+        for (name, readers) in methods::METHOD_OPTIONS {
+            for r in *readers {
+                let m = r.strip_suffix(" --lora").unwrap_or(r);
+                assert!(METHODS.contains(&m), "--{name}: unknown reader `{r}`");
+            }
+        }
+    }
+
+    /// `parse` records the method options a command line gives, and only those.
+    #[test]
+    fn parse_records_the_given_method_options() {
+        let cli =
+            parse(["qtune", "train", "--method", "lora", "--lora-r", "4", "--steps", "3", "--clip", "1"]).unwrap();
+        let Cmd::Train(t) = cli.cmd else { panic!("not train") };
+        assert_eq!(t.m.given, ["method", "clip", "lora-r"]);
+        assert!(t.m.options(OnNonFinite::Skip, 0, 1).is_ok());
+        let cli = parse(["qtune", "plan", "--method", "mezo", "--lora", "--lora-r", "4"]).unwrap();
+        let Cmd::Plan(p) = cli.cmd else { panic!("not plan") };
+        assert!(p.m.options(OnNonFinite::Skip, 0, 1).is_ok(), "mezo --lora reads --lora-r");
     }
 }

@@ -334,6 +334,18 @@ fn impossible_options_are_named() {
         expect_error(&a, &[needle]);
     }
     expect_error(&["bench", "--out", out.to_str().unwrap(), "--peers", "no-such-peers"], &["no-such-peers"]);
+    // An option the method would ignore is refused, by `train`, `plan` and (before any run starts) `bench`.
+    let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+    a.extend(["--side-r", "8"]);
+    expect_error(&a, &["--side-r is not read by --method full-lion", "only by qst"]);
+    expect_error(&["plan", "--method", "mezo", "--recompute"], &["--recompute", "--method mezo"]);
+    expect_error(&["plan", "--method", "all", "--lora-r", "4"], &["--lora-r", "--method all"]);
+    let bench_out = out.join("bench");
+    expect_error(
+        &["bench", "--out", bench_out.to_str().unwrap(), "--runs", "lora,mezo", "--", "--recompute"],
+        &["bench run `mezo`", "--recompute"],
+    );
+    assert!(!bench_out.exists(), "bench started a run before checking them all");
     // Planning (--plan, --max-memory) checks the batch options before drawing a batch; so does `qtune plan`.
     for (i, value, extra, needle) in [
         (12, "0", "--plan", "--batch-size 0"),
@@ -403,7 +415,10 @@ fn sigkill_and_resume_is_bit_identical() {
                 train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap()).iter().map(|s| s.to_string()).collect();
             a[8] = method.into();
             a[10] = steps.into();
-            a.extend(["--no-eval".to_string(), "--eps".into(), "1e-2".into()]);
+            a.push("--no-eval".into());
+            if method == "quzo" {
+                a.extend(["--eps".to_string(), "1e-2".into()]);
+            }
             a.extend(extra.iter().map(|s| s.to_string()));
             a
         };

@@ -108,6 +108,57 @@ pub trait Method {
 
 pub const METHODS: &[&str] = &["full-adamw", "full-lion", "qft", "mezo", "quzo", "qat", "qst", "lora", "qlora"];
 
+/// The first-order methods: they clip gradients and can recompute blocks in the backward.
+const FIRST_ORDER: &[&str] = &["full-adamw", "full-lion", "qft", "qat", "qst", "lora", "qlora"];
+/// The zeroth-order methods, full and over LoRA factors (`--lora`).
+const ZEROTH_ORDER: &[&str] = &["mezo", "quzo", "mezo --lora", "quzo --lora"];
+
+/// The method options (CLI names) only some methods read, with the methods that read them; `mezo --lora` and
+/// `quzo --lora` are the zeroth-order methods over LoRA factors. `--weight-decay` is read by every method.
+/// [`check_options_read`] refuses an option given to a method that would ignore it.
+pub const METHOD_OPTIONS: &[(&str, &[&str])] = &[
+    ("clip", FIRST_ORDER),
+    ("recompute", FIRST_ORDER),
+    ("eps", ZEROTH_ORDER),
+    ("directions", ZEROTH_ORDER),
+    ("lora", &["mezo --lora", "quzo --lora"]),
+    ("bits", &["quzo", "quzo --lora", "qat"]),
+    ("perturb-bits", &["quzo", "quzo --lora"]),
+    ("estimator", &["quzo", "quzo --lora"]),
+    ("outlier-fraction", &["qft"]),
+    ("recalibrate-every", &["qft"]),
+    ("fused", &["qft"]),
+    ("side-r", &["qst"]),
+    ("side-heads", &["qst"]),
+    ("downsample", &["qst"]),
+    ("adapter-rank", &["qst"]),
+    ("qst-start", &["qst"]),
+    ("alpha-lr-scale", &["qst"]),
+    ("alpha-clamp", &["qst"]),
+    ("zero-upsample", &["qst"]),
+    ("lora-r", &["lora", "qlora", "mezo --lora", "quzo --lora"]),
+    ("lora-alpha", &["lora", "qlora", "mezo --lora", "quzo --lora"]),
+    ("optimizer", &["qst", "lora", "qlora"]),
+];
+
+/// Refuses the first option of `given` (CLI names without dashes) that [`METHOD_OPTIONS`] says `method` (with
+/// `lora`: its LoRA variant) does not read, naming the methods that do: an option that would be silently ignored
+/// is a mistake in the command.
+pub fn check_options_read(method: &str, lora: bool, given: &[String]) -> Result<()> {
+    let variant = if lora && ZEROTH_ORDER.contains(&method) { format!("{method} --lora") } else { method.to_string() };
+    for g in given {
+        if let Some((_, readers)) = METHOD_OPTIONS.iter().find(|(name, _)| name == g) {
+            if !readers.contains(&variant.as_str()) {
+                return Err(Error::Option(format!(
+                    "--{g} is not read by --method {variant} (only by {})",
+                    readers.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The optimizer of the methods that train their own tensors (QST, LoRA, QLoRA).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OptimizerKind {
