@@ -529,6 +529,7 @@ mod tests {
             examples: keys.len(),
             tokens: 0,
             seconds: 0.0,
+            side_share: None,
             predictions: keys
                 .iter()
                 .map(|&k| Prediction {

@@ -601,8 +601,17 @@ impl SideNet {
         let (sn, rstd) = layers::rms_norm_forward(&hg_sel, self.params.get(SideParam::Norm), sc.rms_norm_eps)?;
         let u =
             sn.matmul(&self.params.get(SideParam::UpWeight).t()?)?.broadcast_add(self.params.get(SideParam::UpBias))?;
-        let (h, mix) = mix_forward(&hf.to_dtype(dtype)?, &u, &self.alpha()?)?;
+        let alpha = self.alpha()?;
+        let (h, mix) = mix_forward(&hf.to_dtype(dtype)?, &u, &alpha)?;
         let logits = model.head_forward(base, &h, classes.as_ref())?;
+        // Evaluation on label words also measures the side branch's part of the logits (the head is linear), which
+        // says whether the side network is in the answer at all; two rows of the head per example cost nothing.
+        let side = match &classes {
+            Some(c) if !train => {
+                Some(model.head_forward(base, &u.broadcast_mul(&alpha.affine(-1.0, 1.0)?)?, Some(c))?)
+            }
+            _ => None,
+        };
         let labels = Tensor::new(tg.labels.as_slice(), &dev)?;
         let (loss, dlogits) = layers::cross_entropy(&logits, &labels)?;
         let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? as f32;
@@ -619,7 +628,7 @@ impl SideNet {
             positions,
             classes,
         });
-        Ok((Output { loss, logits }, trace))
+        Ok((Output { loss, logits, side }, trace))
     }
 
     /// The backward of [`SideNet::forward`]: adds every trained tensor's gradient into `grads`. Nothing flows into
@@ -1190,7 +1199,8 @@ mod tests {
 
     /// With `zero_upsample` the code's start is the base model's final state scaled by α = σ(1) (the head is linear,
     /// so the logits are the base's times σ(1)), not mixed with the random side network; after one step the upsample
-    /// has learned (the side network's gradient is ∝ 1 − α, here 0.27, not 0).
+    /// has learned (the side network's gradient is ∝ 1 − α, here 0.27, not 0). Either way the evaluation's side part
+    /// of the logits is what the side network adds to σ(1)·base.
     #[test]
     fn zero_upsample_keeps_the_random_side_network_out_of_the_first_forward() {
         let cfg = tiny_config(true);
@@ -1200,12 +1210,19 @@ mod tests {
         for zero in [false, true] {
             let q = QstConfig { start: Start::Code, zero_upsample: zero, ..qcfg(Downsample::Adapter, Keep::All) };
             let mut qst = Qst::new(Source::Params(p.clone()), q, adamw()).unwrap();
-            let got: Vec<f32> = qst.forward(&m, &b).unwrap().logits.flatten_all().unwrap().to_vec1().unwrap();
+            let out = qst.forward(&m, &b).unwrap();
+            let got: Vec<f32> = out.logits.flatten_all().unwrap().to_vec1().unwrap();
             let base = m.forward(&qst.model.base, &b, Keep::Nothing).unwrap().0.logits;
             let want: Vec<f32> = base.flatten_all().unwrap().to_vec1().unwrap();
             let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
             let err = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - alpha * w).abs())) / scale;
             assert_eq!(err < 1e-6, zero, "zero upsample {zero}: rel err {err:e} against σ(1)·base logits");
+            // The side branch's part of the logits is the rest: logits − side = σ(1)·base logits (budget 1e-6
+            // relative), and exactly 0 with the zero upsample.
+            let side: Vec<f32> = out.side.expect("label words: side part").flatten_all().unwrap().to_vec1().unwrap();
+            let err = got.iter().zip(&side).zip(&want).fold(0f32, |m, ((g, s), w)| m.max((g - s - alpha * w).abs()));
+            assert!(err / scale < 1e-6, "zero upsample {zero}: logits − side vs σ(1)·base: rel err {:e}", err / scale);
+            assert_eq!(side.iter().all(|&x| x == 0.0), zero, "zero upsample {zero}: side part {side:?}");
             qst.step(&m, std::slice::from_ref(&b), 1e-3).unwrap();
             let up: Vec<f32> = qst.model.net.params.get(SideParam::UpWeight).flatten_all().unwrap().to_vec1().unwrap();
             assert!(up.iter().all(|&w| w != 0.0), "zero upsample {zero}: the upsample did not move");

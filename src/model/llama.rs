@@ -270,6 +270,9 @@ pub struct Output {
     pub loss: f32,
     /// [P, C] logits the loss read (C = number of classes, or the vocabulary).
     pub logits: Tensor,
+    /// [P, C] the part of `logits` a side branch adds (QST's evaluation on label words: the LM head applied to
+    /// (1 − α) ⊙ upsample(side state)); `None` for a model without one.
+    pub side: Option<Tensor>,
 }
 
 /// How much of the forward to keep for a backward.
@@ -490,7 +493,7 @@ impl Llama {
             positions,
             classes,
         });
-        Ok((Output { loss, logits }, trace))
+        Ok((Output { loss, logits, side: None }, trace))
     }
 
     /// The backward of [`Llama::forward`]: pushes every parameter's gradient into `sink` in reverse forward order.

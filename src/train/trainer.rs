@@ -94,6 +94,11 @@ pub struct EvalResult {
     pub examples: usize,
     pub tokens: usize,
     pub seconds: f64,
+    /// Classification by a model with a side branch (QST): Σ‖side‖ / Σ‖rest‖ over the examples, each a row of
+    /// label-word logits centred over the classes (softmax ignores a common shift): how far the side branch moves
+    /// the answer against the frozen base (with two label words, the ratio of their |logit margins|).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub side_share: Option<f64>,
     /// Classification: every example's answer, in split order (empty for causal LM, whose answers are tokens).
     #[serde(skip)]
     pub predictions: Vec<Prediction>,
@@ -132,6 +137,7 @@ pub fn evaluate(
     let (mut correct, mut count, mut loss_sum, mut tokens) = (0usize, 0usize, 0f64, 0usize);
     let mut class_counts = vec![0usize; data.classes.as_ref().map_or(0, |c| c.len())];
     let mut predictions = Vec::new();
+    let mut side_norms: Option<(f64, f64)> = None; // (Σ‖side‖, Σ‖rest‖), centred rows
     for b in eval_batches(data, batch_size, max_len, pad, dev.clone()) {
         let (chunk, batch) = b?;
         let out = forward(&batch)?;
@@ -141,6 +147,21 @@ pub fn evaluate(
         if data.classes.is_some() {
             // One loss position per example: row k of the [n, C] label-word logits is example chunk[k].
             let logits: Vec<Vec<f32>> = out.logits.to_vec2()?;
+            if let Some(side) = &out.side {
+                let side: Vec<Vec<f32>> = side.to_vec2()?;
+                // ‖v − mean(v)‖ of a row of logits.
+                let centred_norm = |v: &[f64]| {
+                    let mean = v.iter().sum::<f64>() / v.len() as f64;
+                    v.iter().map(|x| (x - mean).powi(2)).sum::<f64>().sqrt()
+                };
+                let (s, r) = side_norms.get_or_insert((0.0, 0.0));
+                for (row, side) in logits.iter().zip(&side) {
+                    let sv: Vec<f64> = side.iter().map(|&x| x as f64).collect();
+                    let rv: Vec<f64> = row.iter().zip(side).map(|(&l, &x)| l as f64 - x as f64).collect();
+                    *s += centred_norm(&sv);
+                    *r += centred_norm(&rv);
+                }
+            }
             for (k, &i) in chunk.iter().enumerate() {
                 let (row, label) = (&logits[k], batch.targets.labels[k]);
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
@@ -170,6 +191,7 @@ pub fn evaluate(
         examples: data.examples.len(),
         tokens,
         seconds: t0.elapsed().as_secs_f64(),
+        side_share: side_norms.map(|(s, r)| s / r),
         predictions: {
             predictions.sort_by_key(|p| p.example);
             predictions
@@ -202,7 +224,8 @@ pub fn describe(r: &EvalResult) -> String {
         return "none (no examples)".into();
     }
     let majority = r.majority.map_or(String::new(), |m| format!("; majority class {m:.4}"));
-    format!("{:.4} (loss {:.4}{majority})", r.accuracy, r.loss)
+    let side = r.side_share.map_or(String::new(), |s| format!("; side branch {:.2}% of the logit spread", 100.0 * s));
+    format!("{:.4} (loss {:.4}{majority}{side})", r.accuracy, r.loss)
 }
 
 /// One line of the run log.
@@ -355,6 +378,7 @@ pub fn train(
             examples: 0,
             tokens: 0,
             seconds: 0.0,
+            side_share: None,
             predictions: Vec::new(),
         }),
         None if cfg.skip_eval => None,
@@ -606,7 +630,7 @@ mod tests {
         let forward = |b: &Batch| -> Result<Output> {
             let p = b.targets.labels.len();
             let logits = Tensor::from_vec([1f32, 0.0].repeat(p), (p, 2), &Device::Cpu)?;
-            Ok(Output { loss: p as f32, logits })
+            Ok(Output { loss: p as f32, logits, side: None })
         };
         let r = evaluate(&forward, &data, 2, 16, 0, &Device::Cpu).unwrap();
         assert_eq!(r.accuracy, 2.0 / 5.0);
@@ -628,5 +652,33 @@ mod tests {
         assert_ne!(example_key(&[1, 2], 0), example_key(&[1, 2], 1));
         let lm = TaskData { examples: vec![], classes: None };
         assert_eq!(evaluate(&forward, &lm, 2, 16, 0, &Device::Cpu).unwrap().majority, None);
+        assert_eq!(r.side_share, None, "no side branch, no share");
+    }
+
+    /// The side share against a hand computation: rows of 3 label-word logits, each centred over the classes.
+    /// Example 0: logits [3, 1, 2] with side part [1, 0, 2], so rest [2, 1, 0]: centred norms √2 and √2.
+    /// Example 1: logits [4, 1, 1], side [0, 0, 0]: rest's centred norm √6. Share √2 / (√2 + √6); budget 1e-12.
+    #[test]
+    fn evaluate_measures_the_side_branchs_share_of_the_logits() {
+        let examples = (0..2).map(|i| Example { prompt: vec![1; i + 1], target: Target::Class(0) });
+        let data = TaskData { examples: examples.collect(), classes: Some(vec![7, 8, 9]) };
+        let forward = |b: &Batch| -> Result<Output> {
+            // Batches are sorted by prompt length: the 1-token prompt is example 0.
+            let rows: Vec<([f32; 3], [f32; 3])> = b
+                .lengths
+                .iter()
+                .map(|&len| if len == 1 { ([3., 1., 2.], [1., 0., 2.]) } else { ([4., 1., 1.], [0., 0., 0.]) })
+                .collect();
+            let p = rows.len();
+            let logits = Tensor::from_vec(rows.iter().flat_map(|r| r.0).collect(), (p, 3), &Device::Cpu)?;
+            let side = Tensor::from_vec(rows.iter().flat_map(|r| r.1).collect(), (p, 3), &Device::Cpu)?;
+            Ok(Output { loss: 0.0, logits, side: Some(side) })
+        };
+        for batch_size in [1, 2] {
+            let r = evaluate(&forward, &data, batch_size, 16, 0, &Device::Cpu).unwrap();
+            let want = 2f64.sqrt() / (2f64.sqrt() + 6f64.sqrt());
+            let got = r.side_share.unwrap();
+            assert!((got - want).abs() < 1e-12, "batch {batch_size}: {got} vs {want}");
+        }
     }
 }
