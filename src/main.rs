@@ -509,6 +509,8 @@ fn eval(a: EvalArgs) -> Result<()> {
         "eval_loss": loss(&e),
         "dev_majority": d.majority,
         "eval_majority": e.majority,
+        "dev_side_share": d.side_share,
+        "eval_side_share": e.side_share,
         "machine": trainer::machine(),
     });
     eprintln!(

@@ -277,6 +277,9 @@ pub struct Summary {
     pub eval_loss: Option<f64>,
     pub dev_majority: Option<f64>,
     pub eval_majority: Option<f64>,
+    /// QST on label words: the side branch's share of the logits after training ([`EvalResult::side_share`]).
+    pub dev_side_share: Option<f64>,
+    pub eval_side_share: Option<f64>,
     pub final_loss: Option<f32>,
     pub skipped_steps: usize,
     pub machine: String,
@@ -527,6 +530,8 @@ pub fn train(
         eval_loss: eval_res.as_ref().map(|r| r.loss),
         dev_majority: dev_after.as_ref().and_then(|r| r.majority),
         eval_majority: eval_res.as_ref().and_then(|r| r.majority),
+        dev_side_share: dev_after.as_ref().and_then(|r| r.side_share),
+        eval_side_share: eval_res.as_ref().and_then(|r| r.side_share),
         final_loss: last_loss,
         skipped_steps: skipped,
         machine: machine(),
