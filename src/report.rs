@@ -178,6 +178,9 @@ pub struct Ranking {
     pub share1: f64,
     /// ROC AUC of P(class 1): the chance that a class-1 example scores above a class-0 one (ties count half).
     pub auc: f64,
+    /// A run with a side branch (QST): the AUCs of the two parts of its class-1 logit margin, the side branch's
+    /// and the rest (the frozen base's state, scaled by α), each scored alone: which part ranks the examples.
+    pub side_auc: Option<(f64, f64)>,
 }
 
 /// The ranking of a run whose answers are two-class (every label and answer 0 or 1); `None` otherwise. Each
@@ -195,6 +198,19 @@ pub fn ranking(r: &RunRecord) -> Option<Ranking> {
             (if p.label == 1 { p_label } else { 1.0 - p_label }, p.label == 1)
         })
         .collect();
+    // The class-1 margin logit₁ − logit₀ from the label's loss softplus(−margin_label), split into the side part and
+    // the rest.
+    let side_auc = preds
+        .iter()
+        .map(|p| {
+            let s = p.side.as_ref().filter(|s| s.len() == 2)?;
+            let m_label = -p.loss.exp_m1().ln();
+            let margin = if p.label == 1 { m_label } else { -m_label };
+            let side = (s[1] - s[0]) as f64;
+            Some(((side, p.label == 1), (margin - side, p.label == 1)))
+        })
+        .collect::<Option<(Vec<_>, Vec<_>)>>()
+        .and_then(|(side, rest)| Some((auc(&side)?, auc(&rest)?)));
     let n = scored.len() as f64;
     Some(Ranking {
         name: r.name.clone(),
@@ -203,6 +219,7 @@ pub fn ranking(r: &RunRecord) -> Option<Ranking> {
         mean_p1: scored.iter().map(|s| s.0).sum::<f64>() / n,
         share1: scored.iter().filter(|s| s.1).count() as f64 / n,
         auc: auc(&scored)?,
+        side_auc,
     })
 }
 
@@ -230,12 +247,14 @@ pub fn ranking_table(runs: &[RunRecord]) -> String {
         return String::new();
     }
     let mut s = String::from(
-        "\n| run | split | examples | class-1 share | mean P(class 1) | AUC |\n|---|---|---|---|---|---|\n",
+        "\n| run | split | examples | class-1 share | mean P(class 1) | AUC | AUC of the side branch / the rest |\n\
+         |---|---|---|---|---|---|---|\n",
     );
     for r in &rows {
+        let side = r.side_auc.map_or("–".into(), |(s, b)| format!("{s:.3} / {b:.3}"));
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.3} | {:.3} | {:.3} |",
+            "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {side} |",
             r.name, r.split, r.examples, r.share1, r.mean_p1, r.auc
         );
     }
@@ -538,6 +557,7 @@ mod tests {
                     label: 1,
                     predicted: right.contains(&k) as u32,
                     loss: 0.5,
+                    side: None,
                 })
                 .collect(),
         };
@@ -604,13 +624,27 @@ mod tests {
             label,
             predicted: label,
             loss: -p_label.ln(),
+            side: None,
         };
         let mut r = run("a", 1e9, vec![]);
         r.predictions = vec![("eval".into(), pred(0, 1, 0.8)), ("eval".into(), pred(1, 0, 0.7))];
         let k = ranking(&r).unwrap();
         assert_eq!((k.examples, k.share1, k.auc), (2, 0.5, 1.0));
         assert!((k.mean_p1 - 0.55).abs() < 1e-12, "{k:?}");
-        assert!(ranking_table(&[r.clone()]).contains("| a | eval | 2 | 0.500 | 0.550 | 1.000 |"));
+        assert!(ranking_table(&[r.clone()]).contains("| a | eval | 2 | 0.500 | 0.550 | 1.000 | – |"));
+        // With side parts: example 0's margin ln 4 = 1.386 is side 2 + rest −0.614; example 1's margin −ln(0.7/0.3)
+        // = −0.847 is side 0.5 + rest −1.347. The side part ranks them right (2 > 0.5), the rest too
+        // (−0.614 > −1.347); swapping the side parts makes the side branch rank them wrong.
+        let with_side = |s0: [f32; 2], s1: [f32; 2]| {
+            let mut r = r.clone();
+            r.predictions[0].1.side = Some(s0.to_vec());
+            r.predictions[1].1.side = Some(s1.to_vec());
+            r
+        };
+        assert_eq!(ranking(&with_side([0.0, 2.0], [0.0, 0.5])).unwrap().side_auc, Some((1.0, 1.0)));
+        assert_eq!(ranking(&with_side([0.0, 0.5], [0.0, 2.0])).unwrap().side_auc, Some((0.0, 1.0)));
+        let table = ranking_table(&[with_side([0.0, 2.0], [0.0, 0.5])]);
+        assert!(table.contains("| 1.000 | 1.000 / 1.000 |"), "{table}");
         r.predictions.push(("eval".into(), pred(2, 2, 0.5)));
         assert!(ranking(&r).is_none());
     }

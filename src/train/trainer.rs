@@ -71,6 +71,9 @@ pub struct Prediction {
     pub predicted: u32,
     /// The example's cross-entropy over the label words.
     pub loss: f64,
+    /// A model with a side branch (QST): the branch's part of the example's label-word logits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub side: Option<Vec<f32>>,
 }
 
 /// FNV-1a over the prompt's tokens and the label, as 16 hex digits (a JSON number would lose bits in some readers).
@@ -147,15 +150,15 @@ pub fn evaluate(
         if data.classes.is_some() {
             // One loss position per example: row k of the [n, C] label-word logits is example chunk[k].
             let logits: Vec<Vec<f32>> = out.logits.to_vec2()?;
-            if let Some(side) = &out.side {
-                let side: Vec<Vec<f32>> = side.to_vec2()?;
+            let side: Option<Vec<Vec<f32>>> = out.side.as_ref().map(|s| s.to_vec2()).transpose()?;
+            if let Some(side) = &side {
                 // ‖v − mean(v)‖ of a row of logits.
                 let centred_norm = |v: &[f64]| {
                     let mean = v.iter().sum::<f64>() / v.len() as f64;
                     v.iter().map(|x| (x - mean).powi(2)).sum::<f64>().sqrt()
                 };
                 let (s, r) = side_norms.get_or_insert((0.0, 0.0));
-                for (row, side) in logits.iter().zip(&side) {
+                for (row, side) in logits.iter().zip(side) {
                     let sv: Vec<f64> = side.iter().map(|&x| x as f64).collect();
                     let rv: Vec<f64> = row.iter().zip(side).map(|(&l, &x)| l as f64 - x as f64).collect();
                     *s += centred_norm(&sv);
@@ -172,6 +175,7 @@ pub fn evaluate(
                     label,
                     predicted: pred[k],
                     loss: lse - row[label as usize] as f64,
+                    side: side.as_ref().map(|s| s[k].clone()),
                 });
             }
         }
