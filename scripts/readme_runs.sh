@@ -5,14 +5,15 @@
 # save CPU). The long groups (120 to 1000 steps) are read on 1000 examples of BoolQ's validation set, at the run's
 # end or (the long group's 120-step runs) by the eval1000 group.
 # Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, long, long240, qlora240,
-# pool240, zeroup240, heads240, lora240s1, qst240s1, lora480, qst480, lora4ep, qst4ep, start1000, eval1000, ablation (issue 5),
+# pool240, zeroup240, heads240, lora240s1, qst240s1, lora480, qst480, lora4ep, qst4ep, sideshare, start1000, eval1000,
+# ablation (issue 5),
 # zo (issue 6); default all. Runs already finished (summary.json present) are skipped; a run interrupted after a
 # checkpoint (the long groups write one every 20 steps) is resumed from it.
 set -euo pipefail
 BIN=${1:-target/release/qtune}
 OUT=${2:-runs/readme}
 shift 2 || true
-GROUPS_=${*:-fo qst seed1 long long240 qlora240 pool240 zeroup240 heads240 lora240s1 qst240s1 lora480 qst480 lora4ep qst4ep start1000 eval1000 ablation zo}
+GROUPS_=${*:-fo qst seed1 long long240 qlora240 pool240 zeroup240 heads240 lora240s1 qst240s1 lora480 qst480 lora4ep qst4ep sideshare start1000 eval1000 ablation zo}
 STEPS=(--steps 40 --batch-size 8 --max-seq-len 256 --seed 0)
 FULL=(--dev-size 200 --eval-size 200 "${STEPS[@]}")
 DEV=(--dev-size 200 --eval-size 0 "${STEPS[@]}")
@@ -110,6 +111,11 @@ for g in $GROUPS_; do
     qlora240) # QLoRA (the QST paper's comparator: LoRA over the same NF4 base) over the long240 group's 240 steps
       run qlora-240 train --method qlora --lr 2e-4 --checkpoint-every 20 --train-size 2000 --dev-size 0 \
         --eval-size 1000 --steps 240 --batch-size 8 --max-seq-len 256 --seed 0 ;;
+    sideshare) # two QST exports evaluated again, now that QST's evaluation writes the side branch's part of each
+      # answer's logits: `qtune report` splits the margin into the side branch's and the rest's
+      for n in qst-zeroup-a10-clamp-lr1e-3-heads1-240 qst-zeroup-a10-clamp-lr1e-3-4ep; do
+        run "side-share-$n" eval --model "$OUT/$n/model" --dev-size 0 --eval-size 1000 --max-seq-len 256 --seed 0
+      done ;;
     start1000) # where the runs start, on the same 1000 validation examples: the f32 model (LoRA's base) and the
       # NF4 base (QST's and QLoRA's; QST from the paper's start with no step is exactly the NF4 base model)
       run zero-shot-eval1000 eval --dev-size 0 --eval-size 1000 --max-seq-len 256 --seed 0

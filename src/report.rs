@@ -178,9 +178,27 @@ pub struct Ranking {
     pub share1: f64,
     /// ROC AUC of P(class 1): the chance that a class-1 example scores above a class-0 one (ties count half).
     pub auc: f64,
-    /// A run with a side branch (QST): the AUCs of the two parts of its class-1 logit margin, the side branch's
-    /// and the rest (the frozen base's state, scaled by α), each scored alone: which part ranks the examples.
-    pub side_auc: Option<(f64, f64)>,
+    /// A run with a side branch (QST): its class-1 logit margin split into the side branch's part and the rest
+    /// (the frozen base's state, scaled by α), [side, rest].
+    pub parts: Option<[MarginPart; 2]>,
+}
+
+/// One part of a two-class run's logit margin over a split's examples: its mean (what it adds to the prior), its
+/// spread, and its AUC scored alone (what of the ranking it carries).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MarginPart {
+    pub mean: f64,
+    pub sd: f64,
+    pub auc: f64,
+}
+
+impl MarginPart {
+    fn of(scored: &[(f64, bool)]) -> Option<Self> {
+        let n = scored.len() as f64;
+        let mean = scored.iter().map(|s| s.0).sum::<f64>() / n;
+        let sd = (scored.iter().map(|s| (s.0 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        Some(MarginPart { mean, sd, auc: auc(scored)? })
+    }
 }
 
 /// The ranking of a run whose answers are two-class (every label and answer 0 or 1); `None` otherwise. Each
@@ -200,7 +218,7 @@ pub fn ranking(r: &RunRecord) -> Option<Ranking> {
         .collect();
     // The class-1 margin logit₁ − logit₀ from the label's loss softplus(−margin_label), split into the side part and
     // the rest.
-    let side_auc = preds
+    let parts = preds
         .iter()
         .map(|p| {
             let s = p.side.as_ref().filter(|s| s.len() == 2)?;
@@ -210,7 +228,7 @@ pub fn ranking(r: &RunRecord) -> Option<Ranking> {
             Some(((side, p.label == 1), (margin - side, p.label == 1)))
         })
         .collect::<Option<(Vec<_>, Vec<_>)>>()
-        .and_then(|(side, rest)| Some((auc(&side)?, auc(&rest)?)));
+        .and_then(|(side, rest)| Some([MarginPart::of(&side)?, MarginPart::of(&rest)?]));
     let n = scored.len() as f64;
     Some(Ranking {
         name: r.name.clone(),
@@ -219,7 +237,7 @@ pub fn ranking(r: &RunRecord) -> Option<Ranking> {
         mean_p1: scored.iter().map(|s| s.0).sum::<f64>() / n,
         share1: scored.iter().filter(|s| s.1).count() as f64 / n,
         auc: auc(&scored)?,
-        side_auc,
+        parts,
     })
 }
 
@@ -247,15 +265,23 @@ pub fn ranking_table(runs: &[RunRecord]) -> String {
         return String::new();
     }
     let mut s = String::from(
-        "\n| run | split | examples | class-1 share | mean P(class 1) | AUC | AUC of the side branch / the rest |\n\
-         |---|---|---|---|---|---|---|\n",
+        "\n| run | split | examples | class-1 share | mean P(class 1) | AUC | side branch's margin: mean ± sd, AUC | \
+         the rest's |\n|---|---|---|---|---|---|---|---|\n",
     );
+    let part =
+        |p: Option<MarginPart>| p.map_or("–".into(), |p| format!("{:+.3} ± {:.3}, {:.3}", p.mean, p.sd, p.auc));
     for r in &rows {
-        let side = r.side_auc.map_or("–".into(), |(s, b)| format!("{s:.3} / {b:.3}"));
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {side} |",
-            r.name, r.split, r.examples, r.share1, r.mean_p1, r.auc
+            "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {} | {} |",
+            r.name,
+            r.split,
+            r.examples,
+            r.share1,
+            r.mean_p1,
+            r.auc,
+            part(r.parts.map(|p| p[0])),
+            part(r.parts.map(|p| p[1]))
         );
     }
     s
@@ -631,7 +657,7 @@ mod tests {
         let k = ranking(&r).unwrap();
         assert_eq!((k.examples, k.share1, k.auc), (2, 0.5, 1.0));
         assert!((k.mean_p1 - 0.55).abs() < 1e-12, "{k:?}");
-        assert!(ranking_table(&[r.clone()]).contains("| a | eval | 2 | 0.500 | 0.550 | 1.000 | – |"));
+        assert!(ranking_table(&[r.clone()]).contains("| a | eval | 2 | 0.500 | 0.550 | 1.000 | – | – |"));
         // With side parts: example 0's margin ln 4 = 1.386 is side 2 + rest −0.614; example 1's margin −ln(0.7/0.3)
         // = −0.847 is side 0.5 + rest −1.347. The side part ranks them right (2 > 0.5), the rest too
         // (−0.614 > −1.347); swapping the side parts makes the side branch rank them wrong.
@@ -641,10 +667,12 @@ mod tests {
             r.predictions[1].1.side = Some(s1.to_vec());
             r
         };
-        assert_eq!(ranking(&with_side([0.0, 2.0], [0.0, 0.5])).unwrap().side_auc, Some((1.0, 1.0)));
-        assert_eq!(ranking(&with_side([0.0, 0.5], [0.0, 2.0])).unwrap().side_auc, Some((0.0, 1.0)));
+        let aucs = |r: RunRecord| ranking(&r).unwrap().parts.map(|[s, b]| (s.auc, b.auc));
+        assert_eq!(aucs(with_side([0.0, 2.0], [0.0, 0.5])), Some((1.0, 1.0)));
+        assert_eq!(aucs(with_side([0.0, 0.5], [0.0, 2.0])), Some((0.0, 1.0)));
+        // Side parts 2 and 0.5: mean 1.25, sd 0.75; rest ln 4 − 2 and −ln(7/3) − 0.5: mean −0.981, sd 0.367.
         let table = ranking_table(&[with_side([0.0, 2.0], [0.0, 0.5])]);
-        assert!(table.contains("| 1.000 | 1.000 / 1.000 |"), "{table}");
+        assert!(table.contains("| 1.000 | +1.250 ± 0.750, 1.000 | -0.981 ± 0.367, 1.000 |"), "{table}");
         r.predictions.push(("eval".into(), pred(2, 2, 0.5)));
         assert!(ranking(&r).is_none());
     }
