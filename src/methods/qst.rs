@@ -8,8 +8,9 @@
 //!   h_g,i = side_block_i(x_i)                                  (side decoder block l = i − 1)
 //!   h     = α ⊙ norm_f(h_f,N) + (1 − α) ⊙ up(norm_g(h_g,N))  → frozen LM head → cross-entropy
 //! The side blocks are LLaMA blocks at width s and FFN width ffn/r with the base's head counts; they run on the
-//! decoder's own [`Llama::block_forward`] / [`Llama::block_backward`] with their own RoPE table and causal mask. Like
-//! the base, the head is evaluated only where the loss reads it.
+//! decoder's own [`Llama::block_forward`] / [`Llama::block_backward`] with their own
+//! [`Geometry`](crate::model::llama::Geometry) (RoPE table and causal mask at the side's head width). Like the base,
+//! the head is evaluated only where the loss reads it.
 //!
 //! Downsample modules (`--downsample`): `adapter` (the default: Linear d→k, SiLU, Linear k→s, LayerNorm; k = 16),
 //! `lora` (the same without the SiLU), `linear` (Linear d→s, as in LST; no norm), `maxpool` / `avgpool`
@@ -52,7 +53,7 @@
 use super::lora::{kaiming_uniform, nf4_base, FirstOrder, FrozenBase, Trained, NF4_BLOCK};
 use super::{Method, StepStats};
 use crate::checkpoint::{StateReader, StateWriter};
-use crate::model::layers::{self, Rope};
+use crate::model::layers;
 use crate::model::llama::{tensor_bytes, Saved};
 use crate::model::quantized::{QuantStore, Source};
 use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, Output, Packing, ParamId, Tok, Weights};
@@ -561,9 +562,7 @@ impl SideNet {
         let dev = batch.ids.device().clone();
         let packing = Packing::of(batch)?;
         let sc = &self.side.cfg;
-        let t = packing.max_len();
-        let rope = Rope::new(t, sc.head_dim, sc.rope_theta, dtype, &dev)?;
-        let mask = layers::causal_mask(t, dtype, &dev)?;
+        let g = self.side.geometry(&packing, dtype, &dev)?;
         let (mut downs, mut diffs, mut blocks) = (Vec::new(), Vec::new(), Vec::new());
         let mut hg: Option<Tensor> = None;
         let base_dtype = base.vector(ParamId::FinalNorm)?.dtype();
@@ -581,8 +580,7 @@ impl SideNet {
                     if train {
                         diffs.push(diff);
                     }
-                    let (out, acts) =
-                        self.side.block_forward(&self.params, i - 1, x.clone(), &packing, &rope, &mask)?;
+                    let (out, acts) = self.side.block_forward(&self.params, i - 1, x.clone(), &g)?;
                     blocks.extend(Saved::new(side_keep, x, acts)?);
                     out
                 }
@@ -659,15 +657,11 @@ impl SideNet {
         let (dhg_sel, dnorm) = layers::rms_norm_backward(&dsn, &hg_sel, self.params.get(SideParam::Norm), &rstd)?;
         grads.add(SideParam::Norm, dnorm)?;
         let mut dhg = Tensor::zeros((packing.n(), sc.hidden_size), dtype, &dev)?.index_add(&positions, &dhg_sel, 0)?;
-        let t = packing.max_len();
-        let rope = Rope::new(t, sc.head_dim, sc.rope_theta, dtype, &dev)?;
-        let mask = layers::causal_mask(t, dtype, &dev)?;
+        let g = self.side.geometry(&packing, dtype, &dev)?;
         let missing = || Error::Msg("QST trace is missing a layer".into());
         for i in (1..=model.cfg.num_hidden_layers).rev() {
-            let acts =
-                self.side.block_acts(&self.params, i - 1, blocks.pop().ok_or_else(missing)?, &packing, &rope, &mask)?;
-            let dx =
-                self.side.block_backward(&self.params, i - 1, &acts, &dhg, &packing, &rope, &mut BlockSink(grads))?;
+            let acts = self.side.block_acts(&self.params, i - 1, blocks.pop().ok_or_else(missing)?, &g)?;
+            let dx = self.side.block_backward(&self.params, i - 1, &acts, &dhg, &g, &mut BlockSink(grads))?;
             drop(acts);
             let (dds, dprev, dgamma) =
                 gate_backward(&dx, &diffs.pop().ok_or_else(missing)?, self.params.get(SideParam::Gate(i)))?;

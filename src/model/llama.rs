@@ -97,6 +97,15 @@ pub struct Packing {
     offsets: Vec<usize>,
 }
 
+/// What every block of one batch shares, built once per pass: the packing of its rows, the RoPE table and the causal
+/// mask [T, T] for its longest row T (at the width of the model that builds it: the side network's head width is not
+/// the base's).
+pub struct Geometry<'a> {
+    pub packing: &'a Packing,
+    pub rope: Rope,
+    pub mask: Tensor,
+}
+
 impl Packing {
     /// Rows of `lengths` real tokens in a batch padded to `t`; every length in 1..=t.
     pub fn new(lengths: &[usize], t: usize) -> Result<Self> {
@@ -295,16 +304,15 @@ impl Llama {
         Llama { cfg }
     }
 
-    /// Block `l` over the packed rows `x` [N, d] of `packing`; `rope` and `mask` cover its longest row.
-    pub fn block_forward(
-        &self,
-        w: &dyn Weights,
-        l: usize,
-        x: Tensor,
-        packing: &Packing,
-        rope: &Rope,
-        mask: &Tensor,
-    ) -> Result<(Tensor, BlockActs)> {
+    /// The [`Geometry`] of `packing`'s rows for this model's blocks.
+    pub fn geometry<'a>(&self, packing: &'a Packing, dtype: DType, dev: &Device) -> Result<Geometry<'a>> {
+        let t = packing.max_len();
+        let rope = Rope::new(t, self.cfg.head_dim, self.cfg.rope_theta, dtype, dev)?;
+        Ok(Geometry { packing, rope, mask: layers::causal_mask(t, dtype, dev)? })
+    }
+
+    /// Block `l` over the packed rows `x` [N, d] of `g.packing`.
+    pub fn block_forward(&self, w: &dyn Weights, l: usize, x: Tensor, g: &Geometry) -> Result<(Tensor, BlockActs)> {
         let c = &self.cfg;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let id = |p| ParamId::Block(l, p);
@@ -312,12 +320,12 @@ impl Llama {
         let (q, k, v) = (w.linear(id(P::Q), &xn1)?, w.linear(id(P::K), &xn1)?, w.linear(id(P::V), &xn1)?);
         // Attention row by row: a row attends only to itself, so padding needs no mask and costs nothing.
         let (mut attn, mut ctx) = (Vec::new(), Vec::new());
-        for (o, len) in packing.rows() {
+        for (o, len) in g.packing.rows() {
             let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
                 Ok(y.narrow(0, o, len)?.reshape((1, len, n, hd))?.transpose(1, 2)?.contiguous()?)
             };
-            let (q, k, v) = (rope.forward(&heads(&q, h)?)?, rope.forward(&heads(&k, kv)?)?, heads(&v, kv)?);
-            let m = mask.narrow(0, 0, len)?.narrow(1, 0, len)?;
+            let (q, k, v) = (g.rope.forward(&heads(&q, h)?)?, g.rope.forward(&heads(&k, kv)?)?, heads(&v, kv)?);
+            let m = g.mask.narrow(0, 0, len)?.narrow(1, 0, len)?;
             let (c_row, probs) = layers::attention_forward(&q, &k, &v, c.group_size(), &m)?;
             ctx.push(c_row.transpose(1, 2)?.reshape((len, h * hd))?);
             attn.push(RowAttn { q, k, v, probs: Probs::Full(probs) });
@@ -340,8 +348,7 @@ impl Llama {
         l: usize,
         a: &BlockActs,
         dout: &Tensor,
-        packing: &Packing,
-        rope: &Rope,
+        g: &Geometry,
         sink: &mut dyn GradSink,
     ) -> Result<Tensor> {
         let c = &self.cfg;
@@ -364,12 +371,12 @@ impl Llama {
         let dctx = w.linear_t(id(P::O), &dx2)?;
         w.weight_grad(id(P::O), &dx2, &a.ctx, sink)?;
         let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
-        for ((o, len), r) in packing.rows().zip(&a.attn) {
+        for ((o, len), r) in g.packing.rows().zip(&a.attn) {
             let dctx = dctx.narrow(0, o, len)?.reshape((1, len, h, hd))?.transpose(1, 2)?.contiguous()?;
             let (q, k, v) = layers::attention_backward(&dctx, &r.q, &r.k, &r.v, &r.probs.full()?, c.group_size())?;
             let flat = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.transpose(1, 2)?.reshape((len, n * hd))?) };
-            dq.push(flat(rope.backward(&q)?, h)?);
-            dk.push(flat(rope.backward(&k)?, kv)?);
+            dq.push(flat(g.rope.backward(&q)?, h)?);
+            dk.push(flat(g.rope.backward(&k)?, kv)?);
             dv.push(flat(v, kv)?);
         }
         drop(dctx);
@@ -384,18 +391,10 @@ impl Llama {
     }
 
     /// Block `l`'s activations for its backward: the saved ones, or recomputed from its saved input.
-    pub fn block_acts(
-        &self,
-        w: &dyn Weights,
-        l: usize,
-        saved: Saved,
-        packing: &Packing,
-        rope: &Rope,
-        mask: &Tensor,
-    ) -> Result<BlockActs> {
+    pub fn block_acts(&self, w: &dyn Weights, l: usize, saved: Saved, g: &Geometry) -> Result<BlockActs> {
         Ok(match saved {
             Saved::All(a) => *a,
-            Saved::Input(x) => self.block_forward(w, l, x, packing, rope, mask)?.1,
+            Saved::Input(x) => self.block_forward(w, l, x, g)?.1,
         })
     }
 
@@ -414,13 +413,11 @@ impl Llama {
         let dev = ids.device();
         let mut x = w.rows(ParamId::Embed, ids)?.to_dtype(dtype)?;
         visit(0, &x)?;
-        let t = packing.max_len();
-        let rope = Rope::new(t, self.cfg.head_dim, self.cfg.rope_theta, dtype, dev)?;
-        let mask = layers::causal_mask(t, dtype, dev)?;
+        let g = self.geometry(packing, dtype, dev)?;
         let mut saved = Vec::new();
         for l in 0..self.cfg.num_hidden_layers {
             let input = x.clone();
-            let (out, acts) = self.block_forward(w, l, x, packing, &rope, &mask)?;
+            let (out, acts) = self.block_forward(w, l, x, &g)?;
             saved.extend(Saved::new(keep, input, acts)?);
             x = out;
             visit(l + 1, &x)?;
@@ -524,13 +521,11 @@ impl Llama {
         let (dx_sel, dnorm) = layers::rms_norm_backward(&dxn_sel, &x_sel, &w.vector(ParamId::FinalNorm)?, &rstd_sel)?;
         push_if_trained(w, sink, ParamId::FinalNorm, dnorm)?;
         let mut dx = Tensor::zeros((packing.n(), c.hidden_size), dtype, &dev)?.index_add(&positions, &dx_sel, 0)?;
-        let t = packing.max_len();
-        let rope = Rope::new(t, c.head_dim, c.rope_theta, dtype, &dev)?;
-        let mask = layers::causal_mask(t, dtype, &dev)?;
+        let g = self.geometry(&packing, dtype, &dev)?;
         for l in (0..c.num_hidden_layers).rev() {
             let saved = blocks.pop().expect("one saved entry per block");
-            let acts = self.block_acts(w, l, saved, &packing, &rope, &mask)?;
-            dx = self.block_backward(w, l, &acts, &dx, &packing, &rope, sink)?;
+            let acts = self.block_acts(w, l, saved, &g)?;
+            dx = self.block_backward(w, l, &acts, &dx, &g, sink)?;
         }
         if w.trains(ParamId::Embed) {
             let demb_rows = vocab_zeros()?.index_add(&ids, &dx, 0)?;
