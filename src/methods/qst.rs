@@ -24,9 +24,9 @@
 //!   (papers.md §2.6 suggests it): with the paper's start the side network's entry is then second order (both
 //!   α − 1 and W_up start at 0). `--qst-start code` is the official code's α = σ(a), a = 1 (0.73): the random side
 //!   network is in the first forward, not the pre-trained model (on BoolQ it lowers the base's AUC from 0.563 to
-//!   0.542, README); with `--zero-upsample` the code's first forward is the base's final state scaled by 0.73. At the exact start only α has a gradient at the
-//!   first step; the side network's is ∝ (1 − α), so it enters the output as fast as α leaves 1, about lr per
-//!   AdamW step. `--alpha-lr-scale` trains α at a multiple of the run's learning rate (neither the paper nor the
+//!   0.542, docs/qst.md); with `--zero-upsample` the code's first forward is the base's final state scaled by 0.73.
+//!   At the exact start only α has a gradient at the first step; the side network's is ∝ (1 − α), so it enters the
+//!   output as fast as α leaves 1, about lr per AdamW step. `--alpha-lr-scale` trains α at a multiple of the run's learning rate (neither the paper nor the
 //!   code does; the paper trains for epochs, where lr per step is enough).
 //! - Gates: γ_i ∈ R^s per dimension (the code's shape), zero-initialized, β = 0.5 (the paper's init; the code: 0.5).
 //! - N + 1 downsample modules, one for the embeddings and one per layer; the code reuses module 0 for both the
