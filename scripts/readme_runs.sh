@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The BoolQ runs the result tables of the README and docs/qst.md come from. Every run: batch 8, at most 256 tokens,
 # linear decay, clip 1.0, seed 0 unless the group says otherwise. The 40-step groups use 200 dev examples (the MeZO
-# splits' first rows); the first-order tables also evaluate 200 held-out examples, the ablation and zeroth-order tables only the dev set (to
-# save CPU). The long groups (120 to 1000 steps) are read on 1000 examples of BoolQ's validation set, at the run's
-# end or (the long group's 120-step runs) by the eval1000 group.
+# splits' first rows); the first-order tables also evaluate 200 held-out examples, the ablation and zeroth-order tables
+# only the dev set (to save CPU). The long groups (120 to 1000 steps) are read on 1000 examples of BoolQ's validation
+# set, at the run's end or (the long group's 120-step runs) by the eval1000 group.
 # Usage: scripts/readme_runs.sh [BIN] [OUT] [GROUP...]   groups: fo (issues 2, 4), qst, seed1, long, long240, qlora240,
 # pool240, zeroup240, heads240, lora240s1, qst240s1, lora480, qst480, lora4ep, qst4ep, sideshare, start1000, eval1000,
 # ablation (issue 5),
