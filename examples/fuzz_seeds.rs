@@ -5,7 +5,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::DType;
 use qtune::checkpoint::StateWriter;
 use qtune::fuzzing::{micro_config, micro_options, MICRO_CONFIG, STATE_METHODS};
-use qtune::methods::build;
+use qtune::methods::RunContext;
 use qtune::model::quantized::Source;
 use qtune::model::{export_hf, ParamStore};
 use std::path::Path;
@@ -54,8 +54,9 @@ fn main() -> qtune::Result<()> {
         (0..6).map(|i| format!("{{\"prompt\": \"Q{i}: is it?\", \"completion\": \" yes\"}}\n")).collect();
     put("jsonl", "lm.jsonl", lines.as_bytes())?;
     // Checkpoints of the methods the state target loads.
+    let ctx = RunContext { seed: 0, on_nan: qtune::train::OnNonFinite::Stop, epoch_steps: 1 };
     for method in STATE_METHODS {
-        let (m, _) = build(method, Source::Params(params.clone()), &micro_options())?;
+        let m = method.build(&micro_options(), Source::Params(params.clone()), &ctx)?;
         let mut w = StateWriter::new(m.name());
         m.save_state(&mut w)?;
         let path = std::env::temp_dir().join(format!("qtune-seed-{method}.safetensors"));

@@ -95,7 +95,7 @@ pub fn run(exe: &Path, runs: &[String], common: &[String], out: &Path, peers: Op
     }
     let ratios = ratio_table(&records, &peer_records);
     records.extend(peer_records);
-    let mut md = format!("qtune bench, {} UTC, {}\n\n", utc_date(), crate::train::trainer::machine());
+    let mut md = format!("qtune bench, {} UTC, {}\n\n", utc_date(), crate::train::records::machine());
     md += &report::write_report(&records, out, "qtune bench")?;
     md += &format!("\nf32 GEMM reference: {gflops:.1} GFLOP/s (candle, 2048³, best of 5, same run); MFU = tokens/s × FLOPs per token / that rate.\n");
     if !ratios.is_empty() {
@@ -122,10 +122,11 @@ fn read_peers(dir: &Path) -> Result<Vec<RunRecord>> {
 
 /// | run | peer | peak RSS ratio | step time ratio | for every run whose closest peer finished.
 fn ratio_table(runs: &[RunRecord], peers: &[RunRecord]) -> String {
-    let ratio = |a: &RunRecord, b: &RunRecord, key: &str| match (a.summary[key].as_f64(), b.summary[key].as_f64()) {
+    let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
         (Some(x), Some(y)) if y > 0.0 => format!("{:.2}×", x / y),
         _ => "–".into(),
     };
+    let rss = |r: &RunRecord| r.summary.peak_rss_bytes.map(|b| b as f64);
     let mut s = String::new();
     for r in runs {
         let Some((_, peer)) = CLOSEST_PEER.iter().find(|(n, _)| *n == r.name) else { continue };
@@ -134,8 +135,8 @@ fn ratio_table(runs: &[RunRecord], peers: &[RunRecord]) -> String {
             "| {} | {} | {} | {} |\n",
             r.name,
             p.name,
-            ratio(r, p, "peak_rss_bytes"),
-            ratio(r, p, "step_time_s")
+            ratio(rss(r), rss(p)),
+            ratio(r.summary.step_time_s, p.summary.step_time_s)
         );
     }
     if s.is_empty() {
@@ -165,21 +166,15 @@ fn civil_date(days: i64) -> String {
 }
 
 /// Model FLOPs utilisation: matmul FLOPs per token over the measured GEMM rate, with N the parameters that take
-/// part in matmuls (`matmul_params`): 6·N for backprop through the model (forward, input and weight gradients),
-/// 4·N for adapters (forward and input gradients; their own matmuls are negligible), 2·N for side tuning (the
-/// frozen base runs forward only; the side network is ~1% of it), and 2·N per forward, two per step, for
-/// zeroth-order methods.
+/// part in matmuls (`matmul_params`) and the FLOPs per token per such parameter the method states
+/// ([`crate::train::Method::flops_per_param`]: 6 for backprop through the model, 4 for adapters, 2 for side tuning,
+/// 4 for the zeroth-order methods' two forwards, their LoRA modes included).
 fn add_mfu(r: &mut RunRecord, gflops: f64) {
     let s = &r.summary;
-    let (Some(tps), Some(params)) = (s["tokens_per_s"].as_f64(), s["matmul_params"].as_f64()) else { return };
-    let method = s["method"].as_str().unwrap_or("");
-    let per_token = match method {
-        "mezo" | "quzo" => 2.0 * 2.0 * params,
-        "qst" => 2.0 * params,
-        "lora" | "qlora" => 4.0 * params,
-        _ => 6.0 * params,
+    let (Some(tps), Some(params), Some(per_param)) = (s.tokens_per_s, s.matmul_params, s.flops_per_param) else {
+        return;
     };
-    r.summary["mfu"] = serde_json::json!(tps * per_token / (gflops * 1e9));
+    r.summary.mfu = Some(tps * per_param * params as f64 / (gflops * 1e9));
 }
 
 #[cfg(test)]
@@ -194,7 +189,11 @@ mod tests {
     }
 
     fn record(name: &str, rss: f64, step: f64) -> RunRecord {
-        let summary = serde_json::json!({ "peak_rss_bytes": rss, "step_time_s": step });
+        let summary = crate::train::records::Summary {
+            peak_rss_bytes: Some(rss as usize),
+            step_time_s: Some(step),
+            ..Default::default()
+        };
         RunRecord { name: name.into(), summary, losses: vec![], predictions: vec![] }
     }
 

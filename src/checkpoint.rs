@@ -145,7 +145,8 @@ impl StateReader {
         for id in into.ids() {
             let shape = id.shape(&into.cfg);
             let v = self.f32_len(&id.hf_name(), shape.iter().product())?;
-            into.set(id, candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?);
+            let dev = into.device().clone();
+            into.set(id, candle_core::Tensor::from_vec(v, shape, &dev)?);
         }
         Ok(())
     }

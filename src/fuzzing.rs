@@ -3,7 +3,7 @@
 //! reads it through the same code path the CLI uses; for any input it must return — `Ok`, or an error naming the
 //! file — never panic, never allocate without bound.
 use crate::data::{load_task, SplitSizes};
-use crate::methods::{build, MethodOptions};
+use crate::methods::{MethodKind, MethodOptions, RunContext};
 use crate::model::quantized::Source;
 use crate::model::{load_model, LlamaConfig, ParamStore, Tok};
 use crate::Result;
@@ -18,11 +18,16 @@ pub const MICRO_CONFIG: &str = r#"{"architectures": ["LlamaForCausalLM"], "model
 
 /// Options that fit the micro model (side width 4, adapter and LoRA rank 2, INT4 QuZO).
 pub fn micro_options() -> MethodOptions {
-    MethodOptions { bits: 4, outlier_fraction: 0.05, side_r: 2, adapter_rank: 2, lora_r: 2, ..Default::default() }
+    let mut o = MethodOptions::default();
+    o.bits.bits = 4;
+    o.qft.outlier_fraction = 0.05;
+    (o.qst.side_r, o.qst.adapter_rank, o.lora.lora_r) = (2, 2, 2);
+    o
 }
 
 /// The methods whose checkpoints the state target loads (each has its own state layout).
-pub const STATE_METHODS: &[&str] = &["full-lion", "qft", "quzo", "qst", "lora", "mezo"];
+pub const STATE_METHODS: &[MethodKind] =
+    &[MethodKind::FullLion, MethodKind::Qft, MethodKind::Quzo, MethodKind::Qst, MethodKind::Lora, MethodKind::Mezo];
 
 pub fn micro_config() -> Result<LlamaConfig> {
     LlamaConfig::from_hf_json(MICRO_CONFIG, Path::new("micro config"))
@@ -84,8 +89,9 @@ pub fn state(data: &[u8]) -> Result<()> {
     let cfg = micro_config()?;
     let params = ParamStore::random(&cfg, 0, 0.1, DType::F32)?;
     // Every method reads its own names; a state of another method is an error, which is fine here.
+    let ctx = RunContext { seed: 0, on_nan: crate::train::OnNonFinite::Stop, epoch_steps: 1 };
     for method in STATE_METHODS {
-        let (mut m, _) = build(method, Source::Params(params.clone()), &micro_options())?;
+        let mut m = method.build(&micro_options(), Source::Params(params.clone()), &ctx)?;
         let _ = m.load_state(&r);
     }
     Ok(())

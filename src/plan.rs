@@ -11,21 +11,21 @@
 //!   inference forward's intermediates at the largest evaluation batch.
 //!
 //! plus [`RUNTIME_BYTES`] for the process itself. Validated against measured peak RSS (tests/plan.rs, README).
-use crate::methods::{lora::LoraConfig, qft::Int8Blocks, qst, quzo, MethodOptions, OptimizerKind};
-use crate::model::{Keep, LlamaConfig, ParamId};
+use crate::data::{Batcher, Splits};
+use crate::methods::{lora::LoraConfig, qft::Int8Blocks, qst, quzo, MethodKind, MethodOptions};
+use crate::model::{Batch, Keep, LlamaConfig, ParamId, MAX_LEN, MAX_ROWS};
+use crate::train::eval::eval_batches;
 use crate::train::memory::{block_activation_elems, block_scratch_bytes, human, Breakdown};
+use crate::train::optim::OptimizerKind;
+use crate::train::trainer::{check_batching, next_micro_batches, TrainConfig};
 use crate::{Error, Result};
+use candle_core::Device;
 use qtune_quant::{HybridTensor, Nf4Tensor, QuantBytes};
 
 /// What the process holds beyond the planned buffers: code, allocator and thread pools, tokenizer and task data.
 /// Measured on the README's machine: `qtune eval` (SmolLM2-135M from its GGUF, with its 49k-token tokenizer, on
 /// BoolQ) peaks 110 MiB above its weights and its largest forward; a tiny model with a tiny tokenizer, 12 MiB.
 pub const RUNTIME_BYTES: usize = 110 << 20;
-
-/// The most rows a batch and tokens a row may have: bounds that keep every count in range (B·H·T² in bytes fits
-/// 64 bits for up to 2^16 heads).
-pub const MAX_ROWS: usize = 1 << 16;
-pub const MAX_LEN: usize = 1 << 17;
 
 /// Model configs the planner knows by name (HF `config.json` files in `configs/`).
 pub const NAMED_CONFIGS: &[(&str, &str)] = &[
@@ -60,7 +60,7 @@ pub struct BatchShape {
 }
 
 impl BatchShape {
-    pub fn of(b: &crate::model::Batch) -> BatchShape {
+    pub fn of(b: &Batch) -> BatchShape {
         BatchShape { lengths: b.lengths.clone(), positions: b.targets.positions.len() }
     }
 
@@ -175,17 +175,9 @@ fn forward_bytes(cfg: &LlamaConfig, s: &Shape, b: &BatchShape) -> usize {
 }
 
 fn optimizer_bytes_per_param(o: &MethodOptions) -> usize {
-    match o.optimizer {
+    match o.optimizer.optimizer {
         OptimizerKind::AdamW => 8,
         OptimizerKind::Lion => 4,
-    }
-}
-
-/// The method name as runs report it (`mezo --lora` is `mezo-lora`).
-pub fn run_name(method: &str, o: &MethodOptions) -> String {
-    match method {
-        "mezo" | "quzo" if o.lora => format!("{method}-lora"),
-        m => m.to_string(),
     }
 }
 
@@ -200,7 +192,7 @@ enum BatchCost {
 }
 
 /// Plans `method` (with the options `train` would get) on `cfg` for `shape`.
-pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -> Result<Plan> {
+pub fn plan(cfg: &LlamaConfig, method: MethodKind, o: &MethodOptions, shape: &Shape) -> Result<Plan> {
     for b in shape.train.iter().chain(&shape.eval) {
         let (rows, t) = (b.lengths.len(), b.longest());
         if rows == 0 || b.lengths.contains(&0) || rows > MAX_ROWS || t > MAX_LEN {
@@ -213,36 +205,37 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
     let n = cfg.num_params();
     let largest_matrix =
         ParamId::all(cfg).into_iter().filter(|id| id.is_matrix()).map(|id| id.numel(cfg)).max().unwrap_or(0);
-    let lora = LoraConfig { r: o.lora_r, alpha: o.lora_alpha, seed: o.seed };
-    let name = run_name(method, o);
+    let lora = LoraConfig { r: o.lora.lora_r, alpha: o.lora.lora_alpha, seed: 0 };
+    let keep = o.first_order.keep();
+    use MethodKind as M;
     // (store, model state: weights, gradients, optimizer; what a batch adds)
-    let (store, state, cost): (Store, Breakdown, BatchCost) = match name.as_str() {
-        "full-adamw" | "full-lion" => {
-            let opt = if method == "full-adamw" { 8 } else { 4 };
+    let (store, state, cost): (Store, Breakdown, BatchCost) = match method {
+        M::FullAdamw | M::FullLion => {
+            let opt = if method == M::FullAdamw { 8 } else { 4 };
             let bd = Breakdown { weights: 4 * n, gradients: 4 * n, optimizer: opt * n, ..Default::default() };
             (Store::F32, bd, BatchCost::Base)
         }
-        "qat" => {
-            let fake = int_store(o.bits)?.bytes(cfg)?;
+        M::Qat => {
+            let fake = int_store(o.bits.bits)?.bytes(cfg)?;
             let bd = Breakdown { weights: 4 * n + fake, gradients: 4 * n, optimizer: 8 * n, ..Default::default() };
             (Store::F32, bd, BatchCost::Base)
         }
-        "qft" => {
-            let frac = o.outlier_fraction;
+        M::Qft => {
+            let frac = o.qft.outlier_fraction;
             let store = Store::Quant(Box::new(move |r, c| Ok(HybridTensor::planned_bytes(r, c, frac))));
             let states: usize =
                 ParamId::all(cfg).into_iter().map(|id| Int8Blocks::planned_bytes(id.numel(cfg))).sum::<Result<_>>()?;
             let bd = Breakdown {
                 weights: store.bytes(cfg)?,
-                gradients: if o.fused { 0 } else { states },
+                gradients: if o.qft.fused { 0 } else { states },
                 optimizer: states,
                 ..Default::default()
             };
             (store, bd, BatchCost::Base)
         }
-        "lora" | "qlora" => {
+        M::Lora | M::Qlora => {
             lora.validate()?;
-            let store = if method == "lora" { Store::F32 } else { nf4_store() };
+            let store = if method == M::Lora { Store::F32 } else { nf4_store() };
             let f = 4 * lora.trainable_params(cfg);
             let bd = Breakdown {
                 weights: store.bytes(cfg)? + f,
@@ -252,8 +245,8 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
             };
             (store, bd, BatchCost::Base)
         }
-        "qst" => {
-            let q = o.qst_config();
+        M::Qst => {
+            let q = o.qst.config(keep, 0);
             let side = qst::side_config(cfg, q.r, q.side_heads)?;
             let sp: usize =
                 qst::side_param_shapes(cfg, &side, &q).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
@@ -266,46 +259,31 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
             };
             (store, bd, BatchCost::Side(side, q))
         }
-        "mezo" => (
-            Store::F32,
-            Breakdown { weights: 4 * n, ..Default::default() },
-            BatchCost::Forward(4 * largest_tensor(cfg)),
-        ),
-        "quzo" => {
-            let store = int_store(o.bits)?;
-            let scratch = ParamId::all(cfg)
-                .into_iter()
-                .filter(|id| id.is_matrix())
-                .map(|id| {
-                    let (rows, cols) = (id.shape(cfg)[0], id.shape(cfg)[1]);
-                    4 * cols * rows.min((quzo::UPDATE_CHUNK / cols).max(1))
-                })
-                .max()
-                .unwrap_or(0);
-            let bd = Breakdown { weights: store.bytes(cfg)?, ..Default::default() };
-            (store, bd, BatchCost::Forward(scratch))
-        }
-        "mezo-lora" | "quzo-lora" => {
+        M::Mezo | M::Quzo if o.zo.lora => {
             lora.validate()?;
-            let store = if method == "mezo" { Store::F32 } else { int_store(o.bits)? };
+            let store = if method == M::Mezo { Store::F32 } else { int_store(o.bits.bits)? };
             let f = 4 * lora.trainable_params(cfg);
             let bd = Breakdown { weights: store.bytes(cfg)? + f, ..Default::default() };
             (store, bd, BatchCost::Forward(f))
         }
-        other => {
-            return Err(Error::Option(format!(
-                "unknown --method `{other}` (known: {})",
-                crate::methods::METHODS.join(", ")
-            )))
+        M::Mezo => (
+            Store::F32,
+            Breakdown { weights: 4 * n, ..Default::default() },
+            BatchCost::Forward(4 * largest_tensor(cfg)),
+        ),
+        M::Quzo => {
+            let store = int_store(o.bits.bits)?;
+            let bd = Breakdown { weights: store.bytes(cfg)?, ..Default::default() };
+            (store, bd, BatchCost::Forward(quzo::update_scratch_bytes(cfg)))
         }
     };
     // A training batch's count (activations and scratch beside the model state) and the forward it also holds.
     let batch_count = |b: &BatchShape| -> (Breakdown, usize) {
         let (activations, scratch, forward) = match &cost {
-            BatchCost::Base => (trace_bytes(cfg, shape, b, o.keep), block_scratch_bytes(cfg, &b.lengths, o.keep, 4), 0),
+            BatchCost::Base => (trace_bytes(cfg, shape, b, keep), block_scratch_bytes(cfg, &b.lengths, keep, 4), 0),
             BatchCost::Side(side, q) => (
                 qst::trace_bytes(cfg, side, q, &b.lengths, shape.head(cfg, b)),
-                qst::scratch_bytes(cfg, side, o.keep, &b.lengths),
+                qst::scratch_bytes(cfg, side, keep, &b.lengths),
                 0,
             ),
             BatchCost::Forward(scratch) => (0, *scratch, forward_bytes(cfg, shape, b)),
@@ -331,7 +309,7 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
     let train = counted.total() + forward_train;
     let eval = counted.model_state() + forward_eval;
     Ok(Plan {
-        method: name,
+        method: method.run_name(o),
         params: n,
         counted,
         forward: forward_train.max(forward_eval),
@@ -347,6 +325,25 @@ pub fn plan(cfg: &LlamaConfig, method: &str, o: &MethodOptions, shape: &Shape) -
 /// The largest parameter tensor (MeZO's one perturbed copy).
 fn largest_tensor(cfg: &LlamaConfig) -> usize {
     ParamId::all(cfg).into_iter().map(|id| id.numel(cfg)).max().unwrap_or(0)
+}
+
+/// The batches a run with `cfg` draws, as the memory planner sees them: every step's training micro-batches (from
+/// the first step) and the evaluation batches of the dev and eval splits (none when the run evaluates nothing).
+/// The batches are drawn as the run draws them, on `dev`.
+pub fn plan_shape(splits: &Splits, cfg: &TrainConfig, dev: &Device) -> Result<Shape> {
+    check_batching(splits, cfg)?;
+    let mut batcher = Batcher::new(splits.train.examples.len(), cfg.seed);
+    let mut train = Vec::new();
+    for _ in 0..cfg.steps {
+        train.extend(next_micro_batches(&mut batcher, splits, cfg, dev)?.iter().map(BatchShape::of));
+    }
+    let mut eval = Vec::new();
+    for data in [&splits.dev, &splits.eval].into_iter().filter(|_| !cfg.skip_eval) {
+        for b in eval_batches(data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, dev.clone()) {
+            eval.push(BatchShape::of(&b?.1));
+        }
+    }
+    Ok(Shape { train, eval, classes: splits.train.classes.as_ref().map(Vec::len) })
 }
 
 /// The plans as a Markdown table (sizes in GiB, model state also in bytes per parameter).
@@ -384,22 +381,33 @@ mod tests {
     //! The planner's count equals what each method counts during a real step (exactly, byte for byte), on the
     //! tiny model, for every method and the options that change memory.
     use super::*;
-    use crate::methods::{build, qst::Downsample, OnNonFinite};
+    use crate::methods::{qst::Downsample, RunContext};
     use crate::model::llama::tests::{batch, tiny_config};
     use crate::model::quantized::Source;
     use crate::model::{Batch, Llama, ParamStore, Targets};
+    use crate::train::{Method, OnNonFinite};
     use candle_core::{DType, Device, Tensor};
 
     fn options() -> MethodOptions {
-        MethodOptions {
-            on_nan: OnNonFinite::Stop,
-            outlier_fraction: 0.05,
-            side_r: 2,
-            adapter_rank: 4,
-            lora_r: 2,
-            lora_alpha: 4.0,
-            ..Default::default()
-        }
+        let mut o = MethodOptions::default();
+        o.qft.outlier_fraction = 0.05;
+        o.qst.side_r = 2;
+        o.qst.adapter_rank = 4;
+        o.lora.lora_r = 2;
+        o.lora.lora_alpha = 4.0;
+        o
+    }
+
+    /// `options()` changed by `f`.
+    fn with(f: impl FnOnce(&mut MethodOptions)) -> MethodOptions {
+        let mut o = options();
+        f(&mut o);
+        o
+    }
+
+    fn build(method: MethodKind, params: &ParamStore, o: &MethodOptions) -> Box<dyn Method> {
+        let ctx = RunContext { seed: 0, on_nan: OnNonFinite::Stop, epoch_steps: 1 };
+        method.build(o, Source::Params(params.clone()), &ctx).unwrap()
     }
 
     /// The plan for a batch's own row lengths is what the engine counts on it, on a full batch and on a padded one
@@ -419,41 +427,46 @@ mod tests {
         let lm = batch(false);
         let lm_shape = Shape { train: vec![BatchShape::of(&lm)], eval: vec![], classes: None };
         assert_eq!(shape.train, vec![BatchShape::of(&b)]);
+        use MethodKind as M;
         let o = options();
-        let cases: Vec<(&str, MethodOptions)> = vec![
-            ("full-adamw", o),
-            ("full-lion", o),
-            ("full-adamw", MethodOptions { keep: Keep::Inputs, ..o }),
-            ("qat", MethodOptions { bits: 4, ..o }),
-            ("qft", o),
-            ("qft", MethodOptions { fused: true, clip: None, ..o }),
-            ("lora", o),
-            ("qlora", MethodOptions { optimizer: OptimizerKind::Lion, ..o }),
-            ("qst", o),
-            ("qst", MethodOptions { keep: Keep::Inputs, ..o }),
-            ("qst", MethodOptions { downsample: Downsample::Linear, ..o }),
-            ("qst", MethodOptions { downsample: Downsample::Lora, ..o }),
-            ("qst", MethodOptions { downsample: Downsample::MaxPool, ..o }),
-            ("mezo", o),
-            ("quzo", o),
-            ("quzo", MethodOptions { bits: 4, ..o }),
-            ("mezo", MethodOptions { lora: true, ..o }),
-            ("quzo", MethodOptions { lora: true, bits: 4, ..o }),
+        let cases: Vec<(MethodKind, MethodOptions)> = vec![
+            (M::FullAdamw, o.clone()),
+            (M::FullLion, o.clone()),
+            (M::FullAdamw, with(|o| o.first_order.recompute = true)),
+            (M::Qat, with(|o| o.bits.bits = 4)),
+            (M::Qft, o.clone()),
+            (M::Qft, with(|o| (o.qft.fused, o.first_order.clip) = (true, 0.0))),
+            (M::Lora, o.clone()),
+            (M::Qlora, with(|o| o.optimizer.optimizer = OptimizerKind::Lion)),
+            (M::Qst, o.clone()),
+            (M::Qst, with(|o| o.first_order.recompute = true)),
+            (M::Qst, with(|o| o.qst.downsample = Downsample::Linear)),
+            (M::Qst, with(|o| o.qst.downsample = Downsample::Lora)),
+            (M::Qst, with(|o| o.qst.downsample = Downsample::MaxPool)),
+            (M::Mezo, o.clone()),
+            (M::Quzo, o.clone()),
+            (M::Quzo, with(|o| o.bits.bits = 4)),
+            (M::Mezo, with(|o| o.zo.lora = true)),
+            (M::Quzo, with(|o| (o.zo.lora, o.bits.bits) = (true, 4))),
         ];
         for tied in [true, false] {
             let cfg = tiny_config(tied);
             let model = Llama::new(cfg.clone());
             let params = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
             for (method, o) in &cases {
-                let (mut m, _) = build(method, Source::Params(params.clone()), o).unwrap();
+                let method = *method;
+                let mut m = build(method, &params, o);
                 let counted = m.step(&model, std::slice::from_ref(&b), 1e-3).unwrap().memory;
                 let p = plan(&cfg, method, o, &shape).unwrap();
-                assert_eq!(p.counted, counted, "{} (tied {tied}, keep {:?}, {:?})", p.method, o.keep, o.downsample);
-                let (mut m2, _) = build(method, Source::Params(params.clone()), o).unwrap();
-                let less = m2.step(&model, std::slice::from_ref(&padded), 1e-3).unwrap().memory;
+                assert_eq!(
+                    p.counted, counted,
+                    "{} (tied {tied}, {:?}, {:?})",
+                    p.method, o.first_order, o.qst.downsample
+                );
+                let less = build(method, &params, o).step(&model, std::slice::from_ref(&padded), 1e-3).unwrap().memory;
                 assert_eq!(plan(&cfg, method, o, &padded_shape).unwrap().counted, less, "{} padded", p.method);
-                let (mut m3, _) = build(method, Source::Params(params.clone()), o).unwrap();
-                let lm_counted = m3.step(&model, std::slice::from_ref(&lm), 1e-3).unwrap().memory;
+                let lm_counted =
+                    build(method, &params, o).step(&model, std::slice::from_ref(&lm), 1e-3).unwrap().memory;
                 assert_eq!(plan(&cfg, method, o, &lm_shape).unwrap().counted, lm_counted, "{} lm", p.method);
                 assert!(
                     less.activations < counted.activations || counted.activations == 0,

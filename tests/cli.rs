@@ -257,7 +257,7 @@ fn unknown_task_and_method_are_named() {
     expect_error(&a, &["unknown task `sst9`"]);
     let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     a[8] = "full-sgd";
-    expect_error(&a, &["unknown --method `full-sgd`"]);
+    expect_error(&a, &["invalid value 'full-sgd' for '--method", "possible values: full-adamw"]);
 }
 
 #[test]
@@ -325,9 +325,10 @@ fn impossible_options_are_named() {
     let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     a[16] = "500";
     expect_error(&a, &["lm.jsonl", "splits ask for"]);
-    for (flag, value, needle) in
-        [("--qst-start", "middle", "--qst-start `middle`"), ("--alpha-lr-scale", "nan", "--alpha-lr-scale")]
-    {
+    for (flag, value, needle) in [
+        ("--qst-start", "middle", "invalid value 'middle' for '--qst-start"),
+        ("--alpha-lr-scale", "nan", "--alpha-lr-scale"),
+    ] {
         let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
         a[8] = "qst";
         a.extend([flag, value]);

@@ -6,14 +6,14 @@
 //! baseline): forward and backward run on an INT8/INT4 copy of the matrices, re-quantized from the f32 master
 //! weights after every update, and the weight gradient passes to the master unchanged (straight-through
 //! estimator).
-use super::{Method, OnNonFinite, StepStats};
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{quant_err, QuantStore};
 use crate::model::{Batch, Keep, Llama, ParamId, ParamStore, Weights};
+use crate::train::first_order::{self, FirstOrder, FirstOrderArgs, Micro};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
 use crate::train::optim::Optimizer;
-use crate::train::DenseGrads;
-use crate::{Error, Result};
+use crate::train::{trained, DenseGrads, Figures, Method, OnNonFinite, StepStats};
+use crate::Result;
 use candle_core::Tensor;
 use qtune_quant::{IntTensor, QuantSpec, Rounding};
 
@@ -26,16 +26,19 @@ pub struct FullFinetune {
     pub on_nan: OnNonFinite,
     /// QAT: the quantized copy the model runs on, and how it is quantized.
     fake_quant: Option<(QuantSpec, QuantStore<IntTensor>)>,
+    /// The step's gradients, summed over its micro-batches.
+    grads: DenseGrads,
     name: &'static str,
 }
 
 impl FullFinetune {
-    pub fn new(params: ParamStore, opt: Optimizer, clip: Option<f64>, keep: Keep, on_nan: OnNonFinite) -> Self {
+    pub fn new(params: ParamStore, opt: Optimizer, fo: &FirstOrderArgs, on_nan: OnNonFinite) -> Self {
         let name = match opt {
             Optimizer::AdamW { .. } => "full-adamw",
             Optimizer::Lion { .. } => "full-lion",
         };
-        FullFinetune { params, opt, clip, keep, on_nan, fake_quant: None, name }
+        let (clip, keep) = (fo.clip(), fo.keep());
+        FullFinetune { params, opt, clip, keep, on_nan, fake_quant: None, grads: DenseGrads::default(), name }
     }
 
     /// Quantization-aware training: the model runs on `spec`-quantized matrices (straight-through estimator).
@@ -43,12 +46,11 @@ impl FullFinetune {
         params: ParamStore,
         opt: Optimizer,
         spec: QuantSpec,
-        clip: Option<f64>,
-        keep: Keep,
+        fo: &FirstOrderArgs,
         on_nan: OnNonFinite,
     ) -> Result<Self> {
         let q = quantize(&params, spec)?;
-        Ok(FullFinetune { params, opt, clip, keep, on_nan, fake_quant: Some((spec, q)), name: "qat" })
+        Ok(FullFinetune { fake_quant: Some((spec, q)), name: "qat", ..Self::new(params, opt, fo, on_nan) })
     }
 
     fn compute_weights(&self) -> &dyn Weights {
@@ -65,43 +67,55 @@ fn quantize(params: &ParamStore, spec: QuantSpec) -> Result<QuantStore<IntTensor
     })
 }
 
+impl FirstOrder for FullFinetune {
+    fn loop_options(&self) -> (Option<f64>, OnNonFinite) {
+        (self.clip, self.on_nan)
+    }
+
+    fn accumulate(&mut self, model: &Llama, batch: &Batch, _k: usize, _n: usize) -> Result<Micro> {
+        let w: &dyn Weights = match &self.fake_quant {
+            Some((_, q)) => q,
+            None => &self.params,
+        };
+        let (out, trace) = model.forward(w, batch, self.keep)?;
+        let trace = trace.expect("training forward keeps a trace");
+        let (activations, scratch) = (trace.bytes(), block_scratch_bytes(&model.cfg, &batch.lengths, self.keep, 4));
+        model.backward(w, trace, &mut self.grads)?;
+        Ok(Micro { loss: out.loss, activations, scratch })
+    }
+
+    fn gradient_bytes(&self) -> usize {
+        self.grads.bytes()
+    }
+
+    fn summed_norm(&mut self) -> Result<Option<f64>> {
+        Ok(Some(self.grads.global_norm()?))
+    }
+
+    fn discard(&mut self) {
+        self.grads.clear();
+    }
+
+    fn apply(&mut self, scale: f64, lr: f64) -> Result<Figures> {
+        trained::apply(&mut self.opt, &mut self.params, &mut self.grads, scale, lr)?;
+        if let Some((spec, q)) = &mut self.fake_quant {
+            *q = quantize(&self.params, *spec)?;
+        }
+        Ok(Vec::new())
+    }
+
+    fn optimizer_bytes(&self) -> usize {
+        self.opt.state_bytes()
+    }
+}
+
 impl Method for FullFinetune {
     fn name(&self) -> &'static str {
         self.name
     }
 
     fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
-        let mut grads = DenseGrads::default();
-        let mut loss = 0f32;
-        let mut mem = self.state_bytes();
-        for batch in micro {
-            let (out, trace) = model.forward(self.compute_weights(), batch, self.keep)?;
-            let trace = trace.expect("training forward keeps a trace");
-            mem.activations = mem.activations.max(trace.bytes());
-            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, &batch.lengths, self.keep, 4));
-            model.backward(self.compute_weights(), trace, &mut grads)?;
-            loss += out.loss / micro.len() as f32;
-        }
-        mem.gradients = grads.bytes();
-        // Gradients were summed over micro-batches of mean losses: scale by 1/n, then clip.
-        let norm = grads.global_norm()? / micro.len() as f64;
-        if !loss.is_finite() || !norm.is_finite() {
-            return self.on_nan.fault(loss, Some(norm), mem);
-        }
-        let clip = self.clip.map_or(1.0, |c| (c / norm).min(1.0));
-        let scale = clip / micro.len() as f64;
-        self.opt.begin_step();
-        for id in self.params.ids() {
-            let g = grads.take(id).ok_or_else(|| Error::Msg(format!("no gradient for {id:?}")))?;
-            let g = if scale != 1.0 { (g * scale)? } else { g };
-            let w = self.opt.update(id.index(&self.params.cfg), self.params.get(id), &g, lr, id.is_matrix())?;
-            self.params.set(id, w);
-        }
-        mem.optimizer = mem.optimizer.max(self.opt.state_bytes());
-        if let Some((spec, q)) = &mut self.fake_quant {
-            *q = quantize(&self.params, *spec)?;
-        }
-        Ok(StepStats { loss, grad_norm: Some(norm), applied: true, memory: mem, ..Default::default() })
+        first_order::step(self, model, micro, lr)
     }
 
     fn weights(&self) -> &dyn Weights {
@@ -121,12 +135,12 @@ impl Method for FullFinetune {
         }
     }
 
-    fn export_tensor(&self, id: ParamId) -> Result<Tensor> {
-        Ok(self.params.get(id).clone())
+    fn flops_per_param(&self) -> f64 {
+        6.0
     }
 
-    fn saves_state(&self) -> bool {
-        true
+    fn export_tensor(&self, id: ParamId) -> Result<Tensor> {
+        Ok(self.params.get(id).clone())
     }
 
     /// The f32 weights (QAT: the master; its quantized copy is rebuilt on load) and the optimizer states.
@@ -165,7 +179,8 @@ mod tests {
         let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
         let spec = QuantSpec::symmetric(Bits::B4, Granularity::PerRow);
         let opt = Optimizer::adamw(AdamWConfig::default());
-        let mut qat = FullFinetune::qat(p.clone(), opt, spec, None, Keep::All, OnNonFinite::Stop).unwrap();
+        let fo = FirstOrderArgs { clip: 0.0, recompute: false };
+        let mut qat = FullFinetune::qat(p.clone(), opt, spec, &fo, OnNonFinite::Stop).unwrap();
         let deq = quantize(&p, spec).unwrap().dequantize().unwrap();
         let grads = |w: &dyn Weights| {
             let (_, t) = m.forward(w, &batch(true), Keep::All).unwrap();

@@ -21,22 +21,41 @@
 //! Export merges W + s·B·A into a full f32 checkpoint (for `qlora`, into the dequantized NF4 base: the model that
 //! was trained, which is what a user merging a QLoRA adapter wants).
 //!
-//! [`Trained`] and [`FirstOrder`] (a method's own tensors and their optimizer step) are shared with QST.
-use super::{Method, OnNonFinite, StepStats};
+//! [`Update`] (the optimizer of a method's own tensors) and [`FrozenBase`] are shared with QST.
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{quant_err, QuantStore, Source};
 use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, ParamId, ParamStore, Weights};
+use crate::train::first_order::{self, FirstOrder, Micro};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
 use crate::train::optim::Optimizer;
-use crate::train::DenseGrads;
+use crate::train::trained::{self, Trained};
+use crate::train::{DenseGrads, Figures, Method, OnNonFinite, StepStats};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use qtune_quant::rng::{fill_uniform, RngKey, STREAM_GAUSS};
 use qtune_quant::{Nf4Tensor, QuantWeight};
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::fmt::Debug;
-use std::hash::Hash;
+
+/// LoRA's options (read by lora, qlora, and mezo/quzo --lora).
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+#[command(next_help_heading = "LoRA (lora, qlora, mezo --lora, quzo --lora)")]
+pub struct LoraArgs {
+    /// LoRA/QLoRA (and mezo/quzo --lora) rank.
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    /// LoRA/QLoRA alpha (the update is scaled by alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+}
+crate::options::defaults_from_clap!(LoraArgs);
+
+/// The optimizer half of a first-order method over its own tensors (LoRA factors, QST's side network).
+pub struct Update {
+    pub opt: Optimizer,
+    /// Global-norm clip (None: no clipping).
+    pub clip: Option<f64>,
+    pub on_nan: OnNonFinite,
+}
 
 /// NF4 block size (QLoRA / bitsandbytes); the double quantization's block of 256 is fixed in `Nf4Tensor`.
 pub const NF4_BLOCK: usize = 64;
@@ -53,144 +72,12 @@ pub fn nf4_base(source: Source) -> Result<QuantStore<Nf4Tensor>> {
 /// PyTorch's default `nn.Linear` weight init (`kaiming_uniform_(a=√5)`): U(−1/√fan_in, 1/√fan_in), drawn from the
 /// counter-based RNG so `key` fixes it. Callers key it by a method-tagged seed on the Gaussian stream (the stream
 /// registry has no init stream, and nothing else draws from those seeds).
-pub fn kaiming_uniform(shape: &[usize], fan_in: usize, key: RngKey, dtype: DType) -> Result<Tensor> {
+pub fn kaiming_uniform(shape: &[usize], fan_in: usize, key: RngKey, dtype: DType, dev: &Device) -> Result<Tensor> {
     let bound = 1.0 / (fan_in as f32).sqrt();
     let mut v = vec![0f32; shape.iter().product()];
     fill_uniform(&key, 0, &mut v);
     v.iter_mut().for_each(|x| *x = (2.0 * *x - 1.0) * bound);
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?)
-}
-
-/// A method's own trained tensors (LoRA factors, QST's side network) in a fixed order: a tensor's position is its
-/// optimizer slot; `decayed` says whether weight decay applies (matrices yes; norms, biases, gates no).
-#[derive(Clone)]
-pub struct Trained<K> {
-    keys: Vec<K>,
-    tensors: Vec<Tensor>,
-    decayed: Vec<bool>,
-    /// Multiplies the run's learning rate for this tensor (1 unless [`Trained::scale_lr`] set it).
-    lr_scale: Vec<f64>,
-    index: HashMap<K, usize>,
-}
-
-impl<K: Copy + Eq + Hash + Debug> Trained<K> {
-    /// `items`: (key, initial value, decayed), in forward order.
-    pub fn new(items: Vec<(K, Tensor, bool)>) -> Self {
-        let mut t = Trained { keys: vec![], tensors: vec![], decayed: vec![], lr_scale: vec![], index: HashMap::new() };
-        for (k, v, d) in items {
-            t.index.insert(k, t.keys.len());
-            t.keys.push(k);
-            t.tensors.push(v);
-            t.decayed.push(d);
-            t.lr_scale.push(1.0);
-        }
-        t
-    }
-
-    /// Trains `k` at `scale` × the run's learning rate.
-    pub fn scale_lr(&mut self, k: K, scale: f64) {
-        let i = self.index[&k];
-        self.lr_scale[i] = scale;
-    }
-
-    pub fn contains(&self, k: K) -> bool {
-        self.index.contains_key(&k)
-    }
-
-    /// The tensor of `k`: a key the method itself created, so its absence is a bug.
-    pub fn get(&self, k: K) -> &Tensor {
-        &self.tensors[self.index[&k]]
-    }
-
-    pub fn set(&mut self, k: K, t: Tensor) {
-        let i = self.index[&k];
-        self.tensors[i] = t;
-    }
-
-    pub fn keys(&self) -> &[K] {
-        &self.keys
-    }
-
-    pub fn numel(&self) -> usize {
-        self.tensors.iter().map(|t| t.elem_count()).sum()
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.tensors.iter().map(crate::model::llama::tensor_bytes).sum()
-    }
-
-    /// Writes the tensors (by position, which is also their optimizer slot) under `prefix`.
-    pub fn save(&self, w: &mut StateWriter, prefix: &str) -> Result<()> {
-        for (i, t) in self.tensors.iter().enumerate() {
-            w.tensor(&format!("{prefix}.{i}"), t)?;
-        }
-        Ok(())
-    }
-
-    /// Restores what [`Trained::save`] wrote, checking every shape.
-    pub fn load(&mut self, r: &StateReader, prefix: &str) -> Result<()> {
-        for (i, t) in self.tensors.iter_mut().enumerate() {
-            let v = r.f32_len(&format!("{prefix}.{i}"), t.elem_count())?;
-            *t = Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())?;
-        }
-        Ok(())
-    }
-
-    /// (optimizer slot, shape) of every tensor.
-    pub fn slot_shapes(&self) -> Vec<(usize, Vec<usize>)> {
-        self.tensors.iter().enumerate().map(|(i, t)| (i, t.dims().to_vec())).collect()
-    }
-}
-
-impl FirstOrder {
-    /// Saves the trained tensors and the optimizer state.
-    pub fn save<K: Copy + Eq + Hash + Debug>(&self, w: &mut StateWriter, trained: &Trained<K>) -> Result<()> {
-        trained.save(w, "trained")?;
-        self.opt.save(w, "opt")
-    }
-
-    pub fn load<K: Copy + Eq + Hash + Debug>(&mut self, r: &StateReader, trained: &mut Trained<K>) -> Result<()> {
-        trained.load(r, "trained")?;
-        self.opt.load(r, "opt", &trained.slot_shapes())
-    }
-}
-
-/// The optimizer half of a first-order method over its own tensors: clip, skip/stop on non-finite values, update.
-pub struct FirstOrder {
-    pub opt: Optimizer,
-    /// Global-norm clip (None: no clipping).
-    pub clip: Option<f64>,
-    pub on_nan: OnNonFinite,
-}
-
-impl FirstOrder {
-    /// Ends a step whose `micro` micro-batches summed their (mean-loss) gradients into `grads`: scales by 1/micro,
-    /// checks, clips by the global norm and updates every tensor of `t`.
-    pub fn step<K: Copy + Eq + Hash + Debug>(
-        &mut self,
-        t: &mut Trained<K>,
-        mut grads: DenseGrads<K>,
-        micro: usize,
-        loss: f32,
-        mut mem: Breakdown,
-        lr: f64,
-    ) -> Result<StepStats> {
-        mem.gradients = mem.gradients.max(grads.bytes());
-        let norm = grads.global_norm()? / micro as f64;
-        if !loss.is_finite() || !norm.is_finite() {
-            return self.on_nan.fault(loss, Some(norm), mem);
-        }
-        let scale = self.clip.map_or(1.0, |c| (c / norm).min(1.0)) / micro as f64;
-        self.opt.begin_step();
-        for slot in 0..t.keys.len() {
-            let k = t.keys[slot];
-            let g = grads.take(k).ok_or_else(|| Error::Msg(format!("no gradient for {k:?}")))?;
-            let g = if scale != 1.0 { (g * scale)? } else { g };
-            t.tensors[slot] = self.opt.update(slot, &t.tensors[slot], &g, lr * t.lr_scale[slot], t.decayed[slot])?;
-        }
-        mem.optimizer = mem.optimizer.max(self.opt.state_bytes());
-        Ok(StepStats { loss, grad_norm: Some(norm), applied: true, memory: mem, ..Default::default() })
-    }
+    Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(dtype)?)
 }
 
 /// A frozen base model: its weights, config, exact bytes, and its dense f32 form for a merged export.
@@ -279,14 +166,16 @@ impl<B: FrozenBase> LoraWeights<B> {
     /// Factors for every [`TARGETS`] projection of every block, in `dtype`.
     pub fn new(base: B, cfg: &LlamaConfig, lc: LoraConfig, dtype: DType) -> Result<Self> {
         lc.validate()?;
+        // The factors live where the base's (f32) tensors do.
+        let dev = base.vector(ParamId::FinalNorm)?.device().clone();
         let mut items = Vec::new();
         for l in 0..cfg.num_hidden_layers {
             for &p in &TARGETS {
                 let id = ParamId::Block(l, p);
                 let (out, inp) = (id.shape(cfg)[0], id.shape(cfg)[1]);
                 let key = RngKey::new(lc.seed ^ LORA_SEED_TAG, items.len() as u32, STREAM_GAUSS);
-                items.push(((id, Factor::A), kaiming_uniform(&[lc.r, inp], inp, key, dtype)?, true));
-                items.push(((id, Factor::B), Tensor::zeros((out, lc.r), dtype, &Device::Cpu)?, true));
+                items.push(((id, Factor::A), kaiming_uniform(&[lc.r, inp], inp, key, dtype, &dev)?, true));
+                items.push(((id, Factor::B), Tensor::zeros((out, lc.r), dtype, &dev)?, true));
             }
         }
         Ok(LoraWeights { base, scale: lc.alpha / lc.r as f64, factors: Trained::new(items), grads: RefCell::default() })
@@ -357,16 +246,56 @@ impl GradSink for FrozenSink {
 /// LoRA over an f32 base (`lora`) or QLoRA over an NF4 base (`qlora`).
 pub struct Lora<B> {
     weights: LoraWeights<B>,
-    update: FirstOrder,
+    update: Update,
     keep: Keep,
+    /// The step's factor gradients, taken from the weights once every micro-batch has run.
+    grads: DenseGrads<LoraKey>,
     name: &'static str,
 }
 
 impl<B: FrozenBase> Lora<B> {
-    pub fn new(name: &'static str, base: B, lc: LoraConfig, update: FirstOrder, keep: Keep) -> Result<Self> {
+    pub fn new(name: &'static str, base: B, lc: LoraConfig, update: Update, keep: Keep) -> Result<Self> {
         let cfg = base.cfg().clone();
         let dtype = base.vector(ParamId::FinalNorm)?.dtype();
-        Ok(Lora { weights: LoraWeights::new(base, &cfg, lc, dtype)?, update, keep, name })
+        let weights = LoraWeights::new(base, &cfg, lc, dtype)?;
+        Ok(Lora { weights, update, keep, grads: DenseGrads::default(), name })
+    }
+}
+
+impl<B: FrozenBase> FirstOrder for Lora<B> {
+    fn loop_options(&self) -> (Option<f64>, OnNonFinite) {
+        (self.update.clip, self.update.on_nan)
+    }
+
+    fn accumulate(&mut self, model: &Llama, batch: &Batch, _k: usize, _n: usize) -> Result<Micro> {
+        let (out, trace) = model.forward(&self.weights, batch, self.keep)?;
+        let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
+        let (activations, scratch) = (trace.bytes(), block_scratch_bytes(&model.cfg, &batch.lengths, self.keep, 4));
+        // The factor gradients collect inside the weights; the sink receives nothing.
+        model.backward(&self.weights, trace, &mut FrozenSink)?;
+        Ok(Micro { loss: out.loss, activations, scratch })
+    }
+
+    fn gradient_bytes(&self) -> usize {
+        self.weights.grads.borrow().bytes()
+    }
+
+    fn summed_norm(&mut self) -> Result<Option<f64>> {
+        self.grads = self.weights.grads.take();
+        Ok(Some(self.grads.global_norm()?))
+    }
+
+    fn discard(&mut self) {
+        self.grads.clear();
+    }
+
+    fn apply(&mut self, scale: f64, lr: f64) -> Result<Figures> {
+        trained::apply(&mut self.update.opt, &mut self.weights.factors, &mut self.grads, scale, lr)?;
+        Ok(Vec::new())
+    }
+
+    fn optimizer_bytes(&self) -> usize {
+        self.update.opt.state_bytes()
     }
 }
 
@@ -376,19 +305,7 @@ impl<B: FrozenBase> Method for Lora<B> {
     }
 
     fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
-        let mut loss = 0f32;
-        let mut mem = self.state_bytes();
-        for batch in micro {
-            let (out, trace) = model.forward(&self.weights, batch, self.keep)?;
-            let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
-            mem.activations = mem.activations.max(trace.bytes());
-            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, &batch.lengths, self.keep, 4));
-            // The factor gradients collect inside the weights; the sink receives nothing.
-            model.backward(&self.weights, trace, &mut FrozenSink)?;
-            loss += out.loss / micro.len() as f32;
-        }
-        let grads = self.weights.grads.take();
-        self.update.step(&mut self.weights.factors, grads, micro.len(), loss, mem, lr)
+        first_order::step(self, model, micro, lr)
     }
 
     fn weights(&self) -> &dyn Weights {
@@ -409,17 +326,18 @@ impl<B: FrozenBase> Method for Lora<B> {
         }
     }
 
-    fn saves_state(&self) -> bool {
-        true
+    /// Forward and input gradients through the frozen base; the factors' own matmuls are negligible.
+    fn flops_per_param(&self) -> f64 {
+        4.0
     }
 
     /// The LoRA factors and their optimizer state (the frozen base is the model file).
     fn save_state(&self, w: &mut StateWriter) -> Result<()> {
-        self.update.save(w, &self.weights.factors)
+        trained::save(w, &self.weights.factors, &self.update.opt)
     }
 
     fn load_state(&mut self, r: &StateReader) -> Result<()> {
-        self.update.load(r, &mut self.weights.factors)
+        trained::load(r, &mut self.weights.factors, &mut self.update.opt)
     }
 
     fn export_tensor(&self, id: ParamId) -> Result<Tensor> {
@@ -520,7 +438,7 @@ mod tests {
         let cfg = tiny_config(true);
         let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
         let update =
-            FirstOrder { opt: Optimizer::adamw(AdamWConfig::default()), clip: Some(1.0), on_nan: OnNonFinite::Stop };
+            Update { opt: Optimizer::adamw(AdamWConfig::default()), clip: Some(1.0), on_nan: OnNonFinite::Stop };
         (
             Llama::new(cfg),
             Lora::new(
@@ -545,7 +463,7 @@ mod tests {
             base.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
         let first = q.step(&m, std::slice::from_ref(&b), 1e-2).unwrap();
-        let mut last = first;
+        let mut last = first.clone();
         for _ in 0..10 {
             last = q.step(&m, std::slice::from_ref(&b), 1e-2).unwrap();
         }

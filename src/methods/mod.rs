@@ -1,373 +1,290 @@
-//! Fine-tuning methods. Each owns the model's weights in its training format and its optimizer state, and runs
-//! one optimizer step at a time; the training loop, evaluation, reports and export are shared.
+//! Fine-tuning methods. Each owns the model's weights in its training format and its optimizer state, and
+//! implements the training loop's traits (`crate::train`): [`crate::train::first_order::FirstOrder`] for the methods
+//! that backpropagate, [`crate::train::zeroth_order::Perturbation`] for the zeroth-order ones. A method's identity is
+//! [`MethodKind`]; its options are one `clap::Args` group in its own module, gathered in [`MethodOptions`]; which
+//! method reads which group is [`MethodKind::reads`].
 pub mod full;
 pub mod lora;
+pub mod mezo;
 pub mod qft;
 pub mod qst;
 pub mod quzo;
-pub mod zo;
 pub mod zo_lora;
 
-use crate::model::load::write_hf;
 use crate::model::quantized::Source;
-use crate::model::{Batch, Keep, Llama, LlamaConfig, Output, ParamId, Tok, Weights};
-use crate::train::memory::Breakdown;
+use crate::train::first_order::FirstOrderArgs;
+use crate::train::optim::{AdamWConfig, LionConfig, Optimizer, OptimizerArgs, OptimizerKind};
+use crate::train::zeroth_order::{ZoArgs, ZoLoop};
+use crate::train::{Method, OnNonFinite};
 use crate::{Error, Result};
-use candle_core::Tensor;
+use clap::ArgMatches;
 
-pub use full::FullFinetune;
-
-/// What one step reports.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StepStats {
-    /// Mean loss over the step's micro-batches.
-    pub loss: f32,
-    /// Global gradient norm before clipping (first-order methods).
-    pub grad_norm: Option<f64>,
-    /// Whether the update was applied (a non-finite loss or gradient skips it).
-    pub applied: bool,
-    /// Peak bytes by category during this step.
-    pub memory: Breakdown,
-    /// Quantized weights: the fraction of stored entries this step changed.
-    pub changed_fraction: Option<f64>,
-    /// QFT: the fraction of INT8 weight codes this step changed (stochastic rounding at work).
-    pub changed_int8_fraction: Option<f64>,
+/// The methods `--method` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MethodKind {
+    /// FP32 AdamW, every parameter: the baseline.
+    FullAdamw,
+    /// FP32 Lion, every parameter.
+    FullLion,
+    /// QFT: INT8 weights + 1% f32 outliers, INT8 gradients on a stack, INT8 Lion momentum.
+    Qft,
+    /// MeZO: FP32 zeroth-order SGD (`--lora`: over LoRA factors).
+    Mezo,
+    /// QuZO: zeroth-order on INT8/INT4 weights with low-bit directions (`--lora`: over LoRA factors).
+    Quzo,
+    /// Quantization-aware training: the quantized first-order baseline.
+    Qat,
+    /// QST: NF4 frozen base, side network.
+    Qst,
+    /// LoRA over the f32 model.
+    Lora,
+    /// QLoRA: LoRA over an NF4 base.
+    Qlora,
 }
 
-/// What to do when a loss or gradient is NaN or infinite.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum OnNonFinite {
-    /// Skip the update and go on.
-    Skip,
-    /// Stop the run with an error.
-    Stop,
-}
+impl MethodKind {
+    pub const ALL: [MethodKind; 9] = [
+        MethodKind::FullAdamw,
+        MethodKind::FullLion,
+        MethodKind::Qft,
+        MethodKind::Mezo,
+        MethodKind::Quzo,
+        MethodKind::Qat,
+        MethodKind::Qst,
+        MethodKind::Lora,
+        MethodKind::Qlora,
+    ];
 
-impl OnNonFinite {
-    /// The outcome of a step whose loss or gradient is not finite: skipped (no update applied), or an error.
-    pub fn fault(self, loss: f32, grad_norm: Option<f64>, memory: Breakdown) -> Result<StepStats> {
+    /// The name `--method` takes.
+    pub fn cli_name(self) -> &'static str {
         match self {
-            OnNonFinite::Skip => Ok(StepStats { loss, grad_norm, applied: false, memory, ..Default::default() }),
-            OnNonFinite::Stop => Err(Error::Numerical(format!(
-                "loss {loss}, gradient norm {}: stopping (--on-nan stop)",
-                grad_norm.map_or("–".into(), |n| n.to_string())
-            ))),
+            MethodKind::FullAdamw => "full-adamw",
+            MethodKind::FullLion => "full-lion",
+            MethodKind::Qft => "qft",
+            MethodKind::Mezo => "mezo",
+            MethodKind::Quzo => "quzo",
+            MethodKind::Qat => "qat",
+            MethodKind::Qst => "qst",
+            MethodKind::Lora => "lora",
+            MethodKind::Qlora => "qlora",
+        }
+    }
+
+    pub fn is_zeroth_order(self) -> bool {
+        matches!(self, MethodKind::Mezo | MethodKind::Quzo)
+    }
+
+    /// Whether this method (with `lora`: its zeroth-order LoRA mode) reads the options of `group`.
+    pub fn reads(self, lora: bool, group: Group) -> bool {
+        use MethodKind as M;
+        match group {
+            Group::FirstOrder => !self.is_zeroth_order(),
+            Group::ZerothOrder => self.is_zeroth_order(),
+            Group::Bits => matches!(self, M::Quzo | M::Qat),
+            Group::Quzo => self == M::Quzo,
+            Group::Qft => self == M::Qft,
+            Group::Qst => self == M::Qst,
+            Group::Lora => matches!(self, M::Lora | M::Qlora) || (lora && self.is_zeroth_order()),
+            Group::Optimizer => matches!(self, M::Qst | M::Lora | M::Qlora),
+        }
+    }
+
+    /// The run's name as reports spell it: `mezo --lora` is `mezo-lora`.
+    pub fn run_name(self, o: &MethodOptions) -> String {
+        match self {
+            MethodKind::Mezo | MethodKind::Quzo if o.zo.lora => format!("{}-lora", self.cli_name()),
+            _ => self.cli_name().to_string(),
         }
     }
 }
 
-impl std::str::FromStr for OnNonFinite {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "skip" => Ok(OnNonFinite::Skip),
-            "stop" => Ok(OnNonFinite::Stop),
-            _ => Err(Error::Option(format!("--on-nan `{s}`: expected skip or stop"))),
+impl std::fmt::Display for MethodKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.cli_name())
+    }
+}
+
+/// Every method's options, one group each (flattened into `qtune train` and `qtune plan`).
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+pub struct MethodOptions {
+    /// Decoupled weight decay (every method; matrices only).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[command(flatten)]
+    pub first_order: FirstOrderArgs,
+    #[command(flatten)]
+    pub zo: ZoArgs,
+    #[command(flatten)]
+    pub bits: quzo::BitsArgs,
+    #[command(flatten)]
+    pub quzo: quzo::QuzoArgs,
+    #[command(flatten)]
+    pub qft: qft::QftArgs,
+    #[command(flatten)]
+    pub qst: qst::QstArgs,
+    #[command(flatten)]
+    pub lora: lora::LoraArgs,
+    #[command(flatten)]
+    pub optimizer: OptimizerArgs,
+}
+crate::options::defaults_from_clap!(MethodOptions);
+
+/// The option groups of [`MethodOptions`] (beside `--weight-decay`, read by all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    FirstOrder,
+    ZerothOrder,
+    Bits,
+    Quzo,
+    Qft,
+    Qst,
+    Lora,
+    Optimizer,
+}
+
+impl Group {
+    pub const ALL: [Group; 8] = [
+        Group::FirstOrder,
+        Group::ZerothOrder,
+        Group::Bits,
+        Group::Quzo,
+        Group::Qft,
+        Group::Qst,
+        Group::Lora,
+        Group::Optimizer,
+    ];
+
+    /// The group's options that a parsed command line gave.
+    pub fn given(self, m: &ArgMatches) -> Vec<String> {
+        use crate::options::given;
+        match self {
+            Group::FirstOrder => given::<FirstOrderArgs>(m),
+            Group::ZerothOrder => given::<ZoArgs>(m),
+            Group::Bits => given::<quzo::BitsArgs>(m),
+            Group::Quzo => given::<quzo::QuzoArgs>(m),
+            Group::Qft => given::<qft::QftArgs>(m),
+            Group::Qst => given::<qst::QstArgs>(m),
+            Group::Lora => given::<lora::LoraArgs>(m),
+            Group::Optimizer => given::<OptimizerArgs>(m),
         }
     }
 }
 
-pub trait Method {
-    /// The method's name as the CLI and reports spell it.
-    fn name(&self) -> &'static str;
-    /// One optimizer step over `micro` (gradient accumulation over the micro-batches) at learning rate `lr`.
-    fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats>;
-    /// The current weights, for evaluation and generation.
-    fn weights(&self) -> &dyn Weights;
-    /// Parameters the method trains.
-    fn trainable_params(&self) -> usize;
-    /// Bytes of weights, gradients and optimizer state held between steps.
-    fn state_bytes(&self) -> Breakdown;
-    /// Whether [`Method::save_state`] is implemented.
-    fn saves_state(&self) -> bool {
-        false
-    }
-    /// Writes the training state in the method's own format (quantized codes, scales, outliers, optimizer states).
-    fn save_state(&self, _w: &mut crate::checkpoint::StateWriter) -> Result<()> {
-        Err(Error::Option(format!("{} cannot save its training state yet", self.name())))
-    }
-    /// Restores what [`Method::save_state`] wrote.
-    fn load_state(&mut self, _r: &crate::checkpoint::StateReader) -> Result<()> {
-        Err(Error::Option(format!("{} cannot load a training state yet", self.name())))
-    }
-    /// One parameter of the trained model as a dense f32 tensor, for export (dequantized or merged as the method
-    /// requires); the export asks for one at a time, so no whole f32 model is built.
-    fn export_tensor(&self, id: ParamId) -> Result<Tensor>;
-    /// The inference forward evaluation runs. A method whose model is not the decoder over [`Method::weights`]
-    /// (QST: base plus side network) overrides it.
-    fn forward(&self, model: &Llama, batch: &Batch) -> Result<Output> {
-        Ok(model.forward(self.weights(), batch, Keep::Nothing)?.0)
-    }
-    /// Writes the trained model to `dir`: an HF checkpoint of [`Method::export_tensor`], streamed, unless the
-    /// method's model is not a LLaMA (QST writes its side network and a reference to `base_model`, the file the run
-    /// started from).
-    fn export(&self, cfg: &LlamaConfig, dir: &std::path::Path, tok: Option<&Tok>, _base_model: &str) -> Result<()> {
-        write_hf(cfg, &|id| self.export_tensor(id), tok, dir)
-    }
-}
-
-pub const METHODS: &[&str] = &["full-adamw", "full-lion", "qft", "mezo", "quzo", "qat", "qst", "lora", "qlora"];
-
-/// The first-order methods: they clip gradients and can recompute blocks in the backward.
-const FIRST_ORDER: &[&str] = &["full-adamw", "full-lion", "qft", "qat", "qst", "lora", "qlora"];
-/// The zeroth-order methods, full and over LoRA factors (`--lora`).
-const ZEROTH_ORDER: &[&str] = &["mezo", "quzo", "mezo --lora", "quzo --lora"];
-
-/// The method options (CLI names) only some methods read, with the methods that read them; `mezo --lora` and
-/// `quzo --lora` are the zeroth-order methods over LoRA factors. `--weight-decay` is read by every method.
-/// [`check_options_read`] refuses an option given to a method that would ignore it.
-pub const METHOD_OPTIONS: &[(&str, &[&str])] = &[
-    ("clip", FIRST_ORDER),
-    ("recompute", FIRST_ORDER),
-    ("eps", ZEROTH_ORDER),
-    ("directions", ZEROTH_ORDER),
-    ("lora", &["mezo --lora", "quzo --lora"]),
-    ("bits", &["quzo", "quzo --lora", "qat"]),
-    ("perturb-bits", &["quzo", "quzo --lora"]),
-    ("estimator", &["quzo", "quzo --lora"]),
-    ("outlier-fraction", &["qft"]),
-    ("recalibrate-every", &["qft"]),
-    ("fused", &["qft"]),
-    ("side-r", &["qst"]),
-    ("side-heads", &["qst"]),
-    ("downsample", &["qst"]),
-    ("adapter-rank", &["qst"]),
-    ("qst-start", &["qst"]),
-    ("alpha-lr-scale", &["qst"]),
-    ("alpha-clamp", &["qst"]),
-    ("zero-upsample", &["qst"]),
-    ("lora-r", &["lora", "qlora", "mezo --lora", "quzo --lora"]),
-    ("lora-alpha", &["lora", "qlora", "mezo --lora", "quzo --lora"]),
-    ("optimizer", &["qst", "lora", "qlora"]),
-];
-
-/// Refuses the first option of `given` (CLI names without dashes) that [`METHOD_OPTIONS`] says `method` (with
-/// `lora`: its LoRA variant) does not read, naming the methods that do: an option that would be silently ignored
-/// is a mistake in the command.
-pub fn check_options_read(method: &str, lora: bool, given: &[String]) -> Result<()> {
-    let variant = if lora && ZEROTH_ORDER.contains(&method) { format!("{method} --lora") } else { method.to_string() };
-    for g in given {
-        if let Some((_, readers)) = METHOD_OPTIONS.iter().find(|(name, _)| name == g) {
-            if !readers.contains(&variant.as_str()) {
-                return Err(Error::Option(format!(
-                    "--{g} is not read by --method {variant} (only by {})",
-                    readers.join(", ")
-                )));
-            }
+/// Refuses an option of `matches` that `kind` (with `lora`: its LoRA mode) would not read, naming the methods that
+/// do: an option that would be silently ignored is a mistake in the command.
+pub fn check_given(kind: MethodKind, lora: bool, matches: &ArgMatches) -> Result<()> {
+    let variant = |k: MethodKind, lora: bool| {
+        if lora && k.is_zeroth_order() {
+            format!("{} --lora", k.cli_name())
+        } else {
+            k.cli_name().to_string()
+        }
+    };
+    for group in Group::ALL {
+        let Some(opt) = group.given(matches).into_iter().next() else { continue };
+        if !kind.reads(lora, group) {
+            let readers: Vec<String> = MethodKind::ALL
+                .iter()
+                .flat_map(|&k| [(k, false), (k, true)])
+                .filter(|&(k, l)| (!l || k.is_zeroth_order()) && k.reads(l, group))
+                .map(|(k, l)| variant(k, l))
+                .collect();
+            return Err(Error::Option(format!(
+                "{opt} is not read by --method {} (only by {})",
+                variant(kind, lora),
+                readers.join(", ")
+            )));
         }
     }
     Ok(())
 }
 
-/// The optimizer of the methods that train their own tensors (QST, LoRA, QLoRA).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OptimizerKind {
-    AdamW,
-    Lion,
-}
-
-impl std::str::FromStr for OptimizerKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "adamw" => Ok(OptimizerKind::AdamW),
-            "lion" => Ok(OptimizerKind::Lion),
-            _ => Err(Error::Option(format!("--optimizer `{s}`: expected adamw or lion"))),
-        }
-    }
-}
-
-/// Every option a method may read; each method takes what applies to it.
+/// What a method is built for beyond its options.
 #[derive(Clone, Copy, Debug)]
-pub struct MethodOptions {
-    pub weight_decay: f64,
-    /// Global-norm gradient clip (first-order methods).
-    pub clip: Option<f64>,
-    pub keep: Keep,
-    pub on_nan: OnNonFinite,
-    /// Zeroth-order perturbation scale and directions per step.
-    pub eps: f64,
-    pub directions: usize,
+pub struct RunContext {
     pub seed: u64,
-    /// Weight bits of quantized methods (QuZO: 8 or 4).
-    pub bits: u32,
-    /// QuZO's perturbation bits.
-    pub perturb_bits: u32,
-    pub estimator: quzo::Estimator,
-    /// QFT: fraction of each matrix kept as f32 outliers.
-    pub outlier_fraction: f64,
-    /// QFT: steps between recalibrations of scales and outlier thresholds (0: never).
-    pub recalibrate_every: usize,
-    /// QFT: apply the update inside the backward (no gradient stack).
-    pub fused: bool,
-    /// QST: reduction factor r (side width d/r, FFN width ffn/r).
-    pub side_r: usize,
-    /// QST: the side blocks' query heads (`None`: the base's, as the official code).
-    pub side_heads: Option<usize>,
-    /// QST: how base hidden states are brought down to the side width.
-    pub downsample: qst::Downsample,
-    /// QST: inner width of the adapter and LoRA-style downsamples.
-    pub adapter_rank: usize,
-    /// QST: the paper's exact start or the official code's.
-    pub qst_start: qst::Start,
-    /// QST: α's learning rate as a multiple of the run's.
-    pub alpha_lr_scale: f64,
-    pub alpha_clamp: bool,
-    pub zero_upsample: bool,
-    /// LoRA / QLoRA rank and alpha (scale alpha / r).
-    pub lora_r: usize,
-    pub lora_alpha: f64,
-    /// QST, LoRA, QLoRA: AdamW (the papers' setting) or Lion.
-    pub optimizer: OptimizerKind,
-    /// MeZO, QuZO: train LoRA factors (`--lora-r`, `--lora-alpha`) over the frozen (f32 / quantized) base.
-    pub lora: bool,
+    pub on_nan: OnNonFinite,
+    /// Optimizer steps per epoch (QFT recalibrates once per epoch by default).
+    pub epoch_steps: usize,
 }
 
-impl MethodOptions {
-    /// QST's configuration from these options (training and `qtune plan` read the same).
-    pub fn qst_config(&self) -> qst::QstConfig {
-        qst::QstConfig {
-            r: self.side_r,
-            side_heads: self.side_heads,
-            downsample: self.downsample,
-            adapter_rank: self.adapter_rank,
-            keep: self.keep,
-            seed: self.seed,
-            start: self.qst_start,
-            alpha_lr_scale: self.alpha_lr_scale,
-            alpha_clamp: self.alpha_clamp,
-            zero_upsample: self.zero_upsample,
+impl MethodKind {
+    /// The peak learning rate a run of this method takes unless `--lr` names one: AdamW 1e-5; Lion, QFT, MeZO and
+    /// QuZO 1e-6; QST 2e-4 and LoRA/QLoRA 1e-4 with AdamW (a tenth with Lion); zeroth-order LoRA 1e-4 (MeZO's LoRA
+    /// setting; QuZO's LoRA scripts: 1e-5 to 1e-4).
+    pub fn default_lr(self, o: &MethodOptions) -> f64 {
+        let lion_scale = if o.optimizer.optimizer == OptimizerKind::Lion { 0.1 } else { 1.0 };
+        match self {
+            MethodKind::FullAdamw | MethodKind::Qat => 1e-5,
+            MethodKind::FullLion | MethodKind::Qft => 1e-6,
+            MethodKind::Mezo | MethodKind::Quzo if o.zo.lora => 1e-4,
+            MethodKind::Mezo | MethodKind::Quzo => 1e-6,
+            MethodKind::Qst => 2e-4 * lion_scale,
+            MethodKind::Lora | MethodKind::Qlora => 1e-4 * lion_scale,
         }
     }
-}
 
-impl Default for MethodOptions {
-    /// The CLI's defaults (`qtune train --help`).
-    fn default() -> Self {
-        MethodOptions {
-            weight_decay: 0.0,
-            clip: Some(1.0),
-            keep: Keep::All,
-            on_nan: OnNonFinite::Skip,
-            eps: 1e-3,
-            directions: 1,
-            seed: 0,
-            bits: 8,
-            perturb_bits: 4,
-            estimator: quzo::Estimator::Qrge2,
-            outlier_fraction: 0.01,
-            recalibrate_every: 0,
-            fused: false,
-            side_r: 16,
-            side_heads: None,
-            downsample: qst::Downsample::Adapter,
-            adapter_rank: 16,
-            qst_start: qst::Start::Paper,
-            alpha_lr_scale: 1.0,
-            alpha_clamp: false,
-            zero_upsample: false,
-            lora_r: 8,
-            lora_alpha: 16.0,
-            optimizer: OptimizerKind::AdamW,
-            lora: false,
-        }
-    }
-}
-
-/// Builds the method `name` starting from `source`; returns it with its default peak learning rate. Quantized
-/// methods quantize the model as it is read; f32 methods load it whole.
-pub fn build(name: &str, source: Source, o: &MethodOptions) -> Result<(Box<dyn Method>, f64)> {
-    use crate::train::optim::{AdamWConfig, LionConfig, Optimizer};
-    Ok(match name {
-        "full-adamw" => {
-            let opt = Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() });
-            (Box::new(FullFinetune::new(source.params()?, opt, o.clip, o.keep, o.on_nan)), 1e-5)
-        }
-        "full-lion" => {
-            let opt = Optimizer::lion(LionConfig { weight_decay: o.weight_decay, ..Default::default() });
-            (Box::new(FullFinetune::new(source.params()?, opt, o.clip, o.keep, o.on_nan)), 1e-6)
-        }
-        "qft" => {
-            let cfg = qft::QftConfig {
-                lion: LionConfig { weight_decay: o.weight_decay, ..Default::default() },
-                outlier_fraction: o.outlier_fraction,
-                clip: o.clip,
-                recalibrate_every: o.recalibrate_every,
-                fused: o.fused,
-                keep: o.keep,
-                seed: o.seed,
-            };
-            (Box::new(qft::Qft::new(source, cfg, o.on_nan)?), 1e-6)
-        }
-        "qat" => {
-            let opt = Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() });
-            (
-                Box::new(FullFinetune::qat(
-                    source.params()?,
-                    opt,
-                    quzo::weight_spec(o.bits)?,
-                    o.clip,
-                    o.keep,
-                    o.on_nan,
-                )?),
-                1e-5,
-            )
-        }
-        "mezo" | "quzo" if o.lora => {
-            // MeZO's LoRA setting: lr 1e-4 (QuZO's LoRA scripts: 1e-5 to 1e-4).
-            let zo = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };
-            let lc = lora::LoraConfig { r: o.lora_r, alpha: o.lora_alpha, seed: o.seed };
-            let m: Box<dyn Method> = if name == "mezo" {
+    /// Builds the method starting from `source`. Quantized methods quantize the model as it is read; f32 methods
+    /// load it whole.
+    pub fn build(self, o: &MethodOptions, source: Source, ctx: &RunContext) -> Result<Box<dyn Method>> {
+        let fo = &o.first_order;
+        let adamw = || Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() });
+        let lion = || Optimizer::lion(LionConfig { weight_decay: o.weight_decay, ..Default::default() });
+        let own_optimizer = || match o.optimizer.optimizer {
+            OptimizerKind::AdamW => adamw(),
+            OptimizerKind::Lion => lion(),
+        };
+        let update = || lora::Update { opt: own_optimizer(), clip: fo.clip(), on_nan: ctx.on_nan };
+        let zo = || ZoLoop::new(&o.zo, o.weight_decay, ctx.seed, ctx.on_nan);
+        let lc = lora::LoraConfig { r: o.lora.lora_r, alpha: o.lora.lora_alpha, seed: ctx.seed };
+        Ok(match self {
+            MethodKind::FullAdamw => Box::new(full::FullFinetune::new(source.params()?, adamw(), fo, ctx.on_nan)),
+            MethodKind::FullLion => Box::new(full::FullFinetune::new(source.params()?, lion(), fo, ctx.on_nan)),
+            MethodKind::Qat => {
+                let spec = quzo::weight_spec(o.bits.bits)?;
+                Box::new(full::FullFinetune::qat(source.params()?, adamw(), spec, fo, ctx.on_nan)?)
+            }
+            MethodKind::Qft => {
+                let lion = LionConfig { weight_decay: o.weight_decay, ..Default::default() };
+                Box::new(qft::Qft::new(source, o.qft.config(lion, fo, ctx)?, ctx.on_nan)?)
+            }
+            MethodKind::Mezo if o.zo.lora => {
                 let dirs = zo_lora::Directions::Gaussian;
-                Box::new(zo_lora::ZoLora::new("mezo-lora", source.params()?, lc, zo, dirs, o.on_nan)?)
-            } else {
-                let base = quzo::quantize_int(source, o.bits)?;
-                let dirs = zo_lora::Directions::Quantized { bits: o.perturb_bits, estimator: o.estimator };
-                Box::new(zo_lora::ZoLora::new("quzo-lora", base, lc, zo, dirs, o.on_nan)?)
-            };
-            (m, 1e-4)
-        }
-        "mezo" => {
-            let cfg = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };
-            (Box::new(zo::Mezo::new(source.params()?, cfg, o.on_nan)?), 1e-6)
-        }
-        "quzo" => {
-            let zo = zo::ZoConfig { eps: o.eps, directions: o.directions, weight_decay: o.weight_decay, seed: o.seed };
-            let cfg = quzo::QuzoConfig { zo, bits: o.bits, perturb_bits: o.perturb_bits, estimator: o.estimator };
-            (Box::new(quzo::Quzo::new(source, cfg, o.on_nan)?), 1e-6)
-        }
-        "qst" | "lora" | "qlora" => {
-            // Peak LRs: QST's paper 2e-4, LoRA 1e-4 with AdamW; Lion wants about a tenth.
-            let (opt, lr_scale) = match o.optimizer {
-                OptimizerKind::AdamW => {
-                    (Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() }), 1.0)
-                }
-                OptimizerKind::Lion => {
-                    (Optimizer::lion(LionConfig { weight_decay: o.weight_decay, ..Default::default() }), 0.1)
-                }
-            };
-            let update = lora::FirstOrder { opt, clip: o.clip, on_nan: o.on_nan };
-            let lc = lora::LoraConfig { r: o.lora_r, alpha: o.lora_alpha, seed: o.seed };
-            let (m, lr): (Box<dyn Method>, f64) = match name {
-                "qst" => (Box::new(qst::Qst::new(source, o.qst_config(), update)?), 2e-4),
-                "lora" => (Box::new(lora::Lora::new("lora", source.params()?, lc, update, o.keep)?), 1e-4),
-                _ => {
-                    lc.validate()?;
-                    (Box::new(lora::Lora::new("qlora", lora::nf4_base(source)?, lc, update, o.keep)?), 1e-4)
-                }
-            };
-            (m, lr * lr_scale)
-        }
-        other => return Err(Error::Option(format!("unknown --method `{other}` (known: {})", METHODS.join(", ")))),
-    })
+                Box::new(zo_lora::ZoLora::new("mezo-lora", source.params()?, lc, zo()?, dirs)?)
+            }
+            MethodKind::Quzo if o.zo.lora => {
+                let base = quzo::quantize_int(source, o.bits.bits)?;
+                let dirs = zo_lora::Directions::Quantized { bits: o.quzo.perturb_bits, estimator: o.quzo.estimator };
+                Box::new(zo_lora::ZoLora::new("quzo-lora", base, lc, zo()?, dirs)?)
+            }
+            MethodKind::Mezo => Box::new(mezo::Mezo::new(source.params()?, zo()?)),
+            MethodKind::Quzo => Box::new(quzo::Quzo::new(source, o.bits.bits, &o.quzo, zo()?)?),
+            MethodKind::Qst => Box::new(qst::Qst::new(source, o.qst.config(fo.keep(), ctx.seed), update())?),
+            MethodKind::Lora => Box::new(lora::Lora::new("lora", source.params()?, lc, update(), fo.keep())?),
+            MethodKind::Qlora => {
+                lc.validate()?;
+                Box::new(lora::Lora::new("qlora", lora::nf4_base(source)?, lc, update(), fo.keep())?)
+            }
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::llama::tests::{batch, tiny_config};
-    use crate::model::{ParamId, ParamStore};
+    use crate::model::{Llama, ParamId, ParamStore};
     use candle_core::DType;
+
+    /// Options small enough for the tiny model.
+    pub(crate) fn tiny_options() -> MethodOptions {
+        let mut o = MethodOptions::default();
+        o.qst.side_r = 2;
+        o.qst.adapter_rank = 4;
+        o.lora.lora_r = 2;
+        o.qft.outlier_fraction = 0.05;
+        o
+    }
 
     /// A NaN loss in any method: `skip` applies no update (the exported weights are untouched), `stop` ends with a
     /// numerical error. The NaN enters through the final norm, which every method keeps in f32. (QST exports no
@@ -378,11 +295,14 @@ mod tests {
         let model = Llama::new(cfg.clone());
         let mut p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
         p.set(ParamId::FinalNorm, (p.get(ParamId::FinalNorm) * f64::NAN).unwrap());
-        let tiny =
-            MethodOptions { side_r: 2, adapter_rank: 4, lora_r: 2, outlier_fraction: 0.05, ..Default::default() };
-        for (name, lora) in METHODS.iter().map(|m| (*m, false)).chain([("mezo", true), ("quzo", true)]) {
-            let o = MethodOptions { on_nan: OnNonFinite::Skip, lora, ..tiny };
-            let (mut m, _) = build(name, Source::Params(p.clone()), &o).unwrap();
+        let variants =
+            MethodKind::ALL.iter().map(|&k| (k, false)).chain([(MethodKind::Mezo, true), (MethodKind::Quzo, true)]);
+        for (kind, lora) in variants {
+            let mut o = tiny_options();
+            o.zo.lora = lora;
+            let name = kind.run_name(&o);
+            let ctx = |on_nan| RunContext { seed: 0, on_nan, epoch_steps: 1 };
+            let mut m = kind.build(&o, Source::Params(p.clone()), &ctx(OnNonFinite::Skip)).unwrap();
             let q = ParamId::Block(0, crate::model::BlockParam::Q);
             let before = m.export_tensor(q).ok();
             let s = m.step(&model, &[batch(true)], 1e-2).unwrap();
@@ -391,9 +311,43 @@ mod tests {
                 let d = (m.export_tensor(q).unwrap() - before).unwrap().abs().unwrap().max_all().unwrap();
                 assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name}: weights changed on a skipped step");
             }
-            let o = MethodOptions { on_nan: OnNonFinite::Stop, lora, ..tiny };
-            let (mut m, _) = build(name, Source::Params(p.clone()), &o).unwrap();
+            let mut m = kind.build(&o, Source::Params(p.clone()), &ctx(OnNonFinite::Stop)).unwrap();
             assert!(matches!(m.step(&model, &[batch(true)], 1e-2), Err(Error::Numerical(_))), "{name}: did not stop");
         }
+    }
+
+    /// The run names reports use, and the refusal of an option the method would not read.
+    #[test]
+    fn options_a_method_does_not_read_are_refused() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[arg(long, value_enum)]
+            method: MethodKind,
+            #[command(flatten)]
+            o: MethodOptions,
+        }
+        let check = |args: &[&str]| {
+            let m = Cli::command().get_matches_from(std::iter::once("x").chain(args.iter().copied()));
+            let cli = Cli::from_arg_matches_mut(&mut m.clone()).unwrap();
+            check_given(cli.method, cli.o.zo.lora, &m).map(|_| cli.method.run_name(&cli.o))
+        };
+        use clap::FromArgMatches;
+        assert_eq!(check(&["--method", "lora", "--lora-r", "4", "--clip", "1"]).unwrap(), "lora");
+        assert_eq!(check(&["--method", "mezo", "--lora", "--lora-r", "4"]).unwrap(), "mezo-lora");
+        let e = check(&["--method", "lora", "--side-r", "4"]).unwrap_err().to_string();
+        assert!(e.contains("--side-r is not read by --method lora (only by qst)"), "{e}");
+        let e = check(&["--method", "mezo", "--lora-r", "4"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--lora-r is not read by --method mezo (only by mezo --lora, quzo --lora, lora, qlora)"),
+            "{e}"
+        );
+        let e = check(&["--method", "mezo", "--recompute"]).unwrap_err().to_string();
+        assert!(e.contains("--recompute is not read by --method mezo"), "{e}");
+        let e = check(&["--method", "full-lion", "--eps", "1e-3"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--eps is not read by --method full-lion (only by mezo, mezo --lora, quzo, quzo --lora)"),
+            "{e}"
+        );
     }
 }

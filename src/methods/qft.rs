@@ -15,12 +15,15 @@
 //!   accumulation), before they are quantized, and the clip factor is applied when the optimizer pops.
 //! - Fused variant (`fused`): the Lion update is applied inside the backward as each f32 gradient arrives (no
 //!   stack, no gradient state); it needs one micro-batch per step and no clipping (both need every gradient first).
-use super::{Method, OnNonFinite, StepStats};
+use super::RunContext;
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore, Source};
 use crate::model::{Batch, GradSink, Keep, Llama, ParamId, Weights};
+use crate::train::first_order::{self, FirstOrder, FirstOrderArgs, Micro};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
 use crate::train::optim::LionConfig;
+use crate::train::zeroth_order::direction_seed;
+use crate::train::{Figures, Method, OnNonFinite, StepStats};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use qtune_quant::hybrid::HybridTensor;
@@ -136,6 +139,37 @@ impl Int8Blocks {
     }
 }
 
+/// QFT's own options.
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+#[command(next_help_heading = "QFT")]
+pub struct QftArgs {
+    /// QFT: fraction of each matrix's entries kept in f32 as outliers.
+    #[arg(long, default_value_t = 0.01)]
+    pub outlier_fraction: f64,
+    /// QFT: steps between recalibrations of scales and outlier thresholds (default: one epoch; 0: never).
+    #[arg(long)]
+    pub recalibrate_every: Option<usize>,
+    /// QFT: apply each update inside the backward, without the gradient stack.
+    #[arg(long)]
+    pub fused: bool,
+}
+crate::options::defaults_from_clap!(QftArgs);
+
+impl QftArgs {
+    /// The configuration of a run: Lion's, the loop's and the run's settings beside QFT's own.
+    pub fn config(&self, lion: LionConfig, fo: &FirstOrderArgs, ctx: &RunContext) -> Result<QftConfig> {
+        Ok(QftConfig {
+            lion,
+            outlier_fraction: self.outlier_fraction,
+            clip: fo.clip(),
+            recalibrate_every: self.recalibrate_every.unwrap_or(ctx.epoch_steps),
+            fused: self.fused,
+            keep: fo.keep(),
+            seed: ctx.seed,
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct QftConfig {
     pub lion: LionConfig,
@@ -176,11 +210,17 @@ pub struct Qft {
     pub cfg: QftConfig,
     pub on_nan: OnNonFinite,
     step: u64,
+    /// This step's Σg² of the last micro-batch's gradients (after accumulation), for clipping.
+    sumsq: f64,
+    /// This step's changed stored entries: (INT8 codes, exact f32 values).
+    changed: (usize, usize),
+    /// This step's learning rate, for the fused variant's updates inside the backward.
+    fused_lr: f64,
 }
 
 /// One stream key per (step, parameter, purpose).
 fn key(seed: u64, step: u64, id: usize, stream: u32) -> RngKey {
-    RngKey::new(super::zo::direction_seed(seed, step, id), id as u32, stream)
+    RngKey::new(direction_seed(seed, step, id), id as u32, stream)
 }
 
 impl Qft {
@@ -195,7 +235,18 @@ impl Qft {
         let store = source
             .quantize(&mut |_, d, r, c| HybridTensor::quantize(d, r, c, frac, Rounding::Nearest).map_err(quant_err))?;
         let momentum = store.ids().iter().map(|&id| Int8Blocks::zeros(id.numel(&store.cfg))).collect::<Result<_>>()?;
-        Ok(Qft { weights: QftWeights(RefCell::new(store)), momentum, stack: Vec::new(), cfg, on_nan, step: 0 })
+        let weights = QftWeights(RefCell::new(store));
+        Ok(Qft {
+            weights,
+            momentum,
+            stack: Vec::new(),
+            cfg,
+            on_nan,
+            step: 0,
+            sumsq: 0.0,
+            changed: (0, 0),
+            fused_lr: 0.0,
+        })
     }
 
     /// The parts of the state a Lion update touches, borrowed apart so the fused sink can hold them during a
@@ -279,7 +330,8 @@ impl Lion<'_> {
             let new: Vec<f32> = (0..v.len()).map(|j| step_dir(v[j], mr[j], gr[j])).collect();
             let changed = (0, new.iter().zip(&v).filter(|(a, b)| a != b).count());
             let n = new.len();
-            store.set_vector(id, Tensor::from_vec(new, n, &candle_core::Device::Cpu)?);
+            let device = store.vector(id)?.device().clone();
+            store.set_vector(id, Tensor::from_vec(new, n, &device)?);
             changed
         };
         drop(store);
@@ -327,11 +379,7 @@ impl GradSink for StackSink<'_> {
     fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()> {
         let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
         drop(grad);
-        let k = RngKey::new(
-            super::zo::direction_seed(self.seed, self.micro, self.depth),
-            self.depth as u32,
-            STREAM_SR_GRAD,
-        );
+        let k = RngKey::new(direction_seed(self.seed, self.micro, self.depth), self.depth as u32, STREAM_SR_GRAD);
         if !self.accumulate {
             if self.last {
                 self.sumsq += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
@@ -378,6 +426,88 @@ impl GradSink for FusedSink<'_> {
     }
 }
 
+impl FirstOrder for Qft {
+    fn loop_options(&self) -> (Option<f64>, OnNonFinite) {
+        (self.cfg.clip, self.on_nan)
+    }
+
+    fn accumulate(&mut self, model: &Llama, batch: &Batch, k: usize, n: usize) -> Result<Micro> {
+        if k == 0 {
+            if self.cfg.fused && n != 1 {
+                return Err(Error::Option("--fused updates inside the backward: use --grad-accum 1".into()));
+            }
+            if self.cfg.recalibrate_every > 0
+                && self.step > 0
+                && self.step.is_multiple_of(self.cfg.recalibrate_every as u64)
+            {
+                self.recalibrate()?;
+            }
+            (self.sumsq, self.changed) = (0.0, (0, 0));
+        }
+        // The model borrows the weights for the forward and backward; the trace is consumed by the backward.
+        let (out, trace) = model.forward(&self.weights, batch, self.cfg.keep)?;
+        let trace = trace.expect("training forward keeps a trace");
+        let activations = trace.bytes();
+        let scratch = block_scratch_bytes(&model.cfg, &batch.lengths, self.cfg.keep, 4);
+        if self.cfg.fused {
+            // The backward reads the weights through the RefCell; the sink writes a parameter only after the
+            // backward is done with it (see QftWeights).
+            let lr = self.fused_lr;
+            let Qft { weights, momentum, cfg, step, .. } = self;
+            let lion = Lion { weights, momentum, cfg, step: *step };
+            let mut sink = FusedSink { lion, lr, changed: (0, 0) };
+            model.backward(weights, trace, &mut sink)?;
+            self.changed = sink.changed;
+        } else {
+            let mut sink = StackSink {
+                stack: &mut self.stack,
+                depth: 0,
+                accumulate: k > 0,
+                last: k + 1 == n,
+                sumsq: 0.0,
+                seed: self.cfg.seed ^ self.step,
+                micro: k as u64,
+            };
+            model.backward(&self.weights, trace, &mut sink)?;
+            self.sumsq += sink.sumsq;
+        }
+        Ok(Micro { loss: out.loss, activations, scratch })
+    }
+
+    fn gradient_bytes(&self) -> usize {
+        self.stack.iter().map(|(_, g)| g.bytes()).sum()
+    }
+
+    fn summed_norm(&mut self) -> Result<Option<f64>> {
+        Ok((!self.cfg.fused).then(|| self.sumsq.sqrt()))
+    }
+
+    fn discard(&mut self) {
+        self.stack.clear();
+        self.step += 1;
+    }
+
+    /// Pops the stack in forward order, applying Lion to each parameter (the fused variant has applied them).
+    fn apply(&mut self, scale: f64, lr: f64) -> Result<Figures> {
+        let scale = scale as f32;
+        let mut changed = self.changed;
+        while let Some((id, g)) = self.stack.pop() {
+            let src = |start: usize, out: &mut [f32]| g.dequantize_span(start, out);
+            changed = add(changed, self.lion().update(id, &src, scale, lr)?);
+        }
+        self.step += 1;
+        let params = self.weights.0.borrow().cfg.num_params();
+        Ok(vec![
+            ("changed_fraction", (changed.0 + changed.1) as f64 / params as f64),
+            ("changed_int8_fraction", changed.0 as f64 / self.dense_entries() as f64),
+        ])
+    }
+
+    fn optimizer_bytes(&self) -> usize {
+        self.momentum.iter().map(|m| m.bytes()).sum()
+    }
+}
+
 impl Method for Qft {
     fn name(&self) -> &'static str {
         if self.cfg.fused {
@@ -388,75 +518,13 @@ impl Method for Qft {
     }
 
     fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
-        let n = micro.len();
-        if self.cfg.fused && n != 1 {
-            return Err(Error::Option("--fused updates inside the backward: use --grad-accum 1".into()));
-        }
-        if self.cfg.recalibrate_every > 0
-            && self.step > 0
-            && self.step.is_multiple_of(self.cfg.recalibrate_every as u64)
-        {
-            self.recalibrate()?;
-        }
-        let mut mem = self.state_bytes();
-        let mut loss = 0f32;
-        let mut sumsq = 0f64;
-        let mut changed = (0usize, 0usize);
-        for (k, batch) in micro.iter().enumerate() {
-            // The model borrows the weights for the forward and backward; the trace is consumed by the backward.
-            let (out, trace) = model.forward(&self.weights, batch, self.cfg.keep)?;
-            let trace = trace.expect("training forward keeps a trace");
-            mem.activations = mem.activations.max(trace.bytes());
-            mem.scratch = mem.scratch.max(block_scratch_bytes(&model.cfg, &batch.lengths, self.cfg.keep, 4));
-            loss += out.loss / n as f32;
-            if self.cfg.fused {
-                // The backward reads the weights through the RefCell; the sink writes a parameter only after the
-                // backward is done with it (see QftWeights).
-                let Qft { weights, momentum, cfg, step, .. } = self;
-                let lion = Lion { weights, momentum, cfg, step: *step };
-                let mut sink = FusedSink { lion, lr, changed: (0, 0) };
-                model.backward(weights, trace, &mut sink)?;
-                changed = sink.changed;
-            } else {
-                let mut sink = StackSink {
-                    stack: &mut self.stack,
-                    depth: 0,
-                    accumulate: k > 0,
-                    last: k + 1 == n,
-                    sumsq: 0.0,
-                    seed: self.cfg.seed ^ self.step,
-                    micro: k as u64,
-                };
-                model.backward(&self.weights, trace, &mut sink)?;
-                sumsq += sink.sumsq;
-                mem.gradients = mem.gradients.max(self.stack.iter().map(|(_, g)| g.bytes()).sum());
-            }
-        }
-        let norm = sumsq.sqrt() / n as f64;
-        if !self.cfg.fused {
-            if !loss.is_finite() || !norm.is_finite() {
-                self.stack.clear();
-                self.step += 1;
-                return self.on_nan.fault(loss, Some(norm), mem);
-            }
-            let clip = self.cfg.clip.map_or(1.0, |c| (c / norm).min(1.0));
-            let scale = (clip / n as f64) as f32;
-            while let Some((id, g)) = self.stack.pop() {
-                let src = |start: usize, out: &mut [f32]| g.dequantize_span(start, out);
-                changed = add(changed, self.lion().update(id, &src, scale, lr)?);
-            }
-        }
-        self.step += 1;
-        mem.optimizer = self.momentum.iter().map(|m| m.bytes()).sum();
-        let stats = StepStats {
-            loss,
-            grad_norm: (!self.cfg.fused).then_some(norm),
-            applied: true,
-            memory: mem,
-            changed_fraction: Some((changed.0 + changed.1) as f64 / model.cfg.num_params() as f64),
-            changed_int8_fraction: Some(changed.0 as f64 / self.dense_entries() as f64),
-        };
-        Ok(stats)
+        // The fused variant applies Lion inside the backward, so the backward needs the step's learning rate.
+        self.fused_lr = lr;
+        first_order::step(self, model, micro, lr)
+    }
+
+    fn flops_per_param(&self) -> f64 {
+        6.0
     }
 
     fn weights(&self) -> &dyn Weights {
@@ -480,10 +548,6 @@ impl Method for Qft {
 
     fn export_tensor(&self, id: ParamId) -> Result<Tensor> {
         self.weights.0.borrow().dense(id)
-    }
-
-    fn saves_state(&self) -> bool {
-        true
     }
 
     /// Hybrid weights (dense INT8 codes and row scales, CSR outliers), f32 norms, INT8 momentum, the step.
@@ -542,7 +606,8 @@ impl Method for Qft {
                 *store.mat_mut(id) = h;
             } else {
                 let v = r.f32_len(&name, shape[0])?;
-                store.set_vector(id, Tensor::from_vec(v, shape[0], &candle_core::Device::Cpu)?);
+                let device = store.vector(id)?.device().clone();
+                store.set_vector(id, Tensor::from_vec(v, shape[0], &device)?);
             }
             self.momentum[id.index(&cfg)] = Int8Blocks::load(r, &format!("momentum.{name}"), id.numel(&cfg))?;
         }
@@ -559,6 +624,11 @@ mod tests {
     use crate::model::ParamStore;
     use candle_core::DType;
     use qtune_quant::rng::fill_gaussian;
+
+    /// A figure the step reported.
+    fn figure(s: &StepStats, name: &str) -> f64 {
+        s.figures.iter().find(|f| f.0 == name).unwrap_or_else(|| panic!("no figure {name}")).1
+    }
 
     fn cfg_lion(lr_wd: f64) -> QftConfig {
         QftConfig {
@@ -680,10 +750,10 @@ mod tests {
             let mut q =
                 Qft::new(Source::Params(p.clone()), QftConfig { fused, ..cfg_lion(0.0) }, OnNonFinite::Stop).unwrap();
             let first = q.step(&m, &[batch(true)], 1e-2).unwrap();
-            let mut last = first;
+            let mut last = first.clone();
             for _ in 0..15 {
                 last = q.step(&m, &[batch(true)], 1e-2).unwrap();
-                assert!(last.changed_fraction.unwrap() > 0.01, "fused {fused}: weights did not move");
+                assert!(figure(&last, "changed_fraction") > 0.01, "fused {fused}: weights did not move");
             }
             assert!(last.loss < first.loss * 0.5, "fused {fused}: loss {} -> {}", first.loss, last.loss);
         }

@@ -8,12 +8,12 @@
 //! naive variant: stochastic rounding to perturb, round-to-nearest to update).
 //! The perturbation is fused into the kernel's tile dequantization ([`PerturbedInt`]): memory stays that of
 //! inference plus one tile per thread.
-use super::zo::{direction_seed, zo_loss, ZoConfig};
-use super::{Method, OnNonFinite, StepStats};
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore, Source};
 use crate::model::{Batch, Llama, ParamId, Weights};
 use crate::train::memory::Breakdown;
+use crate::train::zeroth_order::{self, direction_seed, mean_loss, Perturbation, ZoLoop};
+use crate::train::{Method, StepStats};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use qtune_quant::rng::{
@@ -23,8 +23,31 @@ use qtune_quant::round::stochastic_round;
 use qtune_quant::{Bits, Granularity, IntTensor, QuantBytes, QuantSpec, QuantWeight, Rounding};
 use rayon::prelude::*;
 
+/// The weight bits of the quantized methods (read by quzo and qat).
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+#[command(next_help_heading = "Quantized weights (quzo, qat)")]
+pub struct BitsArgs {
+    /// Weight bits of quantized methods (quzo, qat: 8 or 4).
+    #[arg(long, default_value_t = 8)]
+    pub bits: u32,
+}
+crate::options::defaults_from_clap!(BitsArgs);
+
+/// QuZO's own options.
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+#[command(next_help_heading = "QuZO")]
+pub struct QuzoArgs {
+    /// QuZO perturbation bits.
+    #[arg(long, default_value_t = 4)]
+    pub perturb_bits: u32,
+    /// QuZO estimator: qrge2 (the paper: independent roundings), same-rounding (the official code), qrge1.
+    #[arg(long, value_enum, default_value_t = Estimator::Qrge2)]
+    pub estimator: Estimator,
+}
+crate::options::defaults_from_clap!(QuzoArgs);
+
 /// How u₁ (perturb) and u₂ (update) are drawn from u.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 pub enum Estimator {
     /// The paper's Q-RGE2: two independent stochastic roundings.
     Qrge2,
@@ -32,28 +55,6 @@ pub enum Estimator {
     SameRounding,
     /// The official code's Q-RGE1: stochastic rounding to perturb, round-to-nearest to update.
     Qrge1,
-}
-
-impl std::str::FromStr for Estimator {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "qrge2" => Ok(Estimator::Qrge2),
-            "same-rounding" => Ok(Estimator::SameRounding),
-            "qrge1" => Ok(Estimator::Qrge1),
-            _ => Err(Error::Option(format!("--estimator `{s}`: expected qrge2, same-rounding or qrge1"))),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct QuzoConfig {
-    pub zo: ZoConfig,
-    /// Weight bits (8 or 4).
-    pub bits: u32,
-    /// Perturbation bits (the paper's scripts use 4 for every model).
-    pub perturb_bits: u32,
-    pub estimator: Estimator,
 }
 
 /// The quantized direction of one tensor at one step: u ~ N(0, I) per element (stream GAUSS), quantized per tensor
@@ -176,9 +177,9 @@ impl Weights for PerturbedModel<'_> {
 
 pub struct Quzo {
     pub store: QuantStore<IntTensor>,
-    pub cfg: QuzoConfig,
-    pub on_nan: OnNonFinite,
-    step: u64,
+    pub perturb_bits: u32,
+    pub estimator: Estimator,
+    pub zo: ZoLoop,
 }
 
 /// The weight quantizer of QuZO: symmetric per output channel at `bits`, round to nearest.
@@ -194,11 +195,13 @@ pub fn quantize_int(source: Source, bits: u32) -> Result<QuantStore<IntTensor>> 
 }
 
 impl Quzo {
-    pub fn new(source: Source, cfg: QuzoConfig, on_nan: OnNonFinite) -> Result<Self> {
-        if !(2..=8).contains(&cfg.perturb_bits) {
-            return Err(Error::Option(format!("--perturb-bits {} must be between 2 and 8", cfg.perturb_bits)));
+    /// QuZO on the model read from `source` at `bits`.
+    pub fn new(source: Source, bits: u32, args: &QuzoArgs, zo: ZoLoop) -> Result<Self> {
+        if !(2..=8).contains(&args.perturb_bits) {
+            return Err(Error::Option(format!("--perturb-bits {} must be between 2 and 8", args.perturb_bits)));
         }
-        Ok(Quzo { store: quantize_int(source, cfg.bits)?, cfg, on_nan, step: 0 })
+        let store = quantize_int(source, bits)?;
+        Ok(Quzo { store, perturb_bits: args.perturb_bits, estimator: args.estimator, zo })
     }
 
     fn directions(&self, seed: u64) -> Vec<QDirection> {
@@ -206,7 +209,7 @@ impl Quzo {
         self.store
             .ids()
             .iter()
-            .map(|&id| QDirection::new(seed, id.index(cfg) as u32, id.numel(cfg), self.cfg.perturb_bits))
+            .map(|&id| QDirection::new(seed, id.index(cfg) as u32, id.numel(cfg), self.perturb_bits))
             .collect()
     }
 }
@@ -225,7 +228,7 @@ impl Estimator {
 /// θ(i) ← θ(i) − η·(Σ_k μ_k·u₂,k(i) / n + λ·θ(i)) over elements `start ..` of tensor `t` (`w` holds them), in
 /// parallel chunks; `est` holds each direction's quantized directions and projected gradient μ_k.
 fn zo_update(
-    est: &[(Vec<QDirection>, f64)],
+    est: &[(u64, Vec<QDirection>, f64)],
     t: usize,
     u2: Option<u32>,
     lr: f64,
@@ -238,7 +241,7 @@ fn zo_update(
         let s = start + (c * FILL_CHUNK) as u64;
         let (mut g, mut u) = ([0f64; FILL_CHUNK], [0f32; FILL_CHUNK]);
         let (g, u) = (&mut g[..w.len()], &mut u[..w.len()]);
-        for (dirs, mu) in est {
+        for (_, dirs, mu) in est {
             dirs[t].fill(s, u, u2);
             g.iter_mut().zip(u.iter()).for_each(|(g, &u)| *g += mu * u as f64);
         }
@@ -251,61 +254,100 @@ fn zo_update(
 /// Rows per chunk of the weight update: bounds the update's scratch to ~64K elements.
 pub(crate) const UPDATE_CHUNK: usize = 1 << 16;
 
+impl Perturbation for Quzo {
+    /// Each tensor's quantized direction (its scale comes from a pass over the regenerated Gaussians).
+    type Direction = Vec<QDirection>;
+
+    fn zo(&self) -> &ZoLoop {
+        &self.zo
+    }
+
+    fn zo_mut(&mut self) -> &mut ZoLoop {
+        &mut self.zo
+    }
+
+    /// The perturbation is applied in f32.
+    fn eps(&self) -> f64 {
+        self.zo.eps as f32 as f64
+    }
+
+    fn direction(&self, seed: u64) -> Vec<QDirection> {
+        self.directions(seed)
+    }
+
+    fn loss_at(&mut self, model: &Llama, micro: &[Batch], _seed: u64, d: &Vec<QDirection>, eps: f64) -> Result<f32> {
+        mean_loss(model, &PerturbedModel { store: &self.store, dirs: d, eps: eps as f32 }, micro)
+    }
+
+    /// Each matrix chunk of rows by chunk: dequantize, add −η·(Σ μ_k·u₂,k / n + λθ), re-encode on the frozen grid
+    /// with stochastic rounding (so updates far below one grid step survive in expectation).
+    fn update(&mut self, est: &[(u64, Vec<QDirection>, f64)], lr: f64, step: u64) -> Result<()> {
+        let update_seed = direction_seed(self.zo.seed ^ 0x5555, step, 0);
+        let cfg = self.store.cfg.clone();
+        for id in self.store.ids() {
+            let t = id.index(&cfg);
+            let decay = if id.is_matrix() { self.zo.weight_decay } else { 0.0 };
+            let u2 = self.estimator.u2_stream();
+            if id.is_matrix() {
+                let (rows, cols) = (self.store.mat(id).rows(), self.store.mat(id).cols());
+                let chunk_rows = update_chunk_rows(rows, cols);
+                let mut buf = vec![0f32; chunk_rows * cols];
+                let rounding = Rounding::Stochastic(RngKey::new(update_seed, t as u32, STREAM_SR_WEIGHT));
+                for r0 in (0..rows).step_by(chunk_rows) {
+                    let r1 = (r0 + chunk_rows).min(rows);
+                    let b = &mut buf[..(r1 - r0) * cols];
+                    self.store.mat(id).dequantize_rows(r0..r1, b).map_err(quant_err)?;
+                    zo_update(est, t, u2, lr, decay, (r0 * cols) as u64, b);
+                    self.store.mat_mut(id).requantize_rows_frozen(r0..r1, b, rounding).map_err(quant_err)?;
+                }
+            } else {
+                let mut v: Vec<f32> = self.store.vector(id)?.to_vec1()?;
+                zo_update(est, t, u2, lr, decay, 0, &mut v);
+                let len = v.len();
+                let device = self.store.vector(id)?.device().clone();
+                self.store.set_vector(id, Tensor::from_vec(v, len, &device)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// One chunk of rows of the largest matrix, dequantized for the update.
+    fn scratch_bytes(&self) -> usize {
+        update_scratch_bytes(&self.store.cfg)
+    }
+}
+
+/// Rows per chunk of the weight update of a [rows, cols] matrix: bounds the update's scratch to ~64K elements.
+fn update_chunk_rows(rows: usize, cols: usize) -> usize {
+    (UPDATE_CHUNK / cols).max(1).min(rows)
+}
+
+/// Bytes of the update's scratch for a model config: one chunk of rows of the matrix that needs the largest (the
+/// engine's [`Perturbation::scratch_bytes`] and the memory planner's count).
+pub fn update_scratch_bytes(cfg: &crate::model::LlamaConfig) -> usize {
+    ParamId::all(cfg)
+        .into_iter()
+        .filter(|id| id.is_matrix())
+        .map(|id| {
+            let (rows, cols) = (id.shape(cfg)[0], id.shape(cfg)[1]);
+            4 * cols * update_chunk_rows(rows, cols)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 impl Method for Quzo {
     fn name(&self) -> &'static str {
         "quzo"
     }
 
     fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
-        let n = self.cfg.zo.directions;
-        let eps = self.cfg.zo.eps as f32;
-        let mut mem = self.state_bytes();
-        let mut est = Vec::with_capacity(n);
-        let mut loss_sum = 0f32;
-        for dir in 0..n {
-            let seed = direction_seed(self.cfg.zo.seed, self.step, dir);
-            let dirs = self.directions(seed);
-            let plus = zo_loss(model, &PerturbedModel { store: &self.store, dirs: &dirs, eps }, micro)?;
-            let minus = zo_loss(model, &PerturbedModel { store: &self.store, dirs: &dirs, eps: -eps }, micro)?;
-            est.push((dirs, (plus as f64 - minus as f64) / (2.0 * eps as f64)));
-            loss_sum += (plus + minus) / 2.0;
-        }
-        let update_seed = direction_seed(self.cfg.zo.seed ^ 0x5555, self.step, 0);
-        self.step += 1;
-        let loss = loss_sum / n as f32;
-        if !loss.is_finite() || est.iter().any(|(_, g)| !g.is_finite()) {
-            return self.on_nan.fault(loss, None, mem);
-        }
-        let cfg = self.store.cfg.clone();
-        let mut scratch = 0;
-        for id in self.store.ids() {
-            let t = id.index(&cfg);
-            let decay = if id.is_matrix() { self.cfg.zo.weight_decay } else { 0.0 };
-            let u2 = self.cfg.estimator.u2_stream();
-            if id.is_matrix() {
-                let w = self.store.mat(id);
-                let (rows, cols) = (w.rows(), w.cols());
-                let chunk_rows = (UPDATE_CHUNK / cols).max(1).min(rows);
-                let mut buf = vec![0f32; chunk_rows * cols];
-                scratch = scratch.max(buf.len() * 4);
-                let rounding = Rounding::Stochastic(RngKey::new(update_seed, t as u32, STREAM_SR_WEIGHT));
-                for r0 in (0..rows).step_by(chunk_rows) {
-                    let r1 = (r0 + chunk_rows).min(rows);
-                    let b = &mut buf[..(r1 - r0) * cols];
-                    self.store.mat(id).dequantize_rows(r0..r1, b).map_err(quant_err)?;
-                    zo_update(&est, t, u2, lr, decay, (r0 * cols) as u64, b);
-                    self.store.mat_mut(id).requantize_rows_frozen(r0..r1, b, rounding).map_err(quant_err)?;
-                }
-            } else {
-                let mut v: Vec<f32> = self.store.vector(id)?.to_vec1()?;
-                zo_update(&est, t, u2, lr, decay, 0, &mut v);
-                let len = v.len();
-                self.store.set_vector(id, Tensor::from_vec(v, len, &candle_core::Device::Cpu)?);
-            }
-        }
-        mem.scratch = scratch;
-        let g = est.iter().map(|e| e.1 * e.1).sum::<f64>().sqrt();
-        Ok(StepStats { loss, grad_norm: Some(g), applied: true, memory: mem, ..Default::default() })
+        zeroth_order::step(self, model, micro, lr)
+    }
+
+    /// Two forwards per step.
+    fn flops_per_param(&self) -> f64 {
+        4.0
     }
 
     fn weights(&self) -> &dyn Weights {
@@ -324,13 +366,9 @@ impl Method for Quzo {
         self.store.dense(id)
     }
 
-    fn saves_state(&self) -> bool {
-        true
-    }
-
     /// INT8/INT4 codes and row scales, f32 norms, and the step.
     fn save_state(&self, w: &mut StateWriter) -> Result<()> {
-        w.meta("step", self.step);
+        self.zo.save(w);
         for id in self.store.ids() {
             let name = id.hf_name();
             if id.is_matrix() {
@@ -344,7 +382,7 @@ impl Method for Quzo {
     }
 
     fn load_state(&mut self, r: &StateReader) -> Result<()> {
-        let spec = weight_spec(self.cfg.bits)?;
+        let spec = self.store.mat(ParamId::Embed).spec();
         let cfg = self.store.cfg.clone();
         for id in self.store.ids() {
             let (name, shape) = (id.hf_name(), id.shape(&cfg));
@@ -361,11 +399,11 @@ impl Method for Quzo {
                 *self.store.mat_mut(id) = t;
             } else {
                 let v = r.f32_len(&name, shape[0])?;
-                self.store.set_vector(id, Tensor::from_vec(v, shape[0], &candle_core::Device::Cpu)?);
+                let device = self.store.vector(id)?.device().clone();
+                self.store.set_vector(id, Tensor::from_vec(v, shape[0], &device)?);
             }
         }
-        self.step = r.meta()["step"].as_u64().ok_or_else(|| Error::file(r.path(), "no `step` in the metadata"))?;
-        Ok(())
+        self.zo.load(r)
     }
 }
 
@@ -374,8 +412,12 @@ mod tests {
     use super::*;
     use crate::model::llama::tests::{batch, tiny_config};
     use crate::model::ParamStore;
-
+    use crate::train::OnNonFinite;
     use candle_core::{DType, Device};
+
+    fn zo(eps: f64, directions: usize, seed: u64) -> ZoLoop {
+        ZoLoop { eps, directions, weight_decay: 0.0, seed, on_nan: OnNonFinite::Stop, step: 0 }
+    }
 
     /// Q-RGE2 is unbiased: over many draws the mean of u₁⊙u₂ at a coordinate tends to E[u²] = 1, while the same
     /// rounding reused (ū⊙ū) stays above 1 by the rounding variance. 40 000 draws of a 4-bit per-tensor quantizer
@@ -411,17 +453,7 @@ mod tests {
     fn fused_perturbation_equals_explicit_perturbation() {
         let cfg = tiny_config(true);
         let p = ParamStore::random(&cfg, 4, 0.3, DType::F32).unwrap();
-        let q = Quzo::new(
-            Source::Params(p.clone()),
-            QuzoConfig {
-                zo: ZoConfig { eps: 1e-2, directions: 1, weight_decay: 0.0, seed: 1 },
-                bits: 8,
-                perturb_bits: 4,
-                estimator: Estimator::Qrge2,
-            },
-            OnNonFinite::Stop,
-        )
-        .unwrap();
+        let q = Quzo::new(Source::Params(p.clone()), 8, &QuzoArgs::default(), zo(1e-2, 1, 1)).unwrap();
         let dirs = q.directions(77);
         let mut explicit = q.store.dequantize().unwrap();
         for id in explicit.ids() {
@@ -431,8 +463,8 @@ mod tests {
             explicit.set(id, (w.clone() + Tensor::from_vec(u, w.shape(), &Device::Cpu).unwrap()).unwrap());
         }
         let m = Llama::new(cfg);
-        let a = zo_loss(&m, &PerturbedModel { store: &q.store, dirs: &dirs, eps: 1e-2 }, &[batch(true)]).unwrap();
-        let b = zo_loss(&m, &explicit, &[batch(true)]).unwrap();
+        let a = mean_loss(&m, &PerturbedModel { store: &q.store, dirs: &dirs, eps: 1e-2 }, &[batch(true)]).unwrap();
+        let b = mean_loss(&m, &explicit, &[batch(true)]).unwrap();
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
 
@@ -443,20 +475,14 @@ mod tests {
         let m = Llama::new(cfg.clone());
         let p = ParamStore::random(&cfg, 4, 0.3, DType::F32).unwrap();
         let run = || {
-            let c = QuzoConfig {
-                zo: ZoConfig { eps: 1e-2, directions: 2, weight_decay: 0.0, seed: 9 },
-                bits: 4,
-                perturb_bits: 4,
-                estimator: Estimator::Qrge2,
-            };
-            let mut q = Quzo::new(Source::Params(p.clone()), c, OnNonFinite::Stop).unwrap();
+            let mut q = Quzo::new(Source::Params(p.clone()), 4, &QuzoArgs::default(), zo(1e-2, 2, 9)).unwrap();
             for _ in 0..2 {
                 q.step(&m, &[batch(true)], 1e-2).unwrap();
             }
             q
         };
         let (a, b) = (run(), run());
-        let fresh = Quzo::new(Source::Params(p.clone()), a.cfg, OnNonFinite::Stop).unwrap();
+        let fresh = Quzo::new(Source::Params(p.clone()), 4, &QuzoArgs::default(), zo(1e-2, 2, 9)).unwrap();
         let mut moved = 0;
         for id in p.ids().into_iter().filter(|id| id.is_matrix()) {
             assert_eq!(a.store.mat(id), b.store.mat(id));

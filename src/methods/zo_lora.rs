@@ -8,14 +8,15 @@
 //! `--estimator` options as in full-parameter QuZO). The factors are float, so the update is not rounded.
 //! Memory: the frozen base, the factors, and one perturbed copy of the factors (a few MB); no gradient, no
 //! optimizer state.
-use super::lora::{FrozenBase, LoraConfig, LoraKey, LoraWeights, Trained};
+use super::lora::{FrozenBase, LoraConfig, LoraKey, LoraWeights};
 use super::quzo::{Estimator, QDirection};
-use super::zo::{direction_seed, zo_loss, ZoConfig};
-use super::{Method, OnNonFinite, StepStats};
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::{Batch, Llama, ParamId, Weights};
 use crate::train::memory::Breakdown;
-use crate::{Error, Result};
+use crate::train::trained::Trained;
+use crate::train::zeroth_order::{self, mean_loss, Perturbation, ZoLoop};
+use crate::train::{Method, StepStats};
+use crate::Result;
 use candle_core::Tensor;
 use qtune_quant::rng::{fill_gaussian, RngKey, STREAM_GAUSS, STREAM_SR_PERTURB};
 
@@ -44,31 +45,16 @@ impl Directions {
 /// LoRA factors trained by zeroth-order SGD over a frozen base `B`.
 pub struct ZoLora<B> {
     weights: LoraWeights<B>,
-    zo: ZoConfig,
+    zo: ZoLoop,
     directions: Directions,
-    on_nan: OnNonFinite,
     name: &'static str,
-    step: u64,
 }
 
 impl<B: FrozenBase> ZoLora<B> {
-    pub fn new(
-        name: &'static str,
-        base: B,
-        lc: LoraConfig,
-        zo: ZoConfig,
-        directions: Directions,
-        on_nan: OnNonFinite,
-    ) -> Result<Self> {
-        if zo.directions == 0 || !(zo.eps > 0.0 && zo.eps.is_finite()) {
-            return Err(Error::Option(format!(
-                "zeroth-order needs --directions ≥ 1 and --eps > 0 (got {} and {})",
-                zo.directions, zo.eps
-            )));
-        }
+    pub fn new(name: &'static str, base: B, lc: LoraConfig, zo: ZoLoop, directions: Directions) -> Result<Self> {
         let cfg = base.cfg().clone();
         let dtype = base.vector(ParamId::FinalNorm)?.dtype();
-        Ok(ZoLora { weights: LoraWeights::new(base, &cfg, lc, dtype)?, zo, directions, on_nan, name, step: 0 })
+        Ok(ZoLora { weights: LoraWeights::new(base, &cfg, lc, dtype)?, zo, directions, name })
     }
 
     /// `factors·scale + Σ (seed, coef): coef·u(seed)` per tensor (u₁ or u₂ as `update` says).
@@ -92,9 +78,40 @@ impl<B: FrozenBase> ZoLora<B> {
     fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, eps: f64) -> Result<f32> {
         let perturbed = self.combine(1.0, &[(seed, eps)], false)?;
         let saved = std::mem::replace(&mut self.weights.factors, perturbed);
-        let loss = zo_loss(model, &self.weights, micro);
+        let loss = mean_loss(model, &self.weights, micro);
         self.weights.factors = saved;
         loss
+    }
+}
+
+impl<B: FrozenBase> Perturbation for ZoLora<B> {
+    /// The factors' directions are regenerated from the seed, factor tensor by factor tensor.
+    type Direction = ();
+
+    fn zo(&self) -> &ZoLoop {
+        &self.zo
+    }
+
+    fn zo_mut(&mut self) -> &mut ZoLoop {
+        &mut self.zo
+    }
+
+    fn direction(&self, _seed: u64) {}
+
+    fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, _d: &(), eps: f64) -> Result<f32> {
+        ZoLora::loss_at(self, model, micro, seed, eps)
+    }
+
+    fn update(&mut self, est: &[(u64, (), f64)], lr: f64, _step: u64) -> Result<()> {
+        let n = est.len() as f64;
+        let terms: Vec<(u64, f64)> = est.iter().map(|&(seed, (), mu)| (seed, -lr * mu / n)).collect();
+        self.weights.factors = self.combine(1.0 - lr * self.zo.weight_decay, &terms, true)?;
+        Ok(())
+    }
+
+    /// One perturbed (or updated) copy of the factors.
+    fn scratch_bytes(&self) -> usize {
+        self.weights.factors.bytes()
     }
 }
 
@@ -104,26 +121,12 @@ impl<B: FrozenBase> Method for ZoLora<B> {
     }
 
     fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
-        let n = self.zo.directions;
-        let mut mem = self.state_bytes();
-        mem.scratch = self.weights.factors.bytes();
-        let (mut est, mut loss_sum) = (Vec::with_capacity(n), 0f32);
-        for dir in 0..n {
-            let seed = direction_seed(self.zo.seed, self.step, dir);
-            let plus = self.loss_at(model, micro, seed, self.zo.eps)?;
-            let minus = self.loss_at(model, micro, seed, -self.zo.eps)?;
-            est.push((seed, (plus as f64 - minus as f64) / (2.0 * self.zo.eps)));
-            loss_sum += (plus + minus) / 2.0;
-        }
-        self.step += 1;
-        let loss = loss_sum / n as f32;
-        let norm = est.iter().map(|e| e.1 * e.1).sum::<f64>().sqrt();
-        if !loss.is_finite() || !norm.is_finite() {
-            return self.on_nan.fault(loss, None, mem);
-        }
-        let terms: Vec<(u64, f64)> = est.iter().map(|&(seed, mu)| (seed, -lr * mu / n as f64)).collect();
-        self.weights.factors = self.combine(1.0 - lr * self.zo.weight_decay, &terms, true)?;
-        Ok(StepStats { loss, grad_norm: Some(norm), applied: true, memory: mem, ..Default::default() })
+        zeroth_order::step(self, model, micro, lr)
+    }
+
+    /// Two forwards through the frozen base per step (the factors' own matmuls are negligible).
+    fn flops_per_param(&self) -> f64 {
+        4.0
     }
 
     fn weights(&self) -> &dyn Weights {
@@ -142,20 +145,15 @@ impl<B: FrozenBase> Method for ZoLora<B> {
         self.weights.merged(id)
     }
 
-    fn saves_state(&self) -> bool {
-        true
-    }
-
     /// The factors and the step (directions are regenerated from seed and step).
     fn save_state(&self, w: &mut StateWriter) -> Result<()> {
-        w.meta("step", self.step);
+        self.zo.save(w);
         self.weights.factors.save(w, "trained")
     }
 
     fn load_state(&mut self, r: &StateReader) -> Result<()> {
         self.weights.factors.load(r, "trained")?;
-        self.step = r.meta()["step"].as_u64().ok_or_else(|| Error::file(r.path(), "no `step` in the metadata"))?;
-        Ok(())
+        self.zo.load(r)
     }
 }
 
@@ -168,15 +166,15 @@ mod tests {
     use crate::model::ParamStore;
     use candle_core::DType;
 
-    fn zo(seed: u64) -> ZoConfig {
-        ZoConfig { eps: 1e-3, directions: 2, weight_decay: 0.0, seed }
+    fn zo(seed: u64) -> ZoLoop {
+        ZoLoop { eps: 1e-3, directions: 2, weight_decay: 0.0, seed, on_nan: crate::train::OnNonFinite::Stop, step: 0 }
     }
 
     fn quzo_lora(p: &ParamStore, seed: u64) -> ZoLora<crate::model::quantized::QuantStore<qtune_quant::IntTensor>> {
         let base = super::super::quzo::quantize_int(Source::Params(p.clone()), 4).unwrap();
         let lc = LoraConfig { r: 2, alpha: 4.0, seed: 1 };
         let dirs = Directions::Quantized { bits: 4, estimator: Estimator::Qrge2 };
-        ZoLora::new("quzo-lora", base, lc, zo(seed), dirs, OnNonFinite::Stop).unwrap()
+        ZoLora::new("quzo-lora", base, lc, zo(seed), dirs).unwrap()
     }
 
     /// Only the factors move; the same seed gives the same factors; the first forward is the base's (B = 0); and
@@ -220,7 +218,7 @@ mod tests {
         let m = Llama::new(cfg.clone());
         let p = ParamStore::random(&cfg, 3, 0.3, DType::F64).unwrap();
         let lc = LoraConfig { r: 2, alpha: 4.0, seed: 1 };
-        let mut z = ZoLora::new("mezo-lora", p, lc, zo(1), Directions::Gaussian, OnNonFinite::Stop).unwrap();
+        let mut z = ZoLora::new("mezo-lora", p, lc, zo(1), Directions::Gaussian).unwrap();
         // Give B a non-zero value so both factors have a gradient.
         z.weights.factors = z.combine(1.0, &[(77, 0.1)], false).unwrap();
         let b = batch(true);

@@ -67,6 +67,11 @@ pub struct Targets {
     pub labels: Vec<u32>,
 }
 
+/// The most rows a batch and tokens a row may have: bounds that keep every count in range (B·H·T² in bytes fits
+/// 64 bits for up to 2^16 heads).
+pub const MAX_ROWS: usize = 1 << 16;
+pub const MAX_LEN: usize = 1 << 17;
+
 /// A right-padded batch. Rows are padded at the end, so under the causal mask no real position ever attends to
 /// padding and the key-padding mask is implied; the loss reads only real positions.
 #[derive(Clone, Debug)]
@@ -297,11 +302,22 @@ pub enum Keep {
 
 pub struct Llama {
     pub cfg: LlamaConfig,
+    /// Where the batches and every tensor of a pass live: the engine takes the device from here.
+    device: Device,
 }
 
 impl Llama {
+    /// The decoder on the CPU (the loaders' default device).
     pub fn new(cfg: LlamaConfig) -> Self {
-        Llama { cfg }
+        Self::on(cfg, Device::Cpu)
+    }
+
+    pub fn on(cfg: LlamaConfig, device: Device) -> Self {
+        Llama { cfg, device }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// The [`Geometry`] of `packing`'s rows for this model's blocks.

@@ -29,6 +29,14 @@ impl Source {
         }
     }
 
+    /// The device the model's tensors arrive on: a file's loader reads to the CPU; parameters are where they are.
+    pub fn device(&self) -> Device {
+        match self {
+            Source::File(_) => Device::Cpu,
+            Source::Params(p) => p.device().clone(),
+        }
+    }
+
     /// The model as dense f32 parameters (the f32 methods).
     pub fn params(self) -> Result<ParamStore> {
         match self {
@@ -124,6 +132,7 @@ impl<W: QuantWeight> QuantStore<W> {
                 let w = self.mat(id);
                 let mut out = vec![0f32; w.len()];
                 w.dequantize_into(&mut out).map_err(quant_err)?;
+                // Quantized matrices are held in host memory.
                 Ok(Tensor::from_vec(out, (w.rows(), w.cols()), &Device::Cpu)?)
             }
         }
@@ -183,6 +192,7 @@ pub fn qlinear_t(w: &(impl QuantWeight + ?Sized), dy: &Tensor) -> Result<Tensor>
 
 /// Rows `ids` of a quantized matrix, dequantized: [len(ids), cols].
 pub fn qrows(w: &(impl QuantWeight + ?Sized), ids: &Tensor) -> Result<Tensor> {
+    let ids_t = ids;
     let ids = ids.to_vec1::<u32>()?;
     let cols = w.cols();
     let mut out = vec![0f32; ids.len() * cols];
@@ -193,7 +203,7 @@ pub fn qrows(w: &(impl QuantWeight + ?Sized), ids: &Tensor) -> Result<Tensor> {
         }
         w.dequantize_rows(r..r + 1, &mut out[i * cols..(i + 1) * cols]).map_err(quant_err)?;
     }
-    Ok(Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?)
+    Ok(Tensor::from_vec(out, (ids.len(), cols), ids_t.device())?)
 }
 
 impl<W: QuantWeight> Weights for QuantStore<W> {

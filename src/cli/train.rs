@@ -1,0 +1,172 @@
+//! `qtune train`: fine-tune a model on a task with one method, or with `--plan` / `--max-memory` plan the run's
+//! memory for its own batches first, or with `--dump-batches` write the batches it would train on.
+use super::{device, pad_id, tokenizer, Common};
+use clap::{ArgMatches, Args};
+use qtune::methods::{check_given, MethodKind, MethodOptions, RunContext};
+use qtune::model::load::read_header;
+use qtune::model::quantized::Source;
+use qtune::model::Llama;
+use qtune::train::memory;
+use qtune::train::schedule::{Schedule, ScheduleKind};
+use qtune::train::trainer::{self, TrainConfig};
+use qtune::train::OnNonFinite;
+use qtune::{plan, Error, Result};
+use std::path::PathBuf;
+
+/// A method and its options: what `train` trains.
+#[derive(Args, Clone)]
+pub struct MethodArgs {
+    #[arg(long, value_enum, default_value_t = MethodKind::FullAdamw)]
+    pub method: MethodKind,
+    #[command(flatten)]
+    pub options: MethodOptions,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate (default: 1e-5 for AdamW, 1e-6 for Lion, QFT, MeZO and QuZO; 2e-4 for QST and 1e-4 for
+    /// LoRA/QLoRA with AdamW, a tenth of that with --optimizer lion; 1e-4 for mezo/quzo --lora).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// constant, linear or cosine (after --warmup steps of linear warmup).
+    #[arg(long, default_value = "linear")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// On a NaN/inf loss or gradient: skip the step, or stop.
+    #[arg(long, value_enum, default_value_t = OnNonFinite::Skip)]
+    pub on_nan: OnNonFinite,
+    #[command(flatten)]
+    pub m: MethodArgs,
+    /// Refuse to start when the planned peak memory (`qtune plan`) exceeds this many GiB.
+    #[arg(long)]
+    pub max_memory: Option<f64>,
+    /// Evaluate nothing (timing runs).
+    #[arg(long)]
+    pub no_eval: bool,
+    /// Write the training state in the method's own format (quantized weights, optimizer states, data position)
+    /// to <out>/checkpoint.safetensors at the end.
+    #[arg(long)]
+    pub save_state: bool,
+    /// Also checkpoint every N steps (atomically, to <out>/checkpoint.safetensors). Ctrl-C checkpoints and stops.
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
+    /// Continue the run in --out from its checkpoint (same options as the run that wrote it).
+    #[arg(long)]
+    pub resume: bool,
+    /// Write the batches this run would train on to FILE (jsonl) and exit without training.
+    #[arg(long)]
+    pub dump_batches: Option<PathBuf>,
+    /// Print this run's planned memory for its own batches (`qtune plan` plans full rows) and exit without loading
+    /// the weights; with FILE, also write the plan as JSON there.
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    pub plan: Option<Option<PathBuf>>,
+}
+
+impl TrainArgs {
+    /// Refuses an option of `matches` (this command's) that the method would not read.
+    pub fn check_options(&self, matches: &ArgMatches) -> Result<()> {
+        check_given(self.m.method, self.m.options.zo.lora, matches)
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let c = &a.common;
+    let kind: ScheduleKind = a.schedule.parse()?;
+    let ctx = RunContext {
+        seed: c.seed,
+        on_nan: a.on_nan,
+        epoch_steps: c.train_size.div_ceil(a.batch_size.max(1) * a.grad_accum.max(1)),
+    };
+    // The config and tokenizer first; the weights are read by the method, which quantizes them as they arrive.
+    let header = read_header(&c.model)?;
+    let tok = tokenizer(header.tokenizer, &c.model)?;
+    let splits = c.splits(&tok)?;
+    let out = c.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.m.method.cli_name(), c.task)));
+    let cfg = TrainConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_seq_len: c.max_seq_len,
+        eval_batch_size: c.eval_batch_size,
+        // The peak is the method's default unless --lr names one.
+        schedule: Schedule {
+            kind,
+            peak: a.lr.unwrap_or(a.m.method.default_lr(&a.m.options)),
+            warmup: a.warmup,
+            total: a.steps,
+        },
+        seed: c.seed,
+        out: out.clone(),
+        pad_id: pad_id(&header.cfg),
+        skip_eval: a.no_eval,
+        save_state: a.save_state,
+        checkpoint_every: a.checkpoint_every,
+        resume: a.resume,
+    };
+    let dev = device();
+    if let Some(path) = &a.dump_batches {
+        return trainer::dump_batches(&splits, &cfg, path, &dev);
+    }
+    if a.max_memory.is_some() || a.plan.is_some() {
+        let shape = plan::plan_shape(&splits, &cfg, &dev)?;
+        let p = super::plan::plan_run(&header.cfg, &a.m, &shape)?;
+        if let Some(json) = &a.plan {
+            let title = format!(
+                "{} ({:.2} B parameters), {} steps of {} × {} from {} training examples, at most {} tokens a row",
+                c.model.display(),
+                header.cfg.num_params() as f64 / 1e9,
+                cfg.steps,
+                cfg.grad_accum,
+                cfg.batch_size,
+                splits.train.examples.len(),
+                cfg.max_seq_len,
+            );
+            return super::plan::print_plans(&title, &shape, &[p], json.as_deref());
+        }
+        if let Some(cap) = a.max_memory.filter(|&cap| p.peak as f64 > cap * (1u64 << 30) as f64) {
+            return Err(Error::Option(format!(
+                "--max-memory {cap} GiB: this run is planned to peak at {} (load {}, train {}, eval {}, + {} runtime; \
+                 weights {}, gradients {}, optimizer {}, activations {}, scratch {}). Lower --batch-size or \
+                 --max-seq-len, add --recompute, or pick a method `qtune plan --method all` shows fits",
+                memory::human(p.peak),
+                memory::human(p.load),
+                memory::human(p.train),
+                memory::human(p.eval),
+                memory::human(p.runtime),
+                memory::human(p.counted.weights),
+                memory::human(p.counted.gradients),
+                memory::human(p.counted.optimizer),
+                memory::human(p.counted.activations),
+                memory::human(p.counted.scratch),
+            )));
+        }
+    }
+    let lr = cfg.schedule.peak;
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(Error::Option(format!("--lr {lr} must be positive")));
+    }
+    let model = Llama::on(header.cfg, dev);
+    let mut method = a.m.method.build(&a.m.options, Source::File(c.model.clone()), &ctx)?;
+    // Ctrl-C: finish the current step, checkpoint, stop.
+    let _ = ctrlc::set_handler(|| trainer::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst));
+    let s = trainer::train(&model, method.as_mut(), &splits, Some(&tok), &c.model.display().to_string(), &cfg)?;
+    eprintln!(
+        "{}: median step {:.2} s, {:.1} tok/s, model state {:.2} B/param; wrote {}",
+        s.method,
+        s.step_time_s.unwrap_or(0.0),
+        s.tokens_per_s.unwrap_or(0.0),
+        s.bytes_per_param.unwrap_or(0.0),
+        out.display()
+    );
+    Ok(())
+}
