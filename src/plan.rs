@@ -12,15 +12,13 @@
 //!
 //! plus [`RUNTIME_BYTES`] for the process itself. Validated against measured peak RSS (tests/plan.rs, README).
 use crate::data::{Batcher, Splits};
-use crate::methods::{lora::LoraConfig, qft::Int8Blocks, qst, quzo, MethodKind, MethodOptions};
+use crate::methods::{lora::LoraConfig, qst, quzo, MethodKind, MethodOptions, Storage};
 use crate::model::{Batch, Keep, LlamaConfig, ParamId, MAX_LEN, MAX_ROWS};
 use crate::train::eval::eval_batches;
 use crate::train::memory::{block_activation_elems, block_scratch_bytes, human, Breakdown};
-use crate::train::optim::OptimizerKind;
 use crate::train::trainer::{check_batching, next_micro_batches, TrainConfig};
 use crate::{Error, Result};
 use candle_core::Device;
-use qtune_quant::{HybridTensor, Nf4Tensor, QuantBytes};
 
 /// What the process holds beyond the planned buffers: code, allocator and thread pools, tokenizer and task data.
 /// Measured on the README's machine: `qtune eval` (SmolLM2-135M from its GGUF, with its 49k-token tokenizer, on
@@ -128,37 +126,6 @@ pub struct Plan {
     pub train_batch: Option<BatchShape>,
 }
 
-/// How a method stores the model, for the state and load counts.
-enum Store {
-    F32,
-    /// Every matrix quantized (`QuantStore`), vectors f32.
-    Quant(Box<dyn Fn(usize, usize) -> Result<QuantBytes>>),
-}
-
-impl Store {
-    fn bytes(&self, cfg: &LlamaConfig) -> Result<usize> {
-        let mut total = 0;
-        for id in ParamId::all(cfg) {
-            let shape = id.shape(cfg);
-            total += match (self, id.is_matrix()) {
-                (Store::Quant(q), true) => q(shape[0], shape[1])?.total(),
-                _ => 4 * id.numel(cfg),
-            };
-        }
-        Ok(total)
-    }
-}
-
-fn int_store(bits: u32) -> Result<Store> {
-    let spec = quzo::weight_spec(bits)?;
-    Ok(Store::Quant(Box::new(move |r, c| spec.planned_bytes(r, c).map_err(crate::model::quantized::quant_err))))
-}
-
-fn nf4_store() -> Store {
-    use crate::methods::lora::NF4_BLOCK;
-    Store::Quant(Box::new(|r, c| Ok(Nf4Tensor::planned_bytes(r * c, NF4_BLOCK, true))))
-}
-
 /// Saved activations of a backward through the base ([`crate::model::llama::Trace::bytes`]).
 fn trace_bytes(cfg: &LlamaConfig, s: &Shape, b: &BatchShape, keep: Keep) -> usize {
     let per_block =
@@ -172,13 +139,6 @@ fn trace_bytes(cfg: &LlamaConfig, s: &Shape, b: &BatchShape, keep: Keep) -> usiz
 fn forward_bytes(cfg: &LlamaConfig, s: &Shape, b: &BatchShape) -> usize {
     let (t, (p, c)) = (b.longest(), s.head(cfg, b));
     4 * (block_activation_elems(cfg, &b.lengths, false) + cfg.num_attention_heads * t * t + p * c)
-}
-
-fn optimizer_bytes_per_param(o: &MethodOptions) -> usize {
-    match o.optimizer.optimizer {
-        OptimizerKind::AdamW => 8,
-        OptimizerKind::Lion => 4,
-    }
 }
 
 /// What a training batch adds to a method's model state.
@@ -205,77 +165,22 @@ pub fn plan(cfg: &LlamaConfig, method: MethodKind, o: &MethodOptions, shape: &Sh
     let n = cfg.num_params();
     let largest_matrix =
         ParamId::all(cfg).into_iter().filter(|id| id.is_matrix()).map(|id| id.numel(cfg)).max().unwrap_or(0);
-    let lora = LoraConfig { r: o.lora.lora_r, alpha: o.lora.lora_alpha, seed: 0 };
     let keep = o.first_order.keep();
-    use MethodKind as M;
-    // (store, model state: weights, gradients, optimizer; what a batch adds)
-    let (store, state, cost): (Store, Breakdown, BatchCost) = match method {
-        M::FullAdamw | M::FullLion => {
-            let opt = if method == M::FullAdamw { 8 } else { 4 };
-            let bd = Breakdown { weights: 4 * n, gradients: 4 * n, optimizer: opt * n, ..Default::default() };
-            (Store::F32, bd, BatchCost::Base)
-        }
-        M::Qat => {
-            let fake = int_store(o.bits.bits)?.bytes(cfg)?;
-            let bd = Breakdown { weights: 4 * n + fake, gradients: 4 * n, optimizer: 8 * n, ..Default::default() };
-            (Store::F32, bd, BatchCost::Base)
-        }
-        M::Qft => {
-            let frac = o.qft.outlier_fraction;
-            let store = Store::Quant(Box::new(move |r, c| Ok(HybridTensor::planned_bytes(r, c, frac))));
-            let states: usize =
-                ParamId::all(cfg).into_iter().map(|id| Int8Blocks::planned_bytes(id.numel(cfg))).sum::<Result<_>>()?;
-            let bd = Breakdown {
-                weights: store.bytes(cfg)?,
-                gradients: if o.qft.fused { 0 } else { states },
-                optimizer: states,
-                ..Default::default()
-            };
-            (store, bd, BatchCost::Base)
-        }
-        M::Lora | M::Qlora => {
-            lora.validate()?;
-            let store = if method == M::Lora { Store::F32 } else { nf4_store() };
-            let f = 4 * lora.trainable_params(cfg);
-            let bd = Breakdown {
-                weights: store.bytes(cfg)? + f,
-                gradients: f,
-                optimizer: f / 4 * optimizer_bytes_per_param(o),
-                ..Default::default()
-            };
-            (store, bd, BatchCost::Base)
-        }
-        M::Qst => {
-            let q = o.qst.config(keep, 0);
-            let side = qst::side_config(cfg, q.r, q.side_heads)?;
-            let sp: usize =
-                qst::side_param_shapes(cfg, &side, &q).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-            let store = nf4_store();
-            let bd = Breakdown {
-                weights: store.bytes(cfg)? + 4 * sp,
-                gradients: 4 * sp,
-                optimizer: sp * optimizer_bytes_per_param(o),
-                ..Default::default()
-            };
-            (store, bd, BatchCost::Side(side, q))
-        }
-        M::Mezo | M::Quzo if o.zo.lora => {
-            lora.validate()?;
-            let store = if method == M::Mezo { Store::F32 } else { int_store(o.bits.bits)? };
-            let f = 4 * lora.trainable_params(cfg);
-            let bd = Breakdown { weights: store.bytes(cfg)? + f, ..Default::default() };
-            (store, bd, BatchCost::Forward(f))
-        }
-        M::Mezo => (
-            Store::F32,
-            Breakdown { weights: 4 * n, ..Default::default() },
-            BatchCost::Forward(4 * largest_tensor(cfg)),
+    // The model state is the method's own count (the one its steps report); what a batch adds depends on how the
+    // method trains.
+    let state = method.planned_state(cfg, o)?;
+    let storage = method.storage(o)?;
+    let cost = match method {
+        _ if method.is_zeroth_order() && o.zo.lora => BatchCost::Forward(
+            4 * LoraConfig { r: o.lora.lora_r, alpha: o.lora.lora_alpha, seed: 0 }.trainable_params(cfg),
         ),
-        M::Quzo => {
-            let store = int_store(o.bits.bits)?;
-            let bd = Breakdown { weights: store.bytes(cfg)?, ..Default::default() };
-            (store, bd, BatchCost::Forward(quzo::update_scratch_bytes(cfg)))
+        MethodKind::Mezo => BatchCost::Forward(4 * largest_tensor(cfg)),
+        MethodKind::Quzo => BatchCost::Forward(quzo::update_scratch_bytes(cfg)),
+        MethodKind::Qst => {
+            let q = o.qst.config(keep, 0);
+            BatchCost::Side(qst::side_config(cfg, q.r, q.side_heads)?, q)
         }
+        _ => BatchCost::Base,
     };
     // A training batch's count (activations and scratch beside the model state) and the forward it also holds.
     let batch_count = |b: &BatchShape| -> (Breakdown, usize) {
@@ -302,9 +207,11 @@ pub fn plan(cfg: &LlamaConfig, method: MethodKind, o: &MethodOptions, shape: &Sh
         }
     }
     let forward_eval = shape.eval.iter().map(|b| forward_bytes(cfg, shape, b)).max().unwrap_or(0);
-    let load = match store {
-        Store::F32 => 4 * n,
-        Store::Quant(_) => store.bytes(cfg)? + (2 + 4) * largest_matrix,
+    // f32 methods hold the f32 model; quantized ones the quantized model plus the largest matrix as read (bf16)
+    // and in f32 while it is quantized.
+    let load = match storage {
+        Storage::F32 => 4 * n,
+        _ => storage.model_bytes(cfg)? + (2 + 4) * largest_matrix,
     };
     let train = counted.total() + forward_train;
     let eval = counted.model_state() + forward_eval;
@@ -385,6 +292,7 @@ mod tests {
     use crate::model::llama::tests::{batch, tiny_config};
     use crate::model::quantized::Source;
     use crate::model::{Batch, Llama, ParamStore, Targets};
+    use crate::train::optim::OptimizerKind;
     use crate::train::{Method, OnNonFinite};
     use candle_core::{DType, Device, Tensor};
 
@@ -476,8 +384,11 @@ mod tests {
                     counted.activations
                 );
                 assert!(less.scratch <= counted.scratch, "{}", p.method);
-                let held = m.state_bytes();
+                // The planned state (which the step reported) against the bytes of the tensors the method holds after
+                // its step: the weights and the optimizer states it created (every gradient has been applied).
+                let held = m.held_bytes();
                 assert_eq!((p.counted.weights, p.counted.optimizer), (held.weights, held.optimizer), "{}", p.method);
+                assert_eq!(held.gradients, 0, "{}: gradients left after the update", p.method);
                 assert!(p.peak >= p.runtime + p.train.max(p.eval), "{}", p.method);
             }
         }

@@ -6,9 +6,10 @@
 //! baseline): forward and backward run on an INT8/INT4 copy of the matrices, re-quantized from the f32 master
 //! weights after every update, and the weight gradient passes to the master unchanged (straight-through
 //! estimator).
+use super::Storage;
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{quant_err, QuantStore};
-use crate::model::{Batch, Keep, Llama, ParamId, ParamStore, Weights};
+use crate::model::{Batch, Keep, Llama, LlamaConfig, ParamId, ParamStore, Weights};
 use crate::train::first_order::{self, FirstOrder, FirstOrderArgs, Micro};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
 use crate::train::optim::Optimizer;
@@ -61,6 +62,14 @@ impl FullFinetune {
     }
 }
 
+/// The model state of a step: f32 weights (with `qat`, also their quantized copy), f32 gradients of every
+/// parameter, and `optimizer` bytes of state per parameter.
+pub fn planned_state(cfg: &LlamaConfig, optimizer: usize, qat: Option<QuantSpec>) -> Result<Breakdown> {
+    let n = cfg.num_params();
+    let copy = qat.map(|spec| Storage::Int(spec).model_bytes(cfg)).transpose()?.unwrap_or(0);
+    Ok(Breakdown { weights: 4 * n + copy, gradients: 4 * n, optimizer: optimizer * n, ..Default::default() })
+}
+
 fn quantize(params: &ParamStore, spec: QuantSpec) -> Result<QuantStore<IntTensor>> {
     QuantStore::from_params(params, &mut |_, d, r, c| {
         IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err)
@@ -84,21 +93,13 @@ impl FirstOrder for FullFinetune {
         Ok(Micro { loss: out.loss, activations, scratch })
     }
 
-    fn gradient_bytes(&self) -> usize {
-        self.grads.bytes()
+    fn summed(&mut self) -> Result<(usize, Option<f64>)> {
+        Ok((self.grads.bytes(), Some(self.grads.global_norm()?)))
     }
 
-    fn summed_norm(&mut self) -> Result<Option<f64>> {
-        Ok(Some(self.grads.global_norm()?))
-    }
-
-    fn discard(&mut self) {
-        self.grads.clear();
-    }
-
-    fn apply(&mut self, scale: f64, lr: f64) -> Result<Figures> {
+    fn update(&mut self, scale: Option<f64>, lr: f64) -> Result<Figures> {
         trained::apply(&mut self.opt, &mut self.params, &mut self.grads, scale, lr)?;
-        if let Some((spec, q)) = &mut self.fake_quant {
+        if let (Some((spec, q)), Some(_)) = (&mut self.fake_quant, scale) {
             *q = quantize(&self.params, *spec)?;
         }
         Ok(Vec::new())
@@ -127,10 +128,16 @@ impl Method for FullFinetune {
     }
 
     fn state_bytes(&self) -> Breakdown {
+        let qat = self.fake_quant.as_ref().map(|(spec, _)| *spec);
+        planned_state(&self.params.cfg, self.opt.state_bytes_per_param(), qat).expect("the spec quantized this model")
+    }
+
+    fn held_bytes(&self) -> Breakdown {
         let quantized = self.fake_quant.as_ref().map_or(0, |(_, q)| q.quant_bytes().total() + q.f32_bytes());
         Breakdown {
             weights: self.params.bytes() + quantized,
-            optimizer: self.params.cfg.num_params() * self.opt.state_bytes_per_param(),
+            gradients: self.grads.bytes(),
+            optimizer: self.opt.state_bytes(),
             ..Default::default()
         }
     }

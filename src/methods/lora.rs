@@ -22,6 +22,7 @@
 //! was trained, which is what a user merging a QLoRA adapter wants).
 //!
 //! [`Update`] (the optimizer of a method's own tensors) and [`FrozenBase`] are shared with QST.
+use super::Storage;
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{quant_err, QuantStore, Source};
 use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, ParamId, ParamStore, Weights};
@@ -86,6 +87,8 @@ pub trait FrozenBase: Weights {
     fn weight_bytes(&self) -> usize;
     /// Parameter `id` as a dense f32 tensor (for a merged export, one at a time).
     fn dense(&self, id: ParamId) -> Result<Tensor>;
+    /// How the base stores its matrices (what its planned bytes are counted from).
+    fn storage(&self) -> Storage;
 }
 
 impl FrozenBase for ParamStore {
@@ -98,9 +101,13 @@ impl FrozenBase for ParamStore {
     fn dense(&self, id: ParamId) -> Result<Tensor> {
         Ok(self.get(id).clone())
     }
+    fn storage(&self) -> Storage {
+        Storage::F32
+    }
 }
 
-impl<W: QuantWeight> FrozenBase for QuantStore<W> {
+/// A quantized base: QuZO's INT8/INT4 (`quzo --lora`) or NF4 (QLoRA, QST).
+impl<W: QuantWeight + QuantFormat> FrozenBase for QuantStore<W> {
     fn cfg(&self) -> &LlamaConfig {
         &self.cfg
     }
@@ -109,6 +116,26 @@ impl<W: QuantWeight> FrozenBase for QuantStore<W> {
     }
     fn dense(&self, id: ParamId) -> Result<Tensor> {
         QuantStore::dense(self, id)
+    }
+    fn storage(&self) -> Storage {
+        self.mat(ParamId::Embed).storage()
+    }
+}
+
+/// The [`Storage`] a quantized matrix format is counted as.
+pub trait QuantFormat {
+    fn storage(&self) -> Storage;
+}
+
+impl QuantFormat for qtune_quant::IntTensor {
+    fn storage(&self) -> Storage {
+        Storage::Int(self.spec())
+    }
+}
+
+impl QuantFormat for Nf4Tensor {
+    fn storage(&self) -> Storage {
+        Storage::Nf4
     }
 }
 
@@ -149,12 +176,27 @@ impl LoraConfig {
     }
 }
 
+/// The model state of a LoRA step: the frozen base as `base` stores it, f32 factors, their gradients, and
+/// `optimizer` bytes of state per factor entry.
+pub fn planned_state(cfg: &LlamaConfig, base: Storage, lc: &LoraConfig, optimizer: usize) -> Result<Breakdown> {
+    lc.validate()?;
+    let f = lc.trainable_params(cfg);
+    Ok(Breakdown {
+        weights: base.model_bytes(cfg)? + 4 * f,
+        gradients: 4 * f,
+        optimizer: optimizer * f,
+        ..Default::default()
+    })
+}
+
 /// Mixed into the run seed so LoRA's init draws differ from other methods' draws under the same seed.
 const LORA_SEED_TAG: u64 = 0x4C4F_5241; // "LORA"
 
 /// A frozen base plus LoRA factors, behind the [`Weights`] trait the model runs on.
 pub struct LoraWeights<B> {
     pub base: B,
+    /// The factors' rank and scale.
+    pub lc: LoraConfig,
     /// alpha / r.
     scale: f64,
     pub(crate) factors: Trained<LoraKey>,
@@ -178,7 +220,8 @@ impl<B: FrozenBase> LoraWeights<B> {
                 items.push(((id, Factor::B), Tensor::zeros((out, lc.r), dtype, &dev)?, true));
             }
         }
-        Ok(LoraWeights { base, scale: lc.alpha / lc.r as f64, factors: Trained::new(items), grads: RefCell::default() })
+        let scale = lc.alpha / lc.r as f64;
+        Ok(LoraWeights { base, lc, scale, factors: Trained::new(items), grads: RefCell::default() })
     }
 
     fn factors(&self, id: ParamId) -> Option<(&Tensor, &Tensor)> {
@@ -276,20 +319,12 @@ impl<B: FrozenBase> FirstOrder for Lora<B> {
         Ok(Micro { loss: out.loss, activations, scratch })
     }
 
-    fn gradient_bytes(&self) -> usize {
-        self.weights.grads.borrow().bytes()
-    }
-
-    fn summed_norm(&mut self) -> Result<Option<f64>> {
+    fn summed(&mut self) -> Result<(usize, Option<f64>)> {
         self.grads = self.weights.grads.take();
-        Ok(Some(self.grads.global_norm()?))
+        Ok((self.grads.bytes(), Some(self.grads.global_norm()?)))
     }
 
-    fn discard(&mut self) {
-        self.grads.clear();
-    }
-
-    fn apply(&mut self, scale: f64, lr: f64) -> Result<Figures> {
+    fn update(&mut self, scale: Option<f64>, lr: f64) -> Result<Figures> {
         trained::apply(&mut self.update.opt, &mut self.weights.factors, &mut self.grads, scale, lr)?;
         Ok(Vec::new())
     }
@@ -317,11 +352,16 @@ impl<B: FrozenBase> Method for Lora<B> {
     }
 
     fn state_bytes(&self) -> Breakdown {
-        let n = self.weights.factors.numel();
+        let base = &self.weights.base;
+        planned_state(base.cfg(), base.storage(), &self.weights.lc, self.update.opt.state_bytes_per_param())
+            .expect("the model was built with this configuration")
+    }
+
+    fn held_bytes(&self) -> Breakdown {
         Breakdown {
             weights: self.weights.base.weight_bytes() + self.weights.factors.bytes(),
-            gradients: self.weights.factors.bytes(),
-            optimizer: n * self.update.opt.state_bytes_per_param(),
+            gradients: self.weights.grads.borrow().bytes() + self.grads.bytes(),
+            optimizer: self.update.opt.state_bytes(),
             ..Default::default()
         }
     }
@@ -396,8 +436,13 @@ mod tests {
                     v[i] += d;
                     let mut f = w.factors.clone();
                     f.set(k, Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap());
-                    let wp =
-                        LoraWeights { base: w.base.clone(), scale: w.scale, factors: f, grads: RefCell::default() };
+                    let wp = LoraWeights {
+                        base: w.base.clone(),
+                        lc: w.lc,
+                        scale: w.scale,
+                        factors: f,
+                        grads: RefCell::default(),
+                    };
                     loss(&m, &wp, &b)
                 };
                 let fd = (at(h) - at(-h)) / (2.0 * h);

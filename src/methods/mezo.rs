@@ -157,6 +157,10 @@ impl Method for Mezo {
     }
 
     fn state_bytes(&self) -> Breakdown {
+        Breakdown { weights: 4 * self.params.cfg.num_params(), ..Default::default() }
+    }
+
+    fn held_bytes(&self) -> Breakdown {
         Breakdown { weights: self.params.bytes(), ..Default::default() }
     }
 

@@ -11,13 +11,16 @@ pub mod qst;
 pub mod quzo;
 pub mod zo_lora;
 
-use crate::model::quantized::Source;
+use crate::model::quantized::{quant_err, Source};
+use crate::model::{LlamaConfig, ParamId};
 use crate::train::first_order::FirstOrderArgs;
+use crate::train::memory::Breakdown;
 use crate::train::optim::{AdamWConfig, LionConfig, Optimizer, OptimizerArgs, OptimizerKind};
 use crate::train::zeroth_order::{ZoArgs, ZoLoop};
 use crate::train::{Method, OnNonFinite};
 use crate::{Error, Result};
 use clap::ArgMatches;
+use qtune_quant::{HybridTensor, Nf4Tensor, QuantSpec};
 
 /// The methods `--method` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -197,6 +200,77 @@ pub fn check_given(kind: MethodKind, lora: bool, matches: &ArgMatches) -> Result
         }
     }
     Ok(())
+}
+
+/// How a method stores the model's matrices (norm weights stay f32): what its weights, and the planner's load
+/// phase, are counted from.
+#[derive(Clone, Copy, Debug)]
+pub enum Storage {
+    F32,
+    /// INT8/INT4 codes with their scales (QuZO, QAT's copy, `eval --bits`).
+    Int(QuantSpec),
+    /// NF4 with double quantization, blocks of [`lora::NF4_BLOCK`] (QLoRA's and QST's base).
+    Nf4,
+    /// QFT's INT8 + f32 outliers, at this outlier fraction.
+    Hybrid(f64),
+}
+
+impl Storage {
+    /// Bytes of a [rows, cols] matrix in this storage (equal to the real tensors' `storage_bytes`, tested).
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> Result<usize> {
+        Ok(match self {
+            Storage::F32 => 4 * rows * cols,
+            Storage::Int(spec) => spec.planned_bytes(rows, cols).map_err(quant_err)?.total(),
+            Storage::Nf4 => Nf4Tensor::planned_bytes(rows * cols, lora::NF4_BLOCK, true).total(),
+            Storage::Hybrid(fraction) => HybridTensor::planned_bytes(rows, cols, fraction).total(),
+        })
+    }
+
+    /// Bytes of the whole model of `cfg` in this storage: matrices as stored, vectors f32.
+    pub fn model_bytes(self, cfg: &LlamaConfig) -> Result<usize> {
+        let mut total = 0;
+        for id in ParamId::all(cfg) {
+            let shape = id.shape(cfg);
+            total += if id.is_matrix() { self.matrix_bytes(shape[0], shape[1])? } else { 4 * id.numel(cfg) };
+        }
+        Ok(total)
+    }
+}
+
+impl MethodKind {
+    /// How this method stores the model it starts from.
+    pub fn storage(self, o: &MethodOptions) -> Result<Storage> {
+        Ok(match self {
+            MethodKind::FullAdamw | MethodKind::FullLion | MethodKind::Qat | MethodKind::Lora => Storage::F32,
+            MethodKind::Mezo => Storage::F32,
+            MethodKind::Quzo => Storage::Int(quzo::weight_spec(o.bits.bits)?),
+            MethodKind::Qft => Storage::Hybrid(o.qft.outlier_fraction),
+            MethodKind::Qst | MethodKind::Qlora => Storage::Nf4,
+        })
+    }
+
+    /// The model state (weights, gradients, optimizer states) of a step of this method on `cfg`, from the shapes
+    /// alone: the one count both the method's step report ([`Method::state_bytes`]) and the memory planner use.
+    pub fn planned_state(self, cfg: &LlamaConfig, o: &MethodOptions) -> Result<Breakdown> {
+        let lc = lora::LoraConfig { r: o.lora.lora_r, alpha: o.lora.lora_alpha, seed: 0 };
+        let own_opt = match o.optimizer.optimizer {
+            OptimizerKind::AdamW => 8,
+            OptimizerKind::Lion => 4,
+        };
+        let storage = self.storage(o)?;
+        match self {
+            MethodKind::FullAdamw => full::planned_state(cfg, 8, None),
+            MethodKind::FullLion => full::planned_state(cfg, 4, None),
+            MethodKind::Qat => full::planned_state(cfg, 8, Some(quzo::weight_spec(o.bits.bits)?)),
+            MethodKind::Qft => qft::planned_state(cfg, o.qft.outlier_fraction, o.qft.fused),
+            MethodKind::Lora | MethodKind::Qlora => lora::planned_state(cfg, storage, &lc, own_opt),
+            MethodKind::Qst => qst::planned_state(cfg, &o.qst.config(o.first_order.keep(), 0), own_opt),
+            MethodKind::Mezo | MethodKind::Quzo if o.zo.lora => zo_lora::planned_state(cfg, storage, &lc),
+            MethodKind::Mezo | MethodKind::Quzo => {
+                Ok(Breakdown { weights: storage.model_bytes(cfg)?, ..Default::default() })
+            }
+        }
+    }
 }
 
 /// What a method is built for beyond its options.

@@ -15,9 +15,10 @@
 //!   accumulation), before they are quantized, and the clip factor is applied when the optimizer pops.
 //! - Fused variant (`fused`): the Lion update is applied inside the backward as each f32 gradient arrives (no
 //!   stack, no gradient state); it needs one micro-batch per step and no clipping (both need every gradient first).
-use super::RunContext;
+use super::{RunContext, Storage};
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore, Source};
+use crate::model::LlamaConfig;
 use crate::model::{Batch, GradSink, Keep, Llama, ParamId, Weights};
 use crate::train::first_order::{self, FirstOrder, FirstOrderArgs, Micro};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
@@ -180,6 +181,19 @@ pub struct QftConfig {
     pub fused: bool,
     pub keep: Keep,
     pub seed: u64,
+}
+
+/// The model state of a QFT step: hybrid weights (INT8 + `outlier_fraction` f32 outliers, norms f32), the gradient
+/// stack when full (one INT8 entry per parameter; the fused variant keeps none) and the INT8 Lion momentum.
+pub fn planned_state(cfg: &LlamaConfig, outlier_fraction: f64, fused: bool) -> Result<Breakdown> {
+    let states: usize =
+        ParamId::all(cfg).into_iter().map(|id| Int8Blocks::planned_bytes(id.numel(cfg))).sum::<Result<_>>()?;
+    Ok(Breakdown {
+        weights: Storage::Hybrid(outlier_fraction).model_bytes(cfg)?,
+        gradients: if fused { 0 } else { states },
+        optimizer: states,
+        ..Default::default()
+    })
 }
 
 /// QFT's weights: the hybrid store behind a `RefCell`, so the fused variant can update a matrix during the backward
@@ -474,22 +488,18 @@ impl FirstOrder for Qft {
         Ok(Micro { loss: out.loss, activations, scratch })
     }
 
-    fn gradient_bytes(&self) -> usize {
-        self.stack.iter().map(|(_, g)| g.bytes()).sum()
-    }
-
-    fn summed_norm(&mut self) -> Result<Option<f64>> {
-        Ok((!self.cfg.fused).then(|| self.sumsq.sqrt()))
-    }
-
-    fn discard(&mut self) {
-        self.stack.clear();
-        self.step += 1;
+    fn summed(&mut self) -> Result<(usize, Option<f64>)> {
+        let bytes = self.stack.iter().map(|(_, g)| g.bytes()).sum();
+        Ok((bytes, (!self.cfg.fused).then(|| self.sumsq.sqrt())))
     }
 
     /// Pops the stack in forward order, applying Lion to each parameter (the fused variant has applied them).
-    fn apply(&mut self, scale: f64, lr: f64) -> Result<Figures> {
-        let scale = scale as f32;
+    fn update(&mut self, scale: Option<f64>, lr: f64) -> Result<Figures> {
+        let Some(scale) = scale.map(|s| s as f32) else {
+            self.stack.clear();
+            self.step += 1;
+            return Ok(Vec::new());
+        };
         let mut changed = self.changed;
         while let Some((id, g)) = self.stack.pop() {
             let src = |start: usize, out: &mut [f32]| g.dequantize_span(start, out);
@@ -536,12 +546,17 @@ impl Method for Qft {
     }
 
     fn state_bytes(&self) -> Breakdown {
+        let cfg = self.weights.0.borrow().cfg.clone();
+        planned_state(&cfg, self.cfg.outlier_fraction, self.cfg.fused)
+            .expect("the model was built with this configuration")
+    }
+
+    fn held_bytes(&self) -> Breakdown {
         let store = self.weights.0.borrow();
         Breakdown {
             weights: store.quant_bytes().total() + store.f32_bytes(),
+            gradients: self.stack.iter().map(|(_, g)| g.bytes()).sum(),
             optimizer: self.momentum.iter().map(|m| m.bytes()).sum(),
-            // The stack when full: one INT8 entry per parameter (the fused variant keeps none).
-            gradients: if self.cfg.fused { 0 } else { self.momentum.iter().map(|m| m.bytes()).sum() },
             ..Default::default()
         }
     }

@@ -8,6 +8,7 @@
 //! naive variant: stochastic rounding to perturb, round-to-nearest to update).
 //! The perturbation is fused into the kernel's tile dequantization ([`PerturbedInt`]): memory stays that of
 //! inference plus one tile per thread.
+use super::Storage;
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore, Source};
 use crate::model::{Batch, Llama, ParamId, Weights};
@@ -359,6 +360,11 @@ impl Method for Quzo {
     }
 
     fn state_bytes(&self) -> Breakdown {
+        let weights = Storage::Int(self.store.mat(ParamId::Embed).spec()).model_bytes(&self.store.cfg);
+        Breakdown { weights: weights.expect("the model was quantized with this spec"), ..Default::default() }
+    }
+
+    fn held_bytes(&self) -> Breakdown {
         Breakdown { weights: self.store.quant_bytes().total() + self.store.f32_bytes(), ..Default::default() }
     }
 

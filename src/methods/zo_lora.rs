@@ -10,8 +10,9 @@
 //! optimizer state.
 use super::lora::{FrozenBase, LoraConfig, LoraKey, LoraWeights};
 use super::quzo::{Estimator, QDirection};
+use super::Storage;
 use crate::checkpoint::{StateReader, StateWriter};
-use crate::model::{Batch, Llama, ParamId, Weights};
+use crate::model::{Batch, Llama, LlamaConfig, ParamId, Weights};
 use crate::train::memory::Breakdown;
 use crate::train::trained::Trained;
 use crate::train::zeroth_order::{self, mean_loss, Perturbation, ZoLoop};
@@ -40,6 +41,13 @@ impl Directions {
             }
         }
     }
+}
+
+/// The model state of a zeroth-order LoRA step: the frozen base as `base` stores it and the f32 factors (no
+/// gradient, no optimizer state).
+pub fn planned_state(cfg: &LlamaConfig, base: Storage, lc: &LoraConfig) -> Result<Breakdown> {
+    lc.validate()?;
+    Ok(Breakdown { weights: base.model_bytes(cfg)? + 4 * lc.trainable_params(cfg), ..Default::default() })
 }
 
 /// LoRA factors trained by zeroth-order SGD over a frozen base `B`.
@@ -138,6 +146,12 @@ impl<B: FrozenBase> Method for ZoLora<B> {
     }
 
     fn state_bytes(&self) -> Breakdown {
+        let base = &self.weights.base;
+        planned_state(base.cfg(), base.storage(), &self.weights.lc)
+            .expect("the model was built with this configuration")
+    }
+
+    fn held_bytes(&self) -> Breakdown {
         Breakdown { weights: self.weights.base.weight_bytes() + self.weights.factors.bytes(), ..Default::default() }
     }
 

@@ -51,16 +51,13 @@ pub trait FirstOrder: Method {
     fn loop_options(&self) -> (Option<f64>, OnNonFinite);
     /// Forward and backward of micro-batch `k` of `n`, adding its gradient to the method's gradient store.
     fn accumulate(&mut self, model: &Llama, batch: &Batch, k: usize, n: usize) -> Result<Micro>;
-    /// Bytes the gradient store holds once every micro-batch has been added.
-    fn gradient_bytes(&self) -> usize;
-    /// The global L2 norm of the summed gradients, or None when the method applied its update inside the backward
-    /// (QFT's fused variant: there is nothing left to check, clip or apply).
-    fn summed_norm(&mut self) -> Result<Option<f64>>;
-    /// Drops the summed gradients (a skipped step).
-    fn discard(&mut self);
-    /// Applies the update with the summed gradients multiplied by `scale` (clip factor / micro-batches); returns
-    /// the method's own figures of the step.
-    fn apply(&mut self, scale: f64, lr: f64) -> Result<Figures>;
+    /// Once every micro-batch has been added: the bytes the gradient store holds, and the global L2 norm of the
+    /// summed gradients, or None when the method applied its update inside the backward (QFT's fused variant:
+    /// there is nothing left to check, clip or apply).
+    fn summed(&mut self) -> Result<(usize, Option<f64>)>;
+    /// With `Some(scale)`, applies the update with the summed gradients multiplied by `scale` (clip factor /
+    /// micro-batches) and returns the method's own figures of the step; with None, drops them (a skipped step).
+    fn update(&mut self, scale: Option<f64>, lr: f64) -> Result<Figures>;
     /// Bytes of optimizer state after the update.
     fn optimizer_bytes(&self) -> usize;
 }
@@ -77,20 +74,21 @@ pub fn step(m: &mut dyn FirstOrder, model: &Llama, micro: &[Batch], lr: f64) -> 
         mem.scratch = mem.scratch.max(r.scratch);
         loss += r.loss / n as f32;
     }
-    mem.gradients = mem.gradients.max(m.gradient_bytes());
+    let (gradients, norm) = m.summed()?;
+    mem.gradients = mem.gradients.max(gradients);
     // Gradients were summed over micro-batches of mean losses: scale by 1/n, then clip.
-    let Some(norm) = m.summed_norm()?.map(|s| s / n as f64) else {
+    let Some(norm) = norm.map(|s| s / n as f64) else {
         // Updated inside the backward: applied whatever the loss.
-        let figures = m.apply(1.0, lr)?;
+        let figures = m.update(Some(1.0), lr)?;
         mem.optimizer = mem.optimizer.max(m.optimizer_bytes());
         return Ok(StepStats { loss, grad_norm: None, applied: true, memory: mem, figures });
     };
     if !loss.is_finite() || !norm.is_finite() {
-        m.discard();
+        m.update(None, lr)?;
         return on_nan.fault(loss, Some(norm), mem);
     }
     let clip = clip.map_or(1.0, |c| (c / norm).min(1.0));
-    let figures = m.apply(clip / n as f64, lr)?;
+    let figures = m.update(Some(clip / n as f64), lr)?;
     mem.optimizer = mem.optimizer.max(m.optimizer_bytes());
     Ok(StepStats { loss, grad_norm: Some(norm), applied: true, memory: mem, figures })
 }

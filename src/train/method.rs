@@ -63,8 +63,12 @@ pub trait Method {
     fn weights(&self) -> &dyn Weights;
     /// Parameters the method trains.
     fn trainable_params(&self) -> usize;
-    /// Bytes of weights, gradients and optimizer state held between steps.
+    /// Model state (weights, gradients, optimizer states) of a step, counted from the shapes by the same function
+    /// the memory planner calls (`MethodKind::planned_state`), so the two cannot drift apart.
     fn state_bytes(&self) -> Breakdown;
+    /// The bytes of the tensors the method holds now, counted from the tensors themselves (gradients: those not
+    /// yet applied; optimizer: the states created so far): what tests hold [`Method::state_bytes`] to.
+    fn held_bytes(&self) -> Breakdown;
     /// Matmul FLOPs per token per matmul parameter of one step, for MFU: 6 for backprop through the model (forward,
     /// input and weight gradients), 4 for adapters over a frozen base (forward and input gradients), 2 for side
     /// tuning (the base runs forward only), 4 for zeroth-order methods (two forwards).

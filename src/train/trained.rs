@@ -127,14 +127,18 @@ impl Slots<ParamId> for ParamStore {
 }
 
 /// One optimizer step: every tensor of `params` moved by its gradient in `grads` times `scale` (each gradient is
-/// taken out, so the buffers are freed one by one).
+/// taken out, so the buffers are freed one by one); with no scale (a skipped step) the gradients are dropped.
 pub fn apply<K: Copy + Debug + Eq + Hash>(
     opt: &mut Optimizer,
     params: &mut dyn Slots<K>,
     grads: &mut DenseGrads<K>,
-    scale: f64,
+    scale: Option<f64>,
     lr: f64,
 ) -> Result<()> {
+    let Some(scale) = scale else {
+        grads.clear();
+        return Ok(());
+    };
     opt.begin_step();
     for (slot, k, decayed, lr_scale) in params.slots() {
         let g = grads.take(k).ok_or_else(|| Error::Msg(format!("no gradient for {k:?}")))?;

@@ -59,6 +59,7 @@ pub use export::QstModel;
 pub use side::{scratch_bytes, trace_bytes, SideNet};
 
 use super::lora::Update;
+use super::Storage;
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::Source;
 use crate::model::{Batch, Llama, LlamaConfig, Output, ParamId, Tok, Weights};
@@ -99,19 +100,11 @@ impl FirstOrder for Qst {
         Ok(Micro { loss: out.loss, activations, scratch })
     }
 
-    fn gradient_bytes(&self) -> usize {
-        self.grads.bytes()
+    fn summed(&mut self) -> Result<(usize, Option<f64>)> {
+        Ok((self.grads.bytes(), Some(self.grads.global_norm()?)))
     }
 
-    fn summed_norm(&mut self) -> Result<Option<f64>> {
-        Ok(Some(self.grads.global_norm()?))
-    }
-
-    fn discard(&mut self) {
-        self.grads.clear();
-    }
-
-    fn apply(&mut self, scale: f64, lr: f64) -> Result<Figures> {
+    fn update(&mut self, scale: Option<f64>, lr: f64) -> Result<Figures> {
         let params = &mut self.model.net.params;
         trained::apply(&mut self.update.opt, params, &mut self.grads, scale, lr)?;
         if self.model.net.cfg.alpha_clamp {
@@ -153,11 +146,16 @@ impl Method for Qst {
     }
 
     fn state_bytes(&self) -> Breakdown {
-        let side = self.model.net.params.bytes();
+        let (base, net) = (&self.model.base.cfg, &self.model.net);
+        planned_state(base, &net.cfg, self.update.opt.state_bytes_per_param())
+            .expect("the model was built with this configuration")
+    }
+
+    fn held_bytes(&self) -> Breakdown {
         Breakdown {
             weights: self.model.weight_bytes(),
-            gradients: side,
-            optimizer: self.model.net.params.numel() * self.update.opt.state_bytes_per_param(),
+            gradients: self.grads.bytes(),
+            optimizer: self.update.opt.state_bytes(),
             ..Default::default()
         }
     }
@@ -186,6 +184,19 @@ impl Method for Qst {
     fn export(&self, _cfg: &LlamaConfig, dir: &Path, tok: Option<&Tok>, base_model: &str) -> Result<()> {
         self.model.export(dir, tok, base_model)
     }
+}
+
+/// The model state of a QST step: the NF4 base, the f32 side network, its gradients and `optimizer` bytes of state
+/// per side-network entry.
+pub fn planned_state(base: &LlamaConfig, q: &QstConfig, optimizer: usize) -> Result<Breakdown> {
+    let side = side_config(base, q.r, q.side_heads)?;
+    let sp: usize = side_param_shapes(base, &side, q).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    Ok(Breakdown {
+        weights: Storage::Nf4.model_bytes(base)? + 4 * sp,
+        gradients: 4 * sp,
+        optimizer: optimizer * sp,
+        ..Default::default()
+    })
 }
 
 /// QST's evaluation figure on label words: Σ‖side‖ / Σ‖rest‖ over the examples, each a row of label-word logits
