@@ -36,9 +36,8 @@ pub const STREAM_GAUSS: u32 = 0;
 pub const STREAM_SR_PERTURB: u32 = 1;
 /// Stochastic rounding of the second, independent quantization u₂ used in the update (QuZO's Q-RGE2).
 pub const STREAM_SR_PERTURB2: u32 = 2;
-/// Stochastic rounding of a weight update onto the weight grid (QuZO).
-pub const STREAM_SR_UPDATE: u32 = 3;
-/// Stochastic rounding when re-encoding INT8 weights after an optimizer step (QFT).
+// Stream 3 is left unused (it was reserved for QuZO's update, which rounds on STREAM_SR_WEIGHT).
+/// Stochastic rounding when re-encoding quantized weights after an update (QFT's Lion step, QuZO's update).
 pub const STREAM_SR_WEIGHT: u32 = 4;
 /// Stochastic rounding of INT8 gradients (QFT).
 pub const STREAM_SR_GRAD: u32 = 5;
