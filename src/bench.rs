@@ -206,4 +206,20 @@ mod tests {
         assert!(t.contains("| qft | bnb-lion8bit | 0.50× | 1.20× |"), "{t}");
         assert!(!t.contains("mezo"), "a run whose peer did not finish has no row: {t}");
     }
+
+    /// MFU = tokens/s × FLOPs per token / GEMM rate, with the FLOPs per matmul parameter the run recorded: a
+    /// zeroth-order LoRA run (two forwards: 4 per parameter) at 100 tok/s over 1e8 parameters on a 100 GFLOP/s
+    /// machine is 40%; a summary without the count (a peer's) gets none.
+    #[test]
+    fn mfu_uses_the_methods_own_flops_per_parameter() {
+        let mut r = record("mezo-lora", 1.0, 1.0);
+        (r.summary.tokens_per_s, r.summary.matmul_params, r.summary.flops_per_param) =
+            (Some(100.0), Some(100_000_000), Some(4.0));
+        add_mfu(&mut r, 100.0);
+        assert!((r.summary.mfu.unwrap() - 0.4).abs() < 1e-12, "{:?}", r.summary.mfu);
+        let mut peer = record("torch-mezo", 1.0, 1.0);
+        peer.summary.tokens_per_s = Some(100.0);
+        add_mfu(&mut peer, 100.0);
+        assert_eq!(peer.summary.mfu, None);
+    }
 }

@@ -144,6 +144,8 @@ fn quzo_lora_trains_factors_and_exports_a_merged_model() {
     assert!(ok, "{err}");
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(s["method"], "quzo-lora");
+    // Two forwards per step: MFU counts 4 FLOPs per matmul parameter and token, not backprop's 6.
+    assert_eq!(s["flops_per_param"], 4.0);
     let (trained, params) = (s["trainable_params"].as_u64().unwrap(), s["params"].as_u64().unwrap());
     assert!(trained > 0 && trained < params / 2, "{trained} of {params}");
     assert_eq!(s["breakdown"]["gradients"], 0);
