@@ -42,15 +42,46 @@ impl<K: Hash + Eq> DenseGrads<K> {
     pub fn bytes(&self) -> usize {
         self.grads.values().map(crate::model::llama::tensor_bytes).sum()
     }
-    /// Global L2 norm of all held gradients.
+    /// Global L2 norm of all held gradients. The tensors' squared norms are added in a fixed order (ascending), not
+    /// the map's, whose order changes from process to process: a seeded run gives the same norm, bit for bit.
     pub fn global_norm(&self) -> Result<f64> {
-        let mut s = 0f64;
+        let mut squares = Vec::with_capacity(self.grads.len());
         for g in self.grads.values() {
-            s += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            squares.push(g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?);
         }
-        Ok(s.sqrt())
+        squares.sort_by(f64::total_cmp);
+        Ok(squares.iter().sum::<f64>().sqrt())
     }
     pub fn clear(&mut self) {
         self.grads.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// The norm against an f64 sum by hand (3² + 4² + 12² = 13²), and the same bits whatever order the buffers
+    /// were filled in (a map's order differs between processes; here between two insertion orders).
+    #[test]
+    fn global_norm_is_exact_and_independent_of_order() {
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+        let mut a: DenseGrads<u32> = DenseGrads::default();
+        a.add(0, t(&[3.0])).unwrap();
+        a.add(1, t(&[4.0, 0.0])).unwrap();
+        a.add(2, t(&[12.0])).unwrap();
+        assert_eq!(a.global_norm().unwrap(), 13.0);
+        // f64 squares over ten orders of magnitude: an f64 sum's last bits depend on the order of its terms.
+        let values: Vec<Vec<f64>> =
+            (0..200).map(|i| vec![1.37f64.powi(i % 40) * (i as f64).sin(), 1.0 / (i + 1) as f64]).collect();
+        let fill = |order: &mut dyn Iterator<Item = usize>| {
+            let mut g: DenseGrads<usize> = DenseGrads::default();
+            for i in order {
+                g.add(i, Tensor::new(values[i].as_slice(), &Device::Cpu).unwrap()).unwrap();
+            }
+            g.global_norm().unwrap().to_bits()
+        };
+        assert_eq!(fill(&mut (0..200)), fill(&mut (0..200).rev()));
     }
 }
