@@ -151,8 +151,12 @@ def compare_summary(b_path, a_path, nb, na, rep):
         if key in SUMMARY_IGNORED:
             continue
         if key not in a or key not in b:
+            # A field one binary writes as null and the other leaves out says the same; a field only the newer
+            # binary writes is new information (a note); a value the newer binary no longer writes is a difference.
             side = "before" if key in b else "after"
-            rep.diffs.append(f"summary.json: `{key}` only {side} ({show(b.get(key, a.get(key)))})")
+            value = b.get(key, a.get(key))
+            msg = f"summary.json: `{key}` only {side} ({show(value)})"
+            (rep.notes if value is None or side == "after" else rep.diffs).append(msg)
             continue
         if strict_equal(b[key], a[key]):
             continue

@@ -1,7 +1,8 @@
 //! Benchmarks of the quantizers and quantized matmuls, and QFT's dense-and-sparse ablation on a real weight.
 //!
-//! Run: `cargo run --release -p qtune-quant --example bench_quant [-- quant|matmul|ablation]` (all sections by
-//! default). Prints Markdown tables:
+//! Run: `cargo run --release -p qtune-quant --example bench_quant [-- gemm|quant|matmul|ablation]` (all sections
+//! by default). Prints Markdown tables:
+//! 0. f32 GEMM rates at the shapes of issue 26, with the CPU features this process detects;
 //! 1. quantize / dequantize throughput per format, in GB/s of f32 data (4 bytes × elements / time);
 //! 2. GFLOP/s (2·m·n·k / time) of `x·Wᵀ` and `dy·W` per weight format next to candle's f32 matmul on the same
 //!    shapes (SmolLM2-135M's projections, 512 and 2048 tokens), with the ratio to candle;
@@ -204,9 +205,66 @@ fn ablation() {
     println!();
 }
 
+/// The x86 features that decide which kernels run, as this process detects them.
+fn cpu_features() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = [
+            ("avx2", is_x86_feature_detected!("avx2")),
+            ("fma", is_x86_feature_detected!("fma")),
+            ("avx512f", is_x86_feature_detected!("avx512f")),
+            ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
+            ("avxvnni", is_x86_feature_detected!("avxvnni")),
+            ("amx-int8", is_x86_feature_detected!("amx-int8")),
+        ];
+        f.iter().map(|(n, on)| format!("{n} {}", if *on { "yes" } else { "no" })).collect::<Vec<_>>().join(", ")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "not x86_64".into()
+    }
+}
+
+/// f32 GEMM rates (2·m·n·k / best of 5) at the shapes of issue 26's table: candle's matmul and the quantized
+/// `x·Wᵀ` on an INT8 per-row weight (its dequantized tiles run on the same `gemm` micro-kernels).
+fn bench_gemm() {
+    println!("\n## f32 GEMM (GFLOP/s, best of 5, {} threads; {})\n", rayon::current_num_threads(), cpu_features());
+    println!("| m×n×k | candle f32 | int8 per-row x·Wᵀ (dequantized tiles) |\n|---|---|---|");
+    for (m, n, k) in [(2048, 2048, 2048), (2048, 1536, 576), (2048, 576, 1536), (512, 576, 576)] {
+        let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu).unwrap();
+        let best = |f: &mut dyn FnMut()| {
+            f();
+            (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        let flops = 2.0 * (m * n * k) as f64;
+        let candle = best(&mut || {
+            a.matmul(&b).unwrap();
+        });
+        let mut x = vec![0f32; m * k];
+        fill_gaussian(&RngKey::new(1, 0, 0), 0, &mut x);
+        let mut wd = vec![0f32; n * k];
+        fill_gaussian(&RngKey::new(2, 0, 0), 0, &mut wd);
+        let w = IntTensor::quantize(&wd, n, k, QuantSpec::symmetric(Bits::B8, Granularity::PerRow), Rounding::Nearest)
+            .unwrap();
+        let mut y = vec![0f32; m * n];
+        let quant = best(&mut || matmul_xwt(&x, m, &w, &mut y).unwrap());
+        println!("| {m}×{n}×{k} | {:.0} | {:.0} |", flops / candle / 1e9, flops / quant / 1e9);
+    }
+}
+
 fn main() {
     let section = std::env::args().nth(1);
     let run = |s: &str| section.as_deref().is_none_or(|x| x == s);
+    if run("gemm") {
+        bench_gemm();
+    }
     if run("quant") {
         bench_quant();
     }
