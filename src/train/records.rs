@@ -103,7 +103,8 @@ impl Summary {
     }
 }
 
-/// "2 threads, <CPU model>": the machine a run was measured on.
+/// "2 threads, <CPU model> (avx2+fma avx512f ...)": the machine a run was measured on, with the vector features
+/// the kernels could use (they change between sessions on the same machine kind).
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -113,7 +114,8 @@ pub fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    format!("{} threads, {cpu}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{threads} threads, {cpu} ({})", qtune_quant::CpuFeatures::detect())
 }
 
 /// The median (the upper one of an even count), None for no values.

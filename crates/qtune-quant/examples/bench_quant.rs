@@ -205,30 +205,14 @@ fn ablation() {
     println!();
 }
 
-/// The x86 features that decide which kernels run, as this process detects them.
-fn cpu_features() -> String {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let f = [
-            ("avx2", is_x86_feature_detected!("avx2")),
-            ("fma", is_x86_feature_detected!("fma")),
-            ("avx512f", is_x86_feature_detected!("avx512f")),
-            ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
-            ("avxvnni", is_x86_feature_detected!("avxvnni")),
-            ("amx-int8", is_x86_feature_detected!("amx-int8")),
-        ];
-        f.iter().map(|(n, on)| format!("{n} {}", if *on { "yes" } else { "no" })).collect::<Vec<_>>().join(", ")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        "not x86_64".into()
-    }
-}
-
 /// f32 GEMM rates (2·m·n·k / best of 5) at the shapes of issue 26's table: candle's matmul and the quantized
 /// `x·Wᵀ` on an INT8 per-row weight (its dequantized tiles run on the same `gemm` micro-kernels).
 fn bench_gemm() {
-    println!("\n## f32 GEMM (GFLOP/s, best of 5, {} threads; {})\n", rayon::current_num_threads(), cpu_features());
+    println!(
+        "\n## f32 GEMM (GFLOP/s, best of 5, {} threads; {})\n",
+        rayon::current_num_threads(),
+        qtune_quant::CpuFeatures::detect()
+    );
     println!("| m×n×k | candle f32 | int8 per-row x·Wᵀ (dequantized tiles) |\n|---|---|---|");
     for (m, n, k) in [(2048, 2048, 2048), (2048, 1536, 576), (2048, 576, 1536), (512, 576, 576)] {
         let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();

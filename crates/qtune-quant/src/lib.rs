@@ -1,6 +1,7 @@
 //! Quantizers and quantized kernels for qtune's training states, working on plain row-major `f32` slices so the
 //! main crate can wrap them for candle's CPU tensors now and CUDA later.
 //!
+//! - [`cpu`]: the CPU's vector and matrix features, detected at run time.
 //! - [`rng`]: counter-based Philox RNG: uniform and Gaussian draws as pure functions of (key, element index).
 //! - [`round`]: round-to-nearest and stochastic rounding.
 //! - [`uniform`]: INT8/INT4, symmetric or asymmetric, per tensor / row / block; frozen-scale re-encoding.
@@ -12,6 +13,7 @@
 #[macro_use]
 mod simd;
 
+pub mod cpu;
 pub mod error;
 pub mod hybrid;
 pub mod matmul;
@@ -21,6 +23,7 @@ pub mod round;
 pub mod uniform;
 pub mod weight;
 
+pub use cpu::CpuFeatures;
 pub use error::{QuantError, Result};
 pub use hybrid::HybridTensor;
 pub use matmul::{matmul_xw, matmul_xwt};
