@@ -16,6 +16,7 @@ use std::path::PathBuf;
 /// A method and its options: what `train` trains.
 #[derive(Args, Clone)]
 pub struct MethodArgs {
+    /// The fine-tuning method (its own options are listed under its heading below).
     #[arg(long, value_enum, default_value_t = MethodKind::FullAdamw)]
     pub method: MethodKind,
     #[command(flatten)]

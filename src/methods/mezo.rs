@@ -107,24 +107,18 @@ impl Perturbation for Mezo {
     /// A Gaussian direction is its seed: z is regenerated tensor by tensor as each weight is read.
     type Direction = ();
 
-    fn zo(&self) -> &ZoLoop {
-        &self.zo
-    }
-
     fn zo_mut(&mut self) -> &mut ZoLoop {
         &mut self.zo
     }
-
-    fn direction(&self, _seed: u64) {}
 
     fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, _d: &(), eps: f64) -> Result<f32> {
         mean_loss(model, &Perturbed { base: &self.params, seed, eps }, micro)
     }
 
-    fn update(&mut self, est: &[(u64, (), f64)], lr: f64, _step: u64) -> Result<()> {
+    fn update(&mut self, zo: &ZoLoop, est: &[(u64, (), f64)], lr: f64) -> Result<()> {
         let n = est.len() as f64;
         for id in self.params.ids() {
-            let decay = if id.is_matrix() { self.zo.weight_decay } else { 0.0 };
+            let decay = if id.is_matrix() { zo.weight_decay } else { 0.0 };
             let terms: Vec<(u64, f64)> = est.iter().map(|&(seed, (), g)| (seed, -lr * g / n)).collect();
             let w = add_directions(&self.params, id, 1.0 - lr * decay, &terms)?;
             self.params.set(id, w);

@@ -259,17 +259,13 @@ impl Perturbation for Quzo {
     /// Each tensor's quantized direction (its scale comes from a pass over the regenerated Gaussians).
     type Direction = Vec<QDirection>;
 
-    fn zo(&self) -> &ZoLoop {
-        &self.zo
-    }
-
     fn zo_mut(&mut self) -> &mut ZoLoop {
         &mut self.zo
     }
 
     /// The perturbation is applied in f32.
-    fn eps(&self) -> f64 {
-        self.zo.eps as f32 as f64
+    fn applied_eps(&self, eps: f64) -> f64 {
+        eps as f32 as f64
     }
 
     fn direction(&self, seed: u64) -> Vec<QDirection> {
@@ -282,12 +278,12 @@ impl Perturbation for Quzo {
 
     /// Each matrix chunk of rows by chunk: dequantize, add −η·(Σ μ_k·u₂,k / n + λθ), re-encode on the frozen grid
     /// with stochastic rounding (so updates far below one grid step survive in expectation).
-    fn update(&mut self, est: &[(u64, Vec<QDirection>, f64)], lr: f64, step: u64) -> Result<()> {
-        let update_seed = direction_seed(self.zo.seed ^ 0x5555, step, 0);
+    fn update(&mut self, zo: &ZoLoop, est: &[(u64, Vec<QDirection>, f64)], lr: f64) -> Result<()> {
+        let update_seed = direction_seed(zo.seed ^ 0x5555, zo.step, 0);
         let cfg = self.store.cfg.clone();
         for id in self.store.ids() {
             let t = id.index(&cfg);
-            let decay = if id.is_matrix() { self.zo.weight_decay } else { 0.0 };
+            let decay = if id.is_matrix() { zo.weight_decay } else { 0.0 };
             let u2 = self.estimator.u2_stream();
             if id.is_matrix() {
                 let (rows, cols) = (self.store.mat(id).rows(), self.store.mat(id).cols());

@@ -96,24 +96,18 @@ impl<B: FrozenBase> Perturbation for ZoLora<B> {
     /// The factors' directions are regenerated from the seed, factor tensor by factor tensor.
     type Direction = ();
 
-    fn zo(&self) -> &ZoLoop {
-        &self.zo
-    }
-
     fn zo_mut(&mut self) -> &mut ZoLoop {
         &mut self.zo
     }
-
-    fn direction(&self, _seed: u64) {}
 
     fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, _d: &(), eps: f64) -> Result<f32> {
         ZoLora::loss_at(self, model, micro, seed, eps)
     }
 
-    fn update(&mut self, est: &[(u64, (), f64)], lr: f64, _step: u64) -> Result<()> {
+    fn update(&mut self, zo: &ZoLoop, est: &[(u64, (), f64)], lr: f64) -> Result<()> {
         let n = est.len() as f64;
         let terms: Vec<(u64, f64)> = est.iter().map(|&(seed, (), mu)| (seed, -lr * mu / n)).collect();
-        self.weights.factors = self.combine(1.0 - lr * self.zo.weight_decay, &terms, true)?;
+        self.weights.factors = self.combine(1.0 - lr * zo.weight_decay, &terms, true)?;
         Ok(())
     }
 

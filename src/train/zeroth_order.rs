@@ -79,29 +79,40 @@ pub fn mean_loss(model: &Llama, w: &dyn Weights, micro: &[Batch]) -> Result<f32>
 
 /// A method's part of the zeroth-order step (the step's memory report starts from [`Method::state_bytes`]).
 pub trait Perturbation: Method {
-    /// What a direction needs beyond its seed (QuZO: each tensor's quantization scale of the direction).
-    type Direction;
-    fn zo(&self) -> &ZoLoop;
+    /// What a direction needs beyond its seed (QuZO: each tensor's quantization scale of the direction; nothing
+    /// for Gaussian directions, which are regenerated from the seed as each tensor is read).
+    type Direction: Default;
+    /// The method's loop state.
     fn zo_mut(&mut self) -> &mut ZoLoop;
     /// ε as the perturbation applies it (QuZO perturbs in f32: ε rounded to f32).
-    fn eps(&self) -> f64 {
-        self.zo().eps
+    fn applied_eps(&self, eps: f64) -> f64 {
+        eps
     }
-    /// The direction of `seed`.
-    fn direction(&self, seed: u64) -> Self::Direction;
+    /// The direction of `seed` (by default: nothing beyond the seed).
+    fn direction(&self, _seed: u64) -> Self::Direction {
+        Self::Direction::default()
+    }
     /// Mean loss over `micro` with the weights moved by `eps` along direction `d` (the weights themselves are left
     /// as they were).
     fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, d: &Self::Direction, eps: f64) -> Result<f32>;
-    /// θ ← θ·(1 − η·λ) − η·Σ_k μ_k·u_k / n over `est` = (seed, direction, μ) of step `step`.
-    fn update(&mut self, est: &[(u64, Self::Direction, f64)], lr: f64, step: u64) -> Result<()>;
+    /// θ ← θ·(1 − η·λ) − η·Σ_k μ_k·u_k / n over `est` = (seed, direction, μ) of step `zo.step` (λ is
+    /// `zo.weight_decay`).
+    fn update(&mut self, zo: &ZoLoop, est: &[(u64, Self::Direction, f64)], lr: f64) -> Result<()>;
     /// Transient bytes of a step (a perturbed or updated copy of the largest tensor, or a chunk of one).
     fn scratch_bytes(&self) -> usize;
 }
 
-/// One zeroth-order step over `micro` at learning rate `lr`.
+/// One zeroth-order step of `p` over `micro` at learning rate `lr`.
 pub fn step<P: Perturbation>(p: &mut P, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
-    let zo = *p.zo();
-    let eps = p.eps();
+    // The loop state is read once and written back once, so the method can be borrowed whole in between.
+    let this = *p.zo_mut();
+    let stats = two_point(p, this, model, micro, lr);
+    p.zo_mut().step = this.step + 1;
+    stats
+}
+
+fn two_point<P: Perturbation>(p: &mut P, zo: ZoLoop, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
+    let eps = p.applied_eps(zo.eps);
     let mut mem = p.state_bytes();
     mem.scratch = p.scratch_bytes();
     let mut est = Vec::with_capacity(zo.directions);
@@ -114,12 +125,11 @@ pub fn step<P: Perturbation>(p: &mut P, model: &Llama, micro: &[Batch], lr: f64)
         est.push((seed, d, (plus as f64 - minus as f64) / (2.0 * eps)));
         loss_sum += (plus + minus) / 2.0;
     }
-    p.zo_mut().step += 1;
     let loss = loss_sum / zo.directions as f32;
     if !loss.is_finite() || est.iter().any(|e| !e.2.is_finite()) {
         return zo.on_nan.fault(loss, None, mem);
     }
-    p.update(&est, lr, zo.step)?;
+    p.update(&zo, &est, lr)?;
     let norm = est.iter().map(|e| e.2 * e.2).sum::<f64>().sqrt();
     Ok(StepStats { loss, grad_norm: Some(norm), applied: true, memory: mem, figures: Vec::new() })
 }
