@@ -7,7 +7,7 @@
 //! same one tensor-sized buffer at a time, regenerates z from the same seed, and leaves θ bit-exact between the two
 //! evaluations.
 use crate::checkpoint::{StateReader, StateWriter};
-use crate::model::{Batch, Llama, ParamId, ParamStore, Weights};
+use crate::model::{Batch, Llama, LlamaConfig, ParamId, ParamStore, Weights};
 use crate::train::memory::Breakdown;
 use crate::train::zeroth_order::{self, mean_loss, Perturbation, ZoLoop};
 use crate::train::{Method, StepStats};
@@ -91,6 +91,12 @@ impl Weights for Perturbed<'_> {
     }
 }
 
+/// The model state of a full-parameter zeroth-order step (MeZO in f32, QuZO in `storage`): the weights alone, no
+/// gradient and no optimizer state.
+pub fn planned_state(cfg: &LlamaConfig, storage: super::Storage) -> Result<Breakdown> {
+    Ok(Breakdown { weights: storage.model_bytes(cfg)?, ..Default::default() })
+}
+
 /// MeZO: full-parameter FP32 zeroth-order SGD.
 pub struct Mezo {
     pub params: ParamStore,
@@ -151,7 +157,7 @@ impl Method for Mezo {
     }
 
     fn state_bytes(&self) -> Breakdown {
-        Breakdown { weights: 4 * self.params.cfg.num_params(), ..Default::default() }
+        planned_state(&self.params.cfg, super::Storage::F32).expect("f32 storage has no spec to fail")
     }
 
     fn held_bytes(&self) -> Breakdown {

@@ -266,9 +266,7 @@ impl MethodKind {
             MethodKind::Lora | MethodKind::Qlora => lora::planned_state(cfg, storage, &lc, own_opt),
             MethodKind::Qst => qst::planned_state(cfg, &o.qst.config(o.first_order.keep(), 0), own_opt),
             MethodKind::Mezo | MethodKind::Quzo if o.zo.lora => zo_lora::planned_state(cfg, storage, &lc),
-            MethodKind::Mezo | MethodKind::Quzo => {
-                Ok(Breakdown { weights: storage.model_bytes(cfg)?, ..Default::default() })
-            }
+            MethodKind::Mezo | MethodKind::Quzo => mezo::planned_state(cfg, storage),
         }
     }
 }

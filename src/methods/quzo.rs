@@ -356,8 +356,8 @@ impl Method for Quzo {
     }
 
     fn state_bytes(&self) -> Breakdown {
-        let weights = Storage::Int(self.store.mat(ParamId::Embed).spec()).model_bytes(&self.store.cfg);
-        Breakdown { weights: weights.expect("the model was quantized with this spec"), ..Default::default() }
+        let storage = Storage::Int(self.store.mat(ParamId::Embed).spec());
+        super::mezo::planned_state(&self.store.cfg, storage).expect("the model was quantized with this spec")
     }
 
     fn held_bytes(&self) -> Breakdown {
