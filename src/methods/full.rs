@@ -81,7 +81,7 @@ impl FirstOrder for FullFinetune {
         (self.clip, self.on_nan)
     }
 
-    fn accumulate(&mut self, model: &Llama, batch: &Batch, _k: usize, _n: usize) -> Result<Micro> {
+    fn accumulate(&mut self, model: &Llama, batch: &Batch, _micro: (usize, usize), _lr: f64) -> Result<Micro> {
         let w: &dyn Weights = match &self.fake_quant {
             Some((_, q)) => q,
             None => &self.params,

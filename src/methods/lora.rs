@@ -310,7 +310,7 @@ impl<B: FrozenBase> FirstOrder for Lora<B> {
         (self.update.clip, self.update.on_nan)
     }
 
-    fn accumulate(&mut self, model: &Llama, batch: &Batch, _k: usize, _n: usize) -> Result<Micro> {
+    fn accumulate(&mut self, model: &Llama, batch: &Batch, _micro: (usize, usize), _lr: f64) -> Result<Micro> {
         let (out, trace) = model.forward(&self.weights, batch, self.keep)?;
         let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
         let (activations, scratch) = (trace.bytes(), block_scratch_bytes(&model.cfg, &batch.lengths, self.keep, 4));

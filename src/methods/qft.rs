@@ -228,8 +228,6 @@ pub struct Qft {
     sumsq: f64,
     /// This step's changed stored entries: (INT8 codes, exact f32 values).
     changed: (usize, usize),
-    /// This step's learning rate, for the fused variant's updates inside the backward.
-    fused_lr: f64,
 }
 
 /// One stream key per (step, parameter, purpose).
@@ -250,17 +248,7 @@ impl Qft {
             .quantize(&mut |_, d, r, c| HybridTensor::quantize(d, r, c, frac, Rounding::Nearest).map_err(quant_err))?;
         let momentum = store.ids().iter().map(|&id| Int8Blocks::zeros(id.numel(&store.cfg))).collect::<Result<_>>()?;
         let weights = QftWeights(RefCell::new(store));
-        Ok(Qft {
-            weights,
-            momentum,
-            stack: Vec::new(),
-            cfg,
-            on_nan,
-            step: 0,
-            sumsq: 0.0,
-            changed: (0, 0),
-            fused_lr: 0.0,
-        })
+        Ok(Qft { weights, momentum, stack: Vec::new(), cfg, on_nan, step: 0, sumsq: 0.0, changed: (0, 0) })
     }
 
     /// The parts of the state a Lion update touches, borrowed apart so the fused sink can hold them during a
@@ -445,7 +433,7 @@ impl FirstOrder for Qft {
         (self.cfg.clip, self.on_nan)
     }
 
-    fn accumulate(&mut self, model: &Llama, batch: &Batch, k: usize, n: usize) -> Result<Micro> {
+    fn accumulate(&mut self, model: &Llama, batch: &Batch, (k, n): (usize, usize), lr: f64) -> Result<Micro> {
         if k == 0 {
             if self.cfg.fused && n != 1 {
                 return Err(Error::Option("--fused updates inside the backward: use --grad-accum 1".into()));
@@ -466,7 +454,6 @@ impl FirstOrder for Qft {
         if self.cfg.fused {
             // The backward reads the weights through the RefCell; the sink writes a parameter only after the
             // backward is done with it (see QftWeights).
-            let lr = self.fused_lr;
             let Qft { weights, momentum, cfg, step, .. } = self;
             let lion = Lion { weights, momentum, cfg, step: *step };
             let mut sink = FusedSink { lion, lr, changed: (0, 0) };
@@ -528,8 +515,6 @@ impl Method for Qft {
     }
 
     fn step(&mut self, model: &Llama, micro: &[Batch], lr: f64) -> Result<StepStats> {
-        // The fused variant applies Lion inside the backward, so the backward needs the step's learning rate.
-        self.fused_lr = lr;
         first_order::step(self, model, micro, lr)
     }
 

@@ -49,8 +49,9 @@ pub struct Micro {
 pub trait FirstOrder: Method {
     /// The clip norm and what to do on a non-finite step.
     fn loop_options(&self) -> (Option<f64>, OnNonFinite);
-    /// Forward and backward of micro-batch `k` of `n`, adding its gradient to the method's gradient store.
-    fn accumulate(&mut self, model: &Llama, batch: &Batch, k: usize, n: usize) -> Result<Micro>;
+    /// Forward and backward of micro-batch `k` of `n`, adding its gradient to the method's gradient store (`lr`
+    /// is the step's learning rate, for a method that updates inside the backward).
+    fn accumulate(&mut self, model: &Llama, batch: &Batch, micro: (usize, usize), lr: f64) -> Result<Micro>;
     /// Once every micro-batch has been added: the bytes the gradient store holds, and the global L2 norm of the
     /// summed gradients, or None when the method applied its update inside the backward (QFT's fused variant:
     /// there is nothing left to check, clip or apply).
@@ -69,7 +70,7 @@ pub fn step(m: &mut dyn FirstOrder, model: &Llama, micro: &[Batch], lr: f64) -> 
     let mut mem = m.state_bytes();
     let mut loss = 0f32;
     for (k, batch) in micro.iter().enumerate() {
-        let r = m.accumulate(model, batch, k, n)?;
+        let r = m.accumulate(model, batch, (k, n), lr)?;
         mem.activations = mem.activations.max(r.activations);
         mem.scratch = mem.scratch.max(r.scratch);
         loss += r.loss / n as f32;

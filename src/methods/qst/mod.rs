@@ -91,7 +91,7 @@ impl FirstOrder for Qst {
         (self.update.clip, self.update.on_nan)
     }
 
-    fn accumulate(&mut self, model: &Llama, batch: &Batch, _k: usize, _n: usize) -> Result<Micro> {
+    fn accumulate(&mut self, model: &Llama, batch: &Batch, _micro: (usize, usize), _lr: f64) -> Result<Micro> {
         let net = &self.model.net;
         let (out, trace) = net.forward(model, &self.model.base, batch, net.cfg.keep)?;
         let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
