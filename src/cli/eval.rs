@@ -4,7 +4,7 @@ use super::{device, pad_id, tokenizer, Common};
 use clap::Args;
 use qtune::methods::qst::{QstModel, SideShare};
 use qtune::model::load::{load_model, read_header};
-use qtune::model::quantized::Source;
+use qtune::model::quantized::{Compute, Source};
 use qtune::model::{Batch, Keep, Llama, Weights};
 use qtune::train::eval::{describe, evaluate, write_predictions, EvalProbe, EvalResult, EvalSettings};
 use qtune::train::memory;
@@ -19,6 +19,10 @@ pub struct EvalArgs {
     /// Run the model with its matrices in INT8 or INT4 (per output channel, as QuZO holds them) instead of f32.
     #[arg(long)]
     pub bits: Option<u32>,
+    /// Arithmetic of the `--bits` model's products: int8 (INT8 activations per token × the weight's codes, on the
+    /// CPU's integer units) or f32 (the weight dequantized tile by tile).
+    #[arg(long, value_enum, requires = "bits", default_value_t = Compute::Int8)]
+    pub compute: Compute,
 }
 
 /// The model `qtune eval` runs: dense weights (f32 or INT8/INT4), or a QST export (NF4 base + side network).
@@ -52,9 +56,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
             (EvalModel::Weights(Box::new(p)), b, "inference".into())
         }
         (None, Some(bits)) => {
-            let q = qtune::methods::quzo::quantize_int(Source::File(c.model.clone()), bits)?;
+            let mut q = qtune::methods::quzo::quantize_int(Source::File(c.model.clone()), bits)?;
+            q.compute = a.compute;
             let b = q.quant_bytes().total() + q.f32_bytes();
-            (EvalModel::Weights(Box::new(q)), b, format!("inference-int{bits}"))
+            let name = match a.compute {
+                Compute::Int8 => format!("inference-int{bits}"),
+                Compute::F32 => format!("inference-int{bits}-f32"),
+            };
+            (EvalModel::Weights(Box::new(q)), b, name)
         }
     };
     let forward = |b: &Batch| match &run {

@@ -325,7 +325,8 @@ impl MethodKind {
                 Box::new(zo_lora::ZoLora::new("mezo-lora", source.params()?, lc, zo()?, dirs)?)
             }
             MethodKind::Quzo if o.zo.lora => {
-                let base = quzo::quantize_int(source, o.bits.bits)?;
+                let mut base = quzo::quantize_int(source, o.bits.bits)?;
+                base.compute = o.quzo.compute;
                 let dirs = zo_lora::Directions::Quantized { bits: o.quzo.perturb_bits, estimator: o.quzo.estimator };
                 Box::new(zo_lora::ZoLora::new("quzo-lora", base, lc, zo()?, dirs)?)
             }

@@ -17,7 +17,7 @@
 //!   stack, no gradient state); it needs one micro-batch per step and no clipping (both need every gradient first).
 use super::{RunContext, Storage};
 use crate::checkpoint::{StateReader, StateWriter};
-use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, QuantStore, Source};
+use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, Compute, QuantStore, Source};
 use crate::model::LlamaConfig;
 use crate::model::{Batch, GradSink, Keep, Llama, ParamId, Weights};
 use crate::train::first_order::{self, FirstOrder, FirstOrderArgs, Micro};
@@ -202,7 +202,7 @@ pub struct QftWeights(RefCell<QuantStore<HybridTensor>>);
 
 impl Weights for QftWeights {
     fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
-        qlinear(self.0.borrow().mat(id), x)
+        qlinear(Compute::F32, self.0.borrow().mat(id), x)
     }
     fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
         qlinear_t(self.0.borrow().mat(id), dy)

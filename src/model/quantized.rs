@@ -9,7 +9,7 @@ use super::params::{ParamId, ParamStore};
 use super::tokenizer::Tok;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use qtune_quant::{matmul, QuantBytes, QuantWeight};
+use qtune_quant::{matmul, matmul_xwt_int, QuantBytes, QuantWeight};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -54,6 +54,17 @@ impl Source {
     }
 }
 
+/// The arithmetic of a quantized matrix product `x·Wᵀ`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Compute {
+    /// INT8 activations (one scale per token) times the weight's integer codes, summed in i32: the CPU's integer
+    /// units (`qtune_quant::int8`). Needs symmetric codes with one scale per row.
+    Int8,
+    /// The weight dequantized tile by tile to f32, times f32 activations.
+    F32,
+}
+
 /// How a method turns an f32 matrix `[rows, cols]` into its stored format.
 pub type Quantize<'a, W> = dyn FnMut(ParamId, &[f32], usize, usize) -> Result<W> + 'a;
 
@@ -63,6 +74,8 @@ pub struct QuantStore<W> {
     mats: Vec<Option<W>>,
     /// f32 norm weights, indexed likewise; `None` for matrices.
     vecs: Vec<Option<Tensor>>,
+    /// The arithmetic of `Weights::linear` (f32 unless a method or `qtune eval` asks for the integer path).
+    pub compute: Compute,
 }
 
 impl<W: QuantWeight> QuantStore<W> {
@@ -77,7 +90,7 @@ impl<W: QuantWeight> QuantStore<W> {
                 Part::Vec(t) => vecs[i] = Some(t),
             }
         }
-        Ok(QuantStore { cfg, mats, vecs })
+        Ok(QuantStore { cfg, mats, vecs, compute: Compute::F32 })
     }
 
     /// Reads a model file, quantizing each matrix as it arrives (at most one f32 tensor alive at a time).
@@ -166,15 +179,28 @@ pub fn quant_err(e: qtune_quant::QuantError) -> Error {
     Error::Msg(format!("quantized kernel: {e}"))
 }
 
-/// y = x·Wᵀ with a quantized W; x: [N, in] f32 on the CPU.
-pub fn qlinear(w: &(impl QuantWeight + ?Sized), x: &Tensor) -> Result<Tensor> {
+/// y = x·Wᵀ with a quantized W, in f32 or on the integer path; x: [N, in] f32 on the CPU.
+pub fn qlinear(compute: Compute, w: &(impl QuantWeight + ?Sized), x: &Tensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     if k != w.cols() {
         return Err(Error::Shape(format!("x has {k} columns, the weight {}", w.cols())));
     }
     let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut y = vec![0f32; m * w.rows()];
-    matmul::matmul_xwt(&xv, m, w, &mut y).map_err(quant_err)?;
+    match compute {
+        Compute::F32 => matmul::matmul_xwt(&xv, m, w, &mut y),
+        Compute::Int8 => {
+            let w = w.as_int().ok_or_else(|| {
+                Error::Option(
+                    "--compute int8: this weight format has no integer path (it needs symmetric codes \
+                     with one scale per row); use --compute f32"
+                        .into(),
+                )
+            })?;
+            matmul_xwt_int(&xv, m, w, &mut y)
+        }
+    }
+    .map_err(quant_err)?;
     Ok(Tensor::from_vec(y, (m, w.rows()), x.device())?)
 }
 
@@ -208,7 +234,7 @@ pub fn qrows(w: &(impl QuantWeight + ?Sized), ids: &Tensor) -> Result<Tensor> {
 
 impl<W: QuantWeight> Weights for QuantStore<W> {
     fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
-        qlinear(self.mat(id), x)
+        qlinear(self.compute, self.mat(id), x)
     }
     fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
         qlinear_t(self.mat(id), dy)

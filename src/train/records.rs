@@ -115,7 +115,8 @@ pub fn machine() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    format!("{threads} threads, {cpu} ({})", qtune_quant::CpuFeatures::detect())
+    let int8 = qtune_quant::int8::kernel_name();
+    format!("{threads} threads, {cpu} ({}; int8 kernel {int8})", qtune_quant::CpuFeatures::detect())
 }
 
 /// The median (the upper one of an even count), None for no values.

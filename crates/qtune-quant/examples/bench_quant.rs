@@ -2,7 +2,8 @@
 //!
 //! Run: `cargo run --release -p qtune-quant --example bench_quant [-- gemm|quant|matmul|ablation]` (all sections
 //! by default). Prints Markdown tables:
-//! 0. f32 GEMM rates at the shapes of issue 26, with the CPU features this process detects;
+//! 0. GEMM rates of `x·Wᵀ` at SmolLM2 and LLaMA-2-7B projection shapes: candle f32, the f32 tile path, the integer
+//!    path (W8A8, W4A8) and the bare INT8 GEMM, with the CPU features and INT8 kernel this process uses;
 //! 1. quantize / dequantize throughput per format, in GB/s of f32 data (4 bytes × elements / time);
 //! 2. GFLOP/s (2·m·n·k / time) of `x·Wᵀ` and `dy·W` per weight format next to candle's f32 matmul on the same
 //!    shapes (SmolLM2-135M's projections, 512 and 2048 tokens), with the ratio to candle;
@@ -205,41 +206,84 @@ fn ablation() {
     println!();
 }
 
-/// f32 GEMM rates (2·m·n·k / best of 5) at the shapes of issue 26's table: candle's matmul and the quantized
-/// `x·Wᵀ` on an INT8 per-row weight (its dequantized tiles run on the same `gemm` micro-kernels).
-fn bench_gemm() {
-    println!(
-        "\n## f32 GEMM (GFLOP/s, best of 5, {} threads; {})\n",
-        rayon::current_num_threads(),
-        qtune_quant::CpuFeatures::detect()
-    );
-    println!("| m×n×k | candle f32 | int8 per-row x·Wᵀ (dequantized tiles) |\n|---|---|---|");
-    for (m, n, k) in [(2048, 2048, 2048), (2048, 1536, 576), (2048, 576, 1536), (512, 576, 576)] {
-        let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu).unwrap();
-        let best = |f: &mut dyn FnMut()| {
+/// Best of 5 seconds of `f`, after one warm-up call.
+fn best_of_5(f: &mut dyn FnMut()) -> f64 {
+    f();
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
             f();
-            (0..5)
-                .map(|_| {
-                    let t = Instant::now();
-                    f();
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min)
-        };
-        let flops = 2.0 * (m * n * k) as f64;
-        let candle = best(&mut || {
-            a.matmul(&b).unwrap();
-        });
-        let mut x = vec![0f32; m * k];
-        fill_gaussian(&RngKey::new(1, 0, 0), 0, &mut x);
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Projection shapes of issue 26's GEMM table: (model, name, n = out features, k = in features).
+const GEMM_SHAPES: [(&str, &str, usize, usize); 6] = [
+    ("SmolLM2-135M", "q/o", 576, 576),
+    ("SmolLM2-135M", "gate/up", 1536, 576),
+    ("SmolLM2-135M", "down", 576, 1536),
+    ("LLaMA-2-7B", "q/k/v/o", 4096, 4096),
+    ("LLaMA-2-7B", "gate/up", 11008, 4096),
+    ("LLaMA-2-7B", "down", 4096, 11008),
+];
+
+/// GEMM rates (2·m·n·k / best of 5) of `y = x·Wᵀ` at projection shapes, m = 512 and 2048 tokens, every column from
+/// this one process: candle's f32 matmul (the `gemm` crate's kernels, AVX-512 where the CPU has it); the f32 path
+/// on an INT8 per-row weight (dequantized tiles, what qtune used before the integer path); the integer path W8A8
+/// and W4A8 (activations quantized per token inside the call, codes read tile by tile); the bare u8×i8→i32 GEMM
+/// on operands quantized beforehand (the integer ceiling). Then where the W8A8 call's time goes.
+fn bench_gemm() {
+    use qtune_quant::int8::{activation_qmax, gemm_u8i8, kernel_name, quantize_acts, IntWeight};
+    println!(
+        "\n## GEMM, y = x·Wᵀ (GOP/s = 2mnk/s, best of 5, {} threads; {}; int8 kernel {})\n",
+        rayon::current_num_threads(),
+        qtune_quant::CpuFeatures::detect(),
+        kernel_name()
+    );
+    println!(
+        "| model | W (n×k) | m | candle f32 | int8 weight, f32 tiles (before) | W8A8 | W4A8 | u8×i8 GEMM alone | \
+         W8A8 ÷ before | W8A8: quantize x / read W / GEMM + scale |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (model, name, n, k) in GEMM_SHAPES {
         let mut wd = vec![0f32; n * k];
         fill_gaussian(&RngKey::new(2, 0, 0), 0, &mut wd);
-        let w = IntTensor::quantize(&wd, n, k, QuantSpec::symmetric(Bits::B8, Granularity::PerRow), Rounding::Nearest)
-            .unwrap();
-        let mut y = vec![0f32; m * n];
-        let quant = best(&mut || matmul_xwt(&x, m, &w, &mut y).unwrap());
-        println!("| {m}×{n}×{k} | {:.0} | {:.0} |", flops / candle / 1e9, flops / quant / 1e9);
+        let spec = |b| QuantSpec::symmetric(b, Granularity::PerRow);
+        let w8 = IntTensor::quantize(&wd, n, k, spec(Bits::B8), Rounding::Nearest).unwrap();
+        let w4 = IntTensor::quantize(&wd, n, k, spec(Bits::B4), Rounding::Nearest).unwrap();
+        let wt = Tensor::from_vec(wd.clone(), (n, k), &Device::Cpu).unwrap().t().unwrap();
+        drop(wd);
+        for m in [512usize, 2048] {
+            let mut x = vec![0f32; m * k];
+            fill_gaussian(&RngKey::new(1, 0, 0), 0, &mut x);
+            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+            let mut y = vec![0f32; m * n];
+            let candle = best_of_5(&mut || drop(xt.matmul(&wt).unwrap()));
+            let before = best_of_5(&mut || matmul_xwt(&x, m, &w8, &mut y).unwrap());
+            let a8 = best_of_5(&mut || qtune_quant::matmul_xwt_int(&x, m, &w8, &mut y).unwrap());
+            let a4 = best_of_5(&mut || qtune_quant::matmul_xwt_int(&x, m, &w4, &mut y).unwrap());
+            let acts = quantize_acts(&x, m, k, activation_qmax()).unwrap();
+            let (mut codes, mut scales, mut acc) = (vec![0i8; n * k], vec![0f32; n], vec![0i32; m * n]);
+            w8.int_rows(0..n, &mut codes, &mut scales).unwrap();
+            let bare = best_of_5(&mut || gemm_u8i8(&acts.codes, acts.zero, m, k, &codes, n, &mut acc).unwrap());
+            let quant = best_of_5(&mut || drop(quantize_acts(&x, m, k, activation_qmax()).unwrap()));
+            let read = best_of_5(&mut || w8.int_rows(0..n, &mut codes, &mut scales).unwrap());
+            let gop = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+            let pct = |t: f64| 100.0 * t / a8;
+            println!(
+                "| {model} | {name} {n}×{k} | {m} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}× | {:.0}% / {:.0}% / {:.0}% |",
+                gop(candle),
+                gop(before),
+                gop(a8),
+                gop(a4),
+                gop(bare),
+                before / a8,
+                pct(quant),
+                pct(read),
+                (100.0 - pct(quant) - pct(read)).max(0.0)
+            );
+        }
     }
 }
 

@@ -21,6 +21,12 @@ pub enum QuantError {
 
     #[error("elements {start}..{end} are out of bounds for a tensor of {len} elements")]
     OutOfBounds { start: usize, end: usize, len: usize },
+
+    #[error("no integer path for this weight: {0}")]
+    NoIntegerPath(&'static str),
+
+    #[error("integer GEMM failed: {0}")]
+    Gemm(String),
 }
 
 pub type Result<T> = std::result::Result<T, QuantError>;

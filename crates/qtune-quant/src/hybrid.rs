@@ -378,6 +378,10 @@ impl QuantWeight for HybridTensor {
         Ok(())
     }
 
+    fn as_int(&self) -> Option<&dyn crate::int8::IntWeight> {
+        Some(self)
+    }
+
     fn storage_bytes(&self) -> QuantBytes {
         QuantBytes {
             sparse_values: 4 * self.values.len(),

@@ -14,24 +14,24 @@ use crate::weight::QuantWeight;
 /// Target f32 elements per tile (1 MiB of scratch per thread). Large tiles amortize gemm's packing of the
 /// activations, which it redoes for every call; on the bench shapes 2^18 beat 2^15..2^17 by 5–30% and matched
 /// 2^19. Tiles are also capped at one per thread so every thread has work.
-const TILE_ELEMS: usize = 1 << 18;
+pub(crate) const TILE_ELEMS: usize = 1 << 18;
 
 /// Output pointer shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: every task writes only its own columns of the output (see the callers).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The element `offset` places further (a method, so closures capture the whole `Send` wrapper).
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }
 
 /// Splits `n` into tiles of at most `TILE_ELEMS / depth` (at least 16), and at least one tile per thread.
-fn tile_len(n: usize, depth: usize) -> usize {
+pub(crate) fn tile_len(n: usize, depth: usize) -> usize {
     let by_cache = (TILE_ELEMS / depth.max(1)).max(16);
     let by_threads = n.div_ceil(rayon::current_num_threads());
     by_cache.min(by_threads).max(1)

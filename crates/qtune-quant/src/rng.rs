@@ -43,6 +43,8 @@ pub const STREAM_SR_WEIGHT: u32 = 4;
 pub const STREAM_SR_GRAD: u32 = 5;
 /// Stochastic rounding of the INT8 Lion momentum (QFT).
 pub const STREAM_SR_MOMENTUM: u32 = 6;
+/// Stochastic rounding of QuZO's perturbation onto the weight's own grid (its integer compute path).
+pub const STREAM_SR_ONGRID: u32 = 7;
 
 pub(crate) const PHILOX_M0: u32 = 0xD251_1F53;
 pub(crate) const PHILOX_M1: u32 = 0xCD9E_8D57;

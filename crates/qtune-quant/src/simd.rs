@@ -56,6 +56,30 @@ multiversion! {
 }
 
 multiversion! {
+    /// Whether a slice holds a NaN or an infinity (`v·0` is NaN exactly for those; summed in lanes, vectorized).
+    fn has_non_finite(x: &[f32]) -> bool {
+        let mut acc = [0.0f32; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += v * 0.0;
+            }
+        }
+        acc.iter().chain(tail.iter()).any(|v| v.is_nan()) || tail.iter().any(|v| !v.is_finite())
+    }
+}
+
+multiversion! {
+    /// INT8 activation codes of one row: `q = clamp(round(x·inv), −lim, lim) + zero` (ties to even) as a u8.
+    fn encode_acts(x: &[f32], inv: f32, lim: f32, zero: f32, out: &mut [u8]) {
+        for (q, &v) in out.iter_mut().zip(x) {
+            *q = ((v * inv).round_ties_even().clamp(-lim, lim) + zero) as u8;
+        }
+    }
+}
+
+multiversion! {
     /// (min, max) over a slice (NaN ignored); (0, 0) for an empty slice.
     fn min_max(x: &[f32]) -> (f32, f32) {
         let Some(&x0) = x.iter().find(|v| !v.is_nan()) else { return (0.0, 0.0) };

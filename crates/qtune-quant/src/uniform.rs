@@ -483,6 +483,10 @@ impl QuantWeight for IntTensor {
         Ok(())
     }
 
+    fn as_int(&self) -> Option<&dyn crate::int8::IntWeight> {
+        self.has_int_rows().then_some(self as &dyn crate::int8::IntWeight)
+    }
+
     fn storage_bytes(&self) -> QuantBytes {
         let f32s = self.scales.len() + self.offsets.as_ref().map_or(0, Vec::len);
         QuantBytes { codes: self.codes.len(), scales: 4 * f32s, ..Default::default() }

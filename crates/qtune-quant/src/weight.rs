@@ -7,6 +7,7 @@ use std::ops::{Add, Range};
 use rayon::prelude::*;
 
 use crate::error::{check_len, check_span, QuantError, Result};
+use crate::int8::IntWeight;
 
 /// Exact storage of a quantized tensor, split the way memory reports show it. Counts the payload (`len ×
 /// size_of`), not allocator slack or the few words of shape metadata.
@@ -53,6 +54,11 @@ pub trait QuantWeight: Sync {
 
     /// Exact storage bytes of the quantized representation.
     fn storage_bytes(&self) -> QuantBytes;
+
+    /// This weight as the integer kernels read it ([`crate::int8`]), where its format allows that.
+    fn as_int(&self) -> Option<&dyn IntWeight> {
+        None
+    }
 
     fn len(&self) -> usize {
         self.rows() * self.cols()

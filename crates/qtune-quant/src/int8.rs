@@ -1,0 +1,411 @@
+//! INT8 matrix products for the Linear forward `y = x·Wᵀ`, on the CPU's integer units.
+//!
+//! - Activations are quantized on the fly ([`quantize_acts`]): symmetric, one scale per row (token), stored as
+//!   `q + zero` in a u8.
+//! - The weight hands over its rows as i8 codes with one f32 scale per row ([`IntWeight`]): INT8 codes as they are,
+//!   INT4 codes widened, a perturbed weight's codes moved on its own grid (QuZO).
+//! - rten-gemm multiplies u8×i8 into i32 with the best kernel the CPU has (AVX-512 VNNI, AVX-512, AVX2, portable),
+//!   chosen at run time ([`kernel_name`]); the epilogue scales each sum by its row's and column's scales.
+//! - Dense-and-sparse weights (QFT's hybrid) add their f32 outliers as a sparse product on the unquantized
+//!   activations, so outliers keep full precision on both sides.
+//!
+//! Saturation: without VNNI, the x86 kernels multiply with `vpmaddubsw`, which adds two u8×i8 products into an i16
+//! and saturates above 32767. Such kernels get 7-bit activations (|q| ≤ 63, stored as q + 64 ∈ [1, 127]), so two
+//! products stay within 2·127·128 = 32512: what onnxruntime and fbgemm call "reduced range". [`activation_qmax`]
+//! says which applies; every summary records it through [`kernel_name`]. Integer sums are then exact, so every
+//! kernel gives the same i32 result bit for bit (tested against a scalar reference).
+//!
+//! Panels: the weight is read in panels of up to 1024 rows (4 MiB of codes), in parallel, into a scratch of i8
+//! codes, so no copy of a whole matrix is made; rten-gemm packs each panel as it multiplies it, with all threads.
+//! A weight that changes between calls (QuZO's perturbed weight) is thus packed once per version it has.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, QuantParams};
+use rten_tensor::NdTensorView;
+
+use crate::error::{check_len, QuantError, Result};
+use crate::hybrid::HybridTensor;
+use crate::simd;
+use crate::uniform::{Bits, Granularity, IntTensor};
+use crate::weight::QuantWeight;
+
+/// f32 outliers in compressed sparse rows, kept outside a weight's codes.
+#[derive(Clone, Copy, Debug)]
+pub struct Csr<'a> {
+    pub row_ptr: &'a [u32],
+    pub col_idx: &'a [u32],
+    pub values: &'a [f32],
+}
+
+/// A weight the integer kernels can read: row r is `scale_r · codes_r` (plus its outliers, if any).
+pub trait IntWeight: QuantWeight {
+    /// Rows `rows` as i8 codes (row-major, `rows.len() × cols`) and their scales (`rows.len()`).
+    fn int_rows(&self, rows: Range<usize>, codes: &mut [i8], scales: &mut [f32]) -> Result<()>;
+    /// Entries kept in f32 outside the codes (their codes are 0), added as a sparse product.
+    fn outliers(&self) -> Option<Csr<'_>> {
+        None
+    }
+}
+
+thread_local! {
+    /// The INT8 GEMM rten-gemm picked for this CPU (one per thread: its kernel object is not `Send`).
+    static EXEC: GemmExecutor<u8, i8, i32> = GemmExecutor::new();
+}
+
+/// The INT8 kernel in use, with the activation bits it allows: e.g. `x86_64-u8i8i32-avx2 (A7)`.
+pub fn kernel_name() -> String {
+    let bits = if activation_qmax() == 127 { 8 } else { 7 };
+    EXEC.with(|e| format!("{} (A{bits})", e.kernel_name()))
+}
+
+/// Largest |q| of an activation code on this machine's kernel: 127, or 63 where the kernel could saturate.
+pub fn activation_qmax() -> i32 {
+    if EXEC.with(|e| e.may_saturate()) {
+        63
+    } else {
+        127
+    }
+}
+
+/// Activations quantized per row: x[i, c] ≈ scales[i] · (codes[i, c] − zero).
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntActs {
+    pub rows: usize,
+    pub cols: usize,
+    pub codes: Vec<u8>,
+    pub scales: Vec<f32>,
+    pub zero: u8,
+}
+
+/// Activation elements per rayon task of [`quantize_acts`].
+const ACT_TASK: usize = 1 << 15;
+
+/// Quantizes row-major m×k activations with `|q| ≤ qmax` (≤ 127), round to nearest (ties to even). A row holding
+/// a NaN or an infinity gets a NaN scale, so the non-finite value reaches the output instead of vanishing into a code.
+pub fn quantize_acts(x: &[f32], m: usize, k: usize, qmax: i32) -> Result<IntActs> {
+    check_len("quantize_acts x (m×k)", m * k, x.len())?;
+    if !(1..=127).contains(&qmax) {
+        return Err(QuantError::NoIntegerPath("activation range must be 1..=127"));
+    }
+    let zero = (qmax + 1) as u8;
+    let mut codes = vec![0u8; m * k];
+    let mut scales = vec![0f32; m];
+    if let Some(rows_per_task) = ACT_TASK.checked_div(k) {
+        let rows_per_task = rows_per_task.max(1);
+        codes
+            .par_chunks_mut(k * rows_per_task)
+            .zip(scales.par_chunks_mut(rows_per_task))
+            .zip(x.par_chunks(k * rows_per_task))
+            .for_each(|((q, s), x)| {
+                for ((q, s), row) in q.chunks_mut(k).zip(s.iter_mut()).zip(x.chunks(k)) {
+                    let absmax = simd::absmax(row);
+                    let inv = if absmax > 0.0 && absmax.is_finite() { qmax as f32 / absmax } else { 0.0 };
+                    *s = if simd::has_non_finite(row) { f32::NAN } else { absmax / qmax as f32 };
+                    simd::encode_acts(row, inv, qmax as f32, zero as f32, q);
+                }
+            });
+    }
+    Ok(IntActs { rows: m, cols: k, codes, scales, zero })
+}
+
+/// `acc (m×n) = Σ_c (a[i, c] − zero)·b[j, c]`: a is m×k u8, b holds n rows of k i8 (W's rows, not Wᵀ).
+pub fn gemm_u8i8(a: &[u8], zero: u8, m: usize, k: usize, b: &[i8], n: usize, acc: &mut [i32]) -> Result<()> {
+    check_len("gemm_u8i8 a (m×k)", m * k, a.len())?;
+    check_len("gemm_u8i8 b (n×k)", n * k, b.len())?;
+    check_len("gemm_u8i8 acc (m×n)", m * n, acc.len())?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let zeros = vec![zero; m];
+    let av = NdTensorView::from_data([m, k], a);
+    let bv = NdTensorView::from_data([n, k], b);
+    let opts = GemmOptions { a_quant: Some(QuantParams { zero_point: &zeros }), ..Default::default() };
+    EXEC.with(|e| e.gemm(acc, GemmInputA::Unpacked(av.view()), GemmInputB::Unpacked(bv.transposed()), opts))
+        .map_err(|e| QuantError::Gemm(e.to_string()))
+}
+
+/// Weight codes per panel (4 MiB of i8): large panels keep rten-gemm's repacking of the activations, which it
+/// redoes for every call, small next to the product.
+const INT_TILE_BYTES: usize = 1 << 22;
+/// At most this many weight rows per panel, which bounds the i32 sums to m × 1024.
+const INT_TILE_ROWS: usize = 1024;
+/// Weight elements read per rayon task (QuZO's perturbed reads draw random numbers for each).
+const READ_TASK: usize = 1 << 15;
+
+/// `y = x·Wᵀ` on the integer path: x is m×k f32 (quantized here), W is n×k, y is m×n.
+pub fn matmul_xwt_int<W: IntWeight + ?Sized>(x: &[f32], m: usize, w: &W, y: &mut [f32]) -> Result<()> {
+    let acts = quantize_acts(x, m, w.cols(), activation_qmax())?;
+    matmul_acts(&acts, x, w, y)
+}
+
+/// `y = x·Wᵀ` with the activations already quantized (`acts`, from `x`): several weights reading the same input
+/// (q, k, v; gate, up) quantize it once. `x` is read only for the weight's f32 outliers.
+pub fn matmul_acts<W: IntWeight + ?Sized>(acts: &IntActs, x: &[f32], w: &W, y: &mut [f32]) -> Result<()> {
+    let (m, n, k) = (acts.rows, w.rows(), w.cols());
+    check_len("matmul_acts activations (m×k)", m * k, acts.rows * acts.cols)?;
+    check_len("matmul_acts x (m×k)", m * k, x.len())?;
+    check_len("matmul_acts y (m×n)", m * n, y.len())?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // Panels of whole weight rows, read in parallel; rten-gemm then multiplies each panel with all its threads.
+    let nb = (INT_TILE_BYTES / k.max(1)).clamp(1, INT_TILE_ROWS).min(n);
+    let (mut codes, mut scales, mut acc) = (vec![0i8; nb * k], vec![0f32; nb], vec![0i32; m * nb]);
+    for j0 in (0..n).step_by(nb) {
+        let cols = nb.min(n - j0);
+        let (codes, scales, acc) = (&mut codes[..cols * k], &mut scales[..cols], &mut acc[..m * cols]);
+        let per_task = (READ_TASK / k.max(1)).max(1);
+        codes
+            .par_chunks_mut(per_task * k.max(1))
+            .zip(scales.par_chunks_mut(per_task))
+            .enumerate()
+            .try_for_each(|(t, (c, s))| w.int_rows(j0 + t * per_task..j0 + t * per_task + s.len(), c, s))?;
+        gemm_u8i8(&acts.codes, acts.zero, m, k, codes, cols, acc)?;
+        let scales = &*scales;
+        y.par_chunks_mut(n).zip(acc.par_chunks(cols)).zip(acts.scales.par_iter()).for_each(|((y, acc), &sx)| {
+            for ((d, &a), &sw) in y[j0..j0 + cols].iter_mut().zip(acc).zip(scales) {
+                *d = a as f32 * (sx * sw);
+            }
+        });
+    }
+    if let Some(csr) = w.outliers() {
+        add_sparse(x, k, csr, y, n);
+    }
+    Ok(())
+}
+
+/// `y[i, r] += Σ x[i, c]·v` over row r's outliers (c, v): the sparse part of a dense-and-sparse weight, in f32.
+fn add_sparse(x: &[f32], k: usize, csr: Csr<'_>, y: &mut [f32], n: usize) {
+    y.par_chunks_mut(n).zip(x.par_chunks(k)).for_each(|(y, x)| {
+        for (r, y) in y.iter_mut().enumerate() {
+            let (a, b) = (csr.row_ptr[r] as usize, csr.row_ptr[r + 1] as usize);
+            *y += csr.col_idx[a..b].iter().zip(&csr.values[a..b]).map(|(&c, &v)| x[c as usize] * v).sum::<f32>();
+        }
+    });
+}
+
+/// The i8 code of element `e` of a symmetric tensor's code bytes.
+#[inline]
+fn code_at(bits: Bits, codes: &[u8], e: usize) -> i8 {
+    match bits {
+        Bits::B8 => codes[e] as i8,
+        // Nibble q + 8, the even element in the high nibble.
+        Bits::B4 => ((if e.is_multiple_of(2) { codes[e / 2] >> 4 } else { codes[e / 2] & 0x0f }) as i8) - 8,
+    }
+}
+
+impl IntTensor {
+    /// Whether the integer kernels can read this tensor: symmetric codes with one scale per row or tensor.
+    pub fn has_int_rows(&self) -> bool {
+        self.spec().symmetric && matches!(self.spec().granularity, Granularity::PerRow | Granularity::PerTensor)
+    }
+}
+
+impl IntWeight for IntTensor {
+    fn int_rows(&self, rows: Range<usize>, codes: &mut [i8], scales: &mut [f32]) -> Result<()> {
+        if !self.has_int_rows() {
+            return Err(QuantError::NoIntegerPath("integer kernels need symmetric codes, one scale per row or tensor"));
+        }
+        if rows.start > rows.end || rows.end > self.rows() {
+            return Err(QuantError::OutOfBounds { start: rows.start, end: rows.end, len: self.rows() });
+        }
+        let k = self.cols();
+        check_len("int_rows codes", rows.len() * k, codes.len())?;
+        check_len("int_rows scales", rows.len(), scales.len())?;
+        let bits = self.spec().bits;
+        let (all, per_row) = (self.scales(), self.spec().granularity == Granularity::PerRow);
+        let (first, src) = (rows.start * k, self.codes());
+        codes.iter_mut().enumerate().for_each(|(i, c)| *c = code_at(bits, src, first + i));
+        for (s, r) in scales.iter_mut().zip(rows) {
+            *s = if per_row { all[r] } else { all[0] };
+        }
+        Ok(())
+    }
+}
+
+impl IntWeight for HybridTensor {
+    fn int_rows(&self, rows: Range<usize>, codes: &mut [i8], scales: &mut [f32]) -> Result<()> {
+        self.dense().int_rows(rows, codes, scales)
+    }
+    fn outliers(&self) -> Option<Csr<'_>> {
+        let (row_ptr, col_idx, values) = self.sparse();
+        Some(Csr { row_ptr, col_idx, values })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::{fill_gaussian, RngKey};
+    use crate::uniform::QuantSpec;
+    use crate::Rounding;
+
+    /// Against the f64 product of the dequantized operands (the same codes and scales), the only error is the
+    /// epilogue's f32 rounding of the exact i32 sum and of `sx·sw` (a few ulp): budget 1e-6 of the output's scale.
+    const INT_RTOL: f64 = 1e-6;
+
+    fn gauss(n: usize, seed: u64) -> Vec<f32> {
+        let mut v = vec![0.0; n];
+        fill_gaussian(&RngKey::new(seed, 0, 0), 0, &mut v);
+        v
+    }
+
+    fn int(w: &[f32], n: usize, k: usize, bits: Bits) -> IntTensor {
+        IntTensor::quantize(w, n, k, QuantSpec::symmetric(bits, Granularity::PerRow), Rounding::Nearest).unwrap()
+    }
+
+    /// The scalar reference of [`gemm_u8i8`]: exact i32 sums.
+    fn gemm_ref(a: &[u8], zero: u8, m: usize, k: usize, b: &[i8], n: usize) -> Vec<i32> {
+        (0..m * n)
+            .map(|i| (0..k).map(|c| (a[(i / n) * k + c] as i32 - zero as i32) * b[(i % n) * k + c] as i32).sum())
+            .collect()
+    }
+
+    #[test]
+    fn kernel_equals_scalar_i32_reference_bit_for_bit() {
+        let q = activation_qmax();
+        let zero = (q + 1) as u8;
+        for &(m, n, k) in &[(1, 7, 5), (5, 37, 129), (33, 64, 300), (64, 17, 1)] {
+            // Extremes included: the largest activations against the largest weights of both signs.
+            let a: Vec<u8> =
+                (0..m * k).map(|i| (zero as i32 + [q, -q, 3, 0][i % 4] - (i % 7) as i32 % 2) as u8).collect();
+            let b: Vec<i8> = (0..n * k).map(|i| [127i8, -127, 5, -3, 0][(i * 3) % 5]).collect();
+            let mut acc = vec![0i32; m * n];
+            gemm_u8i8(&a, zero, m, k, &b, n, &mut acc).unwrap();
+            assert_eq!(acc, gemm_ref(&a, zero, m, k, &b, n), "{} m={m} n={n} k={k}", kernel_name());
+        }
+    }
+
+    #[test]
+    fn activations_round_to_nearest_on_their_row_grid() {
+        let (m, k) = (6, 50);
+        let mut x = gauss(m * k, 4);
+        x[2 * k..3 * k].fill(0.0); // a zero row: scale 0, codes at the zero point
+        let acts = quantize_acts(&x, m, k, 127).unwrap();
+        for i in 0..m {
+            let s = acts.scales[i];
+            for c in 0..k {
+                let q = acts.codes[i * k + c] as f32 - acts.zero as f32;
+                assert!(q.abs() <= 127.0);
+                // Half a step, plus f32 slack for x·(qmax/absmax).
+                assert!((q * s - x[i * k + c]).abs() <= 0.5 * s * (1.0 + 1e-5) + 1e-30, "row {i} col {c}");
+            }
+        }
+        assert_eq!(acts.scales[2], 0.0);
+        x[7] = f32::NAN;
+        assert!(quantize_acts(&x, m, k, 127).unwrap().scales[0].is_nan());
+        x[7] = f32::INFINITY;
+        x[k + 49] = f32::NEG_INFINITY; // in the tail after the 16-lane chunks
+        let acts = quantize_acts(&x, m, k, 127).unwrap();
+        assert!(acts.scales[0].is_nan() && acts.scales[1].is_nan() && acts.scales[3].is_finite());
+        assert!(quantize_acts(&x, m, k, 128).is_err());
+        assert!(quantize_acts(&x[1..], m, k, 63).is_err());
+    }
+
+    /// The f64 product of the dequantized operands: activations from `acts`, the weight from its dequantization.
+    fn reference(acts: &IntActs, w: &dyn QuantWeight) -> Vec<f64> {
+        let (m, n, k) = (acts.rows, w.rows(), w.cols());
+        let mut wd = vec![0.0; n * k];
+        w.dequantize_into(&mut wd).unwrap();
+        let xd: Vec<f64> =
+            (0..m * k).map(|i| acts.scales[i / k] as f64 * (acts.codes[i] as f64 - acts.zero as f64)).collect();
+        (0..m * n).map(|i| (0..k).map(|c| xd[(i / n) * k + c] * wd[(i % n) * k + c] as f64).sum()).collect()
+    }
+
+    fn max_err(got: &[f32], want: &[f64]) -> (f64, f64) {
+        let scale = want.iter().fold(0.0f64, |a, &b| a.max(b.abs()));
+        (got.iter().zip(want).fold(0.0f64, |a, (&g, &w)| a.max((g as f64 - w).abs())), scale)
+    }
+
+    #[test]
+    fn w8a8_and_w4a8_equal_the_dequantized_f64_product() {
+        for &(m, n, k) in &[(1, 40, 70), (5, 37, 129), (17, 300, 64)] {
+            let x = gauss(m * k, 2);
+            let wf = gauss(n * k, 1);
+            for bits in [Bits::B8, Bits::B4] {
+                let w = int(&wf, n, k, bits);
+                let mut y = vec![0.0; m * n];
+                matmul_xwt_int(&x, m, &w, &mut y).unwrap();
+                let acts = quantize_acts(&x, m, k, activation_qmax()).unwrap();
+                let (err, scale) = max_err(&y, &reference(&acts, &w));
+                assert!(err <= INT_RTOL * scale, "{bits:?} m={m} n={n} k={k}: {err} vs {scale}");
+            }
+        }
+    }
+
+    #[test]
+    fn hybrid_adds_its_outliers_in_f32() {
+        let (m, n, k) = (9, 50, 80);
+        let x = gauss(m * k, 5);
+        let mut wf = gauss(n * k, 6);
+        wf.iter_mut().step_by(37).for_each(|v| *v *= 20.0);
+        let w = HybridTensor::quantize(&wf, n, k, 0.02, Rounding::Nearest).unwrap();
+        assert!(w.nnz() > 0);
+        let mut y = vec![0.0; m * n];
+        matmul_xwt_int(&x, m, &w, &mut y).unwrap();
+        // Dense part on quantized activations, outliers on the f32 activations.
+        let acts = quantize_acts(&x, m, k, activation_qmax()).unwrap();
+        let mut want = reference(&acts, w.dense());
+        let (rp, ci, vals) = w.sparse();
+        for i in 0..m {
+            for r in 0..n {
+                for e in rp[r] as usize..rp[r + 1] as usize {
+                    want[i * n + r] += x[i * k + ci[e] as usize] as f64 * vals[e] as f64;
+                }
+            }
+        }
+        let (err, scale) = max_err(&y, &want);
+        assert!(err <= INT_RTOL * scale, "{err} vs {scale}");
+    }
+
+    /// The whole path against the exact f32-weight product: W8 with A8 (or A7) stays within 2% of the output's
+    /// scale on Gaussian data (the quantization noise of both operands, ~0.5% each at 8 bits, ~1.5% at 7), W4
+    /// within 25% (INT4's half step is 1/14 of the row's absmax).
+    #[test]
+    fn quantization_error_is_what_the_bits_allow() {
+        let (m, n, k) = (16, 64, 256);
+        let x = gauss(m * k, 7);
+        let wf = gauss(n * k, 8);
+        let exact: Vec<f64> =
+            (0..m * n).map(|i| (0..k).map(|c| x[(i / n) * k + c] as f64 * wf[(i % n) * k + c] as f64).sum()).collect();
+        let rms = |e: &[f64]| (e.iter().map(|v| v * v).sum::<f64>() / e.len() as f64).sqrt();
+        for (bits, budget) in [(Bits::B8, 0.02), (Bits::B4, 0.25)] {
+            let mut y = vec![0.0; m * n];
+            matmul_xwt_int(&x, m, &int(&wf, n, k, bits), &mut y).unwrap();
+            let diff: Vec<f64> = y.iter().zip(&exact).map(|(&a, &b)| a as f64 - b).collect();
+            let rel = rms(&diff) / rms(&exact);
+            assert!(rel < budget, "{bits:?}: relative RMS error {rel}");
+        }
+    }
+
+    #[test]
+    fn int4_rows_widen_to_the_dequantized_values() {
+        let (n, k) = (5, 7); // odd: rows split bytes
+        let w = int(&gauss(n * k, 9), n, k, Bits::B4);
+        let mut codes = vec![0i8; 3 * k];
+        let mut scales = vec![0f32; 3];
+        w.int_rows(1..4, &mut codes, &mut scales).unwrap();
+        let mut d = vec![0f32; 3 * k];
+        w.dequantize_rows(1..4, &mut d).unwrap();
+        for (i, (&c, &v)) in codes.iter().zip(&d).enumerate() {
+            assert!((-7..=7).contains(&c));
+            assert_eq!(c as f32 * scales[i / k], v, "element {i}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_read() {
+        let wf = gauss(24, 3);
+        let asym =
+            IntTensor::quantize(&wf, 4, 6, QuantSpec::asymmetric(Bits::B8, Granularity::PerRow), Rounding::Nearest)
+                .unwrap();
+        let mut y = vec![0.0; 8];
+        assert!(matches!(matmul_xwt_int(&[0.0; 12], 2, &asym, &mut y), Err(QuantError::NoIntegerPath(_))));
+        let w = int(&wf, 4, 6, Bits::B8);
+        assert!(matmul_xwt_int(&[0.0; 11], 2, &w, &mut y).is_err());
+        assert!(matmul_xwt_int(&[0.0; 12], 2, &w, &mut y[..7]).is_err());
+        assert!(w.int_rows(3..5, &mut [0; 12], &mut [0.0; 2]).is_err());
+    }
+}
