@@ -170,15 +170,18 @@ impl IntWeight for PerturbedInt<'_> {
         let key = self.dir.gauss.with_stream(STREAM_SR_ONGRID);
         let (sign, eps) = (self.eps.signum() as i32, self.eps.abs());
         let (mut u, mut r) = ([0f32; FILL_CHUNK], [0f32; FILL_CHUNK]);
-        for (c, q) in codes.chunks_mut(FILL_CHUNK).enumerate() {
-            let at = first + c * FILL_CHUNK;
-            let (u, r) = (&mut u[..q.len()], &mut r[..q.len()]);
-            self.dir.fill(at as u64, u, Some(STREAM_SR_PERTURB));
-            fill_uniform_seq(&key, at as u64, r);
-            for (i, ((q, &u), &r)) in q.iter_mut().zip(u.iter()).zip(r.iter()).enumerate() {
-                let s = scales[(at + i) / k - first / k];
-                if s > 0.0 {
-                    let v = stochastic_round(eps * u / s, r) as i32;
+        for (row, (q, &s)) in codes.chunks_mut(k).zip(scales.iter()).enumerate() {
+            if s <= 0.0 {
+                continue;
+            }
+            let ratio = eps / s;
+            for (c, q) in q.chunks_mut(FILL_CHUNK).enumerate() {
+                let at = (first + row * k + c * FILL_CHUNK) as u64;
+                let (u, r) = (&mut u[..q.len()], &mut r[..q.len()]);
+                self.dir.fill(at, u, Some(STREAM_SR_PERTURB));
+                fill_uniform_seq(&key, at, r);
+                for ((q, &u), &r) in q.iter_mut().zip(u.iter()).zip(r.iter()) {
+                    let v = stochastic_round(ratio * u, r) as i32;
                     *q = (*q as i32 + sign * v).clamp(-127, 127) as i8;
                 }
             }

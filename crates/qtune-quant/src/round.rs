@@ -32,10 +32,26 @@ impl Rounding {
     }
 }
 
+/// ⌊y⌋, bit for bit `f32::floor` (signed zeros, NaN and infinities included), without the libm call that
+/// `floor` becomes on baseline x86-64 (no SSE4.1 `roundps`): through the integer conversion when |y| < 2^23, where
+/// that is exact; larger values, infinities and NaN are their own floor.
+#[inline(always)]
+pub fn floor(y: f32) -> f32 {
+    if !(y.abs() < 8_388_608.0) {
+        return y;
+    }
+    let t = ((y as i32) as f32).copysign(y);
+    if t > y {
+        t - 1.0
+    } else {
+        t
+    }
+}
+
 /// SR(y) with an explicit uniform u ∈ [0, 1). P(round up) = y − ⌊y⌋ up to the 2^-24 resolution of u.
 #[inline(always)]
 pub fn stochastic_round(y: f32, u: f32) -> f32 {
-    let f = y.floor();
+    let f = floor(y);
     if u < y - f {
         f + 1.0
     } else {
@@ -46,6 +62,17 @@ pub fn stochastic_round(y: f32, u: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floor_is_libm_floor_bit_for_bit() {
+        let mut ys = vec![0.0f32, -0.0, 0.5, -0.5, 1.0, -1.0, 2.5, -2.5, 1e-30, -1e-30, 8_388_607.5, -8_388_607.5];
+        ys.extend([8_388_608.0, -8_388_609.0, 3e9, -3e9, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY]);
+        ys.extend((0..20_000).map(|i| (i as f32 - 10_000.0) * 0.013_7));
+        for y in ys {
+            assert_eq!(floor(y).to_bits(), y.floor().to_bits(), "y = {y}");
+        }
+        assert!(floor(f32::NAN).is_nan());
+    }
     use crate::rng::uniform;
 
     /// Applies a rounding mode to grid values the way the quantizers do (through the fused encode kernel).
