@@ -1,6 +1,7 @@
 //! `qtune bench`: every method on the same model, task, batch, sequence length and steps, each in its own process
 //! (so each peak RSS is its own), then one table: memory, step time, tokens/s, MFU against the f32 GEMM rate
 //! measured on this machine in the same run, and accuracy before/after.
+use crate::model::quantized::Compute;
 use crate::report::{self, RunRecord};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -18,6 +19,8 @@ pub const RUNS: &[(&str, &[&str])] = &[
     ("mezo", &["--method", "mezo"]),
     ("quzo-int8", &["--method", "quzo", "--bits", "8"]),
     ("quzo-int4", &["--method", "quzo", "--bits", "4"]),
+    ("quzo-int8-f32", &["--method", "quzo", "--bits", "8", "--compute", "f32"]),
+    ("quzo-int4-f32", &["--method", "quzo", "--bits", "4", "--compute", "f32"]),
     ("qat-int4", &["--method", "qat", "--bits", "4"]),
 ];
 
@@ -35,22 +38,50 @@ pub const CLOSEST_PEER: &[(&str, &str)] = &[
     ("mezo", "torch-mezo"),
     ("quzo-int8", "torch-mezo"),
     ("quzo-int4", "torch-mezo"),
+    ("quzo-int8-f32", "torch-mezo"),
+    ("quzo-int4-f32", "torch-mezo"),
     ("qat-int4", "torch-adamw"),
 ];
 
-/// f32 GEMM GFLOP/s of candle on this machine: the best of 5 runs of a 2048³ product.
-pub fn gemm_gflops() -> Result<f64> {
-    let n = 2048;
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let mut best = f64::INFINITY;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let c = a.matmul(&b)?;
-        let _ = c.sum_all()?.to_scalar::<f32>()?;
-        best = best.min(t.elapsed().as_secs_f64());
+/// The machine's GEMM ceilings in GOP/s, best of 5 runs of a 2048³ product each: f32 (candle's matmul, the kernels
+/// the f32 methods use) and INT8 (the u8×i8→i32 kernel of `qtune_quant::int8`, operands quantized beforehand).
+#[derive(Clone, Copy, Debug)]
+pub struct Ceilings {
+    pub f32: f64,
+    pub int8: f64,
+}
+
+impl Ceilings {
+    pub fn measure() -> Result<Ceilings> {
+        let n = 2048;
+        let best = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+            f()?;
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                let t = Instant::now();
+                f()?;
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            Ok(2.0 * (n * n * n) as f64 / best / 1e9)
+        };
+        let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+        let f32 = best(&mut || a.matmul(&b)?.sum_all()?.to_scalar::<f32>().map(|_| ()).map_err(Into::into))?;
+        let (a8, b8) = ((0..n * n).map(|i| (i * 7 % 127) as u8).collect::<Vec<_>>(), vec![3i8; n * n]);
+        let mut acc = vec![0i32; n * n];
+        let int8 = best(&mut || {
+            qtune_quant::int8::gemm_u8i8(&a8, 64, n, n, &b8, n, &mut acc).map_err(crate::model::quantized::quant_err)
+        })?;
+        Ok(Ceilings { f32, int8 })
     }
-    Ok(2.0 * (n * n * n) as f64 / best / 1e9)
+
+    /// The ceiling of a run's arithmetic (f32 when the summary does not say).
+    fn of(&self, compute: Option<Compute>) -> f64 {
+        match compute {
+            Some(Compute::Int8) => self.int8,
+            _ => self.f32,
+        }
+    }
 }
 
 /// Runs `runs` (names from [`RUNS`]) with `common` arguments into `out/<name>`, skipping runs already done, then
@@ -63,8 +94,13 @@ pub fn run(exe: &Path, runs: &[String], common: &[String], out: &Path, peers: Op
         Some(dir) => read_peers(dir)?,
         None => Vec::new(),
     };
-    let gflops = gemm_gflops()?;
-    eprintln!("f32 GEMM on this machine: {gflops:.1} GFLOP/s");
+    let ceilings = Ceilings::measure()?;
+    eprintln!(
+        "GEMM ceilings on this machine: f32 {:.1} GFLOP/s, int8 {:.1} GOP/s ({})",
+        ceilings.f32,
+        ceilings.int8,
+        qtune_quant::int8::kernel_name()
+    );
     let mut records = Vec::new();
     for name in runs {
         let (_, args) = RUNS.iter().find(|(n, _)| n == name).ok_or_else(|| {
@@ -91,13 +127,19 @@ pub fn run(exe: &Path, runs: &[String], common: &[String], out: &Path, peers: Op
         records.push(report::read_run(&dir)?);
     }
     for r in &mut records {
-        add_mfu(r, gflops);
+        add_mfu(r, &ceilings);
     }
     let ratios = ratio_table(&records, &peer_records);
     records.extend(peer_records);
     let mut md = format!("qtune bench, {} UTC, {}\n\n", utc_date(), crate::train::records::machine());
     md += &report::write_report(&records, out, "qtune bench")?;
-    md += &format!("\nf32 GEMM reference: {gflops:.1} GFLOP/s (candle, 2048³, best of 5, same run); MFU = tokens/s × FLOPs per token / that rate.\n");
+    md += &format!(
+        "\nGEMM ceilings (2048³, best of 5, same run): f32 {:.1} GFLOP/s (candle), int8 {:.1} GOP/s ({}). MFU = \
+         tokens/s × operations per token / the ceiling of the run's arithmetic (int8 for `--compute int8` runs).\n",
+        ceilings.f32,
+        ceilings.int8,
+        qtune_quant::int8::kernel_name()
+    );
     if !ratios.is_empty() {
         md += &format!("\nEach qtune run against its closest peer (below 1: qtune uses less / is faster):\n\n{ratios}");
     }
@@ -169,8 +211,9 @@ fn civil_date(days: i64) -> String {
 /// part in matmuls (`matmul_params`) and the FLOPs per token per such parameter the method states
 /// ([`crate::train::Method::flops_per_param`]: 6 for backprop through the model, 4 for adapters, 2 for side tuning,
 /// 4 for the zeroth-order methods' two forwards, their LoRA modes included).
-fn add_mfu(r: &mut RunRecord, gflops: f64) {
+fn add_mfu(r: &mut RunRecord, ceilings: &Ceilings) {
     let s = &r.summary;
+    let gflops = ceilings.of(s.compute);
     let (Some(tps), Some(params), Some(per_param)) = (s.tokens_per_s, s.matmul_params, s.flops_per_param) else {
         return;
     };
@@ -215,11 +258,16 @@ mod tests {
         let mut r = record("mezo-lora", 1.0, 1.0);
         (r.summary.tokens_per_s, r.summary.matmul_params, r.summary.flops_per_param) =
             (Some(100.0), Some(100_000_000), Some(4.0));
-        add_mfu(&mut r, 100.0);
+        let ceilings = Ceilings { f32: 100.0, int8: 400.0 };
+        add_mfu(&mut r, &ceilings);
         assert!((r.summary.mfu.unwrap() - 0.4).abs() < 1e-12, "{:?}", r.summary.mfu);
+        // The same run on the integer path is judged against the INT8 ceiling.
+        r.summary.compute = Some(Compute::Int8);
+        add_mfu(&mut r, &ceilings);
+        assert!((r.summary.mfu.unwrap() - 0.1).abs() < 1e-12, "{:?}", r.summary.mfu);
         let mut peer = record("torch-mezo", 1.0, 1.0);
         peer.summary.tokens_per_s = Some(100.0);
-        add_mfu(&mut peer, 100.0);
+        add_mfu(&mut peer, &ceilings);
         assert_eq!(peer.summary.mfu, None);
     }
 }

@@ -45,6 +45,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let splits = c.splits(&tok)?;
     let model = Llama::on(header.cfg, device());
     // f32, or quantized while the file is read (no f32 model in memory).
+    let compute = if a.bits.is_some() { a.compute } else { Compute::F32 };
     let (run, weights, method) = match (qst, a.bits) {
         (Some((q, _)), _) => {
             let b = q.weight_bytes();
@@ -109,6 +110,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         dev_majority: d.majority,
         eval_majority: e.majority,
         machine: machine(),
+        compute: Some(compute),
         ..Default::default()
     };
     summary.add_figures("dev", &d.figures);

@@ -11,7 +11,7 @@ pub mod qst;
 pub mod quzo;
 pub mod zo_lora;
 
-use crate::model::quantized::{quant_err, Source};
+use crate::model::quantized::{quant_err, Compute, Source};
 use crate::model::{LlamaConfig, ParamId};
 use crate::train::first_order::FirstOrderArgs;
 use crate::train::memory::Breakdown;
@@ -85,6 +85,7 @@ impl MethodKind {
             Group::ZerothOrder => self.is_zeroth_order(),
             Group::Bits => matches!(self, M::Quzo | M::Qat),
             Group::Quzo => self == M::Quzo,
+            Group::Compute => matches!(self, M::Quzo | M::Qft),
             Group::Qft => self == M::Qft,
             Group::Qst => self == M::Qst,
             Group::Lora => matches!(self, M::Lora | M::Qlora) || (lora && self.is_zeroth_order()),
@@ -122,6 +123,8 @@ pub struct MethodOptions {
     #[command(flatten)]
     pub quzo: quzo::QuzoArgs,
     #[command(flatten)]
+    pub compute: ComputeArgs,
+    #[command(flatten)]
     pub qft: qft::QftArgs,
     #[command(flatten)]
     pub qst: qst::QstArgs,
@@ -132,6 +135,29 @@ pub struct MethodOptions {
 }
 crate::options::defaults_from_clap!(MethodOptions);
 
+/// The arithmetic of the quantized weight products (read by quzo and qft).
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+#[command(next_help_heading = "Quantized compute (quzo, qft)")]
+pub struct ComputeArgs {
+    /// Arithmetic of the quantized weight products: int8 (INT8 activations per token × the weight's integer codes,
+    /// i32 sums) or f32 (the weight dequantized tile by tile). Default: int8 for quzo (its forwards; the
+    /// perturbation is then rounded onto the weight's grid), f32 for qft (int8 runs its forward and input-gradient
+    /// products; the weight gradient stays f32).
+    #[arg(long, value_enum)]
+    pub compute: Option<Compute>,
+}
+crate::options::defaults_from_clap!(ComputeArgs);
+
+impl ComputeArgs {
+    /// The arithmetic `kind` runs in: the one given, else the method's default.
+    pub fn of(&self, kind: MethodKind) -> Compute {
+        self.compute.unwrap_or(match kind {
+            MethodKind::Quzo => Compute::Int8,
+            _ => Compute::F32,
+        })
+    }
+}
+
 /// The option groups of [`MethodOptions`] (beside `--weight-decay`, read by all).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Group {
@@ -139,6 +165,7 @@ pub enum Group {
     ZerothOrder,
     Bits,
     Quzo,
+    Compute,
     Qft,
     Qst,
     Lora,
@@ -146,11 +173,12 @@ pub enum Group {
 }
 
 impl Group {
-    pub const ALL: [Group; 8] = [
+    pub const ALL: [Group; 9] = [
         Group::FirstOrder,
         Group::ZerothOrder,
         Group::Bits,
         Group::Quzo,
+        Group::Compute,
         Group::Qft,
         Group::Qst,
         Group::Lora,
@@ -165,6 +193,7 @@ impl Group {
             Group::ZerothOrder => given::<ZoArgs>(m),
             Group::Bits => given::<quzo::BitsArgs>(m),
             Group::Quzo => given::<quzo::QuzoArgs>(m),
+            Group::Compute => given::<ComputeArgs>(m),
             Group::Qft => given::<qft::QftArgs>(m),
             Group::Qst => given::<qst::QstArgs>(m),
             Group::Lora => given::<lora::LoraArgs>(m),
@@ -318,7 +347,7 @@ impl MethodKind {
             }
             MethodKind::Qft => {
                 let lion = LionConfig { weight_decay: o.weight_decay, ..Default::default() };
-                Box::new(qft::Qft::new(source, o.qft.config(lion, fo, ctx)?, ctx.on_nan)?)
+                Box::new(qft::Qft::new(source, o.qft.config(lion, fo, o.compute.of(self), ctx)?, ctx.on_nan)?)
             }
             MethodKind::Mezo if o.zo.lora => {
                 let dirs = zo_lora::Directions::Gaussian;
@@ -326,12 +355,12 @@ impl MethodKind {
             }
             MethodKind::Quzo if o.zo.lora => {
                 let mut base = quzo::quantize_int(source, o.bits.bits)?;
-                base.compute = o.quzo.compute;
+                base.compute = o.compute.of(self);
                 let dirs = zo_lora::Directions::Quantized { bits: o.quzo.perturb_bits, estimator: o.quzo.estimator };
                 Box::new(zo_lora::ZoLora::new("quzo-lora", base, lc, zo()?, dirs)?)
             }
             MethodKind::Mezo => Box::new(mezo::Mezo::new(source.params()?, zo()?)),
-            MethodKind::Quzo => Box::new(quzo::Quzo::new(source, o.bits.bits, &o.quzo, zo()?)?),
+            MethodKind::Quzo => Box::new(quzo::Quzo::new(source, o.bits.bits, &o.quzo, o.compute.of(self), zo()?)?),
             MethodKind::Qst => Box::new(qst::Qst::new(source, o.qst.config(fo.keep(), ctx.seed), update())?),
             MethodKind::Lora => Box::new(lora::Lora::new("lora", source.params()?, lc, update(), fo.keep())?),
             MethodKind::Qlora => {

@@ -53,10 +53,6 @@ pub struct QuzoArgs {
     /// QuZO estimator: qrge2 (the paper: independent roundings), same-rounding (the official code), qrge1.
     #[arg(long, value_enum, default_value_t = Estimator::Qrge2)]
     pub estimator: Estimator,
-    /// Arithmetic of QuZO's forward passes: int8 (INT8 activations × the weight's codes, the perturbation rounded
-    /// onto the weight's grid) or f32 (dequantized tiles, the perturbation exact).
-    #[arg(long, value_enum, default_value_t = Compute::Int8)]
-    pub compute: Compute,
 }
 crate::options::defaults_from_clap!(QuzoArgs);
 
@@ -209,7 +205,7 @@ impl Weights for PerturbedModel<'_> {
         qlinear(self.compute, &self.mat(id), x)
     }
     fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
-        qlinear_t(&self.mat(id), dy)
+        qlinear_t(self.compute, &self.mat(id), dy)
     }
     fn vector(&self, id: ParamId) -> Result<Tensor> {
         let v = self.store.vector(id)?;
@@ -243,13 +239,13 @@ pub fn quantize_int(source: Source, bits: u32) -> Result<QuantStore<IntTensor>> 
 }
 
 impl Quzo {
-    /// QuZO on the model read from `source` at `bits`.
-    pub fn new(source: Source, bits: u32, args: &QuzoArgs, zo: ZoLoop) -> Result<Self> {
+    /// QuZO on the model read from `source` at `bits`, its forwards in `compute`.
+    pub fn new(source: Source, bits: u32, args: &QuzoArgs, compute: Compute, zo: ZoLoop) -> Result<Self> {
         if !(2..=8).contains(&args.perturb_bits) {
             return Err(Error::Option(format!("--perturb-bits {} must be between 2 and 8", args.perturb_bits)));
         }
         let mut store = quantize_int(source, bits)?;
-        store.compute = args.compute;
+        store.compute = compute;
         Ok(Quzo { store, perturb_bits: args.perturb_bits, estimator: args.estimator, zo })
     }
 
@@ -399,6 +395,10 @@ impl Method for Quzo {
         4.0
     }
 
+    fn compute(&self) -> Compute {
+        self.store.compute
+    }
+
     fn weights(&self) -> &dyn Weights {
         &self.store
     }
@@ -507,7 +507,7 @@ mod tests {
     fn fused_perturbation_equals_explicit_perturbation() {
         let cfg = tiny_config(true);
         let p = ParamStore::random(&cfg, 4, 0.3, DType::F32).unwrap();
-        let q = Quzo::new(Source::Params(p.clone()), 8, &QuzoArgs::default(), zo(1e-2, 1, 1)).unwrap();
+        let q = Quzo::new(Source::Params(p.clone()), 8, &QuzoArgs::default(), Compute::Int8, zo(1e-2, 1, 1)).unwrap();
         let dirs = q.directions(77);
         let mut explicit = q.store.dequantize().unwrap();
         for id in explicit.ids() {
@@ -573,14 +573,16 @@ mod tests {
         let m = Llama::new(cfg.clone());
         let p = ParamStore::random(&cfg, 4, 0.3, DType::F32).unwrap();
         let run = || {
-            let mut q = Quzo::new(Source::Params(p.clone()), 4, &QuzoArgs::default(), zo(1e-2, 2, 9)).unwrap();
+            let mut q =
+                Quzo::new(Source::Params(p.clone()), 4, &QuzoArgs::default(), Compute::Int8, zo(1e-2, 2, 9)).unwrap();
             for _ in 0..2 {
                 q.step(&m, &[batch(true)], 1e-2).unwrap();
             }
             q
         };
         let (a, b) = (run(), run());
-        let fresh = Quzo::new(Source::Params(p.clone()), 4, &QuzoArgs::default(), zo(1e-2, 2, 9)).unwrap();
+        let fresh =
+            Quzo::new(Source::Params(p.clone()), 4, &QuzoArgs::default(), Compute::Int8, zo(1e-2, 2, 9)).unwrap();
         let mut moved = 0;
         for id in p.ids().into_iter().filter(|id| id.is_matrix()) {
             assert_eq!(a.store.mat(id), b.store.mat(id));

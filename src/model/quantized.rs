@@ -9,7 +9,7 @@ use super::params::{ParamId, ParamStore};
 use super::tokenizer::Tok;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use qtune_quant::{matmul, matmul_xwt_int, QuantBytes, QuantWeight};
+use qtune_quant::{matmul, matmul_xw_int, matmul_xwt_int, QuantBytes, QuantWeight};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -179,6 +179,17 @@ pub fn quant_err(e: qtune_quant::QuantError) -> Error {
     Error::Msg(format!("quantized kernel: {e}"))
 }
 
+/// The weight as the integer kernels read it, or the error saying why it cannot be.
+fn int_view(w: &(impl QuantWeight + ?Sized)) -> Result<&dyn qtune_quant::IntWeight> {
+    w.as_int().ok_or_else(|| {
+        Error::Option(
+            "--compute int8: this weight format has no integer path (it needs symmetric codes with one scale per \
+             row); use --compute f32"
+                .into(),
+        )
+    })
+}
+
 /// y = x·Wᵀ with a quantized W, in f32 or on the integer path; x: [N, in] f32 on the CPU.
 pub fn qlinear(compute: Compute, w: &(impl QuantWeight + ?Sized), x: &Tensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
@@ -204,15 +215,19 @@ pub fn qlinear(compute: Compute, w: &(impl QuantWeight + ?Sized), x: &Tensor) ->
     Ok(Tensor::from_vec(y, (m, w.rows()), x.device())?)
 }
 
-/// dx = dy·W with a quantized W; dy: [N, out].
-pub fn qlinear_t(w: &(impl QuantWeight + ?Sized), dy: &Tensor) -> Result<Tensor> {
+/// dx = dy·W with a quantized W, in f32 or on the integer path; dy: [N, out].
+pub fn qlinear_t(compute: Compute, w: &(impl QuantWeight + ?Sized), dy: &Tensor) -> Result<Tensor> {
     let (m, n) = dy.dims2()?;
     if n != w.rows() {
         return Err(Error::Shape(format!("dy has {n} columns, the weight {} rows", w.rows())));
     }
     let dv = dy.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut dx = vec![0f32; m * w.cols()];
-    matmul::matmul_xw(&dv, m, w, &mut dx).map_err(quant_err)?;
+    match compute {
+        Compute::F32 => matmul::matmul_xw(&dv, m, w, &mut dx),
+        Compute::Int8 => matmul_xw_int(&dv, m, int_view(w)?, &mut dx),
+    }
+    .map_err(quant_err)?;
     Ok(Tensor::from_vec(dx, (m, w.cols()), dy.device())?)
 }
 
@@ -237,7 +252,7 @@ impl<W: QuantWeight> Weights for QuantStore<W> {
         qlinear(self.compute, self.mat(id), x)
     }
     fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
-        qlinear_t(self.mat(id), dy)
+        qlinear_t(self.compute, self.mat(id), dy)
     }
     fn vector(&self, id: ParamId) -> Result<Tensor> {
         Ok(self.vecs[id.index(&self.cfg)].clone().expect("a vector parameter"))

@@ -6,6 +6,7 @@ use super::eval::EvalProbe;
 use super::memory::Breakdown;
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::load::write_hf;
+use crate::model::quantized::Compute;
 use crate::model::{Batch, Keep, Llama, LlamaConfig, Output, ParamId, Tok, Weights};
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -73,6 +74,10 @@ pub trait Method {
     /// input and weight gradients), 4 for adapters over a frozen base (forward and input gradients), 2 for side
     /// tuning (the base runs forward only), 4 for zeroth-order methods (two forwards).
     fn flops_per_param(&self) -> f64;
+    /// The arithmetic of the method's weight products, whose GEMM ceiling its MFU is judged against.
+    fn compute(&self) -> Compute {
+        Compute::F32
+    }
     /// Writes the training state in the method's own format (quantized codes, scales, outliers, optimizer states).
     fn save_state(&self, w: &mut StateWriter) -> Result<()>;
     /// Restores what [`Method::save_state`] wrote.

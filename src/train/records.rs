@@ -2,6 +2,7 @@
 //! `bench`) and `log.jsonl` ([`LogLine`], one per step). Typed both ways, so every writer and reader agrees on the
 //! fields; every field is optional when read, since the PyTorch peers' summaries carry only some of them.
 use super::memory::Breakdown;
+use crate::model::quantized::Compute;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -48,6 +49,9 @@ pub struct Summary {
     /// Matmul FLOPs per token per matmul parameter of a step ([`super::method::Method::flops_per_param`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flops_per_param: Option<f64>,
+    /// The arithmetic of the weight products (`int8` or `f32`): which GEMM ceiling the MFU is judged against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compute: Option<Compute>,
     pub trainable_params: Option<usize>,
     pub peak_rss_bytes: Option<usize>,
     pub model_state_bytes: Option<usize>,

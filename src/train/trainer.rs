@@ -254,6 +254,7 @@ pub fn train(
                 },
         ),
         flops_per_param: Some(method.flops_per_param()),
+        compute: Some(method.compute()),
         trainable_params: Some(method.trainable_params()),
         peak_rss_bytes: Some(peak_rss),
         model_state_bytes: Some(peak.model_state()),

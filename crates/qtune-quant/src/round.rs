@@ -37,7 +37,7 @@ impl Rounding {
 /// that is exact; larger values, infinities and NaN are their own floor.
 #[inline(always)]
 pub fn floor(y: f32) -> f32 {
-    if !(y.abs() < 8_388_608.0) {
+    if y.is_nan() || y.abs() >= 8_388_608.0 {
         return y;
     }
     let t = ((y as i32) as f32).copysign(y);
