@@ -12,7 +12,8 @@
 //!
 //! plus [`RUNTIME_BYTES`] for the process itself. Validated against measured peak RSS (tests/plan.rs, README).
 use crate::data::{Batcher, Splits};
-use crate::methods::{lora::LoraConfig, qst, quzo, MethodKind, MethodOptions, Storage};
+use crate::methods::{lora::LoraConfig, qst, quzo, Group, MethodKind, MethodOptions, Storage};
+use crate::model::quantized::Compute;
 use crate::model::{Batch, Keep, LlamaConfig, ParamId, MAX_LEN, MAX_ROWS};
 use crate::train::eval::eval_batches;
 use crate::train::memory::{block_activation_elems, block_scratch_bytes, human, Breakdown};
@@ -182,6 +183,17 @@ pub fn plan(cfg: &LlamaConfig, method: MethodKind, o: &MethodOptions, shape: &Sh
         }
         _ => BatchCost::Base,
     };
+    // The integer path's scratch in a forward (QuZO's default): its largest matmul's activation codes, weight panel
+    // and i32 sums.
+    let int8 =
+        method.is_zeroth_order() && method.reads(o.zo.lora, Group::Compute) && o.compute.of(method) == Compute::Int8;
+    let int8_bytes = |b: &BatchShape| -> usize {
+        let m = b.lengths.len() * b.longest();
+        let mats = ParamId::all(cfg).into_iter().filter(|id| id.is_matrix());
+        int8.then(|| mats.map(|id| id.shape(cfg)).map(|s| qtune_quant::int8::scratch_bytes(m, s[0], s[1])).max())
+            .flatten()
+            .unwrap_or(0)
+    };
     // A training batch's count (activations and scratch beside the model state) and the forward it also holds.
     let batch_count = |b: &BatchShape| -> (Breakdown, usize) {
         let (activations, scratch, forward) = match &cost {
@@ -191,7 +203,7 @@ pub fn plan(cfg: &LlamaConfig, method: MethodKind, o: &MethodOptions, shape: &Sh
                 qst::scratch_bytes(cfg, side, keep, &b.lengths),
                 0,
             ),
-            BatchCost::Forward(scratch) => (0, *scratch, forward_bytes(cfg, shape, b)),
+            BatchCost::Forward(scratch) => (0, *scratch, forward_bytes(cfg, shape, b) + int8_bytes(b)),
         };
         (Breakdown { activations, scratch, ..state }, forward)
     };

@@ -144,6 +144,13 @@ const INT_TILE_ROWS: usize = 1024;
 /// Weight elements read per rayon task (QuZO's perturbed reads draw random numbers for each).
 const READ_TASK: usize = 1 << 15;
 
+/// Bytes [`matmul_xwt_int`] allocates for an m×k input and an n×k weight: the activation codes and scales, one
+/// panel of weight codes and scales, and its i32 sums (the memory planner's count).
+pub fn scratch_bytes(m: usize, n: usize, k: usize) -> usize {
+    let nb = (INT_TILE_BYTES / k.max(1)).clamp(1, INT_TILE_ROWS).min(n);
+    m * k + 4 * m + nb * k + 4 * nb + 4 * m * nb
+}
+
 /// `y = x·Wᵀ` on the integer path: x is m×k f32 (quantized here), W is n×k, y is m×n.
 pub fn matmul_xwt_int<W: IntWeight + ?Sized>(x: &[f32], m: usize, w: &W, y: &mut [f32]) -> Result<()> {
     let acts = quantize_acts(x, m, w.cols(), activation_qmax())?;
