@@ -183,21 +183,35 @@ pub fn plan(cfg: &LlamaConfig, method: MethodKind, o: &MethodOptions, shape: &Sh
         }
         _ => BatchCost::Base,
     };
-    // The integer path's scratch in a forward (QuZO's default): its largest matmul's activation codes, weight panel
-    // and i32 sums.
-    let int8 =
-        method.is_zeroth_order() && method.reads(o.zo.lora, Group::Compute) && o.compute.of(method) == Compute::Int8;
+    // The integer path's scratch (QuZO's default, QFT's option): a forward's largest matmul (activation codes,
+    // one weight panel, its i32 sums), and for QFT also the input gradient's (dy with W's scales folded in, its
+    // codes, the i32 sums; the hybrid weight's INT8 codes are read in place).
+    let int8 = method.reads(o.zo.lora, Group::Compute) && o.compute.of(method) == Compute::Int8;
     let int8_bytes = |b: &BatchShape| -> usize {
+        use qtune_quant::int8::{input_grad_scratch_bytes, scratch_bytes};
         let m = b.lengths.len() * b.longest();
-        let mats = ParamId::all(cfg).into_iter().filter(|id| id.is_matrix());
-        int8.then(|| mats.map(|id| id.shape(cfg)).map(|s| qtune_quant::int8::scratch_bytes(m, s[0], s[1])).max())
-            .flatten()
-            .unwrap_or(0)
+        let backward = !method.is_zeroth_order();
+        let mats = ParamId::all(cfg).into_iter().filter(|id| id.is_matrix()).map(|id| id.shape(cfg));
+        let each = mats.map(|s| {
+            let fwd = scratch_bytes(m, s[0], s[1]);
+            if backward {
+                fwd.max(input_grad_scratch_bytes(m, s[0], s[1], true))
+            } else {
+                fwd
+            }
+        });
+        if int8 {
+            each.max().unwrap_or(0)
+        } else {
+            0
+        }
     };
     // A training batch's count (activations and scratch beside the model state) and the forward it also holds.
     let batch_count = |b: &BatchShape| -> (Breakdown, usize) {
         let (activations, scratch, forward) = match &cost {
-            BatchCost::Base => (trace_bytes(cfg, shape, b, keep), block_scratch_bytes(cfg, &b.lengths, keep, 4), 0),
+            BatchCost::Base => {
+                (trace_bytes(cfg, shape, b, keep), block_scratch_bytes(cfg, &b.lengths, keep, 4) + int8_bytes(b), 0)
+            }
             BatchCost::Side(side, q) => (
                 qst::trace_bytes(cfg, side, q, &b.lengths, shape.head(cfg, b)),
                 qst::scratch_bytes(cfg, side, keep, &b.lengths),

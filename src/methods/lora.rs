@@ -24,7 +24,7 @@
 //! [`Update`] (the optimizer of a method's own tensors) and [`FrozenBase`] are shared with QST.
 use super::Storage;
 use crate::checkpoint::{StateReader, StateWriter};
-use crate::model::quantized::{quant_err, QuantStore, Source};
+use crate::model::quantized::{quant_err, Compute, QuantStore, Source};
 use crate::model::{Batch, BlockParam, GradSink, Keep, Llama, LlamaConfig, ParamId, ParamStore, Weights};
 use crate::train::first_order::{self, FirstOrder, Micro};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
@@ -89,6 +89,10 @@ pub trait FrozenBase: Weights {
     fn dense(&self, id: ParamId) -> Result<Tensor>;
     /// How the base stores its matrices (what its planned bytes are counted from).
     fn storage(&self) -> Storage;
+    /// The arithmetic of the base's products.
+    fn compute(&self) -> Compute {
+        Compute::F32
+    }
 }
 
 impl FrozenBase for ParamStore {
@@ -119,6 +123,9 @@ impl<W: QuantWeight + QuantFormat> FrozenBase for QuantStore<W> {
     }
     fn storage(&self) -> Storage {
         self.mat(ParamId::Embed).storage()
+    }
+    fn compute(&self) -> Compute {
+        self.compute
     }
 }
 

@@ -535,6 +535,11 @@ impl Method for Qft {
         6.0
     }
 
+    /// The integer path runs two of the three products (forward, input gradient); the weight gradient is f32.
+    fn compute(&self) -> Compute {
+        self.cfg.compute
+    }
+
     fn weights(&self) -> &dyn Weights {
         &self.weights
     }

@@ -157,7 +157,9 @@ impl QuantWeight for PerturbedInt<'_> {
 }
 
 /// The perturbed weight on its own integer grid: code q + sign(ε)·SR(|ε|·u₁/s) (see the module doc), clamped to
-/// ±127. A row of scale 0 (all zeros) cannot move on its grid and stays unperturbed.
+/// ±127. A row of scale 0 (all zeros) cannot move on its grid and stays unperturbed. The clamp makes the + and −
+/// passes asymmetric where a code sits at ±127 and the move points outward (about one element per row: its
+/// absmax), a bias of that element's perturbation only.
 impl IntWeight for PerturbedInt<'_> {
     fn int_rows(&self, rows: std::ops::Range<usize>, codes: &mut [i8], scales: &mut [f32]) -> qtune_quant::Result<()> {
         let k = self.w.cols();
@@ -177,7 +179,8 @@ impl IntWeight for PerturbedInt<'_> {
                 self.dir.fill(at, u, Some(STREAM_SR_PERTURB));
                 fill_uniform_seq(&key, at, r);
                 for ((q, &u), &r) in q.iter_mut().zip(u.iter()).zip(r.iter()) {
-                    let v = stochastic_round(ratio * u, r) as i32;
+                    // Clamped first: a row of tiny scale must not overflow i32 (the codes clamp at ±127 anyway).
+                    let v = stochastic_round(ratio * u, r).clamp(-254.0, 254.0) as i32;
                     *q = (*q as i32 + sign * v).clamp(-127, 127) as i8;
                 }
             }

@@ -12,6 +12,7 @@ use super::lora::{FrozenBase, LoraConfig, LoraKey, LoraWeights};
 use super::quzo::{Estimator, QDirection};
 use super::Storage;
 use crate::checkpoint::{StateReader, StateWriter};
+use crate::model::quantized::Compute;
 use crate::model::{Batch, Llama, LlamaConfig, ParamId, Weights};
 use crate::train::memory::Breakdown;
 use crate::train::trained::Trained;
@@ -129,6 +130,10 @@ impl<B: FrozenBase> Method for ZoLora<B> {
     /// Two forwards through the frozen base per step (the factors' own matmuls are negligible).
     fn flops_per_param(&self) -> f64 {
         4.0
+    }
+
+    fn compute(&self) -> Compute {
+        self.weights.base.compute()
     }
 
     fn weights(&self) -> &dyn Weights {

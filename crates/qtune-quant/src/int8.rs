@@ -90,7 +90,16 @@ const ACT_TASK: usize = 1 << 15;
 /// Quantizes row-major m×k activations with `|q| ≤ qmax` (≤ 127), round to nearest (ties to even). A row holding
 /// a NaN or an infinity gets a NaN scale, so the non-finite value reaches the output instead of vanishing into a code.
 pub fn quantize_acts(x: &[f32], m: usize, k: usize, qmax: i32) -> Result<IntActs> {
+    quantize_scaled(x, m, k, qmax, None)
+}
+
+/// [`quantize_acts`] of `x` with column c multiplied by `col_scale[c]` first (one row at a time, so the scaled
+/// matrix is never held whole).
+fn quantize_scaled(x: &[f32], m: usize, k: usize, qmax: i32, col_scale: Option<&[f32]>) -> Result<IntActs> {
     check_len("quantize_acts x (m×k)", m * k, x.len())?;
+    if let Some(c) = col_scale {
+        check_len("quantize_acts column scales", k, c.len())?;
+    }
     if !(1..=127).contains(&qmax) {
         return Err(QuantError::NoIntegerPath("activation range must be 1..=127"));
     }
@@ -104,10 +113,20 @@ pub fn quantize_acts(x: &[f32], m: usize, k: usize, qmax: i32) -> Result<IntActs
             .zip(scales.par_chunks_mut(rows_per_task))
             .zip(x.par_chunks(k * rows_per_task))
             .for_each(|((q, s), x)| {
+                let mut scaled = vec![0f32; if col_scale.is_some() { k } else { 0 }];
                 for ((q, s), row) in q.chunks_mut(k).zip(s.iter_mut()).zip(x.chunks(k)) {
+                    let row = match col_scale {
+                        Some(c) => {
+                            scaled.iter_mut().zip(row).zip(c).for_each(|((d, &v), &c)| *d = v * c);
+                            &scaled[..]
+                        }
+                        None => row,
+                    };
                     let absmax = simd::absmax(row);
-                    let inv = if absmax > 0.0 && absmax.is_finite() { qmax as f32 / absmax } else { 0.0 };
-                    *s = if simd::has_non_finite(row) { f32::NAN } else { absmax / qmax as f32 };
+                    // A row below ~1e-37 (where qmax/absmax overflows) is encoded as zeros, like an all-zero row.
+                    let inv = qmax as f32 / absmax;
+                    let (inv, scale) = if inv.is_finite() { (inv, absmax / qmax as f32) } else { (0.0, 0.0) };
+                    *s = if simd::has_non_finite(row) { f32::NAN } else { scale };
                     simd::encode_acts(row, inv, qmax as f32, zero as f32, q);
                 }
             });
@@ -151,6 +170,12 @@ pub fn scratch_bytes(m: usize, n: usize, k: usize) -> usize {
     m * k + 4 * m + nb * k + 4 * nb + 4 * m * nb
 }
 
+/// Bytes [`matmul_xw_int`] allocates for an m×n input gradient and an n×k weight: dy's codes and scales (W's scales
+/// folded in one row at a time), the i32 sums, W's scales, and a copy of W's codes unless the weight stores them.
+pub fn input_grad_scratch_bytes(m: usize, n: usize, k: usize, stored: bool) -> usize {
+    m * n + 4 * m + 4 * m * k + 4 * n + if stored { 0 } else { n * k }
+}
+
 /// `y = x·Wᵀ` on the integer path: x is m×k f32 (quantized here), W is n×k, y is m×n.
 pub fn matmul_xwt_int<W: IntWeight + ?Sized>(x: &[f32], m: usize, w: &W, y: &mut [f32]) -> Result<()> {
     let acts = quantize_acts(x, m, w.cols(), activation_qmax())?;
@@ -162,6 +187,9 @@ pub fn matmul_xwt_int<W: IntWeight + ?Sized>(x: &[f32], m: usize, w: &W, y: &mut
 pub fn matmul_acts<W: IntWeight + ?Sized>(acts: &IntActs, x: &[f32], w: &W, y: &mut [f32]) -> Result<()> {
     let (m, n, k) = (acts.rows, w.rows(), w.cols());
     check_len("matmul_acts activations (m×k)", m * k, acts.rows * acts.cols)?;
+    if acts.zero as i32 > activation_qmax() + 1 {
+        return Err(QuantError::NoIntegerPath("activations quantized wider than this machine's kernel allows"));
+    }
     check_len("matmul_acts x (m×k)", m * k, x.len())?;
     check_len("matmul_acts y (m×n)", m * n, y.len())?;
     if m == 0 || n == 0 {
@@ -204,7 +232,7 @@ fn add_sparse(x: &[f32], k: usize, csr: Csr<'_>, y: &mut [f32], n: usize) {
 }
 
 /// `dx = dy·W` on the integer path (the input gradient of `y = x·Wᵀ`): dy is m×n, W is n×k, dx is m×k. W's row
-/// scales lie along the sum, so they are folded into dy first (dy[i, r]·s_r), which is then quantized per row;
+/// scales lie along the sum, so they are folded into dy (dy[i, r]·s_r, a row at a time) as it is quantized per row;
 /// the codes of the whole of W are read once (a transient i8 copy of this one matrix, or none where the weight
 /// stores them as such). Outliers add `dy[i, r]·v` at their columns, in f32.
 pub fn matmul_xw_int<W: IntWeight + ?Sized>(dy: &[f32], m: usize, w: &W, dx: &mut [f32]) -> Result<()> {
@@ -228,10 +256,7 @@ pub fn matmul_xw_int<W: IntWeight + ?Sized>(dy: &[f32], m: usize, w: &W, dx: &mu
             &owned
         }
     };
-    let mut folded = dy.to_vec();
-    folded.par_chunks_mut(n.max(1)).for_each(|row| row.iter_mut().zip(&scales).for_each(|(d, &s)| *d *= s));
-    let acts = quantize_acts(&folded, m, n, activation_qmax())?;
-    drop(folded);
+    let acts = quantize_scaled(dy, m, n, activation_qmax(), Some(&scales))?;
     let mut acc = vec![0i32; m * k];
     gemm_view(&acts.codes, acts.zero, m, n, NdTensorView::from_data([n, k], codes), &mut acc)?;
     dx.par_chunks_mut(k).zip(acc.par_chunks(k)).zip(acts.scales.par_iter()).for_each(|((dx, acc), &sx)| {
@@ -368,6 +393,11 @@ mod tests {
             }
         }
         assert_eq!(acts.scales[2], 0.0);
+        // A row too small for qmax/absmax to be finite encodes as zeros (scale 0), not as clamped garbage.
+        let mut tiny = vec![0f32; k];
+        tiny[3] = 1e-39;
+        let t = quantize_acts(&tiny, 1, k, 127).unwrap();
+        assert!(t.scales[0] == 0.0 && t.codes.iter().all(|&c| c == t.zero));
         x[7] = f32::NAN;
         assert!(quantize_acts(&x, m, k, 127).unwrap().scales[0].is_nan());
         x[7] = f32::INFINITY;
