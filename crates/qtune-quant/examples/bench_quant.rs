@@ -268,7 +268,14 @@ fn bench_gemm() {
             w8.int_rows(0..n, &mut codes, &mut scales).unwrap();
             let bare = best_of_5(&mut || gemm_u8i8(&acts.codes, acts.zero, m, k, &codes, n, &mut acc).unwrap());
             let quant = best_of_5(&mut || drop(quantize_acts(&x, m, k, activation_qmax()).unwrap()));
-            let read = best_of_5(&mut || w8.int_rows(0..n, &mut codes, &mut scales).unwrap());
+            // Read in parallel row chunks, as the integer path does.
+            let read = best_of_5(&mut || {
+                use rayon::prelude::*;
+                let per = (1usize << 15) / k;
+                codes.par_chunks_mut(per * k).zip(scales.par_chunks_mut(per)).enumerate().for_each(|(t, (c, s))| {
+                    w8.int_rows(t * per..t * per + s.len(), c, s).unwrap()
+                })
+            });
             let gop = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
             let pct = |t: f64| 100.0 * t / a8;
             println!(
