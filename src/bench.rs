@@ -78,7 +78,7 @@ impl Ceilings {
     /// The ceiling of a run's arithmetic (f32 when the summary does not say).
     fn of(&self, compute: Option<Compute>) -> f64 {
         match compute {
-            Some(Compute::Int8) => self.int8,
+            Some(c) if c.is_int() => self.int8,
             _ => self.f32,
         }
     }

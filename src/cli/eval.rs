@@ -62,6 +62,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             let b = q.quant_bytes().total() + q.f32_bytes();
             let name = match a.compute {
                 Compute::Int8 => format!("inference-int{bits}"),
+                Compute::Int8Mixed => format!("inference-int{bits}-mixed"),
                 Compute::F32 => format!("inference-int{bits}-f32"),
             };
             (EvalModel::Weights(Box::new(q)), b, name)

@@ -9,7 +9,7 @@ use super::params::{ParamId, ParamStore};
 use super::tokenizer::Tok;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use qtune_quant::{matmul, matmul_xw_int, matmul_xwt_int, QuantBytes, QuantWeight};
+use qtune_quant::{matmul, matmul_xw_int, matmul_xwt_int, matmul_xwt_mixed, QuantBytes, QuantWeight};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -61,8 +61,18 @@ pub enum Compute {
     /// INT8 activations (one scale per token) times the weight's integer codes, summed in i32: the CPU's integer
     /// units (`qtune_quant::int8`). Needs symmetric codes with one scale per row.
     Int8,
+    /// `int8` with LLM.int8()'s mixed decomposition: input columns holding any |x| > 6 stay f32 (their product is
+    /// added in f32), so outlier features do not coarsen the rest of their token. The input gradient runs as int8.
+    Int8Mixed,
     /// The weight dequantized tile by tile to f32, times f32 activations.
     F32,
+}
+
+impl Compute {
+    /// Whether the products run on the integer units (the INT8 ceiling judges them).
+    pub fn is_int(self) -> bool {
+        matches!(self, Compute::Int8 | Compute::Int8Mixed)
+    }
 }
 
 /// How a method turns an f32 matrix `[rows, cols]` into its stored format.
@@ -200,16 +210,8 @@ pub fn qlinear(compute: Compute, w: &(impl QuantWeight + ?Sized), x: &Tensor) ->
     let mut y = vec![0f32; m * w.rows()];
     match compute {
         Compute::F32 => matmul::matmul_xwt(&xv, m, w, &mut y),
-        Compute::Int8 => {
-            let w = w.as_int().ok_or_else(|| {
-                Error::Option(
-                    "--compute int8: this weight format has no integer path (it needs symmetric codes \
-                     with one scale per row); use --compute f32"
-                        .into(),
-                )
-            })?;
-            matmul_xwt_int(&xv, m, w, &mut y)
-        }
+        Compute::Int8 => matmul_xwt_int(&xv, m, int_view(w)?, &mut y),
+        Compute::Int8Mixed => matmul_xwt_mixed(&xv, m, int_view(w)?, &mut y),
     }
     .map_err(quant_err)?;
     Ok(Tensor::from_vec(y, (m, w.rows()), x.device())?)
@@ -225,7 +227,7 @@ pub fn qlinear_t(compute: Compute, w: &(impl QuantWeight + ?Sized), dy: &Tensor)
     let mut dx = vec![0f32; m * w.cols()];
     match compute {
         Compute::F32 => matmul::matmul_xw(&dv, m, w, &mut dx),
-        Compute::Int8 => matmul_xw_int(&dv, m, int_view(w)?, &mut dx),
+        Compute::Int8 | Compute::Int8Mixed => matmul_xw_int(&dv, m, int_view(w)?, &mut dx),
     }
     .map_err(quant_err)?;
     Ok(Tensor::from_vec(dx, (m, w.cols()), dy.device())?)

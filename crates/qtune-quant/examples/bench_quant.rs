@@ -272,9 +272,11 @@ fn bench_gemm() {
             let read = best_of_5(&mut || {
                 use rayon::prelude::*;
                 let per = (1usize << 15) / k;
-                codes.par_chunks_mut(per * k).zip(scales.par_chunks_mut(per)).enumerate().for_each(|(t, (c, s))| {
-                    w8.int_rows(t * per..t * per + s.len(), c, s).unwrap()
-                })
+                codes
+                    .par_chunks_mut(per * k)
+                    .zip(scales.par_chunks_mut(per))
+                    .enumerate()
+                    .for_each(|(t, (c, s))| w8.int_rows(t * per..t * per + s.len(), c, s).unwrap())
             });
             let gop = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
             let pct = |t: f64| 100.0 * t / a8;

@@ -82,6 +82,9 @@ pub struct IntActs {
     pub codes: Vec<u8>,
     pub scales: Vec<f32>,
     pub zero: u8,
+    /// Input columns kept in f32 (LLM.int8()'s outlier features): their codes are the zero point, and their part
+    /// of the product is added in f32 from the unquantized activations.
+    pub f32_cols: Vec<u32>,
 }
 
 /// Activation elements per rayon task of [`quantize_acts`].
@@ -131,7 +134,37 @@ fn quantize_scaled(x: &[f32], m: usize, k: usize, qmax: i32, col_scale: Option<&
                 }
             });
     }
-    Ok(IntActs { rows: m, cols: k, codes, scales, zero })
+    Ok(IntActs { rows: m, cols: k, codes, scales, zero, f32_cols: Vec::new() })
+}
+
+/// LLM.int8()'s outlier threshold: an input column with any |x| above it is kept in f32.
+pub const OUTLIER_THRESHOLD: f32 = 6.0;
+
+/// [`quantize_acts`] with LLM.int8()'s mixed decomposition: the columns where some row has |x| > `threshold` are
+/// left out of the rows' scales and codes and kept in f32 (`f32_cols`), so one outlier feature no longer coarsens
+/// every other feature of its token.
+pub fn quantize_acts_mixed(x: &[f32], m: usize, k: usize, qmax: i32, threshold: f32) -> Result<IntActs> {
+    check_len("quantize_acts x (m×k)", m * k, x.len())?;
+    if k == 0 {
+        return quantize_acts(x, m, k, qmax);
+    }
+    let col_max = x
+        .par_chunks(k * (ACT_TASK / k).max(1))
+        .map(|rows| {
+            let mut c = vec![0f32; k];
+            rows.chunks(k).for_each(|r| c.iter_mut().zip(r).for_each(|(c, v)| *c = c.max(v.abs())));
+            c
+        })
+        .reduce(|| vec![0f32; k], |a, b| a.iter().zip(&b).map(|(a, b)| a.max(*b)).collect());
+    let cols: Vec<u32> = (0..k as u32).filter(|&c| col_max[c as usize] > threshold).collect();
+    if cols.is_empty() {
+        return quantize_acts(x, m, k, qmax);
+    }
+    let mut mask = vec![1f32; k];
+    cols.iter().for_each(|&c| mask[c as usize] = 0.0);
+    let mut acts = quantize_scaled(x, m, k, qmax, Some(&mask))?;
+    acts.f32_cols = cols;
+    Ok(acts)
 }
 
 /// `acc (m×n) = Σ_c (a[i, c] − zero)·b[j, c]`: a is m×k u8, b holds n rows of k i8 (W's rows, not Wᵀ).
@@ -182,6 +215,12 @@ pub fn matmul_xwt_int<W: IntWeight + ?Sized>(x: &[f32], m: usize, w: &W, y: &mut
     matmul_acts(&acts, x, w, y)
 }
 
+/// [`matmul_xwt_int`] with LLM.int8()'s mixed decomposition ([`quantize_acts_mixed`] at [`OUTLIER_THRESHOLD`]).
+pub fn matmul_xwt_mixed<W: IntWeight + ?Sized>(x: &[f32], m: usize, w: &W, y: &mut [f32]) -> Result<()> {
+    let acts = quantize_acts_mixed(x, m, w.cols(), activation_qmax(), OUTLIER_THRESHOLD)?;
+    matmul_acts(&acts, x, w, y)
+}
+
 /// `y = x·Wᵀ` with the activations already quantized (`acts`, from `x`): several weights reading the same input
 /// (q, k, v; gate, up) quantize it once. `x` is read only for the weight's f32 outliers.
 pub fn matmul_acts<W: IntWeight + ?Sized>(acts: &IntActs, x: &[f32], w: &W, y: &mut [f32]) -> Result<()> {
@@ -209,11 +248,27 @@ pub fn matmul_acts<W: IntWeight + ?Sized>(acts: &IntActs, x: &[f32], w: &W, y: &
             .try_for_each(|(t, (c, s))| w.int_rows(j0 + t * per_task..j0 + t * per_task + s.len(), c, s))?;
         gemm_u8i8(&acts.codes, acts.zero, m, k, codes, cols, acc)?;
         let scales = &*scales;
-        y.par_chunks_mut(n).zip(acc.par_chunks(cols)).zip(acts.scales.par_iter()).for_each(|((y, acc), &sx)| {
-            for ((d, &a), &sw) in y[j0..j0 + cols].iter_mut().zip(acc).zip(scales) {
-                *d = a as f32 * (sx * sw);
-            }
-        });
+        if acts.f32_cols.is_empty() {
+            y.par_chunks_mut(n).zip(acc.par_chunks(cols)).zip(acts.scales.par_iter()).for_each(|((y, acc), &sx)| {
+                for ((d, &a), &sw) in y[j0..j0 + cols].iter_mut().zip(acc).zip(scales) {
+                    *d = a as f32 * (sx * sw);
+                }
+            });
+        } else {
+            // The f32 columns: this panel's codes at those columns (cols × no), times x's f32 values there.
+            let f32_cols = &acts.f32_cols;
+            let (no, panel) = (f32_cols.len(), &*codes);
+            let wo: Vec<f32> =
+                (0..cols).flat_map(|j| f32_cols.iter().map(move |&c| panel[j * k + c as usize] as f32)).collect();
+            let rows = y.par_chunks_mut(n).zip(acc.par_chunks(cols)).zip(acts.scales.par_iter()).zip(x.par_chunks(k));
+            rows.for_each(|(((y, acc), &sx), x)| {
+                let xo: Vec<f32> = f32_cols.iter().map(|&c| x[c as usize]).collect();
+                for (j, ((d, &a), &sw)) in y[j0..j0 + cols].iter_mut().zip(acc).zip(scales).enumerate() {
+                    let extra: f32 = wo[j * no..(j + 1) * no].iter().zip(&xo).map(|(w, x)| w * x).sum();
+                    *d = a as f32 * (sx * sw) + sw * extra;
+                }
+            });
+        }
     }
     if let Some(csr) = w.outliers() {
         add_sparse(x, k, csr, y, n);
@@ -537,6 +592,50 @@ mod tests {
         };
         let rel = rms(&mut dx.iter().zip(&exact).map(|(&a, &b)| a as f64 - b)) / rms(&mut exact.iter().copied());
         assert!(rel < 0.02, "hybrid dy·W relative RMS error {rel}");
+    }
+
+    /// The mixed decomposition: columns with an outlier are exact (f32), the rest quantized on scales computed
+    /// without them. Against its f64 reference within [`INT_RTOL`], and far closer to the exact product than the
+    /// plain path when a few feature columns are 50× the rest (LLM activations' outlier features).
+    #[test]
+    fn mixed_decomposition_keeps_outlier_columns_exact() {
+        let (m, n, k) = (12, 40, 96);
+        let mut x = gauss(m * k, 12);
+        for i in 0..m {
+            x[i * k + 5] *= 50.0;
+            x[i * k + 70] *= 30.0;
+        }
+        let wf = gauss(n * k, 13);
+        let w = int(&wf, n, k, Bits::B8);
+        let acts = quantize_acts_mixed(&x, m, k, activation_qmax(), OUTLIER_THRESHOLD).unwrap();
+        assert_eq!(acts.f32_cols, vec![5, 70]);
+        let mut y = vec![0.0; m * n];
+        matmul_xwt_mixed(&x, m, &w, &mut y).unwrap();
+        let (mut codes, mut scales) = (vec![0i8; n * k], vec![0f32; n]);
+        w.int_rows(0..n, &mut codes, &mut scales).unwrap();
+        let want: Vec<f64> = (0..m * n)
+            .map(|e| {
+                let (i, j) = (e / n, e % n);
+                (0..k)
+                    .map(|c| {
+                        let xv = if acts.f32_cols.contains(&(c as u32)) {
+                            x[i * k + c] as f64
+                        } else {
+                            acts.scales[i] as f64 * (acts.codes[i * k + c] as f64 - acts.zero as f64)
+                        };
+                        xv * scales[j] as f64 * codes[j * k + c] as f64
+                    })
+                    .sum()
+            })
+            .collect();
+        let (err, scale) = max_err(&y, &want);
+        assert!(err <= INT_RTOL * scale, "{err} vs {scale}");
+        let exact: Vec<f64> =
+            (0..m * n).map(|e| (0..k).map(|c| x[(e / n) * k + c] as f64 * wf[(e % n) * k + c] as f64).sum()).collect();
+        let mut plain = vec![0.0; m * n];
+        matmul_xwt_int(&x, m, &w, &mut plain).unwrap();
+        let rms = |v: &[f32]| (v.iter().zip(&exact).map(|(&a, b)| (a as f64 - b).powi(2)).sum::<f64>()).sqrt();
+        assert!(rms(&y) * 3.0 < rms(&plain), "mixed {} vs plain {}", rms(&y), rms(&plain));
     }
 
     #[test]

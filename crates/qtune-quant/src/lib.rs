@@ -28,7 +28,7 @@ pub mod weight;
 pub use cpu::CpuFeatures;
 pub use error::{QuantError, Result};
 pub use hybrid::HybridTensor;
-pub use int8::{matmul_xw_int, matmul_xwt_int, IntWeight};
+pub use int8::{matmul_xw_int, matmul_xwt_int, matmul_xwt_mixed, IntWeight};
 pub use matmul::{matmul_xw, matmul_xwt};
 pub use nf4::Nf4Tensor;
 pub use rng::RngKey;
