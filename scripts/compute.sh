@@ -24,12 +24,13 @@ fi
 # Zero-shot BoolQ: the same 1000 validation examples for every model (label-word log-likelihood).
 if want accuracy; then
   EVAL=(--dev-size 8 --eval-size 1000 --seed 0)
-  for run in f32: int8:"--bits 8" int4:"--bits 4"; do
+  RUNS=(f32 int8-f32 int8 int4 int8-mixed int4-mixed)
+  for run in f32: int8-f32:"--bits 8 --compute f32" int8:"--bits 8" int4:"--bits 4" \
+    int8-mixed:"--bits 8 --compute int8-mixed" int4-mixed:"--bits 4 --compute int8-mixed"; do
     name=${run%%:*}; args=${run#*:}
     [ -f "$OUT/eval-$name/summary.json" ] || "$BIN" eval $args "${EVAL[@]}" --out "$OUT/eval-$name"
   done
-  "$BIN" report "$OUT/eval-f32" "$OUT/eval-int8" "$OUT/eval-int4" --out "$OUT/accuracy" --title "zero-shot BoolQ" \
-    | tee "$OUT/accuracy.md"
+  "$BIN" report "${RUNS[@]/#/$OUT/eval-}" --out "$OUT/accuracy" --title "zero-shot BoolQ" | tee "$OUT/accuracy.md"
 fi
 
 # Evaluation speed: f32 weights, INT8 weights on f32 tiles, INT8 and INT4 on the integer path (200 examples).
