@@ -270,7 +270,7 @@ pub fn matmul_acts<W: IntWeight + ?Sized>(acts: &IntActs, x: &[f32], w: &W, y: &
             });
         }
     }
-    if let Some(csr) = w.outliers() {
+    if let Some(csr) = w.outliers().filter(|_| k > 0) {
         add_sparse(x, k, csr, y, n);
     }
     Ok(())
@@ -317,7 +317,7 @@ pub fn matmul_xw_int<W: IntWeight + ?Sized>(dy: &[f32], m: usize, w: &W, dx: &mu
     dx.par_chunks_mut(k).zip(acc.par_chunks(k)).zip(acts.scales.par_iter()).for_each(|((dx, acc), &sx)| {
         dx.iter_mut().zip(acc).for_each(|(d, &a)| *d = a as f32 * sx);
     });
-    if let Some(csr) = w.outliers() {
+    if let Some(csr) = w.outliers().filter(|_| n > 0) {
         dx.par_chunks_mut(k).zip(dy.par_chunks(n)).for_each(|(dx, dy)| {
             for (r, &g) in dy.iter().enumerate() {
                 let (a, b) = (csr.row_ptr[r] as usize, csr.row_ptr[r + 1] as usize);
