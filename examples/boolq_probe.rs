@@ -37,7 +37,7 @@ fn features(model: &Llama, w: &dyn Weights, data: &TaskData, pad: u32) -> Result
     let class_ids = Tensor::new(classes, &Device::Cpu)?;
     let mut f = Features { last: vec![vec![]; n], all: vec![vec![]; n], zero_shot: vec![0.0; n], labels: vec![] };
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| data.examples[i].prompt.len());
+    order.sort_by_key(|&i| data.examples[i].tokens.len());
     for (c, chunk) in order.chunks(16).enumerate() {
         let exs: Vec<_> = chunk.iter().map(|&i| &data.examples[i]).collect();
         let batch = make_batch(&exs, Some(classes), 256, pad, &Device::Cpu)?;
@@ -175,7 +175,7 @@ fn run() -> Result<()> {
     let path = Path::new(MODEL);
     let header = read_header(path)?;
     let tok = header.tokenizer.ok_or_else(|| Error::file(path, "no tokenizer"))?;
-    let splits = load_task("boolq", Path::new(DATA), &tok, SplitSizes { train, dev, eval }, 0)?;
+    let splits = load_task(qtune::data::TaskKind::Boolq, Path::new(DATA), &tok, SplitSizes { train, dev, eval }, 0)?;
     let model = Llama::new(header.cfg.clone());
     let pad = header.cfg.eos_token_id.unwrap_or(0);
     let weights: Box<dyn Weights> = match base.as_str() {

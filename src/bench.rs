@@ -237,7 +237,7 @@ mod tests {
             step_time_s: Some(step),
             ..Default::default()
         };
-        RunRecord { name: name.into(), summary, losses: vec![], predictions: vec![] }
+        RunRecord { name: name.into(), summary, losses: vec![], dev: vec![], predictions: vec![] }
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! regression tests (`tests/fuzz_regressions.rs`). Each writes its input where `qtune` would find such a file and
 //! reads it through the same code path the CLI uses; for any input it must return — `Ok`, or an error naming the
 //! file — never panic, never allocate without bound.
-use crate::data::{load_task, SplitSizes};
 use crate::methods::{MethodKind, MethodOptions, RunContext};
 use crate::model::quantized::Source;
 use crate::model::{load_model, LlamaConfig, ParamStore, Tok};
@@ -79,7 +78,8 @@ pub fn tokenizer(data: &[u8]) -> Result<()> {
 /// An `lm` task file (prompt/completion jsonl), tokenized with `tok`, split 2/1/1.
 pub fn jsonl(data: &[u8], tok: &Tok) -> Result<()> {
     let path = put(&scratch()?, "data.jsonl", data)?;
-    load_task("lm", &path, tok, SplitSizes { train: 2, dev: 1, eval: 1 }, 0).map(|_| ())
+    let sizes = crate::data::SplitSizes { train: 2, dev: 1, eval: 1 };
+    crate::data::tasks::load_task(crate::data::TaskKind::Chat, &path, tok, sizes, 0).map(|_| ())
 }
 
 /// A checkpoint (`checkpoint.safetensors`), loaded into each method that saves state, on the micro model.

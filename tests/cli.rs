@@ -256,7 +256,7 @@ fn unknown_task_and_method_are_named() {
     let (_dir, data, out) = scratch();
     let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     a[4] = "sst9";
-    expect_error(&a, &["unknown task `sst9`"]);
+    expect_error(&a, &["invalid value 'sst9' for '--task", "possible values: boolq, classify, choice"]);
     let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     a[8] = "full-sgd";
     expect_error(&a, &["invalid value 'full-sgd' for '--method", "possible values: full-adamw"]);

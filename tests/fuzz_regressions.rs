@@ -13,8 +13,12 @@ fn files(root: &str, target: &str) -> Vec<PathBuf> {
     v
 }
 
+/// The tiny model's tokenizer with its config's EOS (id 2), as `read_header` gives it.
 fn tok() -> Tok {
-    Tok::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_llama/tokenizer.json")).unwrap()
+    let mut t = Tok::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_llama/tokenizer.json"))
+        .unwrap();
+    t.specials.eos = Some(2);
+    t
 }
 
 #[test]

@@ -63,7 +63,11 @@ fn check_dir(dir: &str) {
             labels.push(row[i + 1]);
         }
     }
-    let batch = Batch { ids: ids.clone(), lengths: vec![t; b], targets: Targets { positions, classes: None, labels } };
+    let batch = Batch {
+        ids: ids.clone(),
+        lengths: vec![t; b],
+        targets: Targets { positions, classes: None, labels, choices: None },
+    };
     let (out, trace) = model.forward(&p64, &batch, Keep::All).unwrap();
     let ref_loss = refs["loss"].flatten_all().unwrap().to_vec1::<f64>().unwrap()[0];
     assert!(((out.loss as f64) - ref_loss).abs() / ref_loss < 1e-6, "loss {} vs {ref_loss}", out.loss);

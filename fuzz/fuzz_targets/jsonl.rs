@@ -8,7 +8,9 @@ static TOK: OnceLock<qtune::model::Tok> = OnceLock::new();
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let tok = TOK.get_or_init(|| {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny_llama/tokenizer.json");
-        qtune::model::Tok::from_file(std::path::Path::new(path)).expect("the test tokenizer loads")
+        let mut t = qtune::model::Tok::from_file(std::path::Path::new(path)).expect("the test tokenizer loads");
+        t.specials.eos = Some(2); // the tiny model's config's EOS, as `read_header` gives it
+        t
     });
     let _ = qtune::fuzzing::jsonl(data, tok);
 });

@@ -122,7 +122,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         describe(&e),
         summary.tokens_per_s.unwrap_or(0.0)
     );
-    let out = c.out.unwrap_or_else(|| PathBuf::from(format!("runs/eval-{}", c.task)));
+    let out = c.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/eval-{}", c.task_name())));
     summary.write(&out)?;
     write_predictions(&out, &[("dev", Some(&d)), ("eval", Some(&e))])?;
     eprint!("{}", memory::report(&breakdown, params, memory::peak_rss_bytes()));

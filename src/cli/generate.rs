@@ -1,6 +1,8 @@
 //! `qtune generate`: a greedy or sampled continuation of a prompt, to eyeball a model.
 use super::{device, DEFAULT_MODEL};
 use clap::Args;
+use qtune::data::chat::{ChatTemplate, Message};
+use qtune::data::tasks::encode_prompt;
 use qtune::model::{load_model, Llama};
 use qtune::{Error, Result};
 use std::path::PathBuf;
@@ -11,7 +13,7 @@ pub struct GenArgs {
     pub model: PathBuf,
     #[arg(long)]
     pub prompt: String,
-    /// Wrap the prompt in the model's chat template (user turn, then the assistant's).
+    /// Render the prompt with the model's chat template (a user turn, then the assistant's generation prompt).
     #[arg(long)]
     pub chat: bool,
     #[arg(long, default_value_t = 32)]
@@ -27,12 +29,16 @@ pub fn run(a: GenArgs) -> Result<()> {
     let loaded = load_model(&a.model)?;
     let tok = super::tokenizer(loaded.tokenizer.clone(), &a.model)?;
     let model = Llama::on(loaded.params.cfg.clone(), device());
-    let text = if a.chat {
-        format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", a.prompt)
+    let (text, mut ids) = if a.chat {
+        let tmpl = ChatTemplate::of(&tok, None)?
+            .ok_or_else(|| Error::file(&a.model, "--chat: the model has no chat template"))?;
+        let user = [Message { role: "user".into(), content: a.prompt.clone() }];
+        let text = tmpl.render(&user, true)?;
+        let ids = tok.encode(&text)?;
+        (text, ids)
     } else {
-        a.prompt.clone()
+        (a.prompt.clone(), encode_prompt(&tok, &a.prompt)?)
     };
-    let mut ids = tok.encode(&text)?;
     if ids.is_empty() {
         return Err(Error::Option("--prompt is empty".into()));
     }
@@ -54,7 +60,7 @@ pub fn run(a: GenArgs) -> Result<()> {
                 .unwrap_or(p.len() - 1)
         } as u32;
         ids.push(next);
-        if Some(next) == model.cfg.eos_token_id {
+        if Some(next) == tok.specials.eos || Some(next) == model.cfg.eos_token_id {
             break;
         }
     }

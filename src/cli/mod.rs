@@ -9,7 +9,7 @@ pub mod train;
 
 use candle_core::Device;
 use clap::Args;
-use qtune::data::tasks::{default_data, load_task, SplitSizes};
+use qtune::data::TaskArgs;
 use qtune::model::{LlamaConfig, Tok};
 use qtune::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -27,19 +27,9 @@ pub struct Common {
     /// HF model directory or GGUF file.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
-    /// Task: boolq (label-word classification) or lm (prompt/completion jsonl given by --data).
-    #[arg(long, default_value = "boolq")]
-    pub task: String,
-    /// Task data (BoolQ folder, or the lm jsonl); boolq defaults to the folder setup_assets.sh fetches.
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    #[arg(long, default_value_t = 1000)]
-    pub train_size: usize,
-    #[arg(long, default_value_t = 500)]
-    pub dev_size: usize,
-    #[arg(long, default_value_t = 1000)]
-    pub eval_size: usize,
-    /// Longest sequence; longer prompts lose tokens from their start.
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Longest sequence; longer prompts lose tokens from their start (the data module states each task's rule).
     #[arg(long, default_value_t = 256)]
     pub max_seq_len: usize,
     #[arg(long, default_value_t = 16)]
@@ -52,15 +42,18 @@ pub struct Common {
 }
 
 impl Common {
-    /// The task's seeded train/dev/eval splits, tokenized with `tok`.
+    /// The task's seeded train/dev/eval splits, tokenized with `tok`; prints what loading kept and skipped.
     pub fn splits(&self, tok: &Tok) -> Result<qtune::data::Splits> {
-        let data = self
-            .data
-            .clone()
-            .or_else(|| default_data(&self.task))
-            .ok_or_else(|| Error::Option(format!("task `{}` needs --data", self.task)))?;
-        let sizes = SplitSizes { train: self.train_size, dev: self.dev_size, eval: self.eval_size };
-        load_task(&self.task, &data, tok, sizes, self.seed)
+        let splits = self.task.load(tok, self.seed)?;
+        for n in &splits.notes {
+            eprintln!("data: {n}");
+        }
+        Ok(splits)
+    }
+
+    /// The task's name, for default output folders.
+    pub fn task_name(&self) -> &'static str {
+        self.task.task.name()
     }
 }
 

@@ -8,6 +8,7 @@ use qtune::model::quantized::Source;
 use qtune::model::Llama;
 use qtune::train::memory;
 use qtune::train::schedule::{Schedule, ScheduleKind};
+use qtune::train::selection::SelectionArgs;
 use qtune::train::trainer::{self, TrainConfig};
 use qtune::train::OnNonFinite;
 use qtune::{plan, Error, Result};
@@ -64,6 +65,8 @@ pub struct TrainArgs {
     /// Continue the run in --out from its checkpoint (same options as the run that wrote it).
     #[arg(long)]
     pub resume: bool,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
     /// Write the batches this run would train on to FILE (jsonl) and exit without training.
     #[arg(long)]
     pub dump_batches: Option<PathBuf>,
@@ -86,13 +89,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let ctx = RunContext {
         seed: c.seed,
         on_nan: a.on_nan,
-        epoch_steps: c.train_size.div_ceil(a.batch_size.max(1) * a.grad_accum.max(1)),
+        epoch_steps: c.task.train_size.div_ceil(a.batch_size.max(1) * a.grad_accum.max(1)),
     };
     // The config and tokenizer first; the weights are read by the method, which quantizes them as they arrive.
     let header = read_header(&c.model)?;
     let tok = tokenizer(header.tokenizer, &c.model)?;
     let splits = c.splits(&tok)?;
-    let out = c.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.m.method.cli_name(), c.task)));
+    let out =
+        c.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.m.method.cli_name(), c.task_name())));
     let cfg = TrainConfig {
         steps: a.steps,
         batch_size: a.batch_size,
@@ -113,6 +117,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         save_state: a.save_state,
         checkpoint_every: a.checkpoint_every,
         resume: a.resume,
+        selection: a.selection.clone(),
     };
     let dev = device();
     if let Some(path) = &a.dump_batches {

@@ -1,12 +1,26 @@
-//! Batching: truncation to `max_seq_len`, right padding, and the loss positions of each row.
-//! Truncation rule: a prompt that does not fit loses tokens from its start (the question and the answer position
-//! sit at its end); a causal-LM example keeps at least one prompt token and cuts its completion's end if it must.
-//! One example per row; the model drops the padding before its first block ([`crate::model::Packing`]).
+//! Batching: truncation to `max_seq_len`, right padding, and the loss positions of each row. One example per row,
+//! except multiple choice, whose example is one row per option. Truncation rules:
+//! - classification: a prompt that does not fit loses tokens from its start (the question and the answer position
+//!   sit at its end);
+//! - language modelling: the window is the `max_len` tokens that end with the first answer (span) when it fits
+//!   with at least one token before it, keeping as much of what precedes it as fits; later answers are kept while
+//!   they fit. So the first answer is never dropped: at worst its end is cut (an answer longer than the window).
+//!   For prompt/completion this keeps the whole completion and cuts the prompt's start;
+//! - multiple choice: an option longer than `max_len − 1` loses its end; the context loses its start.
+//!
+//! The model drops the padding before its first block ([`crate::model::Packing`]).
 use super::permutation;
 use super::tasks::{Example, Target};
-use crate::model::{Batch, Targets};
+use crate::model::{Batch, Choices, Targets};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
+use std::ops::Range;
+
+/// The window `[s, e)` of an LM sequence of `len` tokens whose first answer is `first` (see the module's rule).
+pub fn lm_window(len: usize, first: &Range<usize>, max_len: usize) -> Range<usize> {
+    let s = first.end.saturating_sub(max_len).min(first.start.saturating_sub(1));
+    s..len.min(s + max_len)
+}
 
 /// Builds one right-padded batch from `examples`.
 pub fn make_batch(
@@ -19,44 +33,67 @@ pub fn make_batch(
     if max_len < 2 {
         return Err(Error::Option(format!("--max-seq-len {max_len} is too short (at least 2)")));
     }
-    let mut rows = Vec::with_capacity(examples.len());
-    let (mut positions, mut labels) = (Vec::new(), Vec::new());
+    // Each row: its tokens and the offsets (within the row) of the tokens the loss reads; the logits at offset i
+    // predict token i+1, so a target token at offset k is read at position k − 1.
+    let mut rows: Vec<(Vec<u32>, Vec<usize>)> = Vec::with_capacity(examples.len());
+    let mut labels = Vec::new();
+    let mut choices: Option<Choices> = None;
     for ex in examples {
-        let (seq, first_target) = match &ex.target {
+        match &ex.target {
             Target::Class(c) => {
-                let p = &ex.prompt[ex.prompt.len().saturating_sub(max_len)..];
+                if classes.is_none() {
+                    return Err(Error::Msg("a classification example in a task without label words".into()));
+                }
+                let p = &ex.tokens[ex.tokens.len().saturating_sub(max_len)..];
+                if p.is_empty() {
+                    return Err(Error::Msg("an example has an empty prompt".into()));
+                }
                 labels.push(*c);
-                (p.to_vec(), p.len())
+                rows.push((p.to_vec(), vec![p.len()]));
             }
-            Target::Completion(comp) => {
-                let keep_prompt = ex.prompt.len().min(max_len.saturating_sub(comp.len()).max(1));
-                let p = &ex.prompt[ex.prompt.len() - keep_prompt..];
-                let comp = &comp[..comp.len().min(max_len - p.len())];
-                labels.extend_from_slice(comp);
-                ([p, comp].concat(), p.len())
+            Target::Spans(spans) => {
+                let first = spans.first().filter(|f| f.start >= 1 && f.end <= ex.tokens.len() && !f.is_empty());
+                let first =
+                    first.ok_or_else(|| Error::Msg("an LM example without an answer after its first token".into()))?;
+                let w = lm_window(ex.tokens.len(), first, max_len);
+                let targets: Vec<usize> =
+                    spans.iter().flat_map(|r| r.clone()).filter(|k| w.start < *k && *k < w.end).collect();
+                labels.extend(targets.iter().map(|&k| ex.tokens[k]));
+                rows.push((ex.tokens[w.clone()].to_vec(), targets.iter().map(|k| k - w.start).collect()));
             }
-        };
-        if first_target == 0 {
-            return Err(Error::Msg("an example has an empty prompt".into()));
+            Target::Choice { options, answer, bytes } => {
+                let c = choices.get_or_insert_with(Choices::default);
+                c.options.push(options.len() as u32);
+                c.answers.push(*answer);
+                for (o, &b) in options.iter().zip(bytes) {
+                    let o = &o[..o.len().min(max_len - 1)];
+                    let ctx = &ex.tokens[ex.tokens.len() - ex.tokens.len().min(max_len - o.len())..];
+                    if ctx.is_empty() || o.is_empty() {
+                        return Err(Error::Msg("a multiple-choice example with an empty context or option".into()));
+                    }
+                    c.option_tokens.push(o.len() as u32);
+                    c.bytes.push(b as u32);
+                    labels.extend_from_slice(o);
+                    rows.push(([ctx, o].concat(), (ctx.len()..ctx.len() + o.len()).collect()));
+                }
+            }
         }
-        rows.push((seq, first_target));
+    }
+    let kinds = examples.iter().map(|e| std::mem::discriminant(&e.target)).collect::<std::collections::HashSet<_>>();
+    if kinds.len() > 1 {
+        return Err(Error::Msg("a batch mixes examples of different kinds".into()));
     }
     let t = rows.iter().map(|(s, _)| s.len()).max().unwrap_or(1);
-    let mut ids = Vec::with_capacity(rows.len() * t);
-    let mut lengths = Vec::new();
-    for (b, (seq, first)) in rows.iter().enumerate() {
-        // The logits at position i predict token i+1: a class is read at the prompt's last token; completion
-        // token j (at position first+j) is predicted from position first+j−1.
-        let n_targets = if classes.is_some() { 1 } else { seq.len() - first };
-        for j in 0..n_targets {
-            positions.push((b * t + first - 1 + j) as u32);
-        }
+    let (mut ids, mut lengths, mut positions) = (Vec::with_capacity(rows.len() * t), Vec::new(), Vec::new());
+    for (b, (seq, targets)) in rows.iter().enumerate() {
+        positions.extend(targets.iter().map(|&k| (b * t + k - 1) as u32));
         ids.extend_from_slice(seq);
         ids.extend(std::iter::repeat_n(pad, t - seq.len()));
         lengths.push(seq.len());
     }
     let ids = Tensor::from_vec(ids, (rows.len(), t), dev)?;
-    Ok(Batch { ids, lengths, targets: Targets { positions, classes: classes.map(|c| c.to_vec()), labels } })
+    let classes = classes.filter(|_| choices.is_none()).map(|c| c.to_vec());
+    Ok(Batch { ids, lengths, targets: Targets { positions, classes, labels, choices } })
 }
 
 /// Walks a training set in seeded epochs (a new permutation each epoch); its position is part of a checkpoint.
@@ -96,8 +133,8 @@ mod tests {
 
     #[test]
     fn classification_batch_reads_last_prompt_token_and_truncates_from_the_left() {
-        let a = Example { prompt: vec![1, 2, 3, 4, 5], target: Target::Class(1) };
-        let b = Example { prompt: vec![7, 8], target: Target::Class(0) };
+        let a = Example { tokens: vec![1, 2, 3, 4, 5], target: Target::Class(1) };
+        let b = Example { tokens: vec![7, 8], target: Target::Class(0) };
         let batch = make_batch(&[&a, &b], Some(&[10, 11]), 4, 0, &Device::Cpu).unwrap();
         assert_eq!(batch.ids.to_vec2::<u32>().unwrap(), vec![vec![2, 3, 4, 5], vec![7, 8, 0, 0]]);
         assert_eq!(batch.targets.positions, vec![3, 4 + 1]);
@@ -107,12 +144,42 @@ mod tests {
 
     #[test]
     fn completion_batch_masks_the_loss_to_the_completion() {
-        let a = Example { prompt: vec![1, 2, 3], target: Target::Completion(vec![4, 5]) };
+        let a = Example { tokens: vec![1, 2, 3, 4, 5], target: Target::Spans(std::iter::once(3..5).collect()) };
         let batch = make_batch(&[&a], None, 4, 0, &Device::Cpu).unwrap();
         // The prompt loses its first token; positions 1 and 2 predict the completion tokens 4 and 5.
         assert_eq!(batch.ids.to_vec2::<u32>().unwrap(), vec![vec![2, 3, 4, 5]]);
         assert_eq!(batch.targets.positions, vec![1, 2]);
         assert_eq!(batch.targets.labels, vec![4, 5]);
+    }
+
+    /// The window rule against hand-worked cases: the first answer kept whole with as much before it as fits;
+    /// later answers while they fit; an answer longer than the window keeps one token of context and its start.
+    #[test]
+    fn lm_window_keeps_the_first_answer() {
+        assert_eq!(lm_window(10, &(6..8), 4), 4..8);
+        assert_eq!(lm_window(10, &(2..4), 6), 0..6);
+        assert_eq!(lm_window(20, &(5..15), 4), 4..8);
+        // Two turns, the second partly cut: targets are the first turn and the part of the second that fits.
+        let a = Example { tokens: (0..12).collect(), target: Target::Spans(vec![3..5, 8..11]) };
+        let b = make_batch(&[&a], None, 9, 99, &Device::Cpu).unwrap();
+        assert_eq!(b.ids.to_vec2::<u32>().unwrap(), vec![(0..9).collect::<Vec<u32>>()]);
+        assert_eq!(b.targets.labels, vec![3, 4, 8]);
+        assert_eq!(b.targets.positions, vec![2, 3, 7]);
+    }
+
+    /// A multiple-choice example is one row per option: context then option, the option's tokens the loss
+    /// positions, the grouping recorded; a long context loses its start.
+    #[test]
+    fn choice_batch_has_a_row_per_option() {
+        let opts = vec![vec![7], vec![8, 9]];
+        let a =
+            Example { tokens: vec![1, 2, 3], target: Target::Choice { options: opts, answer: 1, bytes: vec![2, 5] } };
+        let b = make_batch(&[&a], None, 4, 0, &Device::Cpu).unwrap();
+        assert_eq!(b.ids.to_vec2::<u32>().unwrap(), vec![vec![1, 2, 3, 7], vec![2, 3, 8, 9]]);
+        assert_eq!(b.targets.labels, vec![7, 8, 9]);
+        assert_eq!(b.targets.positions, vec![2, 4 + 1, 4 + 2]);
+        let c = b.targets.choices.unwrap();
+        assert_eq!((c.option_tokens, c.options, c.answers, c.bytes), (vec![1, 2], vec![2], vec![1], vec![2, 5]));
     }
 
     #[test]

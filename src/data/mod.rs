@@ -1,10 +1,15 @@
-//! Tasks and data: label-word classification in the MeZO style (BoolQ by default) and causal-LM fine-tuning on
-//! prompt/completion pairs; seeded train/dev/eval splits; truncation and right-padded batches.
+//! Tasks and data: label-word classification in the MeZO style (BoolQ, or any labelled jsonl/CSV), multiple
+//! choice scored by log-likelihood, and language modelling on chat, instruction or prompt/completion data; seeded
+//! train/dev/eval splits or separate files; truncation and right-padded batches.
 pub mod batch;
+pub mod chat;
+pub mod choice;
+pub mod classify;
+pub mod rows;
 pub mod tasks;
 
 pub use batch::{make_batch, Batcher};
-pub use tasks::{load_task, Example, SplitSizes, Splits, Target, TaskData};
+pub use tasks::{Example, SplitSizes, Splits, Target, TaskArgs, TaskData, TaskKind};
 
 /// A seeded permutation of `0..n` (Fisher–Yates on the counter-based RNG, so it is reproducible anywhere).
 pub fn permutation(n: usize, seed: u64, stream: u32) -> Vec<usize> {

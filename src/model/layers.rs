@@ -224,6 +224,69 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor
     Ok((loss, dlogits))
 }
 
+/// Multiple-choice cross-entropy: option j's score is the sum of its tokens' log-probabilities
+/// (log softmax of `logits` [P, V] at `labels` [P]), and the loss is the mean over examples of the cross-entropy
+/// of the options' scores against the right one. Returns `(loss, dlogits, scores [E, K])` (−inf pads the scores of
+/// an example with fewer than K options). With p the options' softmax and y the right one, a token of option j
+/// gets (p_j − [j = y]) / E · (onehot − softmax), the derivative of its log-probability being onehot − softmax.
+pub fn choice_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    c: &super::llama::Choices,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (p, dev) = (logits.dim(0)?, logits.device().clone());
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let logp = shifted.broadcast_sub(&lse)?;
+    let idx = labels.unsqueeze(1)?;
+    let token_lp: Vec<f64> = logp.gather(&idx, 1)?.squeeze(1)?.to_dtype(DType::F64)?.to_vec1()?;
+    let n_opts: usize = c.options.iter().map(|&k| k as usize).sum();
+    let n_pos: usize = c.option_tokens.iter().map(|&k| k as usize).sum();
+    if n_opts != c.option_tokens.len() || n_pos != p || c.answers.len() != c.options.len() {
+        return Err(candle_core::Error::Msg(format!(
+            "choice grouping: {} options over {} positions does not match {} option rows and {p} positions",
+            n_opts,
+            n_pos,
+            c.option_tokens.len()
+        )));
+    }
+    // Option scores: sums of consecutive token log-probabilities.
+    let mut at = 0;
+    let opt_score: Vec<f64> = c
+        .option_tokens
+        .iter()
+        .map(|&n| {
+            let s = token_lp[at..at + n as usize].iter().sum();
+            at += n as usize;
+            s
+        })
+        .collect();
+    let (e, kmax) = (c.options.len(), c.options.iter().copied().max().unwrap_or(0) as usize);
+    let mut scores = vec![f64::NEG_INFINITY; e * kmax];
+    let mut coef_opt = vec![0f64; n_opts];
+    let (mut loss, mut o) = (0f64, 0);
+    for (ex, (&k, &y)) in c.options.iter().zip(&c.answers).enumerate() {
+        let s = &opt_score[o..o + k as usize];
+        let m = s.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+        let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
+        loss += m + z.ln() - s[y as usize];
+        for j in 0..k as usize {
+            scores[ex * kmax + j] = s[j];
+            let pj = (s[j] - m).exp() / z;
+            coef_opt[o + j] = (pj - if j == y as usize { 1.0 } else { 0.0 }) / e as f64;
+        }
+        o += k as usize;
+    }
+    // Per position: its option's coefficient; dlogits = coef · (onehot − softmax).
+    let coef: Vec<f64> =
+        c.option_tokens.iter().zip(&coef_opt).flat_map(|(&n, &k)| std::iter::repeat_n(k, n as usize)).collect();
+    let coef = Tensor::new(coef.as_slice(), &dev)?.to_dtype(logits.dtype())?.unsqueeze(1)?;
+    let dlogits = logp.exp()?.broadcast_mul(&coef.neg()?)?.scatter_add(&idx, &coef, 1)?;
+    let loss = Tensor::new(loss / e.max(1) as f64, &dev)?.to_dtype(logits.dtype())?;
+    Ok((loss, dlogits, Tensor::from_vec(scores, (e, kmax), &dev)?.to_dtype(logits.dtype())?))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     //! Each backward against central finite differences in f64 (budget: 1e-6 relative to the gradient's scale,
@@ -351,5 +414,32 @@ pub(crate) mod tests {
         let (_, d) = cross_entropy(&logits, &labels).unwrap();
         let one = Tensor::new(1.0f64, &Device::Cpu).unwrap();
         check("dlogits", &logits, &d, |l| cross_entropy(l, &labels).unwrap().0, &one);
+    }
+
+    /// Two examples (3 and 2 options, options of 2, 1, 3, 1, 2 tokens): the gradient against finite differences,
+    /// and the scores against sums of log-softmax entries computed in f64 by hand (budget 1e-12).
+    #[test]
+    fn choice_cross_entropy_matches_finite_differences_and_hand_sums() {
+        use crate::model::llama::Choices;
+        let logits = (rand(&[9, 6], 17) * 3.0).unwrap();
+        let labels = Tensor::new(&[1u32, 5, 0, 2, 2, 4, 3, 0, 1], &Device::Cpu).unwrap();
+        let c =
+            Choices { option_tokens: vec![2, 1, 3, 1, 2], options: vec![3, 2], answers: vec![2, 0], bytes: vec![1; 5] };
+        let (_, d, scores) = choice_cross_entropy(&logits, &labels, &c).unwrap();
+        let one = Tensor::new(1.0f64, &Device::Cpu).unwrap();
+        check("dlogits", &logits, &d, |l| choice_cross_entropy(l, &labels, &c).unwrap().0, &one);
+        let l: Vec<Vec<f64>> = logits.to_vec2().unwrap();
+        let lab: Vec<u32> = labels.to_vec1().unwrap();
+        let lp = |t: usize| {
+            let lse = l[t].iter().map(|v| v.exp()).sum::<f64>().ln();
+            l[t][lab[t] as usize] - lse
+        };
+        let want = [lp(0) + lp(1), lp(2), lp(3) + lp(4) + lp(5), lp(6), lp(7) + lp(8)];
+        let got: Vec<Vec<f64>> = scores.to_vec2().unwrap();
+        for (g, w) in [got[0][0], got[0][1], got[0][2], got[1][0], got[1][1]].iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{g} vs {w}");
+        }
+        assert_eq!(got[1].len(), 3);
+        assert!(got[1][2].is_infinite(), "the missing third option of example 2 scores −inf");
     }
 }

@@ -57,7 +57,7 @@ impl Weights for ParamStore {
 }
 
 /// What the loss reads: the next-token distribution at some positions of a right-padded batch.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Targets {
     /// Flat indices `b·T + t` of the positions whose next-token logits the loss reads.
     pub positions: Vec<u32>,
@@ -65,6 +65,46 @@ pub struct Targets {
     pub classes: Option<Vec<u32>>,
     /// Per position, the right answer: an index into `classes`, or a token id.
     pub labels: Vec<u32>,
+    /// Multiple choice: how the positions group into options and the options into examples. The loss is then
+    /// cross-entropy over each example's options, scored by their summed token log-likelihoods.
+    pub choices: Option<Choices>,
+}
+
+/// The grouping of a multiple-choice batch: each option is one row, its tokens consecutive loss positions.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Choices {
+    /// Per option (batch order): how many consecutive loss positions are its tokens.
+    pub option_tokens: Vec<u32>,
+    /// Per example: how many consecutive options it has.
+    pub options: Vec<u32>,
+    /// Per example: the right option's index.
+    pub answers: Vec<u32>,
+    /// Per option: its length in bytes (for length-normalized accuracy).
+    pub bytes: Vec<u32>,
+}
+
+impl Targets {
+    /// The right answer of each scored row of the output: per example for multiple choice, else per position.
+    pub fn answers(&self) -> &[u32] {
+        match &self.choices {
+            Some(c) => &c.answers,
+            None => &self.labels,
+        }
+    }
+
+    /// The loss over `logits` [P, C] (the positions' logits over the classes or the vocabulary), its gradient, and
+    /// the scores evaluation reads: `logits` themselves, or for multiple choice each example's option scores
+    /// [E, K] (summed log-likelihoods; −inf where an example has fewer than K options).
+    pub fn loss(&self, logits: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let labels = Tensor::new(self.labels.as_slice(), logits.device())?;
+        match &self.choices {
+            Some(c) => Ok(layers::choice_cross_entropy(logits, &labels, c)?),
+            None => {
+                let (loss, d) = layers::cross_entropy(logits, &labels)?;
+                Ok((loss, d, logits.clone()))
+            }
+        }
+    }
 }
 
 /// The most rows a batch and tokens a row may have: bounds that keep every count in range (B·H·T² in bytes fits
@@ -282,7 +322,8 @@ impl Trace {
 pub struct Output {
     /// Mean cross-entropy over the target positions.
     pub loss: f32,
-    /// [P, C] logits the loss read (C = number of classes, or the vocabulary).
+    /// [P, C] logits the loss read (C = number of classes, or the vocabulary); for multiple choice [E, K], each
+    /// example's option scores ([`Targets::loss`]).
     pub logits: Tensor,
     /// [P, C] the part of `logits` a side branch adds (QST's evaluation on label words: the LM head applied to
     /// (1 − α) ⊙ upsample(side state)); `None` for a model without one.
@@ -492,8 +533,7 @@ impl Llama {
             layers::rms_norm_forward(&x_sel, &w.vector(ParamId::FinalNorm)?, self.cfg.rms_norm_eps)?;
         let classes = tg.classes.as_ref().map(|c| Tensor::new(c.as_slice(), &dev)).transpose()?;
         let logits = self.head_forward(w, &xn_sel, classes.as_ref())?;
-        let labels = Tensor::new(tg.labels.as_slice(), &dev)?;
-        let (loss, dlogits) = layers::cross_entropy(&logits, &labels)?;
+        let (loss, dlogits, scores) = tg.loss(&logits)?;
         let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? as f32;
         let trace = (keep != Keep::Nothing).then_some(Trace {
             ids,
@@ -506,7 +546,7 @@ impl Llama {
             positions,
             classes,
         });
-        Ok((Output { loss, logits, side: None }, trace))
+        Ok((Output { loss, logits: scores, side: None }, trace))
     }
 
     /// The backward of [`Llama::forward`]: pushes every parameter's gradient into `sink` in reverse forward order.
@@ -606,9 +646,14 @@ pub(crate) mod tests {
     pub fn batch(classes: bool) -> Batch {
         let ids = Tensor::new(&[[3u32, 7, 1, 30, 12, 5], [9, 2, 2, 17, 0, 0]], &Device::Cpu).unwrap();
         let targets = if classes {
-            Targets { positions: vec![5, 6 + 3], classes: Some(vec![4, 11, 20]), labels: vec![2, 0] }
+            Targets { positions: vec![5, 6 + 3], classes: Some(vec![4, 11, 20]), labels: vec![2, 0], choices: None }
         } else {
-            Targets { positions: vec![0, 1, 2, 3, 4, 6, 7, 8], classes: None, labels: vec![7, 1, 30, 12, 5, 2, 2, 17] }
+            Targets {
+                positions: vec![0, 1, 2, 3, 4, 6, 7, 8],
+                classes: None,
+                labels: vec![7, 1, 30, 12, 5, 2, 2, 17],
+                choices: None,
+            }
         };
         Batch { ids, lengths: vec![6, 4], targets }
     }

@@ -74,7 +74,12 @@ pub fn read_header(path: &Path) -> Result<ModelHeader> {
     if path.is_dir() {
         let cfg = LlamaConfig::from_hf_file(&path.join("config.json"))?;
         let tok_path = path.join("tokenizer.json");
-        let tokenizer = if tok_path.exists() { Some(Tok::from_file(&tok_path)?) } else { None };
+        let mut tokenizer = if tok_path.exists() { Some(Tok::from_file(&tok_path)?) } else { None };
+        // Special tokens the tokenizer files do not name come from the model's config, as transformers takes them.
+        if let Some(t) = tokenizer.as_mut() {
+            t.specials.bos = t.specials.bos.or(cfg.bos_token_id);
+            t.specials.eos = t.specials.eos.or(cfg.eos_token_id);
+        }
         Ok(ModelHeader { cfg, tokenizer })
     } else {
         Ok(gguf_open(path)?.2)

@@ -9,7 +9,7 @@ pub mod quantized;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;
-pub use llama::{Batch, GradSink, Keep, Llama, Output, Packing, Targets, Trace, Weights, MAX_LEN, MAX_ROWS};
+pub use llama::{Batch, Choices, GradSink, Keep, Llama, Output, Packing, Targets, Trace, Weights, MAX_LEN, MAX_ROWS};
 pub use load::{export_hf, load_model, LoadedModel};
 pub use params::{BlockParam, ParamId, ParamStore};
 pub use tokenizer::Tok;

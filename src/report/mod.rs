@@ -7,7 +7,7 @@ pub mod plots;
 pub mod stats;
 pub mod tables;
 
-pub use plots::{loss_svg, memory_svg, svg_to_png};
+pub use plots::{dev_svg, loss_svg, memory_svg, svg_to_png};
 pub use stats::{auc, mcnemar_exact, paired, ranking, MarginPart, Paired, Ranking};
 pub use tables::{paired_table, ranking_table, table};
 
@@ -24,6 +24,8 @@ pub struct RunRecord {
     pub summary: Summary,
     /// (step, loss) from log.jsonl.
     pub losses: Vec<(usize, f64)>,
+    /// The dev evaluations during training (dev.jsonl, runs with --eval-every).
+    pub dev: Vec<crate::train::selection::DevPoint>,
     /// (split, answer) from predictions.jsonl (classification runs).
     #[serde(skip)]
     pub predictions: Vec<(String, Prediction)>,
@@ -35,7 +37,7 @@ pub fn read_run(dir: &Path) -> Result<RunRecord> {
     let mut losses = Vec::new();
     let lp = dir.join("log.jsonl");
     if lp.exists() {
-        for (line, row) in crate::data::tasks::read_jsonl(&lp)? {
+        for (line, row) in crate::data::rows::read_jsonl(&lp)? {
             let step = row.get("step").and_then(|v| v.as_u64());
             let loss = row.get("loss").and_then(|v| v.as_f64());
             match (step, loss) {
@@ -44,10 +46,20 @@ pub fn read_run(dir: &Path) -> Result<RunRecord> {
             }
         }
     }
+    let mut dev = Vec::new();
+    let dp = dir.join("dev.jsonl");
+    if dp.exists() {
+        for (line, row) in crate::data::rows::read_jsonl(&dp)? {
+            dev.push(
+                serde_json::from_value(serde_json::Value::Object(row))
+                    .map_err(|e| Error::line(&dp, line, format!("not a dev evaluation: {e}")))?,
+            );
+        }
+    }
     let mut predictions = Vec::new();
     let pp = dir.join("predictions.jsonl");
     if pp.exists() {
-        for (line, row) in crate::data::tasks::read_jsonl(&pp)? {
+        for (line, row) in crate::data::rows::read_jsonl(&pp)? {
             let split = row.get("split").and_then(|v| v.as_str()).map(str::to_owned);
             let p = serde_json::from_value::<Prediction>(serde_json::Value::Object(row));
             match (split, p) {
@@ -58,7 +70,7 @@ pub fn read_run(dir: &Path) -> Result<RunRecord> {
         }
     }
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(RunRecord { name, summary, losses, predictions })
+    Ok(RunRecord { name, summary, losses, dev, predictions })
 }
 
 /// Writes `results.md`, `results.json`, `loss.{svg,png}` and `memory.{svg,png}` for `runs` into `out`.
@@ -67,10 +79,14 @@ pub fn write_report(runs: &[RunRecord], out: &Path, title: &str) -> Result<Strin
     crate::io::write_bytes_atomic(&out.join("results.md"), md.as_bytes())?;
     let json = serde_json::to_vec_pretty(runs).map_err(|e| Error::Msg(e.to_string()))?;
     crate::io::write_bytes_atomic(&out.join("results.json"), &json)?;
-    for (name, svg) in [
-        ("loss", loss_svg(runs, &format!("{title}: training loss"))),
+    let mut plots = vec![
+        ("loss", loss_svg(runs, &format!("{title}: training loss (dots: dev loss)"))),
         ("memory", memory_svg(runs, &format!("{title}: memory"))),
-    ] {
+    ];
+    if runs.iter().any(|r| !r.dev.is_empty()) {
+        plots.push(("dev", dev_svg(runs, &format!("{title}: dev accuracy during training"))));
+    }
+    for (name, svg) in plots {
         crate::io::write_bytes_atomic(&out.join(format!("{name}.svg")), svg.as_bytes())?;
         svg_to_png(&svg, &out.join(format!("{name}.png")))?;
     }
@@ -86,7 +102,7 @@ mod tests {
             "bytes_per_param": 3.1, "dev_accuracy_after": 0.625,
             "breakdown": {"weights": 100, "gradients": 50, "optimizer": 50, "activations": 10, "scratch": 1}}))
         .unwrap();
-        RunRecord { name: name.into(), summary, losses, predictions: vec![] }
+        RunRecord { name: name.into(), summary, losses, dev: vec![], predictions: vec![] }
     }
 
     /// Answers written by the trainer read back and pair on shared examples only: a right on 1, 2, 3, b right on

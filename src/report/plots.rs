@@ -13,7 +13,11 @@ pub fn loss_svg(runs: &[RunRecord], title: &str) -> String {
     let (w, h, l, r, t, b) = (760.0, 420.0, 60.0, 170.0, 40.0, 45.0);
     let runs: Vec<&RunRecord> = runs.iter().filter(|r| !r.losses.is_empty()).collect();
     let max_step = runs.iter().flat_map(|r| r.losses.iter().map(|p| p.0)).max().unwrap_or(1).max(1) as f64;
-    let ys: Vec<f64> = runs.iter().flat_map(|r| r.losses.iter().map(|p| p.1)).filter(|y| y.is_finite()).collect();
+    let ys: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.losses.iter().map(|p| p.1).chain(r.dev.iter().map(|d| d.loss)))
+        .filter(|y| y.is_finite())
+        .collect();
     let (ymin, ymax) =
         (ys.iter().cloned().fold(f64::INFINITY, f64::min).min(0.0), ys.iter().cloned().fold(0.0, f64::max).max(1e-9));
     let x = |s: f64| l + (w - l - r) * s / max_step;
@@ -40,10 +44,69 @@ pub fn loss_svg(runs: &[RunRecord], title: &str) -> String {
             .collect();
         let _ =
             write!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="2"{dash} points="{}"/>"#, smooth.join(" "));
+        // Dev losses during training: dots joined by a thin line.
+        let dev: Vec<(f64, f64)> = run.dev.iter().map(|d| (x(d.step as f64), y(d.loss))).collect();
+        if !dev.is_empty() {
+            let pts: Vec<String> = dev.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
+            let _ = write!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1" points="{}"/>"#, pts.join(" "));
+            for (a, b) in dev {
+                let _ = write!(s, r#"<circle cx="{a:.1}" cy="{b:.1}" r="3.5" fill="{c}"/>"#);
+            }
+        }
         let ly = t + 18.0 * i as f64 + 10.0;
         let _ = write!(
             s,
             r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="3"{dash}/><text x="{}" y="{}">{}</text>"#,
+            w - r + 12.0,
+            w - r + 32.0,
+            w - r + 38.0,
+            ly + 4.0,
+            run.name
+        );
+    }
+    s + "</svg>"
+}
+
+/// Dev accuracy against step for every run that evaluated during training (`--eval-every`), with each run's
+/// majority-class accuracy as a dotted line where the task has one.
+pub fn dev_svg(runs: &[RunRecord], title: &str) -> String {
+    let (w, h, l, r, t, b) = (760.0, 420.0, 60.0, 170.0, 40.0, 45.0);
+    let runs: Vec<&RunRecord> = runs.iter().filter(|r| !r.dev.is_empty()).collect();
+    let max_step = runs.iter().flat_map(|r| r.dev.iter().map(|p| p.step)).max().unwrap_or(1).max(1) as f64;
+    let ys: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.dev.iter().map(|p| p.accuracy).chain(r.summary.dev_majority))
+        .filter(|y| y.is_finite())
+        .collect();
+    let ymin = (ys.iter().cloned().fold(1.0, f64::min) - 0.02).max(0.0);
+    let ymax = (ys.iter().cloned().fold(0.0, f64::max) + 0.02).min(1.0).max(ymin + 1e-3);
+    let x = |s: f64| l + (w - l - r) * s / max_step;
+    let y = |v: f64| t + (h - t - b) * (1.0 - (v - ymin) / (ymax - ymin));
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="DejaVu Sans, sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="22" font-size="15" text-anchor="middle">{title}</text>"#,
+        (w - r + l) / 2.0
+    );
+    axes(&mut s, (l, t, w - r, h - b), (0.0, max_step), (ymin, ymax), "step", "dev accuracy");
+    for (i, run) in runs.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let pts: Vec<String> =
+            run.dev.iter().map(|d| format!("{:.1},{:.1}", x(d.step as f64), y(d.accuracy))).collect();
+        let _ = write!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#, pts.join(" "));
+        for d in &run.dev {
+            let _ = write!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{c}"/>"#, x(d.step as f64), y(d.accuracy));
+        }
+        if let Some(m) = run.summary.dev_majority {
+            let _ = write!(
+                s,
+                r#"<line x1="{l}" y1="{0:.1}" x2="{1}" y2="{0:.1}" stroke="{c}" stroke-dasharray="2 3"/>"#,
+                y(m),
+                w - r
+            );
+        }
+        let ly = t + 18.0 * i as f64 + 10.0;
+        let _ = write!(
+            s,
+            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
             w - r + 12.0,
             w - r + 32.0,
             w - r + 38.0,

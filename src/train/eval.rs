@@ -1,8 +1,8 @@
 //! Evaluation: accuracy, mean loss and every example's answer on a split, for any inference forward (a method's,
 //! or a loaded model's in `qtune eval`). A method that wants its own figures of an evaluation (QST: how far its side
 //! branch moves the answer) supplies an [`EvalProbe`].
-use crate::data::{make_batch, TaskData};
-use crate::model::{Batch, Output};
+use crate::data::{make_batch, Target, TaskData};
+use crate::model::{Batch, Choices, Output};
 use crate::{Error, Result};
 use candle_core::{Device, D};
 use serde::Serialize;
@@ -47,7 +47,9 @@ pub trait EvalProbe {
 /// Accuracy and mean loss of a model on one split.
 #[derive(Clone, Debug, Default)]
 pub struct EvalResult {
-    /// Classification: argmax over the label words. Causal LM: next-token accuracy on completion tokens.
+    /// Classification: argmax over the label words. Multiple choice: argmax over the options' summed
+    /// log-likelihoods (the length-normalized accuracy is the figure `acc_norm`). Language modelling: next-token
+    /// accuracy on the answer tokens.
     pub accuracy: f64,
     /// Mean cross-entropy of the targets (less noisy than the accuracy on a few hundred examples).
     pub loss: f64,
@@ -59,7 +61,8 @@ pub struct EvalResult {
     /// The method's own figures ([`EvalProbe::figures`]) and their description.
     pub figures: Vec<(&'static str, f64)>,
     pub note: String,
-    /// Classification: every example's answer, in split order (empty for causal LM, whose answers are tokens).
+    /// Classification and multiple choice: every example's answer, in split order (empty for language modelling,
+    /// whose answers are tokens).
     pub predictions: Vec<Prediction>,
 }
 
@@ -73,7 +76,7 @@ pub fn eval_batches(
     dev: Device,
 ) -> impl Iterator<Item = Result<(Vec<usize>, Batch)>> + '_ {
     let mut order: Vec<usize> = (0..data.examples.len()).collect();
-    order.sort_by_key(|&i| data.examples[i].prompt.len());
+    order.sort_by_key(|&i| data.examples[i].tokens.len());
     let chunks: Vec<Vec<usize>> = order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect();
     chunks.into_iter().map(move |chunk| {
         let exs: Vec<_> = chunk.iter().map(|&i| &data.examples[i]).collect();
@@ -101,28 +104,34 @@ pub fn evaluate(
 ) -> Result<EvalResult> {
     let t0 = Instant::now();
     let (mut correct, mut count, mut loss_sum, mut tokens) = (0usize, 0usize, 0f64, 0usize);
-    let mut class_counts = vec![0usize; data.classes.as_ref().map_or(0, |c| c.len())];
+    let mut class_counts = vec![0usize; if data.answered() { data.n_answers() } else { 0 }];
     let mut predictions = Vec::new();
+    let mut correct_norm = 0usize;
     for b in eval_batches(data, s.batch_size, s.max_len, s.pad, s.device.clone()) {
         let (chunk, batch) = b?;
         let out = forward(&batch)?;
         let pred: Vec<u32> = out.logits.argmax(D::Minus1)?.to_vec1()?;
-        let n = batch.targets.labels.len();
-        correct += pred.iter().zip(&batch.targets.labels).filter(|(p, l)| p == l).count();
-        if data.classes.is_some() {
+        let answers = batch.targets.answers();
+        let n = answers.len();
+        correct += pred.iter().zip(answers).filter(|(p, l)| p == l).count();
+        if let Some(c) = &batch.targets.choices {
+            correct_norm += normalized_correct(&out.logits.to_vec2()?, c);
+        }
+        if data.answered() {
             if let Some(p) = probe.as_mut() {
                 p.observe(&out)?;
             }
-            // One loss position per example: row k of the [n, C] label-word logits is example chunk[k].
+            // One row of scores per example: row k of the [n, C] label-word logits (or option scores) is example
+            // chunk[k].
             let logits: Vec<Vec<f32>> = out.logits.to_vec2()?;
             let side: Option<Vec<Vec<f32>>> = out.side.as_ref().map(|s| s.to_vec2()).transpose()?;
             for (k, &i) in chunk.iter().enumerate() {
-                let (row, label) = (&logits[k], batch.targets.labels[k]);
+                let (row, label) = (&logits[k], answers[k]);
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
                 let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
                 predictions.push(Prediction {
                     example: i,
-                    key: example_key(&data.examples[i].prompt, label),
+                    key: example_key(&data.examples[i].tokens, label),
                     label,
                     predicted: pred[k],
                     loss: lse - row[label as usize] as f64,
@@ -130,7 +139,7 @@ pub fn evaluate(
                 });
             }
         }
-        for &l in &batch.targets.labels {
+        for &l in answers {
             if let Some(c) = class_counts.get_mut(l as usize) {
                 *c += 1;
             }
@@ -140,6 +149,10 @@ pub fn evaluate(
         tokens += batch.real_tokens();
     }
     predictions.sort_by_key(|p| p.example);
+    let mut figures = probe.as_ref().map(|p| p.figures()).unwrap_or_default();
+    if data.examples.iter().any(|e| matches!(e.target, Target::Choice { .. })) {
+        figures.push(("acc_norm", correct_norm as f64 / count.max(1) as f64));
+    }
     Ok(EvalResult {
         accuracy: correct as f64 / count.max(1) as f64,
         loss: loss_sum / count.max(1) as f64,
@@ -147,10 +160,24 @@ pub fn evaluate(
         examples: data.examples.len(),
         tokens,
         seconds: t0.elapsed().as_secs_f64(),
-        figures: probe.as_ref().map(|p| p.figures()).unwrap_or_default(),
+        figures,
         note: probe.as_ref().map(|p| p.describe()).unwrap_or_default(),
         predictions,
     })
+}
+
+/// How many examples lm-eval's length-normalized score gets right: the argmax of each option's summed
+/// log-likelihood divided by its length in bytes (`scores` [E, K], one row per example).
+fn normalized_correct(scores: &[Vec<f32>], c: &Choices) -> usize {
+    let mut o = 0;
+    let mut correct = 0;
+    for (row, (&k, &y)) in scores.iter().zip(c.options.iter().zip(&c.answers)) {
+        let norm = |j: usize| row[j] as f64 / c.bytes[o + j].max(1) as f64;
+        let best = (0..k as usize).fold(0, |b, j| if norm(j) > norm(b) { j } else { b });
+        correct += (best == y as usize) as usize;
+        o += k as usize;
+    }
+    correct
 }
 
 /// Writes `<out>/predictions.jsonl`: one line per example of each evaluated classification split (`split` is
@@ -200,7 +227,7 @@ mod tests {
     fn evaluate_reports_accuracy_loss_and_majority() {
         let labels = [1u32, 0, 1, 1, 0];
         let examples =
-            labels.iter().enumerate().map(|(i, &y)| Example { prompt: vec![1; i + 1], target: Target::Class(y) });
+            labels.iter().enumerate().map(|(i, &y)| Example { tokens: vec![1; i + 1], target: Target::Class(y) });
         let data = TaskData { examples: examples.collect(), classes: Some(vec![7, 8]) };
         let forward = |b: &Batch| -> Result<Output> {
             let p = b.targets.labels.len();
@@ -247,7 +274,7 @@ mod tests {
                 format!("{} rows", self.1)
             }
         }
-        let examples = (0..5).map(|i| Example { prompt: vec![1; i + 1], target: Target::Class(0) });
+        let examples = (0..5).map(|i| Example { tokens: vec![1; i + 1], target: Target::Class(0) });
         let data = TaskData { examples: examples.collect(), classes: Some(vec![7, 8]) };
         let forward = |b: &Batch| -> Result<Output> {
             let p = b.targets.labels.len();

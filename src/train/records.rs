@@ -75,6 +75,12 @@ pub struct Summary {
     pub final_loss: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped_steps: Option<usize>,
+    /// With --eval-every: the step of the best dev evaluation, whose state the run ended with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_step: Option<usize>,
+    /// With --early-stop: the step training stopped after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_early_at: Option<usize>,
     pub machine: String,
     /// The command line this process was started with (`qtune train ...`), to re-run or re-plan the run.
     #[serde(skip_serializing_if = "Vec::is_empty")]

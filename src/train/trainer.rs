@@ -6,6 +6,7 @@ use super::memory;
 use super::method::Method;
 use super::records::{machine, median, read_log, LogLine, Summary};
 use super::schedule::Schedule;
+use super::selection::{best_path, DevPoint, Selection, SelectionArgs};
 use crate::data::{make_batch, Batcher, Splits, TaskData};
 use crate::model::{Batch, Llama, Tok, MAX_ROWS};
 use crate::{Error, Result};
@@ -33,6 +34,8 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Continue from `<out>/checkpoint.safetensors`.
     pub resume: bool,
+    /// Evaluation during training, the best state, early stopping.
+    pub selection: SelectionArgs,
 }
 
 impl TrainConfig {
@@ -65,13 +68,16 @@ struct LoopState {
     #[serde(default)]
     dev_loss_before: Option<f64>,
     skipped: usize,
+    /// The dev evaluations during training (absent in checkpoints written before them).
+    #[serde(default)]
+    selection: Selection,
 }
 
-fn save_checkpoint(method: &dyn Method, out: &Path, st: &LoopState) -> Result<()> {
+fn save_checkpoint(method: &dyn Method, path: &Path, st: &LoopState) -> Result<()> {
     let mut w = crate::checkpoint::StateWriter::new(method.name());
     w.meta("trainer", st);
     method.save_state(&mut w)?;
-    w.write(&checkpoint_path(out))
+    w.write(path)
 }
 
 /// Trains `method` on `splits` and writes `<out>/{summary.json, log.jsonl, model/}`.
@@ -87,6 +93,7 @@ pub fn train(
         eprintln!("note: --steps 0: evaluating only");
     }
     check_batching(splits, cfg)?;
+    cfg.selection.check()?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::file(&cfg.out, format!("cannot create: {e}")))?;
     let settings = cfg.eval_settings(model);
     // An empty split (--dev-size 0, --eval-size 0) is not evaluated.
@@ -159,6 +166,16 @@ pub fn train(
     );
     let mut batcher =
         resumed.as_ref().map_or_else(|| Batcher::new(splits.train.examples.len(), cfg.seed), |st| st.batcher.clone());
+    // Dev evaluations during training: by accuracy when examples have answers, else by loss.
+    let by_accuracy = splits.dev.answered();
+    let mut selection = resumed.as_ref().map_or_else(Selection::default, |st| st.selection.clone());
+    if let (Some(r), None, true) = (&dev_before, &resumed, cfg.selection.eval_every > 0) {
+        selection.record(DevPoint { step: 0, accuracy: r.accuracy, loss: r.loss }, by_accuracy);
+        selection.write(&cfg.out)?;
+    }
+    // The latest periodic dev evaluation, reused as the final one when nothing changed since.
+    let mut last_dev: Option<(usize, EvalResult)> = None;
+    let mut stopped_early = None;
     let mut times: Vec<f64> = kept.iter().map(|l| l.step_time_s).collect();
     let mut tok_rates: Vec<f64> = kept.iter().map(|l| l.tokens as f64 / l.step_time_s).collect();
     let mut peak = kept.iter().fold(method.state_bytes(), |p, l| p.max(l.memory));
@@ -202,17 +219,30 @@ pub fn train(
             if stats.applied { "" } else { " | skipped (non-finite)" }
         ));
         bar.inc(1);
+        let state = |selection: &Selection| LoopState {
+            next_step: step + 1,
+            batcher: batcher.clone(),
+            dev_before: dev_before.as_ref().map(|r| r.accuracy),
+            dev_loss_before: dev_before.as_ref().map(|r| r.loss),
+            skipped,
+            selection: selection.clone(),
+        };
+        if cfg.selection.due(step + 1) && !splits.dev.examples.is_empty() {
+            let r = eval(&splits.dev, method)?.expect("the dev split is not empty");
+            let point = DevPoint { step: step + 1, accuracy: r.accuracy, loss: r.loss };
+            let best = selection.record(point, by_accuracy);
+            bar.println(format!("step {}: dev {}{}", step + 1, describe(&r), if best { " (best so far)" } else { "" }));
+            if best {
+                save_checkpoint(method, &best_path(&cfg.out), &state(&selection))?;
+            }
+            selection.write(&cfg.out)?;
+            last_dev = Some((step + 1, r));
+        }
         let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
         let due = cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0;
-        if due || interrupted {
-            let st = LoopState {
-                next_step: step + 1,
-                batcher: batcher.clone(),
-                dev_before: dev_before.as_ref().map(|r| r.accuracy),
-                dev_loss_before: dev_before.as_ref().map(|r| r.loss),
-                skipped,
-            };
-            save_checkpoint(method, &cfg.out, &st)?;
+        let stop = selection.exhausted(cfg.selection.early_stop);
+        if due || interrupted || stop {
+            save_checkpoint(method, &checkpoint_path(&cfg.out), &state(&selection))?;
         }
         if interrupted {
             bar.abandon();
@@ -221,10 +251,42 @@ pub fn train(
                 checkpoint_path(&cfg.out).display()
             )));
         }
+        if stop {
+            bar.println(format!(
+                "early stop after step {}: {} dev evaluations without a better one",
+                step + 1,
+                selection.since_best
+            ));
+            stopped_early = Some(step + 1);
+            break;
+        }
     }
     bar.finish();
-    let (dev_after, eval_res) =
-        if cfg.skip_eval { (None, None) } else { (eval(&splits.dev, method)?, eval(&splits.eval, method)?) };
+    let steps_done = stopped_early.unwrap_or(cfg.steps);
+    // Restore the best dev evaluation's state unless the current one is it (or the run keeps its last state).
+    let mut restored = None;
+    if let Some(best) = selection.best.filter(|b| b.step != steps_done && !cfg.selection.keep_last) {
+        let r = crate::checkpoint::StateReader::open(&best_path(&cfg.out))?;
+        method.load_state(&r)?;
+        eprintln!(
+            "restored the best dev state (step {}: accuracy {:.4}, loss {:.4}) from {}",
+            best.step,
+            best.accuracy,
+            best.loss,
+            best_path(&cfg.out).display()
+        );
+        restored = Some(best.step);
+    }
+    let reuse = last_dev.filter(|(s, _)| *s == steps_done && restored.is_none()).map(|(_, r)| r);
+    let (dev_after, eval_res) = if cfg.skip_eval {
+        (None, None)
+    } else {
+        let d = match reuse {
+            Some(r) => Some(r),
+            None => eval(&splits.dev, method)?,
+        };
+        (d, eval(&splits.eval, method)?)
+    };
     if let Some(d) = &dev_after {
         eprintln!("dev accuracy after: {}", describe(d));
     }
@@ -272,6 +334,8 @@ pub fn train(
         eval_majority: eval_res.as_ref().and_then(|r| r.majority),
         final_loss: last_loss,
         skipped_steps: Some(skipped),
+        best_step: selection.best.map(|b| b.step).filter(|_| !cfg.selection.keep_last),
+        stopped_early_at: stopped_early,
         machine: machine(),
         command: std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect(),
         ..Default::default()

@@ -697,6 +697,7 @@ mod tests {
             positions: (0..b).map(|r| (r * t + t - 1) as u32).collect(),
             classes: Some(vec![4093, 6369]),
             labels: (0..b).map(|r| (r % 2) as u32).collect(),
+            choices: None,
         };
         let batch = Batch { ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(), lengths: vec![t; b], targets };
         let t0 = std::time::Instant::now();

@@ -346,8 +346,7 @@ impl SideNet {
             }
             _ => None,
         };
-        let labels = Tensor::new(tg.labels.as_slice(), &dev)?;
-        let (loss, dlogits) = layers::cross_entropy(&logits, &labels)?;
+        let (loss, dlogits, logits) = tg.loss(&logits)?;
         let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? as f32;
         let trace = train.then_some(SideTrace {
             packing,
