@@ -166,6 +166,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     // Ctrl-C: finish the current step, checkpoint, stop.
     let _ = ctrlc::set_handler(|| trainer::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst));
     let s = trainer::train(&model, method.as_mut(), &splits, Some(&tok), &c.model.display().to_string(), &cfg)?;
+    verdict(&out)?;
     eprintln!(
         "{}: median step {:.2} s, {:.1} tok/s, model state {:.2} B/param; wrote {}",
         s.method,
@@ -174,5 +175,27 @@ pub fn run(a: TrainArgs) -> Result<()> {
         s.bytes_per_param.unwrap_or(0.0),
         out.display()
     );
+    Ok(())
+}
+
+/// The last lines of a run on a task with answers: each split's accuracy against always answering its most frequent
+/// label, paired example by example (exact McNemar), and whether the run is clearly above it.
+pub fn verdict(out: &std::path::Path) -> Result<()> {
+    let run = qtune::report::read_run(out)?;
+    for split in ["dev", "eval"] {
+        let preds: Vec<_> = run.predictions.iter().filter(|(s, _)| s == split).map(|(_, p)| p).collect();
+        let Some(v) = qtune::report::VersusMajority::of(&preds) else { continue };
+        eprintln!(
+            "{split}: accuracy {:.1}% against {:.1}% for always answering the most frequent label ({} examples; right \
+             where that answer is wrong on {}, wrong where it is right on {}; McNemar p = {:.3}): {}",
+            100.0 * v.accuracy,
+            100.0 * v.majority,
+            v.n,
+            v.run_only,
+            v.majority_only,
+            v.p,
+            if v.clearly_above() { "clearly above the majority class" } else { "not clearly above the majority class" }
+        );
+    }
     Ok(())
 }

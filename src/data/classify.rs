@@ -26,6 +26,10 @@ pub struct ClassifyArgs {
     /// classify: the field holding the label; rows where it is absent or null are skipped as unlabelled.
     #[arg(long)]
     pub label_field: Option<String>,
+    /// classify: the label words follow the prompt directly, with no space before them (for a template that
+    /// ends in its own space or newline).
+    #[arg(long)]
+    pub no_label_space: bool,
     /// classify: a JSON file with any of "template", "labels", "label_field" (the command line wins).
     #[arg(long)]
     pub task_file: Option<PathBuf>,
@@ -38,6 +42,8 @@ pub struct ClassifySpec {
     /// (label value, label word without its leading space), in class order.
     pub labels: Vec<(String, String)>,
     pub label_field: String,
+    /// What comes between the prompt and a label word: " " (MeZO's templates), or nothing.
+    pub separator: &'static str,
 }
 
 impl ClassifySpec {
@@ -47,6 +53,7 @@ impl ClassifySpec {
             template: "{passage} {question:cap}?".into(),
             labels: vec![("false".into(), "No".into()), ("true".into(), "Yes".into())],
             label_field: "label".into(),
+            separator: " ",
         }
     }
 
@@ -96,6 +103,7 @@ impl ClassifySpec {
             template,
             labels,
             label_field: get(&a.label_field, "label_field")?.unwrap_or("label".into()),
+            separator: if a.no_label_space { "" } else { " " },
         })
     }
 
@@ -198,10 +206,11 @@ pub fn render(template: &str, row: &Row, path: &Path, line: usize) -> Result<Str
 fn label_ids(tok: &Tok, spec: &ClassifySpec) -> Result<Vec<u32>> {
     spec.labels
         .iter()
-        .map(|(_, w)| match tok.encode(&format!(" {w}"))?.as_slice() {
+        .map(|(_, w)| match tok.encode(&format!("{}{w}", spec.separator))?.as_slice() {
             [id] => Ok(*id),
             ids => Err(Error::Option(format!(
-                "label word \" {w}\" is {} tokens for this tokenizer; label words must be single tokens",
+                "label word {:?} is {} tokens for this tokenizer; label words must be single tokens",
+                format!("{}{w}", spec.separator),
                 ids.len()
             ))),
         })
@@ -249,7 +258,7 @@ fn finish(drawn: [Vec<Labelled>; 3], spec: &ClassifySpec, tok: &Tok, notes: Vec<
         train: train?,
         dev: dev?,
         eval: eval?,
-        label_words: Some(spec.labels.iter().map(|(_, w)| format!(" {w}")).collect()),
+        label_words: Some(spec.labels.iter().map(|(_, w)| format!("{}{w}", spec.separator)).collect()),
         notes,
     })
 }

@@ -8,7 +8,7 @@ pub mod stats;
 pub mod tables;
 
 pub use plots::{dev_svg, loss_svg, memory_svg, svg_to_png};
-pub use stats::{auc, mcnemar_exact, paired, ranking, MarginPart, Paired, Ranking};
+pub use stats::{auc, mcnemar_exact, paired, ranking, MarginPart, Paired, Ranking, VersusMajority};
 pub use tables::{paired_table, ranking_table, table};
 
 use crate::train::eval::Prediction;

@@ -77,6 +77,52 @@ pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
     (2.0 * tail).min(1.0)
 }
 
+/// A split's answers against always answering its most frequent label: the paired comparison that says whether a
+/// run learned more than the label prior.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VersusMajority {
+    pub n: usize,
+    pub majority_label: u32,
+    pub accuracy: f64,
+    pub majority: f64,
+    /// Examples the run gets right and the majority answer wrong, and the other way round.
+    pub run_only: usize,
+    pub majority_only: usize,
+    /// Exact McNemar p of the difference.
+    pub p: f64,
+}
+
+impl VersusMajority {
+    /// The comparison over one split's predictions (`None` when there are none).
+    pub fn of(preds: &[&Prediction]) -> Option<Self> {
+        let n = preds.len();
+        let k = preds.iter().map(|p| p.label).max()? as usize + 1;
+        let mut counts = vec![0usize; k];
+        for p in preds {
+            counts[p.label as usize] += 1;
+        }
+        // The most frequent label; the lowest index wins a tie.
+        let maj = (0..k).fold(0, |b, i| if counts[i] > counts[b] { i } else { b }) as u32;
+        let right = |p: &&&Prediction| p.predicted == p.label;
+        let run_only = preds.iter().filter(|p| right(p) && p.label != maj).count();
+        let majority_only = preds.iter().filter(|p| !right(p) && p.label == maj).count();
+        Some(VersusMajority {
+            n,
+            majority_label: maj,
+            accuracy: preds.iter().filter(right).count() as f64 / n as f64,
+            majority: counts[maj as usize] as f64 / n as f64,
+            run_only,
+            majority_only,
+            p: mcnemar_exact(run_only, majority_only),
+        })
+    }
+
+    /// Better than the majority answer at the 5% level.
+    pub fn clearly_above(&self) -> bool {
+        self.accuracy > self.majority && self.p < 0.05
+    }
+}
+
 /// How well a two-class run's scores order the examples, whatever its decision threshold: a run that has learned
 /// only the label prior answers the majority class everywhere and its accuracy says nothing of what its scores
 /// carry. Read from `predictions.jsonl` (one split: "eval" where the run has it, else "dev").
@@ -174,6 +220,21 @@ pub fn auc(scored: &[(f64, bool)]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Against counts by hand: labels 1,1,1,0,0 (majority 1, 3/5); answers 1,0,1,0,1: right on 0,2,3; the run is
+    /// right where the majority answer is wrong on example 3 only, wrong where it is right on example 1 only.
+    #[test]
+    fn versus_majority_counts_the_disagreements() {
+        let pred =
+            |label, predicted| Prediction { example: 0, key: String::new(), label, predicted, loss: 0.0, side: None };
+        let ps = [pred(1, 1), pred(1, 0), pred(1, 1), pred(0, 0), pred(0, 1)];
+        let v = VersusMajority::of(&ps.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!((v.n, v.majority_label, v.run_only, v.majority_only), (5, 1, 1, 1));
+        assert_eq!((v.accuracy, v.majority), (0.6, 0.6));
+        assert_eq!(v.p, 1.0);
+        assert!(!v.clearly_above());
+        assert!(VersusMajority::of(&[]).is_none());
+    }
 
     /// Exact McNemar p-values against binomial sums by hand: (10, 2): 2·(1 + 12 + 66)/2¹²; (3, 0): 2/2³; equal
     /// splits give 1; past n = 1074 (where 2^−n underflows) the value stays a probability, symmetric in (b, c).
