@@ -37,7 +37,8 @@ fn plan_predicts_peak_rss_of_every_bench_run() {
         max_position_embeddings: 512,
         tie_word_embeddings: true,
         bos_token_id: None,
-        eos_token_id: None,
+        // Completions end with EOS (the tiny tokenizer's config has none of its own).
+        eos_token_id: Some(2),
     };
     let model = dir.path().join("model");
     let tok = Tok::from_file(&fixtures.join("tokenizer.json")).unwrap();

@@ -94,6 +94,13 @@ pub fn train(
     }
     check_batching(splits, cfg)?;
     cfg.selection.check()?;
+    eprintln!(
+        "data: {}: {} train, {} dev, {} eval examples",
+        splits.task,
+        splits.train.examples.len(),
+        splits.dev.examples.len(),
+        splits.eval.examples.len()
+    );
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::file(&cfg.out, format!("cannot create: {e}")))?;
     let settings = cfg.eval_settings(model);
     // An empty split (--dev-size 0, --eval-size 0) is not evaluated.
@@ -183,6 +190,8 @@ pub fn train(
     let kept_rss = kept.iter().map(|l| l.rss_bytes).max().unwrap_or(0);
     let (mut last_loss, mut skipped) = (kept.last().map(|l| l.loss), resumed.as_ref().map_or(0, |st| st.skipped));
     bar.set_position(first_step as u64);
+    // A line above the bar, or on stderr when the bar is hidden (not a terminal).
+    let say = |msg: String| if bar.is_hidden() { eprintln!("{msg}") } else { bar.println(msg) };
     for step in first_step..cfg.steps {
         let micro = next_micro_batches(&mut batcher, splits, cfg, model.device())?;
         let tokens: usize = micro.iter().map(|b| b.real_tokens()).sum();
@@ -227,11 +236,11 @@ pub fn train(
             skipped,
             selection: selection.clone(),
         };
-        if cfg.selection.due(step + 1) && !splits.dev.examples.is_empty() {
-            let r = eval(&splits.dev, method)?.expect("the dev split is not empty");
+        // An empty dev split (--dev-size 0) is never evaluated.
+        if let Some(r) = if cfg.selection.due(step + 1) { eval(&splits.dev, method)? } else { None } {
             let point = DevPoint { step: step + 1, accuracy: r.accuracy, loss: r.loss };
             let best = selection.record(point, by_accuracy);
-            bar.println(format!("step {}: dev {}{}", step + 1, describe(&r), if best { " (best so far)" } else { "" }));
+            say(format!("step {}: dev {}{}", step + 1, describe(&r), if best { " (best so far)" } else { "" }));
             if best {
                 save_checkpoint(method, &best_path(&cfg.out), &state(&selection))?;
             }
@@ -252,7 +261,7 @@ pub fn train(
             )));
         }
         if stop {
-            bar.println(format!(
+            say(format!(
                 "early stop after step {}: {} dev evaluations without a better one",
                 step + 1,
                 selection.since_best
