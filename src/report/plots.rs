@@ -53,16 +53,7 @@ pub fn loss_svg(runs: &[RunRecord], title: &str) -> String {
                 let _ = write!(s, r#"<circle cx="{a:.1}" cy="{b:.1}" r="3.5" fill="{c}"/>"#);
             }
         }
-        let ly = t + 18.0 * i as f64 + 10.0;
-        let _ = write!(
-            s,
-            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="3"{dash}/><text x="{}" y="{}">{}</text>"#,
-            w - r + 12.0,
-            w - r + 32.0,
-            w - r + 38.0,
-            ly + 4.0,
-            run.name
-        );
+        legend(&mut s, (w - r, t), i, c, dash, &run.name);
     }
     s + "</svg>"
 }
@@ -103,18 +94,23 @@ pub fn dev_svg(runs: &[RunRecord], title: &str) -> String {
                 w - r
             );
         }
-        let ly = t + 18.0 * i as f64 + 10.0;
-        let _ = write!(
-            s,
-            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
-            w - r + 12.0,
-            w - r + 32.0,
-            w - r + 38.0,
-            ly + 4.0,
-            run.name
-        );
+        legend(&mut s, (w - r, t), i, c, "", &run.name);
     }
     s + "</svg>"
+}
+
+/// Entry `i` of a legend whose top-left corner is `at`: a line in colour `c` (with `dash`, an SVG attribute or "")
+/// and the run's name.
+fn legend(s: &mut String, at: (f64, f64), i: usize, c: &str, dash: &str, name: &str) {
+    let ly = at.1 + 18.0 * i as f64 + 10.0;
+    let _ = write!(
+        s,
+        r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="3"{dash}/><text x="{}" y="{}">{name}</text>"#,
+        at.0 + 12.0,
+        at.0 + 32.0,
+        at.0 + 38.0,
+        ly + 4.0,
+    );
 }
 
 /// A stacked bar per run: weights, gradients, optimizer states, activations, scratch (MiB), and the peak RSS as a
