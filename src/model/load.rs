@@ -329,6 +329,8 @@ pub fn write_hf(
         let path = dir.join("tokenizer.json");
         let json = tok.to_json()?;
         write_atomic(&path, |f| Ok(std::io::Write::write_all(f, json.as_bytes())?))?;
+        let config = serde_json::to_vec_pretty(&tok.config_json()).map_err(|e| Error::Msg(e.to_string()))?;
+        crate::io::write_bytes_atomic(&dir.join("tokenizer_config.json"), &config)?;
     }
     Ok(())
 }

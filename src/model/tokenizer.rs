@@ -106,6 +106,27 @@ impl Tok {
         Ok(Tok { inner, specials })
     }
 
+    /// `tokenizer_config.json` for an export: BOS/EOS by name, `add_bos_token` and the chat template, so the
+    /// exported model renders prompts as this one does (and `transformers` reads the same settings).
+    pub fn config_json(&self) -> serde_json::Value {
+        let name = |id: Option<u32>| id.and_then(|i| self.token(i));
+        let mut v = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.specials.add_bos,
+            "add_eos_token": false,
+        });
+        if let Some(b) = name(self.specials.bos) {
+            v["bos_token"] = b.into();
+        }
+        if let Some(e) = name(self.specials.eos) {
+            v["eos_token"] = e.into();
+        }
+        if let Some(t) = &self.specials.chat_template {
+            v["chat_template"] = t.clone().into();
+        }
+        v
+    }
+
     /// The special token tokenizer.json's post-processor puts first, if it puts one there.
     fn post_processor_bos(&self) -> Option<u32> {
         let (plain, with) = (self.inner.encode("a", false).ok()?, self.inner.encode("a", true).ok()?);
@@ -185,6 +206,9 @@ pub(crate) mod tests {
             t.specials,
             Specials { bos: Some(bos), eos: t.inner.token_to_id("a"), add_bos: true, chat_template: Some("T".into()) }
         );
+        // An export's tokenizer_config.json reads back to the same settings.
+        std::fs::write(&cfg, serde_json::to_string(&t.config_json()).unwrap()).unwrap();
+        assert_eq!(Tok::from_file(&dir.path().join("tokenizer.json")).unwrap().specials, t.specials);
         std::fs::write(&cfg, r#"{"eos_token": "<nope>"}"#).unwrap();
         let e = Tok::from_file(&dir.path().join("tokenizer.json")).err().unwrap().to_string();
         assert!(e.contains("tokenizer_config.json") && e.contains("<nope>"), "{e}");
