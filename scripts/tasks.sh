@@ -3,7 +3,8 @@
 #   bash scripts/tasks.sh [OUT] [first] [generic] [mc] [chat] [report]
 # first:   the README's first command (BoolQ, LoRA, 100 steps), timed
 # generic: BoolQ through --task classify on scripts/boolq_files.py's files against --task boolq (20 LoRA steps each)
-# mc:      SIQA and PIQA, LoRA 150 steps each with --eval-every 50 (accuracy before/after, acc_norm)
+# mc:      SIQA and PIQA, LoRA 150 steps each with --eval-every 50, zero-shot on the same splits, and the
+#          before/after pairing (accuracy, acc_norm)
 # chat:    a chat fine-tune on NQ-open questions (scripts/nq_chat.py), with generations before and after
 # report:  qtune report over the runs (tables, loss plots, the dev curves)
 # Needs the assets (scripts/setup_assets.sh) and a release build. Runs one at a time: every figure is from a run
@@ -50,6 +51,10 @@ if has mc; then
     $Q train --task ${t%%:*} --method lora --lr 1e-3 --steps 150 --train-size ${t##*:} --dev-size 200 \
       --eval-size 500 --eval-every 50 --out "$OUT/${t%%:*}" 2>&1 | tr '\r' '\n' \
       | grep -E "^error|accuracy|step [0-9]+: dev|restored"
+    # Zero-shot on the same splits, and the eval examples paired before/after.
+    $Q eval --task ${t%%:*} --train-size ${t##*:} --dev-size 200 --eval-size 500 --out "$OUT/${t%%:*}-zeroshot" \
+      2>&1 | grep -E "^error|accuracy"
+    $Q report "$OUT/${t%%:*}-zeroshot" "$OUT/${t%%:*}" --out "$OUT/report-${t%%:*}-pair" | grep -A2 "McNemar p |"
   done
 fi
 
