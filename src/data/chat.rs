@@ -56,11 +56,13 @@ impl ChatTemplate {
 
     /// The model's own template (or `file`'s), or `None` when there is none.
     pub fn of(tok: &Tok, file: Option<&Path>) -> Result<Option<Self>> {
-        let source = match file {
-            Some(f) => Some(std::fs::read_to_string(f).map_err(|e| Error::file(f, format!("cannot read: {e}")))?),
-            None => tok.specials.chat_template.clone(),
-        };
-        source.map(|s| Self::new(&s, tok)).transpose()
+        match file {
+            Some(f) => {
+                let s = std::fs::read_to_string(f).map_err(|e| Error::file(f, format!("cannot read: {e}")))?;
+                Self::new(&s, tok).map(Some).map_err(|e| Error::file(f, e))
+            }
+            None => tok.specials.chat_template.as_deref().map(|s| Self::new(s, tok)).transpose(),
+        }
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
