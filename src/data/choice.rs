@@ -115,14 +115,15 @@ fn read_file(path: &Path) -> Result<(Vec<ChoiceRow>, Option<String>)> {
             Err(e) => return Err(e),
         }
     }
-    if let Some(first) = malformed.first() {
-        eprintln!("data: skipped {} malformed rows, the first: {first}", malformed.len());
-    }
     if rows.is_empty() {
         return Err(Error::file(path, "no row has an answer (a test split without labels cannot be scored)"));
     }
     let note =
         skipped_note(rows.len(), &[("without an answer".into(), unanswered), ("malformed".into(), malformed.len())]);
+    let note = note.map(|n| match malformed.first() {
+        Some(first) => format!("{n} (the first malformed: {first})"),
+        None => n,
+    });
     Ok((rows, note))
 }
 
