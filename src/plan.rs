@@ -146,7 +146,7 @@ enum BatchCost {
     /// A backward through the base: its trace and a block's backward scratch.
     Base,
     /// QST: the side network's trace and the larger of the base forward's and a side block's scratch.
-    Side(LlamaConfig, qst::QstConfig),
+    Side(Box<LlamaConfig>, qst::QstConfig),
     /// Zeroth-order: fixed scratch, and one forward's intermediates (no trace).
     Forward(usize),
 }
@@ -178,7 +178,7 @@ pub fn plan(cfg: &LlamaConfig, method: MethodKind, o: &MethodOptions, shape: &Sh
         MethodKind::Quzo => BatchCost::Forward(quzo::update_scratch_bytes(cfg)),
         MethodKind::Qst => {
             let q = o.qst.config(keep, 0);
-            BatchCost::Side(qst::side_config(cfg, q.r, q.side_heads)?, q)
+            BatchCost::Side(Box::new(qst::side_config(cfg, q.r, q.side_heads)?), q)
         }
         _ => BatchCost::Base,
     };

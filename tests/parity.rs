@@ -1,5 +1,6 @@
-//! Parity with the reference implementation: a tiny random LLaMA made by `scripts/make_tiny_llama.py` with
-//! `transformers`, whose logits, causal-LM loss and parameter gradients were computed in float64.
+//! Parity with the reference implementation: tiny random models made with `transformers` (LLaMA by
+//! `scripts/make_tiny_llama.py`; Qwen2, Mistral and LLaMA with `llama3` / `dynamic` RoPE scaling by
+//! `scripts/make_tiny_families.py`), whose logits, causal-LM loss and parameter gradients were computed in float64.
 //! Budgets: f32 logits within 1e-4 of the largest |logit| (the bound); f64 logits, loss and gradients
 //! within 1e-9 relative (both sides are f64; what remains is summation order).
 use candle_core::{DType, Device, Tensor};
@@ -91,4 +92,24 @@ fn tied_tiny_llama_matches_transformers() {
 #[test]
 fn untied_tiny_llama_matches_transformers() {
     check_dir("tests/fixtures/tiny_llama_untied");
+}
+
+#[test]
+fn tiny_qwen2_with_qkv_biases_matches_transformers() {
+    check_dir("tests/fixtures/tiny_qwen2");
+}
+
+#[test]
+fn tiny_mistral_with_sliding_window_matches_transformers() {
+    check_dir("tests/fixtures/tiny_mistral");
+}
+
+#[test]
+fn tiny_llama3_rope_scaling_matches_transformers() {
+    check_dir("tests/fixtures/tiny_llama3");
+}
+
+#[test]
+fn tiny_llama_dynamic_rope_matches_transformers() {
+    check_dir("tests/fixtures/tiny_llama_dynamic");
 }

@@ -39,6 +39,10 @@ fn plan_predicts_peak_rss_of_every_bench_run() {
         bos_token_id: None,
         // Completions end with EOS (the tiny tokenizer's config has none of its own).
         eos_token_id: Some(2),
+        arch: Default::default(),
+        attention_bias: false,
+        rope_scaling: None,
+        sliding_window: None,
     };
     let model = dir.path().join("model");
     let tok = Tok::from_file(&fixtures.join("tokenizer.json")).unwrap();

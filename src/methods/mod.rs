@@ -418,6 +418,45 @@ mod tests {
         }
     }
 
+    /// Every method trains every family: Qwen2's q/k/v biases (trained by the full-parameter methods, exported by
+    /// all), Mistral's sliding window and LLaMA-3's RoPE scaling. Each step is finite and applied.
+    #[test]
+    fn every_method_steps_on_every_family() {
+        use crate::model::{rope::RopeScaling, Arch, BlockParam};
+        let mut qwen2 = tiny_config(true);
+        (qwen2.arch, qwen2.attention_bias) = (Arch::Qwen2, true);
+        let mut mistral = tiny_config(false);
+        (mistral.arch, mistral.sliding_window) = (Arch::Mistral, Some(3));
+        let mut llama3 = tiny_config(false);
+        llama3.rope_scaling = Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 16,
+        });
+        for cfg in [qwen2, mistral, llama3] {
+            let model = Llama::new(cfg.clone());
+            let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
+            let variants = MethodKind::ALL.iter().map(|&k| (k, false)).chain([(MethodKind::Quzo, true)]);
+            for (kind, lora) in variants {
+                let mut o = tiny_options();
+                o.zo.lora = lora;
+                let name = kind.run_name(&o);
+                let ctx = RunContext { seed: 0, on_nan: OnNonFinite::Stop, epoch_steps: 1 };
+                let mut m = kind.build(&o, Source::Params(p.clone()), &ctx).unwrap();
+                let bias = ParamId::Block(0, BlockParam::QBias);
+                let before = if cfg.attention_bias { m.export_tensor(bias).ok() } else { None };
+                let s = m.step(&model, &[batch(true)], 1e-2).unwrap();
+                assert!(s.applied && s.loss.is_finite(), "{name} on {:?}: step not applied", cfg.arch);
+                if cfg.attention_bias && matches!(kind, MethodKind::FullAdamw | MethodKind::Qft | MethodKind::Mezo) {
+                    let d = (m.export_tensor(bias).unwrap() - before.unwrap()).unwrap().abs().unwrap();
+                    let d = d.max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(d > 0.0, "{name}: the q bias did not train");
+                }
+            }
+        }
+    }
+
     /// The run names reports use, and the refusal of an option the method would not read.
     #[test]
     fn options_a_method_does_not_read_are_refused() {

@@ -1,5 +1,8 @@
 //! The LLaMA-family model configuration: read from a Hugging Face `config.json` or from GGUF metadata, checked for
-//! consistency, and written back out so `transformers` can load what we export.
+//! consistency, and written back out so `transformers` can load what we export. One decoder serves the families
+//! (LLaMA-1/2/3.x, Mistral, Qwen2/2.5); what sets them apart is named here, and a field that would change the model
+//! in a way qtune does not implement is refused by name, never ignored.
+use super::rope::RopeScaling;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -20,6 +23,47 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// The transformers class (what an export names).
+    #[serde(default)]
+    pub arch: Arch,
+    /// Biases on the q/k/v projections (Qwen2): trained and exported like any other parameter.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Mistral's sliding-window attention: a query sees itself and the `sliding_window − 1` keys before it.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+}
+
+/// The model families qtune runs: the same decoder with the differences [`LlamaConfig`] names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    #[default]
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Arch {
+    /// `model_type` in config.json.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The transformers class an export names in `architectures`.
+    pub fn class(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
 }
 
 /// The subset of HF's config.json we read; everything optional that HF treats as optional.
@@ -43,8 +87,33 @@ struct HfConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
-    /// transformers ≥ 5 nests `rope_theta` here.
+    /// transformers ≥ 5 nests `rope_theta` and the scaling here.
     rope_parameters: Option<serde_json::Value>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    layer_types: Option<Vec<String>>,
+    partial_rotary_factor: Option<f64>,
+}
+
+/// The scaling a `rope_scaling` / `rope_parameters` object asks for (`None`: plain RoPE).
+fn rope_scaling_of(v: &serde_json::Value) -> std::result::Result<Option<RopeScaling>, String> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+    let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| format!("rope_scaling `{kind}` lacks `{k}`"));
+    Ok(match kind {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear { factor: num("factor")? }),
+        "dynamic" => Some(RopeScaling::Dynamic { factor: num("factor")? }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        }),
+        other => return Err(format!("rope_scaling type `{other}` is not supported (linear, dynamic, llama3 are)")),
+    })
 }
 
 fn token_id(v: &Option<serde_json::Value>) -> Option<u32> {
@@ -66,22 +135,50 @@ impl LlamaConfig {
     pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
         let hf: HfConfig =
             serde_json::from_str(text).map_err(|e| Error::file(path, format!("not a valid LLaMA config.json: {e}")))?;
-        if let Some(mt) = &hf.model_type {
-            if !matches!(mt.as_str(), "llama" | "mistral" | "qwen2" | "smollm") {
-                return Err(Error::file(path, format!("model_type `{mt}` is not a LLaMA-family decoder")));
-            }
-        }
+        let bad = |msg: String| Error::file(path, msg);
+        let arch = match hf.model_type.as_deref() {
+            None | Some("llama" | "smollm") => Arch::Llama,
+            Some("mistral") => Arch::Mistral,
+            Some("qwen2") => Arch::Qwen2,
+            Some(mt) => return Err(bad(format!("model_type `{mt}` is not supported (llama, mistral, qwen2 are)"))),
+        };
         if let Some(act) = &hf.hidden_act {
             if act != "silu" {
-                return Err(Error::file(path, format!("hidden_act `{act}` is not supported (only silu)")));
+                return Err(bad(format!("hidden_act `{act}` is not supported (only silu)")));
             }
         }
-        if hf.attention_bias == Some(true) || hf.mlp_bias == Some(true) {
-            return Err(Error::file(path, "attention_bias/mlp_bias = true is not supported"));
+        if hf.mlp_bias == Some(true) {
+            return Err(bad("mlp_bias = true is not supported".into()));
         }
-        if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(Error::file(path, "rope_scaling is not supported"));
+        // Qwen2 always has q/k/v biases; LLaMA's `attention_bias` would also put one on o_proj.
+        if hf.attention_bias == Some(true) {
+            return Err(bad(format!("attention_bias = true is not supported for {}", arch.model_type())));
         }
+        if hf.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+            return Err(bad("partial_rotary_factor other than 1 is not supported".into()));
+        }
+        let mut rope_scaling = None;
+        for v in [&hf.rope_scaling, &hf.rope_parameters].into_iter().flatten() {
+            if let Some(s) = rope_scaling_of(v).map_err(&bad)? {
+                rope_scaling = Some(s);
+            }
+        }
+        let sliding_window = match arch {
+            Arch::Mistral => hf.sliding_window,
+            // Qwen2 ships a `sliding_window` it does not use unless `use_sliding_window` is set (then only on some
+            // layers, which qtune does not implement).
+            Arch::Qwen2 => {
+                let sliding = hf.layer_types.iter().flatten().any(|t| t != "full_attention");
+                if hf.use_sliding_window == Some(true) || sliding {
+                    return Err(bad("use_sliding_window = true (Qwen2) is not supported".into()));
+                }
+                None
+            }
+            Arch::Llama if hf.sliding_window.is_some() => {
+                return Err(bad("sliding_window is not a LLaMA setting (is this a mistral config?)".into()))
+            }
+            Arch::Llama => None,
+        };
         let cfg = LlamaConfig {
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
@@ -99,6 +196,10 @@ impl LlamaConfig {
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
             bos_token_id: token_id(&hf.bos_token_id),
             eos_token_id: token_id(&hf.eos_token_id),
+            arch,
+            attention_bias: arch == Arch::Qwen2,
+            rope_scaling,
+            sliding_window,
         };
         cfg.validate().map_err(|msg| Error::file(path, msg))?;
         Ok(cfg)
@@ -143,6 +244,12 @@ impl LlamaConfig {
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(format!("rms_norm_eps ({}) must be positive", self.rms_norm_eps));
         }
+        if self.sliding_window == Some(0) {
+            return Err("sliding_window must be > 0".into());
+        }
+        if let Some(s) = &self.rope_scaling {
+            s.validate(self.head_dim)?;
+        }
         Ok(())
     }
 
@@ -157,11 +264,30 @@ impl LlamaConfig {
         self.num_key_value_heads * self.head_dim
     }
 
-    /// The config.json `transformers` expects for `LlamaForCausalLM`.
-    pub fn to_hf_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+    /// The inverse RoPE frequencies for a batch whose longest row has `seq_len` tokens.
+    pub fn inv_freq(&self, seq_len: usize) -> Vec<f64> {
+        super::rope::inv_freq(
+            self.rope_theta,
+            self.head_dim,
+            self.rope_scaling.as_ref(),
+            seq_len,
+            self.max_position_embeddings,
+        )
+    }
+
+    /// The config.json `transformers` expects for this family's `*ForCausalLM`; an error where transformers has
+    /// no form for a setting (RoPE factors from a GGUF that match no published LLaMA-3 scaling).
+    pub fn to_hf_json(&self) -> std::result::Result<serde_json::Value, String> {
+        let rope_scaling = match &self.rope_scaling {
+            None => serde_json::Value::Null,
+            Some(s) => s.to_hf_json(self.head_dim, self.rope_theta).ok_or_else(|| {
+                "the model's RoPE frequency factors (GGUF `rope_freqs`) match no rope_scaling transformers knows"
+                    .to_string()
+            })?,
+        };
+        let mut j = serde_json::json!({
+            "architectures": [self.arch.class()],
+            "model_type": self.arch.model_type(),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -176,20 +302,89 @@ impl LlamaConfig {
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "hidden_act": "silu",
-            "attention_bias": false,
-            "mlp_bias": false,
             "attention_dropout": 0.0,
-            "rope_scaling": null,
+            "rope_scaling": rope_scaling,
             "torch_dtype": "float32",
             "use_cache": true,
-        })
+        });
+        let m = j.as_object_mut().expect("an object");
+        match self.arch {
+            Arch::Llama => {
+                m.insert("attention_bias".into(), false.into());
+                m.insert("mlp_bias".into(), false.into());
+            }
+            Arch::Mistral => {
+                m.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
+            }
+            Arch::Qwen2 => {
+                m.insert("use_sliding_window".into(), false.into());
+            }
+        }
+        Ok(j)
     }
 
     /// Parameters of the model (tied embeddings counted once).
     pub fn num_params(&self) -> usize {
         let d = self.hidden_size;
-        let per_block = 2 * d + d * self.q_dim() * 2 + d * self.kv_dim() * 2 + 3 * d * self.intermediate_size;
+        let biases = if self.attention_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 };
+        let per_block = 2 * d + d * self.q_dim() * 2 + d * self.kv_dim() * 2 + 3 * d * self.intermediate_size + biases;
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
         self.vocab_size * d + self.num_hidden_layers * per_block + d + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What each family's config.json turns into, and the settings refused by name.
+    use super::*;
+
+    fn parse(extra: &str) -> std::result::Result<LlamaConfig, String> {
+        let text = format!(
+            r#"{{"vocab_size": 32, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+                "num_attention_heads": 4, "num_key_value_heads": 2 {extra}}}"#
+        );
+        LlamaConfig::from_hf_json(&text, Path::new("config.json")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn families_read_their_differences() {
+        let q = parse(r#", "model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": false"#).unwrap();
+        assert!(q.attention_bias && q.sliding_window.is_none() && q.arch == Arch::Qwen2);
+        let m = parse(r#", "model_type": "mistral", "sliding_window": 4096"#).unwrap();
+        assert_eq!((m.arch, m.sliding_window, m.attention_bias), (Arch::Mistral, Some(4096), false));
+        let l = parse(
+            r#", "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+        )
+        .unwrap();
+        assert!(matches!(l.rope_scaling, Some(RopeScaling::Llama3 { original_max_position_embeddings: 8192, .. })));
+        // transformers 5 nests the scaling in rope_parameters; the old `type` key is read too.
+        let n = parse(r#", "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}"#).unwrap();
+        assert_eq!((&n.rope_scaling, n.rope_theta), (&Some(RopeScaling::Linear { factor: 2.0 }), 5e5));
+        let d = parse(r#", "rope_scaling": {"type": "dynamic", "factor": 2.0}"#).unwrap();
+        assert_eq!(d.rope_scaling, Some(RopeScaling::Dynamic { factor: 2.0 }));
+        // Each exports as the family it is, and reads back the same.
+        for cfg in [q, m, l, n, d] {
+            let j = cfg.to_hf_json().unwrap().to_string();
+            assert_eq!(LlamaConfig::from_hf_json(&j, Path::new("x")).unwrap(), cfg);
+        }
+    }
+
+    #[test]
+    fn settings_qtune_does_not_implement_are_refused_by_name() {
+        for (extra, named) in [
+            (r#", "model_type": "gemma""#, "gemma"),
+            (r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#, "yarn"),
+            (r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#, "low_freq_factor"),
+            (r#", "model_type": "qwen2", "use_sliding_window": true"#, "use_sliding_window"),
+            (r#", "attention_bias": true"#, "attention_bias"),
+            (r#", "mlp_bias": true"#, "mlp_bias"),
+            (r#", "sliding_window": 8"#, "sliding_window"),
+            (r#", "partial_rotary_factor": 0.5"#, "partial_rotary_factor"),
+            (r#", "model_type": "mistral", "sliding_window": 0"#, "sliding_window"),
+        ] {
+            let e = parse(extra).unwrap_err();
+            assert!(e.contains(named) && e.contains("config.json"), "{extra}: {e}");
+        }
     }
 }

@@ -22,55 +22,25 @@ pub fn rms_norm_backward(dy: &Tensor, x: &Tensor, w: &Tensor, rstd: &Tensor) -> 
     Ok((dx, dw))
 }
 
-/// Rotary position embedding in HF's rotate-half layout (the first and second halves of each head are the pair).
-pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-    neg_sin: Tensor,
-}
-
-impl Rope {
-    /// Tables for positions `0..t`, head width `hd`, frequency base `theta`.
-    pub fn new(t: usize, hd: usize, theta: f64, dtype: DType, device: &Device) -> Result<Self> {
-        let half = hd / 2;
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for p in 0..t {
-            for i in 0..half {
-                // Computed in f64 so the f32 tables carry no extra error (HF computes inv_freq in f32; the
-                // difference is below 1e-6 relative at the positions we use).
-                let inv_freq = 1.0 / theta.powf(2.0 * i as f64 / hd as f64);
-                let a = p as f64 * inv_freq;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        let cos = Tensor::from_vec(cos, (t, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (t, half), device)?.to_dtype(dtype)?;
-        let neg_sin = sin.neg()?;
-        Ok(Rope { cos, sin, neg_sin })
-    }
-
-    /// x: [B, H, T, hd] with T at most the table's length (positions 0..T).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.rotate(x, &self.sin)
-    }
-
-    /// RoPE is a rotation, so its backward is the rotation by the opposite angle.
-    pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
-        self.rotate(dy, &self.neg_sin)
-    }
-
-    fn rotate(&self, x: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        // A prefix of the table's rows is contiguous, as the fused kernel needs.
-        let t = x.dim(2)?;
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos.narrow(0, 0, t)?, &sin.narrow(0, 0, t)?)
-    }
-}
-
 /// Additive causal mask [T, T]: 0 on and below the diagonal, −∞ above.
 pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+    window_mask(t, None, dtype, device)
+}
+
+/// Additive causal mask [T, T] that, with a sliding `window` (Mistral), also hides keys `window` or more positions
+/// back: query i sees key j iff j ≤ i and i − j < window (transformers' `sliding_window_overlay`).
+pub fn window_mask(t: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
+    let w = window.unwrap_or(usize::MAX);
+    let m: Vec<f32> = (0..t * t)
+        .map(|i| {
+            let (q, k) = (i / t, i % t);
+            if k > q || q - k >= w {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
     Tensor::from_vec(m, (t, t), device)?.to_dtype(dtype)
 }
 
@@ -354,7 +324,7 @@ pub(crate) mod tests {
 
     #[test]
     fn rope_backward_matches_finite_differences() {
-        let rope = Rope::new(5, 8, 10000.0, DType::F64, &Device::Cpu).unwrap();
+        let rope = crate::model::rope::Rope::plain(5, 8, 10000.0, DType::F64, &Device::Cpu).unwrap();
         let x = rand(&[2, 3, 5, 8], 4);
         let r = rand(&[2, 3, 5, 8], 5);
         let dx = rope.backward(&r).unwrap();

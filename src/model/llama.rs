@@ -4,8 +4,9 @@
 //! code runs on f32 tensors (the baselines) and on quantized stores (QFT, QST, QuZO) that apply a matrix without
 //! materializing a whole-model f32 copy.
 use super::config::LlamaConfig;
-use super::layers::{self, Probs, Rope};
+use super::layers::{self, Probs};
 use super::params::{BlockParam as P, ParamId, ParamStore};
+use super::rope::Rope;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 
@@ -364,8 +365,8 @@ impl Llama {
     /// The [`Geometry`] of `packing`'s rows for this model's blocks.
     pub fn geometry<'a>(&self, packing: &'a Packing, dtype: DType, dev: &Device) -> Result<Geometry<'a>> {
         let t = packing.max_len();
-        let rope = Rope::new(t, self.cfg.head_dim, self.cfg.rope_theta, dtype, dev)?;
-        Ok(Geometry { packing, rope, mask: layers::causal_mask(t, dtype, dev)? })
+        let rope = Rope::new(t, &self.cfg.inv_freq(t), dtype, dev)?;
+        Ok(Geometry { packing, rope, mask: layers::window_mask(t, self.cfg.sliding_window, dtype, dev)? })
     }
 
     /// Block `l` over the packed rows `x` [N, d] of `g.packing`.
@@ -374,7 +375,7 @@ impl Llama {
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let id = |p| ParamId::Block(l, p);
         let (xn1, rstd1) = layers::rms_norm_forward(&x, &w.vector(id(P::AttnNorm))?, c.rms_norm_eps)?;
-        let (q, k, v) = (w.linear(id(P::Q), &xn1)?, w.linear(id(P::K), &xn1)?, w.linear(id(P::V), &xn1)?);
+        let (q, k, v) = (self.proj(w, l, P::Q, &xn1)?, self.proj(w, l, P::K, &xn1)?, self.proj(w, l, P::V, &xn1)?);
         // Attention row by row: a row attends only to itself, so padding needs no mask and costs nothing.
         let (mut attn, mut ctx) = (Vec::new(), Vec::new());
         for (o, len) in g.packing.rows() {
@@ -396,6 +397,15 @@ impl Llama {
         let hmid = layers::swiglu_forward(&gate, &up)?;
         let out = (&x2 + w.linear(id(P::Down), &hmid)?)?;
         Ok((out, BlockActs { x, rstd1, xn1, attn, ctx, x2, rstd2, xn2, gate, up }))
+    }
+
+    /// A q/k/v projection of block `l`, with its bias where the family has one.
+    fn proj(&self, w: &dyn Weights, l: usize, p: P, x: &Tensor) -> Result<Tensor> {
+        let y = w.linear(ParamId::Block(l, p), x)?;
+        match p.bias().filter(|_| self.cfg.attention_bias) {
+            Some(b) => Ok(y.broadcast_add(&w.vector(ParamId::Block(l, b))?)?),
+            None => Ok(y),
+        }
     }
 
     /// Backward of one block: returns dx and pushes the block's weight gradients (Down … AttnNorm).
@@ -439,9 +449,12 @@ impl Llama {
         drop(dctx);
         let (dq, dk, dv) = (Tensor::cat(&dq, 0)?, Tensor::cat(&dk, 0)?, Tensor::cat(&dv, 0)?);
         let dxn1 = ((w.linear_t(id(P::Q), &dq)? + w.linear_t(id(P::K), &dk)?)? + w.linear_t(id(P::V), &dv)?)?;
-        w.weight_grad(id(P::V), &dv, &a.xn1, sink)?;
-        w.weight_grad(id(P::K), &dk, &a.xn1, sink)?;
-        w.weight_grad(id(P::Q), &dq, &a.xn1, sink)?;
+        for (p, dy) in [(P::V, &dv), (P::K, &dk), (P::Q, &dq)] {
+            if let Some(b) = p.bias().filter(|_| c.attention_bias) {
+                push_if_trained(w, sink, id(b), dy.sum(0)?)?;
+            }
+            w.weight_grad(id(p), dy, &a.xn1, sink)?;
+        }
         let (dxn, dw) = layers::rms_norm_backward(&dxn1, &a.x, &w.vector(id(P::AttnNorm))?, &a.rstd1)?;
         push_if_trained(w, sink, id(P::AttnNorm), dw)?;
         Ok((dx2 + dxn)?)
@@ -639,6 +652,10 @@ pub(crate) mod tests {
             tie_word_embeddings: tied,
             bos_token_id: None,
             eos_token_id: None,
+            arch: Default::default(),
+            attention_bias: false,
+            rope_scaling: None,
+            sliding_window: None,
         }
     }
 

@@ -1,8 +1,9 @@
 //! Model loading and export: a Hugging Face directory (config.json, *.safetensors in f32/f16/bf16, tokenizer.json)
 //! or a GGUF file (tensors dequantized to f32, Q/K rows un-permuted back to HF's rotate-half layout, config and
 //! tokenizer from the metadata). Export writes an HF directory `transformers` loads unchanged.
-use super::config::LlamaConfig;
+use super::config::{Arch, LlamaConfig};
 use super::params::{BlockParam, ParamId, ParamStore};
+use super::rope::RopeScaling;
 use super::tokenizer::Tok;
 use crate::io::write_atomic;
 use crate::{Error, Result};
@@ -88,20 +89,40 @@ pub fn read_header(path: &Path) -> Result<ModelHeader> {
 
 type Check<'a> = dyn FnMut(&LlamaConfig, ParamId, Tensor, &Path) -> Result<()> + 'a;
 
-/// `config.json`, every `*.safetensors` file (memory-mapped, one tensor converted at a time) and, if present,
+/// The files holding a checkpoint's weights, as transformers finds them: the shards `model.safetensors.index.json`
+/// names, or `model.safetensors` (other safetensors files in the directory, such as an adapter, are not the model).
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, format!("cannot read: {e}")))?;
+        let j: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("not valid JSON: {e}")))?;
+        let map = j["weight_map"].as_object().ok_or_else(|| Error::file(&index, "no `weight_map` object"))?;
+        let mut files = Vec::new();
+        for v in map.values() {
+            let name = v.as_str().ok_or_else(|| Error::file(&index, "a `weight_map` value is not a file name"))?;
+            if name.contains('/') || name.contains("..") {
+                return Err(Error::file(&index, format!("shard `{name}` is outside the directory")));
+            }
+            files.push(dir.join(name));
+        }
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if !single.exists() {
+        return Err(Error::file(dir, "no model.safetensors (nor model.safetensors.index.json)"));
+    }
+    Ok(vec![single])
+}
+
+/// `config.json`, the weight files (memory-mapped, one tensor converted at a time) and, if present,
 /// `tokenizer.json`.
 fn stream_hf_dir(dir: &Path, check: &mut Check) -> Result<ModelHeader> {
     let header = read_header(dir)?;
     let cfg = &header.cfg;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::file(dir, format!("cannot list: {e}")))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(Error::file(dir, "no *.safetensors file"));
-    }
+    let files = weight_files(dir)?;
     let wanted: HashMap<String, ParamId> = ParamId::all(cfg).into_iter().map(|id| (id.hf_name(), id)).collect();
     for f in &files {
         let file = std::fs::File::open(f).map_err(|e| Error::file(f, format!("cannot open: {e}")))?;
@@ -111,7 +132,19 @@ fn stream_hf_dir(dir: &Path, check: &mut Check) -> Result<ModelHeader> {
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::file(f, format!("not a valid safetensors file: {e}")))?;
         for (name, view) in st.tensors() {
-            let Some(&id) = wanted.get(&name) else { continue };
+            let Some(&id) = wanted.get(&name) else {
+                // Buffers old exports carry, and a tied model's copy of its head, are not parameters; anything else
+                // would be a part of the model this config does not describe (a bias, a layer too many).
+                let redundant =
+                    name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight");
+                if redundant {
+                    continue;
+                }
+                return Err(Error::file(
+                    f,
+                    format!("tensor `{name}` is not part of a {} model with this config.json", cfg.arch.model_type()),
+                ));
+            };
             let dtype = match view.dtype() {
                 safetensors::Dtype::F32 => DType::F32,
                 safetensors::Dtype::F16 => DType::F16,
@@ -229,6 +262,10 @@ fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::BufReader<std:
         tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
         bos_token_id: tok_ids("tokenizer.ggml.bos_token_id"),
         eos_token_id: tok_ids("tokenizer.ggml.eos_token_id"),
+        arch: Arch::Llama,
+        attention_bias: false,
+        rope_scaling: gguf_rope_scaling(&ct, &mut reader, path)?,
+        sliding_window: None,
     };
     cfg.validate().map_err(|m| Error::file(path, m))?;
     // A GGUF without tokenizer metadata still loads (weights only); commands that need text say so.
@@ -237,10 +274,49 @@ fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::BufReader<std:
     Ok((ct, reader, ModelHeader { cfg, tokenizer }))
 }
 
+/// The RoPE scaling a LLaMA GGUF carries: `llama.rope.scaling.type` (linear), or per-frequency factors in the
+/// `rope_freqs.weight` tensor (LLaMA-3.1/3.2, which llama.cpp divides each frequency by).
+fn gguf_rope_scaling(
+    ct: &gguf_file::Content,
+    reader: &mut std::io::BufReader<std::fs::File>,
+    path: &Path,
+) -> Result<Option<RopeScaling>> {
+    let kind = ct.metadata.get("llama.rope.scaling.type").and_then(|v| v.to_string().ok()).cloned();
+    let scaling = match kind.as_deref() {
+        None | Some("none") => None,
+        Some("linear") => {
+            let factor = meta_f64(ct, "llama.rope.scaling.factor")
+                .ok_or_else(|| Error::file(path, "GGUF linear RoPE scaling lacks `llama.rope.scaling.factor`"))?;
+            Some(RopeScaling::Linear { factor })
+        }
+        Some(other) => {
+            return Err(Error::file(path, format!("GGUF RoPE scaling type `{other}` is not supported (only linear)")))
+        }
+    };
+    if !ct.tensor_infos.contains_key(ROPE_FREQS) {
+        return Ok(scaling);
+    }
+    if scaling.is_some() {
+        return Err(Error::file(path, "GGUF has both `llama.rope.scaling.type` and `rope_freqs`"));
+    }
+    let t = ct
+        .tensor(reader, ROPE_FREQS, &Device::Cpu)
+        .and_then(|q| q.dequantize(&Device::Cpu))
+        .and_then(|t| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>())
+        .map_err(|e| Error::file(path, format!("tensor `{ROPE_FREQS}`: {e}")))?;
+    Ok(Some(RopeScaling::Factors { factors: t }))
+}
+
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// A LLaMA-architecture GGUF file, one tensor dequantized to f32 at a time.
 fn stream_gguf(path: &Path, check: &mut Check) -> Result<ModelHeader> {
     let (ct, mut reader, header) = gguf_open(path)?;
     let cfg = &header.cfg;
+    let names: std::collections::HashSet<String> = ParamId::all(cfg).iter().map(|id| id.gguf_name()).collect();
+    if let Some(extra) = ct.tensor_infos.keys().find(|n| !names.contains(*n) && *n != ROPE_FREQS) {
+        return Err(Error::file(path, format!("GGUF tensor `{extra}` is not part of a llama model qtune reads")));
+    }
     for id in ParamId::all(cfg) {
         let name = id.gguf_name();
         let Some(info) = ct.tensor_infos.get(&name) else {
@@ -285,6 +361,9 @@ pub fn write_hf(
     tokenizer: Option<&Tok>,
     dir: &Path,
 ) -> Result<()> {
+    // The config first: a setting with no config.json form stops the export before anything is written.
+    let cfg_json = serde_json::to_vec_pretty(&cfg.to_hf_json().map_err(|m| Error::file(dir, m))?)
+        .map_err(|e| Error::Msg(e.to_string()))?;
     let st_path = dir.join("model.safetensors");
     let ids = ParamId::all(cfg);
     let mut header = serde_json::Map::new();
@@ -323,7 +402,6 @@ pub fn write_hf(
         w.flush()?;
         Ok(())
     })?;
-    let cfg_json = serde_json::to_vec_pretty(&cfg.to_hf_json()).map_err(|e| Error::Msg(e.to_string()))?;
     crate::io::write_bytes_atomic(&dir.join("config.json"), &cfg_json)?;
     if let Some(tok) = tokenizer {
         let path = dir.join("tokenizer.json");

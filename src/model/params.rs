@@ -6,13 +6,16 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// The nine parameters of one decoder block, in forward order.
+/// The parameters of one decoder block, in forward order: nine, or twelve with Qwen2's q/k/v biases.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockParam {
     AttnNorm,
     Q,
+    QBias,
     K,
+    KBias,
     V,
+    VBias,
     O,
     MlpNorm,
     Gate,
@@ -32,6 +35,40 @@ impl BlockParam {
         BlockParam::Up,
         BlockParam::Down,
     ];
+    /// A block with q/k/v biases ([`LlamaConfig::attention_bias`]), each right after its matrix.
+    pub const WITH_BIAS: [BlockParam; 12] = [
+        BlockParam::AttnNorm,
+        BlockParam::Q,
+        BlockParam::QBias,
+        BlockParam::K,
+        BlockParam::KBias,
+        BlockParam::V,
+        BlockParam::VBias,
+        BlockParam::O,
+        BlockParam::MlpNorm,
+        BlockParam::Gate,
+        BlockParam::Up,
+        BlockParam::Down,
+    ];
+
+    /// The block's parameters under `cfg`, in forward order.
+    pub fn of(cfg: &LlamaConfig) -> &'static [BlockParam] {
+        if cfg.attention_bias {
+            &Self::WITH_BIAS
+        } else {
+            &Self::ALL
+        }
+    }
+
+    /// The bias added after this projection, if the family has one.
+    pub fn bias(self) -> Option<BlockParam> {
+        match self {
+            BlockParam::Q => Some(BlockParam::QBias),
+            BlockParam::K => Some(BlockParam::KBias),
+            BlockParam::V => Some(BlockParam::VBias),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,7 +85,7 @@ impl ParamId {
     pub fn all(cfg: &LlamaConfig) -> Vec<ParamId> {
         let mut ids = vec![ParamId::Embed];
         for l in 0..cfg.num_hidden_layers {
-            ids.extend(BlockParam::ALL.iter().map(|&p| ParamId::Block(l, p)));
+            ids.extend(BlockParam::of(cfg).iter().map(|&p| ParamId::Block(l, p)));
         }
         ids.push(ParamId::FinalNorm);
         if !cfg.tie_word_embeddings {
@@ -68,18 +105,35 @@ impl ParamId {
 
     /// Position in [`ParamId::all`].
     pub fn index(self, cfg: &LlamaConfig) -> usize {
-        let n = BlockParam::ALL.len();
+        let block = BlockParam::of(cfg);
+        let n = block.len();
         match self {
             ParamId::Embed => 0,
-            ParamId::Block(l, p) => 1 + l * n + p as usize,
+            ParamId::Block(l, p) => 1 + l * n + block.iter().position(|&q| q == p).expect("a parameter of this family"),
             ParamId::FinalNorm => 1 + cfg.num_hidden_layers * n,
             ParamId::LmHead => 2 + cfg.num_hidden_layers * n,
         }
     }
 
-    /// Norm weights are vectors; everything else is a matrix `[out, in]` (embeddings: `[vocab, hidden]`).
+    /// Norm weights and biases are vectors; everything else is a matrix `[out, in]` (embeddings: `[vocab, hidden]`).
     pub fn is_matrix(self) -> bool {
-        !matches!(self, ParamId::FinalNorm | ParamId::Block(_, BlockParam::AttnNorm | BlockParam::MlpNorm))
+        !matches!(
+            self,
+            ParamId::FinalNorm
+                | ParamId::Block(
+                    _,
+                    BlockParam::AttnNorm
+                        | BlockParam::MlpNorm
+                        | BlockParam::QBias
+                        | BlockParam::KBias
+                        | BlockParam::VBias
+                )
+        )
+    }
+
+    /// A projection's bias (initialized around 0, where a norm weight sits around 1).
+    pub fn is_bias(self) -> bool {
+        matches!(self, ParamId::Block(_, BlockParam::QBias | BlockParam::KBias | BlockParam::VBias))
     }
 
     pub fn shape(self, cfg: &LlamaConfig) -> Vec<usize> {
@@ -90,6 +144,8 @@ impl ParamId {
             ParamId::Block(_, p) => match p {
                 BlockParam::AttnNorm | BlockParam::MlpNorm => vec![d],
                 BlockParam::Q => vec![cfg.q_dim(), d],
+                BlockParam::QBias => vec![cfg.q_dim()],
+                BlockParam::KBias | BlockParam::VBias => vec![cfg.kv_dim()],
                 BlockParam::K | BlockParam::V => vec![cfg.kv_dim(), d],
                 BlockParam::O => vec![d, cfg.q_dim()],
                 BlockParam::Gate | BlockParam::Up => vec![cfg.intermediate_size, d],
@@ -108,18 +164,21 @@ impl ParamId {
             ParamId::FinalNorm => "model.norm.weight".into(),
             ParamId::LmHead => "lm_head.weight".into(),
             ParamId::Block(l, p) => {
-                let s = match p {
-                    BlockParam::AttnNorm => "input_layernorm",
-                    BlockParam::Q => "self_attn.q_proj",
-                    BlockParam::K => "self_attn.k_proj",
-                    BlockParam::V => "self_attn.v_proj",
-                    BlockParam::O => "self_attn.o_proj",
-                    BlockParam::MlpNorm => "post_attention_layernorm",
-                    BlockParam::Gate => "mlp.gate_proj",
-                    BlockParam::Up => "mlp.up_proj",
-                    BlockParam::Down => "mlp.down_proj",
+                let (s, kind) = match p {
+                    BlockParam::AttnNorm => ("input_layernorm", "weight"),
+                    BlockParam::Q => ("self_attn.q_proj", "weight"),
+                    BlockParam::QBias => ("self_attn.q_proj", "bias"),
+                    BlockParam::K => ("self_attn.k_proj", "weight"),
+                    BlockParam::KBias => ("self_attn.k_proj", "bias"),
+                    BlockParam::V => ("self_attn.v_proj", "weight"),
+                    BlockParam::VBias => ("self_attn.v_proj", "bias"),
+                    BlockParam::O => ("self_attn.o_proj", "weight"),
+                    BlockParam::MlpNorm => ("post_attention_layernorm", "weight"),
+                    BlockParam::Gate => ("mlp.gate_proj", "weight"),
+                    BlockParam::Up => ("mlp.up_proj", "weight"),
+                    BlockParam::Down => ("mlp.down_proj", "weight"),
                 };
-                format!("model.layers.{l}.{s}.weight")
+                format!("model.layers.{l}.{s}.{kind}")
             }
         }
     }
@@ -130,18 +189,21 @@ impl ParamId {
             ParamId::FinalNorm => "output_norm.weight".into(),
             ParamId::LmHead => "output.weight".into(),
             ParamId::Block(l, p) => {
-                let s = match p {
-                    BlockParam::AttnNorm => "attn_norm",
-                    BlockParam::Q => "attn_q",
-                    BlockParam::K => "attn_k",
-                    BlockParam::V => "attn_v",
-                    BlockParam::O => "attn_output",
-                    BlockParam::MlpNorm => "ffn_norm",
-                    BlockParam::Gate => "ffn_gate",
-                    BlockParam::Up => "ffn_up",
-                    BlockParam::Down => "ffn_down",
+                let (s, kind) = match p {
+                    BlockParam::AttnNorm => ("attn_norm", "weight"),
+                    BlockParam::Q => ("attn_q", "weight"),
+                    BlockParam::QBias => ("attn_q", "bias"),
+                    BlockParam::K => ("attn_k", "weight"),
+                    BlockParam::KBias => ("attn_k", "bias"),
+                    BlockParam::V => ("attn_v", "weight"),
+                    BlockParam::VBias => ("attn_v", "bias"),
+                    BlockParam::O => ("attn_output", "weight"),
+                    BlockParam::MlpNorm => ("ffn_norm", "weight"),
+                    BlockParam::Gate => ("ffn_gate", "weight"),
+                    BlockParam::Up => ("ffn_up", "weight"),
+                    BlockParam::Down => ("ffn_down", "weight"),
                 };
-                format!("blk.{l}.{s}.weight")
+                format!("blk.{l}.{s}.{kind}")
             }
         }
     }
@@ -220,7 +282,7 @@ impl ParamStore {
             let shape = id.shape(cfg);
             let mut v = vec![0f32; id.numel(cfg)];
             fill_gaussian(&RngKey::new(seed, id.index(cfg) as u32, STREAM_GAUSS), 0, &mut v);
-            if id.is_matrix() {
+            if id.is_matrix() || id.is_bias() {
                 v.iter_mut().for_each(|x| *x *= std);
             } else {
                 v.iter_mut().for_each(|x| *x = 1.0 + *x * std / 2.0);

@@ -205,6 +205,12 @@ pub fn side_config(base: &LlamaConfig, r: usize, heads: Option<usize>) -> Result
         num_attention_heads: h,
         num_key_value_heads: kv,
         head_dim,
+        // The side blocks have no q/k/v biases, and per-frequency RoPE factors are for the base's head width.
+        attention_bias: false,
+        rope_scaling: base
+            .rope_scaling
+            .clone()
+            .filter(|r| !matches!(r, crate::model::rope::RopeScaling::Factors { .. })),
         ..base.clone()
     };
     cfg.validate().map_err(|m| Error::Option(format!("--side-r {r}: side config invalid: {m}")))?;

@@ -77,7 +77,10 @@ impl QstModel {
                 )
             })?
             .cfg;
-        if j["base_config"] != base_cfg.to_hf_json() {
+        // The base's config as the manifest recorded it (the config's own fields; older manifests wrote its
+        // config.json form, which has the same names).
+        let recorded = serde_json::from_value::<crate::model::LlamaConfig>(j["base_config"].clone()).ok();
+        if recorded.as_ref() != Some(&base_cfg) {
             return Err(Error::file(
                 &manifest,
                 format!("the side network was trained on another base than {}", base_path.display()),
@@ -133,7 +136,7 @@ impl QstModel {
                 "double_quant_block": 256,
                 "quantized": "every matrix, the embedding included; norm weights f32",
             },
-            "base_config": self.base.cfg.to_hf_json(),
+            "base_config": serde_json::to_value(&self.base.cfg).expect("a config is plain data"),
             // The side blocks only (no embeddings or head of their own).
             "side_config": {
                 "hidden_size": sc.hidden_size,

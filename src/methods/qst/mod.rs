@@ -288,6 +288,10 @@ mod tests {
             tie_word_embeddings: true,
             bos_token_id: Some(1),
             eos_token_id: Some(2),
+            arch: Default::default(),
+            attention_bias: false,
+            rope_scaling: None,
+            sliding_window: None,
         }
     }
 
