@@ -1,6 +1,7 @@
 //! `qtune`: the command-line front end, one file per command under `cli/`. `train` fine-tunes with a chosen method,
 //! `eval` measures a model on a task, `generate` samples text to eyeball a model, `report` compares finished runs,
-//! `bench` runs every method side by side, `plan` predicts a run's memory. Every error ends the program with one
+//! `bench` runs every method side by side, `plan` predicts a run's memory, `export` converts a model to HF or
+//! GGUF. Every error ends the program with one
 //! line naming the file or option at fault.
 mod cli;
 
@@ -27,6 +28,9 @@ enum Cmd {
     Report(cli::report::ReportArgs),
     /// Run every method with the same settings, each in its own process, and report them side by side.
     Bench(cli::bench::BenchArgs),
+    /// Convert a model (HF directory, GGUF file, or a run's model/) to an HF checkpoint (f32/bf16/f16, sharded) or
+    /// a GGUF file (f16, q8_0, q4_k), one tensor at a time.
+    Export(cli::export::ExportCmd),
     /// Predict a method's memory (breakdown and peak) for a model config, batch and sequence length, without
     /// loading any weight.
     Plan(cli::plan::PlanArgs),
@@ -60,6 +64,7 @@ fn main() {
         Cmd::Report(a) => cli::report::run(a),
         Cmd::Bench(a) => cli::bench::run(a, |argv| parse(argv).map(|_| ())),
         Cmd::Plan(a) => cli::plan::run(a),
+        Cmd::Export(a) => cli::export::run(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");

@@ -2,6 +2,7 @@
 //! the device every command runs on, and how a parse error is reported.
 pub mod bench;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod plan;
 pub mod report;

@@ -3,6 +3,7 @@
 use super::{device, pad_id, tokenizer, Common};
 use clap::{ArgMatches, Args};
 use qtune::methods::{check_given, MethodKind, MethodOptions, RunContext};
+use qtune::model::export::{ExportArgs, Format};
 use qtune::model::load::read_header;
 use qtune::model::quantized::Source;
 use qtune::model::Llama;
@@ -67,6 +68,12 @@ pub struct TrainArgs {
     pub resume: bool,
     #[command(flatten)]
     pub selection: SelectionArgs,
+    /// What to write at the end: hf (<out>/model), peft (<out>/adapter: lora, qlora, mezo/quzo --lora), gguf
+    /// (<out>/model.gguf); comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "hf")]
+    pub export: Vec<Format>,
+    #[command(flatten)]
+    pub export_opts: ExportArgs,
     /// Write the batches this run would train on to FILE (jsonl) and exit without training.
     #[arg(long)]
     pub dump_batches: Option<PathBuf>,
@@ -81,6 +88,22 @@ impl TrainArgs {
     pub fn check_options(&self, matches: &ArgMatches) -> Result<()> {
         check_given(self.m.method, self.m.options.zo.lora, matches)
     }
+}
+
+/// Refuses, before any work, an export the method cannot write.
+fn check_exports(a: &TrainArgs) -> Result<()> {
+    let (m, lora) = (a.m.method, a.m.options.zo.lora);
+    let has_adapter = matches!(m, MethodKind::Lora | MethodKind::Qlora) || (lora && m.is_zeroth_order());
+    if a.export.contains(&Format::Peft) && !has_adapter {
+        return Err(Error::Option(format!(
+            "--export peft: {} trains no LoRA adapter (lora, qlora, mezo --lora and quzo --lora do)",
+            m.cli_name()
+        )));
+    }
+    if a.export.contains(&Format::Gguf) && m == MethodKind::Qst {
+        return Err(Error::Option("--export gguf: a QST model is a base plus a side network, not one LLaMA".into()));
+    }
+    Ok(())
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -118,7 +141,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         checkpoint_every: a.checkpoint_every,
         resume: a.resume,
         selection: a.selection.clone(),
+        export: a.export.clone(),
+        export_opts: a.export_opts.clone(),
     };
+    check_exports(&a)?;
     let dev = device();
     if let Some(path) = &a.dump_batches {
         return trainer::dump_batches(&splits, &cfg, path, &dev);

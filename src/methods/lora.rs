@@ -247,6 +247,23 @@ impl<B: FrozenBase> LoraWeights<B> {
     }
 }
 
+impl<B: FrozenBase> crate::model::export::Adapter for LoraWeights<B> {
+    fn rank(&self) -> usize {
+        self.lc.r
+    }
+    fn alpha(&self) -> f64 {
+        self.lc.alpha
+    }
+    fn targets(&self) -> &[BlockParam] {
+        &TARGETS
+    }
+    fn factors(&self, id: ParamId) -> Result<(Tensor, Tensor)> {
+        let (a, b) = LoraWeights::factors(self, id)
+            .ok_or_else(|| Error::Msg(format!("no LoRA factors for {}", id.hf_name())))?;
+        Ok((a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?))
+    }
+}
+
 impl<B: FrozenBase> Weights for LoraWeights<B> {
     fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
         let y = self.base.linear(id, x)?;
@@ -389,6 +406,10 @@ impl<B: FrozenBase> Method for Lora<B> {
 
     fn export_tensor(&self, id: ParamId) -> Result<Tensor> {
         self.weights.merged(id)
+    }
+
+    fn adapter(&self) -> Option<&dyn crate::model::export::Adapter> {
+        Some(&self.weights)
     }
 }
 

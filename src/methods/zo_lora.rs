@@ -158,6 +158,10 @@ impl<B: FrozenBase> Method for ZoLora<B> {
         self.weights.merged(id)
     }
 
+    fn adapter(&self) -> Option<&dyn crate::model::export::Adapter> {
+        Some(&self.weights)
+    }
+
     /// The factors and the step (directions are regenerated from seed and step).
     fn save_state(&self, w: &mut StateWriter) -> Result<()> {
         self.zo.save(w);

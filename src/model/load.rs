@@ -5,12 +5,11 @@ use super::config::{Arch, LlamaConfig};
 use super::params::{BlockParam, ParamId, ParamStore};
 use super::rope::RopeScaling;
 use super::tokenizer::Tok;
-use crate::io::write_atomic;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// A model as loaded: f32 parameters on the CPU, plus its tokenizer when the source carries one.
@@ -91,7 +90,7 @@ type Check<'a> = dyn FnMut(&LlamaConfig, ParamId, Tensor, &Path) -> Result<()> +
 
 /// The files holding a checkpoint's weights, as transformers finds them: the shards `model.safetensors.index.json`
 /// names, or `model.safetensors` (other safetensors files in the directory, such as an adapter, are not the model).
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, format!("cannot read: {e}")))?;
@@ -220,9 +219,10 @@ fn check_gguf_alignment(reader: &mut (impl std::io::Read + std::io::Seek), path:
 /// Undoes llama.cpp's conversion-time permutation of Q/K rows (HF rotate-half → interleaved pairs):
 /// GGUF row `h·hd + 2j + p` holds HF row `h·hd + p·hd/2 + j`.
 pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> candle_core::Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    let hd = out / n_heads;
-    w.reshape((n_heads, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))
+    let dims = w.dims().to_vec();
+    let hd = dims[0] / n_heads;
+    let inp: usize = dims[1..].iter().product();
+    w.reshape((n_heads, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
 /// Loads a LLaMA-architecture GGUF file; tensors are dequantized to f32.
@@ -231,40 +231,44 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
 }
 
 /// Opens a GGUF file and reads its header: config and tokenizer from the metadata.
-fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::BufReader<std::fs::File>, ModelHeader)> {
+pub(crate) fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::BufReader<std::fs::File>, ModelHeader)> {
     let file = std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
     let mut reader = std::io::BufReader::new(file);
     check_gguf_alignment(&mut reader, path)?;
     let ct =
         gguf_file::Content::read(&mut reader).map_err(|e| Error::file(path, format!("not a valid GGUF file: {e}")))?;
-    let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-    if arch != "llama" {
-        return Err(Error::file(path, format!("GGUF architecture `{arch}` is not supported (only llama)")));
-    }
+    let name = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let arch = match name.as_str() {
+        "llama" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        _ => return Err(Error::file(path, format!("GGUF architecture `{name}` is not supported (llama, qwen2 are)"))),
+    };
+    // Metadata keys are prefixed by the architecture's name.
+    let key = |k: &str| format!("{name}.{k}");
     let embd =
         ct.tensor_infos.get("token_embd.weight").ok_or_else(|| Error::file(path, "GGUF has no `token_embd.weight`"))?;
     let emb_dims = embd.shape.dims().to_vec();
-    let hidden = meta_usize(&ct, "llama.embedding_length", path)?;
-    let heads = meta_usize(&ct, "llama.attention.head_count", path)?;
-    let kv_heads = meta_usize(&ct, "llama.attention.head_count_kv", path).unwrap_or(heads);
+    let hidden = meta_usize(&ct, &key("embedding_length"), path)?;
+    let heads = meta_usize(&ct, &key("attention.head_count"), path)?;
+    let kv_heads = meta_usize(&ct, &key("attention.head_count_kv"), path).unwrap_or(heads);
     let tok_ids = |key: &str| ct.metadata.get(key).and_then(|v| v.to_u32().ok());
     let cfg = LlamaConfig {
         vocab_size: emb_dims.first().copied().unwrap_or(0),
         hidden_size: hidden,
-        intermediate_size: meta_usize(&ct, "llama.feed_forward_length", path)?,
-        num_hidden_layers: meta_usize(&ct, "llama.block_count", path)?,
+        intermediate_size: meta_usize(&ct, &key("feed_forward_length"), path)?,
+        num_hidden_layers: meta_usize(&ct, &key("block_count"), path)?,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
-        head_dim: meta_usize(&ct, "llama.rope.dimension_count", path).unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
-        rope_theta: meta_f64(&ct, "llama.rope.freq_base").unwrap_or(10000.0),
-        rms_norm_eps: meta_f64(&ct, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        max_position_embeddings: meta_usize(&ct, "llama.context_length", path).unwrap_or(2048),
+        head_dim: meta_usize(&ct, &key("rope.dimension_count"), path).unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
+        rope_theta: meta_f64(&ct, &key("rope.freq_base")).unwrap_or(10000.0),
+        rms_norm_eps: meta_f64(&ct, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        max_position_embeddings: meta_usize(&ct, &key("context_length"), path).unwrap_or(2048),
         tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
         bos_token_id: tok_ids("tokenizer.ggml.bos_token_id"),
         eos_token_id: tok_ids("tokenizer.ggml.eos_token_id"),
-        arch: Arch::Llama,
-        attention_bias: false,
-        rope_scaling: gguf_rope_scaling(&ct, &mut reader, path)?,
+        arch,
+        attention_bias: arch == Arch::Qwen2,
+        rope_scaling: gguf_rope_scaling(&ct, &name, &mut reader, path)?,
         sliding_window: None,
     };
     cfg.validate().map_err(|m| Error::file(path, m))?;
@@ -278,15 +282,17 @@ fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::BufReader<std:
 /// `rope_freqs.weight` tensor (LLaMA-3.1/3.2, which llama.cpp divides each frequency by).
 fn gguf_rope_scaling(
     ct: &gguf_file::Content,
+    arch: &str,
     reader: &mut std::io::BufReader<std::fs::File>,
     path: &Path,
 ) -> Result<Option<RopeScaling>> {
-    let kind = ct.metadata.get("llama.rope.scaling.type").and_then(|v| v.to_string().ok()).cloned();
+    let kind = ct.metadata.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.to_string().ok()).cloned();
     let scaling = match kind.as_deref() {
         None | Some("none") => None,
         Some("linear") => {
-            let factor = meta_f64(ct, "llama.rope.scaling.factor")
-                .ok_or_else(|| Error::file(path, "GGUF linear RoPE scaling lacks `llama.rope.scaling.factor`"))?;
+            let factor = meta_f64(ct, &format!("{arch}.rope.scaling.factor")).ok_or_else(|| {
+                Error::file(path, format!("GGUF linear RoPE scaling lacks `{arch}.rope.scaling.factor`"))
+            })?;
             Some(RopeScaling::Linear { factor })
         }
         Some(other) => {
@@ -297,7 +303,7 @@ fn gguf_rope_scaling(
         return Ok(scaling);
     }
     if scaling.is_some() {
-        return Err(Error::file(path, "GGUF has both `llama.rope.scaling.type` and `rope_freqs`"));
+        return Err(Error::file(path, format!("GGUF has both `{arch}.rope.scaling.type` and `rope_freqs`")));
     }
     let t = ct
         .tensor(reader, ROPE_FREQS, &Device::Cpu)
@@ -315,7 +321,8 @@ fn stream_gguf(path: &Path, check: &mut Check) -> Result<ModelHeader> {
     let cfg = &header.cfg;
     let names: std::collections::HashSet<String> = ParamId::all(cfg).iter().map(|id| id.gguf_name()).collect();
     if let Some(extra) = ct.tensor_infos.keys().find(|n| !names.contains(*n) && *n != ROPE_FREQS) {
-        return Err(Error::file(path, format!("GGUF tensor `{extra}` is not part of a llama model qtune reads")));
+        let arch = cfg.arch.model_type();
+        return Err(Error::file(path, format!("GGUF tensor `{extra}` is not part of a {arch} model qtune reads")));
     }
     for id in ParamId::all(cfg) {
         let name = id.gguf_name();
@@ -335,9 +342,14 @@ fn stream_gguf(path: &Path, check: &mut Check) -> Result<ModelHeader> {
         let mut t = q.dequantize(&Device::Cpu).map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
         // Shapes are checked by `check`; un-permute only what has the expected shape.
         if t.dims() == id.shape(cfg).as_slice() {
+            // llama.cpp permutes Q/K (and their biases) for its `llama` architecture only.
             t = match id {
-                ParamId::Block(_, BlockParam::Q) => unpermute_qk(&t, cfg.num_attention_heads)?,
-                ParamId::Block(_, BlockParam::K) => unpermute_qk(&t, cfg.num_key_value_heads)?,
+                ParamId::Block(_, BlockParam::Q | BlockParam::QBias) if cfg.arch != Arch::Qwen2 => {
+                    unpermute_qk(&t, cfg.num_attention_heads)?
+                }
+                ParamId::Block(_, BlockParam::K | BlockParam::KBias) if cfg.arch != Arch::Qwen2 => {
+                    unpermute_qk(&t, cfg.num_key_value_heads)?
+                }
                 _ => t,
             };
         }
@@ -346,86 +358,10 @@ fn stream_gguf(path: &Path, check: &mut Check) -> Result<ModelHeader> {
     Ok(header)
 }
 
-/// Writes `dir/{config.json, model.safetensors, tokenizer.json}` of an f32 model, as `transformers` expects.
-pub fn export_hf(params: &ParamStore, tokenizer: Option<&Tok>, dir: &Path) -> Result<()> {
-    write_hf(&params.cfg, &|id| Ok(params.get(id).clone()), tokenizer, dir)
-}
-
-/// Writes an HF checkpoint whose tensors `dense` produces one at a time (dense f32, dequantized or merged as the
-/// caller's format needs): the safetensors header is computed from the config's shapes, then each tensor is
-/// made, checked (shape, finiteness) and written before the next, so no whole f32 model is ever built. Each file
-/// is written atomically: a failure (a NaN, a full disk, an interrupt) leaves no partial checkpoint.
-pub fn write_hf(
-    cfg: &LlamaConfig,
-    dense: &dyn Fn(ParamId) -> Result<Tensor>,
-    tokenizer: Option<&Tok>,
-    dir: &Path,
-) -> Result<()> {
-    // The config first: a setting with no config.json form stops the export before anything is written.
-    let cfg_json = serde_json::to_vec_pretty(&cfg.to_hf_json().map_err(|m| Error::file(dir, m))?)
-        .map_err(|e| Error::Msg(e.to_string()))?;
-    let st_path = dir.join("model.safetensors");
-    let ids = ParamId::all(cfg);
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
-    let mut offset = 0usize;
-    for &id in &ids {
-        let len = 4 * id.numel(cfg);
-        header.insert(
-            id.hf_name(),
-            serde_json::json!({"dtype": "F32", "shape": id.shape(cfg), "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
-    }
-    let mut head = serde_json::to_vec(&header).map_err(|e| Error::Msg(e.to_string()))?;
-    // The data starts 8-byte aligned (the format pads the header with spaces).
-    head.resize(head.len().next_multiple_of(8), b' ');
-    write_atomic(&st_path, |f| {
-        let mut w = std::io::BufWriter::new(f);
-        w.write_all(&(head.len() as u64).to_le_bytes())?;
-        w.write_all(&head)?;
-        for &id in &ids {
-            let t = dense(id)?.to_dtype(DType::F32)?;
-            if t.dims() != id.shape(cfg).as_slice() {
-                return Err(Error::Msg(format!(
-                    "export: `{}` has shape {:?}, not {:?}",
-                    id.hf_name(),
-                    t.dims(),
-                    id.shape(cfg)
-                )));
-            }
-            check_finite(&t)?;
-            for chunk in t.flatten_all()?.to_vec1::<f32>()?.chunks(1 << 14) {
-                w.write_all(&chunk.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
-            }
-        }
-        w.flush()?;
-        Ok(())
-    })?;
-    crate::io::write_bytes_atomic(&dir.join("config.json"), &cfg_json)?;
-    if let Some(tok) = tokenizer {
-        let path = dir.join("tokenizer.json");
-        let json = tok.to_json()?;
-        write_atomic(&path, |f| Ok(std::io::Write::write_all(f, json.as_bytes())?))?;
-        let config = serde_json::to_vec_pretty(&tok.config_json()).map_err(|e| Error::Msg(e.to_string()))?;
-        crate::io::write_bytes_atomic(&dir.join("tokenizer_config.json"), &config)?;
-    }
-    Ok(())
-}
-
-/// Refuses to write NaN or infinite weights anywhere.
-pub fn check_finite(t: &Tensor) -> Result<()> {
-    let s = t.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    if !s.is_finite() {
-        return Err(Error::Numerical("a tensor holds NaN or infinite values; refusing to write it".into()));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Llama;
+    use crate::model::{export_hf, Llama};
     use candle_core::quantized::{GgmlDType, QTensor};
 
     /// llama.cpp's conversion-time permutation (HF → GGUF), the inverse of [`unpermute_qk`].

@@ -16,6 +16,8 @@ use tokenizers::Tokenizer;
 pub struct Tok {
     inner: Tokenizer,
     pub specials: Specials,
+    /// llama.cpp's pre-tokenizer name, when the tokenizer came from a GGUF (`tokenizer.ggml.pre`).
+    pre: Option<String>,
 }
 
 /// The special tokens and prompt format a model's tokenizer config declares.
@@ -39,7 +41,7 @@ impl Tok {
             .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
         let inner =
             text.parse::<Tokenizer>().map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
-        let mut tok = Tok { inner, specials: Specials::default() };
+        let mut tok = Tok { inner, specials: Specials::default(), pre: None };
         tok.specials.bos = tok.post_processor_bos();
         tok.specials.add_bos = tok.specials.bos.is_some();
         let cfg_path = path.with_file_name("tokenizer_config.json");
@@ -103,7 +105,7 @@ impl Tok {
             },
             chat_template: meta("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
         };
-        Ok(Tok { inner, specials })
+        Ok(Tok { inner, specials, pre })
     }
 
     /// `tokenizer_config.json` for an export: BOS/EOS by name, `add_bos_token` and the chat template, so the
@@ -158,6 +160,25 @@ impl Tok {
         self.inner.get_vocab_size(true)
     }
 
+    /// llama.cpp's name for this tokenizer's pre-tokenizer (`tokenizer.ggml.pre` of a GGUF export): the GGUF's
+    /// own, or recognized from tokenizer.json's: SmolLM's digit split, LLaMA-3's and Qwen2's regexes, else GPT-2's.
+    pub fn gguf_pre(&self) -> String {
+        if let Some(p) = &self.pre {
+            return p.clone();
+        }
+        let pre = self.inner.get_pre_tokenizer().and_then(|p| serde_json::to_string(p).ok()).unwrap_or_default();
+        if pre.contains("\"Digits\"") {
+            "smollm"
+        } else if pre.contains("\\p{N}{1,3}") {
+            "llama-bpe"
+        } else if pre.contains("\\p{N}") {
+            "qwen2"
+        } else {
+            "gpt2"
+        }
+        .into()
+    }
+
     pub fn to_json(&self) -> Result<String> {
         self.inner.to_string(true).map_err(|e| Error::Msg(format!("tokenizer: {e}")))
     }
@@ -181,7 +202,7 @@ pub(crate) mod tests {
             add_bos: false,
             chat_template: None,
         };
-        Tok { inner, specials }
+        Tok { inner, specials, pre: None }
     }
 
     /// tokenizer_config.json sets BOS/EOS by name, `add_bos_token` and the chat template (a string or a named

@@ -5,7 +5,7 @@
 use super::eval::EvalProbe;
 use super::memory::Breakdown;
 use crate::checkpoint::{StateReader, StateWriter};
-use crate::model::load::write_hf;
+use crate::model::export::{write_hf, Adapter, ExportArgs};
 use crate::model::quantized::Compute;
 use crate::model::{Batch, Keep, Llama, LlamaConfig, Output, ParamId, Tok, Weights};
 use crate::{Error, Result};
@@ -97,7 +97,18 @@ pub trait Method {
     /// Writes the trained model to `dir`: an HF checkpoint of [`Method::export_tensor`], streamed, unless the
     /// method's model is not a LLaMA (QST writes its side network and a reference to `base_model`, the file the run
     /// started from).
-    fn export(&self, cfg: &LlamaConfig, dir: &std::path::Path, tok: Option<&Tok>, _base_model: &str) -> Result<()> {
-        write_hf(cfg, &|id| self.export_tensor(id), tok, dir)
+    fn export(
+        &self,
+        cfg: &LlamaConfig,
+        dir: &std::path::Path,
+        tok: Option<&Tok>,
+        _base_model: &str,
+        opts: &ExportArgs,
+    ) -> Result<()> {
+        write_hf(cfg, &|id| self.export_tensor(id), tok, dir, opts)
+    }
+    /// The LoRA factors a PEFT export writes, for the methods that train them.
+    fn adapter(&self) -> Option<&dyn Adapter> {
+        None
     }
 }

@@ -8,7 +8,9 @@ use super::records::{machine, median, read_log, LogLine, Summary};
 use super::schedule::Schedule;
 use super::selection::{best_path, DevPoint, Selection, SelectionArgs};
 use crate::data::{make_batch, Batcher, Splits, TaskData};
-use crate::model::{Batch, Llama, Tok, MAX_ROWS};
+use crate::model::export::{export_paths, write_peft, ExportArgs, Format};
+use crate::model::gguf_export::write_gguf;
+use crate::model::{Batch, Llama, LlamaConfig, Tok, MAX_ROWS};
 use crate::{Error, Result};
 use candle_core::Device;
 use std::io::Write;
@@ -36,6 +38,9 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Evaluation during training, the best state, early stopping.
     pub selection: SelectionArgs,
+    /// What the run writes at the end ([`export_paths`] names where), and how.
+    pub export: Vec<Format>,
+    pub export_opts: ExportArgs,
 }
 
 impl TrainConfig {
@@ -355,9 +360,28 @@ pub fn train(
     summary.write(&cfg.out)?;
     write_predictions(&cfg.out, &[("dev", dev_after.as_ref()), ("eval", eval_res.as_ref())])?;
     if cfg.steps > 0 {
-        method.export(&model.cfg, &cfg.out.join("model"), tok, model_name)?;
+        export(method, &model.cfg, cfg, tok, model_name)?;
     }
     Ok(summary)
+}
+
+/// Writes each export `cfg.export` asks for under the run directory.
+fn export(method: &dyn Method, mc: &LlamaConfig, cfg: &TrainConfig, tok: Option<&Tok>, base: &str) -> Result<()> {
+    for &f in &cfg.export {
+        let path = export_paths(&cfg.out, f);
+        match f {
+            Format::Hf => method.export(mc, &path, tok, base, &cfg.export_opts)?,
+            Format::Peft => {
+                let adapter = method
+                    .adapter()
+                    .ok_or_else(|| Error::Option(format!("--export peft: {} trains no LoRA adapter", method.name())))?;
+                write_peft(mc, adapter, base, &path)?
+            }
+            Format::Gguf => write_gguf(mc, &|id| method.export_tensor(id), tok, &path, cfg.export_opts.gguf_type)?,
+        }
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 /// The micro-batches of the next step, as training draws them, on `dev`.

@@ -100,7 +100,7 @@ impl QstModel {
                 return Err(Error::file(&side_path, format!("`{name}` has shape {:?}, expected {want:?}", t.dims())));
             }
             let t = t.to_dtype(DType::F32)?;
-            crate::model::load::check_finite(&t).map_err(|e| Error::file(&side_path, format!("`{name}`: {e}")))?;
+            crate::model::export::check_finite(&t).map_err(|e| Error::file(&side_path, format!("`{name}`: {e}")))?;
             net.params.set(k, t);
         }
         if let Some(extra) = tensors.keys().next() {
@@ -173,7 +173,7 @@ impl QstModel {
         let mut tensors = Vec::new();
         for &k in self.net.params.keys() {
             let t = self.net.params.get(k).to_dtype(DType::F32)?;
-            crate::model::load::check_finite(&t)?;
+            crate::model::export::check_finite(&t)?;
             tensors.push((k.name(), t));
         }
         let path = dir.join("side.safetensors");

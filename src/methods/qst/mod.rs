@@ -181,7 +181,14 @@ impl Method for Qst {
     }
 
     /// Writes `dir/{side.safetensors, qst.json, tokenizer.json}`; the base is referenced, not copied.
-    fn export(&self, _cfg: &LlamaConfig, dir: &Path, tok: Option<&Tok>, base_model: &str) -> Result<()> {
+    fn export(
+        &self,
+        _cfg: &LlamaConfig,
+        dir: &Path,
+        tok: Option<&Tok>,
+        base_model: &str,
+        _opts: &crate::model::export::ExportArgs,
+    ) -> Result<()> {
         self.model.export(dir, tok, base_model)
     }
 }
@@ -638,7 +645,7 @@ mod tests {
     fn export_writes_the_side_network_and_a_manifest() {
         let (_, q) = tiny_qst(Downsample::Lora);
         let dir = tempfile::tempdir().unwrap();
-        q.export(&tiny_config(true), dir.path(), None, "models/base.gguf").unwrap();
+        q.export(&tiny_config(true), dir.path(), None, "models/base.gguf", &Default::default()).unwrap();
         let t = candle_core::safetensors::load(dir.path().join("side.safetensors"), &Device::Cpu).unwrap();
         assert_eq!(t.len(), q.model.net.params.keys().len());
         assert_eq!(t["alpha"].to_vec1::<f32>().unwrap(), vec![1.0; 16]);
