@@ -139,9 +139,12 @@ fn quzo_lora_trains_factors_and_exports_a_merged_model() {
     let (dir, data, out) = scratch();
     let mut args = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     args[8] = "quzo";
-    args.extend(["--lora", "--bits", "4", "--eps", "1e-2"]);
+    args.extend(["--lora", "--bits", "4", "--eps", "1e-2", "--export", "hf,peft,gguf", "--gguf-type", "f16"]);
     let (ok, _, err) = qtune(&args);
     assert!(ok, "{err}");
+    for f in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "model/config.json", "model.gguf"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(s["method"], "quzo-lora");
     // Two forwards per step: MFU counts 4 FLOPs per matmul parameter and token, not backprop's 6.
@@ -152,6 +155,32 @@ fn quzo_lora_trains_factors_and_exports_a_merged_model() {
     assert_eq!(s["breakdown"]["optimizer"], 0);
     let (ok, _, err) = eval_export(&out.join("model"), &data, &dir.path().join("ev"), &[]);
     assert!(ok, "{err}");
+    // The GGUF export (f16, tokenizer in its metadata) evaluates to the HF export's loss within f16's rounding.
+    let (ok, _, err) = eval_export(&out.join("model.gguf"), &data, &dir.path().join("ev-gguf"), &[]);
+    assert!(ok, "{err}");
+    let loss = |d: &str| {
+        let s: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(d).join("summary.json")).unwrap()).unwrap();
+        s["eval_loss"].as_f64().unwrap()
+    };
+    assert!((loss("ev") - loss("ev-gguf")).abs() < 1e-2 * loss("ev"), "{} vs {}", loss("ev"), loss("ev-gguf"));
+    // `qtune export` converts the run's model to bf16, sharded, and it evaluates the same within bf16's rounding.
+    let conv = dir.path().join("bf16");
+    let (ok, _, err) = qtune(&[
+        "export",
+        out.to_str().unwrap(),
+        "--out",
+        conv.to_str().unwrap(),
+        "--export-dtype",
+        "bf16",
+        "--shard-size",
+        "100KB",
+    ]);
+    assert!(ok, "{err}");
+    assert!(conv.join("model.safetensors.index.json").exists());
+    let (ok, _, err) = eval_export(&conv, &data, &dir.path().join("ev-bf16"), &[]);
+    assert!(ok, "{err}");
+    assert!((loss("ev") - loss("ev-bf16")).abs() < 2e-2 * loss("ev"), "{} vs {}", loss("ev"), loss("ev-bf16"));
 }
 
 /// A QST run's export (side network + a manifest naming the base, here with one side head) evaluates back to the
@@ -337,6 +366,12 @@ fn impossible_options_are_named() {
         expect_error(&a, &[needle]);
     }
     expect_error(&["bench", "--out", out.to_str().unwrap(), "--peers", "no-such-peers"], &["no-such-peers"]);
+    // An export the method cannot write is refused before training; a model file holds no adapter.
+    let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+    a.extend(["--export", "peft"]);
+    expect_error(&a, &["--export peft", "full-lion trains no LoRA adapter"]);
+    expect_error(&["export", TINY, "--format", "peft", "--out", out.to_str().unwrap()], &["--format peft"]);
+    expect_error(&["export", TINY, "--shard-size", "0", "--out", out.to_str().unwrap()], &["shard size"]);
     // An option the method would ignore is refused, by `train`, `plan` and (before any run starts) `bench`.
     let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     a.extend(["--side-r", "8"]);

@@ -495,6 +495,32 @@ mod tests {
     }
 
     #[test]
+    fn peft_adapter_applied_as_peft_does_gives_the_merged_model() {
+        // PEFT's LoRA forward: W x + (alpha / r)·B (A x), with A = lora_A.weight [r, in], B = lora_B.weight [out, r].
+        let (_, w) = random_lora(true);
+        let cfg = w.base.cfg.clone();
+        let dir = tempfile::tempdir().unwrap();
+        crate::model::export::write_peft(&cfg, &w, "base", dir.path()).unwrap();
+        let conf: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+        let s = conf["lora_alpha"].as_f64().unwrap() / conf["r"].as_f64().unwrap();
+        let t = candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(t.len(), 2 * TARGETS.len() * cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            for p in TARGETS {
+                let id = ParamId::Block(l, p);
+                let module = id.hf_name().trim_end_matches(".weight").to_string();
+                let a = &t[&format!("base_model.model.{module}.lora_A.weight")];
+                let b = &t[&format!("base_model.model.{module}.lora_B.weight")];
+                let peft = (w.base.get(id).to_dtype(DType::F32).unwrap() + (b.matmul(a).unwrap() * s).unwrap()).unwrap();
+                let merged = w.merged(id).unwrap().to_dtype(DType::F32).unwrap();
+                let err = (peft - merged).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(err < 1e-6, "{id:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
     fn merged_export_equals_the_adapted_model() {
         let (m, w) = random_lora(true);
         let ids = Tensor::new(&[[1u32, 4, 9, 30], [2, 2, 7, 0]], &Device::Cpu).unwrap();
