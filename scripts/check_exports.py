@@ -10,6 +10,10 @@
       the `gguf` package reads FILE (tensor count and types); transformers' GGUF loader builds the model from it;
       its logits against transformers' model of the fixture with each matrix rounded as llama.cpp would (f16 cast,
       or the gguf package's own Q8_0 quantize/dequantize; norms and biases f32).
+  check_exports.py llamacpp FILE --reference FIXTURE_DIR [--tol T]
+      llama.cpp itself (llama-cpp-python) loads FILE and evaluates the fixture's input_ids; its logits against the
+      fixture's float64 reference (llama.cpp computes partly in f16: this is a loose check that it runs the model
+      qtune wrote: Q/K layout, biases, RoPE factors).
   check_exports.py peft BASE ADAPTER MERGED [--tol T] [--gguf FILE]
       peft loads ADAPTER onto BASE (an HF dir, or a .gguf transformers dequantizes: the base qtune trained on);
       its logits on a fixed prompt against transformers' load of MERGED (qtune's merged HF export). With --gguf,
@@ -82,6 +86,14 @@ def load_gguf(path: str):
                                                 dtype=torch.float32, attn_implementation="eager").eval()
 
 
+def llamacpp_logits(path: str, ids: list) -> torch.Tensor:
+    """llama.cpp's logits at every position of `ids` (a fresh context each time)."""
+    from llama_cpp import Llama
+    llm = Llama(model_path=path, logits_all=True, n_ctx=max(64, len(ids)), verbose=False, n_threads=2)
+    llm.eval(ids)
+    return torch.tensor(llm.scores[:len(ids)])
+
+
 def gguf_summary(path: str) -> str:
     from gguf import GGUFReader
     r = GGUFReader(path)
@@ -92,7 +104,7 @@ def gguf_summary(path: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["hf", "gguf", "peft"])
+    ap.add_argument("mode", choices=["hf", "gguf", "llamacpp", "peft"])
     ap.add_argument("paths", nargs="+")
     ap.add_argument("--reference")
     ap.add_argument("--tol", type=float, default=1e-5)
@@ -102,7 +114,14 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(2)
     ok = True
-    if a.mode in ("hf", "gguf"):
+    if a.mode == "llamacpp":
+        from safetensors.torch import load_file
+        ref = load_file(os.path.join(a.reference, "reference.safetensors"))
+        for row in range(ref["input_ids"].shape[0]):
+            got = llamacpp_logits(a.paths[0], ref["input_ids"][row].tolist())
+            ok &= report(f"{a.paths[0]} (llama.cpp) row {row} vs the fixture's float64 logits",
+                         rel(got, ref["logits"][row]), a.tol)
+    elif a.mode in ("hf", "gguf"):
         if a.mode == "gguf":
             print(f"     {a.paths[0]}: the gguf package reads {gguf_summary(a.paths[0])}")
         model = load_hf(a.paths[0]) if a.mode == "hf" else load_gguf(a.paths[0])
@@ -118,28 +137,42 @@ def main() -> int:
         peft_model = PeftModel.from_pretrained(base, adapter).eval()
         merged = load_hf(merged_dir)
         tok = AutoTokenizer.from_pretrained(merged_dir)
-        for p in PROMPTS:
-            ids = tok(p, return_tensors="pt").input_ids
-            with torch.no_grad():
-                x, y = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
-            ok &= report(f"peft({os.path.basename(base_path)} + {adapter}) vs {merged_dir}, {len(ids[0])} tokens",
-                         rel(x, y), a.tol)
+        prompts = [tok(p, return_tensors="pt").input_ids for p in PROMPTS]
         with torch.no_grad():
+            want = [merged(input_ids=ids).logits[0] for ids in prompts]
+            for ids, w in zip(prompts, want):
+                ok &= report(f"peft({os.path.basename(base_path)} + adapter), {len(ids[0])} tokens, vs the merged "
+                             f"export", rel(peft_model(input_ids=ids).logits[0], w), a.tol)
             with peft_model.disable_adapter():
-                plain = peft_model(input_ids=ids).logits
-        print(f"     the adapter moves the base's logits by {rel(y, plain):.2e} relative (it is not a no-op)")
+                plain = peft_model(input_ids=prompts[0]).logits[0]
+            print(f"     the adapter moves the base's logits by {rel(want[0], plain):.2e} relative (not a no-op)")
+            folded = peft_model.merge_and_unload().eval()
+            for ids, w in zip(prompts, want):
+                ok &= report(f"peft merge_and_unload, {len(ids[0])} tokens, vs the merged export",
+                             rel(folded(input_ids=ids).logits[0], w), a.tol)
         if a.gguf:
             print(f"     {a.gguf}: the gguf package reads {gguf_summary(a.gguf)}")
             g = load_gguf(a.gguf)
             gtok = AutoTokenizer.from_pretrained(os.path.dirname(a.gguf), gguf_file=os.path.basename(a.gguf))
             same = all(gtok(p).input_ids == tok(p).input_ids for p in PROMPTS)
-            print(f"{'ok  ' if same else 'FAIL'} {a.gguf}: tokenizer ids equal the HF export's on {len(PROMPTS)} prompts")
+            print(f"{'ok  ' if same else 'FAIL'} {a.gguf}: transformers' GGUF tokenizer gives the HF export's ids")
             ok &= same
-            for p in PROMPTS:
-                ids = tok(p, return_tensors="pt").input_ids
-                with torch.no_grad():
-                    ok &= report(f"{a.gguf} (transformers GGUF loader) vs {merged_dir}",
-                                 rel(g(input_ids=ids).logits, merged(input_ids=ids).logits), a.gguf_tol)
+            from llama_cpp import Llama
+            llm = Llama(model_path=a.gguf, vocab_only=True, verbose=False)
+            same = all(llm.tokenize(p.encode(), add_bos=False, special=True) == tok(p).input_ids for p in PROMPTS)
+            print(f"{'ok  ' if same else 'FAIL'} {a.gguf}: llama.cpp's tokenizer gives the HF export's ids")
+            ok &= same
+            q8 = rounded(merged_dir, "q8_0", True)
+            with torch.no_grad():
+                for ids, w in zip(prompts, want):
+                    got = g(input_ids=ids).logits[0]
+                    ok &= report(f"{a.gguf} (transformers GGUF loader) vs the merged export rounded to q8_0",
+                                 rel(got, q8(input_ids=ids).logits[0]), a.tol)
+                    print(f"     against the unrounded merged export: {rel(got, w):.2e} (Q8_0's own error)")
+                    lc = llamacpp_logits(a.gguf, ids[0].tolist())
+                    agree = (lc.argmax(-1) == w.argmax(-1)).float().mean().item()
+                    print(f"     llama.cpp (Q8_0 weights and activations): {rel(lc, w):.2e} from the merged export, "
+                          f"next-token argmax agreeing at {agree:.0%} of {len(ids[0])} positions")
     return 0 if ok else 1
 
 

@@ -1,14 +1,21 @@
-//! `qtune generate`: a greedy or sampled continuation of a prompt, to eyeball a model.
+//! `qtune generate`: a continuation of a prompt (greedy, or sampled with temperature, top-k and top-p), decoded
+//! over a KV cache, from f32 weights or INT8/INT4 ones (`--bits`, quantized as the file is read); prints the text
+//! and the speed.
 use super::{device, DEFAULT_MODEL};
 use clap::Args;
 use qtune::data::chat::{ChatTemplate, Message};
 use qtune::data::tasks::encode_prompt;
-use qtune::model::{load_model, Llama};
+use qtune::model::generate::{KvCache, SamplerArgs};
+use qtune::model::load::{load_model, read_header};
+use qtune::model::quantized::{Compute, Source};
+use qtune::model::{Llama, Weights};
 use qtune::{Error, Result};
 use std::path::PathBuf;
+use std::time::Instant;
 
 #[derive(Args)]
 pub struct GenArgs {
+    /// HF model directory, GGUF file, or a run's model/ or model.gguf export.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
     #[arg(long)]
@@ -18,17 +25,34 @@ pub struct GenArgs {
     pub chat: bool,
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Run on INT8 or INT4 weights (per-row scales, quantized as the file is read; no f32 model in memory).
+    #[arg(long)]
+    pub bits: Option<u32>,
+    /// Arithmetic of the `--bits` model's products (int8: INT8 activations on the integer units; f32).
+    #[arg(long, value_enum, requires = "bits", default_value_t = Compute::Int8)]
+    pub compute: Compute,
+    /// Recompute the whole text for every new token instead of keeping a KV cache (the old path; for comparison).
+    #[arg(long)]
+    pub no_kv_cache: bool,
 }
 
 pub fn run(a: GenArgs) -> Result<()> {
-    let loaded = load_model(&a.model)?;
-    let tok = super::tokenizer(loaded.tokenizer.clone(), &a.model)?;
-    let model = Llama::on(loaded.params.cfg.clone(), device());
+    a.sampler.validate()?;
+    let header = read_header(&a.model)?;
+    let tok = super::tokenizer(header.tokenizer, &a.model)?;
+    let model = Llama::on(header.cfg.clone(), device());
+    let weights: Box<dyn Weights> = match a.bits {
+        None => Box::new(load_model(&a.model)?.params),
+        Some(bits) => {
+            let mut q = qtune::methods::quzo::quantize_int(Source::File(a.model.clone()), bits)?;
+            q.compute = a.compute;
+            Box::new(q)
+        }
+    };
     let (text, mut ids) = if a.chat {
         let tmpl = ChatTemplate::of(&tok, None)?
             .ok_or_else(|| Error::file(&a.model, "--chat: the model has no chat template"))?;
@@ -44,26 +68,33 @@ pub fn run(a: GenArgs) -> Result<()> {
     }
     let n_prompt = ids.len();
     let key = qtune::quant::rng::RngKey::new(a.seed, 0, 0);
+    let mut cache = KvCache::default();
+    let start = Instant::now();
+    let mut first = None;
     for i in 0..a.max_new_tokens {
-        let logits: Vec<f32> = model.next_logits(&loaded.params, &ids, model.device())?.to_vec1()?;
-        let next = if a.temperature <= 0.0 {
-            logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)
+        let logits = if a.no_kv_cache {
+            model.next_logits(weights.as_ref(), &ids, model.device())?
         } else {
-            let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let p: Vec<f64> = logits.iter().map(|&l| (((l - m) as f64) / a.temperature).exp()).collect();
-            let mut u = qtune::quant::rng::uniform(&key, i as u64) as f64 * p.iter().sum::<f64>();
-            p.iter()
-                .position(|&x| {
-                    u -= x;
-                    u <= 0.0
-                })
-                .unwrap_or(p.len() - 1)
-        } as u32;
+            // The prompt the first time, then only the token just chosen.
+            model.decode(weights.as_ref(), &ids[cache.len()..], &mut cache)?
+        };
+        let u = qtune::quant::rng::uniform(&key, i as u64) as f64;
+        let next = a.sampler.pick(&logits.to_vec1()?, u);
+        first.get_or_insert_with(|| start.elapsed());
         ids.push(next);
         if Some(next) == tok.specials.eos || Some(next) == model.cfg.eos_token_id {
             break;
         }
     }
     println!("{}{}", text, tok.decode(&ids[n_prompt..])?);
+    let (total, first) = (start.elapsed().as_secs_f64(), first.unwrap_or_default().as_secs_f64());
+    let new = ids.len() - n_prompt;
+    let rate = if new > 1 { (new - 1) as f64 / (total - first) } else { f64::NAN };
+    eprintln!(
+        "{new} new tokens after a {n_prompt}-token prompt: first in {first:.2} s, then {rate:.1} tokens/s ({}; KV \
+         cache {:.1} MiB)",
+        if a.no_kv_cache { "no KV cache" } else { "KV cache" },
+        cache.bytes() as f64 / (1 << 20) as f64
+    );
     Ok(())
 }

@@ -239,8 +239,10 @@ pub fn write_gguf(
             });
         }
     }
-    if let Some(tok) = tok {
-        meta.extend(tokenizer_meta(tok)?);
+    match tok {
+        Some(tok) => meta.extend(tokenizer_meta(tok)?),
+        // llama.cpp loads a model without a vocabulary when told so.
+        None => meta.push(("tokenizer.ggml.model".into(), Value::Str("no_vocab".into()))),
     }
     for id in ParamId::all(cfg) {
         let dtype = param_type(cfg, id, want);

@@ -400,7 +400,7 @@ impl Llama {
     }
 
     /// A q/k/v projection of block `l`, with its bias where the family has one.
-    fn proj(&self, w: &dyn Weights, l: usize, p: P, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn proj(&self, w: &dyn Weights, l: usize, p: P, x: &Tensor) -> Result<Tensor> {
         let y = w.linear(ParamId::Block(l, p), x)?;
         match p.bias().filter(|_| self.cfg.attention_bias) {
             Some(b) => Ok(y.broadcast_add(&w.vector(ParamId::Block(l, b))?)?),

@@ -273,8 +273,11 @@ pub(crate) fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::Buf
     };
     cfg.validate().map_err(|m| Error::file(path, m))?;
     // A GGUF without tokenizer metadata still loads (weights only); commands that need text say so.
-    let tokenizer =
-        if ct.metadata.contains_key("tokenizer.ggml.model") { Some(Tok::from_gguf(&ct, path)?) } else { None };
+    let vocab = ct.metadata.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned();
+    let tokenizer = match vocab.as_deref() {
+        None | Some("no_vocab" | "none") => None,
+        Some(_) => Some(Tok::from_gguf(&ct, path)?),
+    };
     Ok((ct, reader, ModelHeader { cfg, tokenizer }))
 }
 

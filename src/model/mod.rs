@@ -2,7 +2,9 @@
 //! loaders (HF directory, GGUF), the tokenizer and the HF exporter.
 pub mod config;
 pub mod export;
+pub mod generate;
 pub mod gguf_export;
+pub mod gguf_tokenizer;
 pub mod layers;
 pub mod llama;
 pub mod load;

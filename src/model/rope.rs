@@ -158,6 +158,13 @@ impl Rope {
         self.rotate(dy, &self.neg_sin)
     }
 
+    /// x: [B, H, T, hd] at positions `offset..offset + T` (generation with a KV cache).
+    pub fn forward_at(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let (cos, sin) = (self.cos.narrow(0, offset, t)?.contiguous()?, self.sin.narrow(0, offset, t)?.contiguous()?);
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+
     fn rotate(&self, x: &Tensor, sin: &Tensor) -> Result<Tensor> {
         // A prefix of the table's rows is contiguous, as the fused kernel needs.
         let t = x.dim(2)?;

@@ -1,15 +1,9 @@
 //! Tokenizer: a `tokenizer.json` file (with the `tokenizer_config.json` beside it) or one built from GGUF metadata,
 //! together with what a prompt needs besides the vocabulary: the BOS/EOS tokens, whether BOS is added, and the chat
-//! template ([`Specials`]). For SmolLM2 (`tokenizer.ggml.pre = smollm`) candle's builder falls back to GPT-2
-//! byte-level BPE with a prefix space; HF's SmolLM2 tokenizer splits digits individually and adds no prefix space,
-//! so we set that pre-tokenizer to match `transformers`' ids.
+//! template ([`Specials`]). GGUF vocabularies are built by [`super::gguf_tokenizer`].
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
-use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use std::path::Path;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::Tokenizer;
 
 #[derive(Clone)]
@@ -85,15 +79,8 @@ impl Tok {
     }
 
     pub fn from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Self> {
-        let mut inner = Tokenizer::from_gguf(ct)
-            .map_err(|e| Error::file(path, format!("cannot build the tokenizer from GGUF metadata: {e}")))?;
+        let inner = super::gguf_tokenizer::from_gguf(ct, path)?;
         let pre = ct.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned();
-        if pre.as_deref() == Some("smollm") {
-            inner.with_pre_tokenizer(Some(Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])));
-        }
         let meta = |key: &str| ct.metadata.get(key);
         let specials = Specials {
             bos: meta("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
@@ -161,7 +148,7 @@ impl Tok {
     }
 
     /// llama.cpp's name for this tokenizer's pre-tokenizer (`tokenizer.ggml.pre` of a GGUF export): the GGUF's
-    /// own, or recognized from tokenizer.json's: SmolLM's digit split, LLaMA-3's and Qwen2's regexes, else GPT-2's.
+    /// own, or recognized from tokenizer.json's: SmolLM's digit split, LLaMA-3's and Qwen2's regexes, else GPT-2's (llama.cpp's names).
     pub fn gguf_pre(&self) -> String {
         if let Some(p) = &self.pre {
             return p.clone();
@@ -174,7 +161,7 @@ impl Tok {
         } else if pre.contains("\\p{N}") {
             "qwen2"
         } else {
-            "gpt2"
+            "gpt-2"
         }
         .into()
     }
