@@ -48,11 +48,11 @@ if [[ $PARTS == *smollm2* ]]; then
 fi
 
 if [[ $PARTS == *speed* ]]; then
-  echo "== generation speed, SmolLM2-135M, 64 new tokens after a 12-token prompt (one run each, same machine)"
+  echo "== generation speed, SmolLM2-135M, greedy, up to 64 new tokens after a 12-token prompt (one run each, same machine)"
   P="The capital of France is Paris. The capital of Germany is"
   for extra in "--no-kv-cache" "" "--bits 8" "--bits 4"; do
     printf '%-14s ' "${extra:-kv-cache}"
     # shellcheck disable=SC2086
-    $Q generate --prompt "$P" --max-new-tokens 64 --temperature 0.7 --top-k 50 --top-p 0.9 $extra 2>&1 >/dev/null | tail -1
+    $Q generate --prompt "$P" --max-new-tokens 64 $extra 2>&1 >/dev/null | tail -1
   done
 fi

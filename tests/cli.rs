@@ -207,6 +207,11 @@ fn qst_export_evaluates_to_the_runs_own_dev_loss() {
     let m = model.to_str().unwrap();
     let d = data.to_str().unwrap();
     expect_error(&["eval", "--model", m, "--task", "lm", "--data", d, "--bits", "8"], &["--bits", "QST export"]);
+    // The export generates (base plus side network, recomputed per token); greedy twice gives the same text.
+    let gen = || qtune(&["generate", "--model", m, "--prompt", "Q1: what is", "--max-new-tokens", "4"]);
+    let ((ok, text, err), (_, again, _)) = (gen(), gen());
+    assert!(ok && err.contains("no KV cache"), "{err}");
+    assert!(text.starts_with("Q1: what is") && text == again, "{text:?} {again:?}");
     std::fs::write(model.join("side.safetensors"), b"not a safetensors file").unwrap();
     expect_error(&["eval", "--model", m, "--task", "lm", "--data", d], &["side.safetensors", "cannot read"]);
 }

@@ -2,20 +2,22 @@
 //! over a KV cache, from f32 weights or INT8/INT4 ones (`--bits`, quantized as the file is read); prints the text
 //! and the speed.
 use super::{device, DEFAULT_MODEL};
+use candle_core::{DType, Tensor};
 use clap::Args;
 use qtune::data::chat::{ChatTemplate, Message};
 use qtune::data::tasks::encode_prompt;
+use qtune::methods::qst::QstModel;
 use qtune::model::generate::{KvCache, SamplerArgs};
 use qtune::model::load::{load_model, read_header};
 use qtune::model::quantized::{Compute, Source};
-use qtune::model::{Llama, Weights};
+use qtune::model::{Batch, Llama, Targets, Weights};
 use qtune::{Error, Result};
 use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Args)]
 pub struct GenArgs {
-    /// HF model directory, GGUF file, or a run's model/ or model.gguf export.
+    /// HF model directory, GGUF file, or a run's model/ or model.gguf export (a QST export too).
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
     #[arg(long)]
@@ -40,19 +42,34 @@ pub struct GenArgs {
     pub no_kv_cache: bool,
 }
 
+/// What produces the next-token logits: a decoder over weights (with or without the KV cache), or a QST export
+/// (base plus side network; recomputed for every token: its side network has no cache).
+enum Generator {
+    Weights(Box<dyn Weights>),
+    Qst(Box<QstModel>),
+}
+
 pub fn run(a: GenArgs) -> Result<()> {
     a.sampler.validate()?;
-    let header = read_header(&a.model)?;
-    let tok = super::tokenizer(header.tokenizer, &a.model)?;
+    // A QST export names its base model; the decoder's shape and the tokenizer come from that base.
+    let qst = QstModel::is_export(&a.model).then(|| QstModel::load(&a.model)).transpose()?;
+    if qst.is_some() && a.bits.is_some() {
+        return Err(Error::Option(format!("--bits: {} is a QST export (its base is NF4)", a.model.display())));
+    }
+    let base_path = qst.as_ref().map_or(a.model.clone(), |(_, p)| p.clone());
+    let header = read_header(&base_path)?;
+    let tok = super::tokenizer(header.tokenizer, &base_path)?;
     let model = Llama::on(header.cfg.clone(), device());
-    let weights: Box<dyn Weights> = match a.bits {
-        None => Box::new(load_model(&a.model)?.params),
-        Some(bits) => {
+    let gen = match (qst, a.bits) {
+        (Some((q, _)), _) => Generator::Qst(Box::new(q)),
+        (None, None) => Generator::Weights(Box::new(load_model(&a.model)?.params)),
+        (None, Some(bits)) => {
             let mut q = qtune::methods::quzo::quantize_int(Source::File(a.model.clone()), bits)?;
             q.compute = a.compute;
-            Box::new(q)
+            Generator::Weights(Box::new(q))
         }
     };
+    let no_cache = a.no_kv_cache || matches!(gen, Generator::Qst(_));
     let (text, mut ids) = if a.chat {
         let tmpl = ChatTemplate::of(&tok, None)?
             .ok_or_else(|| Error::file(&a.model, "--chat: the model has no chat template"))?;
@@ -72,11 +89,19 @@ pub fn run(a: GenArgs) -> Result<()> {
     let start = Instant::now();
     let mut first = None;
     for i in 0..a.max_new_tokens {
-        let logits = if a.no_kv_cache {
-            model.next_logits(weights.as_ref(), &ids, model.device())?
-        } else {
+        let logits = match &gen {
+            Generator::Weights(w) if a.no_kv_cache => model.next_logits(w.as_ref(), &ids, model.device())?,
             // The prompt the first time, then only the token just chosen.
-            model.decode(weights.as_ref(), &ids[cache.len()..], &mut cache)?
+            Generator::Weights(w) => model.decode(w.as_ref(), &ids[cache.len()..], &mut cache)?,
+            Generator::Qst(q) => {
+                let t = ids.len();
+                let batch = Batch {
+                    ids: Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?,
+                    lengths: vec![t],
+                    targets: Targets { positions: vec![t as u32 - 1], classes: None, labels: vec![0], choices: None },
+                };
+                q.forward(&model, &batch)?.logits.flatten_all()?.to_dtype(DType::F32)?
+            }
         };
         let u = qtune::quant::rng::uniform(&key, i as u64) as f64;
         let next = a.sampler.pick(&logits.to_vec1()?, u);
@@ -93,7 +118,7 @@ pub fn run(a: GenArgs) -> Result<()> {
     eprintln!(
         "{new} new tokens after a {n_prompt}-token prompt: first in {first:.2} s, then {rate:.1} tokens/s ({}; KV \
          cache {:.1} MiB)",
-        if a.no_kv_cache { "no KV cache" } else { "KV cache" },
+        if no_cache { "no KV cache" } else { "KV cache" },
         cache.bytes() as f64 / (1 << 20) as f64
     );
     Ok(())

@@ -512,7 +512,8 @@ mod tests {
                 let module = id.hf_name().trim_end_matches(".weight").to_string();
                 let a = &t[&format!("base_model.model.{module}.lora_A.weight")];
                 let b = &t[&format!("base_model.model.{module}.lora_B.weight")];
-                let peft = (w.base.get(id).to_dtype(DType::F32).unwrap() + (b.matmul(a).unwrap() * s).unwrap()).unwrap();
+                let peft =
+                    (w.base.get(id).to_dtype(DType::F32).unwrap() + (b.matmul(a).unwrap() * s).unwrap()).unwrap();
                 let merged = w.merged(id).unwrap().to_dtype(DType::F32).unwrap();
                 let err = (peft - merged).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(err < 1e-6, "{id:?}: {err}");

@@ -102,12 +102,13 @@ impl Entry {
 
 /// The GGUF architecture name of a config, or why llama.cpp cannot run it as qtune does.
 fn gguf_arch(cfg: &LlamaConfig) -> Result<&'static str> {
-    if cfg.sliding_window.is_some() {
-        return Err(Error::Option(
-            "--export gguf: llama.cpp's llama architecture has no sliding-window attention (this model has \
-             sliding_window set)"
-                .into(),
-        ));
+    // A window at least the context long never hides a key.
+    if let Some(w) = cfg.sliding_window.filter(|&w| w < cfg.max_position_embeddings) {
+        return Err(Error::Option(format!(
+            "--export gguf: llama.cpp's llama architecture has no sliding-window attention (this model's \
+             sliding_window {w} is shorter than its context {})",
+            cfg.max_position_embeddings
+        )));
     }
     if matches!(cfg.rope_scaling, Some(RopeScaling::Dynamic { .. })) {
         return Err(Error::Option("--export gguf: llama.cpp has no dynamic-NTK RoPE scaling".into()));

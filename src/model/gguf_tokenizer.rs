@@ -25,7 +25,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The tokenizer a GGUF's metadata describes.
 pub fn from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Tokenizer> {
@@ -45,7 +46,9 @@ pub fn from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Tokenizer> {
                 Some("qwen2" | "deepseek-r1-qwen") => {
                     Sequence::new(vec![split(QWEN2_SPLIT)?.into(), ByteLevel::new(false, true, false).into()])
                 }
-                Some("smollm") => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]),
+                Some("smollm") => {
+                    Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()])
+                }
                 _ => Sequence::new(vec![ByteLevel::new(false, true, true).into()]),
             };
             t.with_pre_tokenizer(Some(pre));
