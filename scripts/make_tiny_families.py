@@ -22,6 +22,8 @@ import sys
 
 import torch
 from safetensors.torch import load_file, save_file
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_tiny_llama import patch_float32_upcasts  # noqa: E402  (the float64 RMSNorm and eager attention)
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
@@ -80,27 +82,7 @@ def inv_freq_f64(cfg: dict, seq_len: int) -> torch.Tensor:
 
 def patch_float64(model, cfg: dict) -> None:
     """Replace the float32 upcasts (RMSNorm, eager softmax) and the float32 RoPE with float64 formulas."""
-    from transformers.models.llama import modeling_llama as ml
-    from transformers.models.mistral import modeling_mistral as mm
-    from transformers.models.qwen2 import modeling_qwen2 as mq
-
-    def rms_forward(self, hidden_states):
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-    def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        key_states = ml.repeat_kv(key, module.num_key_value_groups)
-        value_states = ml.repeat_kv(value, module.num_key_value_groups)
-        attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            attn_weights = attn_weights + attention_mask
-        attn_weights = torch.nn.functional.softmax(attn_weights, dim=-1)
-        attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
-        return attn_output, attn_weights
-
-    for mod, norm in ((ml, "LlamaRMSNorm"), (mm, "MistralRMSNorm"), (mq, "Qwen2RMSNorm")):
-        getattr(mod, norm).forward = rms_forward
-        mod.eager_attention_forward = eager
+    patch_float32_upcasts((("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2")))
 
     rot = model.model.rotary_emb
     # transformers' own frequencies (float32, after its dynamic update for SEQ positions) against ours.

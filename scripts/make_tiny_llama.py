@@ -77,10 +77,12 @@ def make_rope_float64(model: LlamaForCausalLM, theta: float) -> None:
     rot.forward = forward
 
 
-def patch_float32_upcasts() -> None:
+def patch_float32_upcasts(families=(("llama", "Llama"),)) -> None:
     """transformers' LLaMA also forces float32 in LlamaRMSNorm.forward (`.to(torch.float32)`) and in
     eager_attention_forward (`softmax(..., dtype=torch.float32)`), i.e. it DOWNCASTS a float64 model there. Replace
-    both with the identical formulas evaluated in the input dtype, so the references are float64 end to end."""
+    both with the identical formulas evaluated in the input dtype, so the references are float64 end to end.
+    `families`: (module, class prefix) pairs of the model families to patch (each has its own copies)."""
+    import importlib
     from transformers.models.llama import modeling_llama as ml
 
     def rms_forward(self, hidden_states):
@@ -97,8 +99,10 @@ def patch_float32_upcasts() -> None:
         attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
         return attn_output, attn_weights
 
-    ml.LlamaRMSNorm.forward = rms_forward
-    ml.eager_attention_forward = eager
+    for module, prefix in families:
+        mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+        getattr(mod, f"{prefix}RMSNorm").forward = rms_forward
+        mod.eager_attention_forward = eager
 
 
 def manual_forward(w: dict, cfg: LlamaConfig, ids: torch.Tensor) -> torch.Tensor:

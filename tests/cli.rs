@@ -178,6 +178,9 @@ fn quzo_lora_trains_factors_and_exports_a_merged_model() {
     ]);
     assert!(ok, "{err}");
     assert!(conv.join("model.safetensors.index.json").exists());
+    let (ok, _, err) =
+        qtune(&["export", out.to_str().unwrap(), "--format", "peft", "--out", dir.path().join("a").to_str().unwrap()]);
+    assert!(ok && dir.path().join("a/adapter_model.safetensors").exists(), "{err}");
     let (ok, _, err) = eval_export(&conv, &data, &dir.path().join("ev-bf16"), &[]);
     assert!(ok, "{err}");
     assert!((loss("ev") - loss("ev-bf16")).abs() < 2e-2 * loss("ev"), "{} vs {}", loss("ev"), loss("ev-bf16"));
@@ -375,8 +378,22 @@ fn impossible_options_are_named() {
     let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     a.extend(["--export", "peft"]);
     expect_error(&a, &["--export peft", "full-lion trains no LoRA adapter"]);
-    expect_error(&["export", TINY, "--format", "peft", "--out", out.to_str().unwrap()], &["--format peft"]);
+    expect_error(&["export", TINY, "--format", "peft", "--out", out.to_str().unwrap()], &["no adapter/"]);
     expect_error(&["export", TINY, "--shard-size", "0", "--out", out.to_str().unwrap()], &["shard size"]);
+    // A GGUF llama.cpp could not run as qtune does (a window shorter than the context) is refused before training.
+    let mistral = _dir.path().join("mistral");
+    std::fs::create_dir(&mistral).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(Path::new(TINY).join(f), mistral.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(TINY).join("config.json")).unwrap()).unwrap();
+    (cfg["model_type"], cfg["sliding_window"]) = ("mistral".into(), 4.into());
+    std::fs::write(mistral.join("config.json"), cfg.to_string()).unwrap();
+    let mut a = train_args(mistral.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    a.extend(["--export", "gguf"]);
+    expect_error(&a, &["--export gguf", "sliding_window 4"]);
+    assert!(!out.exists(), "the run started");
     // An option the method would ignore is refused, by `train`, `plan` and (before any run starts) `bench`.
     let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
     a.extend(["--side-r", "8"]);

@@ -1,18 +1,18 @@
 //! `qtune export`: converts a model, or a finished run's model, to an HF checkpoint (f32/bf16/f16, sharded) or a
-//! GGUF file, reading and writing one tensor at a time. (A run's PEFT adapter is written by `train --export peft`,
-//! while the method's factors are at hand.)
+//! GGUF file, reading and writing one tensor at a time; or copies a LoRA run's PEFT adapter (written by `train`
+//! while the method's factors are at hand).
 use clap::Args;
 use qtune::model::export::{write_hf, ExportArgs, Format};
 use qtune::model::gguf_export::write_gguf;
 use qtune::model::reader::ModelReader;
 use qtune::{Error, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct ExportCmd {
     /// An HF model directory, a GGUF file, or a run directory (its `model/` is converted).
     pub source: PathBuf,
-    /// hf or gguf.
+    /// hf, gguf, or peft (a LoRA run's adapter).
     #[arg(long, value_enum, default_value_t = Format::Hf)]
     pub format: Format,
     /// Where to write: a directory (hf) or a file (gguf).
@@ -22,7 +22,29 @@ pub struct ExportCmd {
     pub opts: ExportArgs,
 }
 
+/// A run's PEFT adapter (`<run>/adapter`, which LoRA-trained runs write) copied to `out`.
+fn copy_adapter(run: &Path, out: &Path) -> Result<()> {
+    let dir = run.join("adapter");
+    if !dir.join("adapter_config.json").exists() {
+        return Err(Error::file(
+            run,
+            "export --format peft: no adapter/ here (a LoRA run writes one: lora, qlora, mezo/quzo --lora); a model \
+             file holds no LoRA factors",
+        ));
+    }
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        let bytes = std::fs::read(dir.join(f)).map_err(|e| Error::file(dir.join(f), format!("cannot read: {e}")))?;
+        qtune::io::write_bytes_atomic(&out.join(f), &bytes)?;
+    }
+    Ok(())
+}
+
 pub fn run(a: ExportCmd) -> Result<()> {
+    if a.format == Format::Peft {
+        copy_adapter(&a.source, &a.out)?;
+        eprintln!("wrote {} (the adapter of {})", a.out.display(), a.source.display());
+        return Ok(());
+    }
     let run_model = a.source.join("model");
     let src = if a.source.join("summary.json").exists() && run_model.join("config.json").exists() {
         run_model
@@ -34,13 +56,7 @@ pub fn run(a: ExportCmd) -> Result<()> {
     match a.format {
         Format::Hf => write_hf(cfg, &|id| r.tensor(id), tok, &a.out, &a.opts)?,
         Format::Gguf => write_gguf(cfg, &|id| r.tensor(id), tok, &a.out, a.opts.gguf_type)?,
-        Format::Peft => {
-            return Err(Error::Option(
-                "export --format peft: write an adapter while training (`train --method lora --export peft`); a \
-                 model file holds no LoRA factors"
-                    .into(),
-            ))
-        }
+        Format::Peft => unreachable!("the adapter was copied above"),
     }
     eprintln!("wrote {} ({:?} of {})", a.out.display(), a.format, src.display());
     Ok(())

@@ -69,9 +69,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub selection: SelectionArgs,
     /// What to write at the end: hf (<out>/model), peft (<out>/adapter: lora, qlora, mezo/quzo --lora), gguf
-    /// (<out>/model.gguf); comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "hf")]
-    pub export: Vec<Format>,
+    /// (<out>/model.gguf); comma-separated. Default: hf, and peft too for the methods that train an adapter.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub export: Option<Vec<Format>>,
     #[command(flatten)]
     pub export_opts: ExportArgs,
     /// Write the batches this run would train on to FILE (jsonl) and exit without training.
@@ -90,20 +90,26 @@ impl TrainArgs {
     }
 }
 
-/// Refuses, before any work, an export the method cannot write.
-fn check_exports(a: &TrainArgs) -> Result<()> {
+/// The exports the run writes: `--export`'s, or by default hf and (for a method with LoRA factors) peft. An export
+/// the method cannot write is refused before any work.
+fn exports(a: &TrainArgs) -> Result<Vec<Format>> {
     let (m, lora) = (a.m.method, a.m.options.zo.lora);
     let has_adapter = matches!(m, MethodKind::Lora | MethodKind::Qlora) || (lora && m.is_zeroth_order());
-    if a.export.contains(&Format::Peft) && !has_adapter {
+    let export = match &a.export {
+        Some(list) => list.clone(),
+        None if has_adapter => vec![Format::Hf, Format::Peft],
+        None => vec![Format::Hf],
+    };
+    if export.contains(&Format::Peft) && !has_adapter {
         return Err(Error::Option(format!(
             "--export peft: {} trains no LoRA adapter (lora, qlora, mezo --lora and quzo --lora do)",
             m.cli_name()
         )));
     }
-    if a.export.contains(&Format::Gguf) && m == MethodKind::Qst {
+    if export.contains(&Format::Gguf) && m == MethodKind::Qst {
         return Err(Error::Option("--export gguf: a QST model is a base plus a side network, not one LLaMA".into()));
     }
-    Ok(())
+    Ok(export)
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -117,6 +123,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     // The config and tokenizer first; the weights are read by the method, which quantizes them as they arrive.
     let header = read_header(&c.model)?;
     let tok = tokenizer(header.tokenizer, &c.model)?;
+    let export = exports(&a)?;
+    // What an export at the end would refuse is refused now, before any training.
+    if export.contains(&Format::Hf) && a.m.method != MethodKind::Qst {
+        header.cfg.to_hf_json().map_err(|m| Error::file(&c.model, format!("--export hf: {m}")))?;
+    }
+    if export.contains(&Format::Gguf) {
+        qtune::model::gguf_export::check(&header.cfg, Some(&tok))?;
+    }
     let splits = c.splits(&tok)?;
     let out =
         c.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.m.method.cli_name(), c.task_name())));
@@ -141,10 +155,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         checkpoint_every: a.checkpoint_every,
         resume: a.resume,
         selection: a.selection.clone(),
-        export: a.export.clone(),
+        export,
         export_opts: a.export_opts.clone(),
     };
-    check_exports(&a)?;
     let dev = device();
     if let Some(path) = &a.dump_batches {
         return trainer::dump_batches(&splits, &cfg, path, &dev);

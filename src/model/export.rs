@@ -149,7 +149,10 @@ pub fn write_safetensors(
             if t.dims() != shape.as_slice() {
                 return Err(Error::Msg(format!("export: `{name}` has shape {:?}, not {shape:?}", t.dims())));
             }
-            check_finite(&t)?;
+            // Checked in the written type: an f16 export of a weight beyond ±65504 would be infinite.
+            let t = t.to_dtype(dtype.dtype())?;
+            check_finite(&t)
+                .map_err(|_| Error::Numerical(format!("export: `{name}` is not finite in {}", dtype.names().0)))?;
             write_tensor_bytes(&mut w, &t.flatten_all()?, dtype)?;
         }
         w.flush()?;
@@ -189,6 +192,12 @@ pub fn write_hf(
     let shards = plan_shards(cfg, elem, opts.shard_size);
     let n = shards.len();
     let file_of = |i: usize| if n == 1 { "model.safetensors".to_string() } else { shard_name(i, n) };
+    // An index of an earlier export goes first: were this export to fail between shards, the directory would hold
+    // no index rather than one naming a mix of old and new shards.
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        std::fs::remove_file(&index).map_err(|e| Error::file(&index, format!("cannot remove: {e}")))?;
+    }
     let mut weight_map = serde_json::Map::new();
     for (i, ids) in shards.iter().enumerate() {
         let items: Vec<(String, Vec<usize>)> = ids.iter().map(|id| (id.hf_name(), id.shape(cfg))).collect();
@@ -197,7 +206,6 @@ pub fn write_hf(
             weight_map.insert(id.hf_name(), file_of(i).into());
         }
     }
-    let index = dir.join("model.safetensors.index.json");
     if n > 1 {
         let total: usize = ParamId::all(cfg).iter().map(|id| id.numel(cfg) * elem).sum();
         let j = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
@@ -225,12 +233,22 @@ fn shard_name(i: usize, n: usize) -> String {
     format!("model-{:05}-of-{n:05}.safetensors", i + 1)
 }
 
-/// Removes `model*.safetensors` files (and an index the new export has no use for) that the export just written
-/// does not name.
+/// Whether `name` is a file an HF export writes its weights to: `model.safetensors` or a
+/// `model-NNNNN-of-NNNNN.safetensors` shard.
+fn is_weight_file(name: &str) -> bool {
+    let shard = name.strip_prefix("model-").and_then(|r| r.strip_suffix(".safetensors")).is_some_and(|r| {
+        r.len() == 14
+            && r.as_bytes()[5..9] == *b"-of-"
+            && r[..5].bytes().chain(r[9..].bytes()).all(|b| b.is_ascii_digit())
+    });
+    shard || name == "model.safetensors"
+}
+
+/// Removes weight files ([`is_weight_file`]) the export just written does not name; nothing else in the directory.
 fn remove_stale_shards(dir: &Path, keep: &[String], keep_index: bool) -> Result<()> {
     for e in std::fs::read_dir(dir).map_err(|e| Error::file(dir, format!("cannot list: {e}")))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let shard = name.starts_with("model") && name.ends_with(".safetensors") && !keep.contains(&name);
+        let shard = is_weight_file(&name) && !keep.contains(&name);
         let index = name == "model.safetensors.index.json" && !keep_index;
         if shard || index {
             std::fs::remove_file(e.path()).map_err(|err| Error::file(e.path(), format!("cannot remove: {err}")))?;
@@ -331,6 +349,20 @@ mod tests {
     use super::*;
     use crate::model::llama::tests::tiny_config;
     use crate::model::load::load_model;
+
+    #[test]
+    fn only_weight_files_count_as_stale_and_f16_overflow_is_refused() {
+        assert!(is_weight_file("model.safetensors") && is_weight_file("model-00002-of-00003.safetensors"));
+        assert!(!is_weight_file("model_old.safetensors") && !is_weight_file("model-2-of-3.safetensors"));
+        let cfg = tiny_config(true);
+        let mut p = ParamStore::random(&cfg, 4, 0.3, DType::F32).unwrap();
+        p.set(ParamId::FinalNorm, (p.get(ParamId::FinalNorm) * 1e6).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let f16 = ExportArgs { export_dtype: HfDtype::F16, ..Default::default() };
+        let e = write_hf(&cfg, &|id| Ok(p.get(id).clone()), None, dir.path(), &f16).unwrap_err();
+        assert!(e.to_string().contains("model.norm.weight") && e.to_string().contains("F16"), "{e}");
+        assert!(!dir.path().join("model.safetensors").exists());
+    }
 
     #[test]
     fn sizes_parse_as_transformers_reads_them() {

@@ -145,8 +145,9 @@ pub fn permute_qk(w: &Tensor, n_heads: usize) -> candle_core::Result<Tensor> {
     w.reshape((n_heads, 2, out / n_heads / 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
-/// Tokenizer metadata from the tokenizer's `tokenizer.json` form (byte-level BPE only).
-fn tokenizer_meta(tok: &Tok) -> Result<Vec<(String, Value)>> {
+/// Tokenizer metadata from the tokenizer's `tokenizer.json` form (byte-level BPE only), its token list padded to the
+/// model's `vocab` embedding rows as llama.cpp's converter pads it (`[PAD<id>]`, type unused).
+fn tokenizer_meta(tok: &Tok, vocab: usize) -> Result<Vec<(String, Value)>> {
     let j: serde_json::Value = serde_json::from_str(&tok.to_json()?).map_err(|e| Error::Msg(e.to_string()))?;
     let model = &j["model"];
     if model["type"] != "BPE" || model["byte_fallback"] == true {
@@ -155,9 +156,16 @@ fn tokenizer_meta(tok: &Tok) -> Result<Vec<(String, Value)>> {
                 .into(),
         ));
     }
-    let n = tok.vocab_size();
+    if tok.vocab_size() > vocab {
+        return Err(Error::Option(format!(
+            "--export gguf: the tokenizer has {} tokens, more than the model's {vocab} embedding rows",
+            tok.vocab_size()
+        )));
+    }
+    let n = vocab;
     let tokens: Vec<String> = (0..n).map(|id| tok.token(id as u32).unwrap_or_else(|| format!("[PAD{id}]"))).collect();
-    let mut types = vec![1i32; n];
+    // llama.cpp's token types: 1 normal, 3 control, 4 user-defined, 5 unused (padding rows).
+    let mut types: Vec<i32> = (0..n).map(|id| if tok.token(id as u32).is_some() { 1 } else { 5 }).collect();
     for a in j["added_tokens"].as_array().into_iter().flatten() {
         if let Some(id) = a["id"].as_u64().filter(|&i| (i as usize) < n) {
             // llama.cpp's token types: 3 control (special), 4 user-defined.
@@ -191,6 +199,14 @@ fn tokenizer_meta(tok: &Tok) -> Result<Vec<(String, Value)>> {
         meta.push(("tokenizer.chat_template".into(), Value::Str(t.clone())));
     }
     Ok(meta)
+}
+
+/// Whether a model with this config and tokenizer can be written as a GGUF llama.cpp runs as qtune does: what
+/// `train --export gguf` checks before training.
+pub fn check(cfg: &LlamaConfig, tok: Option<&Tok>) -> Result<()> {
+    gguf_arch(cfg)?;
+    tok.map(|t| tokenizer_meta(t, cfg.vocab_size)).transpose()?;
+    Ok(())
 }
 
 /// Writes `path` as a GGUF of the model whose parameters `dense` makes one at a time; matrices as `want`.
@@ -241,7 +257,7 @@ pub fn write_gguf(
         }
     }
     match tok {
-        Some(tok) => meta.extend(tokenizer_meta(tok)?),
+        Some(tok) => meta.extend(tokenizer_meta(tok, cfg.vocab_size)?),
         // llama.cpp loads a model without a vocabulary when told so.
         None => meta.push(("tokenizer.ggml.model".into(), Value::Str("no_vocab".into()))),
     }
@@ -347,6 +363,29 @@ mod tests {
                 assert!((err as f64) <= budget, "{t:?} {id:?}: error {err:e} of max |w|, budget {budget:e}");
             }
         }
+    }
+
+    /// The token list is padded to the embedding's rows (`[PAD<id>]`, type unused), as llama.cpp's converter pads
+    /// Qwen2's; the tokenizer read back from the file encodes as the one written.
+    #[test]
+    fn token_list_is_padded_to_the_embedding() {
+        let tok = Tok::from_file(Path::new("tests/fixtures/tiny_llama/tokenizer.json")).unwrap();
+        let mut cfg = tiny_config(true);
+        cfg.vocab_size = tok.vocab_size() + 5;
+        let p = ParamStore::random(&cfg, 9, 0.05, DType::F32).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        write_gguf(&cfg, &|id| Ok(p.get(id).clone()), Some(&tok), &path, GgufType::F16).unwrap();
+        let ct = candle_core::quantized::gguf_file::Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
+        let types = ct.metadata["tokenizer.ggml.token_type"].to_vec().unwrap();
+        assert_eq!(types.len(), cfg.vocab_size);
+        assert_eq!(types.last().unwrap().to_i32().unwrap(), 5);
+        let back = load_model(&path).unwrap().tokenizer.unwrap();
+        let s = "Hello world, 123!";
+        assert_eq!(back.encode(s).unwrap(), tok.encode(s).unwrap());
+        // A tokenizer larger than the embedding is refused before anything is written.
+        cfg.vocab_size = tok.vocab_size() - 1;
+        assert!(check(&cfg, Some(&tok)).unwrap_err().to_string().contains("more than the model's"));
     }
 
     #[test]

@@ -73,7 +73,12 @@ impl RopeScaling {
                     same.then(|| s.to_hf_json(head_dim, theta)).flatten()
                 })
             }
-            other => Some(serde_json::to_value(other).expect("plain data")),
+            other => {
+                let mut v = serde_json::to_value(other).expect("plain data");
+                // transformers before 4.43 reads `type`, later ones `rope_type`.
+                v["type"] = v["rope_type"].clone();
+                Some(v)
+            }
         }
     }
 }
