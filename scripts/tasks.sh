@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's "Your own data" figures (issue 28), one part at a time or all in order:
 #   bash scripts/tasks.sh [OUT] [first] [generic] [mc] [chat] [report]
-# first:   the README's first command (BoolQ, LoRA, 100 steps), timed
+# first:   the README's first command (PIQA, LoRA, 150 steps), timed
 # generic: BoolQ through --task classify on scripts/boolq_files.py's files against --task boolq (20 LoRA steps each)
 # mc:      SIQA and PIQA, LoRA 150 steps each with --eval-every 50, zero-shot on the same splits, and the
 #          before/after pairing (accuracy, acc_norm)
@@ -20,8 +20,8 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if has first; then
   # The README's first command, as its second line of setup runs it.
-  /usr/bin/time -f "wall %e s, max RSS %M KiB" $Q train --method lora --lr 1e-3 --steps 100 --max-seq-len 192 \
-    --dev-size 200 --eval-size 500 --out "$OUT/first" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -25 \
+  /usr/bin/time -f "wall %e s, max RSS %M KiB" $Q train --task piqa --method lora --lr 1e-3 --steps 150 \
+    --train-size 800 --dev-size 200 --eval-size 500 --out "$OUT/first" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -25 \
     > "$OUT/first.txt"
   cat "$OUT/first.txt"
 fi
