@@ -31,6 +31,8 @@ enum Cmd {
     /// Convert a model (HF directory, GGUF file, or a run's model/) to an HF checkpoint (f32/bf16/f16, sharded) or
     /// a GGUF file (f16, q8_0, q4_k), one tensor at a time.
     Export(cli::export::ExportCmd),
+    /// Write a randomly initialised model of a config (LLaMA-2-7B's, ...), one tensor at a time.
+    Init(cli::init::InitArgs),
     /// Predict a method's memory (breakdown and peak) for a model config, batch and sequence length, without
     /// loading any weight.
     Plan(cli::plan::PlanArgs),
@@ -65,6 +67,7 @@ fn main() {
         Cmd::Bench(a) => cli::bench::run(a, |argv| parse(argv).map(|_| ())),
         Cmd::Plan(a) => cli::plan::run(a),
         Cmd::Export(a) => cli::export::run(a),
+        Cmd::Init(a) => cli::init::run(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");

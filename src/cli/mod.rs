@@ -4,6 +4,7 @@ pub mod bench;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod init;
 pub mod plan;
 pub mod report;
 pub mod train;

@@ -72,6 +72,9 @@ pub struct TrainArgs {
     /// (<out>/model.gguf); comma-separated. Default: hf, and peft too for the methods that train an adapter.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub export: Option<Vec<Format>>,
+    /// Write no export (memory and speed runs of large models).
+    #[arg(long, conflicts_with = "export")]
+    pub no_export: bool,
     #[command(flatten)]
     pub export_opts: ExportArgs,
     /// Write the batches this run would train on to FILE (jsonl) and exit without training.
@@ -96,6 +99,7 @@ fn exports(a: &TrainArgs) -> Result<Vec<Format>> {
     let (m, lora) = (a.m.method, a.m.options.zo.lora);
     let has_adapter = matches!(m, MethodKind::Lora | MethodKind::Qlora) || (lora && m.is_zeroth_order());
     let export = match &a.export {
+        _ if a.no_export => vec![],
         Some(list) => list.clone(),
         None if has_adapter => vec![Format::Hf, Format::Peft],
         None => vec![Format::Hf],

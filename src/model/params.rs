@@ -275,20 +275,25 @@ impl ParamStore {
     /// A randomly initialized model (tests, and the starting point of models built from scratch): matrices
     /// N(0, std²), norm weights 1 + N(0, (std/2)²), drawn from the counter-based RNG so a seed fixes them.
     pub fn random(cfg: &LlamaConfig, seed: u64, std: f32, dtype: DType) -> Result<Self> {
-        use qtune_quant::rng::{fill_gaussian, RngKey, STREAM_GAUSS};
         cfg.validate().map_err(Error::Msg)?;
         let mut map = HashMap::new();
         for id in ParamId::all(cfg) {
-            let shape = id.shape(cfg);
-            let mut v = vec![0f32; id.numel(cfg)];
-            fill_gaussian(&RngKey::new(seed, id.index(cfg) as u32, STREAM_GAUSS), 0, &mut v);
-            if id.is_matrix() || id.is_bias() {
-                v.iter_mut().for_each(|x| *x *= std);
-            } else {
-                v.iter_mut().for_each(|x| *x = 1.0 + *x * std / 2.0);
-            }
-            map.insert(id, Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?);
+            map.insert(id, random_tensor(cfg, id, seed, std)?.to_dtype(dtype)?);
         }
         ParamStore::from_map(cfg.clone(), map, Path::new("<random>"))
     }
+}
+
+/// Parameter `id` of [`ParamStore::random`]'s model, alone (f32): so a random model of any size can be written one
+/// tensor at a time (`qtune init`).
+pub fn random_tensor(cfg: &LlamaConfig, id: ParamId, seed: u64, std: f32) -> Result<Tensor> {
+    use qtune_quant::rng::{fill_gaussian, RngKey, STREAM_GAUSS};
+    let mut v = vec![0f32; id.numel(cfg)];
+    fill_gaussian(&RngKey::new(seed, id.index(cfg) as u32, STREAM_GAUSS), 0, &mut v);
+    if id.is_matrix() || id.is_bias() {
+        v.iter_mut().for_each(|x| *x *= std);
+    } else {
+        v.iter_mut().for_each(|x| *x = 1.0 + *x * std / 2.0);
+    }
+    Ok(Tensor::from_vec(v, id.shape(cfg), &Device::Cpu)?)
 }
