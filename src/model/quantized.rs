@@ -178,11 +178,26 @@ impl<W> Part<W> {
         let t = t.to_dtype(DType::F32)?;
         if id.is_matrix() {
             let (r, c) = t.dims2()?;
-            Ok(Part::Mat(quantize(id, &t.flatten_all()?.to_vec1::<f32>()?, r, c)?))
+            Ok(Part::Mat(with_f32_slice(&t, |v| quantize(id, v, r, c))??))
         } else {
             Ok(Part::Vec(t))
         }
     }
+}
+
+/// Runs `f` on the elements of an f32 tensor in row-major order, in place where the tensor is a contiguous CPU
+/// tensor: the quantizers read the matrix being loaded without a second f32 copy of it (at LLaMA-2-7B with a
+/// 49152-token vocabulary that copy was 0.75 GiB of the load's peak).
+pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    if let candle_core::Storage::Cpu(cpu) = &*storage {
+        let all = cpu.as_slice::<f32>()?;
+        let start = layout.start_offset();
+        return Ok(f(&all[start..start + t.elem_count()]));
+    }
+    drop(storage);
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 pub fn quant_err(e: qtune_quant::QuantError) -> Error {
