@@ -225,6 +225,20 @@ pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> candle_core::Result<Tensor> {
     w.reshape((n_heads, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
+/// Parameter `id` as read from a GGUF, in HF's layout: llama.cpp permutes Q/K (and their biases) for its `llama`
+/// architecture only.
+pub(crate) fn from_gguf_layout(cfg: &LlamaConfig, id: ParamId, t: Tensor) -> candle_core::Result<Tensor> {
+    match id {
+        ParamId::Block(_, BlockParam::Q | BlockParam::QBias) if cfg.arch != Arch::Qwen2 => {
+            unpermute_qk(&t, cfg.num_attention_heads)
+        }
+        ParamId::Block(_, BlockParam::K | BlockParam::KBias) if cfg.arch != Arch::Qwen2 => {
+            unpermute_qk(&t, cfg.num_key_value_heads)
+        }
+        _ => Ok(t),
+    }
+}
+
 /// Loads a LLaMA-architecture GGUF file; tensors are dequantized to f32.
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     load_model(path)
@@ -345,16 +359,7 @@ fn stream_gguf(path: &Path, check: &mut Check) -> Result<ModelHeader> {
         let mut t = q.dequantize(&Device::Cpu).map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
         // Shapes are checked by `check`; un-permute only what has the expected shape.
         if t.dims() == id.shape(cfg).as_slice() {
-            // llama.cpp permutes Q/K (and their biases) for its `llama` architecture only.
-            t = match id {
-                ParamId::Block(_, BlockParam::Q | BlockParam::QBias) if cfg.arch != Arch::Qwen2 => {
-                    unpermute_qk(&t, cfg.num_attention_heads)?
-                }
-                ParamId::Block(_, BlockParam::K | BlockParam::KBias) if cfg.arch != Arch::Qwen2 => {
-                    unpermute_qk(&t, cfg.num_key_value_heads)?
-                }
-                _ => t,
-            };
+            t = from_gguf_layout(cfg, id, t)?;
         }
         check(cfg, id, t, path)?;
     }

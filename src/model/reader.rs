@@ -1,8 +1,7 @@
 //! Random access to a model file's parameters, one at a time, as dense f32 (GGUF Q/K rows un-permuted): what a
 //! conversion (`qtune export MODEL`) reads, so converting a model never holds more than one f32 tensor of it.
-use super::config::Arch;
-use super::load::{gguf_open, read_header, unpermute_qk, weight_files, ModelHeader};
-use super::params::{BlockParam, ParamId};
+use super::load::{from_gguf_layout, gguf_open, read_header, weight_files, ModelHeader};
+use super::params::ParamId;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
@@ -93,15 +92,7 @@ impl ModelReader {
                 if q.dims() != id.shape(cfg).as_slice() {
                     return Err(Error::file(path, format!("tensor `{name}` has shape {:?}", q.dims())));
                 }
-                match id {
-                    ParamId::Block(_, BlockParam::Q | BlockParam::QBias) if cfg.arch != Arch::Qwen2 => {
-                        unpermute_qk(&q, cfg.num_attention_heads)?
-                    }
-                    ParamId::Block(_, BlockParam::K | BlockParam::KBias) if cfg.arch != Arch::Qwen2 => {
-                        unpermute_qk(&q, cfg.num_key_value_heads)?
-                    }
-                    _ => q,
-                }
+                from_gguf_layout(cfg, id, q)?
             }
         };
         if t.dims() != id.shape(cfg).as_slice() {
