@@ -80,6 +80,26 @@ impl StateWriter {
         Ok(())
     }
 
+    /// A 64-bit hash (FNV-1a over 8-byte words) of every tensor's name, shape and bytes: equal states, equal hashes.
+    pub fn digest(&self) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut eat = |bytes: &[u8]| {
+            let mut words = bytes.chunks_exact(8);
+            for w in &mut words {
+                h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(0x100_0000_01b3);
+            }
+            for &b in words.remainder() {
+                h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        };
+        for (name, (_, shape, data)) in &self.tensors {
+            eat(name.as_bytes());
+            shape.iter().for_each(|d| eat(&(*d as u64).to_le_bytes()));
+            eat(data);
+        }
+        h
+    }
+
     /// Writes the file atomically; the CRC of all tensors goes into the metadata.
     pub fn write(mut self, path: &Path) -> Result<()> {
         let c = crc(&self.tensors);

@@ -5,6 +5,7 @@
 //! - [`data`]: tasks (label-word classification, causal LM on prompt/completion pairs), splits and batching.
 //! - [`train`]: what a method is to the training loop, the first- and zeroth-order loops, optimizers, LR schedules,
 //!   the training loop with evaluation and run records, memory accounting.
+//! - [`dist`]: data parallelism across processes (MPI), the collective interface the loops call.
 //! - [`methods`]: the fine-tuning methods, each implementing the loops' traits, with its own options.
 //! - [`plan`], [`bench`], [`report`]: the memory planner, the benchmark and the run reports, above the methods.
 //! - [`io`]: crash-safe file output.
@@ -12,6 +13,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod fuzzing;
 pub mod io;

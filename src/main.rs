@@ -58,6 +58,11 @@ where
 }
 
 fn main() {
+    // Before anything else: MPI's world (when mpirun started this process) sets each rank's share of the cores.
+    let guard = qtune::dist::init().unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    });
     let cli = parse(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let r = match cli.cmd {
         Cmd::Train(a) => cli::train::run(a),
@@ -70,7 +75,14 @@ fn main() {
         Cmd::Init(a) => cli::init::run(a),
     };
     if let Err(e) = r {
+        let w = qtune::dist::world();
+        if w.size() > 1 {
+            // The other ranks may be waiting in a collective: end them all (mpirun names this rank).
+            eprintln!("error on rank {} of {}: {e}", w.rank(), w.size());
+            w.abort(1);
+        }
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+    drop(guard);
 }

@@ -267,7 +267,7 @@ pub fn plan_shape(splits: &Splits, cfg: &TrainConfig, dev: &Device) -> Result<Sh
     let mut batcher = Batcher::new(splits.train.examples.len(), cfg.seed);
     let mut train = Vec::new();
     for _ in 0..cfg.steps {
-        train.extend(next_micro_batches(&mut batcher, splits, cfg, dev)?.iter().map(BatchShape::of));
+        train.extend(next_micro_batches(&mut batcher, splits, cfg, 0..cfg.grad_accum, dev)?.iter().map(BatchShape::of));
     }
     let mut eval = Vec::new();
     for data in [&splits.dev, &splits.eval].into_iter().filter(|_| !cfg.skip_eval) {

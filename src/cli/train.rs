@@ -209,6 +209,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     // Ctrl-C: finish the current step, checkpoint, stop.
     let _ = ctrlc::set_handler(|| trainer::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst));
     let s = trainer::train(&model, method.as_mut(), &splits, Some(&tok), &c.model.display().to_string(), &cfg)?;
+    if !qtune::dist::is_root() {
+        // Rank 0 wrote the run's files and reports them.
+        return Ok(());
+    }
     verdict(&out)?;
     eprintln!(
         "{}: median step {:.2} s, {:.1} tok/s, model state {:.2} B/param; wrote {}",

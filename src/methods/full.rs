@@ -108,6 +108,10 @@ impl FirstOrder for FullFinetune {
     fn optimizer_bytes(&self) -> usize {
         self.opt.state_bytes()
     }
+
+    fn reduce(&mut self) -> Result<()> {
+        self.grads.all_reduce()
+    }
 }
 
 impl Method for FullFinetune {

@@ -146,7 +146,7 @@ impl QuantFormat for Nf4Tensor {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Factor {
     /// [r, in]
     A,
@@ -355,6 +355,11 @@ impl<B: FrozenBase> FirstOrder for Lora<B> {
 
     fn optimizer_bytes(&self) -> usize {
         self.update.opt.state_bytes()
+    }
+
+    /// Only the factors' gradients travel: the frozen base has none.
+    fn reduce(&mut self) -> Result<()> {
+        self.weights.grads.get_mut().all_reduce()
     }
 }
 

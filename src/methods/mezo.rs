@@ -9,7 +9,7 @@
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::{Batch, Llama, LlamaConfig, ParamId, ParamStore, Weights};
 use crate::train::memory::Breakdown;
-use crate::train::zeroth_order::{self, mean_loss, Perturbation, ZoLoop};
+use crate::train::zeroth_order::{self, micro_losses, Perturbation, ZoLoop};
 use crate::train::{Method, StepStats};
 use crate::{Error, Result};
 use candle_core::{DType, Storage, Tensor, WithDType};
@@ -117,8 +117,8 @@ impl Perturbation for Mezo {
         &mut self.zo
     }
 
-    fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, _d: &(), eps: f64) -> Result<f32> {
-        mean_loss(model, &Perturbed { base: &self.params, seed, eps }, micro)
+    fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, _d: &(), eps: f64) -> Result<Vec<f32>> {
+        micro_losses(model, &Perturbed { base: &self.params, seed, eps }, micro)
     }
 
     fn update(&mut self, zo: &ZoLoop, est: &[(u64, (), f64)], lr: f64) -> Result<()> {
@@ -212,8 +212,8 @@ mod tests {
         for id in p.ids() {
             q.set(id, (p.get(id) + (direction(&p, id, 42).unwrap() * 1e-2).unwrap()).unwrap());
         }
-        let a = mean_loss(&m, &Perturbed { base: &p, seed: 42, eps: 1e-2 }, &[batch(true)]).unwrap();
-        let b = mean_loss(&m, &q, &[batch(true)]).unwrap();
+        let a = micro_losses(&m, &Perturbed { base: &p, seed: 42, eps: 1e-2 }, &[batch(true)]).unwrap()[0];
+        let b = micro_losses(&m, &q, &[batch(true)]).unwrap()[0];
         assert_eq!(a, b);
     }
 

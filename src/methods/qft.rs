@@ -13,6 +13,8 @@
 //!   entry at the same depth (the backward's order is fixed) by dequantize, add, stochastic re-quantize.
 //! - Global-norm clipping: the norm is summed from the f32 gradients of the last micro-batch's pushes (after
 //!   accumulation), before they are quantized, and the clip factor is applied when the optimizer pops.
+//! - Several ranks (`crate::dist`): each rank accumulates its micro-batches as above, then every stack entry is
+//!   summed over the ranks from the INT8 codes and scales ([`Int8Blocks::all_reduce`]) and re-quantized once more.
 //! - Fused variant (`fused`): the Lion update is applied inside the backward as each f32 gradient arrives (no
 //!   stack, no gradient state); it needs one micro-batch per step and no clipping (both need every gradient first).
 use super::{RunContext, Storage};
@@ -104,6 +106,35 @@ impl Int8Blocks {
 
     pub fn bytes(&self) -> usize {
         self.pieces.iter().map(|p| p.storage_bytes().total()).sum()
+    }
+
+    /// Sums the array over the ranks (`crate::dist`): every rank's INT8 codes and block scales travel (1 + 4/256
+    /// bytes an element, about a quarter of f32), are dequantized and added in rank order in f32 (a sum of INT8
+    /// codes with different scales, or of many ranks, does not fit INT8), and the sum is re-quantized with
+    /// stochastic rounding keyed by `key`, the same on every rank, so every rank keeps the same codes. Returns
+    /// Σ sum² (before the re-quantization, as [`Int8Blocks::rewrite`] counts it).
+    pub fn all_reduce(&mut self, key: RngKey) -> Result<f64> {
+        let codes: Vec<u8> = self.pieces.iter().flat_map(|p| p.codes().iter().copied()).collect();
+        let scales: Vec<f32> = self.pieces.iter().flat_map(|p| p.scales().iter().copied()).collect();
+        let all_codes = crate::dist::gather_bytes(&codes)?;
+        let all_scales = crate::dist::gather_f32(&scales)?;
+        let mut other = vec![0f32; PIECE.min(self.len)];
+        self.rewrite(key, |start, v| {
+            for (r, scales) in all_scales.iter().enumerate() {
+                let codes = &all_codes[r * codes.len() + start..r * codes.len() + start + v.len()];
+                let scales = scales[start / BLOCK..(start + v.len()).div_ceil(BLOCK)].to_vec();
+                let piece =
+                    IntTensor::from_raw(1, v.len(), Self::SPEC, codes.to_vec(), scales, None).map_err(quant_err)?;
+                let o = &mut other[..v.len()];
+                piece.dequantize_span(0, o).map_err(quant_err)?;
+                if r == 0 {
+                    v.copy_from_slice(o);
+                } else {
+                    v.iter_mut().zip(o.iter()).for_each(|(a, b)| *a += b);
+                }
+            }
+            Ok(())
+        })
     }
 
     /// [`Int8Blocks::bytes`] of an array of `len` elements, from its length alone (the memory planner's count).
@@ -487,7 +518,8 @@ impl FirstOrder for Qft {
                 last: k + 1 == n,
                 sumsq: 0.0,
                 seed: self.cfg.seed ^ self.step,
-                micro: k as u64,
+                // The micro-batch's index in the whole step, so each rank rounds with its own stream.
+                micro: (crate::dist::world().rank() * n + k) as u64,
             };
             model.backward(&self.weights, trace, &mut sink)?;
             self.sumsq += sink.sumsq;
@@ -522,6 +554,25 @@ impl FirstOrder for Qft {
 
     fn optimizer_bytes(&self) -> usize {
         self.momentum.iter().map(|m| m.bytes()).sum()
+    }
+
+    /// Each stack entry's INT8 blocks are summed over the ranks ([`Int8Blocks::all_reduce`]); the clipping norm is
+    /// then the sum's. The fused variant applies its update inside the backward, before any sum could exist.
+    fn reduce(&mut self) -> Result<()> {
+        if self.cfg.fused {
+            return Err(Error::Option(
+                "--fused updates inside the backward, before the ranks' gradients could be summed: \
+                 drop --fused to train on several ranks"
+                    .into(),
+            ));
+        }
+        self.sumsq = 0.0;
+        for (depth, (_, g)) in self.stack.iter_mut().enumerate() {
+            // Its own rounding stream: the step's micro-batches used micro = 0 .. n·ranks.
+            let seed = direction_seed(self.cfg.seed ^ self.step, u64::MAX, depth);
+            self.sumsq += g.all_reduce(RngKey::new(seed, depth as u32, STREAM_SR_GRAD))?;
+        }
+        Ok(())
     }
 }
 

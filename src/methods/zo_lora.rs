@@ -16,7 +16,7 @@ use crate::model::quantized::Compute;
 use crate::model::{Batch, Llama, LlamaConfig, ParamId, Weights};
 use crate::train::memory::Breakdown;
 use crate::train::trained::Trained;
-use crate::train::zeroth_order::{self, mean_loss, Perturbation, ZoLoop};
+use crate::train::zeroth_order::{self, micro_losses, Perturbation, ZoLoop};
 use crate::train::{Method, StepStats};
 use crate::Result;
 use candle_core::Tensor;
@@ -83,11 +83,11 @@ impl<B: FrozenBase> ZoLora<B> {
         Ok(out)
     }
 
-    /// Mean loss with the factors perturbed by `eps·u₁(seed)` (the factors are restored after).
-    fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, eps: f64) -> Result<f32> {
+    /// The micro-batches' losses with the factors perturbed by `eps·u₁(seed)` (the factors are restored after).
+    fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, eps: f64) -> Result<Vec<f32>> {
         let perturbed = self.combine(1.0, &[(seed, eps)], false)?;
         let saved = std::mem::replace(&mut self.weights.factors, perturbed);
-        let loss = mean_loss(model, &self.weights, micro);
+        let loss = micro_losses(model, &self.weights, micro);
         self.weights.factors = saved;
         loss
     }
@@ -101,7 +101,7 @@ impl<B: FrozenBase> Perturbation for ZoLora<B> {
         &mut self.zo
     }
 
-    fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, _d: &(), eps: f64) -> Result<f32> {
+    fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, _d: &(), eps: f64) -> Result<Vec<f32>> {
         ZoLora::loss_at(self, model, micro, seed, eps)
     }
 

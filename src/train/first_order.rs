@@ -1,7 +1,8 @@
 //! The first-order step, written once for every method that backpropagates (full fine-tuning, QAT, LoRA/QLoRA,
 //! QST, QFT): forward and backward each micro-batch into the method's gradient store, average the losses, check
 //! for non-finite values, clip by the global norm, update. A method supplies what is its own through
-//! [`FirstOrder`]: how it runs a micro-batch, where its gradients go, and how it applies them.
+//! [`FirstOrder`]: how it runs a micro-batch, where its gradients go, how they are summed over ranks, and how it
+//! applies them.
 use super::method::{Figures, Method, OnNonFinite, StepStats};
 use crate::model::{Batch, Keep, Llama};
 use crate::Result;
@@ -61,6 +62,9 @@ pub trait FirstOrder: Method {
     fn update(&mut self, scale: Option<f64>, lr: f64) -> Result<Figures>;
     /// Bytes of optimizer state after the update.
     fn optimizer_bytes(&self) -> usize;
+    /// With several ranks (`crate::dist`): sums the gradient store over them, in a fixed order, once this rank's
+    /// micro-batches have all been added (before [`FirstOrder::summed`]).
+    fn reduce(&mut self) -> Result<()>;
 }
 
 /// One optimizer step of a first-order method over `micro` at learning rate `lr`.
@@ -68,12 +72,18 @@ pub fn step(m: &mut dyn FirstOrder, model: &Llama, micro: &[Batch], lr: f64) -> 
     let (clip, on_nan) = m.loop_options();
     let n = micro.len();
     let mut mem = m.state_bytes();
-    let mut loss = 0f32;
+    let mut losses = Vec::with_capacity(n);
     for (k, batch) in micro.iter().enumerate() {
         let r = m.accumulate(model, batch, (k, n), lr)?;
         mem.activations = mem.activations.max(r.activations);
         mem.scratch = mem.scratch.max(r.scratch);
-        loss += r.loss / n as f32;
+        losses.push(r.loss);
+    }
+    // Several ranks: every rank's micro-batches count, and the gradients are summed over the ranks.
+    let loss = crate::dist::mean_in_order(&losses)?;
+    let n = n * crate::dist::world().size();
+    if crate::dist::world().size() > 1 {
+        m.reduce()?;
     }
     let (gradients, norm) = m.summed()?;
     mem.gradients = mem.gradients.max(gradients);

@@ -1,9 +1,10 @@
 //! Dense gradient buffers: the [`GradSink`] of the FP32 baselines. Gradients of successive micro-batches are
 //! summed; the optimizer takes them out once per step. Keyed by [`ParamId`] for the model's own parameters, or by
-//! a method's own key for parameters outside the model (LoRA factors, QST's side network).
+//! a method's own key for parameters outside the model (LoRA factors, QST's side network). With several ranks the
+//! buffers are summed over them once every local micro-batch has run ([`DenseGrads::all_reduce`]).
 use crate::model::{GradSink, ParamId};
-use crate::Result;
-use candle_core::Tensor;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::hash::Hash;
 
@@ -55,7 +56,49 @@ impl<K: Hash + Eq> DenseGrads<K> {
     pub fn clear(&mut self) {
         self.grads.clear();
     }
+
+    /// Sums every buffer over the ranks (`crate::dist`), keys in ascending order, in buckets of about
+    /// [`BUCKET`] elements: the same bits on every rank, and with one micro-batch per rank the same bits as one
+    /// process adding the micro-batches in turn. Transient memory: a bucket and its gathered copies.
+    pub fn all_reduce(&mut self) -> Result<()>
+    where
+        K: Ord + Copy,
+    {
+        let mut keys: Vec<K> = self.grads.keys().copied().collect();
+        keys.sort();
+        crate::dist::check_agree(keys.len() as u64, "the number of gradient tensors")?;
+        let mut start = 0;
+        while start < keys.len() {
+            let (mut end, mut len) = (start, 0);
+            while end < keys.len() && (end == start || len + self.grads[&keys[end]].elem_count() <= BUCKET) {
+                len += self.grads[&keys[end]].elem_count();
+                end += 1;
+            }
+            let mut bucket = Vec::with_capacity(len);
+            for k in &keys[start..end] {
+                let g = &self.grads[k];
+                if g.dtype() != DType::F32 {
+                    return Err(Error::Msg(format!("data-parallel training sums f32 gradients, not {:?}", g.dtype())));
+                }
+                bucket.extend(g.flatten_all()?.to_vec1::<f32>()?);
+            }
+            crate::dist::sum_f32(&mut bucket)?;
+            let mut at = 0;
+            for k in &keys[start..end] {
+                let g = &self.grads[k];
+                let n = g.elem_count();
+                let summed = Tensor::from_slice(&bucket[at..at + n], g.shape(), g.device())?;
+                self.grads.insert(*k, summed);
+                at += n;
+            }
+            start = end;
+        }
+        Ok(())
+    }
 }
+
+/// Elements per all-reduce bucket of [`DenseGrads::all_reduce`] (16 MiB of f32, under PyTorch DDP's 25 MB).
+pub const BUCKET: usize = 1 << 22;
 
 #[cfg(test)]
 mod tests {

@@ -36,6 +36,15 @@ pub struct Summary {
     pub batch_size: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_accum: Option<usize>,
+    /// Processes that trained (data parallelism; absent for one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<usize>,
+    /// Median bytes one rank sent per step (several ranks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_bytes_per_step: Option<f64>,
+    /// The trained state's hash, checked equal on every rank (several ranks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_hash: Option<String>,
     pub max_seq_len: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,

@@ -1,6 +1,10 @@
 //! The training loop shared by every method: seeded batches, LR schedule, evaluation before and after, a progress
 //! bar (loss, tokens/s, memory), a jsonl run log, checkpoints and resume, the memory report, `summary.json`
 //! ([`Summary`]), and the export.
+//!
+//! Across ranks (`crate::dist`): every rank draws the same batches and runs its share of each step's micro-batches;
+//! rank 0 alone writes the log, checkpoints, summary and exports; every rank evaluates (the weights are the same
+//! on all), and at the end the ranks check that their training states hash the same.
 use super::eval::{describe, evaluate, write_predictions, EvalResult, EvalSettings};
 use super::memory;
 use super::method::Method;
@@ -8,6 +12,7 @@ use super::records::{machine, median, read_log, LogLine, Summary};
 use super::schedule::Schedule;
 use super::selection::{best_path, DevPoint, Selection, SelectionArgs};
 use crate::data::{make_batch, Batcher, Splits, TaskData};
+use crate::dist;
 use crate::model::export::{export_paths, write_peft, ExportArgs, Format};
 use crate::model::gguf_export::write_gguf;
 use crate::model::{Batch, Llama, LlamaConfig, Tok, MAX_ROWS};
@@ -79,6 +84,9 @@ struct LoopState {
 }
 
 fn save_checkpoint(method: &dyn Method, path: &Path, st: &LoopState) -> Result<()> {
+    if !dist::is_root() {
+        return Ok(());
+    }
     let mut w = crate::checkpoint::StateWriter::new(method.name());
     w.meta("trainer", st);
     method.save_state(&mut w)?;
@@ -143,7 +151,7 @@ pub fn train(
         None if cfg.skip_eval => None,
         None => eval(&splits.dev, method)?,
     };
-    if let (Some(r), None) = (&dev_before, &resumed) {
+    if let (Some(r), None, true) = (&dev_before, &resumed, dist::is_root()) {
         eprintln!(
             "dev accuracy before: {:.4} (loss {:.4}, {} examples, {:.0} tok/s)",
             r.accuracy,
@@ -162,20 +170,33 @@ pub fn train(
     };
     // The kept lines go to a new file that replaces the old one whole, so a resume that is itself interrupted here
     // still leaves the earlier steps' lines behind.
+    let root = dist::is_root();
     let tmp = cfg.out.join("log.jsonl.tmp");
-    let mut log = std::fs::File::create(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
+    let mut log = match root {
+        true => Some(std::fs::File::create(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?),
+        false => None,
+    };
     let mut write_line = |l: &LogLine| -> Result<()> {
-        Ok(writeln!(log, "{}", serde_json::to_string(l).map_err(|e| Error::Msg(e.to_string()))?)?)
+        match &mut log {
+            Some(log) => Ok(writeln!(log, "{}", serde_json::to_string(l).map_err(|e| Error::Msg(e.to_string()))?)?),
+            None => Ok(()),
+        }
     };
     for l in &kept {
         write_line(l)?;
     }
-    std::fs::rename(&tmp, &log_path).map_err(|e| Error::file(&log_path, format!("cannot replace: {e}")))?;
+    if root {
+        std::fs::rename(&tmp, &log_path).map_err(|e| Error::file(&log_path, format!("cannot replace: {e}")))?;
+    }
     let bar = indicatif::ProgressBar::new(cfg.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
             .expect("valid template"),
     );
+    if !root {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mine = dist::my_micro_batches(cfg.grad_accum)?;
     let mut batcher =
         resumed.as_ref().map_or_else(|| Batcher::new(splits.train.examples.len(), cfg.seed), |st| st.batcher.clone());
     // Dev evaluations during training: by accuracy when examples have answers, else by loss.
@@ -183,27 +204,42 @@ pub fn train(
     let mut selection = resumed.as_ref().map_or_else(Selection::default, |st| st.selection.clone());
     if let (Some(r), None, true) = (&dev_before, &resumed, cfg.selection.eval_every > 0) {
         selection.record(DevPoint { step: 0, accuracy: r.accuracy, loss: r.loss }, by_accuracy);
-        selection.write(&cfg.out)?;
+        if root {
+            if root {
+                selection.write(&cfg.out)?;
+            }
+        }
     }
     // The latest periodic dev evaluation, reused as the final one when nothing changed since.
     let mut last_dev: Option<(usize, EvalResult)> = None;
     let mut stopped_early = None;
     let mut times: Vec<f64> = kept.iter().map(|l| l.step_time_s).collect();
     let mut tok_rates: Vec<f64> = kept.iter().map(|l| l.tokens as f64 / l.step_time_s).collect();
+    let mut sent: Vec<f64> = kept.iter().filter_map(|l| l.figures.get("sent_bytes").copied()).collect();
     let mut peak = kept.iter().fold(method.state_bytes(), |p, l| p.max(l.memory));
     // The earlier process's own peak died with it; its per-step RSS samples are a lower bound of that peak.
     let kept_rss = kept.iter().map(|l| l.rss_bytes).max().unwrap_or(0);
     let (mut last_loss, mut skipped) = (kept.last().map(|l| l.loss), resumed.as_ref().map_or(0, |st| st.skipped));
     bar.set_position(first_step as u64);
     // A line above the bar, or on stderr when the bar is hidden (not a terminal).
-    let say = |msg: String| if bar.is_hidden() { eprintln!("{msg}") } else { bar.println(msg) };
+    let say = |msg: String| match (root, bar.is_hidden()) {
+        (false, _) => {}
+        (true, true) => eprintln!("{msg}"),
+        (true, false) => bar.println(msg),
+    };
     for step in first_step..cfg.steps {
-        let micro = next_micro_batches(&mut batcher, splits, cfg, model.device())?;
+        let micro = next_micro_batches(&mut batcher, splits, cfg, mine.clone(), model.device())?;
+        // This rank's tokens: tokens/s is per rank.
         let tokens: usize = micro.iter().map(|b| b.real_tokens()).sum();
         let lr = cfg.schedule.lr(step);
-        let t0 = Instant::now();
-        let stats = method.step(model, &micro, lr)?;
+        let (t0, sent0) = (Instant::now(), dist::sent_bytes());
+        let mut stats = method.step(model, &micro, lr)?;
         let dt = t0.elapsed().as_secs_f64();
+        if dist::world().size() > 1 {
+            let bytes = (dist::sent_bytes() - sent0) as f64;
+            stats.figures.push(("sent_bytes", bytes));
+            sent.push(bytes);
+        }
         times.push(dt);
         tok_rates.push(tokens as f64 / dt);
         peak = peak.max(stats.memory);
@@ -276,6 +312,8 @@ pub fn train(
         }
     }
     bar.finish();
+    // Rank 0 may still be writing the best state the others are about to read.
+    dist::world().barrier()?;
     let steps_done = stopped_early.unwrap_or(cfg.steps);
     // Restore the best dev evaluation's state unless the current one is it (or the run keeps its last state).
     let mut restored = None;
@@ -307,8 +345,19 @@ pub fn train(
     if let Some(e) = &eval_res {
         eprintln!("eval accuracy: {}", describe(e));
     }
+    let state_hash = if dist::world().size() > 1 {
+        let h = state_hash(method)?;
+        dist::check_agree(h, "the trained state's hash")?;
+        say(format!("trained state hash {h:016x}: the same on all {} ranks", dist::world().size()));
+        Some(format!("{h:016x}"))
+    } else {
+        None
+    };
     let params = model.cfg.num_params();
     let peak_rss = memory::peak_rss_bytes().max(kept_rss);
+    if !root {
+        return Ok(Summary::default());
+    }
     eprint!("{}", memory::report(&peak, params, peak_rss));
     let mut summary = Summary {
         method: method.name().into(),
@@ -351,6 +400,9 @@ pub fn train(
         best_step: selection.best.map(|b| b.step).filter(|_| !cfg.selection.keep_last),
         stopped_early_at: stopped_early,
         machine: machine(),
+        ranks: Some(dist::world().size()),
+        sent_bytes_per_step: median(&mut sent),
+        state_hash,
         command: std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect(),
         ..Default::default()
     };
@@ -363,6 +415,14 @@ pub fn train(
         export(method, &model.cfg, cfg, tok, model_name)?;
     }
     Ok(summary)
+}
+
+/// A hash of the method's whole training state (weights, quantization scales, optimizer state), as a checkpoint
+/// would hold it: ranks that trained alike hold equal ones.
+fn state_hash(method: &dyn Method) -> Result<u64> {
+    let mut w = crate::checkpoint::StateWriter::new(method.name());
+    method.save_state(&mut w)?;
+    Ok(w.digest())
 }
 
 /// Writes each export `cfg.export` asks for under the run directory.
@@ -384,16 +444,19 @@ fn export(method: &dyn Method, mc: &LlamaConfig, cfg: &TrainConfig, tok: Option<
     Ok(())
 }
 
-/// The micro-batches of the next step, as training draws them, on `dev`.
+/// The micro-batches `mine` (of the step's `cfg.grad_accum`) of the next step, as training draws them, on `dev`.
+/// The batcher draws the whole step whatever `mine` is, so every rank stays at the same position.
 pub fn next_micro_batches(
     batcher: &mut Batcher,
     splits: &Splits,
     cfg: &TrainConfig,
+    mine: std::ops::Range<usize>,
     dev: &Device,
 ) -> Result<Vec<Batch>> {
-    (0..cfg.grad_accum)
-        .map(|_| {
-            let idx = batcher.next_indices(cfg.batch_size);
+    let drawn: Vec<Vec<usize>> = (0..cfg.grad_accum).map(|_| batcher.next_indices(cfg.batch_size)).collect();
+    drawn[mine]
+        .iter()
+        .map(|idx| {
             let exs: Vec<_> = idx.iter().map(|&i| &splits.train.examples[i]).collect();
             make_batch(&exs, splits.train.classes.as_deref(), cfg.max_seq_len, cfg.pad_id, dev)
         })
@@ -408,7 +471,7 @@ pub fn dump_batches(splits: &Splits, cfg: &TrainConfig, path: &Path, dev: &Devic
     let mut batcher = Batcher::new(splits.train.examples.len(), cfg.seed);
     crate::io::write_atomic(path, |f| {
         for step in 0..cfg.steps {
-            for (k, b) in next_micro_batches(&mut batcher, splits, cfg, dev)?.iter().enumerate() {
+            for (k, b) in next_micro_batches(&mut batcher, splits, cfg, 0..cfg.grad_accum, dev)?.iter().enumerate() {
                 let line = serde_json::json!({
                     "step": step, "micro": k, "ids": b.ids.to_vec2::<u32>()?, "lengths": b.lengths,
                     "positions": b.targets.positions, "classes": b.targets.classes, "labels": b.targets.labels,

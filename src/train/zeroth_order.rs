@@ -3,6 +3,9 @@
 //!   μ_k = [L(θ + εu_k) − L(θ − εu_k)] / 2ε,
 //! and an update θ ← θ − η·Σ_k μ_k·u_k / n the method replays from the seeds. A method supplies how a direction is
 //! drawn and applied through [`Perturbation`]; nothing of size θ is ever stored by the loop.
+//!
+//! Across ranks (`crate::dist`) each rank evaluates the same seeded directions on its micro-batches and the ranks
+//! exchange their losses only, 8 bytes per micro-batch and direction: the update is replayed from the seeds.
 use super::method::{Method, OnNonFinite, StepStats};
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::{Batch, Keep, Llama, Weights};
@@ -68,13 +71,9 @@ pub fn direction_seed(run_seed: u64, step: u64, dir: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Mean loss of the micro-batches under weights `w` (a forward with nothing kept).
-pub fn mean_loss(model: &Llama, w: &dyn Weights, micro: &[Batch]) -> Result<f32> {
-    let mut loss = 0f32;
-    for b in micro {
-        loss += model.forward(w, b, Keep::Nothing)?.0.loss / micro.len() as f32;
-    }
-    Ok(loss)
+/// The loss of each micro-batch under weights `w` (forwards with nothing kept).
+pub fn micro_losses(model: &Llama, w: &dyn Weights, micro: &[Batch]) -> Result<Vec<f32>> {
+    micro.iter().map(|b| Ok(model.forward(w, b, Keep::Nothing)?.0.loss)).collect()
 }
 
 /// A method's part of the zeroth-order step (the step's memory report starts from [`Method::state_bytes`]).
@@ -92,9 +91,10 @@ pub trait Perturbation: Method {
     fn direction(&self, _seed: u64) -> Self::Direction {
         Self::Direction::default()
     }
-    /// Mean loss over `micro` with the weights moved by `eps` along direction `d` (the weights themselves are left
-    /// as they were).
-    fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, d: &Self::Direction, eps: f64) -> Result<f32>;
+    /// The loss of each micro-batch of `micro` with the weights moved by `eps` along direction `d` (the weights
+    /// themselves are left as they were).
+    fn loss_at(&mut self, model: &Llama, micro: &[Batch], seed: u64, d: &Self::Direction, eps: f64)
+        -> Result<Vec<f32>>;
     /// θ ← θ·(1 − η·λ) − η·Σ_k μ_k·u_k / n over `est` = (seed, direction, μ) of step `zo.step` (λ is
     /// `zo.weight_decay`).
     fn update(&mut self, zo: &ZoLoop, est: &[(u64, Self::Direction, f64)], lr: f64) -> Result<()>;
@@ -120,8 +120,10 @@ fn two_point<P: Perturbation>(p: &mut P, zo: ZoLoop, model: &Llama, micro: &[Bat
     for dir in 0..zo.directions {
         let seed = direction_seed(zo.seed, zo.step, dir);
         let d = p.direction(seed);
-        let plus = p.loss_at(model, micro, seed, &d, eps)?;
-        let minus = p.loss_at(model, micro, seed, &d, -eps)?;
+        // This rank's micro-batches; the mean is over the whole step's, in the order one process would add them, so
+        // every rank computes the same μ_k and replays the same update (the loss pairs are all the ranks exchange).
+        let plus = crate::dist::mean_in_order(&p.loss_at(model, micro, seed, &d, eps)?)?;
+        let minus = crate::dist::mean_in_order(&p.loss_at(model, micro, seed, &d, -eps)?)?;
         est.push((seed, d, (plus as f64 - minus as f64) / (2.0 * eps)));
         loss_sum += (plus + minus) / 2.0;
     }

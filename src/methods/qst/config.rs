@@ -116,7 +116,7 @@ pub struct QstConfig {
 }
 
 /// Every tensor QST trains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SideParam {
     /// Downsample module i: i = 0 reads the embeddings, i = l + 1 base block l's output.
     Down(usize, DownParam),
@@ -133,7 +133,7 @@ pub enum SideParam {
     Alpha,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DownParam {
     /// Adapter / LoRA-style first factor [k, d].
     A,

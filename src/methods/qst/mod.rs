@@ -117,6 +117,11 @@ impl FirstOrder for Qst {
     fn optimizer_bytes(&self) -> usize {
         self.update.opt.state_bytes()
     }
+
+    /// Only the side network's gradients travel: the base is frozen.
+    fn reduce(&mut self) -> Result<()> {
+        self.grads.all_reduce()
+    }
 }
 
 impl Method for Qst {

@@ -1,0 +1,224 @@
+//! Data parallelism across processes: the [`Collective`] interface the training loops call, the process's world
+//! ([`world`]), and the few reductions built on it.
+//!
+//! One world per process, as MPI has it: `main` calls [`init`] once, which joins MPI's world when the process was
+//! started by `mpirun` (and the binary was built with the `mpi` feature) or stays a world of one. The loops read it
+//! through [`world`] rather than through an argument, since no method may ever talk to a second one.
+//!
+//! Every reduction is an all-gather followed by a sum in rank order, on every rank: the result is the same bits on
+//! every rank and in every run, whatever algorithm the MPI library picks for its own reductions (MPI's MPI_SUM on
+//! floats may associate differently from one rank, size or library version to the next). A ring all-gather sends
+//! (N − 1)·S bytes per rank against 2(N − 1)/N·S for a ring all-reduce: the same at N = 2, twice as much at large N.
+//! [`sent_bytes`] counts what this rank sends, (N − 1)·S per all-gather of S bytes.
+//!
+//! The data split: a step draws its `--grad-accum` micro-batches as one process would; rank r of N runs micro-batches
+//! r·G/N .. (r+1)·G/N ([`my_micro_batches`]), so the run is defined independently of N and a checkpoint resumes on
+//! any N that divides G.
+#[cfg(feature = "mpi")]
+mod mpi;
+
+use crate::{Error, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// The collective operations data parallelism needs. Implemented by MPI ([`init`]) and by the world of one; a GPU
+/// backend (NCCL) would implement the same.
+pub trait Collective: Send + Sync {
+    /// This process's rank, 0-based.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn size(&self) -> usize;
+    /// Every rank's `send` (the same length on every rank), concatenated in rank order.
+    fn all_gather(&self, send: &[u8]) -> Result<Vec<u8>>;
+    /// Waits for every rank.
+    fn barrier(&self) -> Result<()>;
+    /// Ends every rank's process (after this one printed why).
+    fn abort(&self, code: i32) -> !;
+}
+
+/// A world of one process.
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_gather(&self, send: &[u8]) -> Result<Vec<u8>> {
+        Ok(send.to_vec())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+static WORLD: OnceLock<Box<dyn Collective>> = OnceLock::new();
+static SENT: AtomicU64 = AtomicU64::new(0);
+
+/// The process's world: MPI's after [`init`] joined it, else a world of one.
+pub fn world() -> &'static dyn Collective {
+    WORLD.get_or_init(|| Box::new(Single)).as_ref()
+}
+
+/// Bytes this rank has sent through the collectives so far.
+pub fn sent_bytes() -> u64 {
+    SENT.load(Ordering::Relaxed)
+}
+
+/// Keeps MPI initialised while it lives (dropping it finalises MPI).
+pub struct Guard {
+    #[cfg(feature = "mpi")]
+    _universe: Option<::mpi::environment::Universe>,
+}
+
+/// The number of processes `mpirun` (Open MPI, or a PMI launcher) says it started, if it started this one.
+fn launched_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"].iter().find_map(|k| std::env::var(k).ok()?.parse().ok())
+}
+
+/// Joins the world this process was started in. Call once, first thing in `main`, before any thread pool starts:
+/// with several ranks on one machine it gives each rank its share of the cores (`RAYON_NUM_THREADS`, unless set).
+pub fn init() -> Result<Guard> {
+    let Some(n) = launched_size().filter(|&n| n > 1) else {
+        return Ok(Guard {
+            #[cfg(feature = "mpi")]
+            _universe: None,
+        });
+    };
+    #[cfg(feature = "mpi")]
+    {
+        let local = std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE").ok().and_then(|s| s.parse::<usize>().ok()).unwrap_or(n);
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            std::env::set_var("RAYON_NUM_THREADS", (cores / local.max(1)).max(1).to_string());
+        }
+        let (universe, comm) = mpi::Mpi::init()?;
+        if comm.size() != n {
+            return Err(Error::Msg(format!("mpirun started {n} processes but MPI's world has {}", comm.size())));
+        }
+        WORLD.set(Box::new(comm)).map_err(|_| Error::Msg("dist::init called twice".into()))?;
+        Ok(Guard { _universe: Some(universe) })
+    }
+    #[cfg(not(feature = "mpi"))]
+    Err(Error::Option(format!(
+        "started by mpirun as one of {n} processes, but this qtune was built without MPI: \
+         cargo build --release --features mpi (scripts/setup_mpi.sh installs what it needs)"
+    )))
+}
+
+/// Whether this rank writes the run's files (logs, checkpoints, exports, summaries).
+pub fn is_root() -> bool {
+    world().rank() == 0
+}
+
+/// The micro-batches of a step of `total` this rank runs: a contiguous share, the same size on every rank.
+pub fn my_micro_batches(total: usize) -> Result<std::ops::Range<usize>> {
+    let w = world();
+    let (r, n) = (w.rank(), w.size());
+    if total % n != 0 {
+        return Err(Error::Option(format!(
+            "--grad-accum {total} cannot be split evenly over {n} ranks: give a multiple of {n} \
+             (each rank runs --grad-accum / ranks micro-batches of --batch-size rows)"
+        )));
+    }
+    let per = total / n;
+    Ok(r * per..(r + 1) * per)
+}
+
+/// Every rank's `send` (the same length everywhere), one vector per rank in rank order.
+pub fn gather_f32(send: &[f32]) -> Result<Vec<Vec<f32>>> {
+    let bytes: Vec<u8> = send.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let all = gather_bytes(&bytes)?;
+    Ok(all
+        .chunks(bytes.len().max(1))
+        .take(world().size())
+        .map(|c| c.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        .collect())
+}
+
+/// Every rank's bytes, concatenated in rank order (sent in pieces MPI's 32-bit counts can carry), counted in
+/// [`sent_bytes`].
+pub fn gather_bytes(send: &[u8]) -> Result<Vec<u8>> {
+    const PIECE: usize = 1 << 28;
+    let w = world();
+    let n = w.size();
+    if n == 1 {
+        return Ok(send.to_vec());
+    }
+    SENT.fetch_add(((n - 1) * send.len()) as u64, Ordering::Relaxed);
+    if send.len() <= PIECE {
+        return w.all_gather(send);
+    }
+    let mut out = vec![0u8; send.len() * n];
+    for (p, piece) in send.chunks(PIECE).enumerate() {
+        let got = w.all_gather(piece)?;
+        for (r, part) in got.chunks(piece.len()).enumerate() {
+            let at = r * send.len() + p * PIECE;
+            out[at..at + piece.len()].copy_from_slice(part);
+        }
+    }
+    Ok(out)
+}
+
+/// `buf` ← Σ_r buf_r over the ranks, added in rank order ((buf_0 + buf_1) + buf_2 …): the same bits on every rank,
+/// and what one process gets adding its micro-batches' gradients in turn.
+pub fn sum_f32(buf: &mut [f32]) -> Result<()> {
+    if world().size() == 1 {
+        return Ok(());
+    }
+    let all = gather_f32(buf)?;
+    buf.copy_from_slice(&all[0]);
+    for r in &all[1..] {
+        buf.iter_mut().zip(r).for_each(|(b, x)| *b += x);
+    }
+    Ok(())
+}
+
+/// The mean of every rank's values in global order (rank 0's first), added as one process adds a step's micro-batch
+/// losses: `Σ_k l_k / n` in f32, k ascending. With one rank it is the mean of `local`.
+pub fn mean_in_order(local: &[f32]) -> Result<f32> {
+    let all: Vec<f32> = gather_f32(local)?.concat();
+    let n = all.len() as f32;
+    Ok(all.iter().fold(0f32, |acc, &l| acc + l / n))
+}
+
+/// Each rank's `value`, in rank order (a hash, a count: to check the ranks agree).
+pub fn gather_u64(value: u64) -> Result<Vec<u64>> {
+    let all = gather_bytes(&value.to_le_bytes())?;
+    Ok(all.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
+}
+
+/// Fails unless every rank holds the same `value` (named `what` in the error, with each rank's value).
+pub fn check_agree(value: u64, what: &str) -> Result<()> {
+    let all = gather_u64(value)?;
+    if all.iter().all(|&v| v == all[0]) {
+        return Ok(());
+    }
+    let each: Vec<String> = all.iter().enumerate().map(|(r, v)| format!("rank {r}: {v:016x}")).collect();
+    Err(Error::Msg(format!("the ranks disagree on {what}: {}", each.join(", "))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In a world of one every reduction is the identity, and the mean is the one-process mean of the step's
+    /// micro-batch losses (the zeroth-order loop's old `Σ l_k / n`, same bits).
+    #[test]
+    fn world_of_one_reductions_are_identities() {
+        let mut v = vec![1.5f32, -2.0, 3.25];
+        sum_f32(&mut v).unwrap();
+        assert_eq!(v, [1.5, -2.0, 3.25]);
+        let l = [0.1f32, 0.7, 0.3];
+        let old = l.iter().fold(0f32, |a, &x| a + x / 3.0);
+        assert_eq!(mean_in_order(&l).unwrap().to_bits(), old.to_bits());
+        assert_eq!(my_micro_batches(4).unwrap(), 0..4);
+        check_agree(42, "a value").unwrap();
+        assert_eq!(sent_bytes(), 0, "a world of one sends nothing");
+    }
+}
