@@ -203,6 +203,17 @@ pub fn check_agree(value: u64, what: &str) -> Result<()> {
     Err(Error::Msg(format!("the ranks disagree on {what}: {}", each.join(", "))))
 }
 
+/// Fault injection for the tests of a rank's death: `QTUNE_DIE=RANK:STEP` makes rank RANK abort (as a crash would:
+/// no cleanup, no MPI finalize) once step STEP (0-based) is done and checkpointed.
+pub fn maybe_die(step: usize) {
+    let Ok(spec) = std::env::var("QTUNE_DIE") else { return };
+    let parsed = spec.split_once(':').and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<usize>().ok()?)));
+    if parsed == Some((world().rank(), step)) {
+        eprintln!("QTUNE_DIE={spec}: rank {} aborts after step {step}", world().rank());
+        std::process::abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -205,9 +205,7 @@ pub fn train(
     if let (Some(r), None, true) = (&dev_before, &resumed, cfg.selection.eval_every > 0) {
         selection.record(DevPoint { step: 0, accuracy: r.accuracy, loss: r.loss }, by_accuracy);
         if root {
-            if root {
-                selection.write(&cfg.out)?;
-            }
+            selection.write(&cfg.out)?;
         }
     }
     // The latest periodic dev evaluation, reused as the final one when nothing changed since.
@@ -285,7 +283,9 @@ pub fn train(
             if best {
                 save_checkpoint(method, &best_path(&cfg.out), &state(&selection))?;
             }
-            selection.write(&cfg.out)?;
+            if root {
+                selection.write(&cfg.out)?;
+            }
             last_dev = Some((step + 1, r));
         }
         let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
@@ -294,6 +294,7 @@ pub fn train(
         if due || interrupted || stop {
             save_checkpoint(method, &checkpoint_path(&cfg.out), &state(&selection))?;
         }
+        dist::maybe_die(step);
         if interrupted {
             bar.abandon();
             return Err(Error::Msg(format!(

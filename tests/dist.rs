@@ -1,0 +1,305 @@
+//! Data parallelism end to end (the `mpi` feature; `cargo test --features mpi --test dist`, with Open MPI's
+//! `mpirun` on the PATH: `scripts/setup_mpi.sh`). Each test runs the `qtune` binary under `mpirun -np 2` (two ranks
+//! oversubscribing the cores) against one process training the same step with the same micro-batches, on the tiny
+//! fixture model:
+//! - every method: the same exported weights, bit for bit, except QFT (within a stated tolerance: each rank's
+//!   gradient is rounded to INT8 once more before the sum); the bytes sent per step are what the method promises;
+//! - a rank that dies ends the run with an error naming it, and the last checkpoint resumes on one rank or two;
+//! - a run across two network namespaces joined by a veth pair (two hosts with their own addresses), when this
+//!   machine lets the test make them (root), else skipped with the reason printed.
+#![cfg(feature = "mpi")]
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const TINY: &str = "tests/fixtures/tiny_llama";
+
+fn data(dir: &Path) -> PathBuf {
+    let p = dir.join("lm.jsonl");
+    let rows: Vec<String> = (0..24)
+        .map(|i| format!(r#"{{"prompt": "Q{i}: what is {i} plus one?", "completion": " {}"}}"#, i + 1))
+        .collect();
+    std::fs::write(&p, rows.join("\n")).unwrap();
+    p
+}
+
+/// `qtune train` on the lm data: `steps` steps of 2 micro-batches of 2 rows, written to `out`.
+fn train_args(data: &Path, out: &Path, method: &[&str], steps: usize) -> Vec<String> {
+    let mut a: Vec<String> = ["train", "--model", TINY, "--task", "lm", "--data"].map(String::from).to_vec();
+    a.push(data.display().to_string());
+    a.extend(
+        ["--train-size", "12", "--dev-size", "4", "--eval-size", "4", "--max-seq-len", "32", "--lr", "1e-3"]
+            .map(String::from),
+    );
+    a.extend(["--batch-size", "2", "--grad-accum", "2", "--export", "hf", "--steps"].map(String::from));
+    a.push(steps.to_string());
+    a.extend(method.iter().map(|s| s.to_string()));
+    a.push("--out".into());
+    a.push(out.display().to_string());
+    a
+}
+
+fn mpi_env(c: &mut Command) -> &mut Command {
+    // Root in containers and CI; two ranks on however many cores there are.
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+}
+
+fn one(args: &[String], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qtune")).args(args).envs(env.iter().copied()).output().unwrap()
+}
+
+fn two(args: &[String], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new("mpirun");
+    mpi_env(&mut c).args(["-np", "2", "--oversubscribe", env!("CARGO_BIN_EXE_qtune")]).args(args);
+    c.envs(env.iter().copied()).output().expect("mpirun on the PATH (scripts/setup_mpi.sh installs Open MPI)")
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(o.status.success(), "{what} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The exported weight files of a run, by name.
+fn weights(run: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(run.join("model"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} exported no weights", run.display());
+    files.iter().map(|p| (p.file_name().unwrap().to_string_lossy().into(), std::fs::read(p).unwrap())).collect()
+}
+
+fn summary(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+}
+
+/// Every tensor of two safetensors files, as f32 vectors by name.
+fn tensors(bytes: &[u8]) -> Vec<(String, Vec<f32>)> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Two ranks with one micro-batch each against one process with both: the same weights, bit for bit, for every
+/// method but QFT; each rank sends what the method promises per step: zeroth-order 8 bytes (two f32 losses of its
+/// micro-batch), FP32 first-order 4 bytes per trainable parameter (LoRA, QLoRA and QST: only the trained ones).
+#[test]
+fn two_ranks_train_exactly_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = data(dir.path());
+    let methods: &[&[&str]] = &[
+        &["--method", "full-adamw"],
+        &["--method", "full-lion"],
+        &["--method", "qat"],
+        &["--method", "lora"],
+        &["--method", "qlora"],
+        &["--method", "qst"],
+        &["--method", "mezo"],
+        &["--method", "mezo", "--lora", "--directions", "2"],
+        &["--method", "quzo"],
+        &["--method", "quzo", "--bits", "4", "--lora"],
+    ];
+    for (i, m) in methods.iter().enumerate() {
+        let (a, b) = (dir.path().join(format!("one{i}")), dir.path().join(format!("two{i}")));
+        ok(&one(&train_args(&d, &a, m, 3), &[]), &format!("{m:?}, one process"));
+        ok(&two(&train_args(&d, &b, m, 3), &[]), &format!("{m:?}, two ranks"));
+        assert!(weights(&a) == weights(&b), "{m:?}: two ranks trained other weights than one process");
+        let s = summary(&b);
+        assert_eq!(s["ranks"], 2, "{m:?}");
+        assert!(s["state_hash"].is_string(), "{m:?}: no state hash in the summary");
+        let sent = s["sent_bytes_per_step"].as_f64().unwrap();
+        let zo = m[1] == "mezo" || m[1] == "quzo";
+        let directions = if m.contains(&"--directions") { 2.0 } else { 1.0 };
+        // First-order: + 4 bytes for the micro-batch's loss, + 8 for the count of gradient tensors each rank checks
+        // the others agree on.
+        let expected = if zo { 8.0 * directions } else { 4.0 * s["trainable_params"].as_f64().unwrap() + 12.0 };
+        assert_eq!(sent, expected, "{m:?}: bytes sent per step");
+    }
+}
+
+/// QFT sends its INT8 gradient blocks with their scales, about a quarter of the f32 bytes, and each rank's
+/// gradient is rounded to INT8 (stochastically) once more before the sum, where one process adds the second
+/// micro-batch's f32 gradient to the first's codes. So the weights differ by rounding noise: Lion steps by
+/// ±lr·sign, and an entry whose momentum is near zero may take the other sign. Budget: under 5% of the entries
+/// differ, and the difference is under 30% of the update's norm in every tensor (measured: 1-2% and 11-17%).
+#[test]
+fn qft_on_two_ranks_sends_a_quarter_and_stays_within_rounding_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = data(dir.path());
+    let (a, b) = (dir.path().join("one"), dir.path().join("two"));
+    ok(&one(&train_args(&d, &a, &["--method", "qft"], 3), &[]), "qft, one process");
+    ok(&two(&train_args(&d, &b, &["--method", "qft"], 3), &[]), "qft, two ranks");
+    let s = summary(&b);
+    let f32_bytes = 4.0 * s["trainable_params"].as_f64().unwrap();
+    let sent = s["sent_bytes_per_step"].as_f64().unwrap();
+    assert!(sent < 0.27 * f32_bytes && sent > 0.25 * f32_bytes, "QFT sent {sent} bytes against {f32_bytes} in f32");
+    let base = tensors(&std::fs::read(Path::new(TINY).join("model.safetensors")).unwrap());
+    let (wa, wb) = (weights(&a), weights(&b));
+    let (ta, tb) = (tensors(&wa[0].1), tensors(&wb[0].1));
+    let (mut differ, mut total) = (0usize, 0usize);
+    for (((name, x), (_, y)), (_, w0)) in ta.iter().zip(&tb).zip(&base) {
+        let norm = |v: Vec<f32>| v.iter().map(|&e| (e as f64).powi(2)).sum::<f64>().sqrt();
+        let update = norm(x.iter().zip(w0).map(|(a, b)| a - b).collect());
+        let diff = norm(x.iter().zip(y).map(|(a, b)| a - b).collect());
+        assert!(diff <= 0.3 * update, "{name}: two ranks differ by {diff}, the update is {update}");
+        differ += x.iter().zip(y).filter(|(a, b)| a != b).count();
+        total += x.len();
+    }
+    assert!((differ as f64) < 0.05 * total as f64, "{differ} of {total} entries differ");
+}
+
+/// A step's micro-batches must split evenly; QFT's fused variant cannot sum over ranks.
+#[test]
+fn impossible_splits_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = data(dir.path());
+    let mut args = train_args(&d, &dir.path().join("r"), &["--method", "mezo"], 2);
+    let at = args.iter().position(|a| a == "--grad-accum").unwrap();
+    args[at + 1] = "3".into();
+    let o = two(&args, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--grad-accum 3 cannot be split evenly over 2 ranks"), "{err}");
+    let args = train_args(&d, &dir.path().join("f"), &["--method", "qft", "--fused", "--clip", "0"], 2);
+    let o = two(&args, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--fused"), "{err}");
+}
+
+/// A rank that dies (aborts after its third step: the checkpoint of step 2 is written, the one of step 4 is not) ends the
+/// run on every rank, and mpirun names it; the checkpoint left behind is valid and resumes on one process to the
+/// weights an uninterrupted run ends with. The other way round too: a one-process run that dies resumes on two
+/// ranks to the same weights.
+#[test]
+fn a_dead_rank_ends_the_run_and_its_checkpoint_resumes_on_any_world_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = data(dir.path());
+    for m in [&["--method", "mezo"][..], &["--method", "full-adamw"][..]] {
+        let run = |name: &str| {
+            let mut a = train_args(&d, &dir.path().join(format!("{}{name}", m[1])), m, 6);
+            a.extend(["--checkpoint-every", "2"].map(String::from));
+            a
+        };
+        let whole = dir.path().join(format!("{}whole", m[1]));
+        ok(&one(&run("whole"), &[]), "uninterrupted");
+
+        let o = two(&run("a"), &[("QTUNE_DIE", "1:2")]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{m:?}: the run went on after rank 1 died");
+        assert!(err.contains("process rank 1"), "{m:?}: mpirun did not name the dead rank:\n{err}");
+        let mut resume = run("a");
+        resume.push("--resume".into());
+        let r = one(&resume, &[]);
+        ok(&r, "resume on one process");
+        assert!(String::from_utf8_lossy(&r.stderr).contains("at step 2"), "{}", String::from_utf8_lossy(&r.stderr));
+        assert!(weights(&whole) == weights(&dir.path().join(format!("{}a", m[1]))), "{m:?}: 2 ranks → 1");
+
+        let o = one(&run("b"), &[("QTUNE_DIE", "0:4")]);
+        assert!(!o.status.success());
+        let mut resume = run("b");
+        resume.push("--resume".into());
+        ok(&two(&resume, &[]), "resume on two ranks");
+        assert!(weights(&whole) == weights(&dir.path().join(format!("{}b", m[1]))), "{m:?}: 1 → 2 ranks");
+    }
+}
+
+/// Network namespaces and a veth pair, removed on drop.
+struct Hosts {
+    ns: [String; 2],
+}
+
+impl Hosts {
+    const ADDR: [&'static str; 2] = ["10.77.0.1", "10.77.0.2"];
+
+    fn make() -> Result<Hosts, String> {
+        let id = std::process::id() % 100_000;
+        let h = Hosts { ns: [format!("qtune{id}a"), format!("qtune{id}b")] };
+        let (va, vb) = (format!("qv{id}a"), format!("qv{id}b"));
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let o = Command::new("ip").args(args).output().map_err(|e| format!("cannot run `ip`: {e}"))?;
+            o.status
+                .success()
+                .then_some(())
+                .ok_or_else(|| format!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim()))
+        };
+        ip(&["netns", "add", &h.ns[0]])?;
+        ip(&["netns", "add", &h.ns[1]])?;
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
+        for (k, v) in [&va, &vb].into_iter().enumerate() {
+            ip(&["link", "set", v, "netns", &h.ns[k]])?;
+            ip(&["-n", &h.ns[k], "addr", "add", &format!("{}/24", Self::ADDR[k]), "dev", v])?;
+            ip(&["-n", &h.ns[k], "link", "set", v, "up"])?;
+            ip(&["-n", &h.ns[k], "link", "set", "lo", "up"])?;
+        }
+        Ok(h)
+    }
+
+    /// Bytes host 0's end of the veth pair has sent.
+    fn sent(&self) -> u64 {
+        let o = Command::new("ip").args(["-n", &self.ns[0], "-s", "-j", "link", "show"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let veth = v.as_array().unwrap().iter().find(|l| l["ifname"].as_str().unwrap().starts_with("qv")).unwrap();
+        veth["stats64"]["tx"]["bytes"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Two hosts with their own network addresses: mpirun in the first namespace starts rank 1 in the second through
+/// an rsh agent (`ip netns exec` where a cluster would use ssh), and the ranks talk over the veth pair only (TCP,
+/// restricted to its subnet). The weights equal one process's, and the veth carried at least the gradients.
+#[test]
+fn two_hosts_joined_by_a_veth_pair() {
+    let hosts = match Hosts::make() {
+        Ok(h) => h,
+        Err(why) => {
+            eprintln!("skipped: cannot make two network namespaces here ({why}); this test needs root");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = data(dir.path());
+    let agent = dir.path().join("agent.sh");
+    std::fs::write(
+        &agent,
+        format!(
+            "#!/bin/sh\n# mpirun's rsh agent: [options] HOST COMMAND: run COMMAND in the namespace of HOST.\n\
+             while [ \"${{1#-}}\" != \"$1\" ]; do shift; done\nhost=$1; shift\n\
+             case $host in {a}) ns={na} ;; {b}) ns={nb} ;; *) echo \"agent: unknown host $host\" >&2; exit 1 ;; esac\n\
+             exec ip netns exec $ns sh -c \"$*\"\n",
+            a = Hosts::ADDR[0],
+            b = Hosts::ADDR[1],
+            na = hosts.ns[0],
+            nb = hosts.ns[1]
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (a, b) = (dir.path().join("one"), dir.path().join("two"));
+    let m = ["--method", "full-adamw"];
+    ok(&one(&train_args(&d, &a, &m, 3), &[]), "one process");
+    let before = hosts.sent();
+    let subnet = "10.77.0.0/24";
+    let mut c = Command::new("ip");
+    mpi_env(&mut c).args(["netns", "exec", &hosts.ns[0], "mpirun", "-np", "2", "--host"]);
+    c.arg(format!("{}:1,{}:1", Hosts::ADDR[0], Hosts::ADDR[1]));
+    c.args(["--mca", "plm_rsh_agent"]).arg(&agent);
+    c.args(["--mca", "oob_tcp_if_include", subnet, "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", subnet]);
+    c.arg(env!("CARGO_BIN_EXE_qtune")).args(train_args(&d, &b, &m, 3));
+    ok(&c.output().unwrap(), "two hosts");
+    assert!(weights(&a) == weights(&b), "two hosts trained other weights than one process");
+    let s = summary(&b);
+    let gradients = 3.0 * s["sent_bytes_per_step"].as_f64().unwrap();
+    let on_wire = (hosts.sent() - before) as f64;
+    assert!(on_wire >= gradients, "the veth carried {on_wire} bytes, less than the {gradients} of gradients");
+}
