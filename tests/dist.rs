@@ -120,6 +120,11 @@ fn two_ranks_train_exactly_as_one_process() {
         let expected = if zo { 8.0 * directions } else { 4.0 * s["trainable_params"].as_f64().unwrap() + 12.0 };
         assert_eq!(sent, expected, "{m:?}: bytes sent per step");
     }
+    // Buckets of 1000 elements: the embedding (16384) goes in slices, the norms (64) share buckets, the MLP
+    // matrices (10240) fill one each; the sums are elementwise, so the bits cannot change.
+    let b = dir.path().join("small-buckets");
+    ok(&two(&train_args(&d, &b, &["--method", "full-adamw"], 3), &[("QTUNE_DIST_BUCKET", "1000")]), "small buckets");
+    assert!(weights(&dir.path().join("one0")) == weights(&b), "buckets of 1000 elements changed the result");
 }
 
 /// QFT sends its INT8 gradient blocks with their scales, about a quarter of the f32 bytes, and each rank's

@@ -28,8 +28,9 @@ pub trait Collective: Send + Sync {
     fn rank(&self) -> usize;
     /// The number of ranks.
     fn size(&self) -> usize;
-    /// Every rank's `send` (the same length on every rank), concatenated in rank order.
-    fn all_gather(&self, send: &[u8]) -> Result<Vec<u8>>;
+    /// Every rank's `send` (the same length on every rank), concatenated in rank order into `recv` (ranks × the
+    /// length of `send`).
+    fn all_gather(&self, send: &[u8], recv: &mut [u8]) -> Result<()>;
     /// Waits for every rank.
     fn barrier(&self) -> Result<()>;
     /// Ends every rank's process (after this one printed why).
@@ -46,8 +47,9 @@ impl Collective for Single {
     fn size(&self) -> usize {
         1
     }
-    fn all_gather(&self, send: &[u8]) -> Result<Vec<u8>> {
-        Ok(send.to_vec())
+    fn all_gather(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
+        recv.copy_from_slice(send);
+        Ok(())
     }
     fn barrier(&self) -> Result<()> {
         Ok(())
@@ -130,39 +132,51 @@ pub fn my_micro_batches(total: usize) -> Result<std::ops::Range<usize>> {
     Ok(r * per..(r + 1) * per)
 }
 
-/// Every rank's `send` (the same length everywhere), one vector per rank in rank order.
-pub fn gather_f32(send: &[f32]) -> Result<Vec<Vec<f32>>> {
-    let bytes: Vec<u8> = send.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let all = gather_bytes(&bytes)?;
-    Ok(all
-        .chunks(bytes.len().max(1))
-        .take(world().size())
-        .map(|c| c.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-        .collect())
+/// Every rank's `send` (the same length everywhere), concatenated in rank order: ranks × `send.len()` values.
+pub fn gather_f32(send: &[f32]) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; send.len() * world().size()];
+    // f32 has no padding and every byte pattern is some u8: the slices are viewed as bytes without a copy.
+    let (s, r) = unsafe {
+        (
+            std::slice::from_raw_parts(send.as_ptr().cast::<u8>(), send.len() * 4),
+            std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), out.len() * 4),
+        )
+    };
+    gather_into(s, r)?;
+    // Bytes travel in the machine's order; every rank of a run is the same architecture (x86_64, little-endian).
+    Ok(out)
 }
 
-/// Every rank's bytes, concatenated in rank order (sent in pieces MPI's 32-bit counts can carry), counted in
-/// [`sent_bytes`].
+/// Every rank's bytes, concatenated in rank order.
 pub fn gather_bytes(send: &[u8]) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; send.len() * world().size()];
+    gather_into(send, &mut out)?;
+    Ok(out)
+}
+
+/// [`Collective::all_gather`] in pieces MPI's 32-bit counts can carry, counted in [`sent_bytes`].
+fn gather_into(send: &[u8], recv: &mut [u8]) -> Result<()> {
     const PIECE: usize = 1 << 28;
     let w = world();
     let n = w.size();
     if n == 1 {
-        return Ok(send.to_vec());
+        recv.copy_from_slice(send);
+        return Ok(());
     }
     SENT.fetch_add(((n - 1) * send.len()) as u64, Ordering::Relaxed);
     if send.len() <= PIECE {
-        return w.all_gather(send);
+        return w.all_gather(send, recv);
     }
-    let mut out = vec![0u8; send.len() * n];
+    let mut got = vec![0u8; PIECE * n];
     for (p, piece) in send.chunks(PIECE).enumerate() {
-        let got = w.all_gather(piece)?;
+        let got = &mut got[..piece.len() * n];
+        w.all_gather(piece, got)?;
         for (r, part) in got.chunks(piece.len()).enumerate() {
             let at = r * send.len() + p * PIECE;
-            out[at..at + piece.len()].copy_from_slice(part);
+            recv[at..at + piece.len()].copy_from_slice(part);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// `buf` ← Σ_r buf_r over the ranks, added in rank order ((buf_0 + buf_1) + buf_2 …): the same bits on every rank,
@@ -172,8 +186,9 @@ pub fn sum_f32(buf: &mut [f32]) -> Result<()> {
         return Ok(());
     }
     let all = gather_f32(buf)?;
-    buf.copy_from_slice(&all[0]);
-    for r in &all[1..] {
+    let mut ranks = all.chunks_exact(buf.len());
+    buf.copy_from_slice(ranks.next().expect("rank 0"));
+    for r in ranks {
         buf.iter_mut().zip(r).for_each(|(b, x)| *b += x);
     }
     Ok(())
@@ -182,7 +197,7 @@ pub fn sum_f32(buf: &mut [f32]) -> Result<()> {
 /// The mean of every rank's values in global order (rank 0's first), added as one process adds a step's micro-batch
 /// losses: `Σ_k l_k / n` in f32, k ascending. With one rank it is the mean of `local`.
 pub fn mean_in_order(local: &[f32]) -> Result<f32> {
-    let all: Vec<f32> = gather_f32(local)?.concat();
+    let all = gather_f32(local)?;
     let n = all.len() as f32;
     Ok(all.iter().fold(0f32, |acc, &l| acc + l / n))
 }

@@ -33,10 +33,9 @@ impl Collective for Mpi {
     fn size(&self) -> usize {
         self.world.size() as usize
     }
-    fn all_gather(&self, send: &[u8]) -> Result<Vec<u8>> {
-        let mut out = vec![0u8; send.len() * self.size()];
-        self.world.all_gather_into(send, &mut out[..]);
-        Ok(out)
+    fn all_gather(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
+        self.world.all_gather_into(send, recv);
+        Ok(())
     }
     fn barrier(&self) -> Result<()> {
         self.world.barrier();

