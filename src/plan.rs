@@ -271,7 +271,7 @@ pub fn plan_shape(splits: &Splits, cfg: &TrainConfig, dev: &Device) -> Result<Sh
     }
     let mut eval = Vec::new();
     for data in [&splits.dev, &splits.eval].into_iter().filter(|_| !cfg.skip_eval) {
-        for b in eval_batches(data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, dev.clone()) {
+        for b in eval_batches(data, cfg.eval_batch_size, cfg.max_seq_len, cfg.pad_id, dev.clone(), (0, 1)) {
             eval.push(BatchShape::of(&b?.1));
         }
     }

@@ -308,3 +308,42 @@ fn two_hosts_joined_by_a_veth_pair() {
     let on_wire = (hosts.sent() - before) as f64;
     assert!(on_wire >= gradients, "the veth carried {on_wire} bytes, less than the {gradients} of gradients");
 }
+
+/// Evaluation is shared out: each rank scores every second batch and the ranks combine counts, losses and answers.
+/// Every example's answer and loss equals one process's (the batches are the same, only on other ranks), and so do
+/// the accuracies; the mean loss is summed in another order (budget 1e-12 relative).
+#[test]
+fn two_ranks_share_the_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mc.jsonl");
+    let rows: Vec<String> = (0..24)
+        .map(|i| format!(r#"{{"context": "Q{i}: pick", "options": ["aa", "b{i}", "ccc"], "answer": {}}}"#, i % 3))
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        let mut a: Vec<String> = ["train", "--model", TINY, "--task", "choice", "--data"].map(String::from).to_vec();
+        a.push(data.display().to_string());
+        a.extend(
+            ["--train-size", "8", "--dev-size", "7", "--eval-size", "9", "--eval-batch-size", "2"].map(String::from),
+        );
+        a.extend(
+            ["--method", "lora", "--steps", "2", "--batch-size", "2", "--grad-accum", "2", "--out"].map(String::from),
+        );
+        a.push(out.display().to_string());
+        a
+    };
+    let (a, b) = (dir.path().join("one"), dir.path().join("two"));
+    ok(&one(&args(&a), &[]), "one process");
+    ok(&two(&args(&b), &[]), "two ranks");
+    let read = |p: &Path| std::fs::read_to_string(p.join("predictions.jsonl")).unwrap();
+    assert_eq!(read(&a), read(&b), "the answers differ");
+    assert_eq!(read(&b).lines().count(), 7 + 9);
+    let (sa, sb) = (summary(&a), summary(&b));
+    for k in ["dev_accuracy_before", "dev_accuracy_after", "eval_accuracy", "eval_acc_norm"] {
+        assert_eq!(sa[k], sb[k], "{k}");
+    }
+    for k in ["dev_loss_after", "eval_loss"] {
+        let (x, y) = (sa[k].as_f64().unwrap(), sb[k].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-12 * x.abs(), "{k}: {x} vs {y}");
+    }
+}

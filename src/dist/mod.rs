@@ -202,6 +202,32 @@ pub fn mean_in_order(local: &[f32]) -> Result<f32> {
     Ok(all.iter().fold(0f32, |acc, &l| acc + l / n))
 }
 
+/// `v` ← Σ_r v_r over the ranks, added in rank order.
+pub fn sum_f64(v: &mut [f64]) -> Result<()> {
+    if world().size() == 1 {
+        return Ok(());
+    }
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let all = gather_bytes(&bytes)?;
+    v.iter_mut().for_each(|x| *x = 0.0);
+    for rank in all.chunks_exact(bytes.len().max(1)) {
+        for (x, b) in v.iter_mut().zip(rank.chunks_exact(8)) {
+            *x += f64::from_le_bytes(b.try_into().expect("8 bytes"));
+        }
+    }
+    Ok(())
+}
+
+/// Every rank's bytes, of any length, one vector per rank in rank order (the lengths travel first).
+pub fn gather_varied(send: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let lens = gather_u64(send.len() as u64)?;
+    let max = *lens.iter().max().unwrap_or(&0) as usize;
+    let mut padded = send.to_vec();
+    padded.resize(max, 0);
+    let all = gather_bytes(&padded)?;
+    Ok(lens.iter().enumerate().map(|(r, &l)| all[r * max..r * max + l as usize].to_vec()).collect())
+}
+
 /// Each rank's `value`, in rank order (a hash, a count: to check the ranks agree).
 pub fn gather_u64(value: u64) -> Result<Vec<u64>> {
     let all = gather_bytes(&value.to_le_bytes())?;

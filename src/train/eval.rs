@@ -67,17 +67,19 @@ pub struct EvalResult {
 }
 
 /// The batches evaluation reads `data` in, each with its examples' indices: sorted by prompt length, so a batch's
-/// rows are about as long as each other.
+/// rows are about as long as each other. `(rank, ranks)`: this rank's share, every ranks-th batch from the rank-th.
 pub fn eval_batches(
     data: &TaskData,
     batch_size: usize,
     max_len: usize,
     pad: u32,
     dev: Device,
+    (rank, ranks): (usize, usize),
 ) -> impl Iterator<Item = Result<(Vec<usize>, Batch)>> + '_ {
     let mut order: Vec<usize> = (0..data.examples.len()).collect();
     order.sort_by_key(|&i| data.examples[i].tokens.len());
-    let chunks: Vec<Vec<usize>> = order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect();
+    let chunks: Vec<Vec<usize>> =
+        order.chunks(batch_size.max(1)).skip(rank).step_by(ranks.max(1)).map(<[usize]>::to_vec).collect();
     chunks.into_iter().map(move |chunk| {
         let exs: Vec<_> = chunk.iter().map(|&i| &data.examples[i]).collect();
         let batch = make_batch(&exs, data.classes.as_deref(), max_len, pad, &dev)?;
@@ -96,6 +98,9 @@ pub struct EvalSettings {
 
 /// Evaluates an inference `forward` (a model's, or a method's own such as QST's base plus side network) on `data`;
 /// examples are batched by length so little compute goes to padding. `probe` sees every classification batch.
+/// With several ranks (`crate::dist`) each evaluates every ranks-th batch and the counts, losses and answers are
+/// combined, so every rank returns the whole split's result; a probe's figures do not combine, so with a probe every
+/// rank evaluates every batch.
 pub fn evaluate(
     forward: &dyn Fn(&Batch) -> Result<Output>,
     data: &TaskData,
@@ -107,7 +112,9 @@ pub fn evaluate(
     let mut class_counts = vec![0usize; if data.answered() { data.n_answers() } else { 0 }];
     let mut predictions = Vec::new();
     let mut correct_norm = 0usize;
-    for b in eval_batches(data, s.batch_size, s.max_len, s.pad, s.device.clone()) {
+    let w = crate::dist::world();
+    let share = if probe.is_some() { (0, 1) } else { (w.rank(), w.size()) };
+    for b in eval_batches(data, s.batch_size, s.max_len, s.pad, s.device.clone(), share) {
         let (chunk, batch) = b?;
         let out = forward(&batch)?;
         let pred: Vec<u32> = out.logits.argmax(D::Minus1)?.to_vec1()?;
@@ -147,6 +154,22 @@ pub fn evaluate(
         count += n;
         loss_sum += out.loss as f64 * n as f64;
         tokens += batch.real_tokens();
+    }
+    if share.1 > 1 {
+        let mut sums: Vec<f64> = [correct, count, tokens, correct_norm].iter().map(|&c| c as f64).collect();
+        sums.extend(class_counts.iter().map(|&c| c as f64));
+        sums.push(loss_sum);
+        crate::dist::sum_f64(&mut sums)?;
+        let c = |i: usize| sums[i] as usize;
+        (correct, count, tokens, correct_norm) = (c(0), c(1), c(2), c(3));
+        class_counts.iter_mut().enumerate().for_each(|(i, n)| *n = c(4 + i));
+        loss_sum = sums[sums.len() - 1];
+        let mine = serde_json::to_vec(&predictions).map_err(|e| Error::Msg(e.to_string()))?;
+        predictions = Vec::new();
+        for bytes in crate::dist::gather_varied(&mine)? {
+            let theirs: Vec<Prediction> = serde_json::from_slice(&bytes).map_err(|e| Error::Msg(e.to_string()))?;
+            predictions.extend(theirs);
+        }
     }
     predictions.sort_by_key(|p| p.example);
     let mut figures = probe.as_ref().map(|p| p.figures()).unwrap_or_default();
