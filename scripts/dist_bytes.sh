@@ -2,12 +2,14 @@
 # Issue 29: bytes each rank sends per step, per method, with two ranks (mpirun -np 2, one core each), on SmolLM2-135M
 # and on LLaMA-2-7B's layer shapes (hidden 4096, MLP 11008, 32 heads; SmolLM2's 49152-token vocabulary, as
 # scripts/big7b.sh) with 1 and 2 layers: the bytes are a sum over tensors, so 1 + 31 × (2-layer − 1-layer) is the
-# 32-layer model's figure exactly. Needs the `mpi` build (scripts/setup_mpi.sh; cargo build --release --features mpi).
+# 32-layer model's figure exactly. Needs Open MPI (scripts/setup_mpi.sh); builds the `mpi` binary in target/mpi, so
+# it does not replace the default build's.
 #   bash scripts/dist_bytes.sh [OUT]        then: python3 scripts/dist_table.py OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/dist}
-Q=target/release/qtune
+cargo build --release --features mpi --target-dir target/mpi || exit 1
+Q=target/mpi/release/qtune
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mkdir -p "$OUT"
 lscpu | grep -m1 'Model name' | tee "$OUT/machine.txt"
@@ -38,9 +40,11 @@ METHODS=(
 for m in "${METHODS[@]}"; do run smollm2 "" $m; done
 for L in 1 2; do
   for m in "${METHODS[@]}"; do
-    # FP32 AdamW and QAT hold 16 bytes a parameter: two ranks of the 2-layer model (0.67 B) do not fit 24 GiB.
-    # Their gradients are full-lion's (the same trainable parameters; the optimizer does not travel).
-    case $m in full-adamw*|qat*) [ $L = 2 ] && continue ;; esac
+    # FP32 AdamW and QAT hold 16 bytes a parameter: two ranks of even the 1-layer model (0.61 B) do not fit 24 GiB,
+    # nor do two of full-lion's 2-layer one (12 B a parameter); dist_table.py computes their bytes from the rule.
+    # Full-parameter MeZO and QuZO send 8 bytes a step whatever the model (tests/dist.rs checks the count); at 7B shapes
+    # their steps are minutes of direction generation on one core, so only their LoRA modes run here.
+    case $m in full-adamw*|qat*|"mezo "*|quzo-int8*|"quzo-int4 "*) continue ;; esac
     run llama7b-L$L "--model $OUT/llama7b-L$L.gguf" $m
   done
 done

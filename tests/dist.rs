@@ -243,6 +243,16 @@ impl Hosts {
         Ok(h)
     }
 
+    /// Brings host 0's end of the veth pair down or up.
+    fn link(&self, up: bool) {
+        let o = Command::new("ip").args(["-n", &self.ns[0], "-j", "link", "show"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let veth = v.as_array().unwrap().iter().find(|l| l["ifname"].as_str().unwrap().starts_with("qv")).unwrap();
+        let name = veth["ifname"].as_str().unwrap();
+        let state = if up { "up" } else { "down" };
+        assert!(Command::new("ip").args(["-n", &self.ns[0], "link", "set", name, state]).status().unwrap().success());
+    }
+
     /// Bytes host 0's end of the veth pair has sent.
     fn sent(&self) -> u64 {
         let o = Command::new("ip").args(["-n", &self.ns[0], "-s", "-j", "link", "show"]).output().unwrap();
@@ -262,7 +272,8 @@ impl Drop for Hosts {
 
 /// Two hosts with their own network addresses: mpirun in the first namespace starts rank 1 in the second through
 /// an rsh agent (`ip netns exec` where a cluster would use ssh), and the ranks talk over the veth pair only (TCP,
-/// restricted to its subnet). The weights equal one process's, and the veth carried at least the gradients.
+/// restricted to its subnet). The weights equal one process's, and the veth carried at least the gradients. Then
+/// the network is cut in mid-run: every rank ends with an error naming it, and the last checkpoint resumes.
 #[test]
 fn two_hosts_joined_by_a_veth_pair() {
     let hosts = match Hosts::make() {
@@ -294,19 +305,59 @@ fn two_hosts_joined_by_a_veth_pair() {
     let m = ["--method", "full-adamw"];
     ok(&one(&train_args(&d, &a, &m, 3), &[]), "one process");
     let before = hosts.sent();
-    let subnet = "10.77.0.0/24";
-    let mut c = Command::new("ip");
-    mpi_env(&mut c).args(["netns", "exec", &hosts.ns[0], "mpirun", "-np", "2", "--host"]);
-    c.arg(format!("{}:1,{}:1", Hosts::ADDR[0], Hosts::ADDR[1]));
-    c.args(["--mca", "plm_rsh_agent"]).arg(&agent);
-    c.args(["--mca", "oob_tcp_if_include", subnet, "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", subnet]);
-    c.arg(env!("CARGO_BIN_EXE_qtune")).args(train_args(&d, &b, &m, 3));
-    ok(&c.output().unwrap(), "two hosts");
+    let mpirun = |args: Vec<String>| {
+        let subnet = "10.77.0.0/24";
+        let mut c = Command::new("ip");
+        mpi_env(&mut c).args(["netns", "exec", &hosts.ns[0], "mpirun", "-np", "2", "--host"]);
+        c.arg(format!("{}:1,{}:1", Hosts::ADDR[0], Hosts::ADDR[1]));
+        c.args(["--mca", "plm_rsh_agent"]).arg(&agent);
+        c.args(["--mca", "oob_tcp_if_include", subnet, "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include"]);
+        c.arg(subnet).arg(env!("CARGO_BIN_EXE_qtune")).args(args);
+        c
+    };
+    ok(&mpirun(train_args(&d, &b, &m, 3)).output().unwrap(), "two hosts");
     assert!(weights(&a) == weights(&b), "two hosts trained other weights than one process");
     let s = summary(&b);
     let gradients = 3.0 * s["sent_bytes_per_step"].as_f64().unwrap();
     let on_wire = (hosts.sent() - before) as f64;
     assert!(on_wire >= gradients, "the veth carried {on_wire} bytes, less than the {gradients} of gradients");
+
+    // The network between the hosts is cut in mid-run: each rank's collective waits --dist-timeout (3 s) and the
+    // rank ends with an error naming it. (mpirun itself cannot reach the other host's daemon until the link is
+    // back; its TCP keepalive would take minutes, so the test brings the link up once both ranks are gone.)
+    let cut = dir.path().join("cut");
+    let mut args = train_args(&d, &cut, &m, 1_000_000);
+    args.extend(["--dist-timeout", "3", "--checkpoint-every", "5"].map(String::from));
+    let log = std::fs::File::create(dir.path().join("cut.err")).unwrap();
+    let mut child = mpirun(args).stdout(std::process::Stdio::null()).stderr(log).spawn().unwrap();
+    let lines = || std::fs::read_to_string(cut.join("log.jsonl")).map_or(0, |t| t.lines().count());
+    let t0 = std::time::Instant::now();
+    while lines() < 10 {
+        assert!(t0.elapsed().as_secs() < 120, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    hosts.link(false);
+    // Both ranks' processes (command lines starting with the binary) must end within the timeout and a margin.
+    let ranks_alive = || {
+        let pat = format!("^{} train .*{}", env!("CARGO_BIN_EXE_qtune"), cut.display());
+        Command::new("pgrep").args(["-f", &pat]).output().unwrap().stdout.iter().filter(|&&c| c == b'\n').count()
+    };
+    let t1 = std::time::Instant::now();
+    while ranks_alive() > 0 {
+        assert!(t1.elapsed().as_secs() < 60, "a rank still runs 60 s after the network was cut");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    hosts.link(true);
+    assert!(!child.wait().unwrap().success(), "mpirun reported success after the cut");
+    let err = std::fs::read_to_string(dir.path().join("cut.err")).unwrap();
+    for r in 0..2 {
+        let msg = format!("error on rank {r} of 2: no answer from the other ranks for 3 s");
+        assert!(err.contains(&msg), "`{msg}` missing from:\n{err}");
+    }
+    // The checkpoint left behind resumes (on one process), 5 steps on.
+    let mut resume = train_args(&d, &cut, &m, lines() / 5 * 5 + 5);
+    resume.push("--resume".into());
+    ok(&one(&resume, &[]), "resume after the cut");
 }
 
 /// Evaluation is shared out: each rank scores every second batch and the ranks combine counts, losses and answers.

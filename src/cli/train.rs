@@ -77,6 +77,8 @@ pub struct TrainArgs {
     pub no_export: bool,
     #[command(flatten)]
     pub export_opts: ExportArgs,
+    #[command(flatten)]
+    pub dist: qtune::dist::DistArgs,
     /// Write the batches this run would train on to FILE (jsonl) and exit without training.
     #[arg(long)]
     pub dump_batches: Option<PathBuf>,
@@ -117,6 +119,7 @@ fn exports(a: &TrainArgs) -> Result<Vec<Format>> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    qtune::dist::watch(&a.dist);
     let c = &a.common;
     let kind: ScheduleKind = a.schedule.parse()?;
     let ctx = RunContext {

@@ -61,6 +61,47 @@ impl Collective for Single {
 
 static WORLD: OnceLock<Box<dyn Collective>> = OnceLock::new();
 static SENT: AtomicU64 = AtomicU64::new(0);
+/// When the collective in progress began (ms since the Unix epoch; 0: none), for the watchdog.
+static BUSY_SINCE: AtomicU64 = AtomicU64::new(0);
+
+/// Options of data-parallel runs (read by `crate::dist` alone).
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+#[command(next_help_heading = "Several ranks (mpirun)")]
+pub struct DistArgs {
+    /// End the run when a collective has waited this many seconds for the other ranks: one of them died without
+    /// mpirun noticing, or cannot be reached (a cut network would otherwise hang every rank for TCP's timeouts).
+    /// 0: wait for ever.
+    #[arg(long, default_value_t = 600)]
+    pub dist_timeout: u64,
+}
+crate::options::defaults_from_clap!(DistArgs);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Starts the watchdog of `args.dist_timeout` (with several ranks): a thread that ends this process, naming its
+/// rank, when one collective has waited longer. mpirun then ends the other ranks it can reach; those it cannot reach
+/// end by their own watchdogs.
+pub fn watch(args: &DistArgs) {
+    let w = world();
+    if w.size() == 1 || args.dist_timeout == 0 {
+        return;
+    }
+    let (limit, rank, size) = (args.dist_timeout * 1000, w.rank(), w.size());
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let since = BUSY_SINCE.load(Ordering::Relaxed);
+        if since != 0 && now_ms().saturating_sub(since) > limit {
+            eprintln!(
+                "error on rank {rank} of {size}: no answer from the other ranks for {} s (--dist-timeout): one of them \
+                 died or cannot be reached; ending the run (the last checkpoint stays valid: continue with --resume)",
+                limit / 1000
+            );
+            std::process::exit(1);
+        }
+    });
+}
 
 /// The process's world: MPI's after [`init`] joined it, else a world of one.
 pub fn world() -> &'static dyn Collective {
@@ -156,7 +197,6 @@ pub fn gather_bytes(send: &[u8]) -> Result<Vec<u8>> {
 
 /// [`Collective::all_gather`] in pieces MPI's 32-bit counts can carry, counted in [`sent_bytes`].
 fn gather_into(send: &[u8], recv: &mut [u8]) -> Result<()> {
-    const PIECE: usize = 1 << 28;
     let w = world();
     let n = w.size();
     if n == 1 {
@@ -164,6 +204,15 @@ fn gather_into(send: &[u8], recv: &mut [u8]) -> Result<()> {
         return Ok(());
     }
     SENT.fetch_add(((n - 1) * send.len()) as u64, Ordering::Relaxed);
+    BUSY_SINCE.store(now_ms(), Ordering::Relaxed);
+    let r = gather_pieces(w, send, recv);
+    BUSY_SINCE.store(0, Ordering::Relaxed);
+    r
+}
+
+fn gather_pieces(w: &dyn Collective, send: &[u8], recv: &mut [u8]) -> Result<()> {
+    const PIECE: usize = 1 << 28;
+    let n = w.size();
     if send.len() <= PIECE {
         return w.all_gather(send, recv);
     }
