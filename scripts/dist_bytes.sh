@@ -38,6 +38,14 @@ METHODS=(
   "quzo-int8 --method quzo --bits 8" "quzo-int4 --method quzo --bits 4" "quzo-lora-int4 --method quzo --lora --bits 4"
 )
 for m in "${METHODS[@]}"; do run smollm2 "" $m; done
+# The same steps in one process with both cores (2 threads): what two ranks on one machine cost or save.
+for m in "${METHODS[@]}"; do
+  set -- $m; name=$1; shift
+  [ -f "$OUT/smollm2-one/$name/summary.json" ] && continue
+  echo "== smollm2, one process: $name"
+  $Q train --task boolq --steps 3 --batch-size 1 --grad-accum 2 --max-seq-len 128 --train-size 16 --no-eval \
+    --no-export --lr 1e-5 "$@" --out "$OUT/smollm2-one/$name" 2>&1 | grep -E '^error' | tail -1
+done
 for L in 1 2; do
   for m in "${METHODS[@]}"; do
     # FP32 AdamW and QAT hold 16 bytes a parameter: two ranks of even the 1-layer model (0.61 B) do not fit 24 GiB,
@@ -45,6 +53,7 @@ for L in 1 2; do
     # Full-parameter MeZO and QuZO send 8 bytes a step whatever the model (tests/dist.rs checks the count); at 7B shapes
     # their steps are minutes of direction generation on one core, so only their LoRA modes run here.
     case $m in full-adamw*|qat*|"mezo "*|quzo-int8*|"quzo-int4 "*) continue ;; esac
+    case $m in full-lion*) [ $L = 2 ] && continue ;; esac
     run llama7b-L$L "--model $OUT/llama7b-L$L.gguf" $m
   done
 done

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The tables of scripts/dist_bytes.sh: bytes each rank sent per step (two ranks, one micro-batch of 1 x 128 tokens
 each), against the f32 gradient of the trained parameters, and what the sending costs at 10 and 100 Gbit/s next to
-the measured step.  LLaMA-2-7B rows: 1 + 31 x (2-layer - 1-layer runs), exact since the bytes are a sum over
+the measured step (two ranks of one core each, and one process with both cores on the same two micro-batches).  LLaMA-2-7B rows: 1 + 31 x (2-layer - 1-layer runs), exact since the bytes are a sum over
 tensors; their step times come from scripts/big7b.sh (one process, 2 threads, batch 1 x 64).
 Usage: dist_table.py [OUT] [BIG7B]"""
 import json
@@ -40,16 +40,19 @@ def ratio(b, t):
 
 
 print("SmolLM2-135M, two ranks (one core each):\n")
-print("| method | trained params | sent per step per rank | / f32 gradient | step (s, measured) | + at 10 Gbit/s "
-      "| + at 100 Gbit/s |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
+print("| method | trained params | sent per step per rank | / f32 gradient | step, 2 ranks (s) | step, 1 process "
+      "(s) | + at 10 Gbit/s | + at 100 Gbit/s |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for m in ORDER:
     s = summary(os.path.join(out, "smollm2", m))
     if not s:
         print(f"| {m} | not run | | | | | |")
         continue
     b, t = s["sent_bytes_per_step"], s["trainable_params"]
-    print(f"| {m} | {t:,} | {human(b)} | {ratio(b, t)} | {s['step_time_s']:.2f} | {wire(b, 10)} | {wire(b, 100)} |")
+    o = summary(os.path.join(out, "smollm2-one", m))
+    alone = f"{o['step_time_s']:.2f}" if o else "–"
+    print(f"| {m} | {t:,} | {human(b)} | {ratio(b, t)} | {s['step_time_s']:.2f} | {alone} | {wire(b, 10)} "
+          f"| {wire(b, 100)} |")
 
 print("\nLLaMA-2-7B shapes (32 layers, from the 1- and 2-layer runs):\n")
 print("| method | trained params (32 layers) | sent per step per rank | / f32 gradient | 7B step (s, big7b.sh) "

@@ -163,7 +163,7 @@ pub fn is_root() -> bool {
 pub fn my_micro_batches(total: usize) -> Result<std::ops::Range<usize>> {
     let w = world();
     let (r, n) = (w.rank(), w.size());
-    if total % n != 0 {
+    if !total.is_multiple_of(n) {
         return Err(Error::Option(format!(
             "--grad-accum {total} cannot be split evenly over {n} ranks: give a multiple of {n} \
              (each rank runs --grad-accum / ranks micro-batches of --batch-size rows)"
