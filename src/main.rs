@@ -59,7 +59,8 @@ where
 
 fn main() {
     // Before anything else: MPI's world (when mpirun started this process) sets each rank's share of the cores.
-    let guard = qtune::dist::init().unwrap_or_else(|e| {
+    // Held to the end of main: dropping it finalises MPI.
+    let _guard = qtune::dist::init().unwrap_or_else(|e| {
         eprintln!("error: {e}");
         std::process::exit(1);
     });
@@ -84,5 +85,4 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
-    drop(guard);
 }
