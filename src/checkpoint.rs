@@ -14,6 +14,20 @@ pub const FORMAT_VERSION: u64 = 1;
 pub struct StateWriter {
     tensors: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>,
     meta: serde_json::Map<String, serde_json::Value>,
+    /// A writer made by [`StateWriter::hashing`]: the running hash; tensors are hashed as they arrive, not kept.
+    hash: Option<u64>,
+}
+
+/// FNV-1a over 8-byte words (then the remaining bytes), continuing from `h`.
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(0x100_0000_01b3);
+    }
+    for &b in words.remainder() {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h
 }
 
 struct Raw<'a>(&'a (Dtype, Vec<usize>, Vec<u8>));
@@ -50,17 +64,36 @@ impl StateWriter {
         w.meta("format_version", FORMAT_VERSION);
         w
     }
+    /// A writer that keeps nothing: [`StateWriter::digest`] hashes every tensor's name, shape and bytes in the order
+    /// they were given (a method saves in a fixed order), so a whole state is hashed with one tensor's memory.
+    pub fn hashing(method: &str) -> Self {
+        StateWriter { hash: Some(0xcbf2_9ce4_8422_2325), ..StateWriter::new(method) }
+    }
+
+    fn insert(&mut self, name: &str, t: (Dtype, Vec<usize>, Vec<u8>)) {
+        match &mut self.hash {
+            Some(h) => {
+                *h = fnv(*h, name.as_bytes());
+                t.1.iter().for_each(|d| *h = fnv(*h, &(*d as u64).to_le_bytes()));
+                *h = fnv(*h, &t.2);
+            }
+            None => {
+                self.tensors.insert(name.into(), t);
+            }
+        }
+    }
+
     pub fn meta(&mut self, key: &str, v: impl serde::Serialize) {
         self.meta.insert(key.into(), serde_json::to_value(v).expect("serializable metadata"));
     }
     pub fn u8(&mut self, name: &str, v: &[u8]) {
-        self.tensors.insert(name.into(), (Dtype::U8, vec![v.len()], v.to_vec()));
+        self.insert(name, (Dtype::U8, vec![v.len()], v.to_vec()));
     }
     pub fn u32(&mut self, name: &str, v: &[u32]) {
-        self.tensors.insert(name.into(), (Dtype::U32, vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect()));
+        self.insert(name, (Dtype::U32, vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect()));
     }
     pub fn f32(&mut self, name: &str, v: &[f32]) {
-        self.tensors.insert(name.into(), (Dtype::F32, vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect()));
+        self.insert(name, (Dtype::F32, vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect()));
     }
     pub fn tensor(&mut self, name: &str, t: &candle_core::Tensor) -> Result<()> {
         if let Some(bad) =
@@ -81,27 +114,25 @@ impl StateWriter {
     }
 
     /// A 64-bit hash (FNV-1a over 8-byte words) of every tensor's name, shape and bytes: equal states, equal hashes.
+    /// A [`StateWriter::hashing`] writer's covers the tensors in the order given; another's, in name order.
     pub fn digest(&self) -> u64 {
+        if let Some(h) = self.hash {
+            return h;
+        }
         let mut h = 0xcbf2_9ce4_8422_2325u64;
-        let mut eat = |bytes: &[u8]| {
-            let mut words = bytes.chunks_exact(8);
-            for w in &mut words {
-                h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(0x100_0000_01b3);
-            }
-            for &b in words.remainder() {
-                h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-            }
-        };
         for (name, (_, shape, data)) in &self.tensors {
-            eat(name.as_bytes());
-            shape.iter().for_each(|d| eat(&(*d as u64).to_le_bytes()));
-            eat(data);
+            h = fnv(h, name.as_bytes());
+            shape.iter().for_each(|d| h = fnv(h, &(*d as u64).to_le_bytes()));
+            h = fnv(h, data);
         }
         h
     }
 
     /// Writes the file atomically; the CRC of all tensors goes into the metadata.
     pub fn write(mut self, path: &Path) -> Result<()> {
+        if self.hash.is_some() {
+            return Err(Error::file(path, "a hashing state writer keeps no tensors to write"));
+        }
         let c = crc(&self.tensors);
         self.meta("crc32", c);
         let meta = HashMap::from([("qtune".to_string(), serde_json::Value::Object(self.meta).to_string())]);

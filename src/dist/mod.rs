@@ -12,8 +12,9 @@
 //! [`sent_bytes`] counts what this rank sends, (N − 1)·S per all-gather of S bytes.
 //!
 //! The data split: a step draws its `--grad-accum` micro-batches as one process would; rank r of N runs micro-batches
-//! r·G/N .. (r+1)·G/N ([`my_micro_batches`]), so the run is defined independently of N and a checkpoint resumes on
-//! any N that divides G.
+//! r·G/N .. (r+1)·G/N ([`my_micro_batches`]), so every N trains on the same batches and a checkpoint resumes on any
+//! N that divides G. The zeroth-order methods then give the same bits on any N; the first-order ones when each rank
+//! runs one micro-batch (else the gradient's float sum is associated differently).
 #[cfg(feature = "mpi")]
 mod mpi;
 
@@ -61,8 +62,9 @@ impl Collective for Single {
 
 static WORLD: OnceLock<Box<dyn Collective>> = OnceLock::new();
 static SENT: AtomicU64 = AtomicU64::new(0);
-/// When the collective in progress began (ms since the Unix epoch; 0: none), for the watchdog.
+/// When the collective in progress began (ms after [`START`], plus one; 0: none), for the watchdog.
 static BUSY_SINCE: AtomicU64 = AtomicU64::new(0);
+static START: OnceLock<std::time::Instant> = OnceLock::new();
 
 /// Options of data-parallel runs (read by `crate::dist` alone).
 #[derive(clap::Args, Clone, Debug, PartialEq)]
@@ -76,8 +78,17 @@ pub struct DistArgs {
 }
 crate::options::defaults_from_clap!(DistArgs);
 
+/// Milliseconds on a monotonic clock, from 1.
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// Runs the collective `f` under the watchdog's eye.
+fn watched<T>(f: impl FnOnce() -> T) -> T {
+    BUSY_SINCE.store(now_ms(), Ordering::Relaxed);
+    let r = f();
+    BUSY_SINCE.store(0, Ordering::Relaxed);
+    r
 }
 
 /// Starts the watchdog of `args.dist_timeout` (with several ranks): a thread that ends this process, naming its
@@ -89,6 +100,7 @@ pub fn watch(args: &DistArgs) {
         return;
     }
     let (limit, rank, size) = (args.dist_timeout * 1000, w.rank(), w.size());
+    now_ms();
     std::thread::spawn(move || loop {
         std::thread::sleep(std::time::Duration::from_millis(250));
         let since = BUSY_SINCE.load(Ordering::Relaxed);
@@ -145,6 +157,7 @@ pub fn init() -> Result<Guard> {
             return Err(Error::Msg(format!("mpirun started {n} processes but MPI's world has {}", comm.size())));
         }
         WORLD.set(Box::new(comm)).map_err(|_| Error::Msg("dist::init called twice".into()))?;
+        abort_on_panic();
         Ok(Guard { _universe: Some(universe) })
     }
     #[cfg(not(feature = "mpi"))]
@@ -152,6 +165,71 @@ pub fn init() -> Result<Guard> {
         "started by mpirun as one of {n} processes, but this qtune was built without MPI: \
          cargo build --release --features mpi (scripts/setup_mpi.sh installs what it needs)"
     )))
+}
+
+/// Waits for every rank, under the watchdog.
+pub fn barrier() -> Result<()> {
+    watched(|| world().barrier())
+}
+
+/// Waits for every rank while rank 0 writes a file (a checkpoint of a large model may take longer than
+/// `--dist-timeout`; a rank 0 that dies meanwhile is seen by mpirun).
+pub fn wait_for_root() -> Result<()> {
+    world().barrier()
+}
+
+/// Whether `flag` is set on any rank (one byte each).
+pub fn any(flag: bool) -> Result<bool> {
+    if world().size() == 1 {
+        return Ok(flag);
+    }
+    Ok(gather_bytes(&[flag as u8])?.iter().any(|&b| b != 0))
+}
+
+/// With several ranks, a panic on one rank ends them all (MPI_Abort) instead of leaving the others waiting in a
+/// collective. Call once after [`init`].
+pub fn abort_on_panic() {
+    if world().size() == 1 {
+        return;
+    }
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        let w = world();
+        eprintln!("error on rank {} of {}: panicked; ending every rank", w.rank(), w.size());
+        w.abort(101);
+    }));
+}
+
+/// Every rank sees rank 0's files in `dir` (checkpoints and the best state are written by rank 0 and read by all):
+/// rank 0 writes a token there, and a rank that cannot read it back fails now rather than at the end of the run.
+pub fn check_shared_dir(dir: &std::path::Path) -> Result<()> {
+    let w = world();
+    if w.size() == 1 {
+        return Ok(());
+    }
+    let probe = dir.join(".ranks-probe");
+    let token = format!("{}", std::process::id() as u64 * 1_000_003 + now_ms());
+    let token = String::from_utf8(gather_varied(if w.rank() == 0 { token.as_bytes() } else { b"" })?.remove(0))
+        .map_err(|e| Error::Msg(e.to_string()))?;
+    if w.rank() == 0 {
+        std::fs::write(&probe, &token).map_err(|e| Error::file(&probe, format!("cannot write: {e}")))?;
+    }
+    barrier()?;
+    let seen = std::fs::read_to_string(&probe).ok();
+    let missing = any(seen.as_deref() != Some(token.as_str()))?;
+    barrier()?;
+    if w.rank() == 0 {
+        let _ = std::fs::remove_file(&probe);
+    }
+    if missing {
+        return Err(Error::file(
+            dir,
+            "some rank cannot see rank 0's files here: a data-parallel run needs --out on a filesystem every rank \
+             shares (checkpoints and the best state are written by rank 0 and read by all)",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether this rank writes the run's files (logs, checkpoints, exports, summaries).
@@ -204,24 +282,22 @@ fn gather_into(send: &[u8], recv: &mut [u8]) -> Result<()> {
         return Ok(());
     }
     SENT.fetch_add(((n - 1) * send.len()) as u64, Ordering::Relaxed);
-    BUSY_SINCE.store(now_ms(), Ordering::Relaxed);
-    let r = gather_pieces(w, send, recv);
-    BUSY_SINCE.store(0, Ordering::Relaxed);
-    r
+    watched(|| gather_pieces(w, send, recv))
 }
 
 fn gather_pieces(w: &dyn Collective, send: &[u8], recv: &mut [u8]) -> Result<()> {
-    const PIECE: usize = 1 << 28;
     let n = w.size();
-    if send.len() <= PIECE {
+    // MPI counts are i32, the receive buffer's too: ranks × piece stays below 2³¹ bytes.
+    let piece_len = (1usize << 28).min(i32::MAX as usize / n);
+    if send.len() <= piece_len {
         return w.all_gather(send, recv);
     }
-    let mut got = vec![0u8; PIECE * n];
-    for (p, piece) in send.chunks(PIECE).enumerate() {
+    let mut got = vec![0u8; piece_len * n];
+    for (p, piece) in send.chunks(piece_len).enumerate() {
         let got = &mut got[..piece.len() * n];
         w.all_gather(piece, got)?;
         for (r, part) in got.chunks(piece.len()).enumerate() {
-            let at = r * send.len() + p * PIECE;
+            let at = r * send.len() + p * piece_len;
             recv[at..at + piece.len()].copy_from_slice(part);
         }
     }

@@ -34,6 +34,16 @@ use qtune_quant::rng::{RngKey, STREAM_SR_GRAD, STREAM_SR_MOMENTUM, STREAM_SR_WEI
 use qtune_quant::{Bits, Granularity, IntTensor, QuantSpec, QuantWeight, Rounding};
 use std::cell::RefCell;
 
+/// The fused variant updates inside the backward, before the ranks' gradients could be summed.
+#[allow(non_snake_case)]
+fn FUSED_ON_RANKS() -> Error {
+    Error::Option(
+        "--fused updates inside the backward, before the ranks' gradients could be summed: drop --fused to train on \
+         several ranks"
+            .into(),
+    )
+}
+
 /// Elements per piece of an [`Int8Blocks`]: a multiple of the block, so pieces never split a block.
 const PIECE: usize = 1 << 16;
 const BLOCK: usize = 256;
@@ -114,17 +124,32 @@ impl Int8Blocks {
     /// stochastic rounding keyed by `key`, the same on every rank, so every rank keeps the same codes. Returns
     /// Σ sum² (before the re-quantization, as [`Int8Blocks::rewrite`] counts it).
     pub fn all_reduce(&mut self, key: RngKey) -> Result<f64> {
+        self.all_reduce_grouped(key, 256)
+    }
+
+    /// [`Int8Blocks::all_reduce`], gathering `per_group` pieces at a time (256: 16 MiB of codes), so the transient memory
+    /// is one copy of this rank's codes and scales (taken before the rewrite replaces them) and ranks × a group.
+    fn all_reduce_grouped(&mut self, key: RngKey, per_group: usize) -> Result<f64> {
         let codes: Vec<u8> = self.pieces.iter().flat_map(|p| p.codes().iter().copied()).collect();
         let scales: Vec<f32> = self.pieces.iter().flat_map(|p| p.scales().iter().copied()).collect();
-        let all_codes = crate::dist::gather_bytes(&codes)?;
-        let all_scales = crate::dist::gather_f32(&scales)?;
+        let mut group: Option<(usize, Vec<u8>, Vec<f32>)> = None;
         let mut other = vec![0f32; PIECE.min(self.len)];
+        let len = self.len;
         self.rewrite(key, |start, v| {
-            for (r, scales) in all_scales.chunks_exact(scales.len()).enumerate() {
-                let codes = &all_codes[r * codes.len() + start..r * codes.len() + start + v.len()];
-                let scales = scales[start / BLOCK..(start + v.len()).div_ceil(BLOCK)].to_vec();
-                let piece =
-                    IntTensor::from_raw(1, v.len(), Self::SPEC, codes.to_vec(), scales, None).map_err(quant_err)?;
+            let p = start / PIECE;
+            if group.as_ref().is_none_or(|g| p >= g.0 + per_group) {
+                let (a, b) = (start, ((p + per_group) * PIECE).min(len));
+                let (sa, sb) = (a / BLOCK, b.div_ceil(BLOCK));
+                group = Some((p, crate::dist::gather_bytes(&codes[a..b])?, crate::dist::gather_f32(&scales[sa..sb])?));
+            }
+            let (first, all_codes, all_scales) = group.as_ref().expect("gathered");
+            // Offsets within the group, and the group's length per rank.
+            let (at, n) = (start - first * PIECE, all_codes.len() / crate::dist::world().size());
+            let ns = all_scales.len() / crate::dist::world().size();
+            for r in 0..crate::dist::world().size() {
+                let c = &all_codes[r * n + at..r * n + at + v.len()];
+                let sc = all_scales[r * ns + at / BLOCK..r * ns + (at + v.len()).div_ceil(BLOCK)].to_vec();
+                let piece = IntTensor::from_raw(1, v.len(), Self::SPEC, c.to_vec(), sc, None).map_err(quant_err)?;
                 let o = &mut other[..v.len()];
                 piece.dequantize_span(0, o).map_err(quant_err)?;
                 if r == 0 {
@@ -285,6 +310,9 @@ impl Qft {
                 "--fused applies each update inside the backward, so it cannot clip by the global norm: pass --clip 0"
                     .into(),
             ));
+        }
+        if cfg.fused && crate::dist::world().size() > 1 {
+            return Err(FUSED_ON_RANKS());
         }
         let frac = cfg.outlier_fraction;
         let mut store = source
@@ -560,11 +588,7 @@ impl FirstOrder for Qft {
     /// then the sum's. The fused variant applies its update inside the backward, before any sum could exist.
     fn reduce(&mut self) -> Result<()> {
         if self.cfg.fused {
-            return Err(Error::Option(
-                "--fused updates inside the backward, before the ranks' gradients could be summed: \
-                 drop --fused to train on several ranks"
-                    .into(),
-            ));
+            return Err(FUSED_ON_RANKS());
         }
         self.sumsq = 0.0;
         for (depth, (_, g)) in self.stack.iter_mut().enumerate() {
@@ -938,5 +962,22 @@ mod tests {
         let per = b.model_state() as f64 / cfg.num_params() as f64;
         assert!(per <= 3.3, "{per} bytes/param");
         assert!(per > 3.0, "{per} bytes/param is below what INT8 weights, gradients and momentum take");
+    }
+
+    /// In a world of one, summing over the ranks is a re-quantization of the array's own values: the same bits as
+    /// `rewrite` with nothing changed, whatever the gathering group (2 pieces: the last group is partial).
+    #[test]
+    fn all_reduce_in_groups_of_pieces_is_a_rewrite_on_one_rank() {
+        let data: Vec<f32> = (0..5 * PIECE + 300).map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 7) as f32)).collect();
+        let key = RngKey::new(9, 1, STREAM_SR_GRAD);
+        let mut a = Int8Blocks::quantize(&data, key).unwrap();
+        let mut b = a.clone();
+        let sa = a.all_reduce_grouped(RngKey::new(5, 2, STREAM_SR_GRAD), 2).unwrap();
+        let sb = b.rewrite(RngKey::new(5, 2, STREAM_SR_GRAD), |_, _| Ok(())).unwrap();
+        assert_eq!(sa.to_bits(), sb.to_bits());
+        let (mut x, mut y) = (vec![0f32; data.len()], vec![0f32; data.len()]);
+        a.dequantize_span(0, &mut x).unwrap();
+        b.dequantize_span(0, &mut y).unwrap();
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
     }
 }

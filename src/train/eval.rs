@@ -114,7 +114,9 @@ pub fn evaluate(
     let mut correct_norm = 0usize;
     let w = crate::dist::world();
     let share = if probe.is_some() { (0, 1) } else { (w.rank(), w.size()) };
-    for b in eval_batches(data, s.batch_size, s.max_len, s.pad, s.device.clone(), share) {
+    // Each batch's loss × rows, by its index among all the split's batches: summed in that order, across ranks too.
+    let mut batch_losses: Vec<(u64, f64)> = Vec::new();
+    for (j, b) in eval_batches(data, s.batch_size, s.max_len, s.pad, s.device.clone(), share).enumerate() {
         let (chunk, batch) = b?;
         let out = forward(&batch)?;
         let pred: Vec<u32> = out.logits.argmax(D::Minus1)?.to_vec1()?;
@@ -153,22 +155,39 @@ pub fn evaluate(
         }
         count += n;
         loss_sum += out.loss as f64 * n as f64;
+        batch_losses.push(((share.0 + j * share.1) as u64, out.loss as f64 * n as f64));
         tokens += batch.real_tokens();
     }
     if share.1 > 1 {
         let mut sums: Vec<f64> = [correct, count, tokens, correct_norm].iter().map(|&c| c as f64).collect();
         sums.extend(class_counts.iter().map(|&c| c as f64));
-        sums.push(loss_sum);
         crate::dist::sum_f64(&mut sums)?;
         let c = |i: usize| sums[i] as usize;
         (correct, count, tokens, correct_norm) = (c(0), c(1), c(2), c(3));
         class_counts.iter_mut().enumerate().for_each(|(i, n)| *n = c(4 + i));
-        loss_sum = sums[sums.len() - 1];
-        let mine = serde_json::to_vec(&predictions).map_err(|e| Error::Msg(e.to_string()))?;
+        // Losses as their bits (JSON has no NaN), added in the split's batch order as one process adds them.
+        let mine: Vec<(u64, u64)> = batch_losses.iter().map(|&(i, l)| (i, l.to_bits())).collect();
+        let mut all: Vec<(u64, u64)> = Vec::new();
+        for bytes in crate::dist::gather_varied(&serde_json::to_vec(&mine).map_err(|e| Error::Msg(e.to_string()))?)? {
+            all.extend(serde_json::from_slice::<Vec<(u64, u64)>>(&bytes).map_err(|e| Error::Msg(e.to_string()))?);
+        }
+        all.sort_by_key(|&(i, _)| i);
+        loss_sum = all.iter().fold(0f64, |acc, &(_, l)| acc + f64::from_bits(l));
+        let mine: Vec<(usize, &str, u32, u32, u64)> =
+            predictions.iter().map(|p| (p.example, p.key.as_str(), p.label, p.predicted, p.loss.to_bits())).collect();
+        let mine = serde_json::to_vec(&mine).map_err(|e| Error::Msg(e.to_string()))?;
         predictions = Vec::new();
         for bytes in crate::dist::gather_varied(&mine)? {
-            let theirs: Vec<Prediction> = serde_json::from_slice(&bytes).map_err(|e| Error::Msg(e.to_string()))?;
-            predictions.extend(theirs);
+            let theirs: Vec<(usize, String, u32, u32, u64)> =
+                serde_json::from_slice(&bytes).map_err(|e| Error::Msg(e.to_string()))?;
+            predictions.extend(theirs.into_iter().map(|(example, key, label, predicted, loss)| Prediction {
+                example,
+                key,
+                label,
+                predicted,
+                loss: f64::from_bits(loss),
+                side: None,
+            }));
         }
     }
     predictions.sort_by_key(|p| p.example);

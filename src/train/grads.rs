@@ -67,7 +67,11 @@ impl<K: Hash + Eq> DenseGrads<K> {
     {
         let mut keys: Vec<K> = self.grads.keys().copied().collect();
         keys.sort();
-        crate::dist::check_agree(keys.len() as u64, "the number of gradient tensors")?;
+        // The ranks must hold the same tensors: their count and sizes, in key order, hashed.
+        let sizes = keys
+            .iter()
+            .fold(keys.len() as u64, |h, k| (h ^ self.grads[k].elem_count() as u64).wrapping_mul(0x100_0000_01b3));
+        crate::dist::check_agree(sizes, "the gradient tensors (count and sizes)")?;
         let mut bucket: Vec<(K, candle_core::Shape, candle_core::Device, Vec<f32>)> = Vec::new();
         let limit = bucket_len();
         for k in keys {

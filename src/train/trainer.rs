@@ -83,14 +83,15 @@ struct LoopState {
     selection: Selection,
 }
 
+/// Rank 0 writes the checkpoint; the other ranks wait for it (every rank calls this at the same step).
 fn save_checkpoint(method: &dyn Method, path: &Path, st: &LoopState) -> Result<()> {
-    if !dist::is_root() {
-        return Ok(());
+    if dist::is_root() {
+        let mut w = crate::checkpoint::StateWriter::new(method.name());
+        w.meta("trainer", st);
+        method.save_state(&mut w)?;
+        w.write(path)?;
     }
-    let mut w = crate::checkpoint::StateWriter::new(method.name());
-    w.meta("trainer", st);
-    method.save_state(&mut w)?;
-    w.write(path)
+    dist::wait_for_root()
 }
 
 /// Trains `method` on `splits` and writes `<out>/{summary.json, log.jsonl, model/}`.
@@ -107,14 +108,18 @@ pub fn train(
     }
     check_batching(splits, cfg)?;
     cfg.selection.check()?;
-    eprintln!(
-        "data: {}: {} train, {} dev, {} eval examples",
-        splits.task,
-        splits.train.examples.len(),
-        splits.dev.examples.len(),
-        splits.eval.examples.len()
-    );
+    let root = dist::is_root();
+    if root {
+        eprintln!(
+            "data: {}: {} train, {} dev, {} eval examples",
+            splits.task,
+            splits.train.examples.len(),
+            splits.dev.examples.len(),
+            splits.eval.examples.len()
+        );
+    }
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::file(&cfg.out, format!("cannot create: {e}")))?;
+    dist::check_shared_dir(&cfg.out)?;
     let settings = cfg.eval_settings(model);
     // An empty split (--dev-size 0, --eval-size 0) is not evaluated.
     let eval = |data: &TaskData, m: &dyn Method| -> Result<Option<EvalResult>> {
@@ -139,7 +144,9 @@ pub fn train(
             return Err(Error::file(&path, "was written for another training split (--train-size, --seed)"));
         }
         method.load_state(&r)?;
-        eprintln!("resuming from {} at step {}", path.display(), st.next_step);
+        if dist::is_root() {
+            eprintln!("resuming from {} at step {}", path.display(), st.next_step);
+        }
         resumed = Some(st);
     }
     let dev_before = match &resumed {
@@ -170,7 +177,6 @@ pub fn train(
     };
     // The kept lines go to a new file that replaces the old one whole, so a resume that is itself interrupted here
     // still leaves the earlier steps' lines behind.
-    let root = dist::is_root();
     let tmp = cfg.out.join("log.jsonl.tmp");
     let mut log = match root {
         true => Some(std::fs::File::create(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?),
@@ -288,7 +294,8 @@ pub fn train(
             }
             last_dev = Some((step + 1, r));
         }
-        let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
+        // Every rank stops at the same step when any was interrupted (one byte each with several ranks).
+        let interrupted = dist::any(INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst))?;
         let due = cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0;
         let stop = selection.exhausted(cfg.selection.early_stop);
         if due || interrupted || stop {
@@ -313,21 +320,20 @@ pub fn train(
         }
     }
     bar.finish();
-    // Rank 0 may still be writing the best state the others are about to read.
-    dist::world().barrier()?;
+    dist::barrier()?;
     let steps_done = stopped_early.unwrap_or(cfg.steps);
     // Restore the best dev evaluation's state unless the current one is it (or the run keeps its last state).
     let mut restored = None;
     if let Some(best) = selection.best.filter(|b| b.step != steps_done && !cfg.selection.keep_last) {
         let r = crate::checkpoint::StateReader::open(&best_path(&cfg.out))?;
         method.load_state(&r)?;
-        eprintln!(
+        say(format!(
             "restored the best dev state (step {}: accuracy {:.4}, loss {:.4}) from {}",
             best.step,
             best.accuracy,
             best.loss,
             best_path(&cfg.out).display()
-        );
+        ));
         restored = Some(best.step);
     }
     let reuse = last_dev.filter(|(s, _)| *s == steps_done && restored.is_none()).map(|(_, r)| r);
@@ -340,10 +346,10 @@ pub fn train(
         };
         (d, eval(&splits.eval, method)?)
     };
-    if let Some(d) = &dev_after {
+    if let (Some(d), true) = (&dev_after, root) {
         eprintln!("dev accuracy after: {}", describe(d));
     }
-    if let Some(e) = &eval_res {
+    if let (Some(e), true) = (&eval_res, root) {
         eprintln!("eval accuracy: {}", describe(e));
     }
     let state_hash = if dist::world().size() > 1 {
@@ -401,7 +407,7 @@ pub fn train(
         best_step: selection.best.map(|b| b.step).filter(|_| !cfg.selection.keep_last),
         stopped_early_at: stopped_early,
         machine: machine(),
-        ranks: Some(dist::world().size()),
+        ranks: Some(dist::world().size()).filter(|&n| n > 1),
         sent_bytes_per_step: median(&mut sent),
         state_hash,
         command: std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect(),
@@ -419,9 +425,9 @@ pub fn train(
 }
 
 /// A hash of the method's whole training state (weights, quantization scales, optimizer state), as a checkpoint
-/// would hold it: ranks that trained alike hold equal ones.
+/// would hold it, hashed as each tensor arrives (nothing is kept): ranks that trained alike hold equal ones.
 fn state_hash(method: &dyn Method) -> Result<u64> {
-    let mut w = crate::checkpoint::StateWriter::new(method.name());
+    let mut w = crate::checkpoint::StateWriter::hashing(method.name());
     method.save_state(&mut w)?;
     Ok(w.digest())
 }
@@ -492,6 +498,7 @@ pub fn check_batching(splits: &Splits, cfg: &TrainConfig) -> Result<()> {
             cfg.batch_size, cfg.grad_accum, MAX_ROWS
         )));
     }
+    dist::my_micro_batches(cfg.grad_accum)?;
     if splits.train.examples.is_empty() && cfg.steps > 0 {
         return Err(Error::Option("the training split is empty".into()));
     }
