@@ -19,6 +19,9 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Msg(String),
+    /// The run stopped on Ctrl-C or SIGTERM after checkpointing (every rank returns it at the same step).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

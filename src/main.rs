@@ -77,6 +77,14 @@ fn main() {
     };
     if let Err(e) = r {
         let w = qtune::dist::world();
+        if let qtune::Error::Interrupted(_) = e {
+            // Every rank stopped at the same step: no rank waits for another, so MPI finalises as usual.
+            if w.rank() == 0 {
+                eprintln!("error: {e}");
+            }
+            drop(_guard);
+            std::process::exit(130);
+        }
         if w.size() > 1 {
             // The other ranks may be waiting in a collective: end them all (mpirun names this rank).
             eprintln!("error on rank {} of {}: {e}", w.rank(), w.size());

@@ -396,3 +396,57 @@ fn two_ranks_share_the_evaluation() {
         assert_eq!(sa[k], sb[k], "{k}");
     }
 }
+
+/// Ctrl-C reaching one rank only (here SIGINT to rank 1's process) stops every rank after the same step: the ranks
+/// agree on the flag each step, rank 0 checkpoints, every rank ends without aborting, and the checkpoint resumes on
+/// one process to the weights of an uninterrupted run.
+#[test]
+fn an_interrupt_on_one_rank_stops_all_at_the_same_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = data(dir.path());
+    // A constant learning rate: the interrupted run's --steps (a million) must not change the schedule.
+    let m = ["--method", "full-adamw", "--schedule", "constant"];
+    let run = dir.path().join("int");
+    let mut child = {
+        let mut c = Command::new("mpirun");
+        mpi_env(&mut c).args(["-np", "2", "--oversubscribe", env!("CARGO_BIN_EXE_qtune")]);
+        c.args(train_args(&d, &run, &m, 1_000_000)).stdout(std::process::Stdio::null());
+        c.stderr(std::fs::File::create(dir.path().join("int.err")).unwrap()).spawn().unwrap()
+    };
+    let lines = || std::fs::read_to_string(run.join("log.jsonl")).map_or(0, |t| t.lines().count());
+    let t0 = std::time::Instant::now();
+    while lines() < 5 {
+        assert!(t0.elapsed().as_secs() < 120, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Rank 1: the process of this run whose environment says so.
+    let rank1 = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+            has(&cmd, run.to_str().unwrap().as_bytes()) && has(&cmd, b"train") && has(&env, b"OMPI_COMM_WORLD_RANK=1\0")
+        })
+        .expect("rank 1's process");
+    assert!(Command::new("kill").args(["-INT", &rank1.to_string()]).status().unwrap().success());
+    assert!(!child.wait().unwrap().success(), "an interrupted run reports failure");
+    let err = std::fs::read_to_string(dir.path().join("int.err")).unwrap();
+    // Rank 0 says so, once; no rank aborts (they stopped at the same step and finalise MPI as usual).
+    assert_eq!(err.matches("interrupted after step").count(), 1, "{err}");
+    assert!(!err.contains("MPI_ABORT"), "{err}");
+    let steps = lines();
+    let mut resume = train_args(&d, &run, &m, steps + 2);
+    resume.push("--resume".into());
+    let r = one(&resume, &[]);
+    ok(&r, "resume");
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains(&format!("at step {steps}")),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let whole = dir.path().join("whole");
+    ok(&one(&train_args(&d, &whole, &m, steps + 2), &[]), "uninterrupted");
+    assert!(weights(&whole) == weights(&run), "the resumed run differs from an uninterrupted one");
+}

@@ -304,7 +304,7 @@ pub fn train(
         dist::maybe_die(step);
         if interrupted {
             bar.abandon();
-            return Err(Error::Msg(format!(
+            return Err(Error::Interrupted(format!(
                 "interrupted after step {step}: checkpoint written to {}; continue with --resume",
                 checkpoint_path(&cfg.out).display()
             )));
