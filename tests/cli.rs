@@ -10,15 +10,8 @@ fn qtune(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
-/// A small prompt/completion jsonl (causal-LM task).
-fn lm_data(dir: &Path) -> PathBuf {
-    let p = dir.join("lm.jsonl");
-    let rows: Vec<String> = (0..24)
-        .map(|i| format!(r#"{{"prompt": "Q{i}: what is {i} plus one?", "completion": " {}"}}"#, i + 1))
-        .collect();
-    std::fs::write(&p, rows.join("\n")).unwrap();
-    p
-}
+mod common;
+use common::lm_data;
 
 /// Runs and expects failure with exactly one `error:` line containing every `needle`.
 /// A temporary folder with the lm data written into it, and the run folder a test writes to.

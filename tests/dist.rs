@@ -8,19 +8,13 @@
 //! - a run across two network namespaces joined by a veth pair (two hosts with their own addresses), when this
 //!   machine lets the test make them (root), else skipped with the reason printed.
 #![cfg(feature = "mpi")]
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 const TINY: &str = "tests/fixtures/tiny_llama";
 
-fn data(dir: &Path) -> PathBuf {
-    let p = dir.join("lm.jsonl");
-    let rows: Vec<String> = (0..24)
-        .map(|i| format!(r#"{{"prompt": "Q{i}: what is {i} plus one?", "completion": " {}"}}"#, i + 1))
-        .collect();
-    std::fs::write(&p, rows.join("\n")).unwrap();
-    p
-}
+mod common;
+use common::lm_data as data;
 
 /// `qtune train` on the lm data: `steps` steps of 2 micro-batches of 2 rows, written to `out`.
 fn train_args(data: &Path, out: &Path, method: &[&str], steps: usize) -> Vec<String> {
@@ -366,11 +360,7 @@ fn two_hosts_joined_by_a_veth_pair() {
 #[test]
 fn two_ranks_share_the_evaluation() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("mc.jsonl");
-    let rows: Vec<String> = (0..24)
-        .map(|i| format!(r#"{{"context": "Q{i}: pick", "options": ["aa", "b{i}", "ccc"], "answer": {}}}"#, i % 3))
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
+    let data = common::choice_data(dir.path(), 24);
     let args = |out: &Path| -> Vec<String> {
         let mut a: Vec<String> = ["train", "--model", TINY, "--task", "choice", "--data"].map(String::from).to_vec();
         a.push(data.display().to_string());

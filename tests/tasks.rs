@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
 const TINY: &str = "tests/fixtures/tiny_llama";
 
 fn qtune(args: &[&str]) -> (bool, String) {
@@ -79,11 +81,7 @@ fn classification_from_csv_with_separate_eval_file() {
 #[test]
 fn multiple_choice_trains_and_scores_options() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("mc.jsonl");
-    let rows: Vec<String> = (0..16)
-        .map(|i| format!(r#"{{"context": "Q{i}: pick", "options": ["aa", "b{i}", "ccc"], "answer": {}}}"#, i % 3))
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
+    let data = common::choice_data(dir.path(), 16);
     let out = dir.path().join("run");
     let sizes = ["--train-size", "8", "--dev-size", "4", "--eval-size", "4"];
     let (ok, err) = train("choice", &out, &[&["--data", data.to_str().unwrap()][..], &sizes].concat());
