@@ -116,6 +116,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
     };
     summary.add_figures("dev", &d.figures);
     summary.add_figures("eval", &e.figures);
+    if !qtune::dist::is_root() {
+        // Under mpirun the ranks shared the evaluation out and hold the same result: rank 0 reports and writes.
+        return Ok(());
+    }
     eprintln!(
         "dev accuracy {}; eval accuracy {}; {:.0} tok/s",
         describe(&d),
