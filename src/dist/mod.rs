@@ -72,7 +72,7 @@ static START: OnceLock<std::time::Instant> = OnceLock::new();
 pub struct DistArgs {
     /// End the run when a collective has waited this many seconds for the other ranks: one of them died without
     /// mpirun noticing, or cannot be reached (a cut network would otherwise hang every rank for TCP's timeouts).
-    /// 0: wait for ever.
+    /// Must exceed the time rank 0 takes to write a checkpoint (the others wait for it). 0: wait for ever.
     #[arg(long, default_value_t = 600)]
     pub dist_timeout: u64,
 }
@@ -110,7 +110,9 @@ pub fn watch(args: &DistArgs) {
                  died or cannot be reached; ending the run (the last checkpoint stays valid: continue with --resume)",
                 limit / 1000
             );
-            std::process::exit(1);
+            // At once, without exit handlers: the main thread is inside MPI, whose own handlers could wait on the
+            // network that is gone.
+            unsafe { libc::_exit(1) };
         }
     });
 }
@@ -172,10 +174,10 @@ pub fn barrier() -> Result<()> {
     watched(|| world().barrier())
 }
 
-/// Waits for every rank while rank 0 writes a file (a checkpoint of a large model may take longer than
-/// `--dist-timeout`; a rank 0 that dies meanwhile is seen by mpirun).
+/// Waits for every rank while rank 0 writes a file, under the watchdog like any collective: a network cut while
+/// rank 0 writes a checkpoint must not hang the others (so `--dist-timeout` must exceed a checkpoint's writing time).
 pub fn wait_for_root() -> Result<()> {
-    world().barrier()
+    barrier()
 }
 
 /// Whether `flag` is set on any rank (one byte each).
