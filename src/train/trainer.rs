@@ -3,8 +3,8 @@
 //! ([`Summary`]), and the export.
 //!
 //! Across ranks (`crate::dist`): every rank draws the same batches and runs its share of each step's micro-batches;
-//! rank 0 alone writes the log, checkpoints, summary and exports; every rank evaluates (the weights are the same
-//! on all), and at the end the ranks check that their training states hash the same.
+//! rank 0 alone writes the log, checkpoints, summary and exports; evaluations are shared out across the ranks
+//! (`super::eval`), and at the end the ranks check that their training states hash the same.
 use super::eval::{describe, evaluate, write_predictions, EvalResult, EvalSettings};
 use super::memory;
 use super::method::Method;
