@@ -54,7 +54,7 @@ fn main() -> qtune::Result<()> {
         (0..6).map(|i| format!("{{\"prompt\": \"Q{i}: is it?\", \"completion\": \" yes\"}}\n")).collect();
     put("jsonl", "lm.jsonl", lines.as_bytes())?;
     // Checkpoints of the methods the state target loads.
-    let ctx = RunContext { seed: 0, on_nan: qtune::train::OnNonFinite::Stop, epoch_steps: 1 };
+    let ctx = RunContext::cpu(0, qtune::train::OnNonFinite::Stop, 1);
     for method in STATE_METHODS {
         let m = method.build(&micro_options(), Source::Params(params.clone()), &ctx)?;
         let mut w = StateWriter::new(m.name());

@@ -89,7 +89,7 @@ pub fn state(data: &[u8]) -> Result<()> {
     let cfg = micro_config()?;
     let params = ParamStore::random(&cfg, 0, 0.1, DType::F32)?;
     // Every method reads its own names; a state of another method is an error, which is fine here.
-    let ctx = RunContext { seed: 0, on_nan: crate::train::OnNonFinite::Stop, epoch_steps: 1 };
+    let ctx = RunContext::cpu(0, crate::train::OnNonFinite::Stop, 1);
     for method in STATE_METHODS {
         let mut m = method.build(&micro_options(), Source::Params(params.clone()), &ctx)?;
         let _ = m.load_state(&r);

@@ -8,11 +8,13 @@
 //! - [`dist`]: data parallelism across processes (MPI), the collective interface the loops call.
 //! - [`methods`]: the fine-tuning methods, each implementing the loops' traits, with its own options.
 //! - [`plan`], [`bench`], [`report`]: the memory planner, the benchmark and the run reports, above the methods.
+//! - [`device`]: where the engine runs (`--device cpu|cuda[:N]`).
 //! - [`io`]: crash-safe file output.
 //! - the quantizers and quantized kernels live in the `qtune-quant` crate, re-exported as [`quant`].
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod dist;
 pub mod error;
 pub mod fuzzing;

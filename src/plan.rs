@@ -304,7 +304,11 @@ pub fn table(plans: &[Plan]) -> String {
             gib(p.peak),
         );
     }
-    s += &format!("\nGiB; predicted peak = max(load, train, eval) + {} runtime.\n", human(RUNTIME_BYTES));
+    match plans.first().map(|p| p.runtime) {
+        Some(0) => s += "\nGiB; predicted peak = max(load, train, eval).\n",
+        Some(r) => s += &format!("\nGiB; predicted peak = max(load, train, eval) + {} runtime.\n", human(r)),
+        None => {}
+    }
     s
 }
 
@@ -339,7 +343,7 @@ mod tests {
     }
 
     fn build(method: MethodKind, params: &ParamStore, o: &MethodOptions) -> Box<dyn Method> {
-        let ctx = RunContext { seed: 0, on_nan: OnNonFinite::Stop, epoch_steps: 1 };
+        let ctx = RunContext::cpu(0, OnNonFinite::Stop, 1);
         method.build(o, Source::Params(params.clone()), &ctx).unwrap()
     }
 

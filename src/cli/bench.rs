@@ -18,6 +18,8 @@ pub struct BenchArgs {
     /// Include the PyTorch peers' runs from this folder (`scripts/peers_bench.py --out`) and their ratios.
     #[arg(long)]
     pub peers: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: qtune::device::DeviceArgs,
     /// Arguments passed to every `qtune train` (after `--`), e.g. `-- --steps 10 --batch-size 8`.
     #[arg(last = true)]
     pub train_args: Vec<String>,
@@ -31,7 +33,25 @@ pub fn run(a: BenchArgs, check: impl Fn(Vec<String>) -> std::result::Result<(), 
         }
         return Ok(());
     }
-    let runs = a.runs.unwrap_or_else(|| qtune::bench::RUNS.iter().map(|r| r.0.to_string()).collect());
+    let spec = a.device.device;
+    let mut train_args = a.train_args.clone();
+    if spec != qtune::device::DeviceSpec::Cpu {
+        train_args.extend(["--device".to_string(), spec.to_string()]);
+    }
+    // On a GPU, the runs whose method has no GPU kernels yet are left out by name (unless named with --runs).
+    let runs = a.runs.clone().unwrap_or_else(|| {
+        qtune::bench::RUNS
+            .iter()
+            .filter(|(name, args)| {
+                let keep = spec == qtune::device::DeviceSpec::Cpu || super::plan::bench_method(args).is_ok_and(|m| m.method.runs_on_gpu(&m.options));
+                if !keep {
+                    eprintln!("bench: leaving out `{name}` on {spec} (no GPU kernels yet)");
+                }
+                keep
+            })
+            .map(|r| r.0.to_string())
+            .collect()
+    });
     // Every run's command line is checked before the first starts, so a mistake costs nothing.
     for name in &runs {
         let Some((_, args)) = qtune::bench::RUNS.iter().find(|(n, _)| n == name) else { continue };
@@ -39,11 +59,11 @@ pub fn run(a: BenchArgs, check: impl Fn(Vec<String>) -> std::result::Result<(), 
             .into_iter()
             .chain(args.iter().copied())
             .map(String::from)
-            .chain(a.train_args.iter().cloned())
+            .chain(train_args.iter().cloned())
             .collect();
         check(argv).map_err(|e| Error::Msg(format!("bench run `{name}`: {}", e.line())))?;
     }
     let exe = std::env::current_exe()?;
-    print!("{}", qtune::bench::run(&exe, &runs, &a.train_args, &a.out, a.peers.as_deref())?);
+    print!("{}", qtune::bench::run(&exe, &runs, &train_args, &a.out, a.peers.as_deref())?);
     Ok(())
 }

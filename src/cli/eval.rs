@@ -1,9 +1,9 @@
 //! `qtune eval`: a model's accuracy and loss on a task's dev and eval splits, in f32, INT8/INT4 (`--bits`) or as a
 //! QST export (NF4 base + side network); writes `summary.json` and `predictions.jsonl` as a training run does.
-use super::{device, pad_id, tokenizer, Common};
+use super::{pad_id, tokenizer, Common};
 use clap::Args;
 use qtune::methods::qst::{QstModel, SideShare};
-use qtune::model::load::{load_model, read_header};
+use qtune::model::load::read_header;
 use qtune::model::quantized::{Compute, Source};
 use qtune::model::{Batch, Keep, Llama, Weights};
 use qtune::train::eval::{describe, evaluate, write_predictions, EvalProbe, EvalResult, EvalSettings};
@@ -43,7 +43,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let header = read_header(&base_path)?;
     let tok = tokenizer(header.tokenizer, &base_path)?;
     let splits = c.splits(&tok)?;
-    let model = Llama::on(header.cfg, device());
+    if is_qst || a.bits.is_some() {
+        let what = if is_qst { "a QST export (NF4 base)".to_string() } else { format!("--bits {}", a.bits.unwrap_or(0)) };
+        qtune::device::require_cpu(c.device.device, &what)?;
+    }
+    let dev = c.device.device.open()?;
+    let model = Llama::on(header.cfg, dev.clone());
     // f32, or quantized while the file is read (no f32 model in memory).
     let compute = if a.bits.is_some() { a.compute } else { Compute::F32 };
     let (run, weights, method) = match (qst, a.bits) {
@@ -52,7 +57,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             (EvalModel::Qst(Box::new(q)), b, "inference-qst".to_string())
         }
         (None, None) => {
-            let p = load_model(&c.model)?.params;
+            let p = Source::File(c.model.clone()).params_on(&dev)?;
             let b = p.bytes();
             (EvalModel::Weights(Box::new(p)), b, "inference".into())
         }
@@ -111,6 +116,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         dev_majority: d.majority,
         eval_majority: e.majority,
         machine: machine(),
+        gpu: qtune::train::records::gpu(&dev),
         compute: Some(compute),
         ..Default::default()
     };

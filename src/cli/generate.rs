@@ -1,14 +1,14 @@
 //! `qtune generate`: a continuation of a prompt (greedy, or sampled with temperature, top-k and top-p), decoded
 //! over a KV cache, from f32 weights or INT8/INT4 ones (`--bits`, quantized as the file is read); prints the text
 //! and the speed.
-use super::{device, DEFAULT_MODEL};
+use super::DEFAULT_MODEL;
 use candle_core::{DType, Tensor};
 use clap::Args;
 use qtune::data::chat::{ChatTemplate, Message};
 use qtune::data::tasks::encode_prompt;
 use qtune::methods::qst::QstModel;
 use qtune::model::generate::{KvCache, SamplerArgs};
-use qtune::model::load::{load_model, read_header};
+use qtune::model::load::read_header;
 use qtune::model::quantized::{Compute, Source};
 use qtune::model::{Batch, Llama, Targets, Weights};
 use qtune::{Error, Result};
@@ -40,6 +40,8 @@ pub struct GenArgs {
     /// Recompute the whole text for every new token instead of keeping a KV cache (the old path; for comparison).
     #[arg(long)]
     pub no_kv_cache: bool,
+    #[command(flatten)]
+    pub device: qtune::device::DeviceArgs,
 }
 
 /// What produces the next-token logits: a decoder over weights (with or without the KV cache), or a QST export
@@ -59,10 +61,14 @@ pub fn run(a: GenArgs) -> Result<()> {
     let base_path = qst.as_ref().map_or(a.model.clone(), |(_, p)| p.clone());
     let header = read_header(&base_path)?;
     let tok = super::tokenizer(header.tokenizer, &base_path)?;
-    let model = Llama::on(header.cfg.clone(), device());
+    if qst.is_some() || a.bits.is_some() {
+        qtune::device::require_cpu(a.device.device, if qst.is_some() { "a QST export (NF4 base)" } else { "--bits" })?;
+    }
+    let dev = a.device.device.open()?;
+    let model = Llama::on(header.cfg.clone(), dev.clone());
     let gen = match (qst, a.bits) {
         (Some((q, _)), _) => Generator::Qst(Box::new(q)),
-        (None, None) => Generator::Weights(Box::new(load_model(&a.model)?.params)),
+        (None, None) => Generator::Weights(Box::new(Source::File(a.model.clone()).params_on(&dev)?)),
         (None, Some(bits)) => {
             let mut q = qtune::methods::quzo::quantize_int(Source::File(a.model.clone()), bits)?;
             q.compute = a.compute;

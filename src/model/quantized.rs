@@ -45,6 +45,31 @@ impl Source {
         }
     }
 
+    /// The model as dense f32 parameters on `dev`. For a GPU each tensor moves there as the file is read, so the
+    /// host holds one tensor at a time, never the model.
+    pub fn params_on(self, dev: &Device) -> Result<ParamStore> {
+        if dev.same_device(&self.device()) {
+            return self.params();
+        }
+        let mut map = HashMap::new();
+        let (cfg, path) = match self {
+            Source::File(p) => {
+                let header = stream_model(&p, &mut |id, t| {
+                    map.insert(id, t.to_device(dev)?);
+                    Ok(())
+                })?;
+                (header.cfg, p)
+            }
+            Source::Params(p) => {
+                for id in p.ids() {
+                    map.insert(id, p.get(id).to_device(dev)?);
+                }
+                (p.cfg.clone(), std::path::PathBuf::from("<parameters>"))
+            }
+        };
+        ParamStore::from_map(cfg, map, &path)
+    }
+
     /// The model with its matrices quantized by `quantize` as they are read.
     pub fn quantize<W: QuantWeight>(self, quantize: &mut Quantize<W>) -> Result<QuantStore<W>> {
         match self {

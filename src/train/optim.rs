@@ -79,14 +79,18 @@ impl Optimizer {
             return Err(Error::Shape(format!("slot {id}: weight {:?} vs gradient {:?}", w.shape(), g.shape())));
         }
         let decay = |wd: f64| if decayed { wd } else { 0.0 };
+        // A state restored from a checkpoint arrives on the host: it moves to the weight's device on first use
+        // (a no-op on the CPU).
+        let dev = w.device().clone();
+        let take = |m: &mut HashMap<usize, Tensor>| m.remove(&id).map(|t| t.to_device(&dev)).transpose();
         match self {
             Optimizer::AdamW { cfg, step, m, v } => {
                 let (b1, b2) = (cfg.beta1, cfg.beta2);
-                let m_new = match m.remove(&id) {
+                let m_new = match take(m)? {
                     Some(m0) => ((m0 * b1)? + (g * (1.0 - b1))?)?,
                     None => (g * (1.0 - b1))?,
                 };
-                let v_new = match v.remove(&id) {
+                let v_new = match take(v)? {
                     Some(v0) => ((v0 * b2)? + (g.sqr()? * (1.0 - b2))?)?,
                     None => (g.sqr()? * (1.0 - b2))?,
                 };
@@ -102,7 +106,7 @@ impl Optimizer {
             }
             Optimizer::Lion { cfg, m } => {
                 let (b1, b2) = (cfg.beta1, cfg.beta2);
-                let m0 = match m.remove(&id) {
+                let m0 = match take(m)? {
                     Some(m0) => m0,
                     None => g.zeros_like()?,
                 };

@@ -91,6 +91,13 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stopped_early_at: Option<usize>,
     pub machine: String,
+    /// The GPU the run ran on (`cuda:0, NVIDIA H100 80GB HBM3`, with its memory); absent on the CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    /// On a GPU: the most device memory in use after any step (the driver's used figure, so it includes the CUDA
+    /// context and any other process on the card).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_used_peak_bytes: Option<usize>,
     /// The command line this process was started with (`qtune train ...`), to re-run or re-plan the run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
@@ -136,6 +143,16 @@ pub fn machine() -> String {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let int8 = qtune_quant::int8::kernel_name();
     format!("{threads} threads, {cpu} ({}; int8 kernel {int8})", qtune_quant::CpuFeatures::detect())
+}
+
+/// The GPU `dev` is, for a summary: its ordinal, name and memory (None on the CPU).
+pub fn gpu(dev: &candle_core::Device) -> Option<String> {
+    if dev.is_cpu() {
+        return None;
+    }
+    let name = crate::device::gpu_name(dev).unwrap_or_else(|| "unknown GPU".into());
+    let mem = crate::device::gpu_memory(dev).map_or(String::new(), |(_, total)| format!(", {} MiB", total >> 20));
+    Some(format!("{}, {name}{mem}", crate::device::name(dev)))
 }
 
 /// The median (the upper one of an even count), None for no values.

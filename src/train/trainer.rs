@@ -217,6 +217,7 @@ pub fn train(
     // The latest periodic dev evaluation, reused as the final one when nothing changed since.
     let mut last_dev: Option<(usize, EvalResult)> = None;
     let mut stopped_early = None;
+    let mut gpu_peak = 0usize;
     let mut times: Vec<f64> = kept.iter().map(|l| l.step_time_s).collect();
     let mut tok_rates: Vec<f64> = kept.iter().map(|l| l.tokens as f64 / l.step_time_s).collect();
     let mut sent: Vec<f64> = kept.iter().filter_map(|l| l.figures.get("sent_bytes").copied()).collect();
@@ -252,6 +253,10 @@ pub fn train(
         }
         last_loss = Some(stats.loss);
         let rss = memory::rss_bytes();
+        // On a GPU: the device memory in use after the step (the driver's figure, every process on the card).
+        if let Some((free, total)) = crate::device::gpu_memory(model.device()) {
+            gpu_peak = gpu_peak.max(total - free);
+        }
         let line = LogLine {
             step,
             loss: stats.loss,
@@ -407,6 +412,8 @@ pub fn train(
         best_step: selection.best.map(|b| b.step).filter(|_| !cfg.selection.keep_last),
         stopped_early_at: stopped_early,
         machine: machine(),
+        gpu: super::records::gpu(model.device()),
+        gpu_used_peak_bytes: Some(gpu_peak).filter(|&b| b > 0),
         ranks: Some(dist::world().size()).filter(|&n| n > 1),
         sent_bytes_per_step: median(&mut sent),
         state_hash,

@@ -703,7 +703,7 @@ mod tests {
         let mut o = crate::methods::MethodOptions::default();
         o.first_order.recompute = recompute;
         let kind: crate::methods::MethodKind = clap::ValueEnum::from_str(method, false).unwrap();
-        let ctx = crate::methods::RunContext { seed: 0, on_nan: OnNonFinite::Stop, epoch_steps: 1 };
+        let ctx = crate::methods::RunContext::cpu(0, OnNonFinite::Stop, 1);
         let mut m = kind.build(&o, Source::Params(params), &ctx).unwrap();
         let lr = kind.default_lr(&o);
         let (b, t) = (16, 512);

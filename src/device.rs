@@ -1,0 +1,161 @@
+//! Where the engine runs: the CPU, or a CUDA GPU when qtune is built with `--features cuda`
+//! (`scripts/setup_cuda.sh` installs the compiler; no GPU is needed to build). The one `--device` option of every
+//! command that runs a model is [`DeviceArgs`]; [`DeviceSpec::open`] turns it into candle's device, and
+//! [`require_cpu`] is how a path that has no GPU kernels yet says so by name instead of running on the wrong device.
+use crate::{Error, Result};
+use candle_core::Device;
+use std::fmt;
+use std::str::FromStr;
+
+/// A device as the command line names it: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+                _ => Err(format!("`{s}`: expected cpu, cuda or cuda:N (N a GPU's ordinal)")),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The spec naming `dev`.
+    pub fn of(dev: &Device) -> Self {
+        match dev.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => DeviceSpec::Cuda(gpu_id),
+            _ => DeviceSpec::Cpu,
+        }
+    }
+}
+
+/// Whether this binary has the CUDA backend (`--features cuda`).
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+impl DeviceSpec {
+    /// Candle's device for this spec. A CUDA spec fails by name when the binary was built without CUDA or the GPU
+    /// cannot be opened (no driver, no such ordinal).
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) => {
+                if !CUDA_BUILT {
+                    return Err(Error::Option(format!(
+                        "--device {self}: this qtune was built without CUDA; build it with \
+                         `bash scripts/setup_cuda.sh && . .cuda/env.sh && cargo build --release --features cuda`"
+                    )));
+                }
+                Device::new_cuda(n).map_err(|e| Error::Option(format!("--device {self}: cannot open the GPU: {e}")))
+            }
+        }
+    }
+}
+
+/// The `--device` option (train, eval, generate, bench, plan).
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+pub struct DeviceArgs {
+    /// Where the model, the batches and the method's state live: cpu, cuda (the first GPU) or cuda:N. CUDA needs a
+    /// binary built with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+}
+crate::options::defaults_from_clap!(DeviceArgs);
+
+/// The GPU's own name (`NVIDIA H100 80GB HBM3`), for reports; None on the CPU.
+pub fn gpu_name(dev: &Device) -> Option<String> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return d.cuda_stream().context().name().ok();
+    }
+    let _ = dev;
+    None
+}
+
+/// The device's name as reports print it: `cpu` or `cuda:N`.
+pub fn name(dev: &Device) -> String {
+    match dev {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => match dev.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            _ => "cuda".into(),
+        },
+        _ => format!("{:?}", dev.location()),
+    }
+}
+
+/// Refuses a device other than the CPU: `what` names the path (a method, a quantized format) whose kernels exist on
+/// the host only so far. Needs no GPU, so it is checked before one is opened.
+pub fn require_cpu(spec: DeviceSpec, what: &str) -> Result<()> {
+    if spec == DeviceSpec::Cpu {
+        return Ok(());
+    }
+    Err(Error::Option(format!(
+        "--device {spec}: {what} runs on the CPU only so far (its kernels have no CUDA version yet); use --device cpu"
+    )))
+}
+
+/// Free and total bytes of the GPU's memory (None on the CPU).
+pub fn gpu_memory(dev: &Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return d.cuda_stream().context().mem_get_info().ok();
+    }
+    let _ = dev;
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The spellings the option accepts, and the ones it refuses with the expected form in the message.
+    #[test]
+    fn parses_cpu_cuda_and_ordinals() {
+        assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU"] {
+            let e = bad.parse::<DeviceSpec>().unwrap_err();
+            assert!(e.contains("expected cpu, cuda or cuda:N"), "{bad}: {e}");
+        }
+        assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
+        assert_eq!(DeviceArgs::default().device, DeviceSpec::Cpu);
+    }
+
+    /// Without the `cuda` feature, a CUDA device is refused by name with the build command; with it and no GPU
+    /// (CI), opening fails with candle's reason instead of a panic.
+    #[test]
+    fn cuda_is_refused_by_name_when_unavailable() {
+        match DeviceSpec::Cuda(0).open() {
+            Ok(d) => assert!(CUDA_BUILT && !d.is_cpu()),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.starts_with("invalid option: --device cuda:0: "), "{msg}");
+                assert!(CUDA_BUILT || msg.contains("--features cuda"), "{msg}");
+            }
+        }
+        assert!(require_cpu(DeviceSpec::Cpu, "qft").is_ok());
+        let e = require_cpu(DeviceSpec::Cuda(1), "qft").unwrap_err().to_string();
+        assert!(e.contains("--device cuda:1: qft runs on the CPU only so far"), "{e}");
+        assert_eq!(DeviceSpec::of(&Device::Cpu), DeviceSpec::Cpu);
+    }
+}
