@@ -58,6 +58,8 @@ def parse_args(argv=None):
     ap.add_argument("--model-name", default=GGUF, help="the `model` field of summary.json (qtune writes the GGUF path)")
     ap.add_argument("--full-head", action="store_true",
                     help="compute the full [B,T,vocab] logits (model(input_ids).logits) instead of the head at the loss positions/classes only")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the model, batches and states live (a GPU's "
+                    "peak is torch.cuda.max_memory_allocated; step times are taken after torch.cuda.synchronize)")
     ap.add_argument("--out", default="runs/peers")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of: {','.join(PEERS)}")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one peer in this process
@@ -174,16 +176,25 @@ def load_model(path):
     return model
 
 
-def to_tensors(rows):
+def sync():
+    """Waits for the GPU's queued work (a no-op on the CPU), so a step's time includes it."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def to_tensors(rows, device="cpu"):
     import torch
 
     out = []
     for r in rows:
+        t = lambda v: torch.tensor(v, dtype=torch.long, device=device)
         out.append({
-            "ids": torch.tensor(r["ids"], dtype=torch.long),
-            "positions": torch.tensor(r["positions"], dtype=torch.long),
-            "classes": None if r["classes"] is None else torch.tensor(r["classes"], dtype=torch.long),
-            "labels": torch.tensor(r["labels"], dtype=torch.long),
+            "ids": t(r["ids"]),
+            "positions": t(r["positions"]),
+            "classes": None if r["classes"] is None else t(r["classes"]),
+            "labels": t(r["labels"]),
             "tokens": int(sum(r["lengths"])),
         })
     return out
@@ -268,6 +279,7 @@ def first_order_step(model, params, optimizer, micros, lr, args):
     else:
         norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
     optimizer.step()
+    sync()
     dt = time.perf_counter() - t0
     bd = breakdown(model, optimizer)  # grads still allocated here; not timed
     t1 = time.perf_counter()
@@ -319,6 +331,7 @@ class Mezo:
             for _, p in self.named:
                 z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
                 p.add_(z, alpha=-lr * g)
+        sync()
         dt = time.perf_counter() - t0
         # qtune logs (L+ + L-)/2 for its zeroth-order methods; MeZO's trainer reports L+ (kept as loss_plus).
         return (loss1 + loss2) / 2, dt, {"loss_plus": loss1, "loss_minus": loss2, "projected_grad": g, "seed": seed}
@@ -335,7 +348,7 @@ def run_worker(args):
     steps = read_batches(args.batches, args.steps)
     model_path = args.model or (HF_EXPORT if Path(HF_EXPORT, "model.safetensors").exists() else GGUF)
     t_load = time.perf_counter()
-    model = load_model(model_path)
+    model = load_model(model_path).to(args.device)
     load_s = time.perf_counter() - t_load
     n_params = sum(p.numel() for p in model.parameters())
     info = {"versions": versions(peer), "model_path": model_path, "load_s": load_s,
@@ -358,11 +371,11 @@ def run_worker(args):
     trainable = sum(p.numel() for p in params)
     info["rss_after_load_bytes"] = rss_bytes()
 
-    log_rows, times, rates = [], [], []
+    log_rows, times, rates, gpu_used = [], [], [], 0
     peak = {"weights": 0, "gradients": 0, "optimizer": 0, "activations": 0, "scratch": 0}
     with open(out / "log.jsonl", "w") as log:
         for step, rows in enumerate(steps):
-            micros = to_tensors(rows)
+            micros = to_tensors(rows, args.device)
             tokens = sum(b["tokens"] for b in micros)
             lr = lr_at(peak_lr, step, args.steps)
             if mezo is not None:
@@ -371,6 +384,9 @@ def run_worker(args):
             else:
                 loss, dt, bd, extra = first_order_step(model, params, optimizer, micros, lr, args)
             peak = {k: max(peak[k], bd[k]) for k in peak}
+            if args.device.startswith("cuda"):
+                free, total = torch.cuda.mem_get_info()  # the driver's figure, as qtune's gpu_used_peak_bytes
+                gpu_used = max(gpu_used, total - free)
             if step > 0 or args.steps == 1:
                 times.append(dt)
                 rates.append(tokens / dt)
@@ -405,6 +421,8 @@ def run_worker(args):
         "final_loss": log_rows[-1]["loss"] if log_rows else None,
         "skipped_steps": 0,
         "machine": f"{cpu_model()}, {args.threads} threads",
+        **({"gpu": torch.cuda.get_device_name(), "gpu_used_peak_bytes": gpu_used, "gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "gpu_peak_reserved_bytes": torch.cuda.max_memory_reserved()} if args.device.startswith("cuda") else {}),
         "peer": info,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -23,7 +23,9 @@ if [ ! -x "$PY/nvidia/cu13/bin/nvcc" ]; then
         sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
         $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q python3-pip
     }
-    python3 -m pip install -q --disable-pip-version-check --no-deps --target "$PY" "${WHEELS[@]}"
+    # --target installs beside the system's packages, never into them (PIP_BREAK_SYSTEM_PACKAGES: Debian's marker)
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check --no-deps --target "$PY" \
+        "${WHEELS[@]}"
 fi
 CU=$PY/nvidia/cu13
 # The wheels spread the toolkit over their own folders; nvcc wants one root with bin/, include/, lib64/ and nvvm/.
@@ -43,8 +45,9 @@ STUBS=$CU/lib/stubs  # cudarc searches $CUDA_ROOT/lib/stubs
 mkdir -p "$STUBS"
 stub() { # module, library name, soname
     local src=$STUBS/$2.c
-    grep -oE '^\s+fn [A-Za-z_0-9]+\(' "$CUDARC/src/$1/sys/mod.rs" | sed -E 's/^\s+fn ([A-Za-z_0-9]+)\(/void \1(void) {}/' | sort -u > "$src"
+    grep -oE '^\s+fn [A-Za-z_0-9]+\(' "$CUDARC/src/$1/sys/mod.rs" | sed -E 's/^\s+fn ([A-Za-z_0-9]+)\(/int \1(void) { return 999; }/' | sort -u > "$src"
     cc -shared -fPIC -o "$STUBS/lib$2.so" -Wl,-soname,"$3" "$src"
+    ln -sf "lib$2.so" "$STUBS/$3"
 }
 stub driver cuda libcuda.so.1
 stub nvrtc nvrtc libnvrtc.so.13

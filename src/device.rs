@@ -64,7 +64,11 @@ impl DeviceSpec {
                          `bash scripts/setup_cuda.sh && . .cuda/env.sh && cargo build --release --features cuda`"
                     )));
                 }
-                Device::new_cuda(n).map_err(|e| Error::Option(format!("--device {self}: cannot open the GPU: {e}")))
+                // candle's error carries a backtrace after its first line: the first line says why.
+                Device::new_cuda(n).map_err(|e| {
+                    let why = e.to_string().lines().next().unwrap_or("").to_string();
+                    Error::Option(format!("--device {self}: cannot open the GPU: {why}"))
+                })
             }
         }
     }

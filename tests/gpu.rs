@@ -66,7 +66,8 @@ fn gpu(dir: &Path) -> Option<()> {
         return Some(());
     }
     let err = String::from_utf8_lossy(&o.stderr);
-    eprintln!("skipped: no GPU for qtune here: {}", err.lines().last().unwrap_or("").trim());
+    let why = err.lines().find(|l| l.to_lowercase().starts_with("error")).unwrap_or(err.trim());
+    eprintln!("skipped: no GPU for qtune here: {why}");
     None
 }
 

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Issue 30, on a GPU machine: builds nothing (scripts/gpu_prepare.sh built .gpu/ elsewhere). Runs, writing under OUT:
+#   gpu.txt     nvidia-smi, and the CUDA libraries the binary found
+#   tests.log   tests/gpu.rs: GPU against CPU on the tiny fixture model (evaluation; every GPU method's 3 steps)
+#   bench.md    qtune's GPU benchmark on SmolLM2-135M's shapes (random weights), batch 16 × 512, next to the PyTorch
+#               peers (torch AdamW, PEFT LoRA, a MeZO loop) on the same batches and card: step time, tokens/s, and
+#               the device memory in use at its most (the driver's figure, the same measure for both)
+#   runs.tgz    every run's summary.json and log.jsonl
+#   bash scripts/gpu_check.sh OUT [STEPS]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-runs/gpu}}
+STEPS=${2:-6}
+mkdir -p "$OUT"
+G=$PWD/.gpu
+Q=$G/qtune
+[ -x "$Q" ] || { echo "gpu_check: $Q missing: run scripts/gpu_prepare.sh on a build machine and carry .gpu" >&2; exit 2; }
+# The driver's libcuda.so.1 is on the system's path; nvrtc, curand, cuBLAS and the runtime (CUDA 13) come from
+# NVIDIA's wheels, which PyTorch's environment holds.
+LIBS=$(python3 - <<'EOF'
+import glob, os, site, sys
+dirs = []
+for d in site.getsitepackages() + [site.getusersitepackages()] + sys.path:
+    for name in ("libcublas.so.13", "libcublasLt.so.13", "libnvrtc.so.13", "libcurand.so.10", "libcudart.so.13"):
+        for p in glob.glob(os.path.join(d, "nvidia", "**", name), recursive=True):
+            if os.path.dirname(p) not in dirs:
+                dirs.append(os.path.dirname(p))
+print(":".join(dirs))
+EOF
+)
+export LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+{
+    nvidia-smi
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    ldd "$Q" | grep -E 'cuda|cublas|nvrtc|curand'
+} > "$OUT/gpu.txt" 2>&1
+
+# 1. GPU against CPU.
+QTUNE_BIN=$Q "$G/gpu-tests" --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
+echo "tests: exit $?" | tee -a "$OUT/tests.log"
+
+# 2. SmolLM2-135M's shapes with random weights, and rows of about 500 tokens (the loss on a completion).
+W=/tmp/qtune-gpu
+rm -rf $W && mkdir -p $W
+"$Q" init --config smollm2-135m --tokenizer "$G/smol-tokenizer" --format hf --out $W/smol > $W/init.log 2>&1 \
+    || { cat $W/init.log; exit 1; }
+python3 - $W/lm.jsonl <<'EOF'
+import json, random, sys
+r = random.Random(0)
+words = "the of and to in is was for on that with as by at from his her they this which an be are or".split()
+with open(sys.argv[1], "w") as f:
+    for i in range(400):
+        f.write(json.dumps({"prompt": " ".join(r.choice(words) for _ in range(440)), "completion": " " + " ".join(r.choice(words) for _ in range(12))}) + "\n")
+EOF
+TASK=(--model $W/smol --task lm --data $W/lm.jsonl --train-size 300 --dev-size 0 --eval-size 0 --max-seq-len 512
+      --batch-size 16 --steps "$STEPS" --no-eval --no-export --seed 0)
+for m in full-adamw lora "mezo --lora"; do
+    name=$(echo "$m" | tr -d ' -')
+    "$Q" train "${TASK[@]}" --method $m --device cuda --out $W/qtune-$name >> "$OUT/bench.log" 2>&1
+    echo "qtune $m: exit $?" >> "$OUT/bench.log"
+done
+"$Q" train "${TASK[@]}" --method full-adamw --dump-batches $W/batches.jsonl >> "$OUT/bench.log" 2>&1
+python3 scripts/peers_bench.py --batches $W/batches.jsonl --steps "$STEPS" --model $W/smol --device cuda \
+    --only torch-adamw,peft-lora,torch-mezo --lr-mezo 1e-4 --out $W/peers >> "$OUT/bench.log" 2>&1
+echo "peers: exit $?" >> "$OUT/bench.log"
+python3 - $W "$OUT/bench.md" <<'EOF'
+import json, pathlib, sys
+w, out = pathlib.Path(sys.argv[1]), sys.argv[2]
+rows = ["| run | step (s) | tokens/s | device memory in use at most (GiB) | GPU |", "|---|---|---|---|---|"]
+for d in sorted(list(w.glob("qtune-*")) + list(w.glob("peers/*"))):
+    f = d / "summary.json"
+    if not f.exists():
+        rows.append(f"| {d.name} | failed | | | |")
+        continue
+    s = json.loads(f.read_text())
+    used = s.get("gpu_used_peak_bytes")
+    rows.append(f"| {s['method']} | {s.get('step_time_s') or 0:.3f} | {s.get('tokens_per_s') or 0:.0f} | "
+                f"{used / 2**30 if used else float('nan'):.2f} | {s.get('gpu', '')} |")
+pathlib.Path(out).write_text("\n".join(rows) + "\n")
+print("\n".join(rows))
+EOF
+tar czf "$OUT/runs.tgz" -C $W $(cd $W && ls -d qtune-*/summary.json qtune-*/log.jsonl peers/*/summary.json peers/*/log.jsonl 2>/dev/null)
+echo "gpu_check: results in $OUT"
