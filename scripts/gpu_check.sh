@@ -3,7 +3,8 @@
 #   gpu.txt     nvidia-smi, and the CUDA libraries the binary found
 #   tests.log   tests/gpu.rs: GPU against CPU on the tiny fixture model (evaluation; every GPU method's 3 steps)
 #   bench.md    qtune's GPU benchmark on SmolLM2-135M's shapes (random weights), batch 16 × 512, next to the PyTorch
-#               peers (torch AdamW, PEFT LoRA, a MeZO loop) on the same batches and card: step time, tokens/s, and
+#               peers (torch AdamW, PEFT LoRA, a MeZO loop: full-parameter, where qtune runs MeZO over LoRA factors
+#               on a GPU so far) on the same batches and card: step time, tokens/s, and
 #               the device memory in use at its most (the driver's figure, the same measure for both)
 #   runs.tgz    every run's summary.json and log.jsonl
 #   bash scripts/gpu_check.sh OUT [STEPS]
@@ -13,8 +14,14 @@ OUT=${1:-${OUT:-runs/gpu}}
 STEPS=${2:-6}
 mkdir -p "$OUT"
 G=$PWD/.gpu
-Q=$G/qtune
-[ -x "$Q" ] || { echo "gpu_check: $Q missing: run scripts/gpu_prepare.sh on a build machine and carry .gpu" >&2; exit 2; }
+W=/tmp/qtune-gpu
+rm -rf $W && mkdir -p $W
+[ -f "$G/qtune.xz" ] || { echo "gpu_check: $G/qtune.xz missing: run scripts/gpu_prepare.sh on a build machine and carry .gpu" >&2; exit 2; }
+for f in qtune gpu-tests; do
+    python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$G/$f.xz" "$W/$f"
+    chmod +x "$W/$f"
+done
+Q=$W/qtune
 # The driver's libcuda.so.1 is on the system's path; nvrtc, curand, cuBLAS and the runtime (CUDA 13) come from
 # NVIDIA's wheels, which PyTorch's environment holds.
 LIBS=$(python3 - <<'EOF'
@@ -36,12 +43,10 @@ export LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 } > "$OUT/gpu.txt" 2>&1
 
 # 1. GPU against CPU.
-QTUNE_BIN=$Q "$G/gpu-tests" --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
+QTUNE_BIN=$Q "$W/gpu-tests" --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
 echo "tests: exit $?" | tee -a "$OUT/tests.log"
 
 # 2. SmolLM2-135M's shapes with random weights, and rows of about 500 tokens (the loss on a completion).
-W=/tmp/qtune-gpu
-rm -rf $W && mkdir -p $W
 "$Q" init --config smollm2-135m --tokenizer "$G/smol-tokenizer" --format hf --out $W/smol > $W/init.log 2>&1 \
     || { cat $W/init.log; exit 1; }
 python3 - $W/lm.jsonl <<'EOF'
@@ -61,13 +66,13 @@ for m in full-adamw lora "mezo --lora"; do
 done
 "$Q" train "${TASK[@]}" --method full-adamw --dump-batches $W/batches.jsonl >> "$OUT/bench.log" 2>&1
 python3 scripts/peers_bench.py --batches $W/batches.jsonl --steps "$STEPS" --model $W/smol --device cuda \
-    --only torch-adamw,peft-lora,torch-mezo --lr-mezo 1e-4 --out $W/peers >> "$OUT/bench.log" 2>&1
+    --only torch-adamw,peft-lora,torch-mezo --out $W/peers >> "$OUT/bench.log" 2>&1
 echo "peers: exit $?" >> "$OUT/bench.log"
 python3 - $W "$OUT/bench.md" <<'EOF'
 import json, pathlib, sys
 w, out = pathlib.Path(sys.argv[1]), sys.argv[2]
 rows = ["| run | step (s) | tokens/s | device memory in use at most (GiB) | GPU |", "|---|---|---|---|---|"]
-for d in sorted(list(w.glob("qtune-*")) + list(w.glob("peers/*"))):
+for d in sorted(d for d in list(w.glob("qtune-*")) + list(w.glob("peers/*")) if d.is_dir()):
     f = d / "summary.json"
     if not f.exists():
         rows.append(f"| {d.name} | failed | | | |")
@@ -79,5 +84,6 @@ for d in sorted(list(w.glob("qtune-*")) + list(w.glob("peers/*"))):
 pathlib.Path(out).write_text("\n".join(rows) + "\n")
 print("\n".join(rows))
 EOF
-tar czf "$OUT/runs.tgz" -C $W $(cd $W && ls -d qtune-*/summary.json qtune-*/log.jsonl peers/*/summary.json peers/*/log.jsonl 2>/dev/null)
+FILES=$(cd $W && ls -d qtune-*/summary.json qtune-*/log.jsonl peers/*/summary.json peers/*/log.jsonl 2>/dev/null)
+[ -n "$FILES" ] && tar czf "$OUT/runs.tgz" -C $W $FILES
 echo "gpu_check: results in $OUT"

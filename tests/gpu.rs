@@ -189,3 +189,29 @@ fn methods_without_gpu_kernels_are_refused_by_name() {
         assert!(!o.status.success() && err.contains("runs on the CPU only so far"), "{m:?}: {err}");
     }
 }
+
+/// The Philox kernel (`kernels/rng.cu`) against qtune-quant's CPU streams, at three offsets (one past 2³² blocks):
+/// uniforms bit for bit; Gaussians within 1e-5 (each device's own logf and sincosf: 1–2 ulp of values ≤ 5.8).
+#[cfg(feature = "cuda")]
+#[test]
+fn philox_kernel_draws_the_cpu_streams() {
+    use qtune::device::{random, Draw};
+    use qtune::quant::rng::RngKey;
+    let dev = match candle_core::Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => return eprintln!("skipped: no GPU: {}", e.to_string().lines().next().unwrap_or("")),
+    };
+    let key = RngKey::new(0xdead_beef_1234, 11, 4);
+    for start in [0u64, 3, (1u64 << 34) + 1] {
+        for draw in [Draw::Uniform, Draw::Gaussian] {
+            let n = 100_003;
+            let gpu = random(&dev, &key, start, &[n], draw).unwrap().to_vec1::<f32>().unwrap();
+            let cpu = random(&candle_core::Device::Cpu, &key, start, &[n], draw).unwrap().to_vec1::<f32>().unwrap();
+            let worst = gpu.iter().zip(&cpu).map(|(g, c)| (g - c).abs()).fold(0f32, f32::max);
+            match draw {
+                Draw::Uniform => assert_eq!(gpu, cpu, "uniforms from {start}"),
+                Draw::Gaussian => assert!(worst <= 1e-5, "Gaussians from {start}: worst difference {worst:e}"),
+            }
+        }
+    }
+}

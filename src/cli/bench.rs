@@ -43,7 +43,8 @@ pub fn run(a: BenchArgs, check: impl Fn(Vec<String>) -> std::result::Result<(), 
         qtune::bench::RUNS
             .iter()
             .filter(|(name, args)| {
-                let keep = spec == qtune::device::DeviceSpec::Cpu || super::plan::bench_method(args).is_ok_and(|m| m.method.runs_on_gpu(&m.options));
+                let keep = spec == qtune::device::DeviceSpec::Cpu
+                    || super::plan::bench_method(args).is_ok_and(|m| m.method.runs_on_gpu(&m.options));
                 if !keep {
                     eprintln!("bench: leaving out `{name}` on {spec} (no GPU kernels yet)");
                 }

@@ -44,7 +44,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let tok = tokenizer(header.tokenizer, &base_path)?;
     let splits = c.splits(&tok)?;
     if is_qst || a.bits.is_some() {
-        let what = if is_qst { "a QST export (NF4 base)".to_string() } else { format!("--bits {}", a.bits.unwrap_or(0)) };
+        let what =
+            if is_qst { "a QST export (NF4 base)".to_string() } else { format!("--bits {}", a.bits.unwrap_or(0)) };
         qtune::device::require_cpu(c.device.device, &what)?;
     }
     let dev = c.device.device.open()?;

@@ -10,8 +10,8 @@ pub mod report;
 pub mod train;
 
 use clap::Args;
-use qtune::device::DeviceArgs;
 use qtune::data::TaskArgs;
+use qtune::device::DeviceArgs;
 use qtune::model::{LlamaConfig, Tok};
 use qtune::{Error, Result};
 use std::path::{Path, PathBuf};

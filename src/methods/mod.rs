@@ -11,6 +11,7 @@ pub mod qst;
 pub mod quzo;
 pub mod zo_lora;
 
+use crate::device::DeviceSpec;
 use crate::model::quantized::{quant_err, Compute, Source};
 use crate::model::{LlamaConfig, ParamId};
 use crate::train::first_order::FirstOrderArgs;
@@ -19,7 +20,6 @@ use crate::train::optim::{AdamWConfig, LionConfig, Optimizer, OptimizerArgs, Opt
 use crate::train::zeroth_order::{ZoArgs, ZoLoop};
 use crate::train::{Method, OnNonFinite};
 use crate::{Error, Result};
-use crate::device::DeviceSpec;
 use candle_core::Device;
 use clap::ArgMatches;
 use qtune_quant::{HybridTensor, Nf4Tensor, QuantSpec};

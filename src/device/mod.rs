@@ -2,8 +2,13 @@
 //! (`scripts/setup_cuda.sh` installs the compiler; no GPU is needed to build). The one `--device` option of every
 //! command that runs a model is [`DeviceArgs`]; [`DeviceSpec::open`] turns it into candle's device, and
 //! [`require_cpu`] is how a path that has no GPU kernels yet says so by name instead of running on the wrong device.
+//! [`random`] is the first kernel with a twin on each device: the Philox streams (`cuda` holds the GPU launches).
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 use crate::{Error, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
+use qtune_quant::rng::{fill_gaussian, fill_uniform, RngKey};
 use std::fmt;
 use std::str::FromStr;
 
@@ -117,6 +122,33 @@ pub fn require_cpu(spec: DeviceSpec, what: &str) -> Result<()> {
     )))
 }
 
+/// What a random fill draws.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Draw {
+    /// 24-bit uniforms in [0, 1): the same bits on every device.
+    Uniform,
+    /// Box-Muller normals of the same words: equal to a few ulp across devices (each device's own log and sin/cos).
+    Gaussian,
+}
+
+/// Elements `start ..` of the Philox stream `key` as an f32 tensor of `shape` on `dev`: on the CPU from
+/// qtune-quant's fills, on a GPU from the same counters in a kernel (`kernels/rng.cu`), with no host round trip.
+pub fn random(dev: &Device, key: &RngKey, start: u64, shape: &[usize], draw: Draw) -> Result<Tensor> {
+    let n = shape.iter().product::<usize>();
+    match dev {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => Ok(cuda::philox_fill(d, key, start, n, draw)?.reshape(shape)?),
+        _ => {
+            let mut v = vec![0f32; n];
+            match draw {
+                Draw::Uniform => fill_uniform(key, start, &mut v),
+                Draw::Gaussian => fill_gaussian(key, start, &mut v),
+            }
+            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(dev)?)
+        }
+    }
+}
+
 /// Free and total bytes of the GPU's memory (None on the CPU).
 pub fn gpu_memory(dev: &Device) -> Option<(usize, usize)> {
     #[cfg(feature = "cuda")]
@@ -161,5 +193,21 @@ mod tests {
         let e = require_cpu(DeviceSpec::Cuda(1), "qft").unwrap_err().to_string();
         assert!(e.contains("--device cuda:1: qft runs on the CPU only so far"), "{e}");
         assert_eq!(DeviceSpec::of(&Device::Cpu), DeviceSpec::Cpu);
+    }
+
+    /// On the CPU, `random` is qtune-quant's element-wise stream exactly (the GPU's twin is checked by tests/gpu.rs).
+    #[test]
+    fn random_on_the_cpu_is_the_elementwise_stream() {
+        let key = RngKey::new(0x1234_5678_9abc, 7, 3);
+        for (draw, f) in [
+            (Draw::Uniform, qtune_quant::rng::uniform as fn(&RngKey, u64) -> f32),
+            (Draw::Gaussian, qtune_quant::rng::gaussian),
+        ] {
+            let t = random(&Device::Cpu, &key, 5, &[3, 7], draw).unwrap();
+            assert_eq!(t.dims(), &[3, 7]);
+            let got = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want: Vec<f32> = (0..21).map(|j| f(&key, 5 + j)).collect();
+            assert_eq!(got, want, "{draw:?}");
+        }
     }
 }
