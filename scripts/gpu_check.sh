@@ -3,9 +3,8 @@
 #   gpu.txt     nvidia-smi, and the CUDA libraries the binary found
 #   tests.log   tests/gpu.rs: GPU against CPU on the tiny fixture model (evaluation; every GPU method's 3 steps)
 #   bench.md    qtune's GPU benchmark on SmolLM2-135M's shapes (random weights), batch 16 × 512, next to the PyTorch
-#               peers (torch AdamW, PEFT LoRA, a MeZO loop: full-parameter, where qtune runs MeZO over LoRA factors
-#               on a GPU so far) on the same batches and card: step time, tokens/s, and
-#               the device memory in use at its most (the driver's figure, the same measure for both)
+#               peers (torch AdamW, PEFT LoRA, a full-parameter MeZO loop) on the same batches and card: step
+#               time, tokens/s, and the device memory in use at its most (the driver's figure for both)
 #   runs.tgz    every run's summary.json and log.jsonl
 #   bash scripts/gpu_check.sh OUT [STEPS]
 set -uo pipefail
@@ -59,7 +58,7 @@ with open(sys.argv[1], "w") as f:
 EOF
 TASK=(--model $W/smol --task lm --data $W/lm.jsonl --train-size 300 --dev-size 0 --eval-size 0 --max-seq-len 512
       --batch-size 16 --steps "$STEPS" --no-eval --no-export --seed 0)
-for m in full-adamw lora "mezo --lora"; do
+for m in full-adamw lora mezo "mezo --lora"; do
     name=$(echo "$m" | tr -d ' -')
     "$Q" train "${TASK[@]}" --method $m --device cuda --out $W/qtune-$name >> "$OUT/bench.log" 2>&1
     echo "qtune $m: exit $?" >> "$OUT/bench.log"

@@ -337,14 +337,10 @@ impl MethodKind {
     }
 
     /// Whether this method runs on a GPU so far: the f32 ones whose arithmetic is candle's (FP32 AdamW and Lion,
-    /// LoRA, MeZO over LoRA factors, whose directions are generated on the host and moved). The others hold
-    /// quantized weights or regenerate directions in host kernels that have no CUDA version yet (issue 30).
-    pub fn runs_on_gpu(self, o: &MethodOptions) -> bool {
-        match self {
-            MethodKind::FullAdamw | MethodKind::FullLion | MethodKind::Lora => true,
-            MethodKind::Mezo => o.zo.lora,
-            _ => false,
-        }
+    /// LoRA) and MeZO (full: directions from the Philox kernel; over LoRA factors: drawn on the host and moved). The
+    /// others hold quantized weights whose kernels have no CUDA version yet (issue 30).
+    pub fn runs_on_gpu(self, _o: &MethodOptions) -> bool {
+        matches!(self, MethodKind::FullAdamw | MethodKind::FullLion | MethodKind::Lora | MethodKind::Mezo)
     }
 
     /// Refuses a GPU for a method that does not run there yet, naming it.
