@@ -42,7 +42,8 @@ export LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 } > "$OUT/gpu.txt" 2>&1
 
 # 1. GPU against CPU.
-QTUNE_BIN=$Q "$W/gpu-tests" --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
+# QTUNE_GPU_REQUIRED: here a GPU that cannot be opened fails the tests instead of skipping them.
+QTUNE_GPU_REQUIRED=1 QTUNE_BIN=$Q "$W/gpu-tests" --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
 echo "tests: exit $?" | tee -a "$OUT/tests.log"
 
 # 2. SmolLM2-135M's shapes with random weights, and rows of about 500 tokens (the loss on a completion).

@@ -9,14 +9,16 @@
 # Needs scripts/setup_cuda.sh (run first if .cuda/env.sh is missing) and the assets (scripts/setup_assets.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -f .cuda/env.sh ] || bash scripts/setup_cuda.sh
-. .cuda/env.sh
+D=${QTUNE_CUDA_DIR:-$PWD/.cuda}
+[ -f "$D/env.sh" ] || bash scripts/setup_cuda.sh
+. "$D/env.sh"
 T=target/cuda
 cargo build --release --locked --features cuda --target-dir $T
 TEST=$(cargo test --release --locked --features cuda --target-dir $T --test gpu --no-run --message-format=json \
     | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "gpu"][-1])')
 mkdir -p .gpu
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+# Keep .gpu out of git (a worktree's .git is a file: there, add it to the main checkout's exclude by hand).
+if [ -d .git ]; then grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude; fi
 for f in "$T/release/qtune:qtune" "$TEST:gpu-tests"; do
     strip -o ".gpu/${f#*:}" "${f%%:*}"
     xz -T2 -9 -f ".gpu/${f#*:}"

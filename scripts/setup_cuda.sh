@@ -36,7 +36,7 @@ ln -sf libcudart.so.13 "$CU/lib/libcudart.so"
 "$CU/bin/nvcc" --version | tail -2
 
 # Link stubs from cudarc's declarations (the cudarc that Cargo.lock pins).
-CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$(awk '/^name = "cudarc"/{getline; print $3}' Cargo.lock | tr -d '"')" 2>/dev/null | head -1)
+CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$(awk '/^name = "cudarc"/{getline; print $3}' Cargo.lock | tr -d '"')" 2>/dev/null | head -1 || true)
 if [ -z "$CUDARC" ]; then
     cargo fetch --locked >/dev/null
     CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$(awk '/^name = "cudarc"/{getline; print $3}' Cargo.lock | tr -d '"')" | head -1)

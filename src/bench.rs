@@ -213,6 +213,10 @@ fn civil_date(days: i64) -> String {
 /// 4 for the zeroth-order methods' two forwards, their LoRA modes included).
 fn add_mfu(r: &mut RunRecord, ceilings: &Ceilings) {
     let s = &r.summary;
+    // The ceilings are this CPU's; a GPU run's utilisation needs the GPU's (not measured yet).
+    if s.gpu.is_some() {
+        return;
+    }
     let gflops = ceilings.of(s.compute);
     let (Some(tps), Some(params), Some(per_param)) = (s.tokens_per_s, s.matmul_params, s.flops_per_param) else {
         return;

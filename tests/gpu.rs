@@ -3,6 +3,8 @@
 //! first asks the binary to open `cuda:0`; where it cannot (a binary built without `--features cuda`, no GPU, no
 //! driver) the test prints why and passes without checking anything, so CI (no GPU) runs these as skips.
 //!
+//! `QTUNE_GPU_REQUIRED=1` (scripts/gpu_check.sh sets it) turns a skip into a failure, so a GPU machine where the
+//! binary cannot open the GPU (a missing library, PTX the driver refuses) does not pass by skipping.
 //! `QTUNE_GPU_TEST_DEVICE=cpu` runs the comparisons with the CPU in the GPU's place: a check of the harness itself
 //! (file parsing, tolerances) on a machine without a GPU.
 //!
@@ -67,6 +69,7 @@ fn gpu(dir: &Path) -> Option<()> {
     }
     let err = String::from_utf8_lossy(&o.stderr);
     let why = err.lines().find(|l| l.to_lowercase().starts_with("error")).unwrap_or(err.trim());
+    assert!(std::env::var_os("QTUNE_GPU_REQUIRED").is_none(), "QTUNE_GPU_REQUIRED, but no GPU for qtune: {why}");
     eprintln!("skipped: no GPU for qtune here: {why}");
     None
 }
@@ -200,7 +203,11 @@ fn philox_kernel_draws_the_cpu_streams() {
     use qtune::quant::rng::RngKey;
     let dev = match candle_core::Device::new_cuda(0) {
         Ok(d) => d,
-        Err(e) => return eprintln!("skipped: no GPU: {}", e.to_string().lines().next().unwrap_or("")),
+        Err(e) => {
+            let why = e.to_string().lines().next().unwrap_or("").to_string();
+            assert!(std::env::var_os("QTUNE_GPU_REQUIRED").is_none(), "QTUNE_GPU_REQUIRED, but no GPU: {why}");
+            return eprintln!("skipped: no GPU: {why}");
+        }
     };
     let key = RngKey::new(0xdead_beef_1234, 11, 4);
     for start in [0u64, 3, (1u64 << 34) + 1] {

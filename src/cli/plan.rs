@@ -150,12 +150,6 @@ pub fn run(a: PlanArgs) -> Result<()> {
             }
             // On a GPU every counted tensor lives on the device and the loader streams the file through the host
             // one tensor at a time: the device's peak is the largest phase, without the host process's runtime.
-            // Full MeZO draws each direction whole there (the CPU draws it in stack chunks): one more largest tensor.
-            if m.method == MethodKind::Mezo && !m.options.zo.lora {
-                let largest = qtune::model::ParamId::all(&cfg).into_iter().map(|id| 4 * id.numel(&cfg)).max().unwrap_or(0);
-                p.counted.scratch += largest;
-                p.train += largest;
-            }
             p.runtime = 0;
             p.peak = p.load.max(p.train).max(p.eval);
         }

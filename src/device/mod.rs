@@ -149,6 +149,23 @@ pub fn random(dev: &Device, key: &RngKey, start: u64, shape: &[usize], draw: Dra
     }
 }
 
+/// `scale·x + Σ_k c_k·z_k` with z_k the Gaussian stream of `terms[k].0` (from element 0, x's shape): on a GPU in
+/// one output buffer (`cuda::add_gaussians`); elsewhere through [`random`] (tests; the CPU's methods have their own
+/// chunked loop).
+pub fn add_gaussians(x: &Tensor, scale: f64, terms: &[(RngKey, f64)]) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() == candle_core::DType::F32 {
+        let terms: Vec<(RngKey, f32)> = terms.iter().map(|&(k, c)| (k, c as f32)).collect();
+        return cuda::add_gaussians(&x.contiguous()?, scale as f32, &terms);
+    }
+    let mut acc = (x * scale)?;
+    for (key, coef) in terms {
+        let z = random(x.device(), key, 0, x.dims(), Draw::Gaussian)?.to_dtype(x.dtype())?;
+        acc = (acc + (z * *coef)?)?;
+    }
+    Ok(acc)
+}
+
 /// Free and total bytes of the GPU's memory (None on the CPU).
 pub fn gpu_memory(dev: &Device) -> Option<(usize, usize)> {
     #[cfg(feature = "cuda")]

@@ -33,18 +33,12 @@ pub fn add_directions(base: &ParamStore, id: ParamId, scale: f64, terms: &[(u64,
     }
 }
 
-/// [`add_directions`] on a GPU: each direction is drawn whole on the device by the Philox kernel, from the same
-/// counters as the CPU's chunks (one more tensor-sized buffer than the CPU's loop), and added in the weight's dtype.
+/// [`add_directions`] on a GPU: the Philox kernel adds each direction into the one output buffer as it draws it,
+/// from the same counters as the CPU's chunks (`device::add_gaussians`), in f32.
 fn add_directions_on_device(base: &ParamStore, id: ParamId, scale: f64, terms: &[(u64, f64)]) -> Result<Tensor> {
-    let w = base.get(id);
     let t = id.index(&base.cfg) as u32;
-    let mut acc = (w * scale)?;
-    for &(seed, coef) in terms {
-        let key = RngKey::new(seed, t, STREAM_GAUSS);
-        let z = crate::device::random(w.device(), &key, 0, w.dims(), crate::device::Draw::Gaussian)?;
-        acc = (acc + (z.to_dtype(w.dtype())? * coef)?)?;
-    }
-    Ok(acc)
+    let terms: Vec<(RngKey, f64)> = terms.iter().map(|&(s, c)| (RngKey::new(s, t, STREAM_GAUSS), c)).collect();
+    crate::device::add_gaussians(base.get(id), scale, &terms)
 }
 
 fn add_directions_as<T: WithDType>(base: &ParamStore, id: ParamId, scale: f64, terms: &[(u64, f64)]) -> Result<Tensor> {

@@ -387,7 +387,7 @@ impl MethodKind {
                 let dirs = zo_lora::Directions::Quantized { bits: o.quzo.perturb_bits, estimator: o.quzo.estimator };
                 Box::new(zo_lora::ZoLora::new("quzo-lora", base, lc, zo()?, dirs)?)
             }
-            MethodKind::Mezo => Box::new(mezo::Mezo::new(source.params()?, zo()?)),
+            MethodKind::Mezo => Box::new(mezo::Mezo::new(source.params_on(dev)?, zo()?)),
             MethodKind::Quzo => Box::new(quzo::Quzo::new(source, o.bits.bits, &o.quzo, o.compute.of(self), zo()?)?),
             MethodKind::Qst => Box::new(qst::Qst::new(source, o.qst.config(fo.keep(), ctx.seed), update())?),
             MethodKind::Lora => Box::new(lora::Lora::new("lora", source.params_on(dev)?, lc, update(), fo.keep())?),
