@@ -90,6 +90,30 @@ pub fn bench_method(args: &[&str]) -> Result<MethodArgs> {
     Ok(m.m)
 }
 
+/// A plan for `spec`: on a GPU every counted tensor lives on the device and the loader streams the file through the
+/// host one tensor at a time, so the device's peak is the largest phase, without the host process's runtime. A
+/// method with no GPU kernels is refused by name.
+pub fn on_device(p: &mut plan::Plan, m: &MethodArgs, spec: DeviceSpec) -> Result<()> {
+    if spec == DeviceSpec::Cpu {
+        return Ok(());
+    }
+    m.method.check_device(&m.options, spec)?;
+    p.runtime = 0;
+    p.peak = p.load.max(p.train).max(p.eval);
+    Ok(())
+}
+
+/// What a plan title adds for `spec`.
+pub fn device_note(spec: DeviceSpec) -> String {
+    match spec {
+        DeviceSpec::Cpu => String::new(),
+        _ => format!(
+            ", GPU memory on {spec} (the tensors; the CUDA context and cuBLAS's workspace come on top and are not \
+             planned yet)"
+        ),
+    }
+}
+
 /// Plans one run; a quantized run's name carries its bit width (`quzo-int4`), as `qtune bench` names it.
 pub fn plan_run(cfg: &LlamaConfig, m: &MethodArgs, shape: &plan::Shape) -> Result<plan::Plan> {
     let mut p = plan::plan(cfg, m.method, &m.options, shape)?;
@@ -140,28 +164,13 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let spec = a.device.device;
     let mut plans = Vec::new();
     for m in &runs {
-        let mut p = plan_run(&cfg, m, &shape)?;
-        if spec != DeviceSpec::Cpu {
-            if !m.method.runs_on_gpu(&m.options) {
-                if matches!(a.method, PlanMethod::All) {
-                    continue;
-                }
-                m.method.check_device(&m.options, spec)?;
-            }
-            // On a GPU every counted tensor lives on the device and the loader streams the file through the host
-            // one tensor at a time: the device's peak is the largest phase, without the host process's runtime.
-            p.runtime = 0;
-            p.peak = p.load.max(p.train).max(p.eval);
+        if spec != DeviceSpec::Cpu && !m.method.runs_on_gpu(&m.options) && matches!(a.method, PlanMethod::All) {
+            continue;
         }
+        let mut p = plan_run(&cfg, m, &shape)?;
+        on_device(&mut p, m, spec)?;
         plans.push(p);
     }
-    let on = match spec {
-        DeviceSpec::Cpu => String::new(),
-        _ => format!(
-            ", GPU memory on {spec} (the tensors; the CUDA context and cuBLAS's workspace come on top and are not \
-             planned yet)"
-        ),
-    };
-    let title = format!("{} ({:.2} B parameters), full rows{on}", a.model, cfg.num_params() as f64 / 1e9);
+    let title = format!("{} ({:.2} B parameters), full rows{}", a.model, cfg.num_params() as f64 / 1e9, device_note(spec));
     print_plans(&title, &shape, &plans, a.json.as_deref())
 }

@@ -122,15 +122,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     qtune::dist::watch(&a.dist);
     let c = &a.common;
     let kind: ScheduleKind = a.schedule.parse()?;
-    // The device first: a method with no GPU kernels, or a GPU that cannot be opened, is refused before any reading.
+    // A method with no GPU kernels is refused before any reading; the GPU itself is opened once the run is known to
+    // train (planning and dumping batches need none: batch shapes do not depend on the device).
     a.m.method.check_device(&a.m.options, c.device.device)?;
-    let dev = c.device.device.open()?;
-    let ctx = RunContext {
-        seed: c.seed,
-        on_nan: a.on_nan,
-        epoch_steps: c.task.train_size.div_ceil(a.batch_size.max(1) * a.grad_accum.max(1)),
-        device: dev.clone(),
-    };
+    let host = candle_core::Device::Cpu;
     // The config and tokenizer first; the weights are read by the method, which quantizes them as they arrive.
     let header = read_header(&c.model)?;
     let tok = tokenizer(header.tokenizer, &c.model)?;
@@ -170,14 +165,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
         export_opts: a.export_opts.clone(),
     };
     if let Some(path) = &a.dump_batches {
-        return trainer::dump_batches(&splits, &cfg, path, &dev);
+        return trainer::dump_batches(&splits, &cfg, path, &host);
     }
     if a.max_memory.is_some() || a.plan.is_some() {
-        let shape = plan::plan_shape(&splits, &cfg, &dev)?;
-        let p = super::plan::plan_run(&header.cfg, &a.m, &shape)?;
+        let shape = plan::plan_shape(&splits, &cfg, &host)?;
+        let mut p = super::plan::plan_run(&header.cfg, &a.m, &shape)?;
+        super::plan::on_device(&mut p, &a.m, c.device.device)?;
         if let Some(json) = &a.plan {
             let title = format!(
-                "{} ({:.2} B parameters), {} steps of {} × {} from {} training examples, at most {} tokens a row",
+                "{} ({:.2} B parameters), {} steps of {} × {} from {} training examples, at most {} tokens a row{}",
                 c.model.display(),
                 header.cfg.num_params() as f64 / 1e9,
                 cfg.steps,
@@ -185,6 +181,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 cfg.batch_size,
                 splits.train.examples.len(),
                 cfg.max_seq_len,
+                super::plan::device_note(c.device.device),
             );
             return super::plan::print_plans(&title, &shape, &[p], json.as_deref());
         }
@@ -210,6 +207,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if !(lr.is_finite() && lr > 0.0) {
         return Err(Error::Option(format!("--lr {lr} must be positive")));
     }
+    let dev = c.device.device.open()?;
+    let ctx = RunContext {
+        seed: c.seed,
+        on_nan: a.on_nan,
+        epoch_steps: c.task.train_size.div_ceil(a.batch_size.max(1) * a.grad_accum.max(1)),
+        device: dev.clone(),
+    };
     let model = Llama::on(header.cfg, dev);
     let mut method = a.m.method.build(&a.m.options, Source::File(c.model.clone()), &ctx)?;
     // Ctrl-C: finish the current step, checkpoint, stop.
