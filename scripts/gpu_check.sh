@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-runs/gpu}}
 STEPS=${2:-6}
 mkdir -p "$OUT"
+: > "$OUT/bench.log"
 G=$PWD/.gpu
 W=/tmp/qtune-gpu
 rm -rf $W && mkdir -p $W
