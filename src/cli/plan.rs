@@ -171,6 +171,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         on_device(&mut p, m, spec)?;
         plans.push(p);
     }
-    let title = format!("{} ({:.2} B parameters), full rows{}", a.model, cfg.num_params() as f64 / 1e9, device_note(spec));
+    let title =
+        format!("{} ({:.2} B parameters), full rows{}", a.model, cfg.num_params() as f64 / 1e9, device_note(spec));
     print_plans(&title, &shape, &plans, a.json.as_deref())
 }
