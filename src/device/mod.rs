@@ -43,6 +43,9 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
+/// Whether this binary has the CUDA backend (`--features cuda`).
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
 impl DeviceSpec {
     /// The spec naming `dev`.
     pub fn of(dev: &Device) -> Self {
@@ -51,12 +54,7 @@ impl DeviceSpec {
             _ => DeviceSpec::Cpu,
         }
     }
-}
 
-/// Whether this binary has the CUDA backend (`--features cuda`).
-pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
-
-impl DeviceSpec {
     /// Candle's device for this spec. A CUDA spec fails by name when the binary was built without CUDA or the GPU
     /// cannot be opened (no driver, no such ordinal).
     pub fn open(self) -> Result<Device> {
