@@ -99,14 +99,7 @@ pub fn gpu_name(dev: &Device) -> Option<String> {
 
 /// The device's name as reports print it: `cpu` or `cuda:N`.
 pub fn name(dev: &Device) -> String {
-    match dev {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(_) => match dev.location() {
-            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-            _ => "cuda".into(),
-        },
-        _ => format!("{:?}", dev.location()),
-    }
+    DeviceSpec::of(dev).to_string()
 }
 
 /// Refuses a device other than the CPU: `what` names the path (a method, a quantized format) whose kernels exist on
