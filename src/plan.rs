@@ -185,7 +185,7 @@ pub fn plan(cfg: &LlamaConfig, method: MethodKind, o: &MethodOptions, shape: &Sh
     // The integer path's scratch (QuZO's default, QFT's option): a forward's largest matmul (activation codes,
     // one weight panel, its i32 sums), and for QFT also the input gradient's (dy with W's scales folded in, its
     // codes, the i32 sums; the hybrid weight's INT8 codes are read in place).
-    let int8 = method.reads(o.zo.lora, Group::Compute) && o.compute.of(method).is_int();
+    let int8 = method.reads(o.zo.lora, Group::Compute) && o.compute.of(method, o.zo.lora).is_int();
     let int8_bytes = |b: &BatchShape| -> usize {
         use qtune_quant::int8::{input_grad_scratch_bytes, scratch_bytes};
         let m = b.lengths.len() * b.longest();

@@ -142,19 +142,21 @@ crate::options::defaults_from_clap!(MethodOptions);
 #[command(next_help_heading = "Quantized compute (quzo, qft)")]
 pub struct ComputeArgs {
     /// Arithmetic of the quantized weight products: int8 (INT8 activations per token × the weight's integer codes,
-    /// i32 sums) or f32 (the weight dequantized tile by tile). Default: int8 for quzo (its forwards; the
-    /// perturbation is then rounded onto the weight's grid), f32 for qft (int8 runs its forward and input-gradient
-    /// products; the weight gradient stays f32).
+    /// i32 sums) or f32 (the weight dequantized tile by tile). Default: int8 for full-parameter quzo (its forwards;
+    /// the perturbation is then rounded onto the weight's grid); f32 for `quzo --lora` (as the official code's LoRA
+    /// mode, whose W4 base computes in bf16: INT8-activation forwards leave its two-point estimates noise only,
+    /// `examples/zo_noise`) and for qft (int8 runs its forward and input-gradient products; the weight gradient
+    /// stays f32).
     #[arg(long, value_enum)]
     pub compute: Option<Compute>,
 }
 crate::options::defaults_from_clap!(ComputeArgs);
 
 impl ComputeArgs {
-    /// The arithmetic `kind` runs in: the one given, else the method's default.
-    pub fn of(&self, kind: MethodKind) -> Compute {
+    /// The arithmetic `kind` (in LoRA mode if `lora`) runs in: the one given, else the method's default.
+    pub fn of(&self, kind: MethodKind, lora: bool) -> Compute {
         self.compute.unwrap_or(match kind {
-            MethodKind::Quzo => Compute::Int8,
+            MethodKind::Quzo if !lora => Compute::Int8,
             _ => Compute::F32,
         })
     }
@@ -375,7 +377,11 @@ impl MethodKind {
             }
             MethodKind::Qft => {
                 let lion = LionConfig { weight_decay: o.weight_decay, ..Default::default() };
-                Box::new(qft::Qft::new(source, o.qft.config(lion, fo, o.compute.of(self), ctx)?, ctx.on_nan)?)
+                Box::new(qft::Qft::new(
+                    source,
+                    o.qft.config(lion, fo, o.compute.of(self, o.zo.lora), ctx)?,
+                    ctx.on_nan,
+                )?)
             }
             MethodKind::Mezo if o.zo.lora => {
                 let dirs = zo_lora::Directions::Gaussian;
@@ -383,12 +389,14 @@ impl MethodKind {
             }
             MethodKind::Quzo if o.zo.lora => {
                 let mut base = quzo::quantize_int(source, o.bits.bits)?;
-                base.compute = o.compute.of(self);
+                base.compute = o.compute.of(self, o.zo.lora);
                 let dirs = zo_lora::Directions::Quantized { bits: o.quzo.perturb_bits, estimator: o.quzo.estimator };
                 Box::new(zo_lora::ZoLora::new("quzo-lora", base, lc, zo()?, dirs)?)
             }
             MethodKind::Mezo => Box::new(mezo::Mezo::new(source.params_on(dev)?, zo()?)),
-            MethodKind::Quzo => Box::new(quzo::Quzo::new(source, o.bits.bits, &o.quzo, o.compute.of(self), zo()?)?),
+            MethodKind::Quzo => {
+                Box::new(quzo::Quzo::new(source, o.bits.bits, &o.quzo, o.compute.of(self, o.zo.lora), zo()?)?)
+            }
             MethodKind::Qst => Box::new(qst::Qst::new(source, o.qst.config(fo.keep(), ctx.seed), update())?),
             MethodKind::Lora => Box::new(lora::Lora::new("lora", source.params_on(dev)?, lc, update(), fo.keep())?),
             MethodKind::Qlora => {

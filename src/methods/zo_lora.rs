@@ -66,6 +66,20 @@ impl<B: FrozenBase> ZoLora<B> {
         Ok(ZoLora { weights: LoraWeights::new(base, &cfg, lc, dtype)?, zo, directions, name })
     }
 
+    /// The frozen base (to change its arithmetic, as `examples/zo_noise` does).
+    pub fn base_mut(&mut self) -> &mut B {
+        &mut self.weights.base
+    }
+
+    /// Moves the factors by `scale·z(seed)` (z Gaussian): an adapter away from the B = 0 start, for measurements.
+    pub fn perturb_factors(&mut self, seed: u64, scale: f64) -> Result<()> {
+        let dirs = std::mem::replace(&mut self.directions, Directions::Gaussian);
+        let moved = self.combine(1.0, &[(seed, scale)], false);
+        self.directions = dirs;
+        self.weights.factors = moved?;
+        Ok(())
+    }
+
     /// `factors·scale + Σ (seed, coef): coef·u(seed)` per tensor (u₁ or u₂ as `update` says).
     fn combine(&self, scale: f64, terms: &[(u64, f64)], update: bool) -> Result<Trained<LoraKey>> {
         let mut out = self.weights.factors.clone();
@@ -225,6 +239,45 @@ mod tests {
         for id in p.ids().into_iter().filter(|id| id.is_matrix()) {
             assert_eq!(x.weights.base.mat(id), fresh.weights.base.mat(id), "the base moved");
         }
+    }
+
+    /// QuZO-LoRA's two-point estimate (f32 forwards over the dequantized INT4 base) is the directional derivative
+    /// along its quantized perturbation u₁: the SPSA difference at ε = 1e-3 against ⟨∇, u₁⟩ from LoRA's backward
+    /// (budget 1e-2 relative: f32 forwards, O(ε²) truncation). Then one step with u₂ = u₁ (`same-rounding`) at a
+    /// small rate lowers the loss by about η·μ² (budget 10%): the update's sign and scale are the estimate's.
+    #[test]
+    fn quzo_lora_estimate_is_the_directional_derivative_and_descends() {
+        let cfg = tiny_config(true);
+        let m = Llama::new(cfg.clone());
+        let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
+        let mut z = quzo_lora(&p, 4);
+        z.directions = Directions::Quantized { bits: 4, estimator: Estimator::SameRounding };
+        z.zo.directions = 1;
+        z.weights.factors = z.combine(1.0, &[(77, 0.1)], false).unwrap();
+        let b = batch(true);
+        let seed = zeroth_order::direction_seed(z.zo.seed, z.zo.step, 0);
+        let eps = 1e-3;
+        let plus = z.loss_at(&m, std::slice::from_ref(&b), seed, eps).unwrap()[0] as f64;
+        let minus = z.loss_at(&m, std::slice::from_ref(&b), seed, -eps).unwrap()[0] as f64;
+        let mu = (plus - minus) / (2.0 * eps);
+        let (out, trace) = m.forward(&z.weights, &b, Keep::All).unwrap();
+        m.backward(&z.weights, trace.unwrap(), &mut super::super::lora::FrozenSink).unwrap();
+        let grads = z.weights.grads.take();
+        let mut dd = 0f64;
+        for (slot, &k) in z.weights.factors.keys().iter().enumerate() {
+            let g: Vec<f32> = grads.get(k).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let mut u = vec![0f32; g.len()];
+            z.directions.fill(seed, slot, &mut u, false);
+            dd += g.iter().zip(&u).map(|(&g, &u)| g as f64 * u as f64).sum::<f64>();
+        }
+        assert!((mu - dd).abs() <= 1e-2 * dd.abs(), "SPSA {mu} vs directional derivative {dd}");
+        let lr = 1e-3 / dd.abs().max(1e-3);
+        let before = out.loss as f64;
+        z.step(&m, std::slice::from_ref(&b), lr).unwrap();
+        let after = m.forward(&z.weights, &b, Keep::Nothing).unwrap().0.loss as f64;
+        let want = lr * mu * mu;
+        assert!(after < before, "the step raised the loss: {before} -> {after}");
+        assert!(((before - after) - want).abs() <= 0.1 * want, "decrease {} vs η·μ² {want}", before - after);
     }
 
     /// MeZO-LoRA's two-point estimate is the directional derivative of the loss along z in the factors' space:
