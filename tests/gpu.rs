@@ -195,7 +195,8 @@ fn methods_without_gpu_kernels_are_refused_by_name() {
 }
 
 /// The Philox kernel (`kernels/rng.cu`) against qtune-quant's CPU streams, at three offsets (one past 2³² blocks):
-/// uniforms bit for bit; Gaussians within 1e-5 (each device's own logf and sincosf: 1–2 ulp of values ≤ 5.8).
+/// uniforms and Gaussians bit for bit (Box–Muller in plain f32 arithmetic on both: qtune-quant's gauss.rs). The worst
+/// Gaussian difference is printed before the bit-for-bit check, so a failure says how far off the kernel is.
 #[cfg(feature = "cuda")]
 #[test]
 fn philox_kernel_draws_the_cpu_streams() {
@@ -216,10 +217,9 @@ fn philox_kernel_draws_the_cpu_streams() {
             let gpu = random(&dev, &key, start, &[n], draw).unwrap().to_vec1::<f32>().unwrap();
             let cpu = random(&candle_core::Device::Cpu, &key, start, &[n], draw).unwrap().to_vec1::<f32>().unwrap();
             let worst = gpu.iter().zip(&cpu).map(|(g, c)| (g - c).abs()).fold(0f32, f32::max);
-            match draw {
-                Draw::Uniform => assert_eq!(gpu, cpu, "uniforms from {start}"),
-                Draw::Gaussian => assert!(worst <= 1e-5, "Gaussians from {start}: worst difference {worst:e}"),
-            }
+            let differ = gpu.iter().zip(&cpu).filter(|(g, c)| g.to_bits() != c.to_bits()).count();
+            eprintln!("{draw:?} from {start}: {differ} of {n} differ, worst by {worst:e}");
+            assert_eq!(differ, 0, "{draw:?} from {start}: {differ} of {n} differ, worst by {worst:e}");
         }
     }
 }

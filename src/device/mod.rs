@@ -118,7 +118,7 @@ pub fn require_cpu(spec: DeviceSpec, what: &str) -> Result<()> {
 pub enum Draw {
     /// 24-bit uniforms in [0, 1): the same bits on every device.
     Uniform,
-    /// Box-Muller normals of the same words: equal to a few ulp across devices (each device's own log and sin/cos).
+    /// Box–Muller normals of the same words: the same bits on every device (plain f32 arithmetic, qtune-quant's gauss.rs).
     Gaussian,
 }
 

@@ -1,13 +1,14 @@
 //! Benchmarks of the quantizers and quantized matmuls, and QFT's dense-and-sparse ablation on a real weight.
 //!
-//! Run: `cargo run --release -p qtune-quant --example bench_quant [-- gemm|quant|matmul|ablation]` (all sections
+//! Run: `cargo run --release -p qtune-quant --example bench_quant [-- gemm|quant|matmul|ablation|rng]` (all sections
 //! by default). Prints Markdown tables:
 //! 0. GEMM rates of `x·Wᵀ` at SmolLM2 and LLaMA-2-7B projection shapes: candle f32, the f32 tile path, the integer
 //!    path (W8A8, W4A8) and the bare INT8 GEMM, with the CPU features and INT8 kernel this process uses;
 //! 1. quantize / dequantize throughput per format, in GB/s of f32 data (4 bytes × elements / time);
 //! 2. GFLOP/s (2·m·n·k / time) of `x·Wᵀ` and `dy·W` per weight format next to candle's f32 matmul on the same
 //!    shapes (SmolLM2-135M's projections, 512 and 2048 tokens), with the ratio to candle;
-//! 3. reconstruction error of INT8 per-row weights with 0% and 1% f32 outliers on SmolLM2-135M matrices.
+//! 3. reconstruction error of INT8 per-row weights with 0% and 1% f32 outliers on SmolLM2-135M matrices;
+//! 4. uniform and Gaussian stream fill rates (Philox4x32-10).
 
 use std::time::Instant;
 
@@ -311,4 +312,41 @@ fn main() {
     if run("ablation") {
         ablation();
     }
+    if run("rng") {
+        bench_rng();
+    }
+}
+
+/// Philox4x32-10 stream fills (what MeZO and QuZO spend regenerating directions), in millions of elements per
+/// second, on one thread (the `_seq` fills run inside already-parallel kernels) and on all threads.
+fn bench_rng() {
+    use qtune_quant::rng::{fill_gaussian_seq, fill_uniform, fill_uniform_seq, philox4x32_10};
+    let n = 1 << 22;
+    let mut v = vec![0f32; n];
+    let key = RngKey::new(1, 2, 3);
+    println!("\n### Random streams ({n} elements, {})\n", qtune_quant::CpuFeatures::detect());
+    println!("| fill | 1 thread (M elements/s) | all threads (M elements/s) |");
+    println!("| --- | --- | --- |");
+    let rate = |t: f64| n as f64 / t / 1e6;
+    let ug1 = rate(time(1.0, || fill_uniform_seq(&key, 0, &mut v)));
+    let ugn = rate(time(1.0, || fill_uniform(&key, 0, &mut v)));
+    println!("| uniform | {ug1:.0} | {ugn:.0} |");
+    let g1 = rate(time(1.0, || fill_gaussian_seq(&key, 0, &mut v)));
+    let gn = rate(time(1.0, || fill_gaussian(&key, 0, &mut v)));
+    println!("| gaussian (Box–Muller, plain f32 arithmetic) | {g1:.0} | {gn:.0} |");
+    // The code before 2026-12-06: the same words through libm's ln and sin_cos, one block at a time.
+    let libm = |v: &mut [f32]| {
+        for (b, o) in v.chunks_exact_mut(4).enumerate() {
+            let w = philox4x32_10([b as u32, 0, key.tensor, key.stream], [key.seed as u32, 0]);
+            for (p, o) in o.chunks_exact_mut(2).enumerate() {
+                let u1 = ((w[2 * p] >> 8) + 1) as f32 * (1.0 / 16_777_216.0);
+                let r = (-2.0 * u1.ln()).sqrt();
+                let (sn, cs) = (std::f32::consts::TAU * ((w[2 * p + 1] >> 8) as f32 / 16_777_216.0)).sin_cos();
+                o[0] = r * cs;
+                o[1] = r * sn;
+            }
+        }
+    };
+    let l1 = rate(time(1.0, || libm(&mut v)));
+    println!("| gaussian, libm ln and sin_cos (before) | {l1:.0} | |");
 }

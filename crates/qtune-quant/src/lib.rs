@@ -13,6 +13,7 @@
 // First, so its `multiversion!` macro is visible in the modules below.
 #[macro_use]
 mod simd;
+mod gauss;
 
 pub mod cpu;
 pub mod error;

@@ -91,18 +91,13 @@ fn uniforms(w: [u32; 4]) -> [f32; 4] {
     w.map(unit)
 }
 
-/// Box–Muller on the two word pairs of a block. u1 is shifted into (0, 1] so the log is finite; the largest
-/// possible |z| is sqrt(2·24·ln 2) ≈ 5.77, a truncation far out in the tail (P(|z| > 5.77) ≈ 8e-9).
+/// Box–Muller on the two word pairs of a block (`gauss`: plain f32 arithmetic, the same bits on every path and
+/// device). u1 is shifted into (0, 1] so the log is finite; the largest possible |z| is sqrt(2·24·ln 2) ≈ 5.77, a
+/// truncation far out in the tail (P(|z| > 5.77) ≈ 8e-9).
 #[inline]
 fn gaussians(w: [u32; 4]) -> [f32; 4] {
-    let pair = |a: u32, b: u32| {
-        let u1 = ((a >> 8) + 1) as f32 * (1.0 / 16_777_216.0);
-        let r = (-2.0 * u1.ln()).sqrt();
-        let (s, c) = (std::f32::consts::TAU * unit(b)).sin_cos();
-        (r * c, r * s)
-    };
-    let (z0, z1) = pair(w[0], w[1]);
-    let (z2, z3) = pair(w[2], w[3]);
+    let (z0, z1) = crate::gauss::pair(w[0], w[1]);
+    let (z2, z3) = crate::gauss::pair(w[2], w[3]);
     [z0, z1, z2, z3]
 }
 
@@ -138,21 +133,25 @@ impl Draw {
     }
 }
 
-/// Uniforms of whole blocks `b0 ..` (4 per block), eight blocks per AVX2 step where the CPU has it.
-fn uniform_blocks(key: &RngKey, b0: u64, out: &mut [f32]) {
+/// Draws of whole blocks `b0 ..` (4 per block), eight blocks per AVX2 step where the CPU has it.
+fn draw_blocks(key: &RngKey, b0: u64, out: &mut [f32], draw: Draw) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx2() {
         let k = [key.seed as u32, (key.seed >> 32) as u32];
+        let eight = match draw {
+            Draw::Uniform => crate::simd::philox_uniform8,
+            Draw::Gaussian => crate::simd::philox_gaussian8,
+        };
         for (j, o) in out.chunks_exact_mut(32).enumerate() {
             let o: &mut [f32; 32] = o.try_into().expect("chunks of 32");
             // SAFETY: AVX2+FMA are present.
-            unsafe { crate::simd::philox_uniform8(k, key.tensor, key.stream, b0 + 8 * j as u64, o) };
+            unsafe { eight(k, key.tensor, key.stream, b0 + 8 * j as u64, o) };
         }
         done = out.len() / 32 * 32;
     }
     for (j, o) in out[done..].chunks_exact_mut(4).enumerate() {
-        o.copy_from_slice(&uniforms(block(key, b0 + (done / 4 + j) as u64)));
+        o.copy_from_slice(&draw.map(block(key, b0 + (done / 4 + j) as u64)));
     }
 }
 
@@ -172,14 +171,7 @@ fn fill_seq(key: &RngKey, start: u64, out: &mut [f32], draw: Draw) {
     let body = rest.len() / 4 * 4;
     let (body_out, tail_out) = rest.split_at_mut(body);
     let b0 = (start + head as u64) >> 2;
-    match draw {
-        Draw::Uniform => uniform_blocks(key, b0, body_out),
-        Draw::Gaussian => {
-            for (j, o) in body_out.chunks_exact_mut(4).enumerate() {
-                o.copy_from_slice(&gaussians(block(key, b0 + j as u64)));
-            }
-        }
-    }
+    draw_blocks(key, b0, body_out, draw);
     fill_partial(key, start + (head + body) as u64, tail_out, draw);
 }
 

@@ -225,7 +225,7 @@ multiversion! {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx2::philox_uniform8;
+pub(crate) use avx2::{philox_gaussian8, philox_uniform8};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -291,10 +291,11 @@ mod avx2 {
         super::dequant_nibbles_scalar(&bytes[b..], false, &mut out[o..], scalar);
     }
 
-    /// Eight Philox4x32-10 blocks at once (counters `[b lo, b hi, c2, c3]` for b = b0 .. b0+8, key `key`), turned
-    /// into uniforms like `rng::uniforms` and stored block after block: `out[4j + l]` = lane l of block b0 + j.
+    /// Eight Philox4x32-10 blocks at once (counters `[b lo, b hi, c2, c3]` for b = b0 .. b0+8, key `key`): word w
+    /// of block b0 + j in lane j of the w-th vector.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn philox_uniform8(key: [u32; 2], c2: u32, c3: u32, b0: u64, out: &mut [f32; 32]) {
+    unsafe fn philox8(key: [u32; 2], c2: u32, c3: u32, b0: u64) -> [__m256i; 4] {
         let lo: [u32; 8] = std::array::from_fn(|j| (b0 + j as u64) as u32);
         let hi: [u32; 8] = std::array::from_fn(|j| ((b0 + j as u64) >> 32) as u32);
         let mut c0 = _mm256_loadu_si256(lo.as_ptr() as *const __m256i);
@@ -323,14 +324,18 @@ mod avx2 {
             c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(k1 as i32));
             c3 = lo0;
         }
-        let unit =
-            |w: __m256i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), _mm256_set1_ps(1.0 / 16_777_216.0));
-        let (u0, u1, u2, u3) = (unit(c0), unit(c1), unit(c2), unit(c3));
-        // 4×8 → 8×4 transpose: block j's four words become out[4j .. 4j+4].
-        let t0 = _mm256_unpacklo_ps(u0, u1); // b0w0 b0w1 b1w0 b1w1 | b4w0 b4w1 b5w0 b5w1
-        let t1 = _mm256_unpackhi_ps(u0, u1); // b2.. b3.. | b6.. b7..
-        let t2 = _mm256_unpacklo_ps(u2, u3);
-        let t3 = _mm256_unpackhi_ps(u2, u3);
+        [c0, c1, c2, c3]
+    }
+
+    /// Stores four vectors of eight blocks' values (`u[l]` lane j = element l of block j) block after block:
+    /// `out[4j + l]` (a 4×8 → 8×4 transpose).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store_blocks8(u: [__m256; 4], out: &mut [f32; 32]) {
+        let t0 = _mm256_unpacklo_ps(u[0], u[1]); // b0w0 b0w1 b1w0 b1w1 | b4w0 b4w1 b5w0 b5w1
+        let t1 = _mm256_unpackhi_ps(u[0], u[1]); // b2.. b3.. | b6.. b7..
+        let t2 = _mm256_unpacklo_ps(u[2], u[3]);
+        let t3 = _mm256_unpackhi_ps(u[2], u[3]);
         let r0 = _mm256_shuffle_ps(t0, t2, 0b01_00_01_00); // b0 | b4
         let r1 = _mm256_shuffle_ps(t0, t2, 0b11_10_11_10); // b1 | b5
         let r2 = _mm256_shuffle_ps(t1, t3, 0b01_00_01_00); // b2 | b6
@@ -340,6 +345,29 @@ mod avx2 {
         _mm256_storeu_ps(p.add(8), _mm256_permute2f128_ps(r2, r3, 0x20));
         _mm256_storeu_ps(p.add(16), _mm256_permute2f128_ps(r0, r1, 0x31));
         _mm256_storeu_ps(p.add(24), _mm256_permute2f128_ps(r2, r3, 0x31));
+    }
+
+    /// Eight blocks' uniforms, like `rng::uniforms`, stored block after block: `out[4j + l]` = lane l of block
+    /// b0 + j.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn philox_uniform8(key: [u32; 2], c2: u32, c3: u32, b0: u64, out: &mut [f32; 32]) {
+        let w = philox8(key, c2, c3, b0);
+        let unit =
+            |w: __m256i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), _mm256_set1_ps(1.0 / 16_777_216.0));
+        store_blocks8(w.map(unit), out);
+    }
+
+    /// Eight blocks' Gaussians, like `rng::gaussians` (the same bits: `gauss`), stored block after block.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn philox_gaussian8(key: [u32; 2], c2: u32, c3: u32, b0: u64, out: &mut [f32; 32]) {
+        use crate::gauss::avx2::{radius8, sincos8};
+        let [w0, w1, w2, w3] = philox8(key, c2, c3, b0);
+        let (r01, (s1, c1)) = (radius8(w0), sincos8(w1));
+        let (r23, (s3, c3)) = (radius8(w2), sincos8(w3));
+        store_blocks8(
+            [_mm256_mul_ps(r01, c1), _mm256_mul_ps(r01, s1), _mm256_mul_ps(r23, c3), _mm256_mul_ps(r23, s3)],
+            out,
+        );
     }
 }
 
