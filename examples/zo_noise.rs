@@ -39,6 +39,13 @@ fn corr(a: &[f64], b: &[f64]) -> f64 {
     cov / (va * vb).sqrt()
 }
 
+/// One table row: `mu` against the f32 reference estimates of the same directions.
+fn row(base: &str, compute: Compute, eps: f64, mu: &[f64], reference: &[f64]) {
+    let err: Vec<f64> = mu.iter().zip(reference).map(|(a, b)| a - b).collect();
+    let (c, r, e) = (corr(mu, reference), rms(mu), rms(&err) / rms(reference));
+    println!("| {base} | {} | {eps:.0e} | {c:.3} | {r:.3} | {e:.2} |", name(compute));
+}
+
 fn name(c: Compute) -> &'static str {
     match c {
         Compute::F32 => "f32",
@@ -88,15 +95,7 @@ fn main() -> qtune::Result<()> {
         let reference = mus(Compute::F32, 1e-3)?;
         println!("| INT8 full | f32 (reference) | 1e-3 | 1 | {:.3} | 0 |", rms(&reference));
         for (compute, eps) in [(Compute::Int8, 1e-3), (Compute::Int8Mixed, 1e-3), (Compute::Int8, 1e-2)] {
-            let mu = mus(compute, eps)?;
-            let err: Vec<f64> = mu.iter().zip(&reference).map(|(a, b)| a - b).collect();
-            println!(
-                "| INT8 full | {} | {eps:.0e} | {:.3} | {:.3} | {:.2} |",
-                name(compute),
-                corr(&mu, &reference),
-                rms(&mu),
-                rms(&err) / rms(&reference)
-            );
+            row("INT8 full", compute, eps, &mus(compute, eps)?, &reference);
         }
         return Ok(());
     }
@@ -143,15 +142,7 @@ fn main() -> qtune::Result<()> {
         println!("| INT{bits} | f32 (reference) | 1e-3 | 1 | {:.3} | 0 |", rms(&reference));
         for (compute, epss) in rows {
             for &eps in epss {
-                let mu = mus(&mut z, compute, eps)?;
-                let err: Vec<f64> = mu.iter().zip(&reference).map(|(a, b)| a - b).collect();
-                println!(
-                    "| INT{bits} | {} | {eps:.0e} | {:.3} | {:.3} | {:.2} |",
-                    name(compute),
-                    corr(&mu, &reference),
-                    rms(&mu),
-                    rms(&err) / rms(&reference)
-                );
+                row(&format!("INT{bits}"), compute, eps, &mus(&mut z, compute, eps)?, &reference);
             }
         }
     }

@@ -208,6 +208,27 @@ mod tests {
         ZoLora::new("quzo-lora", base, lc, zo(seed), dirs).unwrap()
     }
 
+    /// The forward's output and ⟨∇, u₁(seed)⟩ over the factors, the gradient from LoRA's backward (in f64).
+    fn directional_derivative<B: FrozenBase>(
+        m: &Llama,
+        z: &ZoLora<B>,
+        b: &Batch,
+        seed: u64,
+    ) -> (crate::model::Output, f64) {
+        let (out, trace) = m.forward(&z.weights, b, Keep::All).unwrap();
+        m.backward(&z.weights, trace.unwrap(), &mut super::super::lora::FrozenSink).unwrap();
+        let grads = z.weights.grads.take();
+        let mut dd = 0f64;
+        for (slot, &k) in z.weights.factors.keys().iter().enumerate() {
+            let g = grads.get(k).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            let g: Vec<f64> = g.to_vec1().unwrap();
+            let mut u = vec![0f32; g.len()];
+            z.directions.fill(seed, slot, &mut u, false);
+            dd += g.iter().zip(&u).map(|(g, &u)| g * u as f64).sum::<f64>();
+        }
+        (out, dd)
+    }
+
     /// Only the factors move; the same seed gives the same factors; the first forward is the base's (B = 0); and
     /// the perturbed loss is restored exactly after each evaluation.
     #[test]
@@ -260,16 +281,7 @@ mod tests {
         let plus = z.loss_at(&m, std::slice::from_ref(&b), seed, eps).unwrap()[0] as f64;
         let minus = z.loss_at(&m, std::slice::from_ref(&b), seed, -eps).unwrap()[0] as f64;
         let mu = (plus - minus) / (2.0 * eps);
-        let (out, trace) = m.forward(&z.weights, &b, Keep::All).unwrap();
-        m.backward(&z.weights, trace.unwrap(), &mut super::super::lora::FrozenSink).unwrap();
-        let grads = z.weights.grads.take();
-        let mut dd = 0f64;
-        for (slot, &k) in z.weights.factors.keys().iter().enumerate() {
-            let g: Vec<f32> = grads.get(k).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let mut u = vec![0f32; g.len()];
-            z.directions.fill(seed, slot, &mut u, false);
-            dd += g.iter().zip(&u).map(|(&g, &u)| g as f64 * u as f64).sum::<f64>();
-        }
+        let (out, dd) = directional_derivative(&m, &z, &b, seed);
         assert!((mu - dd).abs() <= 1e-2 * dd.abs(), "SPSA {mu} vs directional derivative {dd}");
         let lr = 1e-3 / dd.abs().max(1e-3);
         let before = out.loss as f64;
@@ -302,16 +314,7 @@ mod tests {
             crate::model::layers::cross_entropy(&logits, &labels).unwrap().0.to_scalar::<f64>().unwrap()
         };
         let mu = (loss(eps) - loss(-eps)) / (2.0 * eps);
-        let (_, trace) = m.forward(&z.weights, &b, Keep::All).unwrap();
-        m.backward(&z.weights, trace.unwrap(), &mut super::super::lora::FrozenSink).unwrap();
-        let grads = z.weights.grads.take();
-        let mut dd = 0f64;
-        for (slot, &k) in z.weights.factors.keys().iter().enumerate() {
-            let g: Vec<f64> = grads.get(k).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let mut u = vec![0f32; g.len()];
-            Directions::Gaussian.fill(9, slot, &mut u, false);
-            dd += g.iter().zip(&u).map(|(g, &u)| g * u as f64).sum::<f64>();
-        }
+        let (_, dd) = directional_derivative(&m, &z, &b, 9);
         assert!((mu - dd).abs() <= 1e-6 * dd.abs(), "SPSA {mu} vs directional derivative {dd}");
     }
 }
