@@ -98,6 +98,8 @@ __device__ __forceinline__ uint4 block_of(uint64_t i, uint32_t seed_lo, uint32_t
     return philox4x32_10(make_uint4((uint32_t)b, (uint32_t)(b >> 32), tensor, stream), make_uint2(seed_lo, seed_hi));
 }
 
+// The kernels (device functions above also compile as host C++ for kernels/host/rng_dump.cpp).
+#ifdef __CUDACC__
 // out[j] = uniform (gaussian == 0) or gaussian (gaussian != 0) draw of element start + j, j < n.
 extern "C" __global__ void philox_fill_f32(float *out, uint64_t n, uint64_t start, uint32_t seed_lo,
                                            uint32_t seed_hi, uint32_t tensor, uint32_t stream, int gaussian) {
@@ -120,3 +122,4 @@ extern "C" __global__ void philox_axpy_f32(float *out, const float *x, float sca
     const uint4 w = block_of(i, seed_lo, seed_hi, tensor, stream);
     out[j] = scale * x[j] + coef * gaussian_at(w, (uint32_t)(i & 3));
 }
+#endif
