@@ -13,7 +13,7 @@ use crate::train::zeroth_order::{self, micro_losses, Perturbation, ZoLoop};
 use crate::train::{Method, StepStats};
 use crate::{Error, Result};
 use candle_core::{DType, Storage, Tensor, WithDType};
-use qtune_quant::rng::{fill_gaussian_seq, gaussian, RngKey, STREAM_GAUSS};
+use qtune_quant::rng::{fill_gaussian_seq, RngKey, STREAM_GAUSS};
 use rayon::prelude::*;
 
 /// Elements per stack buffer of the chunked direction generation (16 KiB of f32).
@@ -92,11 +92,11 @@ impl Weights for Perturbed<'_> {
         let base = self.base.rows(id, ids)?;
         let cols = base.dim(1)?;
         let key = RngKey::new(self.seed, id.index(&self.base.cfg) as u32, STREAM_GAUSS);
-        let z: Vec<f32> = ids
-            .to_vec1::<u32>()?
-            .iter()
-            .flat_map(|&r| (0..cols).map(move |c| gaussian(&key, (r as usize * cols + c) as u64)))
-            .collect();
+        let rows = ids.to_vec1::<u32>()?;
+        let mut z = vec![0f32; rows.len() * cols];
+        for (&r, out) in rows.iter().zip(z.chunks_exact_mut(cols.max(1))) {
+            fill_gaussian_seq(&key, (r as usize * cols) as u64, out);
+        }
         let z = Tensor::from_vec(z, base.shape(), base.device())?.to_dtype(base.dtype())?;
         Ok((base + (z * self.eps)?)?)
     }
