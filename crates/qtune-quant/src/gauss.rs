@@ -26,6 +26,12 @@ const C: [f32; 5] = [-1.233_700_5, 0.253_669_5, -0.020_863_48, 9.192_603e-4, -2.
 const U24: f32 = 1.0 / 16_777_216.0;
 const Q22: f32 = 1.0 / 4_194_304.0;
 
+/// c₀ + x·(c₁ + x·(c₂ + x·(c₃ + x·c₄))), one fused multiply-add per coefficient.
+#[inline(always)]
+fn horner(x: f32, c: &[f32; 5]) -> f32 {
+    x.mul_add(x.mul_add(x.mul_add(x.mul_add(c[4], c[3]), c[2]), c[1]), c[0])
+}
+
 /// √(−2 ln u₁) for the word `a` (0 when u₁ = 1).
 #[inline(always)]
 pub(crate) fn radius(a: u32) -> f32 {
@@ -39,7 +45,7 @@ pub(crate) fn radius(a: u32) -> f32 {
     }
     let s = (m - 1.0) / (m + 1.0);
     let s2 = s * s;
-    let p = s2.mul_add(s2.mul_add(s2.mul_add(s2.mul_add(L[4], L[3]), L[2]), L[1]), L[0]);
+    let p = horner(s2, &L);
     let t = s + s;
     let ln_m = (t * s2).mul_add(p, t);
     let ef = e as f32;
@@ -54,9 +60,7 @@ pub(crate) fn sincos_turn(b: u32) -> (f32, f32) {
     let q = (k + (1 << 21)) >> 22;
     let f = (k as i32 - (q << 22) as i32) as f32 * Q22;
     let f2 = f * f;
-    let ps = f2.mul_add(f2.mul_add(f2.mul_add(f2.mul_add(S[4], S[3]), S[2]), S[1]), S[0]);
-    let pc = f2.mul_add(f2.mul_add(f2.mul_add(f2.mul_add(C[4], C[3]), C[2]), C[1]), C[0]);
-    let (s, c) = (f * ps, f2.mul_add(pc, 1.0));
+    let (s, c) = (f * horner(f2, &S), f2.mul_add(horner(f2, &C), 1.0));
     let (s, c) = if q & 1 == 1 { (c, s) } else { (s, c) };
     let s = if q & 2 != 0 { -s } else { s };
     let c = if (q + 1) & 2 != 0 { -c } else { c };
@@ -76,6 +80,17 @@ pub(crate) mod avx2 {
     //! The same operations on eight words at once.
     use super::*;
     use std::arch::x86_64::*;
+
+    /// [`horner`] of eight values.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn horner8(x: __m256, c: &[f32; 5]) -> __m256 {
+        let k = |i: usize| _mm256_set1_ps(c[i]);
+        let p = _mm256_fmadd_ps(x, k(4), k(3));
+        let p = _mm256_fmadd_ps(x, p, k(2));
+        let p = _mm256_fmadd_ps(x, p, k(1));
+        _mm256_fmadd_ps(x, p, k(0))
+    }
 
     /// [`radius`] of eight words.
     #[inline]
@@ -97,10 +112,7 @@ pub(crate) mod avx2 {
         let s = _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one));
         let s2 = _mm256_mul_ps(s, s);
         let c = |x: f32| _mm256_set1_ps(x);
-        let p = _mm256_fmadd_ps(s2, c(L[4]), c(L[3]));
-        let p = _mm256_fmadd_ps(s2, p, c(L[2]));
-        let p = _mm256_fmadd_ps(s2, p, c(L[1]));
-        let p = _mm256_fmadd_ps(s2, p, c(L[0]));
+        let p = horner8(s2, &L);
         let t = _mm256_add_ps(s, s);
         let ln_m = _mm256_fmadd_ps(_mm256_mul_ps(t, s2), p, t);
         let ef = _mm256_cvtepi32_ps(e);
@@ -117,15 +129,7 @@ pub(crate) mod avx2 {
         let f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(k, _mm256_slli_epi32(q, 22))), _mm256_set1_ps(Q22));
         let f2 = _mm256_mul_ps(f, f);
         let c = |x: f32| _mm256_set1_ps(x);
-        let ps = _mm256_fmadd_ps(f2, c(S[4]), c(S[3]));
-        let ps = _mm256_fmadd_ps(f2, ps, c(S[2]));
-        let ps = _mm256_fmadd_ps(f2, ps, c(S[1]));
-        let ps = _mm256_fmadd_ps(f2, ps, c(S[0]));
-        let pc = _mm256_fmadd_ps(f2, c(C[4]), c(C[3]));
-        let pc = _mm256_fmadd_ps(f2, pc, c(C[2]));
-        let pc = _mm256_fmadd_ps(f2, pc, c(C[1]));
-        let pc = _mm256_fmadd_ps(f2, pc, c(C[0]));
-        let (s, co) = (_mm256_mul_ps(f, ps), _mm256_fmadd_ps(f2, pc, c(1.0)));
+        let (s, co) = (_mm256_mul_ps(f, horner8(f2, &S)), _mm256_fmadd_ps(f2, horner8(f2, &C), c(1.0)));
         let bit = |m: i32| {
             let x = _mm256_and_si256(q, _mm256_set1_epi32(m));
             _mm256_castsi256_ps(_mm256_cmpeq_epi32(x, _mm256_set1_epi32(m)))
