@@ -1,8 +1,9 @@
 // Host stand-ins for the CUDA types and round-to-nearest intrinsics that kernels/*.cu use, so their __device__
 // functions compile as plain C++ (g++ -ffp-contract=off: no fused multiply-add except where fmaf says so) and can
-// be compared with the CPU code on a machine without a GPU (scripts/check_kernels_on_host.sh).
+// be compared with the CPU code on a machine without a GPU (tests/kernels_on_host.rs).
 #pragma once
 #include <cmath>
+#include <math.h>
 #include <cstdint>
 #include <cstring>
 
@@ -25,3 +26,7 @@ inline float __uint2float_rn(uint32_t a) { return (float)a; }
 inline float __int2float_rn(int a) { return (float)a; }
 inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline float __double2float_rn(double a) { return (float)a; }

@@ -2,7 +2,7 @@
 // "uniform_bits gaussian_bits" (hex) of elements start .. start+n. tests/kernels_on_host.rs compares them with
 // qtune-quant's CPU streams bit for bit. Build: g++ -O2 -ffp-contract=off -std=c++17 rng_dump.cpp
 #include "cuda_shim.h"
-#include "../rng.cu"
+#include "../philox.cuh"
 #include <cstdio>
 
 int main() {

@@ -45,8 +45,9 @@ fn FUSED_ON_RANKS() -> Error {
 }
 
 /// Elements per piece of an [`Int8Blocks`]: a multiple of the block, so pieces never split a block.
-const PIECE: usize = 1 << 16;
-const BLOCK: usize = 256;
+pub const PIECE: usize = 1 << 16;
+/// Elements per scale of an [`Int8Blocks`].
+pub const BLOCK: usize = 256;
 
 /// A flat f32 array stored INT8 block-wise (symmetric absmax, blocks of 256), in pieces of [`PIECE`] elements so it
 /// can be read and rewritten piece by piece with bounded scratch. Gradients and Lion's momentum use it.
@@ -116,6 +117,14 @@ impl Int8Blocks {
 
     pub fn bytes(&self) -> usize {
         self.pieces.iter().map(|p| p.storage_bytes().total()).sum()
+    }
+
+    /// The codes and the scales of all pieces, concatenated: element i's code is `codes[i]` (an i8), its scale
+    /// `scales[i / 256]` (pieces hold whole blocks, so the pieces' blocks are the array's). The GPU's layout.
+    pub fn parts(&self) -> (Vec<u8>, Vec<f32>) {
+        let codes = self.pieces.iter().flat_map(|p| p.codes().iter().copied()).collect();
+        let scales = self.pieces.iter().flat_map(|p| p.scales().iter().copied()).collect();
+        (codes, scales)
     }
 
     /// Sums the array over the ranks (`crate::dist`): every rank's INT8 codes and block scales travel (1 + 4/256
@@ -373,10 +382,7 @@ impl Lion<'_> {
         let cfg = store.cfg.clone();
         let idx = id.index(&cfg);
         let m = &self.momentum[idx];
-        let step_dir = |w: f32, m: f32, g: f32| -> f32 {
-            let c = b1 * m + (1.0 - b1) * g * scale;
-            w - lr * (c.signum() * (c != 0.0) as i32 as f32 + wd * w)
-        };
+        let step_dir = |w: f32, m: f32, g: f32| lion_weight(w, m, g, scale, b1, lr, wd);
         let changed = if id.is_matrix() {
             let w = store.mat_mut(id);
             let cols = w.cols();
@@ -413,13 +419,25 @@ impl Lion<'_> {
         self.momentum[idx].rewrite(mkey, |start, mv| {
             let mut gr = vec![0f32; mv.len()];
             g(start, &mut gr)?;
-            for (m, g) in mv.iter_mut().zip(&gr) {
-                *m = b2 * *m + (1.0 - b2) * g * scale;
+            for (m, &g) in mv.iter_mut().zip(&gr) {
+                *m = lion_momentum(*m, g, scale, b2);
             }
             Ok(())
         })?;
         Ok(changed)
     }
+}
+
+/// Lion's new weight from momentum m and gradient g·gs: c = β₁m + (1 − β₁)·g·gs, w − lr·(sign(c) + wd·w), with
+/// sign(0) = 0. In f32, operation by operation (the GPU's `kernels/quant.cu` computes the same bits).
+pub fn lion_weight(w: f32, m: f32, g: f32, gs: f32, b1: f32, lr: f32, wd: f32) -> f32 {
+    let c = b1 * m + (1.0 - b1) * g * gs;
+    w - lr * (c.signum() * (c != 0.0) as i32 as f32 + wd * w)
+}
+
+/// Lion's new momentum: β₂m + (1 − β₂)·g·gs.
+pub fn lion_momentum(m: f32, g: f32, gs: f32, b2: f32) -> f32 {
+    b2 * m + (1.0 - b2) * g * gs
 }
 
 fn cfg_matrices(cfg: &crate::model::LlamaConfig) -> Vec<ParamId> {

@@ -274,8 +274,9 @@ impl Estimator {
 }
 
 /// θ(i) ← θ(i) − η·(Σ_k μ_k·u₂,k(i) / n + λ·θ(i)) over elements `start ..` of tensor `t` (`w` holds them), in
-/// parallel chunks; `est` holds each direction's quantized directions and projected gradient μ_k.
-fn zo_update(
+/// parallel chunks; `est` holds each direction's quantized directions and projected gradient μ_k. (The GPU's
+/// `zo_update_int` and `zo_update_f32` in `kernels/quant.cu` compute the same bits.)
+pub fn zo_update(
     est: &[(u64, Vec<QDirection>, f64)],
     t: usize,
     u2: Option<u32>,
