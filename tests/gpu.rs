@@ -8,6 +8,9 @@
 //! `QTUNE_GPU_TEST_DEVICE=cpu` runs the comparisons with the CPU in the GPU's place: a check of the harness itself
 //! (file parsing, tolerances) on a machine without a GPU.
 //!
+//! With `--features cuda` the kernels are also compared with the CPU directly: the Philox streams and every quantized
+//! kernel (`quantized_kernels_match_the_cpu`, on tests/quant_cases' cases), bit for bit.
+//!
 //! On a GPU machine `scripts/gpu_check.sh` runs this test binary (built here with `--features cuda`) against a
 //! carried `qtune` binary named by `QTUNE_BIN`.
 //!
@@ -202,14 +205,7 @@ fn methods_without_gpu_kernels_are_refused_by_name() {
 fn philox_kernel_draws_the_cpu_streams() {
     use qtune::device::{random, Draw};
     use qtune::quant::rng::RngKey;
-    let dev = match candle_core::Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            let why = e.to_string().lines().next().unwrap_or("").to_string();
-            assert!(std::env::var_os("QTUNE_GPU_REQUIRED").is_none(), "QTUNE_GPU_REQUIRED, but no GPU: {why}");
-            return eprintln!("skipped: no GPU: {why}");
-        }
-    };
+    let Some(dev) = cuda_device() else { return };
     let key = RngKey::new(0xdead_beef_1234, 11, 4);
     for start in [0u64, 3, (1u64 << 34) + 1] {
         for draw in [Draw::Uniform, Draw::Gaussian] {
@@ -222,4 +218,116 @@ fn philox_kernel_draws_the_cpu_streams() {
             assert_eq!(differ, 0, "{draw:?} from {start}: {differ} of {n} differ, worst by {worst:e}");
         }
     }
+}
+
+/// The first GPU, or None (the reason printed; a failure under QTUNE_GPU_REQUIRED).
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Option<candle_core::Device> {
+    match candle_core::Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            let why = e.to_string().lines().next().unwrap_or("").to_string();
+            assert!(std::env::var_os("QTUNE_GPU_REQUIRED").is_none(), "QTUNE_GPU_REQUIRED, but no GPU: {why}");
+            eprintln!("skipped: no GPU: {why}");
+            None
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod quant_cases;
+
+/// Every quantized kernel (`kernels/quant.cu`, through `qtune::device::cuda_quant`) against the CPU's formats and
+/// update code on tests/quant_cases' cases, bit for bit: values, scales, codes, outliers. Only Σ new² of the INT8
+/// blocks is summed by atomics in any order: within 1e-9 relative of the CPU's sum.
+#[cfg(feature = "cuda")]
+#[test]
+fn quantized_kernels_match_the_cpu() {
+    use qtune::device::cuda_quant::*;
+    use qtune::quant::{QuantWeight, Rounding};
+    use quant_cases::*;
+    let Some(device) = cuda_device() else { return };
+    let candle_core::Device::Cuda(dev) = &device else { unreachable!() };
+    let host = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let upload = |v: &[f32]| candle_core::Tensor::from_slice(v, v.len(), &device).unwrap();
+
+    for c in int_cases() {
+        let (rows, cols) = (c.t.rows(), c.t.cols());
+        let mut g = GpuInt::upload(dev, &c.t).unwrap();
+        let mut want = vec![0.0; rows * cols];
+        c.t.dequantize_rows(0..rows, &mut want).unwrap();
+        assert_eq!(bits_of(&host(&g.dequantize_rows(0..rows).unwrap())), bits_of(&want), "{}: values", c.what);
+        g.requantize_rows_frozen(c.moved_rows.clone(), &upload(&c.moved_values), Rounding::Stochastic(c.moved_key))
+            .unwrap();
+        assert_eq!(g.download().unwrap(), c.moved, "{}: frozen-grid codes", c.what);
+        let mut fresh = GpuInt::upload(dev, &c.t).unwrap();
+        fresh.recalibrate(&upload(&c.x), c.key.map_or(Rounding::Nearest, Rounding::Stochastic)).unwrap();
+        assert_eq!(fresh.download().unwrap(), c.t, "{}: recalibrated", c.what);
+    }
+    for t in nf4_cases() {
+        let g = GpuNf4::upload(dev, &t).unwrap();
+        let mut want = vec![0.0; t.rows() * t.cols()];
+        t.dequantize_rows(0..t.rows(), &mut want).unwrap();
+        assert_eq!(bits_of(&host(&g.dequantize_rows(0..t.rows()).unwrap())), bits_of(&want), "NF4 values");
+    }
+    for (d, sr, start, want) in direction_cases() {
+        let zd = ZoDir { gauss: d.gauss, scale: d.scale, qmax: d.qmax, mu: 0.0 };
+        let base = quant_cases::data(want.len(), 31);
+        let got = host(&add_direction(&upload(&base), start, 1e-3, &zd, sr).unwrap());
+        let want: Vec<f32> = base.iter().zip(&want).map(|(b, u)| b + 1e-3f32 * u).collect();
+        assert_eq!(bits_of(&got), bits_of(&want), "perturbed tile, SR stream {sr:?}");
+    }
+    for c in zo_cases() {
+        let mut g = GpuInt::upload(dev, &c.t).unwrap();
+        let dirs: Vec<ZoDir> =
+            c.dirs.iter().map(|(d, mu)| ZoDir { gauss: d.gauss, scale: d.scale, qmax: d.qmax, mu: *mu }).collect();
+        g.zo_update(c.rows.clone(), &dirs, c.u2, c.lr, c.decay, c.key).unwrap();
+        assert_eq!(g.download().unwrap(), c.want, "QuZO update, {}", c.what);
+    }
+    let grad = lion_gradient();
+    let gg = GpuBlocks8::upload(dev, &grad).unwrap();
+    let cases = blocks_cases(&grad);
+    for c in &cases {
+        let mut b = GpuBlocks8::upload(dev, &c.before).unwrap();
+        let x = upload(&c.x);
+        let what = match c.mode {
+            BlocksMode::Set => Requant::Set(&x),
+            BlocksMode::Add => Requant::Add(&x),
+            BlocksMode::Momentum => Requant::Momentum { g: &gg, gs: GS, b2: B2 },
+        };
+        let sumsq = b.requant(what, c.key).unwrap();
+        assert_eq!(b.download_parts().unwrap(), c.want.parts(), "INT8 blocks, {:?}", c.mode);
+        let rel = (sumsq - c.want_sumsq).abs() / c.want_sumsq;
+        assert!(rel < 1e-9, "INT8 blocks, {:?}: sum of squares {sumsq} vs the CPU's {}", c.mode, c.want_sumsq);
+    }
+    let m = &cases.last().unwrap().want;
+    let (w, key, stepped) = lion_case(m, &grad);
+    let mut gw = GpuHybrid::upload(dev, &w).unwrap();
+    let mut want = vec![0.0; w.rows() * w.cols()];
+    w.dequantize_rows(0..w.rows(), &mut want).unwrap();
+    assert_eq!(bits_of(&host(&gw.dequantize_rows(0..w.rows()).unwrap())), bits_of(&want), "hybrid values");
+    let gm = GpuBlocks8::upload(dev, m).unwrap();
+    gw.lion_step(&gm, &gg, LionArgs { gs: GS, b1: B1, lr: LR, wd: WD }, key).unwrap();
+    let (dense, values) = gw.download_parts().unwrap();
+    assert_eq!(dense.codes(), stepped.dense().codes(), "Lion: dense codes");
+    assert_eq!(bits_of(&values), bits_of(stepped.sparse().2), "Lion: outliers");
+
+    // The f32 vectors' updates (norm weights): Lion, and QuZO's over the first case's directions.
+    let v = quant_cases::data(m.len(), 41);
+    let (mut mv, mut gv) = (vec![0.0; v.len()], vec![0.0; v.len()]);
+    m.dequantize_span(0, &mut mv).unwrap();
+    grad.dequantize_span(0, &mut gv).unwrap();
+    let want: Vec<f32> =
+        (0..v.len()).map(|i| qtune::methods::qft::lion_weight(v[i], mv[i], gv[i], GS, B1, LR, WD)).collect();
+    let got = host(&lion_f32(&upload(&v), &gm, &gg, LionArgs { gs: GS, b1: B1, lr: LR, wd: WD }).unwrap());
+    assert_eq!(bits_of(&got), bits_of(&want), "Lion on an f32 vector");
+    let c = &zo_cases()[0];
+    let v = quant_cases::data(300, 42);
+    let est: Vec<_> = c.dirs.iter().map(|(d, mu)| (0u64, vec![*d], *mu)).collect();
+    let mut want = v.clone();
+    qtune::methods::quzo::zo_update(&est, 0, c.u2, c.lr, c.decay, 0, &mut want);
+    let dirs: Vec<ZoDir> =
+        c.dirs.iter().map(|(d, mu)| ZoDir { gauss: d.gauss, scale: d.scale, qmax: d.qmax, mu: *mu }).collect();
+    let got = host(&zo_update_f32(&upload(&v), &dirs, c.u2, c.lr, c.decay).unwrap());
+    assert_eq!(bits_of(&got), bits_of(&want), "QuZO update of an f32 vector");
 }

@@ -13,15 +13,18 @@
 //!
 //! Skipped, saying so, where g++ is missing; on a GPU `tests/gpu.rs` checks the kernels themselves. What this
 //! cannot check: the launches (grid sizes, argument order) and the reductions' shared-memory code.
-use qtune::methods::qft::{lion_momentum, lion_weight, Int8Blocks, PIECE};
-use qtune::methods::quzo::{zo_update, QDirection};
+use qtune::methods::qft::PIECE;
+use qtune::methods::quzo::QDirection;
 use qtune::quant::nf4::{dynamic_map, Nf4Scales, DQ_BLOCK, NF4_LEVELS};
-use qtune::quant::rng::{fill_gaussian, gaussian, uniform, RngKey, STREAM_SR_PERTURB, STREAM_SR_WEIGHT};
-use qtune::quant::{Bits, Granularity, HybridTensor, IntTensor, Nf4Tensor, QuantSpec, QuantWeight, Rounding};
+use qtune::quant::rng::{gaussian, uniform, RngKey};
+use qtune::quant::{Bits, IntTensor, QuantWeight};
+use quant_cases::*;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
+
+mod quant_cases;
 
 /// Builds `kernels/host/<name>.cpp` with g++ into a temporary directory, once per test binary (the tests run in
 /// parallel); None (the test then skips) without g++.
@@ -171,85 +174,46 @@ impl Reply<'_> {
     }
 }
 
-fn bits_of(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// Gaussian data with a few heavy entries, so groups differ in scale.
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = vec![0.0; n];
-    fill_gaussian(&RngKey::new(seed, 0, 0), 0, &mut x);
-    for i in (0..n).step_by(97) {
-        x[i] *= 7.0;
-    }
-    x
-}
-
 #[test]
 fn int_grids_match_the_cpu_bit_for_bit() {
     let Some(exe) = host_binary("quant_dump") else { return };
-    let specs = [
-        (Bits::B8, true, Granularity::PerRow, 9, 40),
-        (Bits::B8, false, Granularity::PerBlock(64), 7, 33),
-        (Bits::B4, true, Granularity::PerBlock(64), 7, 33),
-        (Bits::B4, false, Granularity::PerRow, 5, 31),
-        (Bits::B4, true, Granularity::PerRow, 6, 48),
-        (Bits::B8, true, Granularity::PerTensor, 3, 50),
-    ];
-    for (s, &(bits, symmetric, granularity, rows, cols)) in specs.iter().enumerate() {
-        let spec = QuantSpec { bits, symmetric, granularity };
-        let x = data(rows * cols, s as u64);
-        let what = format!("{spec:?} {rows}x{cols}");
-        for rounding in [None, Some(RngKey::new(77 + s as u64, 3, STREAM_SR_WEIGHT))] {
-            let r = rounding.map_or(Rounding::Nearest, Rounding::Stochastic);
-            let t = IntTensor::quantize(&x, rows, cols, spec, r).unwrap();
-            // Group scales (and offsets).
-            let reply = run(
-                &exe,
-                &Req::op(2).f32s(&x).u64(t.group_len() as u64).i32(bits.count() as i32).i32(symmetric as i32).0,
-            );
-            let mut rd = Reply(&reply);
-            assert_eq!(bits_of(&rd.f32s(t.scales().len())), bits_of(t.scales()), "{what}: scales");
-            if let Some(o) = t.offsets() {
-                assert_eq!(bits_of(&rd.f32s(o.len())), bits_of(o), "{what}: offsets");
-            }
-            // A fresh encoding of the whole tensor, from codes that are not zero (but for the padding nibble of an
-            // odd 4-bit count, which no kernel writes: the GPU's code buffers start zeroed, like the CPU's).
-            let mut junk = vec![0x5Au8; t.codes().len()];
-            if bits == Bits::B4 && (rows * cols) % 2 == 1 {
-                *junk.last_mut().unwrap() &= 0xF0;
-            }
-            let req = Req::op(1).int(&t, &junk).u64(0).f32s(&x).i32(0).key(rounding, 0);
-            assert_eq!(run(&exe, &req.0), t.codes(), "{what}: fresh codes, {r:?}");
-            // Values, from an odd element on.
-            let (start, n) = (3, rows * cols - 5);
-            let mut want = vec![0.0; n];
-            t.dequantize_span(start, &mut want).unwrap();
-            let reply = run(&exe, &Req::op(0).int(&t, t.codes()).u64(start as u64).u64(n as u64).0);
-            assert_eq!(bits_of(&Reply(&reply).f32s(n)), bits_of(&want), "{what}: values");
-            // Rows 1..rows-1 moved by a small update, re-encoded on the frozen grid.
-            let (r0, r1) = (1, rows - 1);
-            let mut w = vec![0.0; (r1 - r0) * cols];
-            t.dequantize_rows(r0..r1, &mut w).unwrap();
-            let upd = data(w.len(), 100 + s as u64);
-            w.iter_mut().zip(&upd).for_each(|(w, u)| *w += 0.2 * u);
-            let key = Some(RngKey::new(5, 9, STREAM_SR_WEIGHT));
-            let mut moved = t.clone();
-            moved.requantize_rows_frozen(r0..r1, &w, Rounding::Stochastic(key.unwrap())).unwrap();
-            let req = Req::op(1).int(&t, t.codes()).u64((r0 * cols) as u64).f32s(&w).i32(1).key(key, 0);
-            assert_eq!(run(&exe, &req.0), moved.codes(), "{what}: frozen-grid codes of rows {r0}..{r1}");
-            assert_ne!(moved.codes(), t.codes(), "{what}: the update moved no code");
+    for c in int_cases() {
+        let (t, what) = (&c.t, &c.what);
+        let spec = t.spec();
+        let (rows, cols) = (t.rows(), t.cols());
+        // Group scales (and offsets).
+        let req = Req::op(2).f32s(&c.x).u64(t.group_len() as u64).i32(spec.bits.count() as i32);
+        let reply = run(&exe, &req.i32(spec.symmetric as i32).0);
+        let mut rd = Reply(&reply);
+        assert_eq!(bits_of(&rd.f32s(t.scales().len())), bits_of(t.scales()), "{what}: scales");
+        if let Some(o) = t.offsets() {
+            assert_eq!(bits_of(&rd.f32s(o.len())), bits_of(o), "{what}: offsets");
         }
+        // A fresh encoding of the whole tensor, from codes that are not zero (but for the padding nibble of an odd
+        // 4-bit count, which no kernel writes: the GPU's code buffers start zeroed, like the CPU's).
+        let mut junk = vec![0x5Au8; t.codes().len()];
+        if spec.bits == Bits::B4 && (rows * cols) % 2 == 1 {
+            *junk.last_mut().unwrap() &= 0xF0;
+        }
+        let req = Req::op(1).int(t, &junk).u64(0).f32s(&c.x).i32(0).key(c.key, 0);
+        assert_eq!(run(&exe, &req.0), t.codes(), "{what}: fresh codes");
+        // Values, from an odd element on.
+        let (start, n) = (3, rows * cols - 5);
+        let mut want = vec![0.0; n];
+        t.dequantize_span(start, &mut want).unwrap();
+        let reply = run(&exe, &Req::op(0).int(t, t.codes()).u64(start as u64).u64(n as u64).0);
+        assert_eq!(bits_of(&Reply(&reply).f32s(n)), bits_of(&want), "{what}: values");
+        // Rows moved by an update, re-encoded on the frozen grid.
+        let start = (c.moved_rows.start * cols) as u64;
+        let req = Req::op(1).int(t, t.codes()).u64(start).f32s(&c.moved_values).i32(1).key(Some(c.moved_key), 0);
+        assert_eq!(run(&exe, &req.0), c.moved.codes(), "{what}: frozen-grid codes of rows {:?}", c.moved_rows);
     }
 }
 
 #[test]
 fn nf4_values_match_the_cpu_bit_for_bit() {
     let Some(exe) = host_binary("quant_dump") else { return };
-    let (rows, cols) = (40, 250); // 10000 elements: 157 blocks of 64, the last partial; 1 double-quant block
-    let x = data(rows * cols, 3);
-    for dq in [false, true] {
-        let t = Nf4Tensor::quantize(&x, rows, cols, 64, dq).unwrap();
+    for t in nf4_cases() {
         let mut req = Req::op(3).bytes(t.codes()).u64(t.block_len() as u64).f32s(&NF4_LEVELS);
         req = match t.scales() {
             Nf4Scales::Plain(a) => req.f32s(a).bytes(&[]).f32s(&[]).f32(0.0).u64(DQ_BLOCK as u64).f32s(&[]),
@@ -257,15 +221,16 @@ fn nf4_values_match_the_cpu_bit_for_bit() {
                 req.f32s(&[]).bytes(&d.codes).f32s(&d.absmax2).f32(d.offset).u64(DQ_BLOCK as u64).f32s(&dynamic_map())
             }
         };
-        let (start, n) = (1, rows * cols - 1);
+        let (start, n) = (1, t.rows() * t.cols() - 1);
         let reply = run(&exe, &req.u64(start as u64).u64(n as u64).0);
         let mut want = vec![0.0; n];
         t.dequantize_span(start, &mut want).unwrap();
+        let dq = matches!(t.scales(), Nf4Scales::Double(_));
         assert_eq!(bits_of(&Reply(&reply).f32s(n)), bits_of(&want), "double quantization {dq}");
     }
 }
 
-/// One direction as the GPU reads it (`ZoDir` in kernels/quant.cu: 32 bytes).
+/// One direction as the kernels read it (`ZoDir` in kernels/quant.cu: 32 bytes).
 fn zo_dir(d: &QDirection, mu: f64) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend(d.gauss.seed.to_le_bytes());
@@ -280,112 +245,45 @@ fn zo_dir(d: &QDirection, mu: f64) -> Vec<u8> {
 #[test]
 fn quzo_directions_and_update_match_the_cpu_bit_for_bit() {
     let Some(exe) = host_binary("quant_dump") else { return };
-    let (rows, cols) = (12, 37);
-    let n = rows * cols;
-    // Directions: stochastic rounding on the perturbation's stream, and to nearest.
-    let d = QDirection::new(0xabc, 5, n, 4);
-    for sr in [Some(STREAM_SR_PERTURB), None] {
-        let mut want = vec![0.0; n - 2];
-        d.fill(2, &mut want, sr);
+    for (d, sr, start, want) in direction_cases() {
         let req = Req::op(4).u64(d.gauss.seed).u32(d.gauss.tensor).u32(d.gauss.stream).f32(d.scale).f32(d.qmax);
-        let reply = run(&exe, &req.i64(sr.map_or(-1, i64::from)).u64(2).u64(want.len() as u64).0);
+        let reply = run(&exe, &req.i64(sr.map_or(-1, i64::from)).u64(start).u64(want.len() as u64).0);
         assert_eq!(bits_of(&Reply(&reply).f32s(want.len())), bits_of(&want), "direction, SR stream {sr:?}");
     }
-    // The update of rows 2..11 of an INT8 and an INT4 weight over two directions, tensor index 5.
-    let t_index = 5;
-    let est: Vec<(u64, Vec<QDirection>, f64)> = [(11u64, 0.8f64), (12, -1.7)]
-        .iter()
-        .map(|&(seed, mu)| {
-            let dirs = (0..=t_index).map(|t| QDirection::new(seed, t as u32, n, 4)).collect();
-            (seed, dirs, mu)
-        })
-        .collect();
-    let raw: Vec<u8> = est.iter().flat_map(|(_, dirs, mu)| zo_dir(&dirs[t_index], *mu)).collect();
-    for bits in [Bits::B8, Bits::B4] {
-        for u2 in [Some(STREAM_SR_PERTURB), None] {
-            let spec = QuantSpec::symmetric(bits, Granularity::PerRow);
-            let t = IntTensor::quantize(&data(n, 8), rows, cols, spec, Rounding::Nearest).unwrap();
-            let key = RngKey::new(99, t_index as u32, STREAM_SR_WEIGHT);
-            let (r0, r1) = (2, 11);
-            let (lr, decay) = (0.05, 0.01);
-            let mut w = vec![0.0; (r1 - r0) * cols];
-            t.dequantize_rows(r0..r1, &mut w).unwrap();
-            zo_update(&est, t_index, u2, lr, decay, (r0 * cols) as u64, &mut w);
-            let mut want = t.clone();
-            want.requantize_rows_frozen(r0..r1, &w, Rounding::Stochastic(key)).unwrap();
-            let req = Req::op(5).int(&t, t.codes()).u64((r0 * cols) as u64).u64(w.len() as u64).bytes(&raw);
-            let req = req.i64(u2.map_or(-1, i64::from)).f64(lr).f64(decay).key(Some(key), 0);
-            assert_eq!(run(&exe, &req.0), want.codes(), "{bits:?}, u2 stream {u2:?}");
-            assert_ne!(want.codes(), t.codes(), "{bits:?}: the update moved no code");
-        }
+    for c in zo_cases() {
+        let raw: Vec<u8> = c.dirs.iter().flat_map(|(d, mu)| zo_dir(d, *mu)).collect();
+        let n = c.rows.len() * c.t.cols();
+        let req = Req::op(5).int(&c.t, c.t.codes()).u64((c.rows.start * c.t.cols()) as u64).u64(n as u64).bytes(&raw);
+        let req = req.i64(c.u2.map_or(-1, i64::from)).f64(c.lr).f64(c.decay).key(Some(c.key), 0);
+        assert_eq!(run(&exe, &req.0), c.want.codes(), "{}", c.what);
     }
 }
 
 #[test]
 fn qft_lion_and_int8_blocks_match_the_cpu_bit_for_bit() {
     let Some(exe) = host_binary("quant_dump") else { return };
-    // More than two pieces, so the piece-folded seeds are exercised; the last block partial.
-    let (rows, cols) = (517, 257);
-    let n = rows * cols;
-    assert!(n > 2 * PIECE && n % 256 != 0);
-    let (gs, b1, b2, lr, wd) = (0.7f32, 0.9f32, 0.99f32, 3e-3f32, 0.1f32);
-    let gkey = RngKey::new(1, 2, 5);
-    let g = Int8Blocks::quantize(&data(n, 21), gkey).unwrap();
+    let g = lion_gradient();
     let (g_codes, g_scales) = g.parts();
-
-    // The gradient push (set), its accumulation (add) and Lion's momentum: blocks_requant's three modes.
-    let x = data(n, 22);
-    let mkey = RngKey::new(3, 4, 6);
-    let mut want = Int8Blocks::quantize(&data(n, 23), mkey).unwrap();
-    let (c0, s0) = want.parts();
-    for mode in 0..3 {
-        let key = RngKey::new(40 + mode as u64, 4, 6);
-        let before = want.parts();
-        let mut gbuf = vec![0.0; n];
-        g.dequantize_span(0, &mut gbuf).unwrap();
-        want.rewrite(key, |start, v| {
-            for (j, v) in v.iter_mut().enumerate() {
-                *v = match mode {
-                    0 => x[start + j],
-                    1 => *v + x[start + j],
-                    _ => lion_momentum(*v, gbuf[start + j], gs, b2),
-                };
-            }
-            Ok(())
-        })
-        .unwrap();
-        let req = Req::op(7).bytes(&before.0).f32s(&before.1).i32(mode).f32s(if mode < 2 { &x } else { &[] });
-        let req = req.bytes(&g_codes).f32s(&g_scales).f32(gs).f32(b2).key(Some(key), PIECE as u64);
-        let reply = run(&exe, &req.0);
+    let cases = blocks_cases(&g);
+    for c in &cases {
+        let (codes, scales) = c.before.parts();
+        let mode = c.mode as i32;
+        let x: &[f32] = if c.mode == BlocksMode::Momentum { &[] } else { &c.x };
+        let req = Req::op(7).bytes(&codes).f32s(&scales).i32(mode).f32s(x).bytes(&g_codes).f32s(&g_scales);
+        let reply = run(&exe, &req.f32(GS).f32(B2).key(Some(c.key), PIECE as u64).0);
         let mut rd = Reply(&reply);
-        let (codes, scales) = want.parts();
-        assert_eq!(rd.bytes(n), codes, "blocks_requant mode {mode}: codes");
-        assert_eq!(bits_of(&rd.f32s(scales.len())), bits_of(&scales), "blocks_requant mode {mode}: scales");
+        let (codes, scales) = c.want.parts();
+        assert_eq!(rd.bytes(codes.len()), codes, "{:?}: codes", c.mode);
+        assert_eq!(bits_of(&rd.f32s(scales.len())), bits_of(&scales), "{:?}: scales", c.mode);
     }
-    assert_ne!(want.parts().0, c0);
-    assert_ne!(want.parts().1, s0);
-
-    // Lion's step on a hybrid weight (5% outliers): dense codes and outlier values.
-    let m = want;
+    let m = &cases.last().unwrap().want;
     let (m_codes, m_scales) = m.parts();
-    let w = HybridTensor::quantize(&data(n, 24), rows, cols, 0.05, Rounding::Nearest).unwrap();
-    let key = RngKey::new(8, 1, STREAM_SR_WEIGHT);
-    let (mut mbuf, mut gbuf) = (vec![0.0; n], vec![0.0; n]);
-    m.dequantize_span(0, &mut mbuf).unwrap();
-    g.dequantize_span(0, &mut gbuf).unwrap();
-    let mut stepped = w.clone();
-    stepped.update_rows(Rounding::Stochastic(key), |r, row| {
-        for (j, v) in row.iter_mut().enumerate() {
-            let i = r * cols + j;
-            *v = lion_weight(*v, mbuf[i], gbuf[i], gs, b1, lr, wd);
-        }
-    });
+    let (w, key, stepped) = lion_case(m, &g);
     let (row_ptr, col_idx, values) = w.sparse();
-    let req = Req::op(6).bytes(w.dense().codes()).f32s(w.dense().scales()).u64(cols as u64).u32s(row_ptr).u32s(col_idx);
-    let req = req.f32s(values).bytes(&m_codes).f32s(&m_scales).bytes(&g_codes).f32s(&g_scales);
-    let reply = run(&exe, &req.f32(gs).f32(b1).f32(lr).f32(wd).key(Some(key), 0).0);
+    let req = Req::op(6).bytes(w.dense().codes()).f32s(w.dense().scales()).u64(w.dense().cols() as u64);
+    let req = req.u32s(row_ptr).u32s(col_idx).f32s(values).bytes(&m_codes).f32s(&m_scales).bytes(&g_codes);
+    let reply = run(&exe, &req.f32s(&g_scales).f32(GS).f32(B1).f32(LR).f32(WD).key(Some(key), 0).0);
     let mut rd = Reply(&reply);
-    assert_eq!(rd.bytes(n), stepped.dense().codes(), "lion: dense codes");
+    assert_eq!(rd.bytes(w.dense().codes().len()), stepped.dense().codes(), "lion: dense codes");
     assert_eq!(bits_of(&rd.f32s(values.len())), bits_of(stepped.sparse().2), "lion: outliers");
-    assert_ne!(stepped.dense().codes(), w.dense().codes());
 }

@@ -12,7 +12,7 @@ use qtune_quant::rng::RngKey;
 /// `kernels/rng.cu`: Philox4x32-10 streams.
 const RNG_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rng.ptx"));
 
-fn launch_error(what: &str, e: impl std::fmt::Display) -> Error {
+pub(crate) fn launch_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Msg(format!("CUDA kernel {what}: {e}"))
 }
 

@@ -3,8 +3,12 @@
 //! command that runs a model is [`DeviceArgs`]; [`DeviceSpec::open`] turns it into candle's device, and
 //! [`require_cpu`] is how a path that has no GPU kernels yet says so by name instead of running on the wrong device.
 //! [`random`] is the first kernel with a twin on each device: the Philox streams (`cuda` holds the GPU launches).
+//! `cuda_quant` holds the quantized formats on a GPU (INT8/INT4, NF4, QFT's hybrid weights and INT8 blocks) and
+//! their kernels, each the CPU's arithmetic bit for bit; the methods do not use them yet (issue 30).
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_quant;
 
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
