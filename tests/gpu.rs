@@ -285,10 +285,14 @@ fn quantized_kernels_match_the_cpu() {
         assert_eq!(g.download().unwrap(), c.want, "QuZO update, {}", c.what);
     }
     let grad = lion_gradient();
-    let gg = GpuBlocks8::upload(dev, &grad).unwrap();
+    let up = |b: &qtune::methods::qft::Int8Blocks| {
+        let (codes, scales) = b.parts();
+        GpuBlocks8::upload(dev, &codes, &scales, qtune::methods::qft::PIECE).unwrap()
+    };
+    let gg = up(&grad);
     let cases = blocks_cases(&grad);
     for c in &cases {
-        let mut b = GpuBlocks8::upload(dev, &c.before).unwrap();
+        let mut b = up(&c.before);
         let x = upload(&c.x);
         let what = match c.mode {
             BlocksMode::Set => Requant::Set(&x),
@@ -306,7 +310,7 @@ fn quantized_kernels_match_the_cpu() {
     let mut want = vec![0.0; w.rows() * w.cols()];
     w.dequantize_rows(0..w.rows(), &mut want).unwrap();
     assert_eq!(bits_of(&host(&gw.dequantize_rows(0..w.rows()).unwrap())), bits_of(&want), "hybrid values");
-    let gm = GpuBlocks8::upload(dev, m).unwrap();
+    let gm = up(m);
     gw.lion_step(&gm, &gg, LionArgs { gs: GS, b1: B1, lr: LR, wd: WD }, key).unwrap();
     let (dense, values) = gw.download_parts().unwrap();
     assert_eq!(dense.codes(), stepped.dense().codes(), "Lion: dense codes");

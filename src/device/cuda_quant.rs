@@ -536,10 +536,15 @@ pub struct LionArgs {
     pub wd: f32,
 }
 
-/// QFT's `Int8Blocks` on a GPU (a gradient-stack entry, Lion's momentum): INT8 codes, one scale per 256 elements,
-/// stochastic rounding keyed per 2¹⁶-element piece as on the CPU.
+/// Elements per scale of [`GpuBlocks8`] (`BLOCK8` in kernels/quant.cu).
+pub const BLOCK8: usize = 256;
+
+/// A flat array in INT8 blocks on a GPU (QFT's `Int8Blocks`: a gradient-stack entry, Lion's momentum): INT8 codes,
+/// one scale per [`BLOCK8`] elements, stochastic rounding keyed per `piece` elements (the seed xor-ed with the
+/// piece's index times φ, at the index within the piece) as the CPU's pieces are.
 pub struct GpuBlocks8 {
     len: usize,
+    piece: usize,
     codes: CudaSlice<u8>,
     scales: CudaSlice<f32>,
     dev: CudaDevice,
@@ -557,25 +562,34 @@ pub enum Requant<'a> {
 }
 
 impl GpuBlocks8 {
-    /// Zero codes and scales for `len` elements.
-    pub fn zeros(dev: &CudaDevice, len: usize) -> Result<Self> {
+    /// Zero codes and scales for `len` elements, rounded in pieces of `piece`.
+    pub fn zeros(dev: &CudaDevice, len: usize, piece: usize) -> Result<Self> {
         Ok(GpuBlocks8 {
             len,
+            piece,
             codes: dev.alloc_zeros(len.max(1))?,
-            scales: dev.alloc_zeros(len.div_ceil(crate::methods::qft::BLOCK).max(1))?,
+            scales: dev.alloc_zeros(len.div_ceil(BLOCK8).max(1))?,
             dev: dev.clone(),
         })
     }
 
-    pub fn upload(dev: &CudaDevice, b: &crate::methods::qft::Int8Blocks) -> Result<Self> {
-        let (codes, scales) = b.parts();
+    /// From the CPU's codes (one i8 per element) and scales (one per [`BLOCK8`]): `Int8Blocks::parts`.
+    pub fn upload(dev: &CudaDevice, codes: &[u8], scales: &[f32], piece: usize) -> Result<Self> {
+        if scales.len() != codes.len().div_ceil(BLOCK8) || piece % BLOCK8 != 0 {
+            return Err(Error::Msg(format!(
+                "INT8 blocks of {BLOCK8}: {} codes with {} scales, pieces of {piece}",
+                codes.len(),
+                scales.len()
+            )));
+        }
         if codes.is_empty() {
-            return Self::zeros(dev, 0);
+            return Self::zeros(dev, 0, piece);
         }
         Ok(GpuBlocks8 {
             len: codes.len(),
-            codes: dev.clone_htod(&codes)?,
-            scales: dev.clone_htod(&scales)?,
+            piece,
+            codes: dev.clone_htod(codes)?,
+            scales: dev.clone_htod(scales)?,
             dev: dev.clone(),
         })
     }
@@ -585,7 +599,7 @@ impl GpuBlocks8 {
         let mut codes = self.dev.clone_dtoh(&self.codes)?;
         let mut scales = self.dev.clone_dtoh(&self.scales)?;
         codes.truncate(self.len);
-        scales.truncate(self.len.div_ceil(crate::methods::qft::BLOCK));
+        scales.truncate(self.len.div_ceil(BLOCK8));
         Ok((codes, scales))
     }
 
@@ -621,14 +635,10 @@ impl GpuBlocks8 {
         }
         let mut sumsq = self.dev.alloc_zeros::<f64>(1)?;
         let f = func(&self.dev, "blocks_requant")?;
-        let blocks = u32::try_from(n.div_ceil(crate::methods::qft::BLOCK))
-            .map_err(|_| launch_error("blocks_requant", "too many blocks"))?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (crate::methods::qft::BLOCK as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (n64, piece, null) = (n as u64, crate::methods::qft::PIECE as u64, 0u64);
+        let blocks =
+            u32::try_from(n.div_ceil(BLOCK8)).map_err(|_| launch_error("blocks_requant", "too many blocks"))?;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK8 as u32, 1, 1), shared_mem_bytes: 0 };
+        let (n64, piece, null) = (n as u64, self.piece as u64, 0u64);
         let xc = x.map(|x| x.contiguous()).transpose()?;
         let mut launch = |xp: u64| -> Result<()> {
             let mut b = f.builder();
