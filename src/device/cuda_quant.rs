@@ -575,7 +575,7 @@ impl GpuBlocks8 {
 
     /// From the CPU's codes (one i8 per element) and scales (one per [`BLOCK8`]): `Int8Blocks::parts`.
     pub fn upload(dev: &CudaDevice, codes: &[u8], scales: &[f32], piece: usize) -> Result<Self> {
-        if scales.len() != codes.len().div_ceil(BLOCK8) || piece % BLOCK8 != 0 {
+        if scales.len() != codes.len().div_ceil(BLOCK8) || !piece.is_multiple_of(BLOCK8) {
             return Err(Error::Msg(format!(
                 "INT8 blocks of {BLOCK8}: {} codes with {} scales, pieces of {piece}",
                 codes.len(),
