@@ -118,8 +118,9 @@ fn distance(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f64 {
     s.sqrt()
 }
 
-/// The same evaluation (multiple choice, so each example has an answer) on both devices: loss within 1e-4
-/// relative, every answer the same.
+/// The same evaluation (multiple choice, so each example has an answer) on both devices, of the f32 model and of
+/// its INT8 and INT4 versions (f32 products over the dequantized matrices, which are the same bits on both):
+/// loss within 1e-4 relative, every answer the same.
 #[test]
 fn gpu_evaluates_as_the_cpu_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -127,21 +128,27 @@ fn gpu_evaluates_as_the_cpu_does() {
         return;
     }
     let data = common::choice_data(dir.path(), 30);
-    let (c, g) = (dir.path().join("cpu"), dir.path().join("gpu"));
-    let mut a = strings(&["eval"]);
-    a.extend(task_on("choice", &data, &c));
-    ok(&run(&a), "eval on the CPU");
-    let mut a = strings(&["eval", "--device", &other()]);
-    a.extend(task_on("choice", &data, &g));
-    ok(&run(&a), "eval on the GPU");
-    let (sc, sg) = (summary(&c), summary(&g));
-    assert!(sg["gpu"].is_string() || other() == "cpu", "the GPU run names no GPU in its summary");
-    for key in ["dev_loss_after", "eval_loss"] {
-        let (x, y) = (sc[key].as_f64().unwrap(), sg[key].as_f64().unwrap());
-        assert!((x - y).abs() <= 1e-4 * x.abs(), "{key}: CPU {x} vs GPU {y}");
+    for (i, extra) in
+        [&[][..], &["--bits", "8", "--compute", "f32"], &["--bits", "4", "--compute", "f32"]].iter().enumerate()
+    {
+        let (c, g) = (dir.path().join(format!("cpu{i}")), dir.path().join(format!("gpu{i}")));
+        let mut a = strings(&["eval"]);
+        a.extend(strings(extra));
+        a.extend(task_on("choice", &data, &c));
+        ok(&run(&a), &format!("eval {extra:?} on the CPU"));
+        let mut a = strings(&["eval", "--device", &other()]);
+        a.extend(strings(extra));
+        a.extend(task_on("choice", &data, &g));
+        ok(&run(&a), &format!("eval {extra:?} on the GPU"));
+        let (sc, sg) = (summary(&c), summary(&g));
+        assert!(sg["gpu"].is_string() || other() == "cpu", "the GPU run names no GPU in its summary");
+        for key in ["dev_loss_after", "eval_loss"] {
+            let (x, y) = (sc[key].as_f64().unwrap(), sg[key].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-4 * x.abs(), "{extra:?} {key}: CPU {x} vs GPU {y}");
+        }
+        let answers = |d: &Path| std::fs::read_to_string(d.join("predictions.jsonl")).unwrap();
+        assert_eq!(answers(&c), answers(&g), "{extra:?}: the devices answered differently");
     }
-    let answers = |d: &Path| std::fs::read_to_string(d.join("predictions.jsonl")).unwrap();
-    assert_eq!(answers(&c), answers(&g), "the devices answered differently");
 }
 
 /// Every method that runs on a GPU, 3 steps from the same seed on both devices: the same losses and weights
@@ -195,6 +202,12 @@ fn methods_without_gpu_kernels_are_refused_by_name() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains("runs on the CPU only so far"), "{m:?}: {err}");
     }
+    // Evaluation on the integer path (the CPU's integer units) likewise.
+    let mut a = strings(&["eval", "--device", "cuda", "--bits", "8"]);
+    a.extend(task(&data, &dir.path().join("refused")));
+    let o = run(&a);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--compute int8 runs on the CPU only so far"), "eval --bits 8: {err}");
 }
 
 /// The Philox kernel (`kernels/rng.cu`) against qtune-quant's CPU streams, at three offsets (one past 2³² blocks):

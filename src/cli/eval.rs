@@ -20,7 +20,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub bits: Option<u32>,
     /// Arithmetic of the `--bits` model's products: int8 (INT8 activations per token × the weight's codes, on the
-    /// CPU's integer units) or f32 (the weight dequantized tile by tile).
+    /// CPU's integer units) or f32 (the weight dequantized tile by tile; the only one on a GPU so far).
     #[arg(long, value_enum, requires = "bits", default_value_t = Compute::Int8)]
     pub compute: Compute,
 }
@@ -43,10 +43,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let header = read_header(&base_path)?;
     let tok = tokenizer(header.tokenizer, &base_path)?;
     let splits = c.splits(&tok)?;
-    if is_qst || a.bits.is_some() {
-        let what =
-            if is_qst { "a QST export (NF4 base)".to_string() } else { format!("--bits {}", a.bits.unwrap_or(0)) };
-        qtune::device::require_cpu(c.device.device, &what)?;
+    if is_qst {
+        qtune::device::require_cpu(c.device.device, "a QST export (NF4 base)")?;
+    }
+    if a.bits.is_some() && a.compute.is_int() {
+        qtune::device::require_cpu(c.device.device, &format!("--bits with --compute {:?}", a.compute).to_lowercase())
+            .map_err(|e| Error::Option(format!("{e} (or --compute f32)")))?;
     }
     let dev = c.device.device.open()?;
     let model = Llama::on(header.cfg, dev.clone());
@@ -62,6 +64,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             let b = p.bytes();
             (EvalModel::Weights(Box::new(p)), b, "inference".into())
         }
+        (None, Some(bits)) if !dev.is_cpu() => gpu_int(&c.model, bits, &dev)?,
         (None, Some(bits)) => {
             let mut q = qtune::methods::quzo::quantize_int(Source::File(c.model.clone()), bits)?;
             q.compute = a.compute;
@@ -138,4 +141,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
     write_predictions(&out, &[("dev", Some(&d)), ("eval", Some(&e))])?;
     eprint!("{}", memory::report(&breakdown, params, memory::peak_rss_bytes()));
     Ok(())
+}
+
+/// The `--bits` model on a GPU (f32 products over matrices dequantized one at a time), and its bytes and run name.
+#[cfg(feature = "cuda")]
+fn gpu_int(model: &std::path::Path, bits: u32, dev: &candle_core::Device) -> Result<(EvalModel, usize, String)> {
+    let mut quantize = qtune::methods::quzo::int_quantizer(bits)?;
+    let q = qtune::model::quantized_gpu::GpuStore::load(Source::File(model.into()), &mut quantize, dev)?;
+    let b = q.quant_bytes() + q.f32_bytes();
+    Ok((EvalModel::Weights(Box::new(q)), b, format!("inference-int{bits}-f32")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_int(_: &std::path::Path, _: u32, dev: &candle_core::Device) -> Result<(EvalModel, usize, String)> {
+    Err(Error::Option(format!("--device {}: this qtune was built without CUDA", qtune::device::name(dev))))
 }

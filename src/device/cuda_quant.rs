@@ -404,6 +404,10 @@ impl GpuNf4 {
         })
     }
 
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
     /// Bytes on the device (the two 1 KiB tables left out).
     pub fn device_bytes(&self) -> usize {
         let scales = match (&self.absmax, &self.dq) {
@@ -474,6 +478,10 @@ impl GpuHybrid {
         let mut values = dev.clone_dtoh(&self.values)?;
         values.truncate(nnz);
         Ok((self.dense.download()?, values))
+    }
+
+    pub fn rows(&self) -> usize {
+        self.dense.rows
     }
 
     pub fn device_bytes(&self) -> usize {

@@ -237,8 +237,15 @@ pub fn weight_spec(bits: u32) -> Result<QuantSpec> {
 /// The model read from `source` onto QuZO's weight grid at `bits` (also the `qtune eval --bits` model and the
 /// base of `quzo --lora`).
 pub fn quantize_int(source: Source, bits: u32) -> Result<QuantStore<IntTensor>> {
+    source.quantize(&mut int_quantizer(bits)?)
+}
+
+/// QuZO's quantizer of one matrix (`weight_spec(bits)`, round to nearest), as a loader calls it.
+pub fn int_quantizer(bits: u32) -> Result<impl FnMut(ParamId, &[f32], usize, usize) -> Result<IntTensor>> {
     let spec = weight_spec(bits)?;
-    source.quantize(&mut |_, d, r, c| IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err))
+    Ok(move |_: ParamId, d: &[f32], r: usize, c: usize| {
+        IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err)
+    })
 }
 
 impl Quzo {

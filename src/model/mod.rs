@@ -10,6 +10,8 @@ pub mod llama;
 pub mod load;
 pub mod params;
 pub mod quantized;
+#[cfg(feature = "cuda")]
+pub mod quantized_gpu;
 pub mod reader;
 pub mod rope;
 pub mod tokenizer;

@@ -77,6 +77,24 @@ impl Source {
             Source::Params(p) => QuantStore::from_params(&p, quantize),
         }
     }
+
+    /// Each parameter as it is read, to `take`: matrices quantized by `quantize`, norm weights as f32 tensors (at
+    /// most one f32 tensor alive at a time). Returns the model's configuration.
+    pub fn stream_parts<W>(
+        self,
+        quantize: &mut Quantize<W>,
+        take: &mut dyn FnMut(ParamId, Part<W>) -> Result<()>,
+    ) -> Result<LlamaConfig> {
+        match self {
+            Source::File(p) => Ok(stream_model(&p, &mut |id, t| take(id, Part::from_tensor(id, t, quantize)?))?.cfg),
+            Source::Params(p) => {
+                for id in p.ids() {
+                    take(id, Part::from_tensor(id, p.get(id).clone(), quantize)?)?;
+                }
+                Ok(p.cfg.clone())
+            }
+        }
+    }
 }
 
 /// The arithmetic of a quantized matrix product `x·Wᵀ`.
@@ -193,7 +211,8 @@ impl<W: QuantWeight> QuantStore<W> {
     }
 }
 
-enum Part<W> {
+/// One parameter as a quantized method holds it: a quantized matrix or an f32 norm weight.
+pub enum Part<W> {
     Mat(W),
     Vec(Tensor),
 }
