@@ -16,10 +16,12 @@
 //!
 //! Tolerances: the two devices sum in other orders (cuBLAS's blocking against gemm's), so nothing is bit for bit:
 //! - evaluation: loss within 1e-4 relative, the same answers on every example;
-//! - first-order training: each step's loss within 1e-3 relative; exported weights within 1% of the update's norm
-//!   (‖w_gpu − w_cpu‖ ≤ 0.01·‖w_cpu − w_start‖);
-//! - MeZO (full, and over LoRA factors): each loss within 1e-3 relative; weights within 5% of the update's norm,
-//!   because the projected gradient (L₊ − L₋)/2ε divides the devices' rounding differences by ε.
+//! - first-order training (QLoRA's NF4 base included): each step's loss within 1e-3 relative; exported weights
+//!   within 1% of the update's norm (‖w_gpu − w_cpu‖ ≤ 0.01·‖w_cpu − w_start‖);
+//! - zeroth-order (MeZO full and over LoRA factors, QuZO over LoRA factors on an INT8/INT4 base): each loss within
+//!   1e-3 relative; weights within 5% of the update's norm, because the projected gradient (L₊ − L₋)/2ε divides
+//!   the devices' rounding differences by ε.
+//! - the kernels themselves (quantized formats, Philox streams): bit for bit.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -167,6 +169,9 @@ fn gpu_methods_train_as_on_the_cpu() {
         (&["--method", "lora", "--export", "hf"], 0.01),
         (&["--method", "mezo", "--lora", "--export", "hf"], 0.05),
         (&["--method", "mezo"], 0.05),
+        (&["--method", "qlora", "--export", "hf"], 0.01),
+        (&["--method", "quzo", "--lora", "--bits", "4", "--export", "hf"], 0.05),
+        (&["--method", "quzo", "--lora", "--bits", "8", "--export", "hf"], 0.05),
     ];
     for (i, (m, budget)) in methods.iter().enumerate() {
         let (c, g) = (dir.path().join(format!("cpu{i}")), dir.path().join(format!("gpu{i}")));
@@ -194,7 +199,7 @@ fn gpu_methods_train_as_on_the_cpu() {
 fn methods_without_gpu_kernels_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::lm_data(dir.path());
-    for m in [&["qft"][..], &["qst"], &["qlora"], &["quzo", "--bits", "4"], &["qat"]] {
+    for m in [&["qft"][..], &["qst"], &["quzo", "--bits", "4"], &["qat"]] {
         let mut a = strings(&["train", "--device", "cuda", "--steps", "1", "--method"]);
         a.extend(strings(m));
         a.extend(task(&data, &dir.path().join("refused")));

@@ -124,6 +124,10 @@ impl GpuInt {
         self.cols
     }
 
+    pub fn spec(&self) -> QuantSpec {
+        self.spec
+    }
+
     /// Bytes on the device: codes, scales and offsets.
     pub fn device_bytes(&self) -> usize {
         self.codes.len() + 4 * (self.scales.len() + self.offsets.as_ref().map_or(0, |o| o.len()))
@@ -454,6 +458,7 @@ impl GpuNf4 {
 /// QFT's [`HybridTensor`] on a GPU: the dense INT8 part (one scale per row) and the CSR outliers.
 pub struct GpuHybrid {
     dense: GpuInt,
+    fraction: f64,
     row_ptr: CudaSlice<u32>,
     col_idx: CudaSlice<u32>,
     values: CudaSlice<f32>,
@@ -464,6 +469,7 @@ impl GpuHybrid {
         let (row_ptr, col_idx, values) = t.sparse();
         Ok(GpuHybrid {
             dense: GpuInt::upload(dev, t.dense())?,
+            fraction: t.fraction(),
             row_ptr: dev.clone_htod(row_ptr)?,
             // An empty slice cannot be allocated: one unused entry stands in.
             col_idx: dev.clone_htod(if col_idx.is_empty() { &[0u32][..] } else { col_idx })?,
@@ -482,6 +488,11 @@ impl GpuHybrid {
 
     pub fn rows(&self) -> usize {
         self.dense.rows
+    }
+
+    /// The fraction of entries kept as outliers.
+    pub fn fraction(&self) -> f64 {
+        self.fraction
     }
 
     pub fn device_bytes(&self) -> usize {

@@ -67,7 +67,12 @@ pub const TARGETS: [BlockParam; 7] =
 
 /// Quantizes a model to NF4 with double quantization, matrix by matrix (the frozen base of `qlora` and `qst`).
 pub fn nf4_base(source: Source) -> Result<QuantStore<Nf4Tensor>> {
-    source.quantize(&mut |_, d, r, c| Nf4Tensor::quantize(d, r, c, NF4_BLOCK, true).map_err(quant_err))
+    source.quantize(&mut nf4_quantizer)
+}
+
+/// QLoRA's quantizer of one matrix: NF4, blocks of [`NF4_BLOCK`], double quantization.
+pub fn nf4_quantizer(_: ParamId, d: &[f32], r: usize, c: usize) -> Result<Nf4Tensor> {
+    Nf4Tensor::quantize(d, r, c, NF4_BLOCK, true).map_err(quant_err)
 }
 
 /// PyTorch's default `nn.Linear` weight init (`kaiming_uniform_(a=√5)`): U(−1/√fan_in, 1/√fan_in), drawn from the
@@ -126,6 +131,33 @@ impl<W: QuantWeight + QuantFormat> FrozenBase for QuantStore<W> {
     }
     fn compute(&self) -> Compute {
         self.compute
+    }
+}
+
+/// A quantized base on a GPU (QLoRA's NF4, `quzo --lora`'s INT8/INT4): f32 products over one dequantized matrix
+/// at a time.
+#[cfg(feature = "cuda")]
+impl FrozenBase for crate::model::quantized_gpu::GpuStore {
+    fn cfg(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+    fn weight_bytes(&self) -> usize {
+        self.quant_bytes() + self.f32_bytes()
+    }
+    fn dense(&self, id: ParamId) -> Result<Tensor> {
+        if id.is_matrix() {
+            self.mat(id).dequantize()
+        } else {
+            self.vector(id)
+        }
+    }
+    fn storage(&self) -> Storage {
+        use crate::model::quantized_gpu::GpuMat;
+        match self.mat(ParamId::Embed) {
+            GpuMat::Int(w) => Storage::Int(w.spec()),
+            GpuMat::Nf4(_) => Storage::Nf4,
+            GpuMat::Hybrid(w) => Storage::Hybrid(w.fraction()),
+        }
     }
 }
 

@@ -339,10 +339,18 @@ impl MethodKind {
     }
 
     /// Whether this method runs on a GPU so far: the f32 ones whose arithmetic is candle's (FP32 AdamW and Lion,
-    /// LoRA) and MeZO (full: directions from the Philox kernel; over LoRA factors: drawn on the host and moved). The
-    /// others hold quantized weights whose kernels have no CUDA version yet (issue 30).
-    pub fn runs_on_gpu(self, _o: &MethodOptions) -> bool {
-        matches!(self, MethodKind::FullAdamw | MethodKind::FullLion | MethodKind::Lora | MethodKind::Mezo)
+    /// LoRA), MeZO (full: directions from the Philox kernel; over LoRA factors: drawn on the host and moved), and
+    /// the LoRA methods over a quantized base held on the GPU (`model::quantized_gpu`): QLoRA (NF4) and
+    /// `quzo --lora` (INT8/INT4, f32 products). The others update quantized weights in ways not yet wired to the
+    /// kernels of `device::cuda_quant` (issue 30).
+    pub fn runs_on_gpu(self, o: &MethodOptions) -> bool {
+        match self {
+            MethodKind::FullAdamw | MethodKind::FullLion | MethodKind::Lora | MethodKind::Mezo | MethodKind::Qlora => {
+                true
+            }
+            MethodKind::Quzo => o.zo.lora,
+            _ => false,
+        }
     }
 
     /// Refuses a GPU for a method that does not run there yet, naming it.
@@ -388,9 +396,23 @@ impl MethodKind {
                 Box::new(zo_lora::ZoLora::new("mezo-lora", source.params_on(dev)?, lc, zo()?, dirs)?)
             }
             MethodKind::Quzo if o.zo.lora => {
-                let mut base = quzo::quantize_int(source, o.bits.bits)?;
-                base.compute = o.compute.of(self, o.zo.lora);
+                let compute = o.compute.of(self, o.zo.lora);
                 let dirs = zo_lora::Directions::Quantized { bits: o.quzo.perturb_bits, estimator: o.quzo.estimator };
+                if !dev.is_cpu() {
+                    if compute != Compute::F32 {
+                        return Err(Error::Option(
+                            format!(
+                            "--compute {compute:?} runs on the CPU's integer units; on a GPU quzo --lora computes in \
+                             f32 (--compute f32)"
+                        )
+                            .to_lowercase(),
+                        ));
+                    }
+                    let base = gpu_base(source, &mut quzo::int_quantizer(o.bits.bits)?, dev)?;
+                    return Ok(Box::new(zo_lora::ZoLora::new("quzo-lora", base, lc, zo()?, dirs)?));
+                }
+                let mut base = quzo::quantize_int(source, o.bits.bits)?;
+                base.compute = compute;
                 Box::new(zo_lora::ZoLora::new("quzo-lora", base, lc, zo()?, dirs)?)
             }
             MethodKind::Mezo => Box::new(mezo::Mezo::new(source.params_on(dev)?, zo()?)),
@@ -401,10 +423,34 @@ impl MethodKind {
             MethodKind::Lora => Box::new(lora::Lora::new("lora", source.params_on(dev)?, lc, update(), fo.keep())?),
             MethodKind::Qlora => {
                 lc.validate()?;
+                if !dev.is_cpu() {
+                    let base = gpu_base(source, &mut lora::nf4_quantizer, dev)?;
+                    return Ok(Box::new(lora::Lora::new("qlora", base, lc, update(), fo.keep())?));
+                }
                 Box::new(lora::Lora::new("qlora", lora::nf4_base(source)?, lc, update(), fo.keep())?)
             }
         })
     }
+}
+
+/// A quantized base on the GPU `dev`: each matrix quantized on the host by `quantize` as it is read, and moved.
+#[cfg(feature = "cuda")]
+fn gpu_base<W: crate::model::quantized_gpu::ToGpu>(
+    source: Source,
+    quantize: &mut crate::model::quantized::Quantize<W>,
+    dev: &candle_core::Device,
+) -> Result<crate::model::quantized_gpu::GpuStore> {
+    crate::model::quantized_gpu::GpuStore::load(source, quantize, dev)
+}
+
+/// Without CUDA no GPU device can be opened, so this is never reached; it says so if it is.
+#[cfg(not(feature = "cuda"))]
+fn gpu_base<W>(
+    _: Source,
+    _: &mut crate::model::quantized::Quantize<W>,
+    dev: &candle_core::Device,
+) -> Result<crate::model::quantized::QuantStore<qtune_quant::IntTensor>> {
+    Err(Error::Option(format!("--device {}: this qtune was built without CUDA", crate::device::name(dev))))
 }
 
 #[cfg(test)]
