@@ -85,7 +85,7 @@ fn main() -> qtune::Result<()> {
             seeds
                 .iter()
                 .map(|&s| {
-                    let d = q.direction(s);
+                    let d = q.direction(s)?;
                     let plus = q.loss_at(&model, one, s, &d, eps)?[0] as f64;
                     let minus = q.loss_at(&model, one, s, &d, -eps)?[0] as f64;
                     Ok((plus - minus) / (2.0 * eps))

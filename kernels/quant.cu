@@ -344,6 +344,24 @@ extern "C" __global__ void csr_scatter_rows(float *out, const uint32_t *row_ptr,
     for (uint32_t k = row_ptr[r0 + r]; k < row_ptr[r0 + r + 1]; k++) out[r * cols + col_idx[k]] = values[k];
 }
 
+// The largest |z| of the Gaussian stream (seed, tensor, stream) over elements [0, n) (QuZO's direction scale): a
+// grid-stride loop, a block reduction, and one atomicMax per block on the bits of a non-negative float (whose integer
+// order is its order as a float). *out_bits must start at 0. blockDim.x must be 256.
+extern "C" __global__ void gauss_absmax(uint32_t *out_bits, uint64_t n, uint64_t seed, uint32_t tensor,
+                                        uint32_t stream) {
+    __shared__ float m[256];
+    float a = 0.0f;
+    for (uint64_t i = THREAD_INDEX; i < n; i += (uint64_t)gridDim.x * blockDim.x)
+        a = fmaxf(a, fabsf(gaussian_of(i, seed, tensor, stream)));
+    m[threadIdx.x] = a;
+    __syncthreads();
+    for (uint32_t s = blockDim.x / 2; s > 0; s /= 2) {
+        if (threadIdx.x < s) m[threadIdx.x] = fmaxf(m[threadIdx.x], m[threadIdx.x + s]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) atomicMax(out_bits, __float_as_uint(m[0]));
+}
+
 // out[j] += eps·u(start + j) for QuZO's quantized direction u (SR on sr_stream, or nearest when it is < 0).
 extern "C" __global__ void qdir_axpy_f32(float *out, uint64_t n, uint64_t start, float eps, uint64_t seed,
                                          uint32_t tensor, uint32_t stream, float scale, float qmax,

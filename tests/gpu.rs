@@ -172,6 +172,8 @@ fn gpu_methods_train_as_on_the_cpu() {
         (&["--method", "qlora", "--export", "hf"], 0.01),
         (&["--method", "quzo", "--lora", "--bits", "4", "--export", "hf"], 0.05),
         (&["--method", "quzo", "--lora", "--bits", "8", "--export", "hf"], 0.05),
+        (&["--method", "quzo", "--bits", "8", "--compute", "f32"], 0.05),
+        (&["--method", "quzo", "--bits", "4", "--compute", "f32"], 0.05),
     ];
     for (i, (m, budget)) in methods.iter().enumerate() {
         let (c, g) = (dir.path().join(format!("cpu{i}")), dir.path().join(format!("gpu{i}")));
@@ -199,7 +201,7 @@ fn gpu_methods_train_as_on_the_cpu() {
 fn methods_without_gpu_kernels_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::lm_data(dir.path());
-    for m in [&["qft"][..], &["qst"], &["quzo", "--bits", "4"], &["qat"]] {
+    for m in [&["qft"][..], &["qst"], &["qat"]] {
         let mut a = strings(&["train", "--device", "cuda", "--steps", "1", "--method"]);
         a.extend(strings(m));
         a.extend(task(&data, &dir.path().join("refused")));
@@ -289,6 +291,9 @@ fn quantized_kernels_match_the_cpu() {
         assert_eq!(bits_of(&host(&g.dequantize_rows(0..t.rows()).unwrap())), bits_of(&want), "NF4 values");
     }
     for (d, sr, start, want) in direction_cases() {
+        let absmax = gauss_absmax(dev, &d.gauss, 444).unwrap();
+        let scale = qtune::methods::quzo::QDirection::with_absmax(d.gauss, absmax, 4).scale;
+        assert_eq!(scale.to_bits(), d.scale.to_bits(), "direction scale: GPU {scale} vs CPU {}", d.scale);
         let zd = ZoDir { gauss: d.gauss, scale: d.scale, qmax: d.qmax, mu: 0.0 };
         let base = quant_cases::data(want.len(), 31);
         let got = host(&add_direction(&upload(&base), start, 1e-3, &zd, sr).unwrap());

@@ -375,6 +375,23 @@ pub fn lion_f32(w: &Tensor, m: &GpuBlocks8, g: &GpuBlocks8, a: LionArgs) -> Resu
     Ok(out)
 }
 
+/// The largest |z| over elements 0..n of the Gaussian stream `key` (QuZO's direction scale), computed on the GPU:
+/// the CPU's `QDirection::new` reduces the same draws, and a maximum does not depend on the order.
+pub fn gauss_absmax(dev: &CudaDevice, key: &RngKey, n: usize) -> Result<f32> {
+    let mut out = dev.alloc_zeros::<u32>(1)?;
+    if n > 0 {
+        let f = func(dev, "gauss_absmax")?;
+        let blocks = n.div_ceil(THREADS as usize).min(4096) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let n64 = n as u64;
+        let mut b = f.builder();
+        b.arg(&mut out).arg(&n64).arg(&key.seed).arg(&key.tensor).arg(&key.stream);
+        // SAFETY: gauss_absmax's signature, 256 threads per block; `out` is one zeroed u32.
+        unsafe { b.launch(cfg) }.map_err(|e| launch_error("gauss_absmax", e))?;
+    }
+    Ok(f32::from_bits(dev.clone_dtoh(&out)?[0]))
+}
+
 /// An [`Nf4Tensor`] on a GPU: packed codes and its block absmax values (plain, or double-quantized).
 pub struct GpuNf4 {
     rows: usize,

@@ -9,6 +9,8 @@ pub mod mezo;
 pub mod qft;
 pub mod qst;
 pub mod quzo;
+#[cfg(feature = "cuda")]
+pub mod quzo_gpu;
 pub mod zo_lora;
 
 use crate::device::DeviceSpec;
@@ -153,6 +155,19 @@ pub struct ComputeArgs {
 crate::options::defaults_from_clap!(ComputeArgs);
 
 impl ComputeArgs {
+    /// On a GPU the quantized products run in f32 (dequantized matrices through cuBLAS): any other `--compute` is
+    /// refused by name.
+    pub fn check_gpu(&self) -> Result<()> {
+        match self.compute {
+            Some(c) if c != Compute::F32 => Err(Error::Option(format!(
+                "--compute {}: the integer path is the CPU's; on a GPU the quantized products run in f32 \
+                 (--compute f32)",
+                format!("{c:?}").to_lowercase()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The arithmetic `kind` (in LoRA mode if `lora`) runs in: the one given, else the method's default.
     pub fn of(&self, kind: MethodKind, lora: bool) -> Compute {
         self.compute.unwrap_or(match kind {
@@ -340,17 +355,12 @@ impl MethodKind {
 
     /// Whether this method runs on a GPU so far: the f32 ones whose arithmetic is candle's (FP32 AdamW and Lion,
     /// LoRA), MeZO (full: directions from the Philox kernel; over LoRA factors: drawn on the host and moved), and
-    /// the LoRA methods over a quantized base held on the GPU (`model::quantized_gpu`): QLoRA (NF4) and
-    /// `quzo --lora` (INT8/INT4, f32 products). The others update quantized weights in ways not yet wired to the
-    /// kernels of `device::cuda_quant` (issue 30).
-    pub fn runs_on_gpu(self, o: &MethodOptions) -> bool {
-        match self {
-            MethodKind::FullAdamw | MethodKind::FullLion | MethodKind::Lora | MethodKind::Mezo | MethodKind::Qlora => {
-                true
-            }
-            MethodKind::Quzo => o.zo.lora,
-            _ => false,
-        }
+    /// the methods over a quantized model held on the GPU (`model::quantized_gpu`, f32 products): QLoRA (NF4 base)
+    /// and QuZO (INT8/INT4; full, updated by the fused kernel, or over LoRA factors). The others update quantized
+    /// weights in ways not yet wired to the kernels of `device::cuda_quant` (issue 30).
+    pub fn runs_on_gpu(self, _o: &MethodOptions) -> bool {
+        use MethodKind as M;
+        matches!(self, M::FullAdamw | M::FullLion | M::Lora | M::Mezo | M::Qlora | M::Quzo)
     }
 
     /// Refuses a GPU for a method that does not run there yet, naming it.
@@ -399,15 +409,7 @@ impl MethodKind {
                 let compute = o.compute.of(self, o.zo.lora);
                 let dirs = zo_lora::Directions::Quantized { bits: o.quzo.perturb_bits, estimator: o.quzo.estimator };
                 if !dev.is_cpu() {
-                    if compute != Compute::F32 {
-                        return Err(Error::Option(
-                            format!(
-                            "--compute {compute:?} runs on the CPU's integer units; on a GPU quzo --lora computes in \
-                             f32 (--compute f32)"
-                        )
-                            .to_lowercase(),
-                        ));
-                    }
+                    o.compute.check_gpu()?;
                     let base = gpu_base(source, &mut quzo::int_quantizer(o.bits.bits)?, dev)?;
                     return Ok(Box::new(zo_lora::ZoLora::new("quzo-lora", base, lc, zo()?, dirs)?));
                 }
@@ -416,6 +418,10 @@ impl MethodKind {
                 Box::new(zo_lora::ZoLora::new("quzo-lora", base, lc, zo()?, dirs)?)
             }
             MethodKind::Mezo => Box::new(mezo::Mezo::new(source.params_on(dev)?, zo()?)),
+            MethodKind::Quzo if !dev.is_cpu() => {
+                o.compute.check_gpu()?;
+                gpu_quzo(source, o, zo()?, dev)?
+            }
             MethodKind::Quzo => {
                 Box::new(quzo::Quzo::new(source, o.bits.bits, &o.quzo, o.compute.of(self, o.zo.lora), zo()?)?)
             }
@@ -431,6 +437,17 @@ impl MethodKind {
             }
         })
     }
+}
+
+/// Full-parameter QuZO with its state on the GPU `dev`.
+#[cfg(feature = "cuda")]
+fn gpu_quzo(source: Source, o: &MethodOptions, zo: ZoLoop, dev: &candle_core::Device) -> Result<Box<dyn Method>> {
+    Ok(Box::new(quzo_gpu::QuzoGpu::new(source, o.bits.bits, &o.quzo, zo, dev)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_quzo(_: Source, _: &MethodOptions, _: ZoLoop, dev: &candle_core::Device) -> Result<Box<dyn Method>> {
+    Err(Error::Option(format!("--device {}: this qtune was built without CUDA", crate::device::name(dev))))
 }
 
 /// A quantized base on the GPU `dev`: each matrix quantized on the host by `quantize` as it is read, and moved.

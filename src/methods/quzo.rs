@@ -92,6 +92,11 @@ impl QDirection {
                 part.iter().fold(0f32, |m, v| m.max(v.abs()))
             })
             .reduce(|| 0.0, f32::max);
+        Self::with_absmax(gauss, absmax, bits)
+    }
+
+    /// The direction of the Gaussian stream `gauss` whose largest |u| over the tensor is `absmax`.
+    pub fn with_absmax(gauss: RngKey, absmax: f32, bits: u32) -> Self {
         let qmax = ((1u32 << (bits - 1)) - 1) as f32;
         QDirection { gauss, scale: absmax.max(f32::MIN_POSITIVE) / qmax, qmax }
     }
@@ -323,8 +328,8 @@ impl Perturbation for Quzo {
         eps as f32 as f64
     }
 
-    fn direction(&self, seed: u64) -> Vec<QDirection> {
-        self.directions(seed)
+    fn direction(&self, seed: u64) -> Result<Vec<QDirection>> {
+        Ok(self.directions(seed))
     }
 
     fn loss_at(
@@ -345,7 +350,6 @@ impl Perturbation for Quzo {
     /// Each matrix chunk of rows by chunk: dequantize, add −η·(Σ μ_k·u₂,k / n + λθ), re-encode on the frozen grid
     /// with stochastic rounding (so updates far below one grid step survive in expectation).
     fn update(&mut self, zo: &ZoLoop, est: &[(u64, Vec<QDirection>, f64)], lr: f64) -> Result<()> {
-        let update_seed = direction_seed(zo.seed ^ 0x5555, zo.step, 0);
         let cfg = self.store.cfg.clone();
         for id in self.store.ids() {
             let t = id.index(&cfg);
@@ -355,7 +359,7 @@ impl Perturbation for Quzo {
                 let (rows, cols) = (self.store.mat(id).rows(), self.store.mat(id).cols());
                 let chunk_rows = update_chunk_rows(rows, cols);
                 let mut buf = vec![0f32; chunk_rows * cols];
-                let rounding = Rounding::Stochastic(RngKey::new(update_seed, t as u32, STREAM_SR_WEIGHT));
+                let rounding = Rounding::Stochastic(update_key(zo, t));
                 for r0 in (0..rows).step_by(chunk_rows) {
                     let r1 = (r0 + chunk_rows).min(rows);
                     let b = &mut buf[..(r1 - r0) * cols];
@@ -378,6 +382,37 @@ impl Perturbation for Quzo {
     fn scratch_bytes(&self) -> usize {
         update_scratch_bytes(&self.store.cfg)
     }
+}
+
+/// The stochastic-rounding key of step `zo.step`'s update of tensor `t`.
+pub(crate) fn update_key(zo: &ZoLoop, t: usize) -> RngKey {
+    RngKey::new(direction_seed(zo.seed ^ 0x5555, zo.step, 0), t as u32, STREAM_SR_WEIGHT)
+}
+
+/// Writes a matrix's INT8/INT4 codes and row scales into a checkpoint.
+pub(crate) fn save_int(w: &mut StateWriter, id: ParamId, t: &IntTensor) {
+    let name = id.hf_name();
+    w.u8(&format!("{name}.codes"), t.codes());
+    w.f32(&format!("{name}.scales"), t.scales());
+}
+
+/// Reads back what [`save_int`] wrote, checked against the shape and `spec`.
+pub(crate) fn load_int(
+    r: &StateReader,
+    id: ParamId,
+    cfg: &crate::model::LlamaConfig,
+    spec: QuantSpec,
+) -> Result<IntTensor> {
+    let (name, shape) = (id.hf_name(), id.shape(cfg));
+    IntTensor::from_raw(
+        shape[0],
+        shape[1],
+        spec,
+        r.u8(&format!("{name}.codes"))?,
+        r.f32(&format!("{name}.scales"))?,
+        None,
+    )
+    .map_err(|e| Error::file(r.path(), format!("`{name}`: {e}")))
 }
 
 /// Rows per chunk of the weight update of a [rows, cols] matrix: bounds the update's scratch to ~64K elements.
@@ -442,12 +477,10 @@ impl Method for Quzo {
     fn save_state(&self, w: &mut StateWriter) -> Result<()> {
         self.zo.save(w);
         for id in self.store.ids() {
-            let name = id.hf_name();
             if id.is_matrix() {
-                w.u8(&format!("{name}.codes"), self.store.mat(id).codes());
-                w.f32(&format!("{name}.scales"), self.store.mat(id).scales());
+                save_int(w, id, self.store.mat(id));
             } else {
-                w.tensor(&name, &self.store.vector(id)?)?;
+                w.tensor(&id.hf_name(), &self.store.vector(id)?)?;
             }
         }
         Ok(())
@@ -459,16 +492,7 @@ impl Method for Quzo {
         for id in self.store.ids() {
             let (name, shape) = (id.hf_name(), id.shape(&cfg));
             if id.is_matrix() {
-                let t = IntTensor::from_raw(
-                    shape[0],
-                    shape[1],
-                    spec,
-                    r.u8(&format!("{name}.codes"))?,
-                    r.f32(&format!("{name}.scales"))?,
-                    None,
-                )
-                .map_err(|e| Error::file(r.path(), format!("`{name}`: {e}")))?;
-                *self.store.mat_mut(id) = t;
+                *self.store.mat_mut(id) = load_int(r, id, &cfg, spec)?;
             } else {
                 let v = r.f32_len(&name, shape[0])?;
                 let device = self.store.vector(id)?.device().clone();

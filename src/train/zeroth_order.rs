@@ -88,8 +88,8 @@ pub trait Perturbation: Method {
         eps
     }
     /// The direction of `seed` (by default: nothing beyond the seed).
-    fn direction(&self, _seed: u64) -> Self::Direction {
-        Self::Direction::default()
+    fn direction(&self, _seed: u64) -> Result<Self::Direction> {
+        Ok(Self::Direction::default())
     }
     /// The loss of each micro-batch of `micro` with the weights moved by `eps` along direction `d` (the weights
     /// themselves are left as they were).
@@ -119,7 +119,7 @@ fn two_point<P: Perturbation>(p: &mut P, zo: ZoLoop, model: &Llama, micro: &[Bat
     let mut loss_sum = 0f32;
     for dir in 0..zo.directions {
         let seed = direction_seed(zo.seed, zo.step, dir);
-        let d = p.direction(seed);
+        let d = p.direction(seed)?;
         // This rank's micro-batches; the mean is over the whole step's, in the order one process would add them, so
         // every rank computes the same μ_k and replays the same update (the loss pairs are all the ranks exchange).
         let plus = crate::dist::mean_in_order(&p.loss_at(model, micro, seed, &d, eps)?)?;
