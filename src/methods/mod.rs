@@ -355,12 +355,12 @@ impl MethodKind {
 
     /// Whether this method runs on a GPU so far: the f32 ones whose arithmetic is candle's (FP32 AdamW and Lion,
     /// LoRA), MeZO (full: directions from the Philox kernel; over LoRA factors: drawn on the host and moved), and
-    /// the methods over a quantized model held on the GPU (`model::quantized_gpu`, f32 products): QLoRA (NF4 base)
-    /// and QuZO (INT8/INT4; full, updated by the fused kernel, or over LoRA factors). The others update quantized
+    /// the methods over a quantized model held on the GPU (`model::quantized_gpu`, f32 products): QLoRA and QST
+    /// (NF4 base) and QuZO (INT8/INT4; full, updated by the fused kernel, or over LoRA factors). The others update quantized
     /// weights in ways not yet wired to the kernels of `device::cuda_quant` (issue 30).
     pub fn runs_on_gpu(self, _o: &MethodOptions) -> bool {
         use MethodKind as M;
-        matches!(self, M::FullAdamw | M::FullLion | M::Lora | M::Mezo | M::Qlora | M::Quzo)
+        matches!(self, M::FullAdamw | M::FullLion | M::Lora | M::Mezo | M::Qlora | M::Quzo | M::Qst)
     }
 
     /// Refuses a GPU for a method that does not run there yet, naming it.
@@ -425,7 +425,7 @@ impl MethodKind {
             MethodKind::Quzo => {
                 Box::new(quzo::Quzo::new(source, o.bits.bits, &o.quzo, o.compute.of(self, o.zo.lora), zo()?)?)
             }
-            MethodKind::Qst => Box::new(qst::Qst::new(source, o.qst.config(fo.keep(), ctx.seed), update())?),
+            MethodKind::Qst => Box::new(qst::Qst::new(source, o.qst.config(fo.keep(), ctx.seed), update(), dev)?),
             MethodKind::Lora => Box::new(lora::Lora::new("lora", source.params_on(dev)?, lc, update(), fo.keep())?),
             MethodKind::Qlora => {
                 lc.validate()?;
@@ -452,7 +452,7 @@ fn gpu_quzo(_: Source, _: &MethodOptions, _: ZoLoop, dev: &candle_core::Device) 
 
 /// A quantized base on the GPU `dev`: each matrix quantized on the host by `quantize` as it is read, and moved.
 #[cfg(feature = "cuda")]
-fn gpu_base<W: crate::model::quantized_gpu::ToGpu>(
+pub(crate) fn gpu_base<W: crate::model::quantized_gpu::ToGpu>(
     source: Source,
     quantize: &mut crate::model::quantized::Quantize<W>,
     dev: &candle_core::Device,
@@ -462,7 +462,7 @@ fn gpu_base<W: crate::model::quantized_gpu::ToGpu>(
 
 /// Without CUDA no GPU device can be opened, so this is never reached; it says so if it is.
 #[cfg(not(feature = "cuda"))]
-fn gpu_base<W>(
+pub(crate) fn gpu_base<W>(
     _: Source,
     _: &mut crate::model::quantized::Quantize<W>,
     dev: &candle_core::Device,

@@ -4,26 +4,33 @@
 use super::config::{QstConfig, Start, LN_EPS};
 use super::side::SideNet;
 use crate::methods::lora::{nf4_base, FrozenBase, NF4_BLOCK};
-use crate::model::quantized::{QuantStore, Source};
+use crate::model::quantized::Source;
 use crate::model::{Batch, Keep, Llama, Output, Tok};
 use crate::{Error, Result};
 use candle_core::DType;
-use qtune_quant::Nf4Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// A QST model: the frozen NF4 base and the side network. Training wraps it in [`Qst`]; [`QstModel::load`] reads
 /// one back from its export for evaluation.
 pub struct QstModel {
-    pub(super) base: QuantStore<Nf4Tensor>,
+    /// The NF4 base: in host memory, or on the GPU the side network lives on.
+    pub(super) base: Box<dyn FrozenBase>,
     pub(super) net: SideNet,
 }
 
 impl QstModel {
-    pub(super) fn new(source: Source, cfg: QstConfig) -> Result<Self> {
+    /// The side network on `dev`, and the base quantized as it is read (moved to `dev` matrix by matrix when that is
+    /// a GPU).
+    pub(super) fn new(source: Source, cfg: QstConfig, dev: &candle_core::Device) -> Result<Self> {
         // Options are checked before the (slow) quantization.
-        let net = SideNet::new(&source.cfg()?, cfg, DType::F32, &source.device())?;
-        Ok(QstModel { base: nf4_base(source)?, net })
+        let net = SideNet::new(&source.cfg()?, cfg, DType::F32, dev)?;
+        let base: Box<dyn FrozenBase> = if dev.is_cpu() {
+            Box::new(nf4_base(source)?)
+        } else {
+            Box::new(crate::methods::gpu_base(source, &mut crate::methods::lora::nf4_quantizer, dev)?)
+        };
+        Ok(QstModel { base, net })
     }
 
     /// Whether `dir` holds a QST export (`qst.json`).
@@ -106,12 +113,12 @@ impl QstModel {
         if let Some(extra) = tensors.keys().next() {
             return Err(Error::file(&side_path, format!("unexpected tensor `{extra}` for this qst.json")));
         }
-        Ok((QstModel { base: nf4_base(base)?, net }, base_path))
+        Ok((QstModel { base: Box::new(nf4_base(base)?), net }, base_path))
     }
 
     /// The inference forward (`model` is the base's decoder): loss and logits at the target positions.
     pub fn forward(&self, model: &Llama, batch: &Batch) -> Result<Output> {
-        Ok(self.net.forward(model, &self.base, batch, Keep::Nothing)?.0)
+        Ok(self.net.forward(model, self.base.as_ref(), batch, Keep::Nothing)?.0)
     }
 
     /// Bytes held: the NF4 base and the side network.
@@ -136,7 +143,7 @@ impl QstModel {
                 "double_quant_block": 256,
                 "quantized": "every matrix, the embedding included; norm weights f32",
             },
-            "base_config": serde_json::to_value(&self.base.cfg).expect("a config is plain data"),
+            "base_config": serde_json::to_value(self.base.cfg()).expect("a config is plain data"),
             // The side blocks only (no embeddings or head of their own).
             "side_config": {
                 "hidden_size": sc.hidden_size,
@@ -172,7 +179,7 @@ impl QstModel {
     pub fn export(&self, dir: &Path, tok: Option<&Tok>, base_model: &str) -> Result<()> {
         let mut tensors = Vec::new();
         for &k in self.net.params.keys() {
-            let t = self.net.params.get(k).to_dtype(DType::F32)?;
+            let t = self.net.params.get(k).to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
             crate::model::export::check_finite(&t)?;
             tensors.push((k.name(), t));
         }

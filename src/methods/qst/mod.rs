@@ -81,8 +81,9 @@ pub struct Qst {
 }
 
 impl Qst {
-    pub fn new(source: Source, cfg: QstConfig, update: Update) -> Result<Self> {
-        Ok(Qst { model: QstModel::new(source, cfg)?, update, grads: DenseGrads::default() })
+    /// QST with its side network (and NF4 base) on `dev`.
+    pub fn new(source: Source, cfg: QstConfig, update: Update, dev: &candle_core::Device) -> Result<Self> {
+        Ok(Qst { model: QstModel::new(source, cfg, dev)?, update, grads: DenseGrads::default() })
     }
 }
 
@@ -93,10 +94,10 @@ impl FirstOrder for Qst {
 
     fn accumulate(&mut self, model: &Llama, batch: &Batch, _micro: (usize, usize), _lr: f64) -> Result<Micro> {
         let net = &self.model.net;
-        let (out, trace) = net.forward(model, &self.model.base, batch, net.cfg.keep)?;
+        let (out, trace) = net.forward(model, self.model.base.as_ref(), batch, net.cfg.keep)?;
         let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
         let (activations, scratch) = (trace.bytes(), net.scratch_bytes(model, &batch.lengths));
-        net.backward(model, &self.model.base, trace, &mut self.grads)?;
+        net.backward(model, self.model.base.as_ref(), trace, &mut self.grads)?;
         Ok(Micro { loss: out.loss, activations, scratch })
     }
 
@@ -143,7 +144,7 @@ impl Method for Qst {
 
     /// The frozen NF4 base (QST's model is base + side network: evaluation goes through [`Method::forward`]).
     fn weights(&self) -> &dyn Weights {
-        &self.model.base
+        self.model.base.as_ref()
     }
 
     fn trainable_params(&self) -> usize {
@@ -151,7 +152,7 @@ impl Method for Qst {
     }
 
     fn state_bytes(&self) -> Breakdown {
-        let (base, net) = (&self.model.base.cfg, &self.model.net);
+        let (base, net) = (self.model.base.cfg(), &self.model.net);
         planned_state(base, &net.cfg, self.update.opt.state_bytes_per_param())
             .expect("the model was built with this configuration")
     }
@@ -493,7 +494,7 @@ mod tests {
     fn tiny_qst(ds: Downsample) -> (Llama, Qst) {
         let cfg = tiny_config(true);
         let p = ParamStore::random(&cfg, 3, 0.3, DType::F32).unwrap();
-        (Llama::new(cfg), Qst::new(Source::Params(p.clone()), qcfg(ds, Keep::All), adamw()).unwrap())
+        (Llama::new(cfg), Qst::new(Source::Params(p.clone()), qcfg(ds, Keep::All), adamw(), &Device::Cpu).unwrap())
     }
 
     /// The start point: α = 1 (with a random upsample) reproduces the NF4 base model's logits bit for bit, and the
@@ -501,11 +502,13 @@ mod tests {
     #[test]
     fn first_forward_equals_the_base_model() {
         let (m, q) = tiny_qst(Downsample::Adapter);
-        let dense = q.model.base.dequantize().unwrap();
+        let base = q.model.base.as_ref();
+        let map = ParamId::all(base.cfg()).into_iter().map(|id| (id, base.dense(id).unwrap())).collect();
+        let dense = ParamStore::from_map(base.cfg().clone(), map, std::path::Path::new("<nf4>")).unwrap();
         for classes in [true, false] {
             let b = batch(classes);
             let got = q.forward(&m, &b).unwrap();
-            let nf4 = m.forward(&q.model.base, &b, Keep::Nothing).unwrap().0;
+            let nf4 = m.forward(q.model.base.as_ref(), &b, Keep::Nothing).unwrap().0;
             let f32_ = m.forward(&dense, &b, Keep::Nothing).unwrap().0;
             let (g, n, d): (Vec<f32>, Vec<f32>, Vec<f32>) = (
                 got.logits.flatten_all().unwrap().to_vec1().unwrap(),
@@ -532,10 +535,10 @@ mod tests {
         let alpha = 1.0 / (1.0 + (-1f32).exp());
         for zero in [false, true] {
             let q = QstConfig { start: Start::Code, zero_upsample: zero, ..qcfg(Downsample::Adapter, Keep::All) };
-            let mut qst = Qst::new(Source::Params(p.clone()), q, adamw()).unwrap();
+            let mut qst = Qst::new(Source::Params(p.clone()), q, adamw(), &Device::Cpu).unwrap();
             let out = qst.forward(&m, &b).unwrap();
             let got: Vec<f32> = out.logits.flatten_all().unwrap().to_vec1().unwrap();
-            let base = m.forward(&qst.model.base, &b, Keep::Nothing).unwrap().0.logits;
+            let base = m.forward(qst.model.base.as_ref(), &b, Keep::Nothing).unwrap().0.logits;
             let want: Vec<f32> = base.flatten_all().unwrap().to_vec1().unwrap();
             let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
             let err = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - alpha * w).abs())) / scale;
@@ -560,7 +563,7 @@ mod tests {
         let (m, b, lr) = (Llama::new(cfg), batch(true), 1e-3);
         for scale in [1.0, 25.0] {
             let q = QstConfig { alpha_lr_scale: scale, ..qcfg(Downsample::Adapter, Keep::All) };
-            let mut qst = Qst::new(Source::Params(p.clone()), q, adamw()).unwrap();
+            let mut qst = Qst::new(Source::Params(p.clone()), q, adamw(), &Device::Cpu).unwrap();
             qst.step(&m, std::slice::from_ref(&b), lr).unwrap();
             let alpha: Vec<f32> = qst.model.net.params.get(SideParam::Alpha).to_vec1().unwrap();
             for a in alpha {
@@ -578,14 +581,14 @@ mod tests {
         let (m, b) = (Llama::new(cfg), batch(true));
         for clamp in [false, true] {
             let q = QstConfig { alpha_lr_scale: 10.0, alpha_clamp: clamp, ..qcfg(Downsample::Adapter, Keep::All) };
-            let mut qst = Qst::new(Source::Params(p.clone()), q, adamw()).unwrap();
+            let mut qst = Qst::new(Source::Params(p.clone()), q, adamw(), &Device::Cpu).unwrap();
             qst.step(&m, std::slice::from_ref(&b), 1e-2).unwrap();
             let alpha: Vec<f32> = qst.model.net.params.get(SideParam::Alpha).to_vec1().unwrap();
             let (above, below) = (alpha.iter().any(|&a| a > 1.0), alpha.iter().any(|&a| a < 1.0));
             assert_eq!((above, below), (!clamp, true), "clamp {clamp}: {alpha:?}");
         }
         let q = QstConfig { alpha_clamp: true, start: Start::Code, ..qcfg(Downsample::Adapter, Keep::All) };
-        assert!(Qst::new(Source::Params(p), q, adamw()).is_err());
+        assert!(Qst::new(Source::Params(p), q, adamw(), &Device::Cpu).is_err());
     }
 
     #[test]
