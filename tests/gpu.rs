@@ -175,6 +175,7 @@ fn gpu_methods_train_as_on_the_cpu() {
         (&["--method", "quzo", "--bits", "8", "--compute", "f32"], 0.05),
         (&["--method", "quzo", "--bits", "4", "--compute", "f32"], 0.05),
         (&["--method", "qst", "--export", "hf"], 0.01),
+        (&["--method", "qat", "--bits", "4"], 0.01),
     ];
     let train = |m: &[&str], dev: &str, lr: &str, out: &Path| {
         let mut a = strings(&["train", "--steps", "3", "--batch-size", "2", "--lr", lr, "--seed", "5"]);
@@ -210,7 +211,7 @@ fn gpu_methods_train_as_on_the_cpu() {
 fn methods_without_gpu_kernels_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::lm_data(dir.path());
-    for m in [&["qft"][..], &["qat"]] {
+    for m in [&["qft"][..]] {
         let mut a = strings(&["train", "--device", "cuda", "--steps", "1", "--method"]);
         a.extend(strings(m));
         a.extend(task(&data, &dir.path().join("refused")));

@@ -107,6 +107,31 @@ impl GpuInt {
         })
     }
 
+    /// A rows×cols tensor in `spec` with zero codes and scales, to be filled by [`GpuInt::recalibrate`].
+    pub fn zeros(dev: &CudaDevice, rows: usize, cols: usize, spec: QuantSpec) -> Result<Self> {
+        let n = rows * cols;
+        let group = spec.group_len(rows, cols).map_err(crate::model::quantized::quant_err)?;
+        let groups = n.div_ceil(group).max(1);
+        Ok(GpuInt {
+            rows,
+            cols,
+            spec,
+            group,
+            codes: dev.alloc_zeros(spec.bits.code_bytes(n).max(1))?,
+            scales: dev.alloc_zeros(groups)?,
+            offsets: if spec.symmetric { None } else { Some(dev.alloc_zeros(groups)?) },
+            dev: dev.clone(),
+        })
+    }
+
+    /// `data` ([rows, cols] f32 on the device) quantized on the device: the CPU's `IntTensor::quantize`, bit for bit.
+    pub fn quantize(data: &Tensor, spec: QuantSpec, rounding: Rounding) -> Result<Self> {
+        let (rows, cols) = data.dims2()?;
+        let mut t = Self::zeros(cuda_of(data.device())?, rows, cols, spec)?;
+        t.recalibrate(data, rounding)?;
+        Ok(t)
+    }
+
     /// The tensor back on the host (checkpoints, tests).
     pub fn download(&self) -> Result<IntTensor> {
         let codes = self.dev.clone_dtoh(&self.codes)?;

@@ -6,6 +6,7 @@
 //! baseline): forward and backward run on an INT8/INT4 copy of the matrices, re-quantized from the f32 master
 //! weights after every update, and the weight gradient passes to the master unchanged (straight-through
 //! estimator).
+use super::lora::FrozenBase;
 use super::Storage;
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::model::quantized::{quant_err, QuantStore};
@@ -25,8 +26,8 @@ pub struct FullFinetune {
     pub clip: Option<f64>,
     pub keep: Keep,
     pub on_nan: OnNonFinite,
-    /// QAT: the quantized copy the model runs on, and how it is quantized.
-    fake_quant: Option<(QuantSpec, QuantStore<IntTensor>)>,
+    /// QAT: the quantized copy the model runs on (where the parameters are), and how it is quantized.
+    fake_quant: Option<(QuantSpec, Box<dyn FrozenBase>)>,
     /// The step's gradients, summed over its micro-batches.
     grads: DenseGrads,
     name: &'static str,
@@ -56,7 +57,7 @@ impl FullFinetune {
 
     fn compute_weights(&self) -> &dyn Weights {
         match &self.fake_quant {
-            Some((_, q)) => q,
+            Some((_, q)) => q.as_ref(),
             None => &self.params,
         }
     }
@@ -70,10 +71,16 @@ pub fn planned_state(cfg: &LlamaConfig, optimizer: usize, qat: Option<QuantSpec>
     Ok(Breakdown { weights: 4 * n + copy, gradients: 4 * n, optimizer: optimizer * n, ..Default::default() })
 }
 
-fn quantize(params: &ParamStore, spec: QuantSpec) -> Result<QuantStore<IntTensor>> {
-    QuantStore::from_params(params, &mut |_, d, r, c| {
+/// QAT's quantized copy of `params`, made where they are: on the host, or on their GPU by its kernels (the same
+/// codes and scales).
+fn quantize(params: &ParamStore, spec: QuantSpec) -> Result<Box<dyn FrozenBase>> {
+    #[cfg(feature = "cuda")]
+    if params.device().is_cuda() {
+        return Ok(Box::new(crate::model::quantized_gpu::GpuStore::quantize_params(params, spec)?));
+    }
+    Ok(Box::new(QuantStore::from_params(params, &mut |_, d, r, c| {
         IntTensor::quantize(d, r, c, spec, Rounding::Nearest).map_err(quant_err)
-    })
+    })?))
 }
 
 impl FirstOrder for FullFinetune {
@@ -83,7 +90,7 @@ impl FirstOrder for FullFinetune {
 
     fn accumulate(&mut self, model: &Llama, batch: &Batch, _micro: (usize, usize), _lr: f64) -> Result<Micro> {
         let w: &dyn Weights = match &self.fake_quant {
-            Some((_, q)) => q,
+            Some((_, q)) => q.as_ref(),
             None => &self.params,
         };
         let (out, trace) = model.forward(w, batch, self.keep)?;
@@ -137,7 +144,7 @@ impl Method for FullFinetune {
     }
 
     fn held_bytes(&self) -> Breakdown {
-        let quantized = self.fake_quant.as_ref().map_or(0, |(_, q)| q.quant_bytes().total() + q.f32_bytes());
+        let quantized = self.fake_quant.as_ref().map_or(0, |(_, q)| q.weight_bytes());
         Breakdown {
             weights: self.params.bytes() + quantized,
             gradients: self.grads.bytes(),
@@ -192,7 +199,7 @@ mod tests {
         let opt = Optimizer::adamw(AdamWConfig::default());
         let fo = FirstOrderArgs { clip: 0.0, recompute: false };
         let mut qat = FullFinetune::qat(p.clone(), opt, spec, &fo, OnNonFinite::Stop).unwrap();
-        let deq = quantize(&p, spec).unwrap().dequantize().unwrap();
+        let deq = quantize(&p, spec).unwrap().dense_model().unwrap();
         let grads = |w: &dyn Weights| {
             let (_, t) = m.forward(w, &batch(true), Keep::All).unwrap();
             let mut g = DenseGrads::default();
@@ -210,7 +217,11 @@ mod tests {
         let requantized = quantize(&qat.params, spec).unwrap();
         let (_, q) = qat.fake_quant.as_ref().unwrap();
         for id in p.ids().into_iter().filter(|id| id.is_matrix()) {
-            assert_eq!(q.mat(id), requantized.mat(id));
+            let (a, b) = (q.dense(id).unwrap(), requantized.dense(id).unwrap());
+            assert_eq!(
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
         }
     }
 }

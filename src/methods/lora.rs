@@ -98,6 +98,11 @@ pub trait FrozenBase: Weights {
     fn compute(&self) -> Compute {
         Compute::F32
     }
+    /// The whole model dequantized to f32 (tests and references only: a method never builds it).
+    fn dense_model(&self) -> Result<ParamStore> {
+        let map = ParamId::all(self.cfg()).into_iter().map(|id| Ok((id, self.dense(id)?))).collect::<Result<_>>()?;
+        ParamStore::from_map(self.cfg().clone(), map, std::path::Path::new("<dequantized>"))
+    }
 }
 
 impl FrozenBase for ParamStore {

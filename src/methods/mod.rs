@@ -356,11 +356,12 @@ impl MethodKind {
     /// Whether this method runs on a GPU so far: the f32 ones whose arithmetic is candle's (FP32 AdamW and Lion,
     /// LoRA), MeZO (full: directions from the Philox kernel; over LoRA factors: drawn on the host and moved), and
     /// the methods over a quantized model held on the GPU (`model::quantized_gpu`, f32 products): QLoRA and QST
-    /// (NF4 base) and QuZO (INT8/INT4; full, updated by the fused kernel, or over LoRA factors). The others update quantized
+    /// (NF4 base), QuZO (INT8/INT4; full, updated by the fused kernel, or over LoRA factors) and QAT (its INT8/INT4
+    /// copy re-quantized on the device after each step). The others update quantized
     /// weights in ways not yet wired to the kernels of `device::cuda_quant` (issue 30).
     pub fn runs_on_gpu(self, _o: &MethodOptions) -> bool {
         use MethodKind as M;
-        matches!(self, M::FullAdamw | M::FullLion | M::Lora | M::Mezo | M::Qlora | M::Quzo | M::Qst)
+        matches!(self, M::FullAdamw | M::FullLion | M::Lora | M::Mezo | M::Qlora | M::Quzo | M::Qst | M::Qat)
     }
 
     /// Refuses a GPU for a method that does not run there yet, naming it.
@@ -391,7 +392,7 @@ impl MethodKind {
             MethodKind::FullLion => Box::new(full::FullFinetune::new(source.params_on(dev)?, lion(), fo, ctx.on_nan)),
             MethodKind::Qat => {
                 let spec = quzo::weight_spec(o.bits.bits)?;
-                Box::new(full::FullFinetune::qat(source.params()?, adamw(), spec, fo, ctx.on_nan)?)
+                Box::new(full::FullFinetune::qat(source.params_on(dev)?, adamw(), spec, fo, ctx.on_nan)?)
             }
             MethodKind::Qft => {
                 let lion = LionConfig { weight_decay: o.weight_decay, ..Default::default() };

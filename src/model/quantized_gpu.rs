@@ -104,6 +104,25 @@ impl GpuStore {
         Ok(GpuStore { cfg, mats, vecs })
     }
 
+    /// Quantizes f32 parameters that are on a GPU there, matrix by matrix (`quantize` names the format; QAT's copy
+    /// of its master weights).
+    pub fn quantize_params(params: &super::ParamStore, spec: qtune_quant::QuantSpec) -> Result<Self> {
+        let cfg = params.cfg.clone();
+        let n = ParamId::all(&cfg).len();
+        let (mut mats, mut vecs): (Vec<Option<GpuMat>>, Vec<Option<Tensor>>) =
+            ((0..n).map(|_| None).collect(), vec![None; n]);
+        for id in ParamId::all(&cfg) {
+            let t = params.get(id);
+            if id.is_matrix() {
+                let q = GpuInt::quantize(&t.contiguous()?, spec, qtune_quant::Rounding::Nearest)?;
+                mats[id.index(&cfg)] = Some(GpuMat::Int(q));
+            } else {
+                vecs[id.index(&cfg)] = Some(t.clone());
+            }
+        }
+        Ok(GpuStore { cfg, mats, vecs })
+    }
+
     pub fn mat(&self, id: ParamId) -> &GpuMat {
         self.mats[id.index(&self.cfg)].as_ref().expect("a matrix parameter")
     }

@@ -89,7 +89,7 @@ impl QuantSpec {
     }
 
     /// Elements per scale group for a rows×cols tensor (never 0, so `element / group` is always defined).
-    fn group_len(&self, rows: usize, cols: usize) -> Result<usize> {
+    pub fn group_len(&self, rows: usize, cols: usize) -> Result<usize> {
         match self.granularity {
             Granularity::PerTensor => Ok((rows * cols).max(1)),
             Granularity::PerRow => Ok(cols.max(1)),

@@ -502,9 +502,7 @@ mod tests {
     #[test]
     fn first_forward_equals_the_base_model() {
         let (m, q) = tiny_qst(Downsample::Adapter);
-        let base = q.model.base.as_ref();
-        let map = ParamId::all(base.cfg()).into_iter().map(|id| (id, base.dense(id).unwrap())).collect();
-        let dense = ParamStore::from_map(base.cfg().clone(), map, std::path::Path::new("<nf4>")).unwrap();
+        let dense = q.model.base.dense_model().unwrap();
         for classes in [true, false] {
             let b = batch(classes);
             let got = q.forward(&m, &b).unwrap();
