@@ -211,9 +211,10 @@ fn gpu_methods_train_as_on_the_cpu() {
 fn methods_without_gpu_kernels_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::lm_data(dir.path());
-    for m in [&["qft"][..]] {
+    {
+        let m = ["qft"];
         let mut a = strings(&["train", "--device", "cuda", "--steps", "1", "--method"]);
-        a.extend(strings(m));
+        a.extend(strings(&m));
         a.extend(task(&data, &dir.path().join("refused")));
         let o = run(&a);
         let err = String::from_utf8_lossy(&o.stderr);
