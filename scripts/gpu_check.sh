@@ -2,7 +2,8 @@
 # Issue 30, on a GPU machine: builds nothing (scripts/gpu_prepare.sh built .gpu/ elsewhere). Runs, writing under OUT:
 #   gpu.txt     nvidia-smi, and the CUDA libraries the binary found
 #   tests.log   tests/gpu.rs: GPU against CPU on the tiny fixture model (evaluation; every GPU method's 3 steps)
-#   bench.md    qtune's GPU benchmark on SmolLM2-135M's shapes (random weights), batch 16 × 512, next to the PyTorch
+#   bench.md    qtune's GPU benchmark on SmolLM2-135M's shapes (random weights), batch 16 × 512 (every method that
+#               runs on a GPU: f32 ones, MeZO, QLoRA, QST, QAT, QuZO full and LoRA), next to the PyTorch
 #               peers (torch AdamW, PEFT LoRA, a full-parameter MeZO loop) on the same batches and card: step
 #               time, tokens/s, and the device memory in use at its most (the driver's figure for both)
 #   runs.tgz    every run's summary.json and log.jsonl
@@ -22,19 +23,8 @@ for f in qtune gpu-tests; do
     chmod +x "$W/$f"
 done
 Q=$W/qtune
-# The driver's libcuda.so.1 is on the system's path; nvrtc, curand, cuBLAS and the runtime (CUDA 13) come from
-# NVIDIA's wheels, which PyTorch's environment holds.
-LIBS=$(python3 - <<'EOF'
-import glob, os, site, sys
-dirs = []
-for d in site.getsitepackages() + [site.getusersitepackages()] + sys.path:
-    for name in ("libcublas.so.13", "libcublasLt.so.13", "libnvrtc.so.13", "libcurand.so.10", "libcudart.so.13"):
-        for p in glob.glob(os.path.join(d, "nvidia", "**", name), recursive=True):
-            if os.path.dirname(p) not in dirs:
-                dirs.append(os.path.dirname(p))
-print(":".join(dirs))
-EOF
-)
+# The driver's libcuda.so.1 is on the system's path; the rest comes from NVIDIA's wheels (scripts/gpu_libs.py).
+LIBS=$(python3 scripts/gpu_libs.py)
 export LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 {
     nvidia-smi
@@ -60,7 +50,8 @@ with open(sys.argv[1], "w") as f:
 EOF
 TASK=(--model $W/smol --task lm --data $W/lm.jsonl --train-size 300 --dev-size 0 --eval-size 0 --max-seq-len 512
       --batch-size 16 --steps "$STEPS" --no-eval --no-export --seed 0)
-for m in full-adamw lora mezo "mezo --lora"; do
+# Every method that runs on a GPU (the quantized ones with f32 products over their dequantized matrices).
+for m in full-adamw lora mezo "mezo --lora" qlora qst "qat --bits 4" "quzo --bits 8" "quzo --bits 4" "quzo --lora --bits 4"; do
     name=$(echo "$m" | tr -d ' -')
     "$Q" train "${TASK[@]}" --method $m --device cuda --out $W/qtune-$name >> "$OUT/bench.log" 2>&1
     echo "qtune $m: exit $?" >> "$OUT/bench.log"
