@@ -3,13 +3,13 @@
 # parameters) and a few steps of each method that runs on a GPU, at the papers' batch 4 × 384: the device memory
 # in use at its most (the driver's figure) beside `train --plan`'s prediction of the same run (the device's peak).
 # Builds nothing: scripts/gpu_prepare.sh built .gpu/ elsewhere. Writes OUT/7b.md, OUT/7b.log and OUT/7b.tgz.
-#   bash scripts/gpu_7b.sh OUT [STEPS] [run ...]     runs: qlora qst quzo-int4 quzo-lora-int4 quzo-int8 full-adamw
+#   bash scripts/gpu_7b.sh OUT [STEPS] [run ...]     runs: qlora qst quzo-int4 quzo-lora-int4 quzo-int8 qft full-adamw
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-runs/gpu}}
 STEPS=${2:-2}
 shift 2 || true
-RUNS=${*:-"qlora qst quzo-int4 quzo-lora-int4 quzo-int8 full-adamw"}
+RUNS=${*:-"qlora qst quzo-int4 quzo-lora-int4 quzo-int8 qft full-adamw"}
 mkdir -p "$OUT"
 G=$PWD/.gpu
 W=/tmp/qtune-gpu7b
@@ -45,6 +45,7 @@ for r in $RUNS; do
         quzo-int4) a=(--method quzo --bits 4) ;;
         quzo-int8) a=(--method quzo --bits 8) ;;
         quzo-lora-int4) a=(--method quzo --lora --bits 4) ;;
+        qft) a=(--method qft) ;;
         full-adamw) a=(--method full-adamw) ;;
         *) echo "gpu_7b: unknown run $r" >&2; continue ;;
     esac

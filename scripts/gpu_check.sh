@@ -3,7 +3,7 @@
 #   gpu.txt     nvidia-smi, and the CUDA libraries the binary found
 #   tests.log   tests/gpu.rs: GPU against CPU on the tiny fixture model (evaluation; every GPU method's 3 steps)
 #   bench.md    qtune's GPU benchmark on SmolLM2-135M's shapes (random weights), batch 16 × 512 (every method that
-#               runs on a GPU: f32 ones, MeZO, QLoRA, QST, QAT, QuZO full and LoRA), next to the PyTorch
+#               runs on a GPU: f32 ones, MeZO, QLoRA, QST, QAT, QuZO full and LoRA, QFT), next to the PyTorch
 #               peers (torch AdamW, PEFT LoRA, a full-parameter MeZO loop) on the same batches and card: step
 #               time, tokens/s, and the device memory in use at its most (the driver's figure for both)
 #   runs.tgz    every run's summary.json and log.jsonl
@@ -51,7 +51,7 @@ EOF
 TASK=(--model $W/smol --task lm --data $W/lm.jsonl --train-size 300 --dev-size 0 --eval-size 0 --max-seq-len 512
       --batch-size 16 --steps "$STEPS" --no-eval --no-export --seed 0)
 # Every method that runs on a GPU (the quantized ones with f32 products over their dequantized matrices).
-for m in full-adamw lora mezo "mezo --lora" qlora qst "qat --bits 4" "quzo --bits 8" "quzo --bits 4" "quzo --lora --bits 4"; do
+for m in full-adamw lora mezo "mezo --lora" qlora qst "qat --bits 4" "quzo --bits 8" "quzo --bits 4" "quzo --lora --bits 4" qft; do
     name=$(echo "$m" | tr -d ' -')
     "$Q" train "${TASK[@]}" --method $m --device cuda --out $W/qtune-$name >> "$OUT/bench.log" 2>&1
     echo "qtune $m: exit $?" >> "$OUT/bench.log"

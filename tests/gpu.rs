@@ -176,6 +176,7 @@ fn gpu_methods_train_as_on_the_cpu() {
         (&["--method", "quzo", "--bits", "4", "--compute", "f32"], 0.05),
         (&["--method", "qst", "--export", "hf"], 0.01),
         (&["--method", "qat", "--bits", "4"], 0.01),
+        (&["--method", "qft"], 0.05),
     ];
     let train = |m: &[&str], dev: &str, lr: &str, out: &Path| {
         let mut a = strings(&["train", "--steps", "3", "--batch-size", "2", "--lr", lr, "--seed", "5"]);
@@ -206,21 +207,19 @@ fn gpu_methods_train_as_on_the_cpu() {
     }
 }
 
-/// Methods with no GPU kernels yet are refused by name before any GPU is opened (this runs everywhere).
+/// What has no GPU path yet is refused by name before any GPU is opened (this runs everywhere): QFT's fused
+/// variant, and evaluation on the integer path (the CPU's integer units).
 #[test]
-fn methods_without_gpu_kernels_are_refused_by_name() {
+fn paths_without_gpu_kernels_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::lm_data(dir.path());
-    {
-        let m = ["qft"];
-        let mut a = strings(&["train", "--device", "cuda", "--steps", "1", "--method"]);
-        a.extend(strings(&m));
-        a.extend(task(&data, &dir.path().join("refused")));
-        let o = run(&a);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains("runs on the CPU only so far"), "{m:?}: {err}");
-    }
-    // Evaluation on the integer path (the CPU's integer units) likewise.
+    let m = ["qft", "--fused", "--clip", "0", "--grad-accum", "1"];
+    let mut a = strings(&["train", "--device", "cuda", "--steps", "1", "--method"]);
+    a.extend(strings(&m));
+    a.extend(task(&data, &dir.path().join("refused")));
+    let o = run(&a);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("runs on the CPU only so far"), "{m:?}: {err}");
     let mut a = strings(&["eval", "--device", "cuda", "--bits", "8"]);
     a.extend(task(&data, &dir.path().join("refused")));
     let o = run(&a);

@@ -246,11 +246,14 @@ impl GpuInt {
                 self.cols
             )));
         }
+        if n == 0 {
+            return Ok(());
+        }
         let data = data.contiguous()?;
         let groups = n.div_ceil(self.group);
         let f = func(&self.dev, "int_group_scales")?;
         let blocks = u32::try_from(groups).map_err(|_| launch_error("int_group_scales", "too many groups"))?;
-        // One block per group; a power of two up to 1024 threads, no more than the group has elements.
+        // One block per group of a power of two up to 1024 threads (threads past the group's end add nothing).
         let threads = (self.group.next_power_of_two().min(1024)) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let (n64, group, bits, sym, null) =
@@ -501,6 +504,8 @@ impl GpuNf4 {
 pub struct GpuHybrid {
     dense: GpuInt,
     fraction: f64,
+    /// The outlier threshold of the last calibration (which the GPU does not redo).
+    threshold: f32,
     row_ptr: CudaSlice<u32>,
     col_idx: CudaSlice<u32>,
     values: CudaSlice<f32>,
@@ -512,11 +517,24 @@ impl GpuHybrid {
         Ok(GpuHybrid {
             dense: GpuInt::upload(dev, t.dense())?,
             fraction: t.fraction(),
+            threshold: t.threshold(),
             row_ptr: dev.clone_htod(row_ptr)?,
             // An empty slice cannot be allocated: one unused entry stands in.
             col_idx: dev.clone_htod(if col_idx.is_empty() { &[0u32][..] } else { col_idx })?,
             values: dev.clone_htod(if values.is_empty() { &[0f32][..] } else { values })?,
         })
+    }
+
+    /// The whole tensor back on the host (checkpoints, recalibration).
+    pub fn download(&self) -> Result<HybridTensor> {
+        let dev = &self.dense.dev;
+        let row_ptr = dev.clone_dtoh(&self.row_ptr)?;
+        let nnz = row_ptr.last().copied().unwrap_or(0) as usize;
+        let (mut col_idx, mut values) = (dev.clone_dtoh(&self.col_idx)?, dev.clone_dtoh(&self.values)?);
+        col_idx.truncate(nnz);
+        values.truncate(nnz);
+        HybridTensor::from_raw(self.dense.download()?, self.fraction, self.threshold, row_ptr, col_idx, values)
+            .map_err(crate::model::quantized::quant_err)
     }
 
     /// The dense codes and the outlier values back on the host (checkpoints, tests).

@@ -7,6 +7,8 @@ pub mod full;
 pub mod lora;
 pub mod mezo;
 pub mod qft;
+#[cfg(feature = "cuda")]
+pub mod qft_gpu;
 pub mod qst;
 pub mod quzo;
 #[cfg(feature = "cuda")]
@@ -356,12 +358,15 @@ impl MethodKind {
     /// Whether this method runs on a GPU so far: the f32 ones whose arithmetic is candle's (FP32 AdamW and Lion,
     /// LoRA), MeZO (full: directions from the Philox kernel; over LoRA factors: drawn on the host and moved), and
     /// the methods over a quantized model held on the GPU (`model::quantized_gpu`, f32 products): QLoRA and QST
-    /// (NF4 base), QuZO (INT8/INT4; full, updated by the fused kernel, or over LoRA factors) and QAT (its INT8/INT4
-    /// copy re-quantized on the device after each step). The others update quantized
-    /// weights in ways not yet wired to the kernels of `device::cuda_quant` (issue 30).
-    pub fn runs_on_gpu(self, _o: &MethodOptions) -> bool {
+    /// (NF4 base), QuZO (INT8/INT4; full, updated by the fused kernel, or over LoRA factors), QAT (its INT8/INT4
+    /// copy re-quantized on the device after each step) and QFT (hybrid weights, INT8 gradient stack and Lion; not
+    /// its fused variant, whose in-backward update is the CPU's only).
+    pub fn runs_on_gpu(self, o: &MethodOptions) -> bool {
         use MethodKind as M;
-        matches!(self, M::FullAdamw | M::FullLion | M::Lora | M::Mezo | M::Qlora | M::Quzo | M::Qst | M::Qat)
+        match self {
+            M::Qft => !o.qft.fused,
+            M::FullAdamw | M::FullLion | M::Lora | M::Mezo | M::Qlora | M::Quzo | M::Qst | M::Qat => true,
+        }
     }
 
     /// Refuses a GPU for a method that does not run there yet, naming it.
@@ -396,11 +401,12 @@ impl MethodKind {
             }
             MethodKind::Qft => {
                 let lion = LionConfig { weight_decay: o.weight_decay, ..Default::default() };
-                Box::new(qft::Qft::new(
-                    source,
-                    o.qft.config(lion, fo, o.compute.of(self, o.zo.lora), ctx)?,
-                    ctx.on_nan,
-                )?)
+                let cfg = o.qft.config(lion, fo, o.compute.of(self, o.zo.lora), ctx)?;
+                if !dev.is_cpu() {
+                    o.compute.check_gpu()?;
+                    return gpu_qft(source, cfg, ctx.on_nan, dev);
+                }
+                Box::new(qft::Qft::new(source, cfg, ctx.on_nan)?)
             }
             MethodKind::Mezo if o.zo.lora => {
                 let dirs = zo_lora::Directions::Gaussian;
@@ -438,6 +444,27 @@ impl MethodKind {
             }
         })
     }
+}
+
+/// QFT with its state on the GPU `dev`.
+#[cfg(feature = "cuda")]
+fn gpu_qft(
+    source: Source,
+    cfg: qft::QftConfig,
+    on_nan: crate::train::OnNonFinite,
+    dev: &candle_core::Device,
+) -> Result<Box<dyn Method>> {
+    Ok(Box::new(qft_gpu::QftGpu::new(source, cfg, on_nan, dev)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_qft(
+    _: Source,
+    _: qft::QftConfig,
+    _: crate::train::OnNonFinite,
+    dev: &candle_core::Device,
+) -> Result<Box<dyn Method>> {
+    Err(Error::Option(format!("--device {}: this qtune was built without CUDA", crate::device::name(dev))))
 }
 
 /// Full-parameter QuZO with its state on the GPU `dev`.

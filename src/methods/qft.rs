@@ -119,6 +119,22 @@ impl Int8Blocks {
         self.pieces.iter().map(|p| p.storage_bytes().total()).sum()
     }
 
+    /// Rebuilds the pieces from [`Int8Blocks::parts`]' arrays (a state kept elsewhere, e.g. on a GPU).
+    pub fn from_parts(codes: &[u8], scales: &[f32]) -> Result<Self> {
+        let len = codes.len();
+        if scales.len() != len.div_ceil(BLOCK) {
+            return Err(Error::Msg(format!("INT8 blocks: {len} codes with {} scales", scales.len())));
+        }
+        let pieces = (0..len.div_ceil(PIECE))
+            .map(|p| {
+                let (a, b) = (p * PIECE, ((p + 1) * PIECE).min(len));
+                let s = &scales[a / BLOCK..b.div_ceil(BLOCK)];
+                IntTensor::from_raw(1, b - a, Self::SPEC, codes[a..b].to_vec(), s.to_vec(), None).map_err(quant_err)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Int8Blocks { pieces, len })
+    }
+
     /// The codes and the scales of all pieces, concatenated: element i's code is `codes[i]` (an i8), its scale
     /// `scales[i / 256]` (pieces hold whole blocks, so the pieces' blocks are the array's). The GPU's layout.
     pub fn parts(&self) -> (Vec<u8>, Vec<f32>) {
@@ -308,7 +324,7 @@ pub struct Qft {
 }
 
 /// One stream key per (step, parameter, purpose).
-fn key(seed: u64, step: u64, id: usize, stream: u32) -> RngKey {
+pub(crate) fn key(seed: u64, step: u64, id: usize, stream: u32) -> RngKey {
     RngKey::new(direction_seed(seed, step, id), id as u32, stream)
 }
 
@@ -438,6 +454,43 @@ pub fn lion_weight(w: f32, m: f32, g: f32, gs: f32, b1: f32, lr: f32, wd: f32) -
 /// Lion's new momentum: β₂m + (1 − β₂)·g·gs.
 pub fn lion_momentum(m: f32, g: f32, gs: f32, b2: f32) -> f32 {
     b2 * m + (1.0 - b2) * g * gs
+}
+
+/// Writes a hybrid matrix into a checkpoint: dense INT8 codes and row scales, CSR outliers, threshold.
+pub(crate) fn save_hybrid(w: &mut StateWriter, id: ParamId, h: &HybridTensor) {
+    let name = id.hf_name();
+    let (row_ptr, col_idx, values) = h.sparse();
+    w.u8(&format!("{name}.codes"), h.dense().codes());
+    w.f32(&format!("{name}.scales"), h.dense().scales());
+    w.u32(&format!("{name}.row_ptr"), row_ptr);
+    w.u32(&format!("{name}.col_idx"), col_idx);
+    w.f32(&format!("{name}.values"), values);
+    w.f32(&format!("{name}.threshold"), &[h.threshold()]);
+}
+
+/// Reads back what [`save_hybrid`] wrote, checked against the shape.
+pub(crate) fn load_hybrid(r: &StateReader, id: ParamId, cfg: &LlamaConfig, fraction: f64) -> Result<HybridTensor> {
+    let bad = |what: String| Error::file(r.path(), what);
+    let (name, shape) = (id.hf_name(), id.shape(cfg));
+    let dense = IntTensor::from_raw(
+        shape[0],
+        shape[1],
+        QuantSpec::symmetric(Bits::B8, Granularity::PerRow),
+        r.u8(&format!("{name}.codes"))?,
+        r.f32(&format!("{name}.scales"))?,
+        None,
+    )
+    .map_err(|e| bad(format!("`{name}`: {e}")))?;
+    let threshold = r.f32_len(&format!("{name}.threshold"), 1)?[0];
+    HybridTensor::from_raw(
+        dense,
+        fraction,
+        threshold,
+        r.u32(&format!("{name}.row_ptr"))?,
+        r.u32(&format!("{name}.col_idx"))?,
+        r.f32(&format!("{name}.values"))?,
+    )
+    .map_err(|e| bad(format!("`{name}`: {e}")))
 }
 
 fn cfg_matrices(cfg: &crate::model::LlamaConfig) -> Vec<ParamId> {
@@ -676,14 +729,7 @@ impl Method for Qft {
         for id in store.ids() {
             let name = id.hf_name();
             if id.is_matrix() {
-                let h = store.mat(id);
-                let (row_ptr, col_idx, values) = h.sparse();
-                w.u8(&format!("{name}.codes"), h.dense().codes());
-                w.f32(&format!("{name}.scales"), h.dense().scales());
-                w.u32(&format!("{name}.row_ptr"), row_ptr);
-                w.u32(&format!("{name}.col_idx"), col_idx);
-                w.f32(&format!("{name}.values"), values);
-                w.f32(&format!("{name}.threshold"), &[h.threshold()]);
+                save_hybrid(w, id, store.mat(id));
             } else {
                 w.tensor(&name, &store.vector(id)?)?;
             }
@@ -701,27 +747,7 @@ impl Method for Qft {
             let name = id.hf_name();
             let shape = id.shape(&cfg);
             if id.is_matrix() {
-                let (rows, cols) = (shape[0], shape[1]);
-                let dense = IntTensor::from_raw(
-                    rows,
-                    cols,
-                    QuantSpec::symmetric(Bits::B8, Granularity::PerRow),
-                    r.u8(&format!("{name}.codes"))?,
-                    r.f32(&format!("{name}.scales"))?,
-                    None,
-                )
-                .map_err(|e| bad(format!("`{name}`: {e}")))?;
-                let threshold = r.f32_len(&format!("{name}.threshold"), 1)?[0];
-                let h = HybridTensor::from_raw(
-                    dense,
-                    self.cfg.outlier_fraction,
-                    threshold,
-                    r.u32(&format!("{name}.row_ptr"))?,
-                    r.u32(&format!("{name}.col_idx"))?,
-                    r.f32(&format!("{name}.values"))?,
-                )
-                .map_err(|e| bad(format!("`{name}`: {e}")))?;
-                *store.mat_mut(id) = h;
+                *store.mat_mut(id) = load_hybrid(r, id, &cfg, self.cfg.outlier_fraction)?;
             } else {
                 let v = r.f32_len(&name, shape[0])?;
                 let device = store.vector(id)?.device().clone();
