@@ -427,27 +427,47 @@ extern "C" __global__ void lion_f32(float *w, uint64_t n, const uint8_t *m_codes
 
 // Re-quantizes INT8 blocks of 256 in place (one thread block of 256 threads per block): each element's new value
 // (requant_value's mode), the block's new absmax scale, and the codes by stochastic rounding with Int8Blocks' keys
-// (piece-folded seeds). sumsq (optional) gathers Σ new² in f64 (atomics: its order, and so its last bits, vary).
+// (piece-folded seeds). partials (optional) gets each block's Σ new² in f64, summed in a fixed tree order, for
+// sum_f64 to add up: no atomics, so the sum is the same from run to run.
 extern "C" __global__ void blocks_requant(uint8_t *codes, float *scales, uint64_t n, int mode, const float *x,
                                           const uint8_t *g_codes, const float *g_scales, float gs, float b2,
                                           uint64_t seed, uint32_t tensor, uint32_t stream, uint64_t piece,
-                                          double *sumsq) {
+                                          double *partials) {
     __shared__ float amax[BLOCK8];
+    __shared__ double sq[BLOCK8];
     const uint64_t i = (uint64_t)blockIdx.x * BLOCK8 + threadIdx.x;
     const bool in = i < n;
     const float v = in ? requant_value(mode, block8_value(codes, scales, i), i, x, g_codes, g_scales, gs, b2) : 0.0f;
     amax[threadIdx.x] = fabsf(v);
+    sq[threadIdx.x] = __dmul_rn((double)v, (double)v);
     __syncthreads();
     for (uint32_t s = BLOCK8 / 2; s > 0; s /= 2) {
-        if (threadIdx.x < s) amax[threadIdx.x] = fmaxf(amax[threadIdx.x], amax[threadIdx.x + s]);
+        if (threadIdx.x < s) {
+            amax[threadIdx.x] = fmaxf(amax[threadIdx.x], amax[threadIdx.x + s]);
+            sq[threadIdx.x] = __dadd_rn(sq[threadIdx.x], sq[threadIdx.x + s]);
+        }
         __syncthreads();
     }
     const Group g = scale_for(-amax[0], amax[0], 8, 1);
-    __syncthreads();
+    if (threadIdx.x == 0 && partials) partials[blockIdx.x] = sq[0];
     if (!in) return;
     if (threadIdx.x == 0) scales[blockIdx.x] = g.scale;
     const SrKey key = {1, seed, tensor, stream, piece};
     codes[i] = (uint8_t)code_of(encode_index(v, 0.0f, g, 8, 1, key, i), 8, 1);
-    if (sumsq) atomicAdd(sumsq, (double)v * (double)v);
+}
+
+// out[0] = Σ x[0..n) in a fixed order (one block of 256 threads: strided sums, then a tree), so the same bits from
+// run to run.
+extern "C" __global__ void sum_f64(double *out, const double *x, uint64_t n) {
+    __shared__ double s[256];
+    double a = 0.0;
+    for (uint64_t i = threadIdx.x; i < n; i += 256) a = __dadd_rn(a, x[i]);
+    s[threadIdx.x] = a;
+    __syncthreads();
+    for (uint32_t k = 128; k > 0; k /= 2) {
+        if (threadIdx.x < k) s[threadIdx.x] = __dadd_rn(s[threadIdx.x], s[threadIdx.x + k]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = s[0];
 }
 #endif

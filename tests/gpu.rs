@@ -269,7 +269,7 @@ mod quant_cases;
 
 /// Every quantized kernel (`kernels/quant.cu`, through `qtune::device::cuda_quant`) against the CPU's formats and
 /// update code on tests/quant_cases' cases, bit for bit: values, scales, codes, outliers. Only Σ new² of the INT8
-/// blocks is summed by atomics in any order: within 1e-9 relative of the CPU's sum.
+/// blocks is summed in another order than the CPU's: within 1e-9 relative of its sum, and the same bits twice.
 #[cfg(feature = "cuda")]
 #[test]
 fn quantized_kernels_match_the_cpu() {
@@ -325,17 +325,23 @@ fn quantized_kernels_match_the_cpu() {
     let gg = up(&grad);
     let cases = blocks_cases(&grad);
     for c in &cases {
-        let mut b = up(&c.before);
         let x = upload(&c.x);
-        let what = match c.mode {
-            BlocksMode::Set => Requant::Set(&x),
-            BlocksMode::Add => Requant::Add(&x),
-            BlocksMode::Momentum => Requant::Momentum { g: &gg, gs: GS, b2: B2 },
+        // The rewrite from c.before: its codes, scales and Σ new².
+        let rewrite = || {
+            let mut b = up(&c.before);
+            let what = match c.mode {
+                BlocksMode::Set => Requant::Set(&x),
+                BlocksMode::Add => Requant::Add(&x),
+                BlocksMode::Momentum => Requant::Momentum { g: &gg, gs: GS, b2: B2 },
+            };
+            let sumsq = b.requant(what, c.key, true).unwrap().unwrap();
+            (b.download_parts().unwrap(), sumsq)
         };
-        let sumsq = b.requant(what, c.key).unwrap();
-        assert_eq!(b.download_parts().unwrap(), c.want.parts(), "INT8 blocks, {:?}", c.mode);
+        let (parts, sumsq) = rewrite();
+        assert_eq!(parts, c.want.parts(), "INT8 blocks, {:?}", c.mode);
         let rel = (sumsq - c.want_sumsq).abs() / c.want_sumsq;
         assert!(rel < 1e-9, "INT8 blocks, {:?}: sum of squares {sumsq} vs the CPU's {}", c.mode, c.want_sumsq);
+        assert_eq!(rewrite().1.to_bits(), sumsq.to_bits(), "INT8 blocks, {:?}: the sum of squares changed", c.mode);
     }
     let m = &cases.last().unwrap().want;
     let (w, key, stepped) = lion_case(m, &grad);

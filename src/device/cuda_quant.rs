@@ -687,11 +687,12 @@ impl GpuBlocks8 {
     }
 
     /// Rewrites every block (`what`), re-quantized with fresh scales and stochastic rounding on `key` (the CPU's
-    /// `Int8Blocks::quantize` / `rewrite`). Returns Σ new² (summed by atomics: its last bits vary from run to run).
-    pub fn requant(&mut self, what: Requant, key: RngKey) -> Result<f64> {
+    /// `Int8Blocks::quantize` / `rewrite`). With `sumsq`, returns Σ new² (per block, then over the blocks, each in a
+    /// fixed order: the same bits from run to run, though not the CPU's sequential sum's); it waits for the device.
+    pub fn requant(&mut self, what: Requant, key: RngKey, sumsq: bool) -> Result<Option<f64>> {
         let n = self.len;
         if n == 0 {
-            return Ok(0.0);
+            return Ok(sumsq.then_some(0.0));
         }
         let (mode, x, g) = match what {
             Requant::Set(x) => (0i32, Some(x), None),
@@ -712,10 +713,10 @@ impl GpuBlocks8 {
                 return Err(Error::Msg(format!("a momentum of {n} from a gradient of {}", g.len)));
             }
         }
-        let mut sumsq = self.dev.alloc_zeros::<f64>(1)?;
+        let nblocks = n.div_ceil(BLOCK8);
+        let mut partials = if sumsq { Some(self.dev.alloc_zeros::<f64>(nblocks)?) } else { None };
         let f = func(&self.dev, "blocks_requant")?;
-        let blocks =
-            u32::try_from(n.div_ceil(BLOCK8)).map_err(|_| launch_error("blocks_requant", "too many blocks"))?;
+        let blocks = u32::try_from(nblocks).map_err(|_| launch_error("blocks_requant", "too many blocks"))?;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK8 as u32, 1, 1), shared_mem_bytes: 0 };
         let (n64, piece, null) = (n as u64, self.piece as u64, 0u64);
         let xc = x.map(|x| x.contiguous()).transpose()?;
@@ -726,9 +727,14 @@ impl GpuBlocks8 {
                 Some(g) => b.arg(&g.codes).arg(&g.scales),
                 None => b.arg(&null).arg(&null),
             };
-            b.arg(&gs).arg(&b2).arg(&key.seed).arg(&key.tensor).arg(&key.stream).arg(&piece).arg(&mut sumsq);
+            b.arg(&gs).arg(&b2).arg(&key.seed).arg(&key.tensor).arg(&key.stream).arg(&piece);
+            match &mut partials {
+                Some(p) => b.arg(p),
+                None => b.arg(&null),
+            };
             // SAFETY: blocks_requant's signature; one block of 256 threads per 256 elements, thread i < n reading
-            // x[i] (n floats) or g's element i and writing codes[i] (and thread 0 its block's scale).
+            // x[i] (n floats) or g's element i and writing codes[i] (and thread 0 its block's scale and partial
+            // sum, one f64 per block).
             unsafe { b.launch(cfg) }.map_err(|e| launch_error("blocks_requant", e))?;
             Ok(())
         };
@@ -736,6 +742,15 @@ impl GpuBlocks8 {
             Some(x) => with_f32_ptr(x, &mut launch)?,
             None => launch(0)?,
         }
-        Ok(self.dev.clone_dtoh(&sumsq)?[0])
+        let Some(partials) = partials else { return Ok(None) };
+        let mut total = self.dev.alloc_zeros::<f64>(1)?;
+        let f = func(&self.dev, "sum_f64")?;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let nb = nblocks as u64;
+        let mut b = f.builder();
+        b.arg(&mut total).arg(&partials).arg(&nb);
+        // SAFETY: sum_f64's signature; one block of 256 threads reading partials[0..nb) and writing total[0].
+        unsafe { b.launch(cfg) }.map_err(|e| launch_error("sum_f64", e))?;
+        Ok(Some(self.dev.clone_dtoh(&total)?[0]))
     }
 }

@@ -150,7 +150,7 @@ pub struct ComputeArgs {
     /// the perturbation is then rounded onto the weight's grid); f32 for `quzo --lora` (as the official code's LoRA
     /// mode, whose W4 base computes in bf16: INT8-activation forwards leave its two-point estimates noise only,
     /// `examples/zo_noise`) and for qft (int8 runs its forward and input-gradient products; the weight gradient
-    /// stays f32).
+    /// stays f32). On a GPU (`--device cuda`) every quantized product runs in f32: int8 is refused there.
     #[arg(long, value_enum)]
     pub compute: Option<Compute>,
 }

@@ -1,6 +1,7 @@
 //! QFT on a GPU ([`super::qft`] is the method; this is where its state lives on the device): the hybrid weights
 //! (INT8 per row + f32 outliers), the INT8 gradient stack and Lion's INT8 momentum all in device memory, the update
-//! done by `kernels/quant.cu` (stochastic rounding keyed as on the CPU: the same codes from the same gradients).
+//! done by `kernels/quant.cu` (stochastic rounding keyed as on the CPU: the same codes from the same gradients and
+//! clip factor; the clipping norm's Σg² is summed in another, fixed, order than the CPU's, so its last bits differ).
 //! Products run in f32 over one dequantized matrix at a time (cuBLAS); the weight gradient is f32 and is quantized
 //! onto the stack as it arrives. What stays the CPU's: the fused variant, several ranks, the integer products, and
 //! the once-per-epoch recalibration, which moves one matrix at a time through the host. The `changed_fraction`
@@ -100,7 +101,7 @@ impl QftGpu {
             self.store.set_vector(id, v);
         }
         let mkey = key(self.cfg.seed, self.step, idx, STREAM_SR_MOMENTUM);
-        self.momentum[idx].requant(Requant::Momentum { g, gs: scale, b2: l.beta2 as f32 }, mkey)?;
+        self.momentum[idx].requant(Requant::Momentum { g, gs: scale, b2: l.beta2 as f32 }, mkey, false)?;
         Ok(())
     }
 }
@@ -122,9 +123,10 @@ impl GradSink for StackSink<'_> {
     fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()> {
         let k = RngKey::new(direction_seed(self.seed, self.micro, self.depth), self.depth as u32, STREAM_SR_GRAD);
         let g = grad.flatten_all()?;
+        // Σg² (for clipping) only from the step's last micro-batch, whose pushes carry the summed gradients.
         let s = if !self.accumulate {
             let mut entry = GpuBlocks8::zeros(self.dev, g.elem_count(), PIECE)?;
-            let s = entry.requant(Requant::Set(&g), k)?;
+            let s = entry.requant(Requant::Set(&g), k, self.last)?;
             self.stack.push((id, entry));
             s
         } else {
@@ -135,11 +137,9 @@ impl GradSink for StackSink<'_> {
                     "gradient stack out of order: {id:?} arrived where {eid:?} was pushed"
                 )));
             }
-            entry.requant(Requant::Add(&g), k)?
+            entry.requant(Requant::Add(&g), k, self.last)?
         };
-        if self.last {
-            self.sumsq += s;
-        }
+        self.sumsq += s.unwrap_or(0.0);
         self.depth += 1;
         Ok(())
     }

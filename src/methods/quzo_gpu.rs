@@ -95,8 +95,7 @@ impl Weights for Perturbed<'_> {
         self.moved(id, &self.store.vector(id)?)
     }
     fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor> {
-        let w = self.mat(id)?;
-        Ok(w.index_select(&ids.to_device(w.device())?, 0)?)
+        crate::model::quantized_gpu::gather_rows(&self.mat(id)?, ids)
     }
 }
 

@@ -39,6 +39,16 @@ impl GpuMat {
     }
 }
 
+/// Rows `ids` of `w` ([rows, cols] on the device), with the ids checked first (a bad id would be a device-side
+/// assertion instead of an error).
+pub fn gather_rows(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let rows = w.dim(0)?;
+    if let Some(&bad) = ids.to_vec1::<u32>()?.iter().find(|&&r| r as usize >= rows) {
+        return Err(Error::Shape(format!("row {bad} of a {rows}-row matrix")));
+    }
+    Ok(w.index_select(&ids.to_device(w.device())?, 0)?)
+}
+
 /// A CPU format that has a GPU twin.
 pub trait ToGpu {
     fn to_gpu(&self, dev: &candle_core::cuda_backend::CudaDevice) -> Result<GpuMat>;
@@ -163,8 +173,10 @@ impl Weights for GpuStore {
         Ok(self.vecs[id.index(&self.cfg)].clone().expect("a vector parameter"))
     }
 
+    /// The whole matrix is dequantized and the rows picked from it (a transient of the matrix's f32 size, as for
+    /// a product).
     fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor> {
         let w = self.mat(id).dequantize()?;
-        Ok(w.index_select(&ids.to_device(w.device())?, 0)?)
+        gather_rows(&w, ids)
     }
 }
