@@ -28,14 +28,7 @@ if [ ! -f $W/l7b/config.json ]; then
     $Q init --config llama-2-7b --tokenizer "$G/smol-tokenizer" --format hf --export-dtype bf16 --out $W/l7b >> "$LOG" 2>&1
     echo "init: exit $?, $SECONDS s" >> "$LOG"
 fi
-python3 - $W/lm.jsonl <<'PY'
-import json, random, sys
-r = random.Random(0)
-words = "the of and to in is was for on that with as by at from his her they this which an be are or".split()
-with open(sys.argv[1], "w") as f:
-    for i in range(64):
-        f.write(json.dumps({"prompt": " ".join(r.choice(words) for _ in range(330)), "completion": " " + " ".join(r.choice(words) for _ in range(12))}) + "\n")
-PY
+python3 scripts/random_lm_data.py $W/lm.jsonl 64 330
 COMMON=(--model $W/l7b --task lm --data $W/lm.jsonl --train-size 32 --dev-size 0 --eval-size 0 --max-seq-len 384
     --batch-size 4 --steps "$STEPS" --no-eval --no-export --seed 0 --device cuda)
 for r in $RUNS; do

@@ -40,14 +40,7 @@ echo "tests: exit $?" | tee -a "$OUT/tests.log"
 # 2. SmolLM2-135M's shapes with random weights, and rows of about 500 tokens (the loss on a completion).
 "$Q" init --config smollm2-135m --tokenizer "$G/smol-tokenizer" --format hf --out $W/smol > $W/init.log 2>&1 \
     || { cat $W/init.log; exit 1; }
-python3 - $W/lm.jsonl <<'EOF'
-import json, random, sys
-r = random.Random(0)
-words = "the of and to in is was for on that with as by at from his her they this which an be are or".split()
-with open(sys.argv[1], "w") as f:
-    for i in range(400):
-        f.write(json.dumps({"prompt": " ".join(r.choice(words) for _ in range(440)), "completion": " " + " ".join(r.choice(words) for _ in range(12))}) + "\n")
-EOF
+python3 scripts/random_lm_data.py $W/lm.jsonl 400 440
 TASK=(--model $W/smol --task lm --data $W/lm.jsonl --train-size 300 --dev-size 0 --eval-size 0 --max-seq-len 512
       --batch-size 16 --steps "$STEPS" --no-eval --no-export --seed 0)
 # Every method that runs on a GPU (the quantized ones with f32 products over their dequantized matrices).
