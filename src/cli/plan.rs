@@ -90,17 +90,32 @@ pub fn bench_method(args: &[&str]) -> Result<MethodArgs> {
     Ok(m.m)
 }
 
-/// A plan for `spec`: on a GPU every counted tensor lives on the device and the loader streams the file through the
-/// host one tensor at a time, so the device's peak is the largest phase, without the host process's runtime. A
-/// method with no GPU kernels is refused by name.
-pub fn on_device(p: &mut plan::Plan, m: &MethodArgs, spec: DeviceSpec) -> Result<()> {
+/// Plans one run on `spec`. On a GPU every counted tensor lives on the device and the loader streams the file
+/// through the host one tensor at a time, so the device's peak is the largest phase, without the host process's
+/// runtime; a quantized method's products run in f32 over its matrices dequantized one at a time, which adds a
+/// transient f32 copy of the largest matrix (two for full-parameter QuZO: the matrix and its perturbed copy) to its
+/// training and evaluation. A method with no GPU path is refused by name.
+pub fn plan_on(cfg: &LlamaConfig, m: &MethodArgs, shape: &plan::Shape, spec: DeviceSpec) -> Result<plan::Plan> {
     if spec == DeviceSpec::Cpu {
-        return Ok(());
+        return plan_run(cfg, m, shape);
     }
     m.method.check_device(&m.options, spec)?;
+    let mut on_gpu = m.clone();
+    on_gpu.options.compute.compute = Some(qtune::model::quantized::Compute::F32);
+    let mut p = plan_run(cfg, &on_gpu, shape)?;
+    let copies = match m.method {
+        MethodKind::Quzo if !m.options.zo.lora => 2,
+        MethodKind::Quzo | MethodKind::Qft | MethodKind::Qat | MethodKind::Qlora | MethodKind::Qst => 1,
+        _ => 0,
+    };
+    let largest = qtune::model::ParamId::all(cfg).iter().filter(|id| id.is_matrix()).map(|id| id.numel(cfg)).max().unwrap_or(0);
+    let transient = copies * 4 * largest;
+    p.counted.scratch += transient;
+    p.train += transient;
+    p.eval += transient;
     p.runtime = 0;
     p.peak = p.load.max(p.train).max(p.eval);
-    Ok(())
+    Ok(p)
 }
 
 /// What a plan title adds for `spec`.
@@ -167,9 +182,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         if spec != DeviceSpec::Cpu && !m.method.runs_on_gpu(&m.options) && matches!(a.method, PlanMethod::All) {
             continue;
         }
-        let mut p = plan_run(&cfg, m, &shape)?;
-        on_device(&mut p, m, spec)?;
-        plans.push(p);
+        plans.push(plan_on(&cfg, m, &shape, spec)?);
     }
     let title =
         format!("{} ({:.2} B parameters), full rows{}", a.model, cfg.num_params() as f64 / 1e9, device_note(spec));

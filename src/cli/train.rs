@@ -169,8 +169,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     if a.max_memory.is_some() || a.plan.is_some() {
         let shape = plan::plan_shape(&splits, &cfg, &host)?;
-        let mut p = super::plan::plan_run(&header.cfg, &a.m, &shape)?;
-        super::plan::on_device(&mut p, &a.m, c.device.device)?;
+        let p = super::plan::plan_on(&header.cfg, &a.m, &shape, c.device.device)?;
         if let Some(json) = &a.plan {
             let title = format!(
                 "{} ({:.2} B parameters), {} steps of {} × {} from {} training examples, at most {} tokens a row{}",
