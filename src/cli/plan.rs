@@ -108,7 +108,8 @@ pub fn plan_on(cfg: &LlamaConfig, m: &MethodArgs, shape: &plan::Shape, spec: Dev
         MethodKind::Quzo | MethodKind::Qft | MethodKind::Qat | MethodKind::Qlora | MethodKind::Qst => 1,
         _ => 0,
     };
-    let largest = qtune::model::ParamId::all(cfg).iter().filter(|id| id.is_matrix()).map(|id| id.numel(cfg)).max().unwrap_or(0);
+    let largest =
+        qtune::model::ParamId::all(cfg).iter().filter(|id| id.is_matrix()).map(|id| id.numel(cfg)).max().unwrap_or(0);
     let transient = copies * 4 * largest;
     p.counted.scratch += transient;
     p.train += transient;
