@@ -16,12 +16,16 @@ use qtune_quant::rng::{fill_gaussian, fill_uniform, RngKey};
 use std::fmt;
 use std::str::FromStr;
 
-/// A device as the command line names it: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+/// A device as the command line names it: `cpu`, `cuda` or `cuda:N`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
     #[default]
     Cpu,
+    /// `cuda:N`: that GPU, in every process.
     Cuda(usize),
+    /// `cuda`: the first GPU of a single process; under `mpirun`, each rank the GPU of its index on its machine
+    /// (rank-to-GPU mapping: two ranks on a two-GPU machine use cuda:0 and cuda:1).
+    CudaLocal,
 }
 
 impl FromStr for DeviceSpec {
@@ -29,7 +33,7 @@ impl FromStr for DeviceSpec {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "cpu" => Ok(DeviceSpec::Cpu),
-            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            "cuda" => Ok(DeviceSpec::CudaLocal),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
                 _ => Err(format!("`{s}`: expected cpu, cuda or cuda:N (N a GPU's ordinal)")),
@@ -43,6 +47,7 @@ impl fmt::Display for DeviceSpec {
         match self {
             DeviceSpec::Cpu => write!(f, "cpu"),
             DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::CudaLocal => write!(f, "cuda"),
         }
     }
 }
@@ -64,6 +69,16 @@ impl DeviceSpec {
     pub fn open(self) -> Result<Device> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::CudaLocal => {
+                let n = crate::dist::local_rank();
+                DeviceSpec::Cuda(n).open().map_err(|e| match e {
+                    Error::Option(m) if n > 0 => Error::Option(format!(
+                        "{m} (--device cuda under mpirun gives the machine's n-th rank GPU n, here {n}: start at most \
+                         as many ranks per machine as it has GPUs, or name one with cuda:N)"
+                    )),
+                    e => e,
+                })
+            }
             DeviceSpec::Cuda(n) => {
                 if !CUDA_BUILT {
                     return Err(Error::Option(format!(
@@ -179,7 +194,9 @@ mod tests {
     #[test]
     fn parses_cpu_cuda_and_ordinals() {
         assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
-        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::CudaLocal));
+        assert_eq!(DeviceSpec::CudaLocal.to_string(), "cuda");
+        assert_eq!("cuda:0".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
         assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
         for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU"] {
             let e = bad.parse::<DeviceSpec>().unwrap_err();

@@ -138,6 +138,20 @@ fn launched_size() -> Option<usize> {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"].iter().find_map(|k| std::env::var(k).ok()?.parse().ok())
 }
 
+/// This process's index among the ranks on its machine, as the launcher says (Open MPI, MPICH/PMI, Slurm); 0 when
+/// it was not started by one. `get` reads an environment variable.
+pub fn local_rank_from(get: impl Fn(&str) -> Option<String>) -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|k| get(k)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// [`local_rank_from`] of this process's environment (`--device cuda` gives each rank the GPU of this index).
+pub fn local_rank() -> usize {
+    local_rank_from(|k| std::env::var(k).ok())
+}
+
 /// Joins the world this process was started in. Call once, first thing in `main`, before any thread pool starts:
 /// with several ranks on one machine it gives each rank its share of the cores (`RAYON_NUM_THREADS`, unless set).
 pub fn init() -> Result<Guard> {
@@ -385,6 +399,18 @@ pub fn maybe_die(step: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The launchers' local-rank variables, in order of preference; 0 without any (or with garbage).
+    #[test]
+    fn local_rank_comes_from_the_launcher() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(local_rank_from(env(&[])), 0);
+        assert_eq!(local_rank_from(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])), 3);
+        assert_eq!(local_rank_from(env(&[("SLURM_LOCALID", "2"), ("MPI_LOCALRANKID", "1")])), 1);
+        assert_eq!(local_rank_from(env(&[("PMI_LOCAL_RANK", "x")])), 0);
+    }
 
     /// In a world of one every reduction is the identity, and the mean is the one-process mean of the step's
     /// micro-batch losses (the zeroth-order loop's old `Σ l_k / n`, same bits).
