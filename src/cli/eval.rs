@@ -46,9 +46,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if is_qst {
         qtune::device::require_cpu(c.device.device, "a QST export (NF4 base)")?;
     }
-    if a.bits.is_some() && a.compute.is_int() {
-        qtune::device::require_cpu(c.device.device, &format!("--bits with --compute {:?}", a.compute).to_lowercase())
-            .map_err(|e| Error::Option(format!("{e} (or --compute f32)")))?;
+    if a.bits.is_some() {
+        super::check_int_compute(a.compute, c.device.device)?;
     }
     let dev = c.device.device.open()?;
     let model = Llama::on(header.cfg, dev.clone());
@@ -64,17 +63,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
             let b = p.bytes();
             (EvalModel::Weights(Box::new(p)), b, "inference".into())
         }
-        (None, Some(bits)) if !dev.is_cpu() => gpu_int(&c.model, bits, &dev)?,
         (None, Some(bits)) => {
-            let mut q = qtune::methods::quzo::quantize_int(Source::File(c.model.clone()), bits)?;
-            q.compute = a.compute;
-            let b = q.quant_bytes().total() + q.f32_bytes();
+            let (w, b) = super::int_weights(&c.model, bits, a.compute, &dev)?;
             let name = match a.compute {
                 Compute::Int8 => format!("inference-int{bits}"),
                 Compute::Int8Mixed => format!("inference-int{bits}-mixed"),
                 Compute::F32 => format!("inference-int{bits}-f32"),
             };
-            (EvalModel::Weights(Box::new(q)), b, name)
+            (EvalModel::Weights(w), b, name)
         }
     };
     let forward = |b: &Batch| match &run {
@@ -141,18 +137,4 @@ pub fn run(a: EvalArgs) -> Result<()> {
     write_predictions(&out, &[("dev", Some(&d)), ("eval", Some(&e))])?;
     eprint!("{}", memory::report(&breakdown, params, memory::peak_rss_bytes()));
     Ok(())
-}
-
-/// The `--bits` model on a GPU (f32 products over matrices dequantized one at a time), and its bytes and run name.
-#[cfg(feature = "cuda")]
-fn gpu_int(model: &std::path::Path, bits: u32, dev: &candle_core::Device) -> Result<(EvalModel, usize, String)> {
-    let mut quantize = qtune::methods::quzo::int_quantizer(bits)?;
-    let q = qtune::model::quantized_gpu::GpuStore::load(Source::File(model.into()), &mut quantize, dev)?;
-    let b = q.quant_bytes() + q.f32_bytes();
-    Ok((EvalModel::Weights(Box::new(q)), b, format!("inference-int{bits}-f32")))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_int(_: &std::path::Path, _: u32, dev: &candle_core::Device) -> Result<(EvalModel, usize, String)> {
-    Err(Error::Option(format!("--device {}: this qtune was built without CUDA", qtune::device::name(dev))))
 }

@@ -61,19 +61,18 @@ pub fn run(a: GenArgs) -> Result<()> {
     let base_path = qst.as_ref().map_or(a.model.clone(), |(_, p)| p.clone());
     let header = read_header(&base_path)?;
     let tok = super::tokenizer(header.tokenizer, &base_path)?;
-    if qst.is_some() || a.bits.is_some() {
-        qtune::device::require_cpu(a.device.device, if qst.is_some() { "a QST export (NF4 base)" } else { "--bits" })?;
+    if qst.is_some() {
+        qtune::device::require_cpu(a.device.device, "a QST export (NF4 base)")?;
+    }
+    if a.bits.is_some() {
+        super::check_int_compute(a.compute, a.device.device)?;
     }
     let dev = a.device.device.open()?;
     let model = Llama::on(header.cfg.clone(), dev.clone());
     let gen = match (qst, a.bits) {
         (Some((q, _)), _) => Generator::Qst(Box::new(q)),
         (None, None) => Generator::Weights(Box::new(Source::File(a.model.clone()).params_on(&dev)?)),
-        (None, Some(bits)) => {
-            let mut q = qtune::methods::quzo::quantize_int(Source::File(a.model.clone()), bits)?;
-            q.compute = a.compute;
-            Generator::Weights(Box::new(q))
-        }
+        (None, Some(bits)) => Generator::Weights(super::int_weights(&a.model, bits, a.compute, &dev)?.0),
     };
     let no_cache = a.no_kv_cache || matches!(gen, Generator::Qst(_));
     let (text, mut ids) = if a.chat {

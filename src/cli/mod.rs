@@ -113,3 +113,52 @@ impl ParseError {
         std::process::exit(2)
     }
 }
+
+/// The integer path (`--compute int8`) is the CPU's: on another device it is refused by name, before any GPU opens.
+pub fn check_int_compute(compute: qtune::model::quantized::Compute, spec: qtune::device::DeviceSpec) -> Result<()> {
+    if !compute.is_int() {
+        return Ok(());
+    }
+    qtune::device::require_cpu(spec, &format!("--bits with --compute {compute:?}").to_lowercase())
+        .map_err(|e| Error::Option(format!("{e} (or --compute f32)")))
+}
+
+/// The `--bits` model of `eval` and `generate`: QuZO's INT8/INT4 grid (per output channel), quantized as the file is
+/// read, with its products in `compute`; on a GPU its matrices live there and the products run in f32 (the caller
+/// refuses the integer path first). Returns the weights and their bytes.
+pub fn int_weights(
+    model: &Path,
+    bits: u32,
+    compute: qtune::model::quantized::Compute,
+    dev: &candle_core::Device,
+) -> Result<(Box<dyn qtune::model::Weights>, usize)> {
+    use qtune::model::quantized::Source;
+    if !dev.is_cpu() {
+        return gpu_int_weights(model, bits, dev);
+    }
+    let mut q = qtune::methods::quzo::quantize_int(Source::File(model.into()), bits)?;
+    q.compute = compute;
+    let b = q.quant_bytes().total() + q.f32_bytes();
+    Ok((Box::new(q), b))
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_int_weights(
+    model: &Path,
+    bits: u32,
+    dev: &candle_core::Device,
+) -> Result<(Box<dyn qtune::model::Weights>, usize)> {
+    let mut quantize = qtune::methods::quzo::int_quantizer(bits)?;
+    let q = qtune::model::quantized_gpu::GpuStore::load(
+        qtune::model::quantized::Source::File(model.into()),
+        &mut quantize,
+        dev,
+    )?;
+    let b = q.quant_bytes() + q.f32_bytes();
+    Ok((Box::new(q), b))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_int_weights(_: &Path, _: u32, dev: &candle_core::Device) -> Result<(Box<dyn qtune::model::Weights>, usize)> {
+    Err(Error::Option(format!("--device {}: this qtune was built without CUDA", qtune::device::name(dev))))
+}
