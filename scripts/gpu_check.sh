@@ -6,6 +6,7 @@
 #               runs on a GPU: f32 ones, MeZO, QLoRA, QST, QAT, QuZO full and LoRA, QFT), next to the PyTorch
 #               peers (torch AdamW, PEFT LoRA, a full-parameter MeZO loop) on the same batches and card: step
 #               time, tokens/s, and the device memory in use at its most (the driver's figure for both)
+#   ceilings.json  the card's f32 GEMM ceiling (`qtune bench --ceilings`), which bench.md's MFU column divides by
 #   runs.tgz    every run's summary.json and log.jsonl
 #   bash scripts/gpu_check.sh OUT [STEPS]
 set -uo pipefail
@@ -43,6 +44,8 @@ echo "tests: exit $?" | tee -a "$OUT/tests.log"
 python3 scripts/random_lm_data.py $W/lm.jsonl 400 440
 TASK=(--model $W/smol --task lm --data $W/lm.jsonl --train-size 300 --dev-size 0 --eval-size 0 --max-seq-len 512
       --batch-size 16 --steps "$STEPS" --no-eval --no-export --seed 0)
+# The card's f32 GEMM ceiling (cuBLAS through candle, 4096³), for the MFU column.
+"$Q" bench --ceilings --device cuda > "$OUT/ceilings.json" 2>> "$OUT/bench.log"
 # Every method that runs on a GPU (the quantized ones with f32 products over their dequantized matrices).
 for m in full-adamw lora mezo "mezo --lora" qlora qst "qat --bits 4" "quzo --bits 8" "quzo --bits 4" "quzo --lora --bits 4" qft; do
     name=$(echo "$m" | tr -d ' -')
@@ -53,19 +56,26 @@ done
 python3 scripts/peers_bench.py --batches $W/batches.jsonl --steps "$STEPS" --model $W/smol --device cuda \
     --only torch-adamw,peft-lora,torch-mezo --out $W/peers >> "$OUT/bench.log" 2>&1
 echo "peers: exit $?" >> "$OUT/bench.log"
-python3 - $W "$OUT/bench.md" <<'EOF'
+python3 - $W "$OUT/bench.md" "$OUT/ceilings.json" <<'EOF'
 import json, pathlib, sys
 w, out = pathlib.Path(sys.argv[1]), sys.argv[2]
-rows = ["| run | step (s) | tokens/s | device memory in use at most (GiB) | GPU |", "|---|---|---|---|---|"]
+try:
+    ceiling = json.loads(pathlib.Path(sys.argv[3]).read_text())["f32_gflops"] * 1e9
+except Exception:
+    ceiling = None
+rows = ["| run | step (s) | tokens/s | device memory in use at most (GiB) | MFU (f32 GEMM ceiling) | GPU |",
+        "|---|---|---|---|---|---|"]
 for d in sorted(d for d in list(w.glob("qtune-*")) + list(w.glob("peers/*")) if d.is_dir()):
     f = d / "summary.json"
     if not f.exists():
-        rows.append(f"| {d.name} | failed | | | |")
+        rows.append(f"| {d.name} | failed | | | | |")
         continue
     s = json.loads(f.read_text())
     used = s.get("gpu_used_peak_bytes")
+    tps, n, per = s.get("tokens_per_s"), s.get("matmul_params"), s.get("flops_per_param")
+    mfu = f"{100 * tps * n * per / ceiling:.1f}%" if ceiling and tps and n and per else ""
     rows.append(f"| {s['method']} | {s.get('step_time_s') or 0:.3f} | {s.get('tokens_per_s') or 0:.0f} | "
-                f"{used / 2**30 if used else float('nan'):.2f} | {s.get('gpu', '')} |")
+                f"{used / 2**30 if used else float('nan'):.2f} | {mfu} | {s.get('gpu', '')} |")
 pathlib.Path(out).write_text("\n".join(rows) + "\n")
 print("\n".join(rows))
 EOF

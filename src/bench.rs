@@ -43,18 +43,20 @@ pub const CLOSEST_PEER: &[(&str, &str)] = &[
     ("qat-int4", "torch-adamw"),
 ];
 
-/// The machine's GEMM ceilings in GOP/s, best of 5 runs of a 2048³ product each: f32 (candle's matmul, the kernels
-/// the f32 methods use) and INT8 (the u8×i8→i32 kernel of `qtune_quant::int8`, operands quantized beforehand).
-#[derive(Clone, Copy, Debug)]
+/// The GEMM ceilings of the device a benchmark runs on, in GOP/s, best of 5 products each: f32 (candle's matmul,
+/// the kernels the f32 products use: gemm on the CPU at 2048³, cuBLAS on a GPU at 4096³) and INT8 (the CPU's
+/// u8×i8→i32 kernel of `qtune_quant::int8` at 2048³, operands quantized beforehand; a GPU's products are f32).
+#[derive(Clone, Debug)]
 pub struct Ceilings {
     pub f32: f64,
     pub int8: f64,
+    /// Where the f32 ceiling was measured: `cpu`, or the GPU's name.
+    pub device: String,
 }
 
 impl Ceilings {
-    pub fn measure() -> Result<Ceilings> {
-        let n = 2048;
-        let best = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+    pub fn measure(dev: &Device) -> Result<Ceilings> {
+        let best = |n: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
             f()?;
             let mut best = f64::INFINITY;
             for _ in 0..5 {
@@ -64,15 +66,24 @@ impl Ceilings {
             }
             Ok(2.0 * (n * n * n) as f64 / best / 1e9)
         };
-        let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-        let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-        let f32 = best(&mut || a.matmul(&b)?.sum_all()?.to_scalar::<f32>().map(|_| ()).map_err(Into::into))?;
+        let n = if dev.is_cpu() { 2048 } else { 4096 };
+        let a = Tensor::randn(0f32, 1.0, (n, n), dev)?;
+        let b = Tensor::randn(0f32, 1.0, (n, n), dev)?;
+        // Synchronised, so a GPU's time is the product's and not its launch's.
+        let f32 = best(n, &mut || {
+            let c = a.matmul(&b)?;
+            dev.synchronize()?;
+            drop(c);
+            Ok(())
+        })?;
+        let n = 2048;
         let (a8, b8) = ((0..n * n).map(|i| (i * 7 % 127) as u8).collect::<Vec<_>>(), vec![3i8; n * n]);
         let mut acc = vec![0i32; n * n];
-        let int8 = best(&mut || {
+        let int8 = best(n, &mut || {
             qtune_quant::int8::gemm_u8i8(&a8, 64, n, n, &b8, n, &mut acc).map_err(crate::model::quantized::quant_err)
         })?;
-        Ok(Ceilings { f32, int8 })
+        let device = crate::device::gpu_name(dev).unwrap_or_else(|| "cpu".into());
+        Ok(Ceilings { f32, int8, device })
     }
 
     /// The ceiling of a run's arithmetic (f32 when the summary does not say).
@@ -88,16 +99,24 @@ impl Ceilings {
 /// writes the report with an MFU column. With `peers` (the `--out` folder of `scripts/peers_bench.py`, run on the
 /// same batches), the peers' runs join the table and plots, and a second table gives each run's ratios to its
 /// closest peer ([`CLOSEST_PEER`]).
-pub fn run(exe: &Path, runs: &[String], common: &[String], out: &Path, peers: Option<&Path>) -> Result<String> {
+pub fn run(
+    exe: &Path,
+    runs: &[String],
+    common: &[String],
+    out: &Path,
+    peers: Option<&Path>,
+    dev: &Device,
+) -> Result<String> {
     // Read first, so a wrong folder fails before an hour of runs.
     let peer_records = match peers {
         Some(dir) => read_peers(dir)?,
         None => Vec::new(),
     };
-    let ceilings = Ceilings::measure()?;
+    let ceilings = Ceilings::measure(dev)?;
     eprintln!(
-        "GEMM ceilings on this machine: f32 {:.1} GFLOP/s, int8 {:.1} GOP/s ({})",
+        "GEMM ceilings: f32 {:.1} GFLOP/s ({}), int8 {:.1} GOP/s ({})",
         ceilings.f32,
+        ceilings.device,
         ceilings.int8,
         qtune_quant::int8::kernel_name()
     );
@@ -134,9 +153,11 @@ pub fn run(exe: &Path, runs: &[String], common: &[String], out: &Path, peers: Op
     let mut md = format!("qtune bench, {} UTC, {}\n\n", utc_date(), crate::train::records::machine());
     md += &report::write_report(&records, out, "qtune bench")?;
     md += &format!(
-        "\nGEMM ceilings (2048³, best of 5, same run): f32 {:.1} GFLOP/s (candle), int8 {:.1} GOP/s ({}). MFU = \
-         tokens/s × operations per token / the ceiling of the run's arithmetic (int8 for `--compute int8` runs).\n",
+        "\nGEMM ceilings (best of 5, same run): f32 {:.1} GFLOP/s ({}: candle, 2048³ on a CPU, 4096³ on a GPU), int8 \
+         {:.1} GOP/s (2048³, {}). MFU = tokens/s × operations per token / the ceiling of the run's arithmetic (int8 \
+         for `--compute int8` runs).\n",
         ceilings.f32,
+        ceilings.device,
         ceilings.int8,
         qtune_quant::int8::kernel_name()
     );
@@ -213,8 +234,8 @@ fn civil_date(days: i64) -> String {
 /// 4 for the zeroth-order methods' two forwards, their LoRA modes included).
 fn add_mfu(r: &mut RunRecord, ceilings: &Ceilings) {
     let s = &r.summary;
-    // The ceilings are this CPU's; a GPU run's utilisation needs the GPU's (not measured yet).
-    if s.gpu.is_some() {
+    // A run is judged against the ceilings of its own device only.
+    if s.gpu.as_deref().unwrap_or("cpu") != ceilings.device {
         return;
     }
     let gflops = ceilings.of(s.compute);
@@ -262,7 +283,7 @@ mod tests {
         let mut r = record("mezo-lora", 1.0, 1.0);
         (r.summary.tokens_per_s, r.summary.matmul_params, r.summary.flops_per_param) =
             (Some(100.0), Some(100_000_000), Some(4.0));
-        let ceilings = Ceilings { f32: 100.0, int8: 400.0 };
+        let ceilings = Ceilings { f32: 100.0, int8: 400.0, device: "cpu".into() };
         add_mfu(&mut r, &ceilings);
         assert!((r.summary.mfu.unwrap() - 0.4).abs() < 1e-12, "{:?}", r.summary.mfu);
         // The same run on the integer path is judged against the INT8 ceiling.

@@ -15,6 +15,9 @@ pub struct BenchArgs {
     /// List the runs and exit.
     #[arg(long)]
     pub list: bool,
+    /// Measure the device's GEMM ceilings (`--device`), print them as JSON and exit.
+    #[arg(long)]
+    pub ceilings: bool,
     /// Include the PyTorch peers' runs from this folder (`scripts/peers_bench.py --out`) and their ratios.
     #[arg(long)]
     pub peers: Option<PathBuf>,
@@ -34,6 +37,14 @@ pub fn run(a: BenchArgs, check: impl Fn(Vec<String>) -> std::result::Result<(), 
         return Ok(());
     }
     let spec = a.device.device;
+    if a.ceilings {
+        let c = qtune::bench::Ceilings::measure(&spec.open()?)?;
+        let kernel = qtune::quant::int8::kernel_name();
+        let json =
+            serde_json::json!({"device": c.device, "f32_gflops": c.f32, "int8_gops": c.int8, "int8_kernel": kernel});
+        println!("{json}");
+        return Ok(());
+    }
     let mut train_args = a.train_args.clone();
     if spec != qtune::device::DeviceSpec::Cpu {
         train_args.extend(["--device".to_string(), spec.to_string()]);
@@ -65,6 +76,7 @@ pub fn run(a: BenchArgs, check: impl Fn(Vec<String>) -> std::result::Result<(), 
         check(argv).map_err(|e| Error::Msg(format!("bench run `{name}`: {}", e.line())))?;
     }
     let exe = std::env::current_exe()?;
-    print!("{}", qtune::bench::run(&exe, &runs, &train_args, &a.out, a.peers.as_deref())?);
+    let dev = spec.open()?;
+    print!("{}", qtune::bench::run(&exe, &runs, &train_args, &a.out, a.peers.as_deref(), &dev)?);
     Ok(())
 }
