@@ -7,8 +7,8 @@
 //! rows a product needs) and updates rewrite the codes in place (QuZO's fused update, QFT's Lion), so no method
 //! holds a full-precision copy of the model on the device.
 //!
-//! - [`int`]: INT8/INT4 ([`GpuInt`]) and QuZO's directions; [`nf4`]: NF4 ([`GpuNf4`]); [`hybrid`]: QFT's weights
-//!   ([`GpuHybrid`]) and Lion; [`blocks`]: INT8 blocks ([`GpuBlocks8`]). This file: loading and launching.
+//! - `int.rs`: INT8/INT4 ([`GpuInt`]) and QuZO's directions; `nf4.rs`: NF4 ([`GpuNf4`]); `hybrid.rs`: QFT's weights
+//!   ([`GpuHybrid`]) and Lion; `blocks.rs`: INT8 blocks ([`GpuBlocks8`]). This file: loading and launching.
 use super::cuda::launch_error;
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{
