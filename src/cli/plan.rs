@@ -189,3 +189,32 @@ pub fn run(a: PlanArgs) -> Result<()> {
         format!("{} ({:.2} B parameters), full rows{}", a.model, cfg.num_params() as f64 / 1e9, device_note(spec));
     print_plans(&title, &shape, &plans, a.json.as_deref())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qtune::model::ParamId;
+
+    /// On a GPU a quantized method's plan is its f32-products plan plus the transient f32 copies of its largest
+    /// matrix (two for full QuZO: the matrix and its perturbed copy), in its training and its evaluation phase;
+    /// the f32 methods' plans gain nothing; the device's peak has no host runtime row.
+    #[test]
+    fn gpu_plans_add_the_dequantized_matrices() {
+        let cfg = plan::resolve_config("smollm2-135m").unwrap();
+        let shape = plan::Shape::full(4, 128, 4, None).unwrap();
+        let largest = ParamId::all(&cfg).iter().filter(|id| id.is_matrix()).map(|id| id.numel(&cfg)).max().unwrap();
+        for (args, copies) in [
+            (&["--method", "quzo", "--compute", "f32"][..], 2),
+            (&["--method", "qlora"], 1),
+            (&["--method", "lora"], 0),
+        ] {
+            let m = bench_method(args).unwrap();
+            let cpu = plan_run(&cfg, &m, &shape).unwrap();
+            let gpu = plan_on(&cfg, &m, &shape, DeviceSpec::Cuda(0)).unwrap();
+            let extra = copies * 4 * largest;
+            assert_eq!(gpu.train, cpu.train + extra, "{args:?}");
+            assert_eq!(gpu.eval, cpu.eval + extra, "{args:?}");
+            assert_eq!((gpu.runtime, gpu.peak), (0, gpu.load.max(gpu.train).max(gpu.eval)), "{args:?}");
+        }
+    }
+}
