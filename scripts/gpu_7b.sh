@@ -8,7 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-runs/gpu}}
 STEPS=${2:-2}
-shift 2 || true
+shift $(( $# < 2 ? $# : 2 ))
 RUNS=${*:-"qlora qst quzo-int4 quzo-lora-int4 quzo-int8 qft full-adamw"}
 mkdir -p "$OUT"
 G=$PWD/.gpu

@@ -50,7 +50,7 @@ pub const CLOSEST_PEER: &[(&str, &str)] = &[
 pub struct Ceilings {
     pub f32: f64,
     pub int8: f64,
-    /// Where the f32 ceiling was measured: `cpu`, or the GPU's name.
+    /// Where the f32 ceiling was measured: `cpu`, or the GPU as a run's summary names it (`records::gpu`).
     pub device: String,
 }
 
@@ -82,7 +82,7 @@ impl Ceilings {
         let int8 = best(n, &mut || {
             qtune_quant::int8::gemm_u8i8(&a8, 64, n, n, &b8, n, &mut acc).map_err(crate::model::quantized::quant_err)
         })?;
-        let device = crate::device::gpu_name(dev).unwrap_or_else(|| "cpu".into());
+        let device = crate::train::records::gpu(dev).unwrap_or_else(|| "cpu".into());
         Ok(Ceilings { f32, int8, device })
     }
 
@@ -105,21 +105,13 @@ pub fn run(
     common: &[String],
     out: &Path,
     peers: Option<&Path>,
-    dev: &Device,
+    spec: crate::device::DeviceSpec,
 ) -> Result<String> {
     // Read first, so a wrong folder fails before an hour of runs.
     let peer_records = match peers {
         Some(dir) => read_peers(dir)?,
         None => Vec::new(),
     };
-    let ceilings = Ceilings::measure(dev)?;
-    eprintln!(
-        "GEMM ceilings: f32 {:.1} GFLOP/s ({}), int8 {:.1} GOP/s ({})",
-        ceilings.f32,
-        ceilings.device,
-        ceilings.int8,
-        qtune_quant::int8::kernel_name()
-    );
     let mut records = Vec::new();
     for name in runs {
         let (_, args) = RUNS.iter().find(|(n, _)| n == name).ok_or_else(|| {
@@ -145,6 +137,16 @@ pub fn run(
         }
         records.push(report::read_run(&dir)?);
     }
+    // Measured after the runs, in this process: a GPU context held here during the runs would count in their
+    // device memory (the driver's figure is the whole device's).
+    let ceilings = Ceilings::measure(&spec.open()?)?;
+    eprintln!(
+        "GEMM ceilings: f32 {:.1} GFLOP/s ({}), int8 {:.1} GOP/s ({})",
+        ceilings.f32,
+        ceilings.device,
+        ceilings.int8,
+        qtune_quant::int8::kernel_name()
+    );
     for r in &mut records {
         add_mfu(r, &ceilings);
     }
@@ -294,5 +296,15 @@ mod tests {
         peer.summary.tokens_per_s = Some(100.0);
         add_mfu(&mut peer, &ceilings);
         assert_eq!(peer.summary.mfu, None);
+        // A GPU run is judged against the ceiling measured on its GPU (the summary's own label), and only there.
+        let gpu = "cuda:0, NVIDIA H100 80GB HBM3, 81559 MiB";
+        let on_gpu = Ceilings { f32: 1000.0, int8: 400.0, device: gpu.into() };
+        let mut g = record("lora", 1.0, 1.0);
+        (g.summary.tokens_per_s, g.summary.matmul_params, g.summary.flops_per_param, g.summary.gpu) =
+            (Some(100.0), Some(100_000_000), Some(4.0), Some(gpu.into()));
+        add_mfu(&mut g, &ceilings);
+        assert_eq!(g.summary.mfu, None, "a GPU run against the CPU's ceiling");
+        add_mfu(&mut g, &on_gpu);
+        assert!((g.summary.mfu.unwrap() - 0.04).abs() < 1e-12, "{:?}", g.summary.mfu);
     }
 }
