@@ -290,6 +290,15 @@ fn quantized_kernels_match_the_cpu() {
         g.requantize_rows_frozen(c.moved_rows.clone(), &upload(&c.moved_values), Rounding::Stochastic(c.moved_key))
             .unwrap();
         assert_eq!(g.download().unwrap(), c.moved, "{}: frozen-grid codes", c.what);
+        // QuZO's perturbed read: the direction added into the dequantized rows (PerturbedInt's f32 read).
+        let d = qtune::methods::quzo::QDirection::new(7, 3, rows * cols, 4);
+        let mut u = vec![0.0; want.len()];
+        d.fill(0, &mut u, Some(qtune::quant::rng::STREAM_SR_PERTURB));
+        let moved: Vec<f32> = want.iter().zip(&u).map(|(w, u)| w + 1e-3f32 * u).collect();
+        let zd = ZoDir { gauss: d.gauss, scale: d.scale, qmax: d.qmax, mu: 0.0 };
+        let g0 = GpuInt::upload(dev, &c.t).unwrap();
+        let got = g0.dequantize_rows_moved(0..rows, 1e-3, &zd, Some(qtune::quant::rng::STREAM_SR_PERTURB)).unwrap();
+        assert_eq!(bits_of(&host(&got)), bits_of(&moved), "{}: perturbed values", c.what);
         let mut fresh = GpuInt::upload(dev, &c.t).unwrap();
         fresh.recalibrate(&upload(&c.x), c.key.map_or(Rounding::Nearest, Rounding::Stochastic)).unwrap();
         assert_eq!(fresh.download().unwrap(), c.t, "{}: recalibrated", c.what);

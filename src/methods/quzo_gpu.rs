@@ -79,8 +79,13 @@ impl Perturbed<'_> {
         add_direction(t, 0, self.eps, &d, Some(STREAM_SR_PERTURB))
     }
 
+    /// The matrix moved as it is dequantized (one transient f32 copy).
     fn mat(&self, id: ParamId) -> Result<Tensor> {
-        self.moved(id, &self.store.mat(id).dequantize()?)
+        let GpuMat::Int(w) = self.store.mat(id) else {
+            return Err(Error::Msg(format!("{id:?}: QuZO's matrices are INT8/INT4")));
+        };
+        let d = zo_dir(&self.dirs[id.index(&self.store.cfg)], 0.0);
+        w.dequantize_rows_moved(0..w.rows(), self.eps, &d, Some(STREAM_SR_PERTURB))
     }
 }
 
@@ -139,9 +144,9 @@ impl Perturbation for QuzoGpu {
         Ok(())
     }
 
-    /// The largest matrix dequantized, and its perturbed copy.
+    /// The largest matrix dequantized (and moved in place).
     fn scratch_bytes(&self) -> usize {
-        2 * update_scratch_bytes(&self.store.cfg).max(
+        update_scratch_bytes(&self.store.cfg).max(
             ParamId::all(&self.store.cfg)
                 .iter()
                 .filter(|id| id.is_matrix())

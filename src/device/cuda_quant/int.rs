@@ -3,7 +3,7 @@
 use super::sr_args;
 use super::{cuda_of, func, grid, launch_error, tensor_of, with_f32_ptr, THREADS};
 use crate::{Error, Result};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::Tensor;
 use qtune_quant::{Bits, IntTensor, QuantSpec, QuantWeight, RngKey, Rounding};
@@ -99,7 +99,31 @@ impl GpuInt {
 
     /// Rows `rows` as an f32 tensor [rows, cols] on the device.
     pub fn dequantize_rows(&self, rows: Range<usize>) -> Result<Tensor> {
-        self.check_rows(&rows)?;
+        Ok(tensor_of(&self.dev, self.dequantize_buffer(&rows)?, &[rows.len(), self.cols]))
+    }
+
+    /// Rows `rows` read as W + ε·u for QuZO's quantized direction `d` (rounded on `sr_stream`, or to nearest), the
+    /// direction added into the dequantized buffer itself: one transient f32 copy of the rows.
+    pub fn dequantize_rows_moved(
+        &self,
+        rows: Range<usize>,
+        eps: f32,
+        d: &ZoDir,
+        sr_stream: Option<u32>,
+    ) -> Result<Tensor> {
+        let mut buf = self.dequantize_buffer(&rows)?;
+        let n = rows.len() * self.cols;
+        if n > 0 {
+            let stream = self.dev.cuda_stream();
+            let (p, _sync) = buf.device_ptr_mut(&stream);
+            launch_qdir_axpy(&self.dev, p, n, (rows.start * self.cols) as u64, eps, d, sr_stream)?;
+        }
+        Ok(tensor_of(&self.dev, buf, &[rows.len(), self.cols]))
+    }
+
+    /// Rows `rows`' values in a new f32 buffer.
+    fn dequantize_buffer(&self, rows: &Range<usize>) -> Result<CudaSlice<f32>> {
+        self.check_rows(rows)?;
         let n = rows.len() * self.cols;
         let start = (rows.start * self.cols) as u64;
         // SAFETY: the kernel writes every one of the n elements.
@@ -118,7 +142,7 @@ impl GpuInt {
             // it reads (start + j < rows·cols) lies within the codes and its group within the scales.
             unsafe { b.launch(grid("int_dequant_f32", n)?) }.map_err(|e| launch_error("int_dequant_f32", e))?;
         }
-        Ok(tensor_of(&self.dev, out, &[rows.len(), self.cols]))
+        Ok(out)
     }
 
     /// Re-encodes rows `rows` from `data` ([rows, cols] f32 on the device) against the frozen scales, each code
@@ -264,26 +288,37 @@ fn zo_dirs_bytes(dirs: &[ZoDir]) -> Vec<u8> {
     b
 }
 
-/// `x + eps·u` for a contiguous f32 tensor `x` holding elements `start ..` of a tensor whose quantized direction is
-/// `d` (rounded on `sr_stream`, or to nearest): QuZO's perturbed tile, in place of a new buffer.
+/// `x + eps·u` as a new tensor, for a contiguous f32 tensor `x` holding elements `start ..` of a tensor whose
+/// quantized direction is `d` (rounded on `sr_stream`, or to nearest): QuZO's perturbed norm weights (a matrix is
+/// moved as it is dequantized, [`GpuInt::dequantize_rows_moved`]).
 pub fn add_direction(x: &Tensor, start: u64, eps: f32, d: &ZoDir, sr_stream: Option<u32>) -> Result<Tensor> {
     let dev = cuda_of(x.device())?;
     let out = x.contiguous()?.copy()?;
     let n = out.elem_count();
-    if n == 0 {
-        return Ok(out);
+    if n > 0 {
+        with_f32_ptr(&out, |p| launch_qdir_axpy(dev, p, n, start, eps, d, sr_stream))?;
     }
+    Ok(out)
+}
+
+/// `out[j] += eps·u(start + j)` for j < n (`qdir_axpy_f32`), `out` a device pointer to n floats.
+fn launch_qdir_axpy(
+    dev: &CudaDevice,
+    out: u64,
+    n: usize,
+    start: u64,
+    eps: f32,
+    d: &ZoDir,
+    sr_stream: Option<u32>,
+) -> Result<()> {
     let f = func(dev, "qdir_axpy_f32")?;
     let (n64, sr) = (n as u64, sr_stream.map_or(-1i64, i64::from));
-    with_f32_ptr(&out, |p| {
-        let mut b = f.builder();
-        b.arg(&p).arg(&n64).arg(&start).arg(&eps).arg(&d.gauss.seed).arg(&d.gauss.tensor).arg(&d.gauss.stream);
-        b.arg(&d.scale).arg(&d.qmax).arg(&sr);
-        // SAFETY: qdir_axpy_f32's signature; out holds n floats, each thread j < n reads and writes out[j].
-        unsafe { b.launch(grid("qdir_axpy_f32", n)?) }.map_err(|e| launch_error("qdir_axpy_f32", e))?;
-        Ok(())
-    })?;
-    Ok(out)
+    let mut b = f.builder();
+    b.arg(&out).arg(&n64).arg(&start).arg(&eps).arg(&d.gauss.seed).arg(&d.gauss.tensor).arg(&d.gauss.stream);
+    b.arg(&d.scale).arg(&d.qmax).arg(&sr);
+    // SAFETY: qdir_axpy_f32's signature; out points at n floats, each thread j < n reads and writes out[j].
+    unsafe { b.launch(grid("qdir_axpy_f32", n)?) }.map_err(|e| launch_error("qdir_axpy_f32", e))?;
+    Ok(())
 }
 
 /// QuZO's update of an f32 vector (norm weights: elements 0..) on the device, in place of a new tensor.
