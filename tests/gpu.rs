@@ -220,7 +220,7 @@ fn paths_without_gpu_kernels_are_refused_by_name() {
     let o = run(&a);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("runs on the CPU only so far"), "{m:?}: {err}");
-    let mut a = strings(&["eval", "--device", "cuda", "--bits", "8"]);
+    let mut a = strings(&["eval", "--device", "cuda", "--bits", "8", "--compute", "int8"]);
     a.extend(task(&data, &dir.path().join("refused")));
     let o = run(&a);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -16,13 +16,8 @@ use std::path::PathBuf;
 pub struct EvalArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Run the model with its matrices in INT8 or INT4 (per output channel, as QuZO holds them) instead of f32.
-    #[arg(long)]
-    pub bits: Option<u32>,
-    /// Arithmetic of the `--bits` model's products: int8 (INT8 activations per token × the weight's codes, on the
-    /// CPU's integer units) or f32 (the weight dequantized tile by tile; the only one on a GPU so far).
-    #[arg(long, value_enum, requires = "bits", default_value_t = Compute::Int8)]
-    pub compute: Compute,
+    #[command(flatten)]
+    pub int: super::IntModelArgs,
 }
 
 /// The model `qtune eval` runs: dense weights (f32 or INT8/INT4), or a QST export (NF4 base + side network).
@@ -35,7 +30,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let c = a.common;
     // A QST export names its base model; the decoder's shape and the tokenizer come from that base.
     let is_qst = QstModel::is_export(&c.model);
-    if is_qst && a.bits.is_some() {
+    if is_qst && a.int.bits.is_some() {
         return Err(Error::Option(format!("--bits: {} is a QST export (its base is NF4)", c.model.display())));
     }
     let qst = is_qst.then(|| QstModel::load(&c.model)).transpose()?;
@@ -46,14 +41,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if is_qst {
         qtune::device::require_cpu(c.device.device, "a QST export (NF4 base)")?;
     }
-    if a.bits.is_some() {
-        super::check_int_compute(a.compute, c.device.device)?;
-    }
+    let int_compute = a.int.compute_on(c.device.device)?;
     let dev = c.device.device.open()?;
     let model = Llama::on(header.cfg, dev.clone());
     // f32, or quantized while the file is read (no f32 model in memory).
-    let compute = if a.bits.is_some() { a.compute } else { Compute::F32 };
-    let (run, weights, method) = match (qst, a.bits) {
+    let compute = if a.int.bits.is_some() { int_compute } else { Compute::F32 };
+    let (run, weights, method) = match (qst, a.int.bits) {
         (Some((q, _)), _) => {
             let b = q.weight_bytes();
             (EvalModel::Qst(Box::new(q)), b, "inference-qst".to_string())
@@ -64,8 +57,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
             (EvalModel::Weights(Box::new(p)), b, "inference".into())
         }
         (None, Some(bits)) => {
-            let (w, b) = super::int_weights(&c.model, bits, a.compute, &dev)?;
-            let name = match a.compute {
+            let (w, b) = super::int_weights(&c.model, bits, compute, &dev)?;
+            let name = match compute {
                 Compute::Int8 => format!("inference-int{bits}"),
                 Compute::Int8Mixed => format!("inference-int{bits}-mixed"),
                 Compute::F32 => format!("inference-int{bits}-f32"),

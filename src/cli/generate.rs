@@ -9,7 +9,7 @@ use qtune::data::tasks::encode_prompt;
 use qtune::methods::qst::QstModel;
 use qtune::model::generate::{KvCache, SamplerArgs};
 use qtune::model::load::read_header;
-use qtune::model::quantized::{Compute, Source};
+use qtune::model::quantized::Source;
 use qtune::model::{Batch, Llama, Targets, Weights};
 use qtune::{Error, Result};
 use std::path::PathBuf;
@@ -31,12 +31,8 @@ pub struct GenArgs {
     pub sampler: SamplerArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Run on INT8 or INT4 weights (per-row scales, quantized as the file is read; no f32 model in memory).
-    #[arg(long)]
-    pub bits: Option<u32>,
-    /// Arithmetic of the `--bits` model's products (int8: INT8 activations on the integer units; f32).
-    #[arg(long, value_enum, requires = "bits", default_value_t = Compute::Int8)]
-    pub compute: Compute,
+    #[command(flatten)]
+    pub int: super::IntModelArgs,
     /// Recompute the whole text for every new token instead of keeping a KV cache (the old path; for comparison).
     #[arg(long)]
     pub no_kv_cache: bool,
@@ -55,7 +51,7 @@ pub fn run(a: GenArgs) -> Result<()> {
     a.sampler.validate()?;
     // A QST export names its base model; the decoder's shape and the tokenizer come from that base.
     let qst = QstModel::is_export(&a.model).then(|| QstModel::load(&a.model)).transpose()?;
-    if qst.is_some() && a.bits.is_some() {
+    if qst.is_some() && a.int.bits.is_some() {
         return Err(Error::Option(format!("--bits: {} is a QST export (its base is NF4)", a.model.display())));
     }
     let base_path = qst.as_ref().map_or(a.model.clone(), |(_, p)| p.clone());
@@ -64,15 +60,13 @@ pub fn run(a: GenArgs) -> Result<()> {
     if qst.is_some() {
         qtune::device::require_cpu(a.device.device, "a QST export (NF4 base)")?;
     }
-    if a.bits.is_some() {
-        super::check_int_compute(a.compute, a.device.device)?;
-    }
+    let compute = a.int.compute_on(a.device.device)?;
     let dev = a.device.device.open()?;
     let model = Llama::on(header.cfg.clone(), dev.clone());
-    let gen = match (qst, a.bits) {
+    let gen = match (qst, a.int.bits) {
         (Some((q, _)), _) => Generator::Qst(Box::new(q)),
         (None, None) => Generator::Weights(Box::new(Source::File(a.model.clone()).params_on(&dev)?)),
-        (None, Some(bits)) => Generator::Weights(super::int_weights(&a.model, bits, a.compute, &dev)?.0),
+        (None, Some(bits)) => Generator::Weights(super::int_weights(&a.model, bits, compute, &dev)?.0),
     };
     let no_cache = a.no_kv_cache || matches!(gen, Generator::Qst(_));
     let (text, mut ids) = if a.chat {

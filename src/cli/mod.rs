@@ -114,13 +114,37 @@ impl ParseError {
     }
 }
 
-/// The integer path (`--compute int8`) is the CPU's: on another device it is refused by name, before any GPU opens.
-pub fn check_int_compute(compute: qtune::model::quantized::Compute, spec: qtune::device::DeviceSpec) -> Result<()> {
-    if !compute.is_int() {
-        return Ok(());
+/// `--bits` and `--compute` of `eval` and `generate`: the model on QuZO's INT8/INT4 grid.
+#[derive(Args, Clone, Debug, PartialEq)]
+pub struct IntModelArgs {
+    /// Run the model with its matrices in INT8 or INT4 (per output channel, as QuZO holds them), quantized as the
+    /// file is read (no f32 model in memory).
+    #[arg(long)]
+    pub bits: Option<u32>,
+    /// Arithmetic of the `--bits` model's products: int8 (INT8 activations per token × the weight's codes, on the
+    /// CPU's integer units: the CPU's default) or f32 (the weight dequantized tile by tile: a GPU's default and
+    /// only choice).
+    #[arg(long, value_enum, requires = "bits")]
+    pub compute: Option<qtune::model::quantized::Compute>,
+}
+
+impl IntModelArgs {
+    /// The products' arithmetic on `spec`: the one given, else int8 on the CPU and f32 on a GPU. The integer path
+    /// is the CPU's: asked for on another device, it is refused by name before any GPU opens.
+    pub fn compute_on(&self, spec: qtune::device::DeviceSpec) -> Result<qtune::model::quantized::Compute> {
+        use qtune::model::quantized::Compute;
+        let on_cpu = spec == qtune::device::DeviceSpec::Cpu;
+        let compute = self.compute.unwrap_or(if on_cpu { Compute::Int8 } else { Compute::F32 });
+        if compute.is_int() {
+            qtune::device::require_cpu(spec, &format!("--bits with --compute {}", compute.cli_name())).map_err(
+                |e| match e {
+                    Error::Option(m) => Error::Option(format!("{m} (or --compute f32)")),
+                    e => e,
+                },
+            )?;
+        }
+        Ok(compute)
     }
-    qtune::device::require_cpu(spec, &format!("--bits with --compute {compute:?}").to_lowercase())
-        .map_err(|e| Error::Option(format!("{e} (or --compute f32)")))
 }
 
 /// The `--bits` model of `eval` and `generate`: QuZO's INT8/INT4 grid (per output channel), quantized as the file is
@@ -142,23 +166,24 @@ pub fn int_weights(
     Ok((Box::new(q), b))
 }
 
+/// The `--bits` store on a GPU (`methods::gpu_base` with QuZO's quantizer).
 #[cfg(feature = "cuda")]
 fn gpu_int_weights(
     model: &Path,
     bits: u32,
     dev: &candle_core::Device,
 ) -> Result<(Box<dyn qtune::model::Weights>, usize)> {
-    let mut quantize = qtune::methods::quzo::int_quantizer(bits)?;
-    let q = qtune::model::quantized_gpu::GpuStore::load(
+    use qtune::methods::lora::FrozenBase;
+    let q = qtune::methods::gpu_base(
         qtune::model::quantized::Source::File(model.into()),
-        &mut quantize,
+        &mut qtune::methods::quzo::int_quantizer(bits)?,
         dev,
     )?;
-    let b = q.quant_bytes() + q.f32_bytes();
+    let b = q.weight_bytes();
     Ok((Box::new(q), b))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn gpu_int_weights(_: &Path, _: u32, dev: &candle_core::Device) -> Result<(Box<dyn qtune::model::Weights>, usize)> {
-    Err(Error::Option(format!("--device {}: this qtune was built without CUDA", qtune::device::name(dev))))
+    Err(qtune::device::no_cuda(dev))
 }

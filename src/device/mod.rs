@@ -4,7 +4,8 @@
 //! [`require_cpu`] is how a path that has no GPU kernels yet says so by name instead of running on the wrong device.
 //! [`random`] is the first kernel with a twin on each device: the Philox streams (`cuda` holds the GPU launches).
 //! `cuda_quant` holds the quantized formats on a GPU (INT8/INT4, NF4, QFT's hybrid weights and INT8 blocks) and
-//! their kernels, each the CPU's arithmetic bit for bit; the methods do not use them yet (issue 30).
+//! their kernels, each the CPU's arithmetic (checked on the host; not yet run on a GPU); `model::quantized_gpu` and
+//! the methods' GPU ports build on them.
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
@@ -119,6 +120,12 @@ pub fn gpu_name(dev: &Device) -> Option<String> {
 /// The device's name as reports print it: `cpu` or `cuda:N`.
 pub fn name(dev: &Device) -> String {
     DeviceSpec::of(dev).to_string()
+}
+
+/// The error of a GPU path reached in a binary built without CUDA (opening the device fails first, with the build
+/// command; this names the device where a path is reached another way).
+pub fn no_cuda(dev: &Device) -> Error {
+    Error::Option(format!("--device {}: this qtune was built without CUDA", name(dev)))
 }
 
 /// Refuses a device other than the CPU: `what` names the path (a method, a quantized format) whose kernels exist on

@@ -164,7 +164,7 @@ impl ComputeArgs {
             Some(c) if c != Compute::F32 => Err(Error::Option(format!(
                 "--compute {}: the integer path is the CPU's; on a GPU the quantized products run in f32 \
                  (--compute f32)",
-                format!("{c:?}").to_lowercase()
+                c.cli_name()
             ))),
             _ => Ok(()),
         }
@@ -464,7 +464,7 @@ fn gpu_qft(
     _: crate::train::OnNonFinite,
     dev: &candle_core::Device,
 ) -> Result<Box<dyn Method>> {
-    Err(Error::Option(format!("--device {}: this qtune was built without CUDA", crate::device::name(dev))))
+    Err(crate::device::no_cuda(dev))
 }
 
 /// Full-parameter QuZO with its state on the GPU `dev`.
@@ -475,12 +475,12 @@ fn gpu_quzo(source: Source, o: &MethodOptions, zo: ZoLoop, dev: &candle_core::De
 
 #[cfg(not(feature = "cuda"))]
 fn gpu_quzo(_: Source, _: &MethodOptions, _: ZoLoop, dev: &candle_core::Device) -> Result<Box<dyn Method>> {
-    Err(Error::Option(format!("--device {}: this qtune was built without CUDA", crate::device::name(dev))))
+    Err(crate::device::no_cuda(dev))
 }
 
 /// A quantized base on the GPU `dev`: each matrix quantized on the host by `quantize` as it is read, and moved.
 #[cfg(feature = "cuda")]
-pub(crate) fn gpu_base<W: crate::model::quantized_gpu::ToGpu>(
+pub fn gpu_base<W: crate::model::quantized_gpu::ToGpu>(
     source: Source,
     quantize: &mut crate::model::quantized::Quantize<W>,
     dev: &candle_core::Device,
@@ -490,12 +490,12 @@ pub(crate) fn gpu_base<W: crate::model::quantized_gpu::ToGpu>(
 
 /// Without CUDA no GPU device can be opened, so this is never reached; it says so if it is.
 #[cfg(not(feature = "cuda"))]
-pub(crate) fn gpu_base<W>(
+pub fn gpu_base<W>(
     _: Source,
     _: &mut crate::model::quantized::Quantize<W>,
     dev: &candle_core::Device,
 ) -> Result<crate::model::quantized::QuantStore<qtune_quant::IntTensor>> {
-    Err(Error::Option(format!("--device {}: this qtune was built without CUDA", crate::device::name(dev))))
+    Err(crate::device::no_cuda(dev))
 }
 
 #[cfg(test)]

@@ -328,6 +328,11 @@ pub(crate) fn key(seed: u64, step: u64, id: usize, stream: u32) -> RngKey {
     RngKey::new(direction_seed(seed, step, id), id as u32, stream)
 }
 
+/// The rounding key of parameter `id`'s recalibration at `step` (its own stream beside the updates').
+pub(crate) fn recalibration_key(seed: u64, step: u64, id: usize) -> RngKey {
+    key(seed, step, id, STREAM_SR_WEIGHT ^ 0x100)
+}
+
 impl Qft {
     pub fn new(source: Source, cfg: QftConfig, on_nan: OnNonFinite) -> Result<Self> {
         if cfg.fused && cfg.clip.is_some() {
@@ -364,7 +369,7 @@ impl Qft {
         let mut store = self.weights.0.borrow_mut();
         let cfg = store.cfg.clone();
         for id in cfg_matrices(&cfg) {
-            let k = key(self.cfg.seed, self.step, id.index(&cfg), STREAM_SR_WEIGHT ^ 0x100);
+            let k = recalibration_key(self.cfg.seed, self.step, id.index(&cfg));
             store.mat_mut(id).recalibrate(Rounding::Stochastic(k)).map_err(quant_err)?;
         }
         Ok(())

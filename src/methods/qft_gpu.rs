@@ -6,7 +6,7 @@
 //! onto the stack as it arrives. What stays the CPU's: the fused variant, several ranks, the integer products, and
 //! the once-per-epoch recalibration, which moves one matrix at a time through the host. The `changed_fraction`
 //! figures are not counted here (they would need a copy of every matrix before its update).
-use super::qft::{key, load_hybrid, save_hybrid, Int8Blocks, QftConfig, PIECE};
+use super::qft::{key, load_hybrid, recalibration_key, save_hybrid, Int8Blocks, QftConfig, PIECE};
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::device::cuda_quant::{lion_f32, GpuBlocks8, GpuHybrid, LionArgs, Requant};
 use crate::model::quantized::{quant_err, Compute, Source};
@@ -49,9 +49,6 @@ impl QftGpu {
                 "QFT on GPUs runs as one process so far (its INT8 all-reduce is the CPU's)".into(),
             ));
         }
-        if cfg.compute != Compute::F32 {
-            return Err(Error::Option("--compute: on a GPU QFT's products run in f32 (--compute f32)".into()));
-        }
         let frac = cfg.outlier_fraction;
         let store = GpuStore::load(
             source,
@@ -77,7 +74,7 @@ impl QftGpu {
         let cfg = self.store.cfg.clone();
         for id in ParamId::all(&cfg).into_iter().filter(|id| id.is_matrix()) {
             let mut h = self.hybrid(id)?.download()?;
-            let k = key(self.cfg.seed, self.step, id.index(&cfg), STREAM_SR_WEIGHT ^ 0x100);
+            let k = recalibration_key(self.cfg.seed, self.step, id.index(&cfg));
             h.recalibrate(Rounding::Stochastic(k)).map_err(quant_err)?;
             *self.store.mat_mut(id) = GpuMat::Hybrid(GpuHybrid::upload(&self.dev, &h)?);
         }
@@ -159,7 +156,7 @@ impl FirstOrder for QftGpu {
             self.sumsq = 0.0;
         }
         let (out, trace) = model.forward(&self.store, batch, self.cfg.keep)?;
-        let trace = trace.expect("training forward keeps a trace");
+        let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
         let activations = trace.bytes();
         let scratch = block_scratch_bytes(&model.cfg, &batch.lengths, self.cfg.keep, 4);
         let mut sink = StackSink {

@@ -56,6 +56,16 @@ pub struct QuzoArgs {
 }
 crate::options::defaults_from_clap!(QuzoArgs);
 
+impl QuzoArgs {
+    /// The perturbation grid needs 2 to 8 bits.
+    pub fn check(&self) -> Result<()> {
+        if !(2..=8).contains(&self.perturb_bits) {
+            return Err(Error::Option(format!("--perturb-bits {} must be between 2 and 8", self.perturb_bits)));
+        }
+        Ok(())
+    }
+}
+
 /// How u₁ (perturb) and u₂ (update) are drawn from u.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 pub enum Estimator {
@@ -256,9 +266,7 @@ pub fn int_quantizer(bits: u32) -> Result<impl FnMut(ParamId, &[f32], usize, usi
 impl Quzo {
     /// QuZO on the model read from `source` at `bits`, its forwards in `compute`.
     pub fn new(source: Source, bits: u32, args: &QuzoArgs, compute: Compute, zo: ZoLoop) -> Result<Self> {
-        if !(2..=8).contains(&args.perturb_bits) {
-            return Err(Error::Option(format!("--perturb-bits {} must be between 2 and 8", args.perturb_bits)));
-        }
+        args.check()?;
         let mut store = quantize_int(source, bits)?;
         store.compute = compute;
         Ok(Quzo { store, perturb_bits: args.perturb_bits, estimator: args.estimator, zo })

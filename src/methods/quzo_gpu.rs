@@ -33,9 +33,7 @@ pub struct QuzoGpu {
 impl QuzoGpu {
     /// QuZO on the model read from `source` at `bits`, held on the GPU `dev`.
     pub fn new(source: Source, bits: u32, args: &QuzoArgs, zo: ZoLoop, dev: &Device) -> Result<Self> {
-        if !(2..=8).contains(&args.perturb_bits) {
-            return Err(Error::Option(format!("--perturb-bits {} must be between 2 and 8", args.perturb_bits)));
-        }
+        args.check()?;
         let store = GpuStore::load(source, &mut super::quzo::int_quantizer(bits)?, dev)?;
         let spec = super::quzo::weight_spec(bits)?;
         Ok(QuzoGpu { store, spec, perturb_bits: args.perturb_bits, estimator: args.estimator, zo, dev: dev.clone() })

@@ -112,6 +112,12 @@ pub enum Compute {
 }
 
 impl Compute {
+    /// The name `--compute` takes (`int8`, `int8-mixed`, `f32`).
+    pub fn cli_name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value().map_or_else(|| format!("{self:?}"), |v| v.get_name().to_string())
+    }
+
     /// Whether the products run on the integer units (the INT8 ceiling judges them).
     pub fn is_int(self) -> bool {
         matches!(self, Compute::Int8 | Compute::Int8Mixed)

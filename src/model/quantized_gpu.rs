@@ -170,7 +170,7 @@ impl Weights for GpuStore {
     }
 
     fn vector(&self, id: ParamId) -> Result<Tensor> {
-        Ok(self.vecs[id.index(&self.cfg)].clone().expect("a vector parameter"))
+        self.vecs[id.index(&self.cfg)].clone().ok_or_else(|| Error::Msg(format!("{id:?} is not a vector parameter")))
     }
 
     /// The whole matrix is dequantized and the rows picked from it (a transient of the matrix's f32 size, as for
