@@ -19,7 +19,9 @@ fn main() {
         let src = format!("kernels/{name}.cu");
         let ptx = out.join(format!("{name}.ptx"));
         let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=compute_{cap}"), &src, "-o"])
+            // No contraction into fused multiply-adds beyond those the kernels write out (__fmaf_rn): the kernels
+            // repeat the CPU's arithmetic operation by operation.
+            .args(["--ptx", "-O3", "-std=c++17", "--fmad=false", &format!("-arch=compute_{cap}"), &src, "-o"])
             .arg(&ptx)
             .status()
             .unwrap_or_else(|e| panic!("{nvcc}: {e} (the cuda feature needs nvcc: bash scripts/setup_cuda.sh)"));

@@ -115,6 +115,14 @@ __device__ __forceinline__ Group scale_for(float lo, float hi, int bits, int sym
     return g;
 }
 
+// A group's parameters from its reduced range: hi = max |x| (symmetric, from 0), or [lo, hi] = the min and max of
+// its non-NaN values (from +inf and -inf: a group of NaNs only spans [0, 0], as simd.rs's min_max says).
+__device__ __forceinline__ Group group_params(float lo, float hi, int bits, int sym) {
+    if (sym) return scale_for(-hi, hi, bits, sym);
+    const bool none = lo > hi;
+    return scale_for(none ? 0.0f : lo, none ? 0.0f : hi, bits, sym);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // NF4 (nf4.rs): levels[u]·absmax of block i / block, a plain product; a double-quantized absmax is
 // dmap[code]·absmax2[b / dq_block] + offset, rounded after each operation as bitsandbytes does.
@@ -189,7 +197,8 @@ __device__ __forceinline__ float lion_momentum(float m, float g, float gs, float
     return __fadd_rn(__fmul_rn(b2, m), __fmul_rn(__fmul_rn(__fsub_rn(1.0f, b2), g), gs));
 }
 
-// QFT's INT8 blocks (methods/qft.rs's Int8Blocks): symmetric INT8, one scale per 256 elements.
+// QFT's INT8 blocks (methods/qft.rs's Int8Blocks): symmetric INT8, one scale per 256 elements (qft::BLOCK and
+// cuda_quant::BLOCK8, asserted equal in methods/qft_gpu.rs).
 #define BLOCK8 256
 __device__ __forceinline__ float block8_value(const uint8_t *codes, const float *scales, uint64_t i) {
     return __fmaf_rn((float)(int8_t)codes[i], scales[i / BLOCK8], 0.0f);
@@ -317,9 +326,7 @@ extern "C" __global__ void int_group_scales(float *scales, float *offsets, const
         __syncthreads();
     }
     if (threadIdx.x == 0) {
-        // A group of NaNs only spans [0, 0], as simd.rs's min_max says.
-        const bool none = !sym && lo_s[0] > hi_s[0];
-        const Group r = scale_for(sym ? -hi_s[0] : (none ? 0.0f : lo_s[0]), none ? 0.0f : hi_s[0], bits, sym);
+        const Group r = group_params(lo_s[0], hi_s[0], bits, sym);
         scales[g] = r.scale;
         if (!sym) offsets[g] = r.offset;
     }

@@ -34,3 +34,8 @@ impl Error {
         Error::Line { path: path.into(), line, msg: msg.to_string() }
     }
 }
+
+/// A quantized kernel's error (qtune-quant's), as the engine reports it.
+pub fn quant_err(e: qtune_quant::QuantError) -> Error {
+    Error::Msg(format!("quantized kernel: {e}"))
+}

@@ -86,8 +86,7 @@ int main() {
                     if (sym) hi = fmaxf(hi, fabsf(x[i]));
                     else { lo = fminf(lo, x[i]); hi = fmaxf(hi, x[i]); }
                 }
-                const bool none = !sym && lo > hi;
-                const Group g = scale_for(sym ? -hi : (none ? 0.0f : lo), none ? 0.0f : hi, bits, sym);
+                const Group g = group_params(lo, hi, bits, sym);
                 scales.push_back(g.scale);
                 offsets.push_back(g.offset);
             }

@@ -71,7 +71,9 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::CudaLocal => {
+                // A launcher that binds each rank to its own GPU (one visible per process) makes n % 1 = 0.
                 let n = crate::dist::local_rank();
+                let n = visible_gpus().filter(|&c| c > 0).map_or(n, |c| n % c);
                 DeviceSpec::Cuda(n).open().map_err(|e| match e {
                     Error::Option(m) if n > 0 => Error::Option(format!(
                         "{m} (--device cuda under mpirun gives the machine's n-th rank GPU n, here {n}: start at most \
@@ -120,6 +122,14 @@ pub fn gpu_name(dev: &Device) -> Option<String> {
 /// The device's name as reports print it: `cpu` or `cuda:N`.
 pub fn name(dev: &Device) -> String {
     DeviceSpec::of(dev).to_string()
+}
+
+/// How many GPUs this process sees (None without CUDA, or when the driver cannot say).
+fn visible_gpus() -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    return candle_core::cuda_backend::cudarc::driver::CudaContext::device_count().ok().map(|c| c as usize);
+    #[cfg(not(feature = "cuda"))]
+    None
 }
 
 /// The error of a GPU path reached in a binary built without CUDA (opening the device fails first, with the build

@@ -22,6 +22,9 @@ use candle_core::{Device, Tensor};
 use qtune_quant::rng::{RngKey, STREAM_SR_GRAD, STREAM_SR_MOMENTUM, STREAM_SR_WEIGHT};
 use qtune_quant::{HybridTensor, Rounding};
 
+// The GPU's INT8 blocks are the CPU's (kernels/quant.cu's BLOCK8 likewise).
+const _: () = assert!(super::qft::BLOCK == crate::device::cuda_quant::BLOCK8);
+
 pub struct QftGpu {
     store: GpuStore,
     /// Lion momentum per parameter, indexed by `ParamId::index`.

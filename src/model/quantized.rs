@@ -138,17 +138,9 @@ pub struct QuantStore<W> {
 }
 
 impl<W: QuantWeight> QuantStore<W> {
-    fn build(cfg: LlamaConfig, mut parts: HashMap<ParamId, Result<Part<W>>>) -> Result<Self> {
-        let n = ParamId::all(&cfg).len();
-        let (mut mats, mut vecs): (Vec<Option<W>>, Vec<Option<Tensor>>) =
-            ((0..n).map(|_| None).collect(), vec![None; n]);
-        for id in ParamId::all(&cfg) {
-            let i = id.index(&cfg);
-            match parts.remove(&id).ok_or_else(|| Error::Msg(format!("missing {id:?}")))?? {
-                Part::Mat(w) => mats[i] = Some(w),
-                Part::Vec(t) => vecs[i] = Some(t),
-            }
-        }
+    fn build(cfg: LlamaConfig, parts: HashMap<ParamId, Result<Part<W>>>) -> Result<Self> {
+        let parts = parts.into_iter().map(|(id, p)| Ok((id, p?))).collect::<Result<HashMap<_, _>>>()?;
+        let (mats, vecs) = place(&cfg, parts)?;
         Ok(QuantStore { cfg, mats, vecs, compute: Compute::F32 })
     }
 
@@ -217,6 +209,24 @@ impl<W: QuantWeight> QuantStore<W> {
     }
 }
 
+/// A store's slots: matrices and norm weights, each indexed by `ParamId::index` (`None` where the other kind is).
+pub type Placed<T> = (Vec<Option<T>>, Vec<Option<Tensor>>);
+
+/// Every parameter's part in its slot (`ParamId::index`): the matrices and the norm weights, each parameter of the
+/// config present once (a store's layout, on either device).
+pub fn place<T>(cfg: &LlamaConfig, mut parts: HashMap<ParamId, Part<T>>) -> Result<Placed<T>> {
+    let n = ParamId::all(cfg).len();
+    let (mut mats, mut vecs): (Vec<Option<T>>, Vec<Option<Tensor>>) = ((0..n).map(|_| None).collect(), vec![None; n]);
+    for id in ParamId::all(cfg) {
+        let i = id.index(cfg);
+        match parts.remove(&id).ok_or_else(|| Error::Msg(format!("missing {id:?}")))? {
+            Part::Mat(w) => mats[i] = Some(w),
+            Part::Vec(t) => vecs[i] = Some(t),
+        }
+    }
+    Ok((mats, vecs))
+}
+
 /// One parameter as a quantized method holds it: a quantized matrix or an f32 norm weight.
 pub enum Part<W> {
     Mat(W),
@@ -250,9 +260,7 @@ pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }
 
-pub fn quant_err(e: qtune_quant::QuantError) -> Error {
-    Error::Msg(format!("quantized kernel: {e}"))
-}
+pub use crate::error::quant_err;
 
 /// The weight as the integer kernels read it, or the error saying why it cannot be.
 fn int_view(w: &(impl QuantWeight + ?Sized)) -> Result<&dyn qtune_quant::IntWeight> {

@@ -6,7 +6,7 @@
 use super::config::LlamaConfig;
 use super::llama::Weights;
 use super::params::ParamId;
-use super::quantized::{Part, Quantize, Source};
+use super::quantized::{place, Part, Quantize, Source};
 use crate::device::cuda_quant::{GpuHybrid, GpuInt, GpuNf4};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -85,32 +85,16 @@ impl GpuStore {
         let Device::Cuda(cuda) = dev else {
             return Err(Error::Msg("a GPU store needs a CUDA device".into()));
         };
-        let mut parts = Vec::new();
+        let mut parts = std::collections::HashMap::new();
         let cfg = source.stream_parts(quantize, &mut |id, part| {
-            parts.push((
-                id,
-                match part {
-                    Part::Mat(w) => Part::Mat(w.to_gpu(cuda)?),
-                    Part::Vec(t) => Part::Vec(t.to_device(dev)?),
-                },
-            ));
+            let moved = match part {
+                Part::Mat(w) => Part::Mat(w.to_gpu(cuda)?),
+                Part::Vec(t) => Part::Vec(t.to_device(dev)?),
+            };
+            parts.insert(id, moved);
             Ok(())
         })?;
-        let n = ParamId::all(&cfg).len();
-        let (mut mats, mut vecs): (Vec<Option<GpuMat>>, Vec<Option<Tensor>>) =
-            ((0..n).map(|_| None).collect(), vec![None; n]);
-        for (id, part) in parts {
-            match part {
-                Part::Mat(w) => mats[id.index(&cfg)] = Some(w),
-                Part::Vec(t) => vecs[id.index(&cfg)] = Some(t),
-            }
-        }
-        if let Some(id) = ParamId::all(&cfg).into_iter().find(|id| {
-            let i = id.index(&cfg);
-            mats[i].is_none() && vecs[i].is_none()
-        }) {
-            return Err(Error::Msg(format!("missing {id:?}")));
-        }
+        let (mats, vecs) = place(&cfg, parts)?;
         Ok(GpuStore { cfg, mats, vecs })
     }
 
@@ -118,18 +102,17 @@ impl GpuStore {
     /// of its master weights).
     pub fn quantize_params(params: &super::ParamStore, spec: qtune_quant::QuantSpec) -> Result<Self> {
         let cfg = params.cfg.clone();
-        let n = ParamId::all(&cfg).len();
-        let (mut mats, mut vecs): (Vec<Option<GpuMat>>, Vec<Option<Tensor>>) =
-            ((0..n).map(|_| None).collect(), vec![None; n]);
+        let mut parts = std::collections::HashMap::new();
         for id in ParamId::all(&cfg) {
             let t = params.get(id);
-            if id.is_matrix() {
-                let q = GpuInt::quantize(&t.contiguous()?, spec, qtune_quant::Rounding::Nearest)?;
-                mats[id.index(&cfg)] = Some(GpuMat::Int(q));
+            let part = if id.is_matrix() {
+                Part::Mat(GpuMat::Int(GpuInt::quantize(&t.contiguous()?, spec, qtune_quant::Rounding::Nearest)?))
             } else {
-                vecs[id.index(&cfg)] = Some(t.clone());
-            }
+                Part::Vec(t.clone())
+            };
+            parts.insert(id, part);
         }
+        let (mats, vecs) = place(&cfg, parts)?;
         Ok(GpuStore { cfg, mats, vecs })
     }
 

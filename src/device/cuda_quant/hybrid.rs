@@ -43,7 +43,7 @@ impl GpuHybrid {
         col_idx.truncate(nnz);
         values.truncate(nnz);
         HybridTensor::from_raw(self.dense.download()?, self.fraction, self.threshold, row_ptr, col_idx, values)
-            .map_err(crate::model::quantized::quant_err)
+            .map_err(crate::error::quant_err)
     }
 
     /// The dense codes and the outlier values back on the host (checkpoints, tests).

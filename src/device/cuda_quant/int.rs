@@ -38,7 +38,7 @@ impl GpuInt {
     /// A rows×cols tensor in `spec` with zero codes and scales, to be filled by [`GpuInt::recalibrate`].
     pub fn zeros(dev: &CudaDevice, rows: usize, cols: usize, spec: QuantSpec) -> Result<Self> {
         let n = rows * cols;
-        let group = spec.group_len(rows, cols).map_err(crate::model::quantized::quant_err)?;
+        let group = spec.group_len(rows, cols).map_err(crate::error::quant_err)?;
         let groups = n.div_ceil(group).max(1);
         Ok(GpuInt {
             rows,
@@ -65,8 +65,7 @@ impl GpuInt {
         let codes = self.dev.clone_dtoh(&self.codes)?;
         let scales = self.dev.clone_dtoh(&self.scales)?;
         let offsets = self.offsets.as_ref().map(|o| self.dev.clone_dtoh(o)).transpose()?;
-        IntTensor::from_raw(self.rows, self.cols, self.spec, codes, scales, offsets)
-            .map_err(crate::model::quantized::quant_err)
+        IntTensor::from_raw(self.rows, self.cols, self.spec, codes, scales, offsets).map_err(crate::error::quant_err)
     }
 
     pub fn rows(&self) -> usize {
