@@ -18,9 +18,11 @@
 //! - evaluation: loss within 1e-4 relative, the same answers on every example;
 //! - first-order training (QLoRA's NF4 base included): each step's loss within 1e-3 relative; exported weights
 //!   within 1% of the update's norm (‖w_gpu − w_cpu‖ ≤ 0.01·‖w_cpu − w_start‖);
-//! - zeroth-order (MeZO full and over LoRA factors, QuZO over LoRA factors on an INT8/INT4 base): each loss within
-//!   1e-3 relative; weights within 5% of the update's norm, because the projected gradient (L₊ − L₋)/2ε divides
-//!   the devices' rounding differences by ε.
+//! - zeroth-order (MeZO full and over LoRA factors, QuZO full and over LoRA factors on an INT8/INT4 base): each
+//!   loss within 1e-3 relative; weights within 5% of the update's norm, because the projected gradient
+//!   (L₊ − L₋)/2ε divides the devices' rounding differences by ε;
+//! - QFT: each loss within 1e-3 relative; weights within 5% of the update's norm, because Lion takes the sign of
+//!   its momentum: where that is near zero the devices' summation orders can flip a step;
 //! - the kernels themselves (quantized formats, Philox streams): bit for bit.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
