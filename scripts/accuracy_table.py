@@ -21,7 +21,7 @@ ZERO_SHOT = ["zero-shot-f32", "zero-shot-int8", "zero-shot-int4", "zero-shot-int
 FO = ["full-adamw", "full-lion", "qft"]
 # The zero-shot run each trained run starts from (the same weights at the same precision).
 BASE = {"mezo": "zero-shot-f32", "quzo-int8": "zero-shot-int8-f32", "quzo-int4": "zero-shot-int4-f32",
-        "qrge1-int4": "zero-shot-int4-f32", "quzo-int8-a8": "zero-shot-int8", "qat-int4": "zero-shot-f32", "full-adamw": "zero-shot-f32",
+        "qrge1-int4": "zero-shot-int4-f32", "quzo-int8-a8": "zero-shot-int8", "qat-int4": "zero-shot-int4-f32", "full-adamw": "zero-shot-f32",
         "full-lion": "zero-shot-f32", "qft": "zero-shot-f32"}
 # The papers' orderings: (a, b, what the paper says of a against b).
 CLAIMS = [
