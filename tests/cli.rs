@@ -455,6 +455,30 @@ fn bench_runs_every_method() {
     }
 }
 
+/// `--save-state` leaves the training state after the last step, and resuming from it with no step left exports
+/// the same weights bit for bit (QFT: INT8 codes, outliers and momentum travel through the file).
+#[test]
+fn save_state_writes_a_state_that_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = lm_data(dir.path());
+    let out = dir.path().join("qft");
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = train_args(TINY, d, o);
+    args[8] = "qft";
+    let (ok, _, err) = qtune(&[args.clone(), vec!["--save-state"]].concat());
+    assert!(ok, "{err}");
+    assert!(out.join("checkpoint.safetensors").exists(), "--save-state wrote no state");
+    let load =
+        || candle_core::safetensors::load(out.join("model/model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let saved = load();
+    let (ok, _, err) = qtune(&[args, vec!["--resume"]].concat());
+    assert!(ok, "{err}");
+    for (name, t) in load() {
+        let d = (&t - &saved[&name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{name} differs after resuming the saved state");
+    }
+}
+
 /// A run killed with SIGKILL at an arbitrary step and resumed from its last checkpoint ends with weights
 /// bit-identical to an uninterrupted run with the same seed.
 #[test]

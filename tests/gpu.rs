@@ -209,6 +209,50 @@ fn gpu_methods_train_as_on_the_cpu() {
     }
 }
 
+/// A training state written on one device resumes on the other: a run that saved its state (`--save-state`) on
+/// the CPU and one that saved it on the GPU, each resumed on the other device with no step left, export exactly the
+/// weights the saving run exported (the quantized codes and scales travel as they are; dequantizing them is the same
+/// arithmetic on both devices).
+#[test]
+fn checkpoints_move_between_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    if gpu(dir.path()).is_none() {
+        return;
+    }
+    let data = common::lm_data(dir.path());
+    let gpu_dev = other();
+    let methods: &[&[&str]] = &[
+        &["--method", "qft"],
+        &["--method", "quzo", "--bits", "4", "--compute", "f32"],
+        &["--method", "qlora", "--export", "hf"],
+    ];
+    for (i, m) in methods.iter().enumerate() {
+        for (from, to) in [("cpu", gpu_dev.as_str()), (gpu_dev.as_str(), "cpu")] {
+            let out = dir.path().join(format!("ckpt{i}-{from}"));
+            let run_on = |dev: &str, extra: &[&str]| {
+                let mut a = strings(&["train", "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--seed", "5"]);
+                a.extend(task(&data, &out));
+                a.extend(strings(m));
+                a.extend(strings(&["--device", dev]));
+                a.extend(strings(extra));
+                ok(&run(&a), &format!("{m:?} on {dev} {extra:?}"));
+            };
+            run_on(from, &["--save-state"]);
+            let saved = tensors(&out.join("model"));
+            run_on(to, &["--resume"]);
+            let resumed = tensors(&out.join("model"));
+            assert_eq!(saved.len(), resumed.len(), "{m:?}: {from} -> {to}");
+            for ((n, a), (_, b)) in saved.iter().zip(&resumed) {
+                assert_eq!(bits_of(a), bits_of(b), "{m:?}: {n} differs after moving the state {from} -> {to}");
+            }
+        }
+    }
+}
+
+fn bits_of(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 /// What has no GPU path yet is refused by name before any GPU is opened (this runs everywhere): QFT's fused
 /// variant, and evaluation on the integer path (the CPU's integer units).
 #[test]

@@ -301,7 +301,9 @@ pub fn train(
         }
         // Every rank stops at the same step when any was interrupted (one byte each with several ranks).
         let interrupted = dist::any(INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst))?;
-        let due = cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0;
+        // `--save-state` writes the state after the last step (it was read nowhere before: the option did nothing).
+        let due = (cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0)
+            || (cfg.save_state && step + 1 == cfg.steps);
         let stop = selection.exhausted(cfg.selection.early_stop);
         if due || interrupted || stop {
             save_checkpoint(method, &checkpoint_path(&cfg.out), &state(&selection))?;
