@@ -29,7 +29,6 @@ use qtune_quant::rng::{
     fill_gaussian_seq, fill_uniform_seq, RngKey, STREAM_GAUSS, STREAM_SR_ONGRID, STREAM_SR_PERTURB, STREAM_SR_PERTURB2,
     STREAM_SR_WEIGHT,
 };
-use qtune_quant::round::stochastic_round;
 use qtune_quant::{Bits, Granularity, IntTensor, IntWeight, QuantBytes, QuantSpec, QuantWeight, Rounding};
 use rayon::prelude::*;
 
@@ -120,14 +119,11 @@ impl QDirection {
             let s = start + (c * FILL_CHUNK) as u64;
             fill_gaussian_seq(&self.gauss, s, o);
             let u = &mut u[..o.len()];
-            if let Some(key) = &round {
-                fill_uniform_seq(key, s, u);
-            }
-            for (v, &r) in o.iter_mut().zip(u.iter()) {
-                let y = *v / self.scale;
-                let q = if round.is_some() { stochastic_round(y, r) } else { y.round_ties_even() };
-                *v = q.clamp(-self.qmax, self.qmax) * self.scale;
-            }
+            let r = round.map(|key| {
+                fill_uniform_seq(&key, s, u);
+                &u[..]
+            });
+            qtune_quant::round::onto_grid(o, r, self.scale, self.qmax);
         }
     }
 
@@ -193,11 +189,8 @@ impl IntWeight for PerturbedInt<'_> {
                 let (u, r) = (&mut u[..q.len()], &mut r[..q.len()]);
                 self.dir.fill(at, u, Some(STREAM_SR_PERTURB));
                 fill_uniform_seq(&key, at, r);
-                for ((q, &u), &r) in q.iter_mut().zip(u.iter()).zip(r.iter()) {
-                    // Clamped first: a row of tiny scale must not overflow i32 (the codes clamp at ±127 anyway).
-                    let v = stochastic_round(ratio * u, r).clamp(-254.0, 254.0) as i32;
-                    *q = (*q as i32 + sign * v).clamp(-127, 127) as i8;
-                }
+                // The move is clamped first: a row of tiny scale must not overflow i32 (codes clamp at ±127 anyway).
+                qtune_quant::round::move_codes(q, u, r, ratio, sign);
             }
         }
         Ok(())

@@ -129,6 +129,38 @@ multiversion! {
 }
 
 multiversion! {
+    /// Values onto the grid `scale·{−qmax..qmax}`: v ← clamp(R(v / scale), ±qmax)·scale, R stochastic rounding
+    /// with the uniforms r, or ties-to-even rounding without them (`round::onto_grid`). Branch-free (the choice of
+    /// rounding is per call) so LLVM vectorizes it.
+    fn onto_grid_f32(v: &mut [f32], r: Option<&[f32]>, scale: f32, qmax: f32) {
+        match r {
+            Some(r) => v.iter_mut().zip(r).for_each(|(v, &r)| {
+                let y = *v / scale;
+                let f = y.floor();
+                let q = if r < y - f { f + 1.0 } else { f };
+                *v = q.clamp(-qmax, qmax) * scale;
+            }),
+            None => v.iter_mut().for_each(|v| *v = (*v / scale).round_ties_even().clamp(-qmax, qmax) * scale),
+        }
+    }
+}
+
+multiversion! {
+    /// Codes moved on their own grid: q ← clamp(q + sign·clamp(SR(ratio·u), ±254), ±127), SR with the uniforms r
+    /// (QuZO's on-grid perturbation, `round::move_codes`). Written without branches so LLVM vectorizes it; `floor`
+    /// is `round::floor` bit for bit (tested there).
+    fn move_codes_sr(q: &mut [i8], u: &[f32], r: &[f32], ratio: f32, sign: i32) {
+        for ((q, &u), &r) in q.iter_mut().zip(u).zip(r) {
+            let y = ratio * u;
+            let f = y.floor();
+            let v = if r < y - f { f + 1.0 } else { f };
+            let v = v.clamp(-254.0, 254.0) as i32;
+            *q = (*q as i32 + sign * v).clamp(-127, 127) as i8;
+        }
+    }
+}
+
+multiversion! {
     /// Clamped integer-valued grid values plus `add` to bytes: 8-bit codes (add 0; negative values become two's
     /// complement) or 4-bit nibble values (add the nibble zero).
     fn grid_to_bytes(q: &[f32], add: f32, out: &mut [u8]) {
