@@ -129,11 +129,16 @@ pub fn device_note(spec: DeviceSpec) -> String {
     }
 }
 
-/// Plans one run; a quantized run's name carries its bit width (`quzo-int4`), as `qtune bench` names it.
+/// Plans one run; a quantized run's name carries its bit width (`quzo-int4`), and full-parameter QuZO's its f32
+/// arithmetic when asked for (`quzo-int4-f32`), as `qtune bench` names them.
 pub fn plan_run(cfg: &LlamaConfig, m: &MethodArgs, shape: &plan::Shape) -> Result<plan::Plan> {
     let mut p = plan::plan(cfg, m.method, &m.options, shape)?;
     if matches!(m.method, MethodKind::Quzo | MethodKind::Qat) {
         p.method = format!("{}-int{}", p.method, m.options.bits.bits);
+    }
+    let f32_quzo = m.method == MethodKind::Quzo && !m.options.zo.lora;
+    if f32_quzo && m.options.compute.compute == Some(qtune::model::quantized::Compute::F32) {
+        p.method += "-f32";
     }
     Ok(p)
 }
