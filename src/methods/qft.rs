@@ -513,33 +513,60 @@ fn add(a: (usize, usize), b: (usize, usize)) -> (usize, usize) {
     (a.0 + b.0, a.1 + b.1)
 }
 
-/// The stack sink: quantize at once and push (first micro-batch) or add into the entry at the same depth.
-struct StackSink<'a> {
-    stack: &'a mut Vec<(ParamId, Int8Blocks)>,
-    depth: usize,
-    accumulate: bool,
-    /// Whether this is the step's last micro-batch (its pushes carry the final values, whose norm clipping needs).
-    last: bool,
-    sumsq: f64,
-    seed: u64,
-    micro: u64,
+/// How a gradient-stack entry is made and grown, on the device that holds it: the host's [`Int8Blocks`] here, the
+/// GPU's blocks in `qft_gpu`. Each returns Σ new² (for clipping) when asked.
+pub(crate) trait StackEntries {
+    type Entry;
+    /// The entry of an f32 gradient, quantized with stochastic rounding on `key`.
+    fn quantize(&self, grad: &Tensor, key: RngKey, sumsq: bool) -> Result<(Self::Entry, f64)>;
+    /// `entry` ← entry + grad, re-quantized with stochastic rounding on `key`.
+    fn add(&self, entry: &mut Self::Entry, grad: &Tensor, key: RngKey, sumsq: bool) -> Result<f64>;
 }
 
-impl GradSink for StackSink<'_> {
-    fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()> {
-        // Read in place: a second f32 copy of the largest gradient (the embedding's) would be most of a step's peak.
-        crate::model::quantized::with_f32_slice(&grad, |g| self.push_slice(id, g))?
+/// The host's stack: gradients read in place (a second f32 copy of the largest gradient, the embedding's, would be
+/// most of a step's peak).
+pub(crate) struct HostEntries;
+
+impl StackEntries for HostEntries {
+    type Entry = Int8Blocks;
+    fn quantize(&self, grad: &Tensor, key: RngKey, sumsq: bool) -> Result<(Int8Blocks, f64)> {
+        crate::model::quantized::with_f32_slice(grad, |g| {
+            let s = if sumsq { g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() } else { 0.0 };
+            Ok((Int8Blocks::quantize(g, key)?, s))
+        })?
+    }
+    fn add(&self, entry: &mut Int8Blocks, grad: &Tensor, key: RngKey, _sumsq: bool) -> Result<f64> {
+        crate::model::quantized::with_f32_slice(grad, |g| {
+            entry.rewrite(key, |start, v| {
+                let n = v.len();
+                v.iter_mut().zip(&g[start..start + n]).for_each(|(a, b)| *a += b);
+                Ok(())
+            })
+        })?
     }
 }
 
-impl StackSink<'_> {
-    fn push_slice(&mut self, id: ParamId, g: &[f32]) -> Result<()> {
+/// The stack sink: quantize at once and push (first micro-batch) or add into the entry at the same depth, with the
+/// same rounding keys on either device.
+pub(crate) struct StackSink<'a, S: StackEntries> {
+    pub entries: &'a S,
+    pub stack: &'a mut Vec<(ParamId, S::Entry)>,
+    pub depth: usize,
+    pub accumulate: bool,
+    /// Whether this is the step's last micro-batch (its pushes carry the final values, whose norm clipping needs).
+    pub last: bool,
+    pub sumsq: f64,
+    pub seed: u64,
+    pub micro: u64,
+}
+
+impl<S: StackEntries> GradSink for StackSink<'_, S> {
+    fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()> {
         let k = RngKey::new(direction_seed(self.seed, self.micro, self.depth), self.depth as u32, STREAM_SR_GRAD);
-        if !self.accumulate {
-            if self.last {
-                self.sumsq += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
-            }
-            self.stack.push((id, Int8Blocks::quantize(g, k)?));
+        let s = if !self.accumulate {
+            let (entry, s) = self.entries.quantize(&grad, k, self.last)?;
+            self.stack.push((id, entry));
+            s
         } else {
             let (eid, entry) =
                 self.stack.get_mut(self.depth).ok_or_else(|| Error::Msg("gradient stack underflow".into()))?;
@@ -548,14 +575,10 @@ impl StackSink<'_> {
                     "gradient stack out of order: {id:?} arrived where {eid:?} was pushed"
                 )));
             }
-            let s = entry.rewrite(k, |start, v| {
-                let n = v.len();
-                v.iter_mut().zip(&g[start..start + n]).for_each(|(a, b)| *a += b);
-                Ok(())
-            })?;
-            if self.last {
-                self.sumsq += s;
-            }
+            self.entries.add(entry, &grad, k, self.last)?
+        };
+        if self.last {
+            self.sumsq += s;
         }
         self.depth += 1;
         Ok(())
@@ -616,6 +639,7 @@ impl FirstOrder for Qft {
             self.changed = sink.changed;
         } else {
             let mut sink = StackSink {
+                entries: &HostEntries,
                 stack: &mut self.stack,
                 depth: 0,
                 accumulate: k > 0,

@@ -6,20 +6,21 @@
 //! onto the stack as it arrives. What stays the CPU's: the fused variant, several ranks, the integer products, and
 //! the once-per-epoch recalibration, which moves one matrix at a time through the host. The `changed_fraction`
 //! figures are not counted here (they would need a copy of every matrix before its update).
-use super::qft::{key, load_hybrid, recalibration_key, save_hybrid, Int8Blocks, QftConfig, PIECE};
+use super::qft::{
+    key, load_hybrid, recalibration_key, save_hybrid, Int8Blocks, QftConfig, StackEntries, StackSink, PIECE,
+};
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::device::cuda_quant::{lion_f32, GpuBlocks8, GpuHybrid, LionArgs, Requant};
 use crate::model::quantized::{quant_err, Compute, Source};
 use crate::model::quantized_gpu::{GpuMat, GpuStore};
-use crate::model::{Batch, GradSink, Llama, ParamId, Weights};
+use crate::model::{Batch, Llama, ParamId, Weights};
 use crate::train::first_order::{self, FirstOrder, Micro};
 use crate::train::memory::{block_scratch_bytes, Breakdown};
-use crate::train::zeroth_order::direction_seed;
 use crate::train::{Figures, Method, OnNonFinite, StepStats};
 use crate::{Error, Result};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{Device, Tensor};
-use qtune_quant::rng::{RngKey, STREAM_SR_GRAD, STREAM_SR_MOMENTUM, STREAM_SR_WEIGHT};
+use qtune_quant::rng::{RngKey, STREAM_SR_MOMENTUM, STREAM_SR_WEIGHT};
 use qtune_quant::{HybridTensor, Rounding};
 
 // The GPU's INT8 blocks are the CPU's (kernels/quant.cu's BLOCK8 likewise).
@@ -106,42 +107,19 @@ impl QftGpu {
     }
 }
 
-/// The stack sink: each f32 gradient quantized onto the stack as it arrives (first micro-batch), or added into the
-/// entry at its depth; the rounding keys are the CPU's.
-struct StackSink<'a> {
-    stack: &'a mut Vec<(ParamId, GpuBlocks8)>,
-    dev: &'a CudaDevice,
-    depth: usize,
-    accumulate: bool,
-    last: bool,
-    sumsq: f64,
-    seed: u64,
-    micro: u64,
-}
+/// The GPU's stack entries: INT8 blocks in device memory, with the CPU's per-piece rounding keys.
+struct GpuEntries(CudaDevice);
 
-impl GradSink for StackSink<'_> {
-    fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()> {
-        let k = RngKey::new(direction_seed(self.seed, self.micro, self.depth), self.depth as u32, STREAM_SR_GRAD);
+impl StackEntries for GpuEntries {
+    type Entry = GpuBlocks8;
+    fn quantize(&self, grad: &Tensor, key: RngKey, sumsq: bool) -> Result<(GpuBlocks8, f64)> {
         let g = grad.flatten_all()?;
-        // Σg² (for clipping) only from the step's last micro-batch, whose pushes carry the summed gradients.
-        let s = if !self.accumulate {
-            let mut entry = GpuBlocks8::zeros(self.dev, g.elem_count(), PIECE)?;
-            let s = entry.requant(Requant::Set(&g), k, self.last)?;
-            self.stack.push((id, entry));
-            s
-        } else {
-            let (eid, entry) =
-                self.stack.get_mut(self.depth).ok_or_else(|| Error::Msg("gradient stack underflow".into()))?;
-            if *eid != id {
-                return Err(Error::Msg(format!(
-                    "gradient stack out of order: {id:?} arrived where {eid:?} was pushed"
-                )));
-            }
-            entry.requant(Requant::Add(&g), k, self.last)?
-        };
-        self.sumsq += s.unwrap_or(0.0);
-        self.depth += 1;
-        Ok(())
+        let mut entry = GpuBlocks8::zeros(&self.0, g.elem_count(), PIECE)?;
+        let s = entry.requant(Requant::Set(&g), key, sumsq)?;
+        Ok((entry, s.unwrap_or(0.0)))
+    }
+    fn add(&self, entry: &mut GpuBlocks8, grad: &Tensor, key: RngKey, sumsq: bool) -> Result<f64> {
+        Ok(entry.requant(Requant::Add(&grad.flatten_all()?), key, sumsq)?.unwrap_or(0.0))
     }
 }
 
@@ -162,9 +140,10 @@ impl FirstOrder for QftGpu {
         let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
         let activations = trace.bytes();
         let scratch = block_scratch_bytes(&model.cfg, &batch.lengths, self.cfg.keep, 4);
+        let entries = GpuEntries(self.dev.clone());
         let mut sink = StackSink {
+            entries: &entries,
             stack: &mut self.stack,
-            dev: &self.dev,
             depth: 0,
             accumulate: k > 0,
             last: k + 1 == n,
