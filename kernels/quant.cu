@@ -276,17 +276,38 @@ __device__ __forceinline__ void lion_outliers_row(float *values, uint8_t *codes,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Row reads: a span of rows from r0, or rows by id (an embedding lookup: ids != nullptr, checked on the host), so a
+// lookup dequantizes only the rows it takes.
+
+// The row that output row r reads.
+__device__ __forceinline__ uint64_t source_row(uint64_t r, uint64_t r0, const uint32_t *ids) {
+    return ids ? (uint64_t)ids[r] : r0 + r;
+}
+
+// The element that output element j reads: start + j, or column j % cols of row ids[j / cols].
+__device__ __forceinline__ uint64_t source_element(uint64_t j, uint64_t start, const uint32_t *ids, uint64_t cols) {
+    return ids ? source_row(j / cols, 0, ids) * cols + j % cols : start + j;
+}
+
+// A hybrid weight's outliers of source row `row` written over output row r of its dequantized dense part.
+__device__ __forceinline__ void csr_scatter_row(float *out, const uint32_t *row_ptr, const uint32_t *col_idx,
+                                                const float *values, uint64_t row, uint64_t r, uint64_t cols) {
+    for (uint32_t k = row_ptr[row]; k < row_ptr[row + 1]; k++) out[r * cols + col_idx[k]] = values[k];
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // The kernels. Each thread does one element (or one byte of nibbles) with the functions above; nothing else
 // happens in them, so the host check of the functions covers the arithmetic.
 #ifdef __CUDACC__
 #define THREAD_INDEX ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x)
 
-// out[j] = value of element start + j of an integer tensor.
-extern "C" __global__ void int_dequant_f32(float *out, const uint8_t *codes, uint64_t n, uint64_t start, int bits,
-                                           int sym, uint64_t group, const float *scales, const float *offsets) {
+// out[j] = value of element source_element(j) of an integer tensor.
+extern "C" __global__ void int_dequant_f32(float *out, const uint8_t *codes, uint64_t n, uint64_t start,
+                                           const uint32_t *ids, uint64_t cols, int bits, int sym, uint64_t group,
+                                           const float *scales, const float *offsets) {
     const uint64_t j = THREAD_INDEX;
     if (j >= n) return;
-    const uint64_t i = start + j;
+    const uint64_t i = source_element(j, start, ids, cols);
     out[j] = int_value(codes, i, bits, sym, group_of(scales, offsets, group, i));
 }
 
@@ -332,23 +353,25 @@ extern "C" __global__ void int_group_scales(float *scales, float *offsets, const
     }
 }
 
-// out[j] = value of element start + j of an NF4 tensor.
+// out[j] = value of element source_element(j) of an NF4 tensor.
 extern "C" __global__ void nf4_dequant_f32(float *out, const uint8_t *codes, uint64_t n, uint64_t start,
-                                           uint64_t block, const float *levels, const float *absmax,
+                                           const uint32_t *ids, uint64_t cols, uint64_t block, const float *levels, const float *absmax,
                                            const uint8_t *dq_codes, const float *dq_absmax2, float dq_offset,
                                            uint64_t dq_block, const float *dmap) {
     const uint64_t j = THREAD_INDEX;
     if (j >= n) return;
     const Nf4Scales s = {absmax, dq_codes, dq_absmax2, dq_offset, dq_block, dmap};
-    out[j] = nf4_value(codes, start + j, block, levels, s);
+    out[j] = nf4_value(codes, source_element(j, start, ids, cols), block, levels, s);
 }
 
-// A hybrid weight's outliers over rows r0 .. r0 + rows of its dequantized dense part (out holds those rows).
+// A hybrid weight's outliers over the rows of its dequantized dense part that out holds (rows r0 .. r0 + rows, or
+// rows ids[0 .. rows]).
 extern "C" __global__ void csr_scatter_rows(float *out, const uint32_t *row_ptr, const uint32_t *col_idx,
-                                            const float *values, uint64_t r0, uint64_t rows, uint64_t cols) {
+                                            const float *values, uint64_t r0, const uint32_t *ids, uint64_t rows,
+                                            uint64_t cols) {
     const uint64_t r = THREAD_INDEX;
     if (r >= rows) return;
-    for (uint32_t k = row_ptr[r0 + r]; k < row_ptr[r0 + r + 1]; k++) out[r * cols + col_idx[k]] = values[k];
+    csr_scatter_row(out, row_ptr, col_idx, values, source_row(r, r0, ids), r, cols);
 }
 
 // The largest |z| of the Gaussian stream (seed, tensor, stream) over elements [0, n) (QuZO's direction scale): a
@@ -370,13 +393,13 @@ extern "C" __global__ void gauss_absmax(uint32_t *out_bits, uint64_t n, uint64_t
 }
 
 // out[j] += eps·u(start + j) for QuZO's quantized direction u (SR on sr_stream, or nearest when it is < 0).
-extern "C" __global__ void qdir_axpy_f32(float *out, uint64_t n, uint64_t start, float eps, uint64_t seed,
-                                         uint32_t tensor, uint32_t stream, float scale, float qmax,
-                                         int64_t sr_stream) {
+extern "C" __global__ void qdir_axpy_f32(float *out, uint64_t n, uint64_t start, const uint32_t *ids, uint64_t cols,
+                                         float eps, uint64_t seed, uint32_t tensor, uint32_t stream, float scale,
+                                         float qmax, int64_t sr_stream) {
     const uint64_t j = THREAD_INDEX;
     if (j >= n) return;
     const QDir d = {seed, tensor, stream, scale, qmax};
-    out[j] = __fadd_rn(out[j], __fmul_rn(eps, qdir_at(d, start + j, sr_stream)));
+    out[j] = __fadd_rn(out[j], __fmul_rn(eps, qdir_at(d, source_element(j, start, ids, cols), sr_stream)));
 }
 
 // QuZO's update of elements start .. start + n of an integer tensor, fused: dequantize, step (zo_new_value),

@@ -9,7 +9,7 @@
 //! (file parsing, tolerances) on a machine without a GPU.
 //!
 //! With `--features cuda` the kernels are also compared with the CPU directly: the Philox streams and every quantized
-//! kernel (`quantized_kernels_match_the_cpu`, on tests/quant_cases' cases), bit for bit.
+//! kernel (`quantized_kernels_match_the_cpu`, on tests/quant_cases' cases, row gathers included), bit for bit.
 //!
 //! On a GPU machine `scripts/gpu_check.sh` runs this test binary (built here with `--features cuda`) against a
 //! carried `qtune` binary named by `QTUNE_BIN`.
@@ -313,6 +313,18 @@ fn cuda_device() -> Option<candle_core::Device> {
 #[cfg(feature = "cuda")]
 mod quant_cases;
 
+/// Row ids as a batch of tokens has them: repeated, out of order, the last row.
+#[cfg(feature = "cuda")]
+fn ids_of(rows: usize) -> [u32; 5] {
+    [rows as u32 - 1, 0, 2, 0, 1]
+}
+
+/// The bits of rows `ids_of(rows)` of a [rows, cols] matrix.
+#[cfg(feature = "cuda")]
+fn pick(m: &[f32], cols: usize, rows: usize) -> Vec<u32> {
+    ids_of(rows).iter().flat_map(|&r| quant_cases::bits_of(&m[r as usize * cols..][..cols])).collect()
+}
+
 /// Every quantized kernel (`kernels/quant.cu`, through `qtune::device::cuda_quant`) against the CPU's formats and
 /// update code on tests/quant_cases' cases, bit for bit: values, scales, codes, outliers. Only Σ new² of the INT8
 /// blocks is summed in another order than the CPU's: within 1e-9 relative of its sum, and the same bits twice.
@@ -343,8 +355,14 @@ fn quantized_kernels_match_the_cpu() {
         let moved: Vec<f32> = want.iter().zip(&u).map(|(w, u)| w + 1e-3f32 * u).collect();
         let zd = ZoDir { gauss: d.gauss, scale: d.scale, qmax: d.qmax, mu: 0.0 };
         let g0 = GpuInt::upload(dev, &c.t).unwrap();
-        let got = g0.dequantize_rows_moved(0..rows, 1e-3, &zd, Some(qtune::quant::rng::STREAM_SR_PERTURB)).unwrap();
+        let sr = Some(qtune::quant::rng::STREAM_SR_PERTURB);
+        let got = g0.dequantize_rows_moved(Rows::Span(0..rows), 1e-3, &zd, sr).unwrap();
         assert_eq!(bits_of(&host(&got)), bits_of(&moved), "{}: perturbed values", c.what);
+        // Rows by id (an embedding lookup), plain and perturbed: the same rows of the whole reads.
+        let ids = RowIds::new(&candle_core::Tensor::new(&ids_of(rows), &device).unwrap(), dev).unwrap();
+        assert_eq!(bits_of(&host(&g0.gather_rows(&ids).unwrap())), pick(&want, cols, rows), "{}: gather", c.what);
+        let got = host(&g0.dequantize_rows_moved(Rows::Ids(&ids), 1e-3, &zd, sr).unwrap());
+        assert_eq!(bits_of(&got), pick(&moved, cols, rows), "{}: perturbed gather", c.what);
         let mut fresh = GpuInt::upload(dev, &c.t).unwrap();
         fresh.recalibrate(&upload(&c.x), c.key.map_or(Rounding::Nearest, Rounding::Stochastic)).unwrap();
         assert_eq!(fresh.download().unwrap(), c.t, "{}: recalibrated", c.what);
@@ -354,6 +372,8 @@ fn quantized_kernels_match_the_cpu() {
         let mut want = vec![0.0; t.rows() * t.cols()];
         t.dequantize_rows(0..t.rows(), &mut want).unwrap();
         assert_eq!(bits_of(&host(&g.dequantize_rows(0..t.rows()).unwrap())), bits_of(&want), "NF4 values");
+        let ids = RowIds::new(&candle_core::Tensor::new(&ids_of(t.rows()), &device).unwrap(), dev).unwrap();
+        assert_eq!(bits_of(&host(&g.gather_rows(&ids).unwrap())), pick(&want, t.cols(), t.rows()), "NF4 gather");
     }
     for (d, sr, start, want) in direction_cases() {
         let absmax = gauss_absmax(dev, &d.gauss, 444).unwrap();
@@ -361,7 +381,7 @@ fn quantized_kernels_match_the_cpu() {
         assert_eq!(scale.to_bits(), d.scale.to_bits(), "direction scale: GPU {scale} vs CPU {}", d.scale);
         let zd = ZoDir { gauss: d.gauss, scale: d.scale, qmax: d.qmax, mu: 0.0 };
         let base = quant_cases::data(want.len(), 31);
-        let got = host(&add_direction(&upload(&base), start, 1e-3, &zd, sr).unwrap());
+        let got = host(&add_direction(&upload(&base), start as usize, 1e-3, &zd, sr).unwrap());
         let want: Vec<f32> = base.iter().zip(&want).map(|(b, u)| b + 1e-3f32 * u).collect();
         assert_eq!(bits_of(&got), bits_of(&want), "perturbed tile, SR stream {sr:?}");
     }
@@ -404,6 +424,10 @@ fn quantized_kernels_match_the_cpu() {
     let mut want = vec![0.0; w.rows() * w.cols()];
     w.dequantize_rows(0..w.rows(), &mut want).unwrap();
     assert_eq!(bits_of(&host(&gw.dequantize_rows(0..w.rows()).unwrap())), bits_of(&want), "hybrid values");
+    let ids = RowIds::new(&candle_core::Tensor::new(&ids_of(w.rows()), &device).unwrap(), dev).unwrap();
+    assert_eq!(bits_of(&host(&gw.gather_rows(&ids).unwrap())), pick(&want, w.cols(), w.rows()), "hybrid gather");
+    let too_far = RowIds::new(&candle_core::Tensor::new(&[w.rows() as u32], &device).unwrap(), dev).unwrap();
+    assert!(gw.gather_rows(&too_far).is_err(), "a row id past the matrix is an error, not a device fault");
     let gm = up(m);
     gw.lion_step(&gm, &gg, LionArgs { gs: GS, b1: B1, lr: LR, wd: WD }, key).unwrap();
     let (dense, values) = gw.download_parts().unwrap();

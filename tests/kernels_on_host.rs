@@ -9,7 +9,8 @@
 //! - NF4 values, with and without double quantization;
 //! - QuZO's quantized directions and its fused update of INT8 and INT4 weights;
 //! - QFT's Lion step on hybrid weights and its INT8 blocks (gradient push and accumulation, momentum), across the
-//!   2¹⁶-element pieces whose seeds differ.
+//!   2¹⁶-element pieces whose seeds differ;
+//! - row gathers (embedding lookups) of INT8/INT4, NF4 and hybrid weights, against the CPU's rows one by one.
 //!
 //! Skipped, saying so, where g++ is missing; on a GPU `tests/gpu.rs` checks the kernels themselves. What this
 //! cannot check: the launches (grid sizes, argument order) and the reductions' shared-memory code.
@@ -95,7 +96,7 @@ fn rng_kernel_draws_the_cpu_streams_bit_for_bit() {
 }
 
 /// A request to `kernels/host/quant_dump.cpp`: little-endian scalars, and arrays as a u64 count then the elements.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Req(Vec<u8>);
 
 impl Req {
@@ -201,7 +202,8 @@ fn int_grids_match_the_cpu_bit_for_bit() {
         let (start, n) = (3, rows * cols - 5);
         let mut want = vec![0.0; n];
         t.dequantize_span(start, &mut want).unwrap();
-        let reply = run(&exe, &Req::op(0).int(t, t.codes()).u64(start as u64).u64(n as u64).0);
+        let reply =
+            run(&exe, &Req::op(0).int(t, t.codes()).u64(start as u64).u64(n as u64).u32s(&[]).u64(cols as u64).0);
         assert_eq!(bits_of(&Reply(&reply).f32s(n)), bits_of(&want), "{what}: values");
         // Rows moved by an update, re-encoded on the frozen grid.
         let start = (c.moved_rows.start * cols) as u64;
@@ -222,7 +224,7 @@ fn nf4_values_match_the_cpu_bit_for_bit() {
             }
         };
         let (start, n) = (1, t.rows() * t.cols() - 1);
-        let reply = run(&exe, &req.u64(start as u64).u64(n as u64).0);
+        let reply = run(&exe, &req.u64(start as u64).u64(n as u64).u32s(&[]).u64(t.cols() as u64).0);
         let mut want = vec![0.0; n];
         t.dequantize_span(start, &mut want).unwrap();
         let dq = matches!(t.scales(), Nf4Scales::Double(_));
@@ -247,8 +249,15 @@ fn quzo_directions_and_update_match_the_cpu_bit_for_bit() {
     let Some(exe) = host_binary("quant_dump") else { return };
     for (d, sr, start, want) in direction_cases() {
         let req = Req::op(4).u64(d.gauss.seed).u32(d.gauss.tensor).u32(d.gauss.stream).f32(d.scale).f32(d.qmax);
-        let reply = run(&exe, &req.i64(sr.map_or(-1, i64::from)).u64(start).u64(want.len() as u64).0);
+        let req = req.i64(sr.map_or(-1, i64::from));
+        let reply = run(&exe, &req.clone().u64(start).u64(want.len() as u64).u32s(&[]).u64(1).0);
         assert_eq!(bits_of(&Reply(&reply).f32s(want.len())), bits_of(&want), "direction, SR stream {sr:?}");
+        // Gathered as an embedding's rows (the tensor read as rows of 37; element e is want[e - start]).
+        let (cols, ids) = (37, [11u32, 1, 3, 1]);
+        let gathered: Vec<f32> =
+            (0..ids.len() * cols).map(|j| want[ids[j / cols] as usize * cols + j % cols - start as usize]).collect();
+        let reply = run(&exe, &req.u64(0).u64(gathered.len() as u64).u32s(&ids).u64(cols as u64).0);
+        assert_eq!(bits_of(&Reply(&reply).f32s(gathered.len())), bits_of(&gathered), "gathered direction, SR {sr:?}");
     }
     for c in zo_cases() {
         let raw: Vec<u8> = c.dirs.iter().flat_map(|(d, mu)| zo_dir(d, *mu)).collect();
@@ -286,4 +295,55 @@ fn qft_lion_and_int8_blocks_match_the_cpu_bit_for_bit() {
     let mut rd = Reply(&reply);
     assert_eq!(rd.bytes(w.dense().codes().len()), stepped.dense().codes(), "lion: dense codes");
     assert_eq!(bits_of(&rd.f32s(values.len())), bits_of(stepped.sparse().2), "lion: outliers");
+}
+
+/// Rows `ids` of `w` on the CPU, one `dequantize_rows` each: what a gather must give.
+fn cpu_rows(w: &dyn QuantWeight, ids: &[u32]) -> Vec<f32> {
+    let cols = w.cols();
+    let mut out = vec![0.0; ids.len() * cols];
+    for (row, &id) in out.chunks_exact_mut(cols).zip(ids) {
+        w.dequantize_rows(id as usize..id as usize + 1, row).unwrap();
+    }
+    out
+}
+
+#[test]
+fn row_gathers_match_the_cpu_bit_for_bit() {
+    let Some(exe) = host_binary("quant_dump") else { return };
+    // Repeated, out of order, the last row: what a batch of token ids looks like.
+    let ids_of = |rows: usize| [rows as u32 - 1, 0, 2, 0, 1];
+    for c in int_cases() {
+        let (t, ids) = (&c.t, ids_of(c.t.rows()));
+        let n = ids.len() * t.cols();
+        let req = Req::op(0).int(t, t.codes()).u64(0).u64(n as u64).u32s(&ids).u64(t.cols() as u64);
+        assert_eq!(bits_of(&Reply(&run(&exe, &req.0)).f32s(n)), bits_of(&cpu_rows(t, &ids)), "{}: gather", c.what);
+    }
+    for t in nf4_cases() {
+        let ids = ids_of(t.rows());
+        let n = ids.len() * t.cols();
+        let mut req = Req::op(3).bytes(t.codes()).u64(t.block_len() as u64).f32s(&NF4_LEVELS);
+        req = match t.scales() {
+            Nf4Scales::Plain(a) => req.f32s(a).bytes(&[]).f32s(&[]).f32(0.0).u64(DQ_BLOCK as u64).f32s(&[]),
+            Nf4Scales::Double(d) => {
+                req.f32s(&[]).bytes(&d.codes).f32s(&d.absmax2).f32(d.offset).u64(DQ_BLOCK as u64).f32s(&dynamic_map())
+            }
+        };
+        let reply = run(&exe, &req.u64(0).u64(n as u64).u32s(&ids).u64(t.cols() as u64).0);
+        assert_eq!(bits_of(&Reply(&reply).f32s(n)), bits_of(&cpu_rows(&t, &ids)), "nf4 gather");
+    }
+    // A hybrid weight: its dense rows gathered, then its outliers scattered over them (and, as a span, rows 1..4).
+    let g = lion_gradient();
+    let (w, _, _) = lion_case(&g, &g);
+    let (dense, (row_ptr, col_idx, values), cols) = (w.dense(), w.sparse(), w.cols());
+    let ids = ids_of(w.rows()).to_vec();
+    // (first row of a span, ids sent (none: the span), the rows read)
+    for (r0, sent, rows) in [(0, ids.clone(), ids), (1, vec![], vec![1, 2, 3])] {
+        let n = rows.len() * cols;
+        let req = Req::op(0).int(dense, dense.codes()).u64((r0 * cols) as u64).u64(n as u64);
+        let base = Reply(&run(&exe, &req.u32s(&sent).u64(cols as u64).0)).f32s(n);
+        assert_eq!(bits_of(&base), bits_of(&cpu_rows(dense, &rows)), "hybrid dense rows {rows:?}");
+        let req = Req::op(8).f32s(&base).u32s(row_ptr).u32s(col_idx).f32s(values).u64(r0 as u64).u32s(&sent);
+        let reply = run(&exe, &req.u64(cols as u64).0);
+        assert_eq!(bits_of(&Reply(&reply).f32s(n)), bits_of(&cpu_rows(&w, &rows)), "hybrid rows {rows:?}");
+    }
 }

@@ -53,13 +53,16 @@ int main() {
     uint32_t op;
     while (std::fread(&op, 4, 1, stdin) == 1) {
         switch (op) {
-        case 0: {  // int_dequant_f32: Int, start, n -> n f32
+        case 0: {  // int_dequant_f32: Int, start, n, row ids (empty: a span), cols -> n f32
             Int t = Int::read();
             const uint64_t start = get<uint64_t>(), n = get<uint64_t>();
+            const std::vector<uint32_t> ids = arr<uint32_t>();
+            const uint64_t cols = get<uint64_t>();
             std::vector<float> out(n);
-            for (uint64_t j = 0; j < n; j++)
-                out[j] = int_value(t.codes.data(), start + j, t.bits, t.sym,
-                                   group_of(t.scales.data(), opt(t.offsets), t.group, start + j));
+            for (uint64_t j = 0; j < n; j++) {
+                const uint64_t i = source_element(j, start, opt(ids), cols);
+                out[j] = int_value(t.codes.data(), i, t.bits, t.sym, group_of(t.scales.data(), opt(t.offsets), t.group, i));
+            }
             put(out);
             break;
         }
@@ -95,7 +98,7 @@ int main() {
             break;
         }
         case 3: {  // nf4_dequant_f32: codes, block, levels, absmax, dq codes, dq absmax2, dq offset, dq block, dmap,
-                   // start, n -> n f32
+                   // start, n, row ids (empty: a span), cols -> n f32
             const std::vector<uint8_t> codes = arr<uint8_t>();
             const uint64_t block = get<uint64_t>();
             const std::vector<float> levels = arr<float>(), absmax = arr<float>();
@@ -105,13 +108,16 @@ int main() {
             const uint64_t dq_block = get<uint64_t>();
             const std::vector<float> dmap = arr<float>();
             const uint64_t start = get<uint64_t>(), n = get<uint64_t>();
+            const std::vector<uint32_t> ids = arr<uint32_t>();
+            const uint64_t cols = get<uint64_t>();
             const Nf4Scales s = {opt(absmax), opt(dq_codes), opt(dq_absmax2), dq_offset, dq_block, opt(dmap)};
             std::vector<float> out(n);
-            for (uint64_t j = 0; j < n; j++) out[j] = nf4_value(codes.data(), start + j, block, levels.data(), s);
+            for (uint64_t j = 0; j < n; j++)
+                out[j] = nf4_value(codes.data(), source_element(j, start, opt(ids), cols), block, levels.data(), s);
             put(out);
             break;
         }
-        case 4: {  // qdir_axpy_f32's direction: QDir, sr_stream, start, n -> n f32
+        case 4: {  // qdir_axpy_f32's direction: QDir, sr_stream, start, n, row ids (empty: a span), cols -> n f32
             QDir d;
             d.seed = get<uint64_t>();
             d.tensor = get<uint32_t>();
@@ -120,8 +126,10 @@ int main() {
             d.qmax = get<float>();
             const int64_t sr = get<int64_t>();
             const uint64_t start = get<uint64_t>(), n = get<uint64_t>();
+            const std::vector<uint32_t> ids = arr<uint32_t>();
+            const uint64_t cols = get<uint64_t>();
             std::vector<float> out(n);
-            for (uint64_t j = 0; j < n; j++) out[j] = qdir_at(d, start + j, sr);
+            for (uint64_t j = 0; j < n; j++) out[j] = qdir_at(d, source_element(j, start, opt(ids), cols), sr);
             put(out);
             break;
         }
@@ -191,6 +199,19 @@ int main() {
             }
             put(codes);
             put(scales);
+            break;
+        }
+        case 8: {  // csr_scatter_rows: out, CSR (row_ptr, col_idx, values), r0, row ids (empty: a span), cols -> out
+            std::vector<float> out = arr<float>();
+            const std::vector<uint32_t> row_ptr = arr<uint32_t>(), col_idx = arr<uint32_t>();
+            const std::vector<float> values = arr<float>();
+            const uint64_t r0 = get<uint64_t>();
+            const std::vector<uint32_t> ids = arr<uint32_t>();
+            const uint64_t cols = get<uint64_t>(), rows = out.size() / cols;
+            for (uint64_t r = 0; r < rows; r++)
+                csr_scatter_row(out.data(), row_ptr.data(), col_idx.data(), values.data(), source_row(r, r0, opt(ids)),
+                                r, cols);
+            put(out);
             break;
         }
         default:

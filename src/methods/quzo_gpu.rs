@@ -8,7 +8,7 @@
 use super::quzo::{load_int, save_int, update_key, update_scratch_bytes, Estimator, QDirection, QuzoArgs};
 use super::Storage;
 use crate::checkpoint::{StateReader, StateWriter};
-use crate::device::cuda_quant::{add_direction, gauss_absmax, zo_update_f32, ZoDir};
+use crate::device::cuda_quant::{add_direction, gauss_absmax, zo_update_f32, GpuInt, RowIds, Rows, ZoDir};
 use crate::model::quantized::Compute;
 use crate::model::quantized::Source;
 use crate::model::quantized_gpu::{GpuMat, GpuStore};
@@ -77,13 +77,22 @@ impl Perturbed<'_> {
         add_direction(t, 0, self.eps, &d, Some(STREAM_SR_PERTURB))
     }
 
+    fn int(&self, id: ParamId) -> Result<&GpuInt> {
+        match self.store.mat(id) {
+            GpuMat::Int(w) => Ok(w),
+            _ => Err(Error::Msg(format!("{id:?}: QuZO's matrices are INT8/INT4"))),
+        }
+    }
+
     /// The matrix moved as it is dequantized (one transient f32 copy).
     fn mat(&self, id: ParamId) -> Result<Tensor> {
-        let GpuMat::Int(w) = self.store.mat(id) else {
-            return Err(Error::Msg(format!("{id:?}: QuZO's matrices are INT8/INT4")));
-        };
+        self.moved_rows(id, Rows::Span(0..self.int(id)?.rows()))
+    }
+
+    /// Rows of a matrix moved as they are dequantized; only they are read.
+    fn moved_rows(&self, id: ParamId, rows: Rows<'_>) -> Result<Tensor> {
         let d = zo_dir(&self.dirs[id.index(&self.store.cfg)], 0.0);
-        w.dequantize_rows_moved(0..w.rows(), self.eps, &d, Some(STREAM_SR_PERTURB))
+        self.int(id)?.dequantize_rows_moved(rows, self.eps, &d, Some(STREAM_SR_PERTURB))
     }
 }
 
@@ -98,7 +107,8 @@ impl Weights for Perturbed<'_> {
         self.moved(id, &self.store.vector(id)?)
     }
     fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor> {
-        crate::model::quantized_gpu::gather_rows(&self.mat(id)?, ids)
+        let ids = RowIds::new(ids, self.int(id)?.device())?;
+        self.moved_rows(id, Rows::Ids(&ids))
     }
 }
 

@@ -7,7 +7,7 @@ use super::config::LlamaConfig;
 use super::llama::Weights;
 use super::params::ParamId;
 use super::quantized::{place, Part, Quantize, Source};
-use crate::device::cuda_quant::{GpuHybrid, GpuInt, GpuNf4};
+use crate::device::cuda_quant::{GpuHybrid, GpuInt, GpuNf4, RowIds};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use qtune_quant::{HybridTensor, IntTensor, Nf4Tensor};
@@ -29,6 +29,22 @@ impl GpuMat {
         }
     }
 
+    /// Rows `ids` (a 1-D u32 tensor: an embedding lookup) as a transient f32 tensor [ids, cols]: only those rows
+    /// dequantized.
+    pub fn gather_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let dev = match self {
+            GpuMat::Int(w) => w.device(),
+            GpuMat::Nf4(w) => w.device(),
+            GpuMat::Hybrid(w) => w.device(),
+        };
+        let ids = RowIds::new(ids, dev)?;
+        match self {
+            GpuMat::Int(w) => w.gather_rows(&ids),
+            GpuMat::Nf4(w) => w.gather_rows(&ids),
+            GpuMat::Hybrid(w) => w.gather_rows(&ids),
+        }
+    }
+
     /// Bytes on the device.
     pub fn device_bytes(&self) -> usize {
         match self {
@@ -37,16 +53,6 @@ impl GpuMat {
             GpuMat::Hybrid(w) => w.device_bytes(),
         }
     }
-}
-
-/// Rows `ids` of `w` ([rows, cols] on the device), with the ids checked first (a bad id would be a device-side
-/// assertion instead of an error).
-pub fn gather_rows(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    let rows = w.dim(0)?;
-    if let Some(&bad) = ids.to_vec1::<u32>()?.iter().find(|&&r| r as usize >= rows) {
-        return Err(Error::Shape(format!("row {bad} of a {rows}-row matrix")));
-    }
-    Ok(w.index_select(&ids.to_device(w.device())?, 0)?)
 }
 
 /// A CPU format that has a GPU twin.
@@ -156,10 +162,8 @@ impl Weights for GpuStore {
         self.vecs[id.index(&self.cfg)].clone().ok_or_else(|| Error::Msg(format!("{id:?} is not a vector parameter")))
     }
 
-    /// The whole matrix is dequantized and the rows picked from it (a transient of the matrix's f32 size, as for
-    /// a product).
+    /// Only the rows taken are dequantized (a transient of [ids, cols]).
     fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor> {
-        let w = self.mat(id).dequantize()?;
-        gather_rows(&w, ids)
+        self.mat(id).gather_rows(ids)
     }
 }

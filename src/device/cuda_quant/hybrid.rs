@@ -1,7 +1,7 @@
 //! QFT's hybrid weights on a GPU (INT8 per row + f32 outliers in CSR) and its Lion step, on them and on f32
 //! vectors.
 use super::{cuda_of, func, grid, launch_error, with_f32_ptr};
-use super::{GpuBlocks8, GpuInt};
+use super::{GpuBlocks8, GpuInt, RowIds, Rows};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
 use candle_core::cuda_backend::CudaDevice;
@@ -55,6 +55,11 @@ impl GpuHybrid {
         Ok((self.dense.download()?, values))
     }
 
+    /// The device the tensor is on.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dense.dev
+    }
+
     pub fn rows(&self) -> usize {
         self.dense.rows
     }
@@ -70,16 +75,28 @@ impl GpuHybrid {
 
     /// Rows `rows` as an f32 tensor [rows, cols]: the dense values with the outliers written over them.
     pub fn dequantize_rows(&self, rows: Range<usize>) -> Result<Tensor> {
-        let t = self.dense.dequantize_rows(rows.clone())?;
+        self.with_outliers(self.dense.dequantize_rows(rows.clone())?, Rows::Span(rows))
+    }
+
+    /// Rows `ids` (an embedding lookup) as an f32 tensor [ids, cols]: only those rows dequantized.
+    pub fn gather_rows(&self, ids: &RowIds) -> Result<Tensor> {
+        self.with_outliers(self.dense.gather_rows(ids)?, Rows::Ids(ids))
+    }
+
+    /// `t`, the dense values of `rows`, with those rows' outliers written over them.
+    fn with_outliers(&self, t: Tensor, rows: Rows<'_>) -> Result<Tensor> {
         if rows.is_empty() {
             return Ok(t);
         }
         let f = func(&self.dense.dev, "csr_scatter_rows")?;
-        let (r0, nrows, cols) = (rows.start as u64, rows.len() as u64, self.dense.cols as u64);
+        let (r0, nrows, cols, null) = (rows.first() as u64, rows.len() as u64, self.dense.cols as u64, 0u64);
         with_f32_ptr(&t, |p| {
             let mut b = f.builder();
-            b.arg(&p).arg(&self.row_ptr).arg(&self.col_idx).arg(&self.values).arg(&r0).arg(&nrows).arg(&cols);
-            // SAFETY: csr_scatter_rows' signature; thread r < rows writes its row's outlier columns (< cols).
+            b.arg(&p).arg(&self.row_ptr).arg(&self.col_idx).arg(&self.values).arg(&r0);
+            rows.push_ids(&mut b, &null);
+            b.arg(&nrows).arg(&cols);
+            // SAFETY: csr_scatter_rows' signature; thread r < rows writes its row's outlier columns (< cols), its
+            // source row checked by the dense read.
             unsafe { b.launch(grid("csr_scatter_rows", rows.len())?) }.map_err(|e| launch_error("csr_scatter_rows", e))
         })?;
         Ok(t)

@@ -1,7 +1,7 @@
 //! INT8/INT4 tensors on a GPU ([`GpuInt`]: values, frozen-grid re-encoding, recalibration, QuZO's fused update)
 //! and QuZO's quantized directions ([`ZoDir`], [`add_direction`], [`gauss_absmax`]).
 use super::sr_args;
-use super::{cuda_of, func, grid, launch_error, tensor_of, with_f32_ptr, THREADS};
+use super::{cuda_of, func, grid, launch_error, tensor_of, with_f32_ptr, RowIds, Rows, THREADS};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDevice;
@@ -68,6 +68,11 @@ impl GpuInt {
         IntTensor::from_raw(self.rows, self.cols, self.spec, codes, scales, offsets).map_err(crate::error::quant_err)
     }
 
+    /// The device the tensor is on.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -98,47 +103,52 @@ impl GpuInt {
 
     /// Rows `rows` as an f32 tensor [rows, cols] on the device.
     pub fn dequantize_rows(&self, rows: Range<usize>) -> Result<Tensor> {
+        self.read(Rows::Span(rows))
+    }
+
+    /// Rows `ids` (an embedding lookup) as an f32 tensor [ids, cols] on the device: only those rows dequantized.
+    pub fn gather_rows(&self, ids: &RowIds) -> Result<Tensor> {
+        self.read(Rows::Ids(ids))
+    }
+
+    fn read(&self, rows: Rows<'_>) -> Result<Tensor> {
         Ok(tensor_of(&self.dev, self.dequantize_buffer(&rows)?, &[rows.len(), self.cols]))
     }
 
     /// Rows `rows` read as W + ε·u for QuZO's quantized direction `d` (rounded on `sr_stream`, or to nearest), the
     /// direction added into the dequantized buffer itself: one transient f32 copy of the rows.
-    pub fn dequantize_rows_moved(
-        &self,
-        rows: Range<usize>,
-        eps: f32,
-        d: &ZoDir,
-        sr_stream: Option<u32>,
-    ) -> Result<Tensor> {
+    pub fn dequantize_rows_moved(&self, rows: Rows<'_>, eps: f32, d: &ZoDir, sr_stream: Option<u32>) -> Result<Tensor> {
         let mut buf = self.dequantize_buffer(&rows)?;
         let n = rows.len() * self.cols;
         if n > 0 {
             let stream = self.dev.cuda_stream();
             let (p, _sync) = buf.device_ptr_mut(&stream);
-            launch_qdir_axpy(&self.dev, p, n, (rows.start * self.cols) as u64, eps, d, sr_stream)?;
+            launch_qdir_axpy(&self.dev, p, n, &rows, self.cols, eps, d, sr_stream)?;
         }
         Ok(tensor_of(&self.dev, buf, &[rows.len(), self.cols]))
     }
 
-    /// Rows `rows`' values in a new f32 buffer.
-    fn dequantize_buffer(&self, rows: &Range<usize>) -> Result<CudaSlice<f32>> {
-        self.check_rows(rows)?;
+    /// The values of rows `rows` in a new f32 buffer.
+    fn dequantize_buffer(&self, rows: &Rows<'_>) -> Result<CudaSlice<f32>> {
+        rows.check(self.rows)?;
         let n = rows.len() * self.cols;
-        let start = (rows.start * self.cols) as u64;
         // SAFETY: the kernel writes every one of the n elements.
         let mut out = unsafe { self.dev.alloc::<f32>(n.max(1))? };
         if n > 0 {
             let f = func(&self.dev, "int_dequant_f32")?;
-            let (n64, bits, sym, group) = (n as u64, self.bits(), self.spec.symmetric as i32, self.group as u64);
+            let (n64, start, cols) = (n as u64, (rows.first() * self.cols) as u64, self.cols as u64);
+            let (bits, sym, group) = (self.bits(), self.spec.symmetric as i32, self.group as u64);
             let null = 0u64;
             let mut b = f.builder();
-            b.arg(&mut out).arg(&self.codes).arg(&n64).arg(&start).arg(&bits).arg(&sym).arg(&group).arg(&self.scales);
+            b.arg(&mut out).arg(&self.codes).arg(&n64).arg(&start);
+            rows.push_ids(&mut b, &null);
+            b.arg(&cols).arg(&bits).arg(&sym).arg(&group).arg(&self.scales);
             match &self.offsets {
                 Some(o) => b.arg(o),
                 None => b.arg(&null),
             };
             // SAFETY: the arguments follow int_dequant_f32's signature; the guard keeps j < n, and every element
-            // it reads (start + j < rows·cols) lies within the codes and its group within the scales.
+            // it reads (start + j, or a checked id's row) lies within the codes and its group within the scales.
             unsafe { b.launch(grid("int_dequant_f32", n)?) }.map_err(|e| launch_error("int_dequant_f32", e))?;
         }
         Ok(out)
@@ -290,30 +300,36 @@ fn zo_dirs_bytes(dirs: &[ZoDir]) -> Vec<u8> {
 /// `x + eps·u` as a new tensor, for a contiguous f32 tensor `x` holding elements `start ..` of a tensor whose
 /// quantized direction is `d` (rounded on `sr_stream`, or to nearest): QuZO's perturbed norm weights (a matrix is
 /// moved as it is dequantized, [`GpuInt::dequantize_rows_moved`]).
-pub fn add_direction(x: &Tensor, start: u64, eps: f32, d: &ZoDir, sr_stream: Option<u32>) -> Result<Tensor> {
+pub fn add_direction(x: &Tensor, start: usize, eps: f32, d: &ZoDir, sr_stream: Option<u32>) -> Result<Tensor> {
     let dev = cuda_of(x.device())?;
     let out = x.contiguous()?.copy()?;
     let n = out.elem_count();
     if n > 0 {
-        with_f32_ptr(&out, |p| launch_qdir_axpy(dev, p, n, start, eps, d, sr_stream))?;
+        with_f32_ptr(&out, |p| launch_qdir_axpy(dev, p, n, &Rows::Span(start..start + n), 1, eps, d, sr_stream))?;
     }
     Ok(out)
 }
 
-/// `out[j] += eps·u(start + j)` for j < n (`qdir_axpy_f32`), `out` a device pointer to n floats.
+/// `out[j] += eps·u(e)` for j < n (`qdir_axpy_f32`), `out` a device pointer to n floats holding `rows` of a
+/// matrix with rows of `cols` (e the element out[j] holds).
+#[allow(clippy::too_many_arguments)] // qdir_axpy_f32's own arguments
 fn launch_qdir_axpy(
     dev: &CudaDevice,
     out: u64,
     n: usize,
-    start: u64,
+    rows: &Rows<'_>,
+    cols: usize,
     eps: f32,
     d: &ZoDir,
     sr_stream: Option<u32>,
 ) -> Result<()> {
     let f = func(dev, "qdir_axpy_f32")?;
-    let (n64, sr) = (n as u64, sr_stream.map_or(-1i64, i64::from));
+    let (n64, start, cols64) = (n as u64, (rows.first() * cols) as u64, cols as u64);
+    let (sr, null) = (sr_stream.map_or(-1i64, i64::from), 0u64);
     let mut b = f.builder();
-    b.arg(&out).arg(&n64).arg(&start).arg(&eps).arg(&d.gauss.seed).arg(&d.gauss.tensor).arg(&d.gauss.stream);
+    b.arg(&out).arg(&n64).arg(&start);
+    rows.push_ids(&mut b, &null);
+    b.arg(&cols64).arg(&eps).arg(&d.gauss.seed).arg(&d.gauss.tensor).arg(&d.gauss.stream);
     b.arg(&d.scale).arg(&d.qmax).arg(&sr);
     // SAFETY: qdir_axpy_f32's signature; out points at n floats, each thread j < n reads and writes out[j].
     unsafe { b.launch(grid("qdir_axpy_f32", n)?) }.map_err(|e| launch_error("qdir_axpy_f32", e))?;

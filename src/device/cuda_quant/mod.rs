@@ -12,12 +12,13 @@
 use super::cuda::launch_error;
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchArgs, LaunchConfig,
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{Device, Storage, Tensor};
 use qtune_quant::Rounding;
+use std::ops::Range;
 use std::sync::Arc;
 
 mod blocks;
@@ -29,6 +30,81 @@ pub use blocks::{GpuBlocks8, Requant, BLOCK8};
 pub use hybrid::{lion_f32, GpuHybrid, LionArgs};
 pub use int::{add_direction, gauss_absmax, zo_update_f32, GpuInt, ZoDir};
 pub use nf4::GpuNf4;
+
+/// Row ids on the device for a gather (an embedding lookup), so a lookup dequantizes only the rows it takes. Each
+/// read checks them against its matrix's row count on the host first: a bad id would otherwise be a device fault.
+pub struct RowIds {
+    buf: CudaSlice<u32>,
+    len: usize,
+    max: Option<u32>,
+}
+
+impl RowIds {
+    /// The ids of a 1-D u32 tensor (on the host or the device), uploaded once for all the reads that use them.
+    pub fn new(ids: &Tensor, dev: &CudaDevice) -> Result<Self> {
+        let host = ids.to_vec1::<u32>()?;
+        // A zero-length upload is not an allocation; a read of no rows launches nothing.
+        let buf = dev.clone_htod(if host.is_empty() { &[0u32][..] } else { &host })?;
+        Ok(RowIds { buf, len: host.len(), max: host.iter().copied().max() })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The rows a read takes: a span, or rows by id.
+pub enum Rows<'a> {
+    Span(Range<usize>),
+    Ids(&'a RowIds),
+}
+
+impl Rows<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::Span(r) => r.len(),
+            Rows::Ids(ids) => ids.len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first row of a span (the kernels' `start` is this times the row length); 0 for ids.
+    fn first(&self) -> usize {
+        match self {
+            Rows::Span(r) => r.start,
+            Rows::Ids(_) => 0,
+        }
+    }
+
+    /// An error unless every row read lies in a matrix of `rows` rows.
+    fn check(&self, rows: usize) -> Result<()> {
+        match self {
+            Rows::Span(r) if r.start > r.end || r.end > rows => {
+                Err(Error::Msg(format!("rows {r:?} of a {rows}-row GPU tensor")))
+            }
+            Rows::Ids(ids) => match ids.max {
+                Some(m) if m as usize >= rows => Err(Error::Shape(format!("row {m} of a {rows}-row matrix"))),
+                _ => Ok(()),
+            },
+            Rows::Span(_) => Ok(()),
+        }
+    }
+
+    /// Pushes the kernels' `ids` argument: the device ids, or a null pointer for a span (`null` must be 0).
+    fn push_ids<'b>(&'b self, b: &mut LaunchArgs<'b>, null: &'b u64) {
+        match self {
+            Rows::Ids(ids) => b.arg(&ids.buf),
+            Rows::Span(_) => b.arg(null),
+        };
+    }
+}
 
 /// `kernels/quant.cu`.
 const QUANT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant.ptx"));

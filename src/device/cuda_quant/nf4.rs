@@ -1,5 +1,5 @@
 //! NF4 tensors (QLoRA's and QST's base) on a GPU: values with or without double quantization.
-use super::{func, grid, launch_error, tensor_of};
+use super::{func, grid, launch_error, tensor_of, RowIds, Rows};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
 use candle_core::cuda_backend::CudaDevice;
@@ -41,6 +41,11 @@ impl GpuNf4 {
         })
     }
 
+    /// The device the tensor is on.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -57,19 +62,28 @@ impl GpuNf4 {
 
     /// Rows `rows` as an f32 tensor [rows, cols] on the device.
     pub fn dequantize_rows(&self, rows: Range<usize>) -> Result<Tensor> {
-        if rows.start > rows.end || rows.end > self.rows {
-            return Err(Error::Msg(format!("rows {rows:?} of a {}-row GPU tensor", self.rows)));
-        }
+        self.read(Rows::Span(rows))
+    }
+
+    /// Rows `ids` (an embedding lookup) as an f32 tensor [ids, cols] on the device: only those rows dequantized.
+    pub fn gather_rows(&self, ids: &RowIds) -> Result<Tensor> {
+        self.read(Rows::Ids(ids))
+    }
+
+    fn read(&self, rows: Rows<'_>) -> Result<Tensor> {
+        rows.check(self.rows)?;
         let n = rows.len() * self.cols;
         // SAFETY: the kernel writes every one of the n elements.
         let mut out = unsafe { self.dev.alloc::<f32>(n.max(1))? };
         if n > 0 {
             let f = func(&self.dev, "nf4_dequant_f32")?;
-            let (n64, start, block, dq_block) =
-                (n as u64, (rows.start * self.cols) as u64, self.block as u64, DQ_BLOCK as u64);
+            let (n64, start, cols) = (n as u64, (rows.first() * self.cols) as u64, self.cols as u64);
+            let (block, dq_block) = (self.block as u64, DQ_BLOCK as u64);
             let null = 0u64;
             let mut b = f.builder();
-            b.arg(&mut out).arg(&self.codes).arg(&n64).arg(&start).arg(&block).arg(&self.levels);
+            b.arg(&mut out).arg(&self.codes).arg(&n64).arg(&start);
+            rows.push_ids(&mut b, &null);
+            b.arg(&cols).arg(&block).arg(&self.levels);
             match (&self.absmax, &self.dq) {
                 (Some(a), _) => {
                     b.arg(a).arg(&null).arg(&null).arg(&0f32);
@@ -81,7 +95,7 @@ impl GpuNf4 {
             }
             b.arg(&dq_block).arg(&self.dmap);
             // SAFETY: nf4_dequant_f32's signature; exactly one of absmax and the double-quantized scales is given;
-            // the guard keeps j < n and start + j < rows·cols.
+            // the guard keeps j < n, and each element read (start + j, or a checked id's row) is in the tensor.
             unsafe { b.launch(grid("nf4_dequant_f32", n)?) }.map_err(|e| launch_error("nf4_dequant_f32", e))?;
         }
         Ok(tensor_of(&self.dev, out, &[rows.len(), self.cols]))
