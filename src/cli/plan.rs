@@ -107,9 +107,7 @@ pub fn plan_on(cfg: &LlamaConfig, m: &MethodArgs, shape: &plan::Shape, spec: Dev
         MethodKind::Quzo | MethodKind::Qft | MethodKind::Qat | MethodKind::Qlora | MethodKind::Qst => 1,
         _ => 0,
     };
-    let largest =
-        qtune::model::ParamId::all(cfg).iter().filter(|id| id.is_matrix()).map(|id| id.numel(cfg)).max().unwrap_or(0);
-    let transient = copies * 4 * largest;
+    let transient = copies * qtune::model::quantized::gpu_dequantized_bytes(cfg);
     p.counted.scratch += transient;
     p.train += transient;
     p.eval += transient;

@@ -139,7 +139,9 @@ impl FirstOrder for QftGpu {
         let (out, trace) = model.forward(&self.store, batch, self.cfg.keep)?;
         let trace = trace.ok_or_else(|| Error::Msg("a training forward keeps a trace".into()))?;
         let activations = trace.bytes();
-        let scratch = block_scratch_bytes(&model.cfg, &batch.lengths, self.cfg.keep, 4);
+        // A block's scratch, and the f32 copy of the matrix a product dequantizes (as `plan --device cuda` counts).
+        let scratch = block_scratch_bytes(&model.cfg, &batch.lengths, self.cfg.keep, 4)
+            + crate::model::quantized::gpu_dequantized_bytes(&model.cfg);
         let entries = GpuEntries(self.dev.clone());
         let mut sink = StackSink {
             entries: &entries,

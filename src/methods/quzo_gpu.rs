@@ -9,8 +9,7 @@ use super::quzo::{load_int, save_int, update_key, update_scratch_bytes, Estimato
 use super::Storage;
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::device::cuda_quant::{add_direction, gauss_absmax, zo_update_f32, GpuInt, RowIds, Rows, ZoDir};
-use crate::model::quantized::Compute;
-use crate::model::quantized::Source;
+use crate::model::quantized::{gpu_dequantized_bytes, Compute, Source};
 use crate::model::quantized_gpu::{GpuMat, GpuStore};
 use crate::model::{Batch, Llama, ParamId, Weights};
 use crate::train::memory::Breakdown;
@@ -154,14 +153,7 @@ impl Perturbation for QuzoGpu {
 
     /// The largest matrix dequantized (and moved in place).
     fn scratch_bytes(&self) -> usize {
-        update_scratch_bytes(&self.store.cfg).max(
-            ParamId::all(&self.store.cfg)
-                .iter()
-                .filter(|id| id.is_matrix())
-                .map(|id| 4 * id.numel(&self.store.cfg))
-                .max()
-                .unwrap_or(0),
-        )
+        update_scratch_bytes(&self.store.cfg).max(gpu_dequantized_bytes(&self.store.cfg))
     }
 }
 

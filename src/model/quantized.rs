@@ -209,6 +209,12 @@ impl<W: QuantWeight> QuantStore<W> {
     }
 }
 
+/// Bytes of the transient f32 copy a product on a GPU makes of its dequantized matrix (cuBLAS multiplies f32), at
+/// the largest matrix: what every quantized method adds on a GPU, in the planner and in the methods' own accounts.
+pub fn gpu_dequantized_bytes(cfg: &LlamaConfig) -> usize {
+    ParamId::all(cfg).iter().filter(|id| id.is_matrix()).map(|id| 4 * id.numel(cfg)).max().unwrap_or(0)
+}
+
 /// A store's slots: matrices and norm weights, each indexed by `ParamId::index` (`None` where the other kind is).
 pub type Placed<T> = (Vec<Option<T>>, Vec<Option<Tensor>>);
 
