@@ -5,7 +5,7 @@
 //   frozen-scale re-encoding), round to nearest or stochastic rounding keyed by the element's index, group scales;
 // - NF4 with double quantization (nf4.rs): codes to values, as bitsandbytes computes them;
 // - QFT's hybrid weights (hybrid.rs): the CSR outliers written over the dense part's values, and its INT8 Lion step
-//   (methods/qft.rs): weights re-encoded on their frozen row grid, momentum and gradients in blocks of 256;
+//   (methods/qft/lion.rs): weights re-encoded on their frozen row grid, momentum and gradients in blocks of 256;
 // - QuZO's quantized directions and its update (methods/quzo.rs), with no direction buffer.
 // Every sum or product is an explicit round-to-nearest intrinsic so nvcc contracts nothing the CPU does not.
 // Index types: elements are u64 throughout (a 7B embedding has 2^27 elements; a flat model more than 2^32).
@@ -186,7 +186,7 @@ __device__ __forceinline__ float zo_new_value(float w, uint64_t i, const ZoDir *
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Lion (methods/qft.rs): c = b1·m + (1 - b1)·g·gs; w - lr·(sign(c) + wd·w) with sign(0) = 0 (keeping c's zero
+// Lion (methods/qft/lion.rs): c = b1·m + (1 - b1)·g·gs; w - lr·(sign(c) + wd·w) with sign(0) = 0 (keeping c's zero
 // sign, as f32::signum(c)·[c ≠ 0] does); momentum b2·m + (1 - b2)·g·gs.
 __device__ __forceinline__ float lion_weight(float w, float m, float g, float gs, float b1, float lr, float wd) {
     const float c = __fadd_rn(__fmul_rn(b1, m), __fmul_rn(__fmul_rn(__fsub_rn(1.0f, b1), g), gs));
@@ -197,7 +197,7 @@ __device__ __forceinline__ float lion_momentum(float m, float g, float gs, float
     return __fadd_rn(__fmul_rn(b2, m), __fmul_rn(__fmul_rn(__fsub_rn(1.0f, b2), g), gs));
 }
 
-// QFT's INT8 blocks (methods/qft.rs's Int8Blocks): symmetric INT8, one scale per 256 elements (qft::BLOCK and
+// QFT's INT8 blocks (methods/qft/blocks.rs): symmetric INT8, one scale per 256 elements (qft::BLOCK and
 // cuda_quant::BLOCK8, asserted equal in methods/qft_gpu.rs).
 #define BLOCK8 256
 __device__ __forceinline__ float block8_value(const uint8_t *codes, const float *scales, uint64_t i) {

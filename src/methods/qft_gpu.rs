@@ -6,9 +6,8 @@
 //! onto the stack as it arrives. What stays the CPU's: the fused variant, several ranks, the integer products, and
 //! the once-per-epoch recalibration, which moves one matrix at a time through the host. The `changed_fraction`
 //! figures are not counted here (they would need a copy of every matrix before its update).
-use super::qft::{
-    key, load_hybrid, recalibration_key, save_hybrid, Int8Blocks, QftConfig, StackEntries, StackSink, PIECE,
-};
+use super::qft::stack::{StackEntries, StackSink};
+use super::qft::{key, load_hybrid, recalibration_key, save_hybrid, Int8Blocks, QftConfig, PIECE};
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::device::cuda_quant::{lion_f32, GpuBlocks8, GpuHybrid, LionArgs, Requant};
 use crate::model::quantized::{quant_err, Compute, Source};
