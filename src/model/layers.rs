@@ -202,7 +202,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor
 pub fn choice_cross_entropy(
     logits: &Tensor,
     labels: &Tensor,
-    c: &super::llama::Choices,
+    c: &super::batch::Choices,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (p, dev) = (logits.dim(0)?, logits.device().clone());
     let max = logits.max_keepdim(D::Minus1)?;
@@ -390,7 +390,7 @@ pub(crate) mod tests {
     /// and the scores against sums of log-softmax entries computed in f64 by hand (budget 1e-12).
     #[test]
     fn choice_cross_entropy_matches_finite_differences_and_hand_sums() {
-        use crate::model::llama::Choices;
+        use crate::model::batch::Choices;
         let logits = (rand(&[9, 6], 17) * 3.0).unwrap();
         let labels = Tensor::new(&[1u32, 5, 0, 2, 2, 4, 3, 0, 1], &Device::Cpu).unwrap();
         let c =

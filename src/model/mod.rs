@@ -1,5 +1,6 @@
 //! The model: configuration, parameter naming and storage, layers as forward/backward pairs, the decoder,
 //! loaders (HF directory, GGUF), the tokenizer and the HF exporter.
+pub mod batch;
 pub mod config;
 pub mod export;
 pub mod generate;
@@ -16,9 +17,10 @@ pub mod reader;
 pub mod rope;
 pub mod tokenizer;
 
+pub use batch::{Batch, Choices, Packing, Targets, MAX_LEN, MAX_ROWS};
 pub use config::{Arch, LlamaConfig};
 pub use export::export_hf;
-pub use llama::{Batch, Choices, GradSink, Keep, Llama, Output, Packing, Targets, Trace, Weights, MAX_LEN, MAX_ROWS};
+pub use llama::{GradSink, Keep, Llama, Output, Trace, Weights};
 pub use load::{load_model, LoadedModel};
 pub use params::{BlockParam, ParamId, ParamStore};
 pub use tokenizer::Tok;
