@@ -95,10 +95,7 @@ impl GpuInt {
     }
 
     fn check_rows(&self, rows: &Range<usize>) -> Result<()> {
-        if rows.start > rows.end || rows.end > self.rows {
-            return Err(Error::Msg(format!("rows {rows:?} of a {}-row GPU tensor", self.rows)));
-        }
-        Ok(())
+        Rows::Span(rows.clone()).check(self.rows)
     }
 
     /// Rows `rows` as an f32 tensor [rows, cols] on the device.
