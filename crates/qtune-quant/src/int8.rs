@@ -255,19 +255,25 @@ pub fn matmul_acts<W: IntWeight + ?Sized>(acts: &IntActs, x: &[f32], w: &W, y: &
                 }
             });
         } else {
-            // The f32 columns: this panel's codes at those columns (cols × no), times x's f32 values there.
-            let f32_cols = &acts.f32_cols;
-            let (no, panel) = (f32_cols.len(), &*codes);
-            let wo: Vec<f32> =
-                (0..cols).flat_map(|j| f32_cols.iter().map(move |&c| panel[j * k + c as usize] as f32)).collect();
+            // The f32 columns: this panel's codes at those columns, transposed (no × cols) so that each column adds
+            // x's f32 value there times its codes into a row's outputs in one contiguous (vectorized) pass.
+            let (f32_cols, panel) = (&acts.f32_cols, &*codes);
+            let wo_t: Vec<f32> =
+                f32_cols.iter().flat_map(|&c| (0..cols).map(move |j| panel[j * k + c as usize] as f32)).collect();
             let rows = y.par_chunks_mut(n).zip(acc.par_chunks(cols)).zip(acts.scales.par_iter()).zip(x.par_chunks(k));
-            rows.for_each(|(((y, acc), &sx), x)| {
-                let xo: Vec<f32> = f32_cols.iter().map(|&c| x[c as usize]).collect();
-                for (j, ((d, &a), &sw)) in y[j0..j0 + cols].iter_mut().zip(acc).zip(scales).enumerate() {
-                    let extra: f32 = wo[j * no..(j + 1) * no].iter().zip(&xo).map(|(w, x)| w * x).sum();
-                    *d = a as f32 * (sx * sw) + sw * extra;
-                }
-            });
+            rows.for_each_init(
+                || vec![0f32; cols],
+                |extra, (((y, acc), &sx), x)| {
+                    extra.fill(0.0);
+                    for (&c, wo) in f32_cols.iter().zip(wo_t.chunks_exact(cols)) {
+                        let xc = x[c as usize];
+                        extra.iter_mut().zip(wo).for_each(|(e, &w)| *e += w * xc);
+                    }
+                    for (((d, &a), &sw), &e) in y[j0..j0 + cols].iter_mut().zip(acc).zip(scales).zip(&*extra) {
+                        *d = a as f32 * (sx * sw) + sw * e;
+                    }
+                },
+            );
         }
     }
     if let Some(csr) = w.outliers().filter(|_| k > 0) {
