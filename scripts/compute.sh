@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The README's "Integer compute" figures (issue 26), every number from this one machine: the GEMM table, the
 # accuracy of W8A8/W4A8 evaluation against f32 on 1000 BoolQ validation examples (paired, McNemar), evaluation
-# speed, the step times of QuZO on the integer and f32 paths next to MeZO and the f32 methods, and QuZO's loss
-# curves over 100 steps with integer and f32 compute.
-# Usage: scripts/compute.sh [OUT] [PARTS...]   PARTS: gemm accuracy speed steps curves (default: all)
+# speed, the step times of QuZO on the integer and f32 paths next to MeZO and the f32 methods, QuZO's loss
+# curves over 100 steps with integer and f32 compute, and QFT's opt-in integer path against its f32 path and FP32
+# Lion over 100 steps (loss curves, dev accuracy, step times).
+# Usage: scripts/compute.sh [OUT] [PARTS...]   PARTS: gemm accuracy speed steps curves qft (default: all)
 # Run it on an otherwise idle machine (about 2 hours on 2 cores with every part); results go to OUT (default
 # runs/compute) and OUT/*.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/compute}
 shift || true
-PARTS=${*:-gemm accuracy speed steps curves}
+PARTS=${*:-gemm accuracy speed steps curves qft}
 cargo build --release --quiet
 cargo build --release --quiet -p qtune-quant --example bench_quant
 BIN=target/release/qtune
@@ -62,4 +63,16 @@ if want curves; then
   done
   "$BIN" report "$OUT"/quzo-int8-compute-{int8,f32} --out "$OUT/curves" --title "QuZO INT8: integer vs f32 compute" \
     | tee "$OUT/curves.md"
+fi
+
+# QFT with its opt-in integer path (INT8 activations in the forward and the input gradient; the weight gradient f32)
+# against QFT in f32 and FP32 Lion: same seed, same batches, 100 steps of batch 2, 200 dev examples before and after.
+if want qft; then
+  for run in qft-int8:"--method qft --compute int8" qft-f32:"--method qft --compute f32" full-lion:"--method full-lion"; do
+    name=${run%%:*}; args=${run#*:}
+    [ -f "$OUT/$name/summary.json" ] || "$BIN" train $args --lr 5e-6 --steps 100 --batch-size 2 --train-size 1000 \
+      --dev-size 200 --eval-size 0 --max-seq-len 256 --seed 0 --no-export --checkpoint-every 25 --out "$OUT/$name"
+  done
+  "$BIN" report "$OUT"/{qft-int8,qft-f32,full-lion} --out "$OUT/qft" --title "QFT: integer vs f32 compute, and FP32 Lion" \
+    | tee "$OUT/qft.md"
 fi
