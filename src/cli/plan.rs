@@ -108,8 +108,10 @@ pub fn plan_on(cfg: &LlamaConfig, m: &MethodArgs, shape: &plan::Shape, spec: Dev
         _ => 0,
     };
     let transient = copies * qtune::model::quantized::gpu_dequantized_bytes(cfg);
-    p.counted.scratch += transient;
-    p.train += transient;
+    // Full-parameter QuZO's update is one fused kernel on a GPU (no f32 chunk of rows, the CPU's update scratch).
+    let fused = if m.method == MethodKind::Quzo && !m.options.zo.lora { p.counted.scratch } else { 0 };
+    p.counted.scratch = p.counted.scratch - fused + transient;
+    p.train = p.train - fused + transient;
     p.eval += transient;
     p.runtime = 0;
     p.peak = p.load.max(p.train).max(p.eval);
@@ -197,23 +199,28 @@ mod tests {
     use super::*;
 
     /// On a GPU a quantized method's plan is its f32-products plan plus a transient f32 copy of its largest matrix
-    /// (SmolLM2's embedding, 49152 × 576), in its training and its evaluation phase; the f32 methods' plans gain
-    /// nothing; the device's peak has no host runtime row.
+    /// (SmolLM2's embedding, 49152 × 576), in its training and its evaluation phase; full-parameter QuZO's update
+    /// is fused there, so its CPU update scratch goes; the f32 methods' plans gain nothing; the device's peak has no
+    /// host runtime row.
     #[test]
     fn gpu_plans_add_the_dequantized_matrices() {
         let cfg = plan::resolve_config("smollm2-135m").unwrap();
         let shape = plan::Shape::full(4, 128, 4, None).unwrap();
         let largest = 49152 * 576;
-        for (args, copies) in [
-            (&["--method", "quzo", "--compute", "f32"][..], 1),
-            (&["--method", "qlora"], 1),
-            (&["--method", "lora"], 0),
+        for (args, copies, fused) in [
+            (&["--method", "quzo", "--compute", "f32"][..], 1, true),
+            (&["--method", "quzo", "--lora"], 1, false),
+            (&["--method", "qlora"], 1, false),
+            (&["--method", "lora"], 0, false),
         ] {
             let m = bench_method(args).unwrap();
             let cpu = plan_run(&cfg, &m, &shape).unwrap();
             let gpu = plan_on(&cfg, &m, &shape, DeviceSpec::Cuda(0)).unwrap();
             let extra = copies * 4 * largest;
-            assert_eq!(gpu.train, cpu.train + extra, "{args:?}");
+            let update = if fused { qtune::methods::quzo::update_scratch_bytes(&cfg) } else { 0 };
+            assert!(!fused || update > 0, "{args:?}: the CPU plan has an update scratch to drop");
+            assert_eq!(gpu.train, cpu.train - update + extra, "{args:?}");
+            assert_eq!(gpu.counted.scratch, cpu.counted.scratch - update + extra, "{args:?}");
             assert_eq!(gpu.eval, cpu.eval + extra, "{args:?}");
             assert_eq!((gpu.runtime, gpu.peak), (0, gpu.load.max(gpu.train).max(gpu.eval)), "{args:?}");
         }

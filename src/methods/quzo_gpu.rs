@@ -5,7 +5,7 @@
 //! device never holds an f32 model. Directions, their scales and every rounding decision are the CPU's bits
 //! (`kernels/quant.cu`); only the products' sums run in another order. The integer forward (`--compute int8`) is the
 //! CPU's alone.
-use super::quzo::{load_int, save_int, update_key, update_scratch_bytes, Estimator, QDirection, QuzoArgs};
+use super::quzo::{load_int, save_int, update_key, Estimator, QDirection, QuzoArgs};
 use super::Storage;
 use crate::checkpoint::{StateReader, StateWriter};
 use crate::device::cuda_quant::{add_direction, gauss_absmax, zo_update_f32, GpuInt, RowIds, Rows, ZoDir};
@@ -151,9 +151,9 @@ impl Perturbation for QuzoGpu {
         Ok(())
     }
 
-    /// The largest matrix dequantized (and moved in place).
+    /// The largest matrix dequantized (and moved in place); the update is fused and needs no f32 rows.
     fn scratch_bytes(&self) -> usize {
-        update_scratch_bytes(&self.store.cfg).max(gpu_dequantized_bytes(&self.store.cfg))
+        gpu_dequantized_bytes(&self.store.cfg)
     }
 }
 
