@@ -32,16 +32,20 @@ impl GpuMat {
     /// Rows `ids` (a 1-D u32 tensor: an embedding lookup) as a transient f32 tensor [ids, cols]: only those rows
     /// dequantized.
     pub fn gather_rows(&self, ids: &Tensor) -> Result<Tensor> {
-        let dev = match self {
-            GpuMat::Int(w) => w.device(),
-            GpuMat::Nf4(w) => w.device(),
-            GpuMat::Hybrid(w) => w.device(),
-        };
-        let ids = RowIds::new(ids, dev)?;
+        let ids = RowIds::new(ids, self.device())?;
         match self {
             GpuMat::Int(w) => w.gather_rows(&ids),
             GpuMat::Nf4(w) => w.gather_rows(&ids),
             GpuMat::Hybrid(w) => w.gather_rows(&ids),
+        }
+    }
+
+    /// The device the matrix is on.
+    pub fn device(&self) -> &candle_core::cuda_backend::CudaDevice {
+        match self {
+            GpuMat::Int(w) => w.device(),
+            GpuMat::Nf4(w) => w.device(),
+            GpuMat::Hybrid(w) => w.device(),
         }
     }
 
