@@ -244,9 +244,9 @@ fn bench_gemm() {
     );
     println!(
         "| model | W (n×k) | m | candle f32 | int8 weight, f32 tiles (before) | W8A8 | W4A8 | u8×i8 GEMM alone | \
-         W8A8 ÷ before | W8A8: quantize x / read W / GEMM + scale |"
+         W8A8 ÷ before | W8A8: quantize x / read W / GEMM + scale | W8A8, VNNI | u8×i8 GEMM alone, VNNI |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (model, name, n, k) in GEMM_SHAPES {
         let mut wd = vec![0f32; n * k];
         fill_gaussian(&RngKey::new(2, 0, 0), 0, &mut wd);
@@ -279,10 +279,17 @@ fn bench_gemm() {
                     .enumerate()
                     .for_each(|(t, (c, s))| w8.int_rows(t * per..t * per + s.len(), c, s).unwrap())
             });
+            // The same two with AMX turned off (rten-gemm's VNNI kernel), where the tiles exist.
+            let amx = qtune_quant::amx::available();
+            qtune_quant::amx::set_enabled(false);
+            let a8_vnni = best_of_5(&mut || qtune_quant::matmul_xwt_int(&x, m, &w8, &mut y).unwrap());
+            let bare_vnni = best_of_5(&mut || gemm_u8i8(&acts.codes, acts.zero, m, k, &codes, n, &mut acc).unwrap());
+            qtune_quant::amx::set_enabled(true);
             let gop = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+            let vnni = |t: f64| if amx { format!("{:.0}", gop(t)) } else { "(same)".into() };
             let pct = |t: f64| 100.0 * t / a8;
             println!(
-                "| {model} | {name} {n}×{k} | {m} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}× | {:.0}% / {:.0}% / {:.0}% |",
+                "| {model} | {name} {n}×{k} | {m} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}× | {:.0}% / {:.0}% / {:.0}% | {} | {} |",
                 gop(candle),
                 gop(before),
                 gop(a8),
@@ -291,7 +298,9 @@ fn bench_gemm() {
                 before / a8,
                 pct(quant),
                 pct(read),
-                (100.0 - pct(quant) - pct(read)).max(0.0)
+                (100.0 - pct(quant) - pct(read)).max(0.0),
+                vnni(a8_vnni),
+                vnni(bare_vnni)
             );
         }
     }
@@ -314,6 +323,47 @@ fn main() {
     }
     if run("rng") {
         bench_rng();
+    }
+    if run("amx") {
+        bench_amx();
+    }
+}
+
+/// Where an AMX product's time goes at each GEMM shape: signing and padding A, packing B into tile order, and the
+/// tiles themselves (GOP/s of the tile part alone, and of the whole).
+fn bench_amx() {
+    use qtune_quant::amx;
+    if !amx::granted() {
+        println!("\nno AMX-INT8 here ({})", qtune_quant::CpuFeatures::detect());
+        return;
+    }
+    println!("\n### AMX-INT8 (best of 5, {} threads)\n", rayon::current_num_threads());
+    println!("| W (n×k) | m | quantize x ms | pack A ms | pack B ms | tiles ms | tiles GOP/s | whole GOP/s |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (_, name, n, k) in GEMM_SHAPES {
+        let w: Vec<i8> = (0..n * k).map(|i| (i * 7 % 255) as i8).collect();
+        for m in [512usize, 2048] {
+            let a: Vec<u8> = (0..m * k).map(|i| (i * 13 % 255) as u8).collect();
+            let mut acc = vec![0i32; m * n];
+            let mut x = vec![0f32; m * k];
+            fill_gaussian(&RngKey::new(1, 0, 0), 0, &mut x);
+            let qx = best_of_5(&mut || drop(qtune_quant::int8::quantize_acts(&x, m, k, 127).unwrap()));
+            let pa = best_of_5(&mut || drop(amx::pack_a(&a, 128, m, k)));
+            let pb = best_of_5(&mut || drop(amx::PackedB::pack(&w, k, n, 1, k)));
+            let (ap, _, kp) = amx::pack_a(&a, 128, m, k);
+            let bp = amx::PackedB::pack(&w, k, n, 1, k);
+            let t = best_of_5(&mut || amx::gemm_packed(amx::Engine::Amx, &ap, m, kp, &bp, &mut acc));
+            let gop = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+            println!(
+                "| {name} {n}×{k} | {m} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
+                qx * 1e3,
+                pa * 1e3,
+                pb * 1e3,
+                t * 1e3,
+                gop(t),
+                gop(pa + pb + t)
+            );
+        }
     }
 }
 

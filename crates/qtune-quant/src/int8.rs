@@ -23,8 +23,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, QuantParams};
-use rten_tensor::{MatrixLayout, NdTensorView};
+use rten_tensor::NdTensorView;
 
+use crate::amx;
 use crate::error::{check_len, QuantError, Result};
 use crate::hybrid::HybridTensor;
 use crate::simd;
@@ -59,14 +60,24 @@ thread_local! {
     static EXEC: GemmExecutor<u8, i8, i32> = GemmExecutor::new();
 }
 
-/// The INT8 kernel in use, with the activation bits it allows: e.g. `x86_64-u8i8i32-avx2 (A7)`.
+/// The INT8 kernel in use, with the activation bits it allows: e.g. `x86_64-u8i8i32-avx2 (A7)`, or
+/// `amx-int8 tiles, x86_64-u8i8i32-avx512 under 16 rows (A8)`.
 pub fn kernel_name() -> String {
     let bits = if activation_qmax() == 127 { 8 } else { 7 };
-    EXEC.with(|e| format!("{} (A{bits})", e.kernel_name()))
+    let rten = EXEC.with(|e| e.kernel_name().to_string());
+    if amx::available() {
+        format!("amx-int8 tiles, {rten} under {AMX_MIN_ROWS} rows (A{bits})")
+    } else {
+        format!("{rten} (A{bits})")
+    }
 }
+
+/// Fewest activation rows for which the AMX tiles are used: below it, packing B per call outweighs the product.
+pub const AMX_MIN_ROWS: usize = 16;
 
 /// Largest |q| of an activation code on this machine's kernel: 127, or 63 where the kernel could saturate.
 pub fn activation_qmax() -> i32 {
+    // Both the AMX tiles and rten's small-m kernel must be exact: AMX sums in i32, and so does a VNNI kernel.
     if EXEC.with(|e| e.may_saturate()) {
         63
     } else {
@@ -170,17 +181,42 @@ pub fn quantize_acts_mixed(x: &[f32], m: usize, k: usize, qmax: i32, threshold: 
 /// `acc (m×n) = Σ_c (a[i, c] − zero)·b[j, c]`: a is m×k u8, b holds n rows of k i8 (W's rows, not Wᵀ).
 pub fn gemm_u8i8(a: &[u8], zero: u8, m: usize, k: usize, b: &[i8], n: usize, acc: &mut [i32]) -> Result<()> {
     check_len("gemm_u8i8 b (n×k)", n * k, b.len())?;
-    gemm_view(a, zero, m, k, NdTensorView::from_data([n, k], b).transposed(), acc)
+    gemm_strided(a, zero, m, k, b, n, BLayout::OutputRows, acc)
 }
 
-/// `acc (m×n) = Σ_c (a[i, c] − zero)·b[c, j]` for a k×n view `b` (any strides).
-fn gemm_view(a: &[u8], zero: u8, m: usize, k: usize, b: NdTensorView<'_, i8, 2>, acc: &mut [i32]) -> Result<()> {
-    let n = b.cols();
+/// How the B operand of [`gemm_strided`] is laid out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BLayout {
+    /// n rows of k (W's rows, `y = x·Wᵀ`): `B[c, j] = b[j·k + c]`.
+    OutputRows,
+    /// k rows of n (W itself, `dx = dy·W`): `B[c, j] = b[c·n + j]`.
+    SumRows,
+}
+
+/// `acc (m×n) = Σ_c (a[i, c] − zero)·B[c, j]`, on AMX tiles where [`amx::available`] and m ≥ [`AMX_MIN_ROWS`],
+/// otherwise on rten-gemm's kernel.
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided(a: &[u8], zero: u8, m: usize, k: usize, b: &[i8], n: usize, layout: BLayout, acc: &mut [i32]) -> Result<()> {
     check_len("gemm_u8i8 a (m×k)", m * k, a.len())?;
     check_len("gemm_u8i8 acc (m×n)", m * n, acc.len())?;
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if k == 0 {
+        acc.fill(0);
+        return Ok(());
+    }
+    let (sc, sj) = if layout == BLayout::OutputRows { (1, k) } else { (n, 1) };
+    if m >= AMX_MIN_ROWS && amx::available() {
+        let (ap, _, kp) = amx::pack_a(a, zero, m, k);
+        let bp = amx::PackedB::pack(b, k, n, sc, sj);
+        amx::gemm_packed(amx::Engine::Amx, &ap, m, kp, &bp, acc);
+        return Ok(());
+    }
+    let b = match layout {
+        BLayout::OutputRows => NdTensorView::from_data([n, k], b).transposed(),
+        BLayout::SumRows => NdTensorView::from_data([k, n], b),
+    };
     let zeros = vec![zero; m];
     let av = NdTensorView::from_data([m, k], a);
     let opts = GemmOptions { a_quant: Some(QuantParams { zero_point: &zeros }), ..Default::default() };
@@ -200,13 +236,23 @@ const READ_TASK: usize = 1 << 15;
 /// panel of weight codes and scales, and its i32 sums (the memory planner's count).
 pub fn scratch_bytes(m: usize, n: usize, k: usize) -> usize {
     let nb = (INT_TILE_BYTES / k.max(1)).clamp(1, INT_TILE_ROWS).min(n);
-    m * k + 4 * m + nb * k + 4 * nb + 4 * m * nb
+    m * k + 4 * m + nb * k + 4 * nb + 4 * m * nb + amx_scratch_bytes(m, nb, k)
+}
+
+/// The AMX path's copies on this machine ([`amx::pack_a`], [`amx::PackedB`]): signed, padded activations and one
+/// panel of B in tile order; none where the tiles are not used.
+fn amx_scratch_bytes(m: usize, n: usize, k: usize) -> usize {
+    if m < AMX_MIN_ROWS || !amx::available() {
+        return 0;
+    }
+    let kp = k.max(1).div_ceil(64) * 64;
+    (m.div_ceil(32) * 32 + n.max(1).div_ceil(32) * 32) * kp
 }
 
 /// Bytes [`matmul_xw_int`] allocates for an m×n input gradient and an n×k weight: dy's codes and scales (W's scales
 /// folded in one row at a time), the i32 sums, W's scales, and a copy of W's codes unless the weight stores them.
 pub fn input_grad_scratch_bytes(m: usize, n: usize, k: usize, stored: bool) -> usize {
-    m * n + 4 * m + 4 * m * k + 4 * n + if stored { 0 } else { n * k }
+    m * n + 4 * m + 4 * m * k + 4 * n + if stored { 0 } else { n * k } + amx_scratch_bytes(m, k, n)
 }
 
 /// `y = x·Wᵀ` on the integer path: x is m×k f32 (quantized here), W is n×k, y is m×n.
@@ -319,7 +365,7 @@ pub fn matmul_xw_int<W: IntWeight + ?Sized>(dy: &[f32], m: usize, w: &W, dx: &mu
     };
     let acts = quantize_scaled(dy, m, n, activation_qmax(), Some(&scales))?;
     let mut acc = vec![0i32; m * k];
-    gemm_view(&acts.codes, acts.zero, m, n, NdTensorView::from_data([n, k], codes), &mut acc)?;
+    gemm_strided(&acts.codes, acts.zero, m, n, codes, k, BLayout::SumRows, &mut acc)?;
     dx.par_chunks_mut(k).zip(acc.par_chunks(k)).zip(acts.scales.par_iter()).for_each(|((dx, acc), &sx)| {
         dx.iter_mut().zip(acc).for_each(|(d, &a)| *d = a as f32 * sx);
     });

@@ -15,6 +15,7 @@
 mod simd;
 mod gauss;
 
+pub mod amx;
 pub mod cpu;
 pub mod error;
 pub mod hybrid;

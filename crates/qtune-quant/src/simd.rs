@@ -73,8 +73,13 @@ multiversion! {
 multiversion! {
     /// INT8 activation codes of one row: `q = clamp(round(x·inv), −lim, lim) + zero` (ties to even) as a u8.
     fn encode_acts(x: &[f32], inv: f32, lim: f32, zero: f32, out: &mut [u8]) {
+        assert!(lim >= 0.0 && zero >= lim && lim + zero <= 255.0 && zero.fract() == 0.0, "codes must fit a u8");
         for (q, &v) in out.iter_mut().zip(x) {
-            *q = ((v * inv).round_ties_even().clamp(-lim, lim) + zero) as u8;
+            // `max`/`min` map NaN to a bound (the row's NaN scale carries it), so the value is an integer in
+            // [0, 255] and the unchecked conversion is exact: it vectorizes, where the saturating `as` stays scalar.
+            let c = (v * inv).round_ties_even().max(-lim).min(lim) + zero;
+            // SAFETY: c is finite and integral, within [zero − lim, zero + lim] ⊂ [0, 255] (asserted above).
+            *q = unsafe { c.to_int_unchecked::<i32>() } as u8;
         }
     }
 }
