@@ -96,6 +96,9 @@ impl PackedB {
         // One 16-column block per task: kp×16 bytes.
         data.par_chunks_mut(kp * TR).enumerate().for_each(|(nb, blk)| {
             let cols = TR.min(n.saturating_sub(nb * TR));
+            if cols == 0 {
+                return; // padding beyond n: zeros
+            }
             if sc == 1 && cols == TR {
                 // W's rows: each tile row takes 4 contiguous bytes from each of the 16 columns' rows, so it is
                 // written whole, from 16 sequential streams (k's tail, if any, is zero-padded by `take`).
@@ -110,6 +113,19 @@ impl PackedB {
                     } else {
                         for (j, dst) in row.chunks_exact_mut(4).enumerate() {
                             dst.iter_mut().zip(src[j].iter().skip(c0)).for_each(|(d, &v)| *d = v);
+                        }
+                    }
+                }
+                return;
+            }
+            if sj == 1 {
+                // W itself (dy·W): a tile row interleaves 4 consecutive rows of W, 16 contiguous bytes from each.
+                for (q, row) in blk.chunks_exact_mut(TK).enumerate() {
+                    let c0 = (q / TR) * TK + 4 * (q % TR);
+                    for t in 0..4.min(k.saturating_sub(c0)) {
+                        let src = &b[(c0 + t) * sc + nb * TR..(c0 + t) * sc + nb * TR + cols];
+                        for (j, &v) in src.iter().enumerate() {
+                            row[4 * j + t] = v;
                         }
                     }
                 }

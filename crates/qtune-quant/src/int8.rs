@@ -4,8 +4,10 @@
 //!   `q + zero` in a u8.
 //! - The weight hands over its rows as i8 codes with one f32 scale per row ([`IntWeight`]): INT8 codes as they are,
 //!   INT4 codes widened, a perturbed weight's codes moved on its own grid (QuZO).
-//! - rten-gemm multiplies u8×i8 into i32 with the best kernel the CPU has (AVX-512 VNNI, AVX-512, AVX2, portable),
-//!   chosen at run time ([`kernel_name`]); the epilogue scales each sum by its row's and column's scales.
+//! - AMX-INT8 tiles multiply where the CPU has them and Linux grants them ([`crate::amx`], 16 rows or more);
+//!   otherwise rten-gemm multiplies u8×i8 into i32 with the best kernel the CPU has (AVX-512 VNNI, AVX-512, AVX2,
+//!   portable), chosen at run time ([`kernel_name`]). Either way the i32 sums are exact and equal. The epilogue
+//!   scales each sum by its row's and column's scales.
 //! - Dense-and-sparse weights (QFT's hybrid) add their f32 outliers as a sparse product on the unquantized
 //!   activations, so outliers keep full precision on both sides.
 //!
