@@ -184,15 +184,17 @@ pub fn gemm_packed(engine: Engine, a: &[i8], m: usize, kp: usize, b: &PackedB, a
         for jb in (j0..(j0 + col_chunk).min(n)).step_by(BLK) {
             let (b0, b1) = (b.block(jb / TR), b.block(jb / TR + 1));
             for ib in (i0..(i0 + rows_chunk).min(m)).step_by(BLK) {
-                tiles.block(&a[ib * kp..(ib + BLK) * kp], kp, b0, b1, &mut c);
-                // SAFETY: tasks own disjoint (row chunk × column chunk) rectangles of acc, and each write stays
-                // inside its task's rectangle and inside m×n.
+                let a = &a[ib * kp..(ib + BLK) * kp];
+                // SAFETY (both branches): tasks own disjoint (row chunk × column chunk) rectangles of acc, and every
+                // write stays inside its task's rectangle and inside m×n; a whole block is stored in place.
+                if ib + BLK <= m && jb + BLK <= n {
+                    unsafe { tiles.block(a, kp, b0, b1, out.0.add(ib * n + jb), n) };
+                    continue;
+                }
+                unsafe { tiles.block(a, kp, b0, b1, c.as_mut_ptr(), BLK) };
                 for r in 0..BLK.min(m - ib) {
                     let cols = BLK.min(n - jb);
-                    unsafe {
-                        let dst = out.0.add((ib + r) * n + jb);
-                        std::ptr::copy_nonoverlapping(c[r * BLK..].as_ptr(), dst, cols);
-                    }
+                    unsafe { std::ptr::copy_nonoverlapping(c[r * BLK..].as_ptr(), out.0.add((ib + r) * n + jb), cols) };
                 }
             }
         }
@@ -240,14 +242,18 @@ impl Tiles {
         Tiles { engine }
     }
 
-    /// `c (32×32, row-major) = A_rows(32 × kp) · [B block b0 | B block b1]`.
-    fn block(&mut self, a: &[i8], kp: usize, b0: &[i8], b1: &[i8], c: &mut [i32; BLK * BLK]) {
+    /// `c (32×32, rows `stride` i32 apart) = A_rows(32 × kp) · [B block b0 | B block b1]`.
+    ///
+    /// # Safety
+    /// `c` must be valid for writes of 32 rows of 32 i32 at `stride` (≥ 32) i32 apart, and no one else may access
+    /// them meanwhile.
+    unsafe fn block(&mut self, a: &[i8], kp: usize, b0: &[i8], b1: &[i8], c: *mut i32, stride: usize) {
         match self.engine {
-            Engine::Emulated => emulated_block(a, kp, b0, b1, c),
+            Engine::Emulated => emulated_block(a, kp, b0, b1, c, stride),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the tiles were configured in `start`; a holds 32 rows of kp bytes, b0/b1 kp/64 tiles of 1 KiB,
-            // c 32×32 i32: every load and store stays inside them.
-            Engine::Amx => unsafe { amx_block(a, kp, b0, b1, c) },
+            // SAFETY: the tiles were configured in `start`; a holds 32 rows of kp bytes, b0/b1 kp/64 tiles of 1 KiB;
+            // c as the caller promised.
+            Engine::Amx => amx_block(a, kp, b0, b1, c, stride),
             #[cfg(not(target_arch = "x86_64"))]
             Engine::Amx => unreachable!("AMX exists on x86_64 only"),
         }
@@ -262,9 +268,10 @@ impl Tiles {
     }
 }
 
-/// TDPBSSD's definition: `C[r, j] += Σ_{q<16, t<4} A[r, 4q + t]·B[q, 4j + t]`, over kp/64 tile pairs.
-fn emulated_block(a: &[i8], kp: usize, b0: &[i8], b1: &[i8], c: &mut [i32; BLK * BLK]) {
-    c.fill(0);
+/// TDPBSSD's definition: `C[r, j] += Σ_{q<16, t<4} A[r, 4q + t]·B[q, 4j + t]`, over kp/64 tile pairs, stored as
+/// [`Tiles::block`] stores (same safety contract).
+unsafe fn emulated_block(a: &[i8], kp: usize, b0: &[i8], b1: &[i8], out: *mut i32, stride: usize) {
+    let mut c = [0i32; BLK * BLK];
     for kb in 0..kp / TK {
         for (half, b) in [b0, b1].into_iter().enumerate() {
             let bt = &b[kb * TK * TR..(kb + 1) * TK * TR];
@@ -282,11 +289,14 @@ fn emulated_block(a: &[i8], kp: usize, b0: &[i8], b1: &[i8], c: &mut [i32; BLK *
             }
         }
     }
+    for r in 0..BLK {
+        std::ptr::copy_nonoverlapping(c[r * BLK..].as_ptr(), out.add(r * stride), BLK);
+    }
 }
 
 /// The four output tiles tmm0..3 (rows 0–15 / 16–31 × columns of b0 / b1), A tiles tmm4–5, B tiles tmm6–7.
 #[cfg(target_arch = "x86_64")]
-unsafe fn amx_block(a: &[i8], kp: usize, b0: &[i8], b1: &[i8], c: &mut [i32; BLK * BLK]) {
+unsafe fn amx_block(a: &[i8], kp: usize, b0: &[i8], b1: &[i8], c: *mut i32, stride: usize) {
     use std::arch::asm;
     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
     let (a0, a1) = (a.as_ptr(), a.as_ptr().add(TR * kp));
@@ -309,7 +319,7 @@ unsafe fn amx_block(a: &[i8], kp: usize, b0: &[i8], b1: &[i8], c: &mut [i32; BLK
             options(nostack, readonly),
         );
     }
-    let (p, s) = (c.as_mut_ptr() as *mut u8, BLK * 4);
+    let (p, s) = (c as *mut u8, stride * 4);
     asm!(
         "tilestored [{c00} + {s}*1], tmm0",
         "tilestored [{c01} + {s}*1], tmm1",
