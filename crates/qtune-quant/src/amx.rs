@@ -338,6 +338,7 @@ unsafe fn amx_block(a: &[i8], kp: usize, b0: &[i8], b1: &[i8], c: *mut i32, stri
 mod tests {
     use super::*;
 
+    #[allow(clippy::too_many_arguments)]
     fn reference(a: &[u8], zero: u8, m: usize, k: usize, b: &[i8], n: usize, sc: usize, sj: usize) -> Vec<i32> {
         let mut out = vec![0i32; m * n];
         for i in 0..m {
