@@ -284,18 +284,28 @@ pub fn matmul_acts<W: IntWeight + ?Sized>(acts: &IntActs, x: &[f32], w: &W, y: &
     }
     // Panels of whole weight rows, read in parallel; rten-gemm then multiplies each panel with all its threads.
     let nb = (INT_TILE_BYTES / k.max(1)).clamp(1, INT_TILE_ROWS).min(n);
-    let (mut codes, mut scales, mut acc) = (vec![0i8; nb * k], vec![0f32; nb], vec![0i32; m * nb]);
+    // A weight that stores its rows as codes is read in place; others are read into a panel scratch.
+    let stored = w.stored_rows();
+    let panel_len = if stored.is_some() { 0 } else { nb };
+    let (mut codes_buf, mut scales_buf) = (vec![0i8; panel_len * k], vec![0f32; panel_len]);
+    let mut acc = vec![0i32; m * nb];
     for j0 in (0..n).step_by(nb) {
         let cols = nb.min(n - j0);
-        let (codes, scales, acc) = (&mut codes[..cols * k], &mut scales[..cols], &mut acc[..m * cols]);
-        let per_task = (READ_TASK / k.max(1)).max(1);
-        codes
-            .par_chunks_mut(per_task * k.max(1))
-            .zip(scales.par_chunks_mut(per_task))
-            .enumerate()
-            .try_for_each(|(t, (c, s))| w.int_rows(j0 + t * per_task..j0 + t * per_task + s.len(), c, s))?;
+        let acc = &mut acc[..m * cols];
+        let (codes, scales): (&[i8], &[f32]) = match stored {
+            Some((c, s)) => (&c[j0 * k..(j0 + cols) * k], &s[j0..j0 + cols]),
+            None => {
+                let (codes, scales) = (&mut codes_buf[..cols * k], &mut scales_buf[..cols]);
+                let per_task = (READ_TASK / k.max(1)).max(1);
+                codes
+                    .par_chunks_mut(per_task * k.max(1))
+                    .zip(scales.par_chunks_mut(per_task))
+                    .enumerate()
+                    .try_for_each(|(t, (c, s))| w.int_rows(j0 + t * per_task..j0 + t * per_task + s.len(), c, s))?;
+                (codes, scales)
+            }
+        };
         gemm_u8i8(&acts.codes, acts.zero, m, k, codes, cols, acc)?;
-        let scales = &*scales;
         if acts.f32_cols.is_empty() {
             y.par_chunks_mut(n).zip(acc.par_chunks(cols)).zip(acts.scales.par_iter()).for_each(|((y, acc), &sx)| {
                 for ((d, &a), &sw) in y[j0..j0 + cols].iter_mut().zip(acc).zip(scales) {
