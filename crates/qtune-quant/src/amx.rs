@@ -172,10 +172,8 @@ pub fn gemm_packed(engine: Engine, a: &[i8], m: usize, kp: usize, b: &PackedB, a
     let row_chunks = m.div_ceil(rows_chunk);
     let per_task = n * row_chunks / (8 * rayon::current_num_threads());
     let col_chunk = round_up(per_task.max(1), BLK).min(COL_CHUNK);
-    let tasks: Vec<(usize, usize)> = (0..m)
-        .step_by(rows_chunk)
-        .flat_map(|i0| (0..n).step_by(col_chunk).map(move |j0| (i0, j0)))
-        .collect();
+    let tasks: Vec<(usize, usize)> =
+        (0..m).step_by(rows_chunk).flat_map(|i0| (0..n).step_by(col_chunk).map(move |j0| (i0, j0))).collect();
     let out = SharedOut(acc.as_mut_ptr());
     tasks.par_iter().for_each(|&(i0, j0)| {
         let out = &out;
@@ -343,8 +341,7 @@ mod tests {
         let mut out = vec![0i32; m * n];
         for i in 0..m {
             for j in 0..n {
-                out[i * n + j] =
-                    (0..k).map(|c| (a[i * k + c] as i32 - zero as i32) * b[c * sc + j * sj] as i32).sum();
+                out[i * n + j] = (0..k).map(|c| (a[i * k + c] as i32 - zero as i32) * b[c * sc + j * sj] as i32).sum();
             }
         }
         out

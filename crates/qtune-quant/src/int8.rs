@@ -198,7 +198,16 @@ enum BLayout {
 /// `acc (m×n) = Σ_c (a[i, c] − zero)·B[c, j]`, on AMX tiles where [`amx::available`] and m ≥ [`AMX_MIN_ROWS`],
 /// otherwise on rten-gemm's kernel.
 #[allow(clippy::too_many_arguments)]
-fn gemm_strided(a: &[u8], zero: u8, m: usize, k: usize, b: &[i8], n: usize, layout: BLayout, acc: &mut [i32]) -> Result<()> {
+fn gemm_strided(
+    a: &[u8],
+    zero: u8,
+    m: usize,
+    k: usize,
+    b: &[i8],
+    n: usize,
+    layout: BLayout,
+    acc: &mut [i32],
+) -> Result<()> {
     check_len("gemm_u8i8 a (m×k)", m * k, a.len())?;
     check_len("gemm_u8i8 acc (m×n)", m * n, acc.len())?;
     if m == 0 || n == 0 {
