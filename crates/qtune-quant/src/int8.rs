@@ -79,7 +79,7 @@ pub const AMX_MIN_ROWS: usize = 16;
 
 /// Largest |q| of an activation code on this machine's kernel: 127, or 63 where the kernel could saturate.
 pub fn activation_qmax() -> i32 {
-    // Both the AMX tiles and rten's small-m kernel must be exact: AMX sums in i32, and so does a VNNI kernel.
+    // rten-gemm's kernel decides: it still runs products under AMX_MIN_ROWS rows; the tiles never saturate (i32 sums).
     if EXEC.with(|e| e.may_saturate()) {
         63
     } else {
