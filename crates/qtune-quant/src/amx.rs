@@ -9,8 +9,9 @@
 //!   and k to a multiple of 64 with zeros, read by the tile loads in place (stride: the padded k).
 //! - B is packed once per call into 16-column blocks, each a run of 64-k tiles of 1 KiB ([`PackedB`]).
 //! - The kernel keeps a 32×32 block of sums in four tiles (two A tiles × two B tiles, the remaining four registers),
-//!   as oneDNN's does. Work is split into row chunks whose A fits in L2 times 32-column chunks, in parallel; a B block
-//!   is then read from memory once per row chunk.
+//!   as oneDNN's does. Work is split into row chunks whose A fits in L2 times column chunks (32–256 columns, at
+//!   least 8 tasks per thread where the shape allows), in parallel; a B block is read from memory once per row chunk.
+//!   Whole 32×32 blocks are stored straight into the output; edge blocks go through a local block.
 //!
 //! Every step has a scalar twin that follows the tiles' definition element by element ([`Engine::Emulated`]), so the
 //! packing and blocking are tested on every machine; on an AMX machine the tests compare the tiles with it bit for
