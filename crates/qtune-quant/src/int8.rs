@@ -324,7 +324,7 @@ pub fn matmul_acts<W: IntWeight + ?Sized>(acts: &IntActs, x: &[f32], w: &W, y: &
         } else {
             // The f32 columns: this panel's codes at those columns, transposed (no × cols) so that each column adds
             // x's f32 value there times its codes into a row's outputs in one contiguous (vectorized) pass.
-            let (f32_cols, panel) = (&acts.f32_cols, &*codes);
+            let (f32_cols, panel) = (&acts.f32_cols, codes);
             let wo_t: Vec<f32> =
                 f32_cols.iter().flat_map(|&c| (0..cols).map(move |j| panel[j * k + c as usize] as f32)).collect();
             let rows = y.par_chunks_mut(n).zip(acc.par_chunks(cols)).zip(acts.scales.par_iter()).zip(x.par_chunks(k));
