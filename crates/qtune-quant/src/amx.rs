@@ -149,6 +149,12 @@ impl PackedB {
     }
 }
 
+/// Bytes of [`pack_a`]'s copy of an m×k A plus a [`PackedB`] of a k×n B (the memory planner's count).
+pub fn packed_bytes(m: usize, n: usize, k: usize) -> usize {
+    let kp = round_up(k.max(1), TK);
+    (round_up(m.max(1), BLK) + round_up(n.max(1), BLK)) * kp
+}
+
 /// A (m×k u8 with zero point) as signed codes, rows padded to 32 and k to 64: returns (codes, mp, kp).
 pub fn pack_a(a: &[u8], zero: u8, m: usize, k: usize) -> (Vec<i8>, usize, usize) {
     let (mp, kp) = (round_up(m.max(1), BLK), round_up(k.max(1), TK));

@@ -256,8 +256,7 @@ fn amx_scratch_bytes(m: usize, n: usize, k: usize) -> usize {
     if m < AMX_MIN_ROWS || !amx::available() {
         return 0;
     }
-    let kp = k.max(1).div_ceil(64) * 64;
-    (m.div_ceil(32) * 32 + n.max(1).div_ceil(32) * 32) * kp
+    amx::packed_bytes(m, n, k)
 }
 
 /// Bytes [`matmul_xw_int`] allocates for an m×n input gradient and an n×k weight: dy's codes and scales (W's scales
@@ -291,7 +290,7 @@ pub fn matmul_acts<W: IntWeight + ?Sized>(acts: &IntActs, x: &[f32], w: &W, y: &
     if m == 0 || n == 0 {
         return Ok(());
     }
-    // Panels of whole weight rows, read in parallel; rten-gemm then multiplies each panel with all its threads.
+    // Panels of whole weight rows, read in parallel; the tiles or rten-gemm then multiply each with all threads.
     let nb = (INT_TILE_BYTES / k.max(1)).clamp(1, INT_TILE_ROWS).min(n);
     // A weight that stores its rows as codes is read in place; others are read into a panel scratch.
     let stored = w.stored_rows();
