@@ -8,7 +8,8 @@ set -euo pipefail
 need=()
 # mpicc comes with libopenmpi-dev (the headers and the library the mpi crate links).
 { command -v mpirun && command -v mpicc; } >/dev/null || need+=(openmpi-bin libopenmpi-dev)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+# bindgen loads libclang.so (or libclang-N.so): libclang-cpp.so, which llvm-N-dev brings, is a different library.
+ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 command -v ip >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -eq 0 ]; then
     echo "setup_mpi: Open MPI, libclang and iproute2 are installed"
