@@ -88,6 +88,8 @@ def main():
             s = summary(run)
             if s is None and k in SUPERSEDED:
                 continue
+            if s is None and not run.exists():
+                continue
             if s is None:
                 steps = sum(1 for _ in open(run / "log.jsonl")) if (run / "log.jsonl").exists() else 0
                 print(f"| {k} | {steps} so far | not finished | | | | | | | |")
@@ -109,8 +111,11 @@ def main():
             if summary(ra) and summary(rb):
                 d, iv, p = paired(a.qtune, ra, rb) or ("", "", "")
                 print(f"| {claim} | {x} | {y} | {d} | {iv} | {p} |")
-            else:
-                print(f"| {claim} | {x} | {y} | not run yet | | |")
+            elif ra.exists() and rb.exists():
+                print(f"| {claim} | {x} | {y} | not finished yet | | |")
+            else:  # e.g. SIQA's claims groups leave out FP32 AdamW and Q-RGE1 (scripts/accuracy_runs.sh)
+                missing = ", ".join(r.name for r in (ra, rb) if not r.exists())
+                print(f"| {claim} | {x} | {y} | no run: {missing} | | |")
         print()
         if a.plots:
             for name, group in [("zo", ZO), ("fo", FO)]:
