@@ -348,9 +348,9 @@ fn bench_amx() {
             let mut x = vec![0f32; m * k];
             fill_gaussian(&RngKey::new(1, 0, 0), 0, &mut x);
             let qx = best_of_5(&mut || drop(qtune_quant::int8::quantize_acts(&x, m, k, 127).unwrap()));
-            let pa = best_of_5(&mut || drop(amx::pack_a(&a, 128, m, k)));
+            let pa = best_of_5(&mut || drop(amx::pack_a(&a, m, k)));
             let pb = best_of_5(&mut || drop(amx::PackedB::pack(&w, k, n, 1, k)));
-            let (ap, _, kp) = amx::pack_a(&a, 128, m, k);
+            let (ap, _, kp) = amx::pack_a(&a, m, k);
             let bp = amx::PackedB::pack(&w, k, n, 1, k);
             let t = best_of_5(&mut || amx::gemm_packed(amx::Engine::Amx, &ap, m, kp, &bp, &mut acc));
             let gop = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;

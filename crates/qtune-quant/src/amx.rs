@@ -155,12 +155,16 @@ pub fn packed_bytes(m: usize, n: usize, k: usize) -> usize {
     (round_up(m.max(1), BLK) + round_up(n.max(1), BLK)) * kp
 }
 
-/// A (m×k u8 with zero point) as signed codes, rows padded to 32 and k to 64: returns (codes, mp, kp).
-pub fn pack_a(a: &[u8], zero: u8, m: usize, k: usize) -> (Vec<i8>, usize, usize) {
+/// The one zero point [`pack_a`] takes: `a − 128` is an i8 for every u8 code a (with any other zero point some
+/// code's difference is not).
+pub const ZERO: u8 = 128;
+
+/// A (m×k u8 with zero point [`ZERO`]) as signed codes, rows padded to 32 and k to 64: returns (codes, mp, kp).
+pub fn pack_a(a: &[u8], m: usize, k: usize) -> (Vec<i8>, usize, usize) {
     let (mp, kp) = (round_up(m.max(1), BLK), round_up(k.max(1), TK));
     let mut out = vec![0i8; mp * kp];
     out.par_chunks_mut(kp).zip(a.par_chunks(k.max(1))).for_each(|(o, a)| {
-        o.iter_mut().zip(a).for_each(|(o, &a)| *o = (a as i16 - zero as i16) as i8);
+        o.iter_mut().zip(a).for_each(|(o, &a)| *o = (a ^ ZERO) as i8);
     });
     (out, mp, kp)
 }
@@ -203,7 +207,6 @@ pub fn gemm_packed(engine: Engine, a: &[i8], m: usize, kp: usize, b: &PackedB, a
                 }
             }
         }
-        tiles.finish();
     });
 }
 
@@ -263,8 +266,12 @@ impl Tiles {
             Engine::Amx => unreachable!("AMX exists on x86_64 only"),
         }
     }
+}
 
-    fn finish(self) {
+/// The tile state is released when a task ends, however it ends (a panic included), so a rayon worker never keeps
+/// it (the OS saves and restores 8 KiB of tile data at every switch while it is live).
+impl Drop for Tiles {
+    fn drop(&mut self) {
         #[cfg(target_arch = "x86_64")]
         if self.engine == Engine::Amx {
             // SAFETY: releases this thread's tile state, configured in `start`.
@@ -286,10 +293,11 @@ unsafe fn emulated_block(a: &[i8], kp: usize, b0: &[i8], b1: &[i8], out: *mut i3
                     let mut s = 0i32;
                     for q in 0..TR {
                         for t in 0..4 {
-                            s += at[4 * q + t] as i32 * bt[q * TK + 4 * j + t] as i32;
+                            s = s.wrapping_add(at[4 * q + t] as i32 * bt[q * TK + 4 * j + t] as i32);
                         }
                     }
-                    c[r * BLK + half * TR + j] += s;
+                    // The tiles' i32 sums wrap (past k ≈ 133,000 at full-scale codes); so does their twin.
+                    c[r * BLK + half * TR + j] = c[r * BLK + half * TR + j].wrapping_add(s);
                 }
             }
         }
@@ -359,13 +367,13 @@ mod tests {
     }
 
     /// Shapes that are not multiples of the tiles (k and n and m tails), and both B layouts (W's rows as the
-    /// columns, x·Wᵀ; and W itself, dy·W), with the codes' extremes (0 and 254 around a zero of 127, −127..=127).
+    /// columns, x·Wᵀ; and W itself, dy·W), with the codes' extremes (0 and 255 around the zero of 128, −128..=127).
     fn check(engine: Engine) {
         for &(m, k, n) in &[(1, 1, 1), (33, 70, 17), (64, 576, 96), (40, 129, 161), (70, 64, 32)] {
-            let zero = 127u8;
-            let a: Vec<u8> = codes(m * k, 1).iter().map(|&v| (v % 255) as u8).collect();
-            let w: Vec<i8> = codes(n * k, 2).iter().map(|&v| ((v % 255) as i32 - 127) as i8).collect();
-            let (ap, _, kp) = pack_a(&a, zero, m, k);
+            let zero = ZERO;
+            let a: Vec<u8> = codes(m * k, 1).iter().map(|&v| v as u8).collect();
+            let w: Vec<i8> = codes(n * k, 2).iter().map(|&v| v as u8 as i8).collect();
+            let (ap, _, kp) = pack_a(&a, m, k);
             for (sc, sj) in [(1, k), (n, 1)] {
                 let b = PackedB::pack(&w, k, n, sc, sj);
                 let mut acc = vec![7i32; m * n];

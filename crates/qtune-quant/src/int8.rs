@@ -195,8 +195,16 @@ enum BLayout {
     SumRows,
 }
 
-/// `acc (m×n) = Σ_c (a[i, c] − zero)·B[c, j]`, on AMX tiles where [`amx::available`] and m ≥ [`AMX_MIN_ROWS`],
-/// otherwise on rten-gemm's kernel.
+/// Whether a product of m rows with this zero point runs on the AMX tiles: the CPU and OS grant them, m ≥
+/// [`AMX_MIN_ROWS`], and every `a − zero` of a u8 code is an i8 (the tiles multiply signed bytes), which holds for
+/// any code only when the zero point is 128: qtune's 8-bit activations (qmax 127); other callers' zero points go
+/// to rten-gemm, which takes any.
+fn use_tiles(m: usize, zero: u8) -> bool {
+    m >= AMX_MIN_ROWS && zero == amx::ZERO && amx::available()
+}
+
+/// `acc (m×n) = Σ_c (a[i, c] − zero)·B[c, j]`, on AMX tiles where [`use_tiles`] says so, otherwise on rten-gemm's
+/// kernel.
 #[allow(clippy::too_many_arguments)]
 fn gemm_strided(
     a: &[u8],
@@ -218,8 +226,8 @@ fn gemm_strided(
         return Ok(());
     }
     let (sc, sj) = if layout == BLayout::OutputRows { (1, k) } else { (n, 1) };
-    if m >= AMX_MIN_ROWS && amx::available() {
-        let (ap, _, kp) = amx::pack_a(a, zero, m, k);
+    if use_tiles(m, zero) {
+        let (ap, _, kp) = amx::pack_a(a, m, k);
         let bp = amx::PackedB::pack(b, k, n, sc, sj);
         amx::gemm_packed(amx::Engine::Amx, &ap, m, kp, &bp, acc);
         return Ok(());
@@ -253,7 +261,7 @@ pub fn scratch_bytes(m: usize, n: usize, k: usize) -> usize {
 /// The AMX path's copies on this machine ([`amx::pack_a`], [`amx::PackedB`]): signed, padded activations and one
 /// panel of B in tile order; none where the tiles are not used.
 fn amx_scratch_bytes(m: usize, n: usize, k: usize) -> usize {
-    if m < AMX_MIN_ROWS || !amx::available() {
+    if !use_tiles(m, (activation_qmax() + 1) as u8) {
         return 0;
     }
     amx::packed_bytes(m, n, k)
@@ -515,6 +523,20 @@ mod tests {
             let mut acc = vec![0i32; m * n];
             gemm_u8i8(&a, zero, m, k, &b, n, &mut acc).unwrap();
             assert_eq!(acc, gemm_ref(&a, zero, m, k, &b, n), "{} m={m} n={n} k={k}", kernel_name());
+        }
+    }
+
+    /// `gemm_u8i8` takes any zero point; the tiles only one (`use_tiles`): a code of 255 against zero 0 must not
+    /// wrap into a signed byte.
+    #[test]
+    fn any_zero_point_gives_the_exact_sum() {
+        let (m, n, k) = (32, 16, 64);
+        let b: Vec<i8> = (0..n * k).map(|i| [127i8, -128, 1, -1][i % 4]).collect();
+        for zero in [0u8, 1, 127, 128, 200, 255] {
+            let a: Vec<u8> = (0..m * k).map(|i| [255u8, 0, 128, 7][(i / 3) % 4]).collect();
+            let mut acc = vec![0i32; m * n];
+            gemm_u8i8(&a, zero, m, k, &b, n, &mut acc).unwrap();
+            assert_eq!(acc, gemm_ref(&a, zero, m, k, &b, n), "zero {zero}, {}", kernel_name());
         }
     }
 
