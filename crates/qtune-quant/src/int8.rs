@@ -21,7 +21,9 @@
 //! codes, so no copy of a whole matrix is made; rten-gemm packs each panel as it multiplies it, with all threads.
 //! A weight that changes between calls (QuZO's perturbed weight) is thus packed once per version it has.
 
+use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, QuantParams};
@@ -92,12 +94,39 @@ pub fn activation_qmax() -> i32 {
 pub struct IntActs {
     pub rows: usize,
     pub cols: usize,
+    /// Row-major m×k codes. Set once: the tiles' copy of them is made on the first product and kept.
     pub codes: Vec<u8>,
     pub scales: Vec<f32>,
     pub zero: u8,
     /// Input columns kept in f32 (LLM.int8()'s outlier features): their codes are the zero point, and their part
     /// of the product is added in f32 from the unquantized activations.
     pub f32_cols: Vec<u32>,
+    /// The codes as the AMX tiles read them ([`amx::pack_a`]), made on first use and kept: q, k and v (gate and up)
+    /// read one input, and each 4 MiB panel of a weight reads all of it.
+    tiles: TileCodes,
+}
+
+impl IntActs {
+    /// Quantized activations from their parts (`codes` m×k, `scales` m).
+    pub fn new(rows: usize, cols: usize, codes: Vec<u8>, scales: Vec<f32>, zero: u8) -> IntActs {
+        IntActs { rows, cols, codes, scales, zero, f32_cols: Vec::new(), tiles: TileCodes::default() }
+    }
+
+    /// The signed, padded copy of the codes where the tiles will multiply them ([`use_tiles`]), else `None`.
+    fn tile_codes(&self) -> Option<&[i8]> {
+        use_tiles(self.rows, self.zero)
+            .then(|| &self.tiles.0.get_or_init(|| amx::pack_a(&self.codes, self.rows, self.cols).0)[..])
+    }
+}
+
+/// [`IntActs::tiles`]: a cache, so it is left out of comparisons.
+#[derive(Clone, Debug, Default)]
+struct TileCodes(OnceLock<Vec<i8>>);
+
+impl PartialEq for TileCodes {
+    fn eq(&self, _: &TileCodes) -> bool {
+        true
+    }
 }
 
 /// Activation elements per rayon task of [`quantize_acts`].
@@ -147,7 +176,7 @@ fn quantize_scaled(x: &[f32], m: usize, k: usize, qmax: i32, col_scale: Option<&
                 }
             });
     }
-    Ok(IntActs { rows: m, cols: k, codes, scales, zero, f32_cols: Vec::new() })
+    Ok(IntActs::new(m, k, codes, scales, zero))
 }
 
 /// LLM.int8()'s outlier threshold: an input column with any |x| above it is kept in f32.
@@ -183,7 +212,7 @@ pub fn quantize_acts_mixed(x: &[f32], m: usize, k: usize, qmax: i32, threshold: 
 /// `acc (m×n) = Σ_c (a[i, c] − zero)·b[j, c]`: a is m×k u8, b holds n rows of k i8 (W's rows, not Wᵀ).
 pub fn gemm_u8i8(a: &[u8], zero: u8, m: usize, k: usize, b: &[i8], n: usize, acc: &mut [i32]) -> Result<()> {
     check_len("gemm_u8i8 b (n×k)", n * k, b.len())?;
-    gemm_strided(a, zero, m, k, b, n, BLayout::OutputRows, acc)
+    gemm_strided(a, zero, None, m, k, b, n, BLayout::OutputRows, acc)
 }
 
 /// How the B operand of [`gemm_strided`] is laid out.
@@ -203,12 +232,14 @@ fn use_tiles(m: usize, zero: u8) -> bool {
     m >= AMX_MIN_ROWS && zero == amx::ZERO && amx::available()
 }
 
-/// `acc (m×n) = Σ_c (a[i, c] − zero)·B[c, j]`, on AMX tiles where [`use_tiles`] says so, otherwise on rten-gemm's
-/// kernel.
+/// `acc (m×n) = Σ_c (a[i, c] − zero)·B[c, j]`, on AMX tiles where [`use_tiles`] says so (from `a_tiles`, A's
+/// [`amx::pack_a`] copy, when the caller kept one), otherwise on rten-gemm's kernel. Every element of `acc` is
+/// written (its previous contents do not matter).
 #[allow(clippy::too_many_arguments)]
 fn gemm_strided(
     a: &[u8],
     zero: u8,
+    a_tiles: Option<&[i8]>,
     m: usize,
     k: usize,
     b: &[i8],
@@ -227,9 +258,16 @@ fn gemm_strided(
     }
     let (sc, sj) = if layout == BLayout::OutputRows { (1, k) } else { (n, 1) };
     if use_tiles(m, zero) {
-        let (ap, _, kp) = amx::pack_a(a, m, k);
+        let packed;
+        let ap = match a_tiles {
+            Some(ap) => ap,
+            None => {
+                packed = amx::pack_a(a, m, k).0;
+                &packed
+            }
+        };
         let bp = amx::PackedB::pack(b, k, n, sc, sj);
-        amx::gemm_packed(amx::Engine::Amx, &ap, m, kp, &bp, acc);
+        amx::gemm_packed(amx::Engine::Amx, ap, m, bp.kp, &bp, acc);
         return Ok(());
     }
     let b = match layout {
@@ -241,6 +279,26 @@ fn gemm_strided(
     let opts = GemmOptions { a_quant: Some(QuantParams { zero_point: &zeros }), ..Default::default() };
     EXEC.with(|e| e.gemm(acc, GemmInputA::Unpacked(av.view()), GemmInputB::Unpacked(b), opts))
         .map_err(|e| QuantError::Gemm(e.to_string()))
+}
+
+thread_local! {
+    /// The i32 sums of this thread's last product, kept for the next: a fresh zeroed buffer of m × 1024 sums per
+    /// call cost a third of the tiles' own time at SmolLM2's widths. It holds at most what [`scratch_bytes`] counts.
+    static SUMS: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` i32 sums of scratch (contents unspecified: the GEMMs overwrite them).
+fn with_sums<R>(len: usize, f: impl FnOnce(&mut [i32]) -> R) -> R {
+    SUMS.with(|sums| match sums.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0);
+            }
+            f(&mut v[..len])
+        }
+        // Re-entered on this thread (a rayon task of another product stolen while this one waits): its own buffer.
+        Err(_) => f(&mut vec![0; len]),
+    })
 }
 
 /// Weight codes per panel (4 MiB of i8): large panels keep rten-gemm's repacking of the activations, which it
@@ -304,52 +362,58 @@ pub fn matmul_acts<W: IntWeight + ?Sized>(acts: &IntActs, x: &[f32], w: &W, y: &
     let stored = w.stored_rows();
     let panel_len = if stored.is_some() { 0 } else { nb };
     let (mut codes_buf, mut scales_buf) = (vec![0i8; panel_len * k], vec![0f32; panel_len]);
-    let mut acc = vec![0i32; m * nb];
-    for j0 in (0..n).step_by(nb) {
-        let cols = nb.min(n - j0);
-        let acc = &mut acc[..m * cols];
-        let (codes, scales): (&[i8], &[f32]) = match stored {
-            Some((c, s)) => (&c[j0 * k..(j0 + cols) * k], &s[j0..j0 + cols]),
-            None => {
-                let (codes, scales) = (&mut codes_buf[..cols * k], &mut scales_buf[..cols]);
-                let per_task = (READ_TASK / k.max(1)).max(1);
-                codes
-                    .par_chunks_mut(per_task * k.max(1))
-                    .zip(scales.par_chunks_mut(per_task))
-                    .enumerate()
-                    .try_for_each(|(t, (c, s))| w.int_rows(j0 + t * per_task..j0 + t * per_task + s.len(), c, s))?;
-                (codes, scales)
-            }
-        };
-        gemm_u8i8(&acts.codes, acts.zero, m, k, codes, cols, acc)?;
-        if acts.f32_cols.is_empty() {
-            y.par_chunks_mut(n).zip(acc.par_chunks(cols)).zip(acts.scales.par_iter()).for_each(|((y, acc), &sx)| {
-                for ((d, &a), &sw) in y[j0..j0 + cols].iter_mut().zip(acc).zip(scales) {
-                    *d = a as f32 * (sx * sw);
+    let a_tiles = acts.tile_codes();
+    with_sums(m * nb, |sums| -> Result<()> {
+        for j0 in (0..n).step_by(nb) {
+            let cols = nb.min(n - j0);
+            let acc = &mut sums[..m * cols];
+            let (codes, scales): (&[i8], &[f32]) = match stored {
+                Some((c, s)) => (&c[j0 * k..(j0 + cols) * k], &s[j0..j0 + cols]),
+                None => {
+                    let (codes, scales) = (&mut codes_buf[..cols * k], &mut scales_buf[..cols]);
+                    let per_task = (READ_TASK / k.max(1)).max(1);
+                    codes
+                        .par_chunks_mut(per_task * k.max(1))
+                        .zip(scales.par_chunks_mut(per_task))
+                        .enumerate()
+                        .try_for_each(|(t, (c, s))| w.int_rows(j0 + t * per_task..j0 + t * per_task + s.len(), c, s))?;
+                    (codes, scales)
                 }
-            });
-        } else {
-            // The f32 columns: this panel's codes at those columns, transposed (no × cols) so that each column adds
-            // x's f32 value there times its codes into a row's outputs in one contiguous (vectorized) pass.
-            let (f32_cols, panel) = (&acts.f32_cols, codes);
-            let wo_t: Vec<f32> =
-                f32_cols.iter().flat_map(|&c| (0..cols).map(move |j| panel[j * k + c as usize] as f32)).collect();
-            let rows = y.par_chunks_mut(n).zip(acc.par_chunks(cols)).zip(acts.scales.par_iter()).zip(x.par_chunks(k));
-            rows.for_each_init(
-                || vec![0f32; cols],
-                |extra, (((y, acc), &sx), x)| {
-                    extra.fill(0.0);
-                    for (&c, wo) in f32_cols.iter().zip(wo_t.chunks_exact(cols)) {
-                        let xc = x[c as usize];
-                        extra.iter_mut().zip(wo).for_each(|(e, &w)| *e += w * xc);
-                    }
-                    for (((d, &a), &sw), &e) in y[j0..j0 + cols].iter_mut().zip(acc).zip(scales).zip(&*extra) {
-                        *d = a as f32 * (sx * sw) + sw * e;
-                    }
-                },
-            );
+            };
+            gemm_strided(&acts.codes, acts.zero, a_tiles, m, k, codes, cols, BLayout::OutputRows, acc)?;
+            if acts.f32_cols.is_empty() {
+                y.par_chunks_mut(n).zip(acc.par_chunks(cols)).zip(acts.scales.par_iter()).for_each(
+                    |((y, acc), &sx)| {
+                        for ((d, &a), &sw) in y[j0..j0 + cols].iter_mut().zip(acc).zip(scales) {
+                            *d = a as f32 * (sx * sw);
+                        }
+                    },
+                );
+            } else {
+                // The f32 columns: this panel's codes at those columns, transposed (no × cols) so that each column adds
+                // x's f32 value there times its codes into a row's outputs in one contiguous (vectorized) pass.
+                let (f32_cols, panel) = (&acts.f32_cols, codes);
+                let wo_t: Vec<f32> =
+                    f32_cols.iter().flat_map(|&c| (0..cols).map(move |j| panel[j * k + c as usize] as f32)).collect();
+                let rows =
+                    y.par_chunks_mut(n).zip(acc.par_chunks(cols)).zip(acts.scales.par_iter()).zip(x.par_chunks(k));
+                rows.for_each_init(
+                    || vec![0f32; cols],
+                    |extra, (((y, acc), &sx), x)| {
+                        extra.fill(0.0);
+                        for (&c, wo) in f32_cols.iter().zip(wo_t.chunks_exact(cols)) {
+                            let xc = x[c as usize];
+                            extra.iter_mut().zip(wo).for_each(|(e, &w)| *e += w * xc);
+                        }
+                        for (((d, &a), &sw), &e) in y[j0..j0 + cols].iter_mut().zip(acc).zip(scales).zip(&*extra) {
+                            *d = a as f32 * (sx * sw) + sw * e;
+                        }
+                    },
+                );
+            }
         }
-    }
+        Ok(())
+    })?;
     if let Some(csr) = w.outliers().filter(|_| k > 0) {
         add_sparse(x, k, csr, y, n);
     }
@@ -392,11 +456,13 @@ pub fn matmul_xw_int<W: IntWeight + ?Sized>(dy: &[f32], m: usize, w: &W, dx: &mu
         }
     };
     let acts = quantize_scaled(dy, m, n, activation_qmax(), Some(&scales))?;
-    let mut acc = vec![0i32; m * k];
-    gemm_strided(&acts.codes, acts.zero, m, n, codes, k, BLayout::SumRows, &mut acc)?;
-    dx.par_chunks_mut(k).zip(acc.par_chunks(k)).zip(acts.scales.par_iter()).for_each(|((dx, acc), &sx)| {
-        dx.iter_mut().zip(acc).for_each(|(d, &a)| *d = a as f32 * sx);
-    });
+    with_sums(m * k, |acc| {
+        gemm_strided(&acts.codes, acts.zero, None, m, n, codes, k, BLayout::SumRows, acc)?;
+        dx.par_chunks_mut(k).zip(acc.par_chunks(k)).zip(acts.scales.par_iter()).for_each(|((dx, acc), &sx)| {
+            dx.iter_mut().zip(acc).for_each(|(d, &a)| *d = a as f32 * sx);
+        });
+        Ok::<(), QuantError>(())
+    })?;
     if let Some(csr) = w.outliers().filter(|_| n > 0) {
         dx.par_chunks_mut(k).zip(dy.par_chunks(n)).for_each(|(dx, dy)| {
             for (r, &g) in dy.iter().enumerate() {
@@ -534,7 +600,7 @@ mod tests {
         let b: Vec<i8> = (0..n * k).map(|i| [127i8, -128, 1, -1][i % 4]).collect();
         for zero in [0u8, 1, 127, 128, 200, 255] {
             let a: Vec<u8> = (0..m * k).map(|i| [255u8, 0, 128, 7][(i / 3) % 4]).collect();
-            let mut acc = vec![0i32; m * n];
+            let mut acc = vec![-5i32; m * n]; // overwritten, not added to
             gemm_u8i8(&a, zero, m, k, &b, n, &mut acc).unwrap();
             assert_eq!(acc, gemm_ref(&a, zero, m, k, &b, n), "zero {zero}, {}", kernel_name());
         }
@@ -599,6 +665,25 @@ mod tests {
                 let (err, scale) = max_err(&y, &reference(&acts, &w));
                 assert!(err <= INT_RTOL * scale, "{bits:?} m={m} n={n} k={k}: {err} vs {scale}");
             }
+        }
+    }
+
+    /// One quantized input read by several weights (as q, k and v are), one of them in two panels (over 1024
+    /// rows), on the tiles where the machine has them: each product equals the one that quantizes afresh bit for
+    /// bit, and the f64 reference within the budget (the tiles' copy of the codes and the sums' buffer are reused).
+    #[test]
+    fn one_quantized_input_serves_several_weights_and_panels() {
+        let (m, k) = (40, 64);
+        let x = gauss(m * k, 3);
+        let acts = quantize_acts(&x, m, k, activation_qmax()).unwrap();
+        for (n, bits, seed) in [(1100, Bits::B8, 4), (24, Bits::B4, 5), (1100, Bits::B4, 6)] {
+            let w = int(&gauss(n * k, seed), n, k, bits);
+            let (mut shared, mut fresh) = (vec![0.0; m * n], vec![0.0; m * n]);
+            matmul_acts(&acts, &x, &w, &mut shared).unwrap();
+            matmul_xwt_int(&x, m, &w, &mut fresh).unwrap();
+            assert!(shared.iter().zip(&fresh).all(|(a, b)| a.to_bits() == b.to_bits()), "n={n} {bits:?}");
+            let (err, scale) = max_err(&shared, &reference(&acts, &w));
+            assert!(err <= INT_RTOL * scale, "n={n} {bits:?}: {err} vs {scale}");
         }
     }
 
