@@ -283,12 +283,19 @@ fn gemm_strided(
 
 thread_local! {
     /// The i32 sums of this thread's last product, kept for the next: a fresh zeroed buffer of m × 1024 sums per
-    /// call cost a third of the tiles' own time at SmolLM2's widths. It holds at most what [`scratch_bytes`] counts.
+    /// call cost a third of the tiles' own time at SmolLM2's widths. It holds at most [`SUMS_KEPT`] sums, so what
+    /// stays between products is bounded (16 MiB a thread) whatever the batch.
     static SUMS: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The most i32 sums [`SUMS`] keeps; a larger product allocates its own for the call.
+const SUMS_KEPT: usize = 1 << 22;
+
 /// Runs `f` on `len` i32 sums of scratch (contents unspecified: the GEMMs overwrite them).
 fn with_sums<R>(len: usize, f: impl FnOnce(&mut [i32]) -> R) -> R {
+    if len > SUMS_KEPT {
+        return f(&mut vec![0; len]);
+    }
     SUMS.with(|sums| match sums.try_borrow_mut() {
         Ok(mut v) => {
             if v.len() < len {
@@ -685,6 +692,18 @@ mod tests {
             let (err, scale) = max_err(&shared, &reference(&acts, &w));
             assert!(err <= INT_RTOL * scale, "n={n} {bits:?}: {err} vs {scale}");
         }
+    }
+
+    /// The kept sums: a nested use gets its own buffer, and what stays on the thread is bounded.
+    #[test]
+    fn sums_scratch_is_reentrant_and_bounded() {
+        with_sums(10, |a| {
+            a.fill(1);
+            with_sums(10, |b| b.fill(2));
+            assert!(a.iter().all(|&v| v == 1));
+        });
+        with_sums(SUMS_KEPT + 1, |a| assert_eq!(a.len(), SUMS_KEPT + 1));
+        SUMS.with(|s| assert!(s.borrow().len() <= SUMS_KEPT));
     }
 
     #[test]
