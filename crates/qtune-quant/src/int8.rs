@@ -101,8 +101,8 @@ pub struct IntActs {
     /// Input columns kept in f32 (LLM.int8()'s outlier features): their codes are the zero point, and their part
     /// of the product is added in f32 from the unquantized activations.
     pub f32_cols: Vec<u32>,
-    /// The codes as the AMX tiles read them ([`amx::pack_a`]), made on first use and kept: q, k and v (gate and up)
-    /// read one input, and each 4 MiB panel of a weight reads all of it.
+    /// The codes as the AMX tiles read them ([`amx::pack_a`]), made on first use and kept: each 4 MiB panel of a
+    /// weight reads all of them, and so does every weight [`matmul_acts`] applies to the same input.
     tiles: TileCodes,
 }
 
