@@ -282,9 +282,10 @@ fn gemm_strided(
 }
 
 thread_local! {
-    /// The i32 sums of this thread's last product, kept for the next: a fresh zeroed buffer of m × 1024 sums per
-    /// call cost a third of the tiles' own time at SmolLM2's widths. It holds at most [`SUMS_KEPT`] sums, so what
-    /// stays between products is bounded (16 MiB a thread) whatever the batch.
+    /// The i32 sums of this thread's last product, kept for the next: a fresh zeroed buffer of m × 1024 sums is
+    /// megabytes of memset and page faults per call, next to products that take about a millisecond on the tiles
+    /// at SmolLM2's widths. It holds at most [`SUMS_KEPT`] sums, so what stays between products is bounded (16 MiB
+    /// a thread) whatever the batch.
     static SUMS: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
 }
 
