@@ -33,9 +33,15 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 MPI=(mpirun --oversubscribe -np 2)
 mkdir -p "$OUT"
 { lscpu | grep -m1 'Model name'; grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|avx_vnni|amx_int8)$' | tr '\n' ' '; echo; } > "$OUT/machine.txt"
-run() { # name, subcommand args...: skipped when finished, resumed when a checkpoint is there
+# A finished run's record (summary, eval predictions, training log: a few hundred KiB) is also kept in KEEP, which
+# git tracks, so a fresh checkout (runs/ is not kept between sessions) does not run it again.
+KEEP=${KEEP:-docs/accuracy/runs}
+run() { # name, subcommand args...: skipped when finished (here or in KEEP), resumed when a checkpoint is there
   local name=$1; shift
   local dir="$OUT/$name"
+  if [ ! -f "$dir/summary.json" ] && [ -f "$KEEP/$name/summary.json" ]; then
+    mkdir -p "$dir" && cp "$KEEP/$name"/* "$dir"/
+  fi
   [ -f "$dir/summary.json" ] && return
   echo "$(date -u +%FT%TZ) start $name" >> "$OUT/progress.txt"
   if [ -f "$dir/checkpoint.safetensors" ]; then
@@ -45,6 +51,8 @@ run() { # name, subcommand args...: skipped when finished, resumed when a checkp
   fi
   # the checkpoint is only for resuming: a finished run does not need it (a full-model one is 0.5-2.2 GB)
   rm -f "$dir/checkpoint.safetensors"
+  mkdir -p "$KEEP/$name"
+  for f in summary.json predictions.jsonl log.jsonl; do if [ -f "$dir/$f" ]; then cp "$dir/$f" "$KEEP/$name/"; fi; done
   echo "$(date -u +%FT%TZ) done $name" >> "$OUT/progress.txt"
 }
 for g in $GROUPS_; do
