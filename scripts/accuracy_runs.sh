@@ -35,7 +35,7 @@ mkdir -p "$OUT"
 { lscpu | grep -m1 'Model name'; grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|avx_vnni|amx_int8)$' | tr '\n' ' '; echo; } > "$OUT/machine.txt"
 # A finished run's record (summary, eval predictions, training log: a few hundred KiB) is also kept in KEEP, which
 # git tracks, so a fresh checkout (runs/ is not kept between sessions) does not run it again.
-KEEP=${KEEP:-docs/accuracy/runs}
+KEEP=${KEEP:-$(dirname "$0")/../docs/accuracy/runs}
 run() { # name, subcommand args...: skipped when finished (here or in KEEP), resumed when a checkpoint is there
   local name=$1; shift
   local dir="$OUT/$name"
