@@ -146,6 +146,71 @@ pub(crate) mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    //! The same operations on sixteen words at once (AVX-512F: selections through masks).
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// [`horner`] of sixteen values.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn horner16(x: __m512, c: &[f32; 5]) -> __m512 {
+        let k = |i: usize| _mm512_set1_ps(c[i]);
+        let p = _mm512_fmadd_ps(x, k(4), k(3));
+        let p = _mm512_fmadd_ps(x, p, k(2));
+        let p = _mm512_fmadd_ps(x, p, k(1));
+        _mm512_fmadd_ps(x, p, k(0))
+    }
+
+    /// [`radius`] of sixteen words.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn radius16(a: __m512i) -> __m512 {
+        let i = _mm512_set1_epi32;
+        let c = _mm512_set1_ps;
+        let k1 = _mm512_add_epi32(_mm512_srli_epi32(a, 8), i(1));
+        let u = _mm512_mul_ps(_mm512_cvtepi32_ps(k1), c(U24));
+        let bits = _mm512_castps_si512(u);
+        let e = _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), i(127));
+        let m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, i(0x007f_ffff)), i(0x3f80_0000)));
+        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, c(SQRT2));
+        let m = _mm512_mask_mul_ps(m, big, m, c(0.5));
+        let e = _mm512_mask_add_epi32(e, big, e, i(1));
+        let s = _mm512_div_ps(_mm512_sub_ps(m, c(1.0)), _mm512_add_ps(m, c(1.0)));
+        let s2 = _mm512_mul_ps(s, s);
+        let p = horner16(s2, &L);
+        let t = _mm512_add_ps(s, s);
+        let ln_m = _mm512_fmadd_ps(_mm512_mul_ps(t, s2), p, t);
+        let ef = _mm512_cvtepi32_ps(e);
+        let ln = _mm512_fmadd_ps(ef, c(LN2_HI), _mm512_fmadd_ps(ef, c(LN2_LO), ln_m));
+        _mm512_sqrt_ps(_mm512_mul_ps(c(-2.0), ln))
+    }
+
+    /// [`sincos_turn`] of sixteen words: (sin, cos).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn sincos16(b: __m512i) -> (__m512, __m512) {
+        let i = _mm512_set1_epi32;
+        let c = _mm512_set1_ps;
+        let k = _mm512_srli_epi32(b, 8);
+        let q = _mm512_srli_epi32(_mm512_add_epi32(k, i(1 << 21)), 22);
+        let f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(k, _mm512_slli_epi32(q, 22))), c(Q22));
+        let f2 = _mm512_mul_ps(f, f);
+        let (s, co) = (_mm512_mul_ps(f, horner16(f2, &S)), _mm512_fmadd_ps(f2, horner16(f2, &C), c(1.0)));
+        let odd = _mm512_test_epi32_mask(q, i(1));
+        let (s, co) = (_mm512_mask_blend_ps(odd, s, co), _mm512_mask_blend_ps(odd, co, s));
+        // A sign flip where q & 2 (sin) and (q + 1) & 2 (cos) are set, as the scalar code negates.
+        let flip = |v: __m512, m: __mmask16| {
+            let v = _mm512_castps_si512(v);
+            _mm512_castsi512_ps(_mm512_mask_xor_epi32(v, m, v, i(i32::MIN)))
+        };
+        let s = flip(s, _mm512_test_epi32_mask(q, i(2)));
+        let co = flip(co, _mm512_test_epi32_mask(_mm512_add_epi32(q, i(1)), i(2)));
+        (s, co)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +291,33 @@ mod tests {
                 let (vs, vc) = avx2::sincos8(v);
                 _mm256_storeu_ps(s.as_mut_ptr(), vs);
                 _mm256_storeu_ps(c.as_mut_ptr(), vc);
+            }
+            for (j, &x) in chunk.iter().enumerate() {
+                assert_eq!(r[j], radius(x).to_bits(), "radius of {x:#x}");
+                let (ss, cc) = sincos_turn(x);
+                assert_eq!((s[j].to_bits(), c[j].to_bits()), (ss.to_bits(), cc.to_bits()), "sincos of {x:#x}");
+            }
+        }
+    }
+
+    /// The AVX-512 twin equals the scalar code bit for bit on the same words.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_equals_scalar_bit_for_bit() {
+        use std::arch::x86_64::*;
+        if !crate::simd::has_avx512() {
+            eprintln!("skipped: no AVX-512F on this CPU");
+            return;
+        }
+        for chunk in words().chunks_exact(16) {
+            let (mut r, mut s, mut c) = ([0u32; 16], [0f32; 16], [0f32; 16]);
+            // SAFETY: AVX-512F is present; the arrays hold sixteen lanes.
+            unsafe {
+                let v = _mm512_loadu_si512(chunk.as_ptr() as *const __m512i);
+                _mm512_storeu_ps(r.as_mut_ptr() as *mut f32, avx512::radius16(v));
+                let (vs, vc) = avx512::sincos16(v);
+                _mm512_storeu_ps(s.as_mut_ptr(), vs);
+                _mm512_storeu_ps(c.as_mut_ptr(), vc);
             }
             for (j, &x) in chunk.iter().enumerate() {
                 assert_eq!(r[j], radius(x).to_bits(), "radius of {x:#x}");

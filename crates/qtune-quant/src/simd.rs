@@ -372,11 +372,11 @@ mod avx2 {
     }
 
     /// Sixteen Philox4x32-10 blocks at once on AVX-512, the rounds of [`philox8`] on 512-bit vectors (`vpmuludq`
-    /// multiplies eight 32-bit pairs per instruction, twice AVX2's): returned as two halves, blocks b0 .. b0+8 and
-    /// b0+8 .. b0+16, each as [`philox8`] returns its eight.
+    /// multiplies eight 32-bit pairs per instruction, twice AVX2's): word w of block b0 + j in lane j of the w-th
+    /// vector.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn philox16(key: [u32; 2], c2: u32, c3: u32, b0: u64) -> [[__m256i; 4]; 2] {
+    unsafe fn philox16(key: [u32; 2], c2: u32, c3: u32, b0: u64) -> [__m512i; 4] {
         let lo: [u32; 16] = std::array::from_fn(|j| (b0 + j as u64) as u32);
         let hi: [u32; 16] = std::array::from_fn(|j| ((b0 + j as u64) >> 32) as u32);
         let mut c0 = _mm512_loadu_si512(lo.as_ptr() as *const __m512i);
@@ -404,33 +404,37 @@ mod avx2 {
             c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(k1 as i32));
             c3 = lo0;
         }
-        let half = |v: __m512i| (_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
-        let ((a0, b0), (a1, b1), (a2, b2), (a3, b3)) = (half(c0), half(c1), half(c2), half(c3));
-        [[a0, a1, a2, a3], [b0, b1, b2, b3]]
+        [c0, c1, c2, c3]
+    }
+
+    /// Stores four vectors of sixteen blocks' values block after block, as [`store_blocks8`] does for each half.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn store_blocks16(z: [__m512; 4], out: &mut [f32; 64]) {
+        let lo = z.map(|v| _mm512_castps512_ps256(v));
+        let hi = z.map(|v| _mm256_castsi256_ps(_mm512_extracti64x4_epi64::<1>(_mm512_castps_si512(v))));
+        let (a, b) = out.split_at_mut(32);
+        store_blocks8(lo, a.try_into().expect("32 values"));
+        store_blocks8(hi, b.try_into().expect("32 values"));
     }
 
     /// Sixteen blocks' uniforms ([`philox_uniform8`]'s, sixteen blocks on): `out[4j + l]` = lane l of block b0 + j.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(crate) unsafe fn philox_uniform16(key: [u32; 2], c2: u32, c3: u32, b0: u64, out: &mut [f32; 64]) {
         let unit =
-            |w: __m256i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), _mm256_set1_ps(1.0 / 16_777_216.0));
-        let (lo, hi) = out.split_at_mut(32);
-        for (w, o) in philox16(key, c2, c3, b0).into_iter().zip([lo, hi]) {
-            store_blocks8(w.map(unit), o.try_into().expect("32 values"));
-        }
+            |w: __m512i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)), _mm512_set1_ps(1.0 / 16_777_216.0));
+        store_blocks16(philox16(key, c2, c3, b0).map(unit), out);
     }
 
-    /// Sixteen blocks' Gaussians ([`philox_gaussian8`]'s Box–Muller on each half).
+    /// Sixteen blocks' Gaussians ([`philox_gaussian8`]'s, on sixteen lanes: `gauss::avx512`).
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(crate) unsafe fn philox_gaussian16(key: [u32; 2], c2: u32, c3: u32, b0: u64, out: &mut [f32; 64]) {
-        use crate::gauss::avx2::{radius8, sincos8};
-        let (lo, hi) = out.split_at_mut(32);
-        for ([w0, w1, w2, w3], o) in philox16(key, c2, c3, b0).into_iter().zip([lo, hi]) {
-            let (r01, (s1, c1)) = (radius8(w0), sincos8(w1));
-            let (r23, (s3, c3)) = (radius8(w2), sincos8(w3));
-            let z = [_mm256_mul_ps(r01, c1), _mm256_mul_ps(r01, s1), _mm256_mul_ps(r23, c3), _mm256_mul_ps(r23, s3)];
-            store_blocks8(z, o.try_into().expect("32 values"));
-        }
+        use crate::gauss::avx512::{radius16, sincos16};
+        let [w0, w1, w2, w3] = philox16(key, c2, c3, b0);
+        let (r01, (s1, c1)) = (radius16(w0), sincos16(w1));
+        let (r23, (s3, c3)) = (radius16(w2), sincos16(w3));
+        let z = [_mm512_mul_ps(r01, c1), _mm512_mul_ps(r01, s1), _mm512_mul_ps(r23, c3), _mm512_mul_ps(r23, s3)];
+        store_blocks16(z, out);
     }
 
     /// Stores four vectors of eight blocks' values (`u[l]` lane j = element l of block j) block after block:
