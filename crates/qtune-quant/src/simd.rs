@@ -1,6 +1,7 @@
 //! Inner loops of quantization and dequantization, dispatched at run time: on x86-64 with AVX2+FMA the same
 //! scalar code is compiled a second time with those features enabled (LLVM vectorizes it), and the nibble
-//! unpacking loops that LLVM cannot vectorize well have hand-written AVX2 versions. Every path computes bit-for-bit
+//! unpacking loops that LLVM cannot vectorize well have hand-written AVX2 versions, as have the Philox streams (eight
+//! blocks per step, sixteen with AVX-512F: LLVM does not vectorize them well either). Every path computes bit-for-bit
 //! the same values (fused multiply-add everywhere, ties-to-even rounding), so results never depend on the CPU.
 //!
 //! 4-bit layout (shared by INT4 and NF4, bitsandbytes' order): element 2j is the high nibble of byte j, element
