@@ -138,32 +138,32 @@ impl Draw {
 fn draw_blocks(key: &RngKey, b0: u64, out: &mut [f32], draw: Draw) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::has_avx512() {
+    {
         let k = [key.seed as u32, (key.seed >> 32) as u32];
-        let sixteen = match draw {
-            Draw::Uniform => crate::simd::philox_uniform16,
-            Draw::Gaussian => crate::simd::philox_gaussian16,
-        };
-        for (j, o) in out.chunks_exact_mut(64).enumerate() {
-            let o: &mut [f32; 64] = o.try_into().expect("chunks of 64");
-            // SAFETY: AVX-512F, AVX2 and FMA are present.
-            unsafe { sixteen(k, key.tensor, key.stream, b0 + 16 * j as u64, o) };
+        if crate::simd::has_avx512() {
+            let sixteen = match draw {
+                Draw::Uniform => crate::simd::philox_uniform16,
+                Draw::Gaussian => crate::simd::philox_gaussian16,
+            };
+            for (j, o) in out.chunks_exact_mut(64).enumerate() {
+                let o: &mut [f32; 64] = o.try_into().expect("chunks of 64");
+                // SAFETY: AVX-512F, AVX2 and FMA are present.
+                unsafe { sixteen(k, key.tensor, key.stream, b0 + 16 * j as u64, o) };
+            }
+            done = out.len() / 64 * 64;
         }
-        done = out.len() / 64 * 64;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::has_avx2() {
-        let k = [key.seed as u32, (key.seed >> 32) as u32];
-        let eight = match draw {
-            Draw::Uniform => crate::simd::philox_uniform8,
-            Draw::Gaussian => crate::simd::philox_gaussian8,
-        };
-        for (j, o) in out[done..].chunks_exact_mut(32).enumerate() {
-            let o: &mut [f32; 32] = o.try_into().expect("chunks of 32");
-            // SAFETY: AVX2+FMA are present.
-            unsafe { eight(k, key.tensor, key.stream, b0 + (done / 4 + 8 * j) as u64, o) };
+        if crate::simd::has_avx2() {
+            let eight = match draw {
+                Draw::Uniform => crate::simd::philox_uniform8,
+                Draw::Gaussian => crate::simd::philox_gaussian8,
+            };
+            for (j, o) in out[done..].chunks_exact_mut(32).enumerate() {
+                let o: &mut [f32; 32] = o.try_into().expect("chunks of 32");
+                // SAFETY: AVX2+FMA are present.
+                unsafe { eight(k, key.tensor, key.stream, b0 + (done / 4 + 8 * j) as u64, o) };
+            }
+            done += (out.len() - done) / 32 * 32;
         }
-        done += (out.len() - done) / 32 * 32;
     }
     for (j, o) in out[done..].chunks_exact_mut(4).enumerate() {
         o.copy_from_slice(&draw.map(block(key, b0 + (done / 4 + j) as u64)));
