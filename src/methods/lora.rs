@@ -301,13 +301,23 @@ impl<B: FrozenBase> crate::model::export::Adapter for LoraWeights<B> {
     }
 }
 
-impl<B: FrozenBase> Weights for LoraWeights<B> {
-    fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
-        let y = self.base.linear(id, x)?;
+impl<B: FrozenBase> LoraWeights<B> {
+    /// The base's output y = x·Wᵀ plus the adapter's scale·(x·Aᵀ)·Bᵀ where `id` has one.
+    fn add_update(&self, id: ParamId, x: &Tensor, y: Tensor) -> Result<Tensor> {
         match self.factors(id) {
             Some((a, b)) => Ok((y + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?)?),
             None => Ok(y),
         }
+    }
+}
+
+impl<B: FrozenBase> Weights for LoraWeights<B> {
+    fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
+        self.add_update(id, x, self.base.linear(id, x)?)
+    }
+    fn linears(&self, ids: &[ParamId], x: &Tensor) -> Result<Vec<Tensor>> {
+        let ys = self.base.linears(ids, x)?;
+        ids.iter().zip(ys).map(|(&id, y)| self.add_update(id, x, y)).collect()
     }
     fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
         let dx = self.base.linear_t(id, dy)?;

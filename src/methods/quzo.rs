@@ -18,7 +18,7 @@
 //! perturbation is added exactly in f32 to the dequantized tile.
 use super::Storage;
 use crate::checkpoint::{StateReader, StateWriter};
-use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, Compute, QuantStore, Source};
+use crate::model::quantized::{qlinear, qlinear_t, qlinears, qrows, quant_err, Compute, QuantStore, Source};
 use crate::model::{Batch, Llama, ParamId, Weights};
 use crate::train::memory::Breakdown;
 use crate::train::zeroth_order::{self, direction_seed, micro_losses, Perturbation, ZoLoop};
@@ -214,6 +214,10 @@ impl PerturbedModel<'_> {
 impl Weights for PerturbedModel<'_> {
     fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
         qlinear(self.compute, &self.mat(id), x)
+    }
+    fn linears(&self, ids: &[ParamId], x: &Tensor) -> Result<Vec<Tensor>> {
+        let mats: Vec<_> = ids.iter().map(|&id| self.mat(id)).collect();
+        qlinears(self.compute, &mats.iter().collect::<Vec<_>>(), x)
     }
     fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
         qlinear_t(self.compute, &self.mat(id), dy)

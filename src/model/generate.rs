@@ -2,7 +2,7 @@
 //! far, so a new token costs one position's work instead of the whole prefix's), and the sampler (greedy,
 //! temperature, top-k, nucleus). Runs on any [`Weights`]: f32, or the INT8/INT4 stores `--bits` builds.
 use super::layers;
-use super::llama::{Llama, Weights};
+use super::llama::{linears, Llama, Weights};
 use super::params::{BlockParam as P, ParamId};
 use super::rope::Rope;
 use crate::Result;
@@ -62,9 +62,8 @@ impl Llama {
             let heads = |y: Tensor, m: usize| -> Result<Tensor> {
                 Ok(y.reshape((1, n, m, hd))?.transpose(1, 2)?.contiguous()?)
             };
-            let q = rope.forward_at(&heads(self.proj(w, l, P::Q, &xn)?, h)?, p0)?;
-            let k = rope.forward_at(&heads(self.proj(w, l, P::K, &xn)?, kv)?, p0)?;
-            let v = heads(self.proj(w, l, P::V, &xn)?, kv)?;
+            let [q, k, v] = self.qkv(w, l, &xn)?;
+            let (q, k, v) = (rope.forward_at(&heads(q, h)?, p0)?, rope.forward_at(&heads(k, kv)?, p0)?, heads(v, kv)?);
             let (k, v) = match (cache.k.get(l), cache.v.get(l)) {
                 (Some(pk), Some(pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
                 _ => (k, v),
@@ -79,7 +78,8 @@ impl Llama {
             let ctx = ctx.transpose(1, 2)?.reshape((n, h * hd))?;
             let x2 = (&x + w.linear(id(P::O), &ctx)?)?;
             let (xn2, _) = layers::rms_norm_forward(&x2, &w.vector(id(P::MlpNorm))?, c.rms_norm_eps)?;
-            let hmid = layers::swiglu_forward(&w.linear(id(P::Gate), &xn2)?, &w.linear(id(P::Up), &xn2)?)?;
+            let [gate, up] = linears(w, [id(P::Gate), id(P::Up)], &xn2)?;
+            let hmid = layers::swiglu_forward(&gate, &up)?;
             x = (&x2 + w.linear(id(P::Down), &hmid)?)?;
         }
         let last = x.narrow(0, n - 1, 1)?;

@@ -15,6 +15,11 @@ use candle_core::{DType, Device, Tensor};
 pub trait Weights {
     /// y = x·Wᵀ for the matrix `id` (x: [N, in] → [N, out]).
     fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor>;
+    /// [`Weights::linear`] for several matrices reading the same x (q, k, v; gate, up): a store that copies or
+    /// quantizes its input does so once for all of them. The default applies them one by one.
+    fn linears(&self, ids: &[ParamId], x: &Tensor) -> Result<Vec<Tensor>> {
+        ids.iter().map(|&id| self.linear(id, x)).collect()
+    }
     /// dx = dy·W for the matrix `id` (dy: [N, out] → [N, in]): the input gradient of [`Weights::linear`].
     fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor>;
     /// A norm weight vector.
@@ -56,6 +61,13 @@ impl Weights for ParamStore {
     fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor> {
         Ok(self.get(id).index_select(ids, 0)?)
     }
+}
+
+/// [`Weights::linears`] for a fixed number of matrices.
+pub(crate) fn linears<const N: usize>(w: &dyn Weights, ids: [ParamId; N], x: &Tensor) -> Result<[Tensor; N]> {
+    let ys = w.linears(&ids, x)?;
+    let got = ys.len();
+    ys.try_into().map_err(|_| crate::Error::Msg(format!("{got} outputs for {N} matrices")))
 }
 
 /// What every block of one batch shares, built once per pass: the packing of its rows, the RoPE table and the causal
@@ -227,7 +239,7 @@ impl Llama {
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let id = |p| ParamId::Block(l, p);
         let (xn1, rstd1) = layers::rms_norm_forward(&x, &w.vector(id(P::AttnNorm))?, c.rms_norm_eps)?;
-        let (q, k, v) = (self.proj(w, l, P::Q, &xn1)?, self.proj(w, l, P::K, &xn1)?, self.proj(w, l, P::V, &xn1)?);
+        let [q, k, v] = self.qkv(w, l, &xn1)?;
         // Attention row by row: a row attends only to itself, so padding needs no mask and costs nothing.
         let (mut attn, mut ctx) = (Vec::new(), Vec::new());
         for (o, len) in g.packing.rows() {
@@ -244,20 +256,22 @@ impl Llama {
         let ctx = Tensor::cat(&ctx, 0)?;
         let x2 = (&x + w.linear(id(P::O), &ctx)?)?;
         let (xn2, rstd2) = layers::rms_norm_forward(&x2, &w.vector(id(P::MlpNorm))?, c.rms_norm_eps)?;
-        let gate = w.linear(id(P::Gate), &xn2)?;
-        let up = w.linear(id(P::Up), &xn2)?;
+        let [gate, up] = linears(w, [id(P::Gate), id(P::Up)], &xn2)?;
         let hmid = layers::swiglu_forward(&gate, &up)?;
         let out = (&x2 + w.linear(id(P::Down), &hmid)?)?;
         Ok((out, BlockActs { x, rstd1, xn1, attn, ctx, x2, rstd2, xn2, gate, up }))
     }
 
-    /// A q/k/v projection of block `l`, with its bias where the family has one.
-    pub(crate) fn proj(&self, w: &dyn Weights, l: usize, p: P, x: &Tensor) -> Result<Tensor> {
-        let y = w.linear(ParamId::Block(l, p), x)?;
-        match p.bias().filter(|_| self.cfg.attention_bias) {
-            Some(b) => Ok(y.broadcast_add(&w.vector(ParamId::Block(l, b))?)?),
-            None => Ok(y),
-        }
+    /// Block `l`'s q/k/v projections of its normed input, with their biases where the family has them.
+    pub(crate) fn qkv(&self, w: &dyn Weights, l: usize, x: &Tensor) -> Result<[Tensor; 3]> {
+        let [q, k, v] = linears(w, [P::Q, P::K, P::V].map(|p| ParamId::Block(l, p)), x)?;
+        let bias = |y: Tensor, p: P| -> Result<Tensor> {
+            match p.bias().filter(|_| self.cfg.attention_bias) {
+                Some(b) => Ok(y.broadcast_add(&w.vector(ParamId::Block(l, b))?)?),
+                None => Ok(y),
+            }
+        };
+        Ok([bias(q, P::Q)?, bias(k, P::K)?, bias(v, P::V)?])
     }
 
     /// Backward of one block: returns dx and pushes the block's weight gradients (Down … AttnNorm).

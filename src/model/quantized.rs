@@ -9,7 +9,7 @@ use super::params::{ParamId, ParamStore};
 use super::tokenizer::Tok;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use qtune_quant::{matmul, matmul_xw_int, matmul_xwt_int, matmul_xwt_mixed, QuantBytes, QuantWeight};
+use qtune_quant::{int8, matmul, matmul_xw_int, QuantBytes, QuantWeight};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -281,19 +281,37 @@ fn int_view(w: &(impl QuantWeight + ?Sized)) -> Result<&dyn qtune_quant::IntWeig
 
 /// y = x·Wᵀ with a quantized W, in f32 or on the integer path; x: [N, in] f32 on the CPU.
 pub fn qlinear(compute: Compute, w: &(impl QuantWeight + ?Sized), x: &Tensor) -> Result<Tensor> {
+    Ok(qlinears(compute, &[w], x)?.swap_remove(0))
+}
+
+/// [`qlinear`] for several weights reading the same x (q, k, v; gate, up): x is read out of its tensor, and on the
+/// integer path quantized (with the tiles' packed copy), once for all of them.
+pub fn qlinears<W: QuantWeight + ?Sized>(compute: Compute, ws: &[&W], x: &Tensor) -> Result<Vec<Tensor>> {
     let (m, k) = x.dims2()?;
-    if k != w.cols() {
+    if let Some(w) = ws.iter().find(|w| w.cols() != k) {
         return Err(Error::Shape(format!("x has {k} columns, the weight {}", w.cols())));
     }
     let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut y = vec![0f32; m * w.rows()];
-    match compute {
-        Compute::F32 => matmul::matmul_xwt(&xv, m, w, &mut y),
-        Compute::Int8 => matmul_xwt_int(&xv, m, int_view(w)?, &mut y),
-        Compute::Int8Mixed => matmul_xwt_mixed(&xv, m, int_view(w)?, &mut y),
+    let acts = match compute {
+        Compute::F32 => None,
+        Compute::Int8 => Some(int8::quantize_acts(&xv, m, k, int8::activation_qmax())),
+        Compute::Int8Mixed => {
+            Some(int8::quantize_acts_mixed(&xv, m, k, int8::activation_qmax(), int8::OUTLIER_THRESHOLD))
+        }
     }
+    .transpose()
     .map_err(quant_err)?;
-    Ok(Tensor::from_vec(y, (m, w.rows()), x.device())?)
+    ws.iter()
+        .map(|w| {
+            let mut y = vec![0f32; m * w.rows()];
+            match &acts {
+                None => matmul::matmul_xwt(&xv, m, *w, &mut y),
+                Some(acts) => int8::matmul_acts(acts, &xv, int_view(*w)?, &mut y),
+            }
+            .map_err(quant_err)?;
+            Ok(Tensor::from_vec(y, (m, w.rows()), x.device())?)
+        })
+        .collect()
 }
 
 /// dx = dy·W with a quantized W, in f32 or on the integer path; dy: [N, out].
@@ -332,6 +350,9 @@ impl<W: QuantWeight> Weights for QuantStore<W> {
     fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
         qlinear(self.compute, self.mat(id), x)
     }
+    fn linears(&self, ids: &[ParamId], x: &Tensor) -> Result<Vec<Tensor>> {
+        qlinears(self.compute, &ids.iter().map(|&id| self.mat(id)).collect::<Vec<_>>(), x)
+    }
     fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
         qlinear_t(self.compute, self.mat(id), dy)
     }
@@ -349,6 +370,7 @@ mod tests {
     //! the kernel sums in a different order), and a loaded-and-quantized model equals a quantized loaded one.
     use super::*;
     use crate::model::llama::tests::tiny_config;
+    use crate::model::params::BlockParam;
     use crate::model::Llama;
     use qtune_quant::{Bits, Granularity, IntTensor, QuantSpec, Rounding};
 
@@ -370,6 +392,28 @@ mod tests {
         let err = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(err / scale < 1e-4, "{err} / {scale}");
+    }
+
+    /// Quantizing the input once for q, k and v gives each the very output it gets alone (budget: bit for bit),
+    /// at every compute (the mixed one with x's outlier columns above the threshold).
+    #[test]
+    fn shared_input_equals_one_by_one() {
+        let cfg = tiny_config(false);
+        let p = ParamStore::random(&cfg, 2, 0.3, DType::F32).unwrap();
+        let mut q = QuantStore::from_params(&p, &mut int8).unwrap();
+        let x = (Tensor::randn(0f32, 1.0, (5, cfg.hidden_size), &Device::Cpu).unwrap() * 4.0).unwrap();
+        let ids = [BlockParam::Q, BlockParam::K, BlockParam::V].map(|b| ParamId::Block(1, b));
+        for compute in [Compute::F32, Compute::Int8, Compute::Int8Mixed] {
+            q.compute = compute;
+            let together = q.linears(&ids, &x).unwrap();
+            assert_eq!(together.len(), 3);
+            for (&id, y) in ids.iter().zip(&together) {
+                let alone = q.linear(id, &x).unwrap();
+                assert_eq!(y.to_vec2::<f32>().unwrap(), alone.to_vec2::<f32>().unwrap(), "{compute:?} {id:?}");
+            }
+        }
+        let wrong = Tensor::zeros((5, cfg.hidden_size + 1), DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(q.linears(&ids, &wrong), Err(Error::Shape(_))));
     }
 
     #[test]

@@ -22,7 +22,7 @@
 //! `stack.rs` (the gradient sinks); `methods/qft_gpu.rs` is the GPU's twin.
 use super::{RunContext, Storage};
 use crate::checkpoint::{StateReader, StateWriter};
-use crate::model::quantized::{qlinear, qlinear_t, qrows, quant_err, Compute, QuantStore, Source};
+use crate::model::quantized::{quant_err, Compute, QuantStore, Source};
 use crate::model::LlamaConfig;
 use crate::model::{Batch, Keep, Llama, ParamId, Weights};
 use crate::train::first_order::{self, FirstOrder, FirstOrderArgs, Micro};
@@ -128,18 +128,19 @@ pub struct QftWeights(RefCell<QuantStore<HybridTensor>>);
 
 impl Weights for QftWeights {
     fn linear(&self, id: ParamId, x: &Tensor) -> Result<Tensor> {
-        let store = self.0.borrow();
-        qlinear(store.compute, store.mat(id), x)
+        self.0.borrow().linear(id, x)
+    }
+    fn linears(&self, ids: &[ParamId], x: &Tensor) -> Result<Vec<Tensor>> {
+        self.0.borrow().linears(ids, x)
     }
     fn linear_t(&self, id: ParamId, dy: &Tensor) -> Result<Tensor> {
-        let store = self.0.borrow();
-        qlinear_t(store.compute, store.mat(id), dy)
+        self.0.borrow().linear_t(id, dy)
     }
     fn vector(&self, id: ParamId) -> Result<Tensor> {
         self.0.borrow().vector(id)
     }
     fn rows(&self, id: ParamId, ids: &Tensor) -> Result<Tensor> {
-        qrows(self.0.borrow().mat(id), ids)
+        self.0.borrow().rows(id, ids)
     }
 }
 
