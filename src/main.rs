@@ -46,9 +46,9 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let matches = Cli::command().try_get_matches_from(argv)?;
-    let cli = Cli::from_arg_matches(&matches)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
     if let Some((_, sub)) = matches.subcommand() {
-        match &cli.cmd {
+        match &mut cli.cmd {
             Cmd::Train(a) => a.check_options(sub)?,
             Cmd::Plan(a) => a.check_options(sub)?,
             _ => {}

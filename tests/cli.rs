@@ -31,6 +31,18 @@ fn eval_export(model: &Path, data: &Path, ev: &Path, extra: &[&str]) -> (bool, S
     qtune(&args)
 }
 
+/// A command that fails after its progress lines: the last line is the error, naming `needles`.
+fn expect_last_error(args: &[&str], needles: &[&str]) {
+    let (ok, _, err) = qtune(args);
+    assert!(!ok, "{args:?} should fail");
+    let last = err.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+    assert!(last.starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(last.contains(n), "`{n}` missing from: {last}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 fn expect_error(args: &[&str], needles: &[&str]) {
     let (ok, _, err) = qtune(args);
     assert!(!ok, "{args:?} should fail");
@@ -314,6 +326,99 @@ fn missing_and_truncated_model_files_are_named() {
     );
 }
 
+/// A tokenizer or special token beyond the model's vocabulary, and a NaN in the weights, are refused when the model
+/// is opened, naming the file (they used to surface as a bare index error, or as a NaN loss after training).
+#[test]
+fn vocabulary_overflow_and_non_finite_weights_are_named() {
+    let (dir, data, out) = scratch();
+    let m = dir.path().join("model");
+    std::fs::create_dir(&m).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(Path::new(TINY).join(f), m.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(Path::new(TINY).join("config.json")).unwrap();
+    let vocab: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    let vocab = vocab["vocab_size"].as_u64().unwrap();
+    let args = || train_args(m.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    let with = |key: &str, v: &str| {
+        let mut j: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        j[key] = serde_json::from_str(v).unwrap();
+        std::fs::write(m.join("config.json"), j.to_string()).unwrap();
+    };
+    with("eos_token_id", &format!("{vocab}"));
+    expect_error(&args(), &["config.json", "eos_token_id", "outside the vocabulary"]);
+    with("bos_token_id", "-1");
+    expect_error(&args(), &["config.json", "bos_token_id (-1) is not a token id"]);
+    with("bos_token_id", "4294967297");
+    expect_error(&args(), &["config.json", "bos_token_id (4294967297) is not a token id"]);
+    // The tokenizer's 256 tokens against a config that claims fewer embedding rows (the weights' shapes would be
+    // refused later; the tokenizer is checked first, when the header is read).
+    with("vocab_size", "200");
+    expect_error(&args(), &["tokenizer.json", "more than the model's vocab_size of 200"]);
+    std::fs::write(m.join("config.json"), &cfg).unwrap();
+
+    // One NaN in the last tensor's bytes of the safetensors file.
+    let mut w = std::fs::read(Path::new(TINY).join("model.safetensors")).unwrap();
+    let n = w.len();
+    w[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(m.join("model.safetensors"), &w).unwrap();
+    expect_last_error(&args(), &["model.safetensors", "non-finite value", "corrupt"]);
+}
+
+/// A new run in a folder that holds an earlier one: the earlier checkpoint is refused without --resume, the earlier
+/// run's other files are replaced (none of them passes for the new run's); an output that is one of the run's own
+/// inputs is refused.
+#[test]
+fn earlier_runs_and_inputs_are_not_taken_for_outputs() {
+    let (dir, data, out) = scratch();
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let (ok, _, err) = qtune(&[train_args(TINY, d, o), vec!["--save-state", "--export", "hf,gguf"]].concat());
+    assert!(ok, "{err}");
+    expect_last_error(&train_args(TINY, d, o), &["checkpoint.safetensors", "--resume continues that run"]);
+    std::fs::remove_file(out.join("checkpoint.safetensors")).unwrap();
+    let (ok, _, err) = qtune(&[train_args(TINY, d, o), vec!["--no-export", "--no-eval"]].concat());
+    assert!(ok, "{err}");
+    assert!(err.contains("held an earlier run"), "{err}");
+    for gone in ["model", "model.gguf", "predictions.jsonl"] {
+        assert!(!out.join(gone).exists(), "{gone} of the earlier run is still there");
+    }
+    assert!(out.join("summary.json").exists() && out.join("log.jsonl").exists());
+
+    // --dump-batches onto the data file; a run whose export would replace its own --model.
+    let copy = dir.path().join("copy.jsonl");
+    std::fs::copy(&data, &copy).unwrap();
+    let before = std::fs::read(&copy).unwrap();
+    expect_last_error(
+        &[train_args(TINY, copy.to_str().unwrap(), o), vec!["--dump-batches", copy.to_str().unwrap()]].concat(),
+        &["--dump-batches", "an input of this run"],
+    );
+    assert_eq!(std::fs::read(&copy).unwrap(), before, "the data file was touched");
+    let run = dir.path().join("in-place");
+    std::fs::create_dir(&run).unwrap();
+    let model = run.join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(Path::new(TINY).join(f), model.join(f)).unwrap();
+    }
+    expect_last_error(
+        &train_args(model.to_str().unwrap(), d, run.to_str().unwrap()),
+        &["its own --model", "another --out"],
+    );
+    assert!(model.join("model.safetensors").exists());
+    // `export` onto a file it reads.
+    expect_error(
+        &[
+            "export",
+            model.to_str().unwrap(),
+            "--format",
+            "gguf",
+            "--out",
+            model.join("model.safetensors").to_str().unwrap(),
+        ],
+        &["model.safetensors", "is what the export reads"],
+    );
+}
+
 #[test]
 fn config_with_a_wrong_shape_is_named() {
     let (dir, data, out) = scratch();
@@ -412,6 +517,33 @@ fn impossible_options_are_named() {
         expect_error(&a, &[needle]);
     }
     expect_error(&["plan", "--batch", "100000000000000"], &["batch 100000000000000", "65536"]);
+    // Numbers no run could use are refused by name at parse time, by `train` and `plan` alike.
+    for (flag, value, method) in [
+        ("--weight-decay", "nan", "full-lion"),
+        ("--clip", "nan", "full-lion"),
+        ("--outlier-fraction", "2", "qft"),
+        ("--bits", "3", "quzo"),
+        ("--max-memory", "nan", "full-lion"),
+        ("--eval-batch-size", "0", "full-lion"),
+    ] {
+        let mut a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+        a[8] = method;
+        a.extend([flag, value]);
+        expect_error(&a, &[flag]);
+        if !["--max-memory", "--eval-batch-size"].contains(&flag) {
+            expect_error(&["plan", "--method", method, flag, value], &[flag]);
+        }
+    }
+    // Options the task or the run would not read.
+    for (extra, needle) in [
+        (&["--labels", "0=a,1=b"][..], "--labels is not read by --task chat (only by classify)"),
+        (&["--template", "{text}"][..], "--template is not read by --task chat"),
+        (&["--eval-every", "1", "--no-eval"][..], "--eval-every"),
+    ] {
+        let a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
+        expect_last_error(&[a, extra.to_vec()].concat(), &[needle]);
+    }
+    expect_error(&["init", "--config", "smollm2-135m", "--std", "nan", "--out", out.to_str().unwrap()], &["--std NaN"]);
 }
 
 /// Every method trains end to end through the CLI on the tiny model, and `qtune bench` tabulates them.
@@ -456,7 +588,8 @@ fn bench_runs_every_method() {
 }
 
 /// `--save-state` leaves the training state after the last step, and resuming from it with no step left exports
-/// the same weights bit for bit (QFT: INT8 codes, outliers and momentum travel through the file).
+/// the same weights bit for bit (QFT: INT8 codes, outliers and momentum travel through the file); a resume with
+/// other options is refused.
 #[test]
 fn save_state_writes_a_state_that_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -471,7 +604,14 @@ fn save_state_writes_a_state_that_resumes() {
     let load =
         || candle_core::safetensors::load(out.join("model/model.safetensors"), &candle_core::Device::Cpu).unwrap();
     let saved = load();
-    let (ok, _, err) = qtune(&[args, vec!["--resume"]].concat());
+    // A resume with options that define another run is refused, naming each difference; one that changes only
+    // what the run writes is not.
+    let mut other = args.clone();
+    other[12] = "3";
+    let (ok, _, err) = qtune(&[other, vec!["--resume", "--warmup", "1"]].concat());
+    assert!(!ok && err.contains("--batch-size: `2` when written, `3` now"), "{err}");
+    assert!(err.contains("--warmup: `0` when written, `1` now") && !err.contains("--resume:"), "{err}");
+    let (ok, _, err) = qtune(&[args, vec!["--resume", "--checkpoint-every", "5"]].concat());
     assert!(ok, "{err}");
     for (name, t) in load() {
         let d = (&t - &saved[&name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

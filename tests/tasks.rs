@@ -71,6 +71,13 @@ fn classification_from_csv_with_separate_eval_file() {
     // The eval file has 3 neg and 6 pos rows: the majority class is right 6 times in 9.
     assert!((s["eval_majority"].as_f64().unwrap() - 6.0 / 9.0).abs() < 1e-12, "{s}");
     assert!(err.contains("eval: accuracy") && err.contains("majority class"), "{err}");
+    // Two classes on one token; a label field no row has (the pool's note says why it is empty).
+    let mut same = args;
+    same[7] = "neg=n,pos=n";
+    let (ok, err) = train("classify", &dir.path().join("same"), &same);
+    assert!(!ok && err.contains("are the same token"), "{err}");
+    let (ok, err) = train("classify", &dir.path().join("field"), &[&args[..], &["--label-field", "nosuch"]].concat());
+    assert!(!ok && err.contains("has 0 usable rows (kept 0 rows, skipped 20 unlabelled)"), "{err}");
     std::fs::write(&eval_csv, "text,label\na,pos\nb,maybe\n").unwrap();
     let (ok, err) = train("classify", &dir.path().join("bad"), &args);
     assert!(!ok && err.contains("eval.csv:3") && err.contains("`maybe`"), "{err}");

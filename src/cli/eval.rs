@@ -28,6 +28,7 @@ enum EvalModel {
 
 pub fn run(a: EvalArgs) -> Result<()> {
     let c = a.common;
+    c.check()?;
     // A QST export names its base model; the decoder's shape and the tokenizer come from that base.
     let is_qst = QstModel::is_export(&c.model);
     if is_qst && a.int.bits.is_some() {

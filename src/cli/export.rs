@@ -39,6 +39,24 @@ fn copy_adapter(run: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an output that would overwrite what the export reads: the source itself, or a file of the source folder
+/// that a model is read from.
+fn check_not_source(src: &Path, out: &Path) -> Result<()> {
+    let read_from_src = |name: &str| {
+        matches!(name, "config.json" | "tokenizer.json" | "tokenizer_config.json")
+            || name.ends_with(".safetensors")
+            || name.ends_with(".safetensors.index.json")
+    };
+    let in_src = src.is_dir()
+        && out.parent().is_some_and(|d| qtune::io::same_path(d, src))
+        && out.is_file()
+        && out.file_name().is_some_and(|n| read_from_src(&n.to_string_lossy()));
+    if qtune::io::same_path(src, out) || in_src {
+        return Err(Error::file(out, format!("is what the export reads ({}); write it elsewhere", src.display())));
+    }
+    Ok(())
+}
+
 pub fn run(a: ExportCmd) -> Result<()> {
     if a.format == Format::Peft {
         copy_adapter(&a.source, &a.out)?;
@@ -51,6 +69,7 @@ pub fn run(a: ExportCmd) -> Result<()> {
     } else {
         a.source.clone()
     };
+    check_not_source(&src, &a.out)?;
     let r = ModelReader::open(&src)?;
     let (cfg, tok) = (&r.header.cfg, r.header.tokenizer.as_ref());
     match a.format {

@@ -113,10 +113,13 @@ pub fn run(a: GenArgs) -> Result<()> {
     println!("{}{}", text, tok.decode(&ids[n_prompt..])?);
     let (total, first) = (start.elapsed().as_secs_f64(), first.unwrap_or_default().as_secs_f64());
     let new = ids.len() - n_prompt;
-    let rate = if new > 1 { (new - 1) as f64 / (total - first) } else { f64::NAN };
+    // The rate after the first token, where there was more than one.
+    let rate = match new {
+        0 | 1 => String::new(),
+        _ => format!(", then {:.1} tokens/s", (new - 1) as f64 / (total - first)),
+    };
     eprintln!(
-        "{new} new tokens after a {n_prompt}-token prompt: first in {first:.2} s, then {rate:.1} tokens/s ({}; KV \
-         cache {:.1} MiB)",
+        "{new} new tokens after a {n_prompt}-token prompt: first in {first:.2} s{rate} ({}; KV cache {:.1} MiB)",
         if no_cache { "no KV cache" } else { "KV cache" },
         cache.bytes() as f64 / (1 << 20) as f64
     );

@@ -34,6 +34,9 @@ pub struct InitArgs {
 }
 
 pub fn run(a: InitArgs) -> Result<()> {
+    if !(a.std.is_finite() && a.std > 0.0) {
+        return Err(Error::Option(format!("--std {} must be a positive number", a.std)));
+    }
     let mut cfg = plan::resolve_config(&a.config)?;
     let tok = match &a.tokenizer {
         Some(p) => Some(read_header(p)?.tokenizer.ok_or_else(|| Error::file(p, "has no tokenizer"))?),
@@ -58,6 +61,15 @@ pub fn run(a: InitArgs) -> Result<()> {
         Format::Gguf => write_gguf(&cfg, &dense, tok.as_ref(), &a.out, a.opts.gguf_type)?,
         Format::Peft => return Err(Error::Option("init --format peft: an adapter is not a model".into())),
     }
-    eprintln!("wrote {} ({:.2} B parameters, seed {})", a.out.display(), cfg.num_params() as f64 / 1e9, a.seed);
+    eprintln!("wrote {} ({} parameters, seed {})", a.out.display(), parameters(cfg.num_params()), a.seed);
     Ok(())
+}
+
+/// A parameter count as people write it: 6.74 B, 135.1 M, 36864.
+fn parameters(n: usize) -> String {
+    match n as f64 {
+        x if x >= 1e9 => format!("{:.2} B", x / 1e9),
+        x if x >= 1e6 => format!("{:.1} M", x / 1e6),
+        _ => n.to_string(),
+    }
 }

@@ -41,6 +41,17 @@ pub struct Common {
 }
 
 impl Common {
+    /// Refuses what no run could do with these options.
+    pub fn check(&self) -> Result<()> {
+        if self.eval_batch_size == 0 {
+            return Err(Error::Option("--eval-batch-size must be at least 1".into()));
+        }
+        if self.max_seq_len == 0 {
+            return Err(Error::Option("--max-seq-len must be at least 1".into()));
+        }
+        self.task.check()
+    }
+
     /// The task's seeded train/dev/eval splits, tokenized with `tok`; prints what loading kept and skipped.
     pub fn splits(&self, tok: &Tok) -> Result<qtune::data::Splits> {
         let splits = self.task.load(tok, self.seed)?;

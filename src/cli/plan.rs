@@ -58,6 +58,7 @@ impl PlanArgs {
     /// Refuses a method option the planned method would not read; `--method all` reads none (each run plans with
     /// its own options).
     pub fn check_options(&self, matches: &ArgMatches) -> Result<()> {
+        self.options.check()?;
         match self.method {
             PlanMethod::One(kind) => check_given(kind, self.options.zo.lora, matches),
             PlanMethod::All => {

@@ -13,7 +13,8 @@ use qtune::train::selection::SelectionArgs;
 use qtune::train::trainer::{self, TrainConfig};
 use qtune::train::OnNonFinite;
 use qtune::{plan, Error, Result};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 /// A method and its options: what `train` trains.
 #[derive(Args, Clone)]
@@ -86,12 +87,55 @@ pub struct TrainArgs {
     /// the weights; with FILE, also write the plan as JSON there.
     #[arg(long, value_name = "FILE", num_args = 0..=1)]
     pub plan: Option<Option<PathBuf>>,
+    /// Every option that defines the run, given or defaulted, as the command line spelled it (filled from the
+    /// parse by [`TrainArgs::check_options`]; checkpoints record it so a resume must match).
+    #[arg(skip)]
+    pub defining: BTreeMap<String, String>,
 }
 
+/// Options a resume may change: where and whether the run writes, evaluates, checkpoints and plans, and the device
+/// it runs on (a state moves between devices), not what it trains.
+const RESUME_MAY_CHANGE: &[&str] = &[
+    "resume",
+    "device",
+    "checkpoint_every",
+    "save_state",
+    "export",
+    "no_export",
+    "export_dtype",
+    "shard_size",
+    "gguf_type",
+    "no_eval",
+    "eval_batch_size",
+    "dump_batches",
+    "plan",
+    "max_memory",
+    "dist_timeout",
+    "out",
+];
+
 impl TrainArgs {
-    /// Refuses an option of `matches` (this command's) that the method would not read.
-    pub fn check_options(&self, matches: &ArgMatches) -> Result<()> {
-        check_given(self.m.method, self.m.options.zo.lora, matches)
+    /// Refuses an option of `matches` (this command's) that the method would not read, and records the options
+    /// that define the run.
+    pub fn check_options(&mut self, matches: &ArgMatches) -> Result<()> {
+        check_given(self.m.method, self.m.options.zo.lora, matches)?;
+        self.m.options.check()?;
+        self.common.check()?;
+        if let Some(cap) = self.max_memory.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return Err(Error::Option(format!("--max-memory {cap} must be a positive number of GiB")));
+        }
+        let cmd = <TrainArgs as Args>::augment_args(clap::Command::new("train"));
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if RESUME_MAY_CHANGE.contains(&id) {
+                continue;
+            }
+            if let Ok(Some(raw)) = matches.try_get_raw(id) {
+                let v: Vec<String> = raw.map(|v| v.to_string_lossy().into_owned()).collect();
+                self.defining.insert(format!("--{}", id.replace('_', "-")), v.join(","));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -116,6 +160,37 @@ fn exports(a: &TrainArgs) -> Result<Vec<Format>> {
         return Err(Error::Option("--export gguf: a QST model is a base plus a side network, not one LLaMA".into()));
     }
     Ok(export)
+}
+
+/// Refuses a run whose outputs would replace its inputs: an export in `out` (or an earlier run's, which a new run
+/// removes) that is the model being trained, or `--dump-batches` onto the data it reads.
+fn check_outputs(a: &TrainArgs, out: &Path) -> Result<()> {
+    let model = a.common.model.canonicalize().ok();
+    for f in <Format as clap::ValueEnum>::value_variants() {
+        let p = qtune::model::export::export_paths(out, *f);
+        if let (Some(m), Ok(p)) = (&model, p.canonicalize()) {
+            if m.starts_with(&p) {
+                return Err(Error::Option(format!(
+                    "--out {}: the run writes {} there, which is (or holds) its own --model {}; pick another --out",
+                    out.display(),
+                    p.display(),
+                    a.common.model.display()
+                )));
+            }
+        }
+    }
+    if let Some(dump) = &a.dump_batches {
+        let task = &a.common.task;
+        let inputs = [Some(&a.common.model), task.data.as_ref(), task.dev_data.as_ref(), task.eval_data.as_ref()];
+        if let Some(input) = inputs.into_iter().flatten().find(|i| qtune::io::same_path(i, dump)) {
+            return Err(Error::Option(format!(
+                "--dump-batches {}: that is an input of this run ({}); writing there would replace it",
+                dump.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -163,7 +238,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         selection: a.selection.clone(),
         export,
         export_opts: a.export_opts.clone(),
+        options: a.defining.clone(),
     };
+    check_outputs(&a, &out)?;
     if let Some(path) = &a.dump_batches {
         return trainer::dump_batches(&splits, &cfg, path, &host);
     }

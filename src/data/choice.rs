@@ -55,6 +55,13 @@ fn answer_index(v: &Value, options: &[String], path: &Path, line: usize) -> Resu
             match (letter, lettered) {
                 (Some(k), true) => {
                     let text = s.get(2..).map(str::trim).unwrap_or("");
+                    // "A" with options ["B", "A"]: the letter of option 0 and the text of option 1.
+                    let same_text = options.iter().position(|o| o.trim() == s.trim_end_matches('.'));
+                    if let Some(j) = same_text.filter(|&j| text.is_empty() && j != k) {
+                        return Err(bad(format!(
+                            "answer {s:?} is both the letter of option {k} and the text of option {j}; give its index"
+                        )));
+                    }
                     if !text.is_empty() && options.get(k).is_some_and(|o| o.trim() != text) {
                         return Err(bad(format!("answer {s:?} does not match option {k}: {:?}", options[k])));
                     }
@@ -187,6 +194,8 @@ mod tests {
             serde_json::json!({"context": "c", "options": ["x", "y"], "answer": 2}),
             serde_json::json!({"context": "c", "options": ["x"], "answer": 0}),
             serde_json::json!({"options": ["x", "y"], "answer": 0}),
+            // The letter of option 0 and the text of option 1.
+            serde_json::json!({"context": "c", "options": ["B", "A"], "answer": "A"}),
         ] {
             let e = parse_row(&row(bad.clone()), p, 9).unwrap_err().to_string();
             assert!(e.starts_with("mc.jsonl:9:"), "{bad}: {e}");

@@ -202,9 +202,11 @@ pub fn render(template: &str, row: &Row, path: &Path, line: usize) -> Result<Str
     Ok(s)
 }
 
-/// The label words' token ids; each must be one token.
+/// The label words' token ids; each must be one token, and no two classes the same token (the model could not
+/// tell them apart: every answer would be scored for both).
 fn label_ids(tok: &Tok, spec: &ClassifySpec) -> Result<Vec<u32>> {
-    spec.labels
+    let ids = spec
+        .labels
         .iter()
         .map(|(_, w)| match tok.encode(&format!("{}{w}", spec.separator))?.as_slice() {
             [id] => Ok(*id),
@@ -214,7 +216,17 @@ fn label_ids(tok: &Tok, spec: &ClassifySpec) -> Result<Vec<u32>> {
                 ids.len()
             ))),
         })
-        .collect()
+        .collect::<Result<Vec<u32>>>()?;
+    for (j, id) in ids.iter().enumerate() {
+        if let Some(i) = ids[..j].iter().position(|x| x == id) {
+            let (a, b) = (&spec.labels[i], &spec.labels[j]);
+            return Err(Error::Option(format!(
+                "labels {:?} ({:?}) and {:?} ({:?}) are the same token for this tokenizer; give each class its own word",
+                a.0, a.1, b.0, b.1
+            )));
+        }
+    }
+    Ok(ids)
 }
 
 /// A row kept for classification: its prompt text and class.
@@ -302,12 +314,10 @@ pub fn boolq(files: &Files, tok: &Tok, sizes: SplitSizes, seed: u64) -> Result<S
         }
         pool.push(Labelled { prompt: render(&spec.template, &r, &pool_path, line)?, class });
     }
-    let notes = skipped_note(pool.len(), &[("unlabelled".into(), unlabelled), ("validation questions".into(), in_val)])
-        .map(|n| format!("{}: {n}", pool_path.display()))
-        .into_iter()
-        .collect();
-    let main = super::tasks::Pool { path: pool_path, rows: pool };
-    let eval = super::tasks::Pool { path: val_path, rows: val.into_iter().map(|(_, l)| l).collect() };
+    let note = skipped_note(pool.len(), &[("unlabelled".into(), unlabelled), ("validation questions".into(), in_val)]);
+    let notes = note.iter().map(|n| format!("{}: {n}", pool_path.display())).collect();
+    let main = super::tasks::Pool { path: pool_path, rows: pool, note };
+    let eval = super::tasks::Pool { path: val_path, rows: val.into_iter().map(|(_, l)| l).collect(), note: None };
     finish(draw(&main, None, Some(&eval), sizes, seed)?, &spec, tok, notes)
 }
 

@@ -182,6 +182,28 @@ pub struct TaskArgs {
 }
 
 impl TaskArgs {
+    /// Refuses an option the task would not read, as a method's options are refused: the classification options
+    /// are read by `classify` only, `--chat-template` by `chat` only.
+    pub fn check(&self) -> Result<()> {
+        let c = &self.classify;
+        let given = [
+            ("--template", c.template.is_some(), TaskKind::Classify),
+            ("--labels", c.labels.is_some(), TaskKind::Classify),
+            ("--label-field", c.label_field.is_some(), TaskKind::Classify),
+            ("--no-label-space", c.no_label_space, TaskKind::Classify),
+            ("--task-file", c.task_file.is_some(), TaskKind::Classify),
+            ("--chat-template", self.chat.chat_template.is_some(), TaskKind::Chat),
+        ];
+        match given.iter().find(|(_, g, reader)| *g && *reader != self.task) {
+            Some((name, _, reader)) => Err(Error::Option(format!(
+                "{name} is not read by --task {} (only by {})",
+                self.task.name(),
+                reader.name()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub fn sizes(&self) -> SplitSizes {
         SplitSizes { train: self.train_size, dev: self.dev_size, eval: self.eval_size }
     }
@@ -233,6 +255,8 @@ pub struct Files<'a> {
 pub struct Pool<T> {
     pub path: PathBuf,
     pub rows: Vec<T>,
+    /// What reading the file skipped ([`skipped_note`]): quoted when the pool is too small, as it usually says why.
+    pub note: Option<String>,
 }
 
 /// Draws train/dev/eval from the pools: a split with its own pool takes the first `n` of a seeded permutation of
@@ -250,9 +274,10 @@ pub fn draw<T: Clone>(
         sizes.train + if dev.is_none() { sizes.dev } else { 0 } + if eval.is_none() { sizes.eval } else { 0 };
     let take = |pool: &Pool<T>, n: usize, stream: u32, what: &str| -> Result<Vec<usize>> {
         if n > pool.rows.len() {
+            let why = pool.note.as_ref().map(|n| format!(" ({n})")).unwrap_or_default();
             return Err(Error::file(
                 &pool.path,
-                format!("has {} usable rows; the splits ask for {n} ({what})", pool.rows.len()),
+                format!("has {} usable rows{why}; the splits ask for {n} ({what})", pool.rows.len()),
             ));
         }
         Ok(permutation(pool.rows.len(), seed, stream)[..n].to_vec())
@@ -294,8 +319,8 @@ pub fn read_pools<T>(
 ) -> Result<Pools<T>> {
     let mut one = |path: &Path| -> Result<Pool<T>> {
         let (rows, note) = read(path)?;
-        notes.extend(note.map(|n| format!("{}: {n}", path.display())));
-        Ok(Pool { path: path.to_path_buf(), rows })
+        notes.extend(note.as_ref().map(|n| format!("{}: {n}", path.display())));
+        Ok(Pool { path: path.to_path_buf(), rows, note })
     };
     let main = one(files.data)?;
     let dev = files.dev.map(&mut one).transpose()?;
@@ -333,7 +358,7 @@ mod tests {
     use super::*;
 
     fn pool(n: usize, name: &str) -> Pool<usize> {
-        Pool { path: PathBuf::from(name), rows: (0..n).collect() }
+        Pool { path: PathBuf::from(name), rows: (0..n).collect(), note: None }
     }
 
     /// One pool is partitioned (no row in two splits); a split with its own pool draws from it alone; asking for
@@ -345,7 +370,7 @@ mod tests {
         let mut all: Vec<usize> = t.iter().chain(&d).chain(&e).copied().collect();
         all.sort();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
-        let ev = Pool { path: PathBuf::from("e"), rows: vec![100, 101, 102] };
+        let ev = Pool { path: PathBuf::from("e"), rows: vec![100, 101, 102], note: None };
         let [t2, d2, e2] = draw(&pool(8, "a"), None, Some(&ev), sizes, 0).unwrap();
         assert!(e2.iter().all(|&x| x >= 100) && e2.len() == 2);
         assert_eq!(t2.len() + d2.len(), 8);

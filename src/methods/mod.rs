@@ -141,6 +141,34 @@ pub struct MethodOptions {
 }
 crate::options::defaults_from_clap!(MethodOptions);
 
+impl MethodOptions {
+    /// Refuses a value no method could run with, naming the option, before anything is read (`train` and `plan`
+    /// both: a plan is never printed for options a run would refuse). The methods' own constructors check the
+    /// same for library callers.
+    pub fn check(&self) -> Result<()> {
+        let finite_at_least_0 = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(Error::Option(format!("--{name} {v} must be a finite number ≥ 0")))
+            }
+        };
+        finite_at_least_0("weight-decay", self.weight_decay)?;
+        finite_at_least_0("clip", self.first_order.clip)?;
+        let f = self.qft.outlier_fraction;
+        if !(0.0..1.0).contains(&f) {
+            return Err(Error::Option(format!("--outlier-fraction {f} must be in [0, 1)")));
+        }
+        if ![4, 8].contains(&self.bits.bits) {
+            return Err(Error::Option(format!("--bits {}: the quantized methods take 8 or 4", self.bits.bits)));
+        }
+        self.quzo.check()?;
+        ZoLoop::new(&self.zo, self.weight_decay, 0, OnNonFinite::Stop)?;
+        lora::LoraConfig { r: self.lora.lora_r, alpha: self.lora.lora_alpha, seed: 0 }.validate()?;
+        Ok(())
+    }
+}
+
 /// The arithmetic of the quantized weight products (read by quzo and qft).
 #[derive(clap::Args, Clone, Debug, PartialEq)]
 #[command(next_help_heading = "Quantized compute (quzo, qft)")]

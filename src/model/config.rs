@@ -116,12 +116,19 @@ fn rope_scaling_of(v: &serde_json::Value) -> std::result::Result<Option<RopeScal
     })
 }
 
-fn token_id(v: &Option<serde_json::Value>) -> Option<u32> {
-    match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32),
-        Some(serde_json::Value::Array(a)) => a.first().and_then(|x| x.as_u64()).map(|x| x as u32),
-        _ => None,
-    }
+/// A special token's id as config.json gives it (a number, or a list whose first entry is used); anything that is
+/// not a non-negative integer below 2³² is refused rather than cut to fit.
+fn token_id(name: &str, v: &Option<serde_json::Value>) -> std::result::Result<Option<u32>, String> {
+    let id = match v {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::Array(a)) if a.is_empty() => return Ok(None),
+        Some(serde_json::Value::Array(a)) => &a[0],
+        Some(x) => x,
+    };
+    id.as_u64()
+        .and_then(|x| u32::try_from(x).ok())
+        .map(Some)
+        .ok_or_else(|| format!("{name} ({id}) is not a token id (a non-negative integer below 2^32)"))
 }
 
 impl LlamaConfig {
@@ -194,8 +201,8 @@ impl LlamaConfig {
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
-            bos_token_id: token_id(&hf.bos_token_id),
-            eos_token_id: token_id(&hf.eos_token_id),
+            bos_token_id: token_id("bos_token_id", &hf.bos_token_id).map_err(|m| Error::file(path, m))?,
+            eos_token_id: token_id("eos_token_id", &hf.eos_token_id).map_err(|m| Error::file(path, m))?,
             arch,
             attention_bias: arch == Arch::Qwen2,
             rope_scaling,
@@ -244,6 +251,11 @@ impl LlamaConfig {
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(format!("rms_norm_eps ({}) must be positive", self.rms_norm_eps));
+        }
+        for (name, id) in [("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id)] {
+            if let Some(id) = id.filter(|&id| id as usize >= self.vocab_size) {
+                return Err(format!("{name} ({id}) is outside the vocabulary (vocab_size {})", self.vocab_size));
+            }
         }
         if self.sliding_window == Some(0) {
             return Err("sliding_window must be > 0".into());

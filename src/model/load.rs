@@ -56,6 +56,13 @@ pub fn stream_model(path: &Path, take: &mut dyn FnMut(ParamId, Tensor) -> Result
         if !seen.insert(id) {
             return Err(Error::file(file, format!("tensor `{}` appears more than once", id.hf_name())));
         }
+        // A NaN or infinity in the weights would only show as a NaN loss or garbage text much later.
+        if let Some(bad) = with_f32_slice(&t, first_non_finite)? {
+            return Err(Error::file(
+                file,
+                format!("tensor `{}` holds a non-finite value at element {bad}: the file is corrupt", id.hf_name()),
+            ));
+        }
         cfg_out.get_or_insert_with(|| cfg.clone());
         take(id, t)
     };
@@ -79,11 +86,61 @@ pub fn read_header(path: &Path) -> Result<ModelHeader> {
         if let Some(t) = tokenizer.as_mut() {
             t.specials.bos = t.specials.bos.or(cfg.bos_token_id);
             t.specials.eos = t.specials.eos.or(cfg.eos_token_id);
+            check_tokenizer(&cfg, t, &tok_path)?;
         }
         Ok(ModelHeader { cfg, tokenizer })
     } else {
         Ok(gguf_open(path)?.2)
     }
+}
+
+/// Runs `f` on the elements of an f32 tensor in row-major order, in place where the tensor is a contiguous CPU
+/// tensor: the quantizers read the matrix being loaded without a second f32 copy of it (at LLaMA-2-7B with a
+/// 49152-token vocabulary that copy was 0.75 GiB of the load's peak).
+pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    if let candle_core::Storage::Cpu(cpu) = &*storage {
+        let all = cpu.as_slice::<f32>()?;
+        let start = layout.start_offset();
+        return Ok(f(&all[start..start + t.elem_count()]));
+    }
+    drop(storage);
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
+}
+
+/// A tokenizer whose ids reach past the model's embedding rows would fail at the first such token with a bare
+/// index error, or its special tokens would: refused when the model is opened, naming the file.
+fn check_tokenizer(cfg: &LlamaConfig, tok: &Tok, file: &Path) -> Result<()> {
+    let n = tok.vocab_size();
+    if n > cfg.vocab_size {
+        return Err(Error::file(
+            file,
+            format!("the tokenizer has {n} tokens, more than the model's vocab_size of {}", cfg.vocab_size),
+        ));
+    }
+    for (name, id) in [("BOS", tok.specials.bos), ("EOS", tok.specials.eos)] {
+        if let Some(id) = id.filter(|&id| id as usize >= cfg.vocab_size) {
+            return Err(Error::file(
+                file,
+                format!("the {name} token ({id}) is outside the model's vocab_size of {}", cfg.vocab_size),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The index of the first NaN or infinity in `v`: whole blocks are tested with an OR that vectorizes (an early-exit
+/// search does not), so a 7B model's load pays little for it.
+fn first_non_finite(v: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 4096;
+    v.chunks(BLOCK).enumerate().find_map(|(i, c)| {
+        if c.iter().fold(false, |bad, x| bad | !x.is_finite()) {
+            c.iter().position(|x| !x.is_finite()).map(|j| i * BLOCK + j)
+        } else {
+            None
+        }
+    })
 }
 
 type Check<'a> = dyn FnMut(&LlamaConfig, ParamId, Tensor, &Path) -> Result<()> + 'a;
@@ -292,6 +349,9 @@ pub(crate) fn gguf_open(path: &Path) -> Result<(gguf_file::Content, std::io::Buf
         None | Some("no_vocab" | "none") => None,
         Some(_) => Some(Tok::from_gguf(&ct, path)?),
     };
+    if let Some(tok) = &tokenizer {
+        check_tokenizer(&cfg, tok, path)?;
+    }
     Ok((ct, reader, ModelHeader { cfg, tokenizer }))
 }
 

@@ -4,7 +4,7 @@
 //! file is read.
 use super::config::LlamaConfig;
 use super::llama::Weights;
-use super::load::stream_model;
+use super::load::{stream_model, with_f32_slice};
 use super::params::{ParamId, ParamStore};
 use super::tokenizer::Tok;
 use crate::{Error, Result};
@@ -249,21 +249,6 @@ impl<W> Part<W> {
             Ok(Part::Vec(t))
         }
     }
-}
-
-/// Runs `f` on the elements of an f32 tensor in row-major order, in place where the tensor is a contiguous CPU
-/// tensor: the quantizers read the matrix being loaded without a second f32 copy of it (at LLaMA-2-7B with a
-/// 49152-token vocabulary that copy was 0.75 GiB of the load's peak).
-pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    if let candle_core::Storage::Cpu(cpu) = &*storage {
-        let all = cpu.as_slice::<f32>()?;
-        let start = layout.start_offset();
-        return Ok(f(&all[start..start + t.elem_count()]));
-    }
-    drop(storage);
-    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 pub use crate::error::quant_err;

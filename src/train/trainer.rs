@@ -18,6 +18,7 @@ use crate::model::gguf_export::write_gguf;
 use crate::model::{Batch, Llama, LlamaConfig, Tok, MAX_ROWS};
 use crate::{Error, Result};
 use candle_core::Device;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -46,6 +47,9 @@ pub struct TrainConfig {
     /// What the run writes at the end ([`export_paths`] names where), and how.
     pub export: Vec<Format>,
     pub export_opts: ExportArgs,
+    /// The options that define the run, as its caller names them (`--batch-size` → "2"): a checkpoint records them
+    /// and a resume that gives others is refused with the differences listed.
+    pub options: BTreeMap<String, String>,
 }
 
 impl TrainConfig {
@@ -84,14 +88,66 @@ struct LoopState {
 }
 
 /// Rank 0 writes the checkpoint; the other ranks wait for it (every rank calls this at the same step).
-fn save_checkpoint(method: &dyn Method, path: &Path, st: &LoopState) -> Result<()> {
+fn save_checkpoint(method: &dyn Method, path: &Path, st: &LoopState, options: &BTreeMap<String, String>) -> Result<()> {
     if dist::is_root() {
         let mut w = crate::checkpoint::StateWriter::new(method.name());
         w.meta("trainer", st);
+        w.meta("options", options);
         method.save_state(&mut w)?;
         w.write(path)?;
     }
     dist::wait_for_root()
+}
+
+/// A new run in a folder that holds an earlier one: the earlier checkpoint is refused (only `--resume` continues
+/// it), and its other files are removed, so that none passes for this run's (`report` and `export` read what is
+/// there, and this run may not write every one of them).
+fn clear_earlier_run(out: &Path) -> Result<()> {
+    let ckpt = checkpoint_path(out);
+    if ckpt.exists() {
+        return Err(Error::file(
+            &ckpt,
+            "holds an earlier run's checkpoint: --resume continues that run; remove the file (or pick another --out) \
+             to start a new one",
+        ));
+    }
+    if !dist::is_root() {
+        return Ok(());
+    }
+    let files = ["summary.json", "log.jsonl", "predictions.jsonl", "dev.jsonl"].map(|f| out.join(f));
+    let exports = <Format as clap::ValueEnum>::value_variants().iter().map(|&f| export_paths(out, f));
+    let mut gone = Vec::new();
+    for p in files.into_iter().chain([best_path(out)]).chain(exports) {
+        let removed = match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
+            Ok(_) => std::fs::remove_file(&p),
+            Err(_) => continue,
+        };
+        removed.map_err(|e| Error::file(&p, format!("cannot remove an earlier run's file: {e}")))?;
+        gone.push(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    }
+    if !gone.is_empty() {
+        eprintln!("note: {} held an earlier run; removed its {}", out.display(), gone.join(", "));
+    }
+    Ok(())
+}
+
+/// Refuses a resume whose options differ from those the checkpoint was written with, listing each difference.
+fn check_same_options(
+    written: &BTreeMap<String, String>,
+    now: &BTreeMap<String, String>,
+) -> std::result::Result<(), String> {
+    let keys: std::collections::BTreeSet<&String> = written.keys().chain(now.keys()).collect();
+    let shown = |v: Option<&String>| v.map_or("(not given)".to_string(), |v| format!("`{v}`"));
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| written.get(*k) != now.get(*k))
+        .map(|k| format!("{k}: {} when written, {} now", shown(written.get(k)), shown(now.get(k))))
+        .collect();
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(format!("was written with other options; a resume continues the same run: {}", diffs.join("; ")))
 }
 
 /// Trains `method` on `splits` and writes `<out>/{summary.json, log.jsonl, model/}`.
@@ -108,6 +164,12 @@ pub fn train(
     }
     check_batching(splits, cfg)?;
     cfg.selection.check()?;
+    if cfg.selection.eval_every > 0 && (splits.dev.examples.is_empty() || cfg.skip_eval) {
+        return Err(Error::Option(
+            "--eval-every evaluates the dev split during training: it needs one (--dev-size > 0), and no --no-eval"
+                .into(),
+        ));
+    }
     let root = dist::is_root();
     if root {
         eprintln!(
@@ -120,6 +182,9 @@ pub fn train(
     }
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::file(&cfg.out, format!("cannot create: {e}")))?;
     dist::check_shared_dir(&cfg.out)?;
+    if !cfg.resume {
+        clear_earlier_run(&cfg.out)?;
+    }
     let settings = cfg.eval_settings(model);
     // An empty split (--dev-size 0, --eval-size 0) is not evaluated.
     let eval = |data: &TaskData, m: &dyn Method| -> Result<Option<EvalResult>> {
@@ -135,8 +200,12 @@ pub fn train(
         if r.meta()["method"].as_str() != Some(method.name()) {
             return Err(Error::file(
                 &path,
-                format!("is a checkpoint of `{}`, not `{}`", r.meta()["method"], method.name()),
+                format!("is a checkpoint of `{}`, not `{}`", r.meta()["method"].as_str().unwrap_or("?"), method.name()),
             ));
+        }
+        // Checkpoints written before the options were recorded have none to compare.
+        if let Ok(written) = serde_json::from_value::<BTreeMap<String, String>>(r.meta()["options"].clone()) {
+            check_same_options(&written, &cfg.options).map_err(|m| Error::file(&path, m))?;
         }
         let st: LoopState = serde_json::from_value(r.meta()["trainer"].clone())
             .map_err(|e| Error::file(&path, format!("trainer state: {e}")))?;
@@ -292,7 +361,7 @@ pub fn train(
             let best = selection.record(point, by_accuracy);
             say(format!("step {}: dev {}{}", step + 1, describe(&r), if best { " (best so far)" } else { "" }));
             if best {
-                save_checkpoint(method, &best_path(&cfg.out), &state(&selection))?;
+                save_checkpoint(method, &best_path(&cfg.out), &state(&selection), &cfg.options)?;
             }
             if root {
                 selection.write(&cfg.out)?;
@@ -306,7 +375,7 @@ pub fn train(
             || (cfg.save_state && step + 1 == cfg.steps);
         let stop = selection.exhausted(cfg.selection.early_stop);
         if due || interrupted || stop {
-            save_checkpoint(method, &checkpoint_path(&cfg.out), &state(&selection))?;
+            save_checkpoint(method, &checkpoint_path(&cfg.out), &state(&selection), &cfg.options)?;
         }
         dist::maybe_die(step);
         if interrupted {

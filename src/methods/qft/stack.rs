@@ -25,13 +25,13 @@ pub(crate) struct HostEntries;
 impl StackEntries for HostEntries {
     type Entry = Int8Blocks;
     fn quantize(&self, grad: &Tensor, key: RngKey, sumsq: bool) -> Result<(Int8Blocks, f64)> {
-        crate::model::quantized::with_f32_slice(grad, |g| {
+        crate::model::load::with_f32_slice(grad, |g| {
             let s = if sumsq { g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() } else { 0.0 };
             Ok((Int8Blocks::quantize(g, key)?, s))
         })?
     }
     fn add(&self, entry: &mut Int8Blocks, grad: &Tensor, key: RngKey, _sumsq: bool) -> Result<f64> {
-        crate::model::quantized::with_f32_slice(grad, |g| {
+        crate::model::load::with_f32_slice(grad, |g| {
             entry.rewrite(key, |start, v| {
                 let n = v.len();
                 v.iter_mut().zip(&g[start..start + n]).for_each(|(a, b)| *a += b);
@@ -89,7 +89,7 @@ pub(super) struct FusedSink<'a> {
 
 impl GradSink for FusedSink<'_> {
     fn push(&mut self, id: ParamId, grad: Tensor) -> Result<()> {
-        let changed = crate::model::quantized::with_f32_slice(&grad, |g| {
+        let changed = crate::model::load::with_f32_slice(&grad, |g| {
             let src = |start: usize, out: &mut [f32]| -> Result<()> {
                 out.copy_from_slice(&g[start..start + out.len()]);
                 Ok(())
