@@ -55,11 +55,15 @@ if want steps; then
     | tee "$OUT/steps.md"
 fi
 
+# An interrupted run (its checkpoint there, no summary yet) is resumed, not started again.
+resume() { [ -f "$1/checkpoint.safetensors" ] && echo --resume; }
+
 # QuZO INT8 over 100 steps with integer and f32 compute: same seed, same batches.
 if want curves; then
   for c in int8 f32; do
     [ -f "$OUT/quzo-int8-compute-$c/summary.json" ] || "$BIN" train --method quzo --bits 8 --compute "$c" \
-      --steps 100 --dev-size 64 --eval-size 64 --seed 0 --checkpoint-every 25 --out "$OUT/quzo-int8-compute-$c"
+      --steps 100 --dev-size 64 --eval-size 64 --seed 0 --checkpoint-every 25 --out "$OUT/quzo-int8-compute-$c" \
+      $(resume "$OUT/quzo-int8-compute-$c")
   done
   "$BIN" report "$OUT"/quzo-int8-compute-{int8,f32} --out "$OUT/curves" --title "QuZO INT8: integer vs f32 compute" \
     | tee "$OUT/curves.md"
@@ -71,7 +75,8 @@ if want qft; then
   for run in qft-int8:"--method qft --compute int8" qft-f32:"--method qft --compute f32" full-lion:"--method full-lion"; do
     name=${run%%:*}; args=${run#*:}
     [ -f "$OUT/$name/summary.json" ] || "$BIN" train $args --lr 5e-6 --steps 100 --batch-size 2 --train-size 1000 \
-      --dev-size 200 --eval-size 0 --max-seq-len 256 --seed 0 --no-export --checkpoint-every 25 --out "$OUT/$name"
+      --dev-size 200 --eval-size 0 --max-seq-len 256 --seed 0 --no-export --checkpoint-every 25 --out "$OUT/$name" \
+      $(resume "$OUT/$name")
   done
   "$BIN" report "$OUT"/{qft-int8,qft-f32,full-lion} --out "$OUT/qft" --title "QFT: integer vs f32 compute, and FP32 Lion" \
     | tee "$OUT/qft.md"

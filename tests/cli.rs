@@ -611,6 +611,10 @@ fn save_state_writes_a_state_that_resumes() {
     let (ok, _, err) = qtune(&[other, vec!["--resume", "--warmup", "1"]].concat());
     assert!(!ok && err.contains("--batch-size: `2` when written, `3` now"), "{err}");
     assert!(err.contains("--warmup: `0` when written, `1` now") && !err.contains("--resume:"), "{err}");
+    let mut shorter = args.clone();
+    shorter[10] = "2";
+    let (ok, _, err) = qtune(&[shorter, vec!["--resume"]].concat());
+    assert!(!ok && err.contains("is at step 3, past --steps 2"), "{err}");
     let (ok, _, err) = qtune(&[args, vec!["--resume", "--checkpoint-every", "5"]].concat());
     assert!(ok, "{err}");
     for (name, t) in load() {

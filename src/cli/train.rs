@@ -93,11 +93,13 @@ pub struct TrainArgs {
     pub defining: BTreeMap<String, String>,
 }
 
-/// Options a resume may change: where and whether the run writes, evaluates, checkpoints and plans, and the device
-/// it runs on (a state moves between devices), not what it trains.
+/// Options a resume may change: where and whether the run writes, evaluates, checkpoints and plans, the device it
+/// runs on (a state moves between devices), and its length (a run may be extended; its schedule then spans the new
+/// length; a length short of the checkpoint's step is refused by the trainer), not what it trains.
 const RESUME_MAY_CHANGE: &[&str] = &[
     "resume",
     "device",
+    "steps",
     "checkpoint_every",
     "save_state",
     "export",

@@ -209,6 +209,15 @@ pub fn train(
         }
         let st: LoopState = serde_json::from_value(r.meta()["trainer"].clone())
             .map_err(|e| Error::file(&path, format!("trainer state: {e}")))?;
+        if st.next_step > cfg.steps {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "is at step {}, past --steps {}: a resume can extend a run, not shorten it",
+                    st.next_step, cfg.steps
+                ),
+            ));
+        }
         if st.batcher.n != splits.train.examples.len() {
             return Err(Error::file(&path, "was written for another training split (--train-size, --seed)"));
         }
