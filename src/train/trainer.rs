@@ -67,10 +67,8 @@ impl TrainConfig {
 /// Set by SIGINT: the loop checkpoints after the current step and stops.
 pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The file a run checkpoints to.
-pub fn checkpoint_path(out: &Path) -> PathBuf {
-    out.join("checkpoint.safetensors")
-}
+pub use super::run_dir::checkpoint_path;
+use super::run_dir::{check_same_options, clear_earlier_run};
 
 /// Where a checkpointed run stands: the next step, the data order and position, and the figures the summary needs.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -97,57 +95,6 @@ fn save_checkpoint(method: &dyn Method, path: &Path, st: &LoopState, options: &B
         w.write(path)?;
     }
     dist::wait_for_root()
-}
-
-/// A new run in a folder that holds an earlier one: the earlier checkpoint is refused (only `--resume` continues
-/// it), and its other files are removed, so that none passes for this run's (`report` and `export` read what is
-/// there, and this run may not write every one of them).
-fn clear_earlier_run(out: &Path) -> Result<()> {
-    let ckpt = checkpoint_path(out);
-    if ckpt.exists() {
-        return Err(Error::file(
-            &ckpt,
-            "holds an earlier run's checkpoint: --resume continues that run; remove the file (or pick another --out) \
-             to start a new one",
-        ));
-    }
-    if !dist::is_root() {
-        return Ok(());
-    }
-    let files = ["summary.json", "log.jsonl", "predictions.jsonl", "dev.jsonl"].map(|f| out.join(f));
-    let exports = <Format as clap::ValueEnum>::value_variants().iter().map(|&f| export_paths(out, f));
-    let mut gone = Vec::new();
-    for p in files.into_iter().chain([best_path(out)]).chain(exports) {
-        let removed = match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
-            Ok(_) => std::fs::remove_file(&p),
-            Err(_) => continue,
-        };
-        removed.map_err(|e| Error::file(&p, format!("cannot remove an earlier run's file: {e}")))?;
-        gone.push(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    }
-    if !gone.is_empty() {
-        eprintln!("note: {} held an earlier run; removed its {}", out.display(), gone.join(", "));
-    }
-    Ok(())
-}
-
-/// Refuses a resume whose options differ from those the checkpoint was written with, listing each difference.
-fn check_same_options(
-    written: &BTreeMap<String, String>,
-    now: &BTreeMap<String, String>,
-) -> std::result::Result<(), String> {
-    let keys: std::collections::BTreeSet<&String> = written.keys().chain(now.keys()).collect();
-    let shown = |v: Option<&String>| v.map_or("(not given)".to_string(), |v| format!("`{v}`"));
-    let diffs: Vec<String> = keys
-        .into_iter()
-        .filter(|k| written.get(*k) != now.get(*k))
-        .map(|k| format!("{k}: {} when written, {} now", shown(written.get(k)), shown(now.get(k))))
-        .collect();
-    if diffs.is_empty() {
-        return Ok(());
-    }
-    Err(format!("was written with other options; a resume continues the same run: {}", diffs.join("; ")))
 }
 
 /// Trains `method` on `splits` and writes `<out>/{summary.json, log.jsonl, model/}`.
