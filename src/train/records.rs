@@ -119,7 +119,13 @@ impl Summary {
     pub fn read(dir: &Path) -> Result<Summary> {
         let path = dir.join("summary.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
-        serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not a run summary: {e}")))
+        let s: Summary =
+            serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not a run summary: {e}")))?;
+        // Every field has a default (summaries grew over time), so `{}` would parse: a run always names its method.
+        if s.method.is_empty() {
+            return Err(Error::file(&path, "not a run summary: no `method`"));
+        }
+        Ok(s)
     }
 
     /// Writes `<out>/summary.json` atomically.
@@ -205,6 +211,9 @@ mod tests {
         std::fs::write(dir.path().join("summary.json"), "[1]").unwrap();
         let e = Summary::read(dir.path()).unwrap_err().to_string();
         assert!(e.contains("summary.json") && e.contains("not a run summary"), "{e}");
+        std::fs::write(dir.path().join("summary.json"), "{}").unwrap();
+        let e = Summary::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("no `method`"), "{e}");
     }
 
     /// A log line's method figures are top-level keys, as earlier logs wrote them.
