@@ -539,6 +539,7 @@ fn impossible_options_are_named() {
         (&["--labels", "0=a,1=b"][..], "--labels is not read by --task chat (only by classify)"),
         (&["--template", "{text}"][..], "--template is not read by --task chat"),
         (&["--eval-every", "1", "--no-eval"][..], "--eval-every"),
+        (&["--eval-data", data.to_str().unwrap()][..], "is --data itself"),
     ] {
         let a = train_args(TINY, data.to_str().unwrap(), out.to_str().unwrap());
         expect_last_error(&[a, extra.to_vec()].concat(), &[needle]);

@@ -49,6 +49,9 @@ impl Common {
         if self.max_seq_len == 0 {
             return Err(Error::Option("--max-seq-len must be at least 1".into()));
         }
+        if let Some(out) = self.out.as_ref().filter(|o| o.is_file()) {
+            return Err(Error::file(out, "is a file; --out names the folder a run writes into"));
+        }
         self.task.check()
     }
 

@@ -194,14 +194,26 @@ impl TaskArgs {
             ("--task-file", c.task_file.is_some(), TaskKind::Classify),
             ("--chat-template", self.chat.chat_template.is_some(), TaskKind::Chat),
         ];
-        match given.iter().find(|(_, g, reader)| *g && *reader != self.task) {
-            Some((name, _, reader)) => Err(Error::Option(format!(
+        if let Some((name, _, reader)) = given.iter().find(|(_, g, reader)| *g && *reader != self.task) {
+            return Err(Error::Option(format!(
                 "{name} is not read by --task {} (only by {})",
                 self.task.name(),
                 reader.name()
-            ))),
-            None => Ok(()),
+            )));
         }
+        // A split file that is --data itself would overlap the training rows.
+        for (name, file) in [("--dev-data", &self.dev_data), ("--eval-data", &self.eval_data)] {
+            if let (Some(f), Some(data)) = (file, &self.data) {
+                if crate::io::same_path(f, data) {
+                    return Err(Error::Option(format!(
+                        "{name} {} is --data itself: its rows would also be training rows; leave it out to \
+                         partition --data",
+                        f.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn sizes(&self) -> SplitSizes {
