@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/big7b}
 shift || true
-RUNS=${*:-"quzo-int4 quzo-int8 quzo-lora-int4 qst qlora qft-recompute lora full-adamw"}
+RUNS=${*:-"quzo-int4 quzo-int8 quzo-lora-int4 quzo-lora-int8 qst qlora qft-recompute lora full-adamw"}
 Q=target/release/qtune
 M=${MODEL:-/work/big/llama2-7b-random.q4_k.gguf}
 mkdir -p "$OUT"
@@ -21,6 +21,7 @@ for r in $RUNS; do
     quzo-int4) a=(--method quzo --bits 4) ;;
     quzo-int8) a=(--method quzo --bits 8) ;;
     quzo-lora-int4) a=(--method quzo --lora --bits 4) ;;
+    quzo-lora-int8) a=(--method quzo --lora --bits 8) ;;
     qst) a=(--method qst) ;;
     qlora) a=(--method qlora) ;;
     qft-recompute) a=(--method qft --recompute) ;;

@@ -43,6 +43,14 @@ fn expect_last_error(args: &[&str], needles: &[&str]) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// A new folder `dst` holding these files of the tiny model (the test writes the others).
+fn copy_tiny(dst: &Path, files: &[&str]) {
+    std::fs::create_dir(dst).unwrap();
+    for f in files {
+        std::fs::copy(Path::new(TINY).join(f), dst.join(f)).unwrap();
+    }
+}
+
 fn expect_error(args: &[&str], needles: &[&str]) {
     let (ok, _, err) = qtune(args);
     assert!(!ok, "{args:?} should fail");
@@ -314,10 +322,7 @@ fn missing_and_truncated_model_files_are_named() {
     );
     // A copy of the tiny model with its weights cut short.
     let m = dir.path().join("model");
-    std::fs::create_dir(&m).unwrap();
-    for f in ["config.json", "tokenizer.json"] {
-        std::fs::copy(Path::new(TINY).join(f), m.join(f)).unwrap();
-    }
+    copy_tiny(&m, &["config.json", "tokenizer.json"]);
     let w = std::fs::read(Path::new(TINY).join("model.safetensors")).unwrap();
     std::fs::write(m.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
     expect_error(
@@ -332,10 +337,7 @@ fn missing_and_truncated_model_files_are_named() {
 fn vocabulary_overflow_and_non_finite_weights_are_named() {
     let (dir, data, out) = scratch();
     let m = dir.path().join("model");
-    std::fs::create_dir(&m).unwrap();
-    for f in ["model.safetensors", "tokenizer.json"] {
-        std::fs::copy(Path::new(TINY).join(f), m.join(f)).unwrap();
-    }
+    copy_tiny(&m, &["model.safetensors", "tokenizer.json"]);
     let cfg = std::fs::read_to_string(Path::new(TINY).join("config.json")).unwrap();
     let vocab: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     let vocab = vocab["vocab_size"].as_u64().unwrap();
@@ -396,10 +398,7 @@ fn earlier_runs_and_inputs_are_not_taken_for_outputs() {
     let run = dir.path().join("in-place");
     std::fs::create_dir(&run).unwrap();
     let model = run.join("model");
-    std::fs::create_dir(&model).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(Path::new(TINY).join(f), model.join(f)).unwrap();
-    }
+    copy_tiny(&model, &["config.json", "model.safetensors", "tokenizer.json"]);
     expect_last_error(
         &train_args(model.to_str().unwrap(), d, run.to_str().unwrap()),
         &["its own --model", "another --out"],
@@ -423,10 +422,7 @@ fn earlier_runs_and_inputs_are_not_taken_for_outputs() {
 fn config_with_a_wrong_shape_is_named() {
     let (dir, data, out) = scratch();
     let m = dir.path().join("model");
-    std::fs::create_dir(&m).unwrap();
-    for f in ["model.safetensors", "tokenizer.json"] {
-        std::fs::copy(Path::new(TINY).join(f), m.join(f)).unwrap();
-    }
+    copy_tiny(&m, &["model.safetensors", "tokenizer.json"]);
     let cfg = std::fs::read_to_string(Path::new(TINY).join("config.json")).unwrap();
     std::fs::write(m.join("config.json"), cfg.replace("\"intermediate_size\": 160", "\"intermediate_size\": 128"))
         .unwrap();
@@ -480,10 +476,7 @@ fn impossible_options_are_named() {
     expect_error(&["export", TINY, "--shard-size", "0", "--out", out.to_str().unwrap()], &["shard size"]);
     // A GGUF llama.cpp could not run as qtune does (a window shorter than the context) is refused before training.
     let mistral = _dir.path().join("mistral");
-    std::fs::create_dir(&mistral).unwrap();
-    for f in ["model.safetensors", "tokenizer.json"] {
-        std::fs::copy(Path::new(TINY).join(f), mistral.join(f)).unwrap();
-    }
+    copy_tiny(&mistral, &["model.safetensors", "tokenizer.json"]);
     let mut cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(Path::new(TINY).join("config.json")).unwrap()).unwrap();
     (cfg["model_type"], cfg["sliding_window"]) = ("mistral".into(), 4.into());
