@@ -378,9 +378,13 @@ fn earlier_runs_and_inputs_are_not_taken_for_outputs() {
     assert!(ok, "{err}");
     expect_last_error(&train_args(TINY, d, o), &["checkpoint.safetensors", "--resume continues that run"]);
     std::fs::remove_file(out.join("checkpoint.safetensors")).unwrap();
-    let (ok, _, err) = qtune(&[train_args(TINY, d, o), vec!["--no-export", "--no-eval"]].concat());
+    // (Rows may also run past the model's 128 positions: said, not refused.)
+    let mut again = train_args(TINY, d, o);
+    again[20] = "200";
+    let (ok, _, err) = qtune(&[again, vec!["--no-export", "--no-eval"]].concat());
     assert!(ok, "{err}");
     assert!(err.contains("held an earlier run"), "{err}");
+    assert!(err.contains("--max-seq-len 200 is beyond the model's max_position_embeddings 128"), "{err}");
     for gone in ["model", "model.gguf", "predictions.jsonl"] {
         assert!(!out.join(gone).exists(), "{gone} of the earlier run is still there");
     }

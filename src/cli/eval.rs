@@ -37,6 +37,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let qst = is_qst.then(|| QstModel::load(&c.model)).transpose()?;
     let base_path = qst.as_ref().map_or(c.model.clone(), |(_, p)| p.clone());
     let header = read_header(&base_path)?;
+    c.note_context(&header.cfg);
     let tok = tokenizer(header.tokenizer, &base_path)?;
     let splits = c.splits(&tok)?;
     if is_qst {

@@ -64,6 +64,18 @@ impl Common {
         Ok(splits)
     }
 
+    /// Says where rows may run past the positions the model was trained on (transformers allows it too: RoPE
+    /// extrapolates, usually badly).
+    pub fn note_context(&self, cfg: &LlamaConfig) {
+        if self.max_seq_len > cfg.max_position_embeddings {
+            eprintln!(
+                "note: --max-seq-len {} is beyond the model's max_position_embeddings {}: longer rows use positions \
+                 it was not trained on",
+                self.max_seq_len, cfg.max_position_embeddings
+            );
+        }
+    }
+
     /// The task's name, for default output folders.
     pub fn task_name(&self) -> &'static str {
         self.task.task.name()

@@ -205,6 +205,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let host = candle_core::Device::Cpu;
     // The config and tokenizer first; the weights are read by the method, which quantizes them as they arrive.
     let header = read_header(&c.model)?;
+    c.note_context(&header.cfg);
     let tok = tokenizer(header.tokenizer, &c.model)?;
     let export = exports(&a)?;
     // What an export at the end would refuse is refused now, before any training.
