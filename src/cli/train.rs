@@ -5,7 +5,7 @@ use clap::{ArgMatches, Args};
 use qtune::methods::{check_given, MethodKind, MethodOptions, RunContext};
 use qtune::model::export::{ExportArgs, Format};
 use qtune::model::load::read_header;
-use qtune::model::quantized::Source;
+use qtune::model::quantized::{Compute, Source};
 use qtune::model::Llama;
 use qtune::train::memory;
 use qtune::train::schedule::{Schedule, ScheduleKind};
@@ -93,13 +93,31 @@ pub struct TrainArgs {
     pub defining: BTreeMap<String, String>,
 }
 
-/// Options a resume may change: where and whether the run writes, evaluates, checkpoints and plans, the device it
-/// runs on (a state moves between devices), and its length (a run may be extended; its schedule then spans the new
-/// length; a length short of the checkpoint's step is refused by the trainer), not what it trains.
+/// An option's value as a resume compares it: the file a path names, the number a number is, else as written.
+fn canonical_value(id: &str, raw: &str) -> String {
+    const PATHS: &[&str] = &["model", "data", "dev_data", "eval_data", "task_file", "chat_template"];
+    if PATHS.contains(&id) {
+        return Path::new(raw).canonicalize().map_or_else(|_| raw.to_string(), |p| p.display().to_string());
+    }
+    match raw.parse::<f64>() {
+        Ok(x) => x.to_string(),
+        Err(_) => raw.to_string(),
+    }
+}
+
+/// Options a resume may change: where and whether the run writes, evaluates (the eval rows come after the training
+/// rows), checkpoints and plans, what a NaN does, the device it runs on (a state moves between devices; the
+/// arithmetic that follows from it is compared, as `--compute`), and its length (a run may be extended or stop
+/// early; its schedule then spans the new length; a length short of the checkpoint's step is refused by the
+/// trainer), not what it trains.
 const RESUME_MAY_CHANGE: &[&str] = &[
     "resume",
     "device",
     "steps",
+    "early_stop",
+    "keep_last",
+    "on_nan",
+    "eval_size",
     "checkpoint_every",
     "save_state",
     "export",
@@ -132,10 +150,13 @@ impl TrainArgs {
             if RESUME_MAY_CHANGE.contains(&id) {
                 continue;
             }
-            if let Ok(Some(raw)) = matches.try_get_raw(id) {
-                let v: Vec<String> = raw.map(|v| v.to_string_lossy().into_owned()).collect();
-                self.defining.insert(format!("--{}", id.replace('_', "-")), v.join(","));
-            }
+            // Spelled as the value it is: a path resolved, a number as its f64 (`1e-4` is `0.0001`); `(none)` for an
+            // option without a default that was not given.
+            let value = match matches.try_get_raw(id) {
+                Ok(Some(raw)) => raw.map(|v| canonical_value(id, &v.to_string_lossy())).collect::<Vec<_>>().join(","),
+                _ => "(none)".into(),
+            };
+            self.defining.insert(format!("--{}", id.replace('_', "-")), value);
         }
         Ok(())
     }
@@ -164,27 +185,44 @@ fn exports(a: &TrainArgs) -> Result<Vec<Format>> {
     Ok(export)
 }
 
-/// Refuses a run whose outputs would replace its inputs: an export in `out` (or an earlier run's, which a new run
-/// removes) that is the model being trained, or `--dump-batches` onto the data it reads.
+/// The recorded options with the values they take effect as, where a default depends on the method or the
+/// device: the learning rate, and the arithmetic of the quantized products (f32 on a GPU).
+fn effective_options(a: &TrainArgs) -> BTreeMap<String, String> {
+    let mut o = a.defining.clone();
+    let (m, opts) = (a.m.method, &a.m.options);
+    o.insert("--lr".into(), a.lr.unwrap_or(m.default_lr(opts)).to_string());
+    if matches!(m, MethodKind::Quzo | MethodKind::Qft) {
+        let on_gpu = a.common.device.device != qtune::device::DeviceSpec::Cpu;
+        let compute = if on_gpu { Compute::F32 } else { opts.compute.of(m, opts.zo.lora) };
+        o.insert("--compute".into(), compute.cli_name());
+    }
+    o
+}
+
+/// The files a run reads: its model and task data.
+fn inputs(a: &TrainArgs) -> Vec<&Path> {
+    let (c, t) = (&a.common, &a.common.task);
+    let files = [&t.data, &t.dev_data, &t.eval_data, &t.classify.task_file, &t.chat.chat_template];
+    std::iter::once(c.model.as_path()).chain(files.into_iter().flatten().map(|p| p.as_path())).collect()
+}
+
+/// Refuses a run whose outputs would replace its inputs: a file the run writes in `out` (or an earlier run's,
+/// which a new run removes) that is, or holds, its model or data; or `--dump-batches` onto one of them.
 fn check_outputs(a: &TrainArgs, out: &Path) -> Result<()> {
-    let model = a.common.model.canonicalize().ok();
-    for f in <Format as clap::ValueEnum>::value_variants() {
-        let p = qtune::model::export::export_paths(out, *f);
-        if let (Some(m), Ok(p)) = (&model, p.canonicalize()) {
-            if m.starts_with(&p) {
-                return Err(Error::Option(format!(
-                    "--out {}: the run writes {} there, which is (or holds) its own --model {}; pick another --out",
-                    out.display(),
-                    p.display(),
-                    a.common.model.display()
-                )));
-            }
+    let inputs = inputs(a);
+    for p in qtune::train::run_dir::run_files(out) {
+        let Ok(written) = p.canonicalize() else { continue };
+        if let Some(input) = inputs.iter().find(|i| i.canonicalize().is_ok_and(|i| i.starts_with(&written))) {
+            return Err(Error::Option(format!(
+                "--out {}: the run writes {} there, which is (or holds) its input {}; pick another --out",
+                out.display(),
+                p.display(),
+                input.display()
+            )));
         }
     }
     if let Some(dump) = &a.dump_batches {
-        let task = &a.common.task;
-        let inputs = [Some(&a.common.model), task.data.as_ref(), task.dev_data.as_ref(), task.eval_data.as_ref()];
-        if let Some(input) = inputs.into_iter().flatten().find(|i| qtune::io::same_path(i, dump)) {
+        if let Some(input) = inputs.iter().find(|i| qtune::io::same_path(i, dump)) {
             return Err(Error::Option(format!(
                 "--dump-batches {}: that is an input of this run ({}); writing there would replace it",
                 dump.display(),
@@ -241,7 +279,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         selection: a.selection.clone(),
         export,
         export_opts: a.export_opts.clone(),
-        options: a.defining.clone(),
+        options: effective_options(&a),
     };
     check_outputs(&a, &out)?;
     if let Some(path) = &a.dump_batches {

@@ -55,12 +55,18 @@ fn answer_index(v: &Value, options: &[String], path: &Path, line: usize) -> Resu
             match (letter, lettered) {
                 (Some(k), true) => {
                     let text = s.get(2..).map(str::trim).unwrap_or("");
-                    // "A" with options ["B", "A"]: the letter of option 0 and the text of option 1.
+                    // A bare letter that is also an option's text: "A" with options ["B", "A"] is ambiguous; "C"
+                    // with options ["C", "A"] can only be the text (there is no option C).
                     let same_text = options.iter().position(|o| o.trim() == s.trim_end_matches('.'));
-                    if let Some(j) = same_text.filter(|&j| text.is_empty() && j != k) {
-                        return Err(bad(format!(
-                            "answer {s:?} is both the letter of option {k} and the text of option {j}; give its index"
-                        )));
+                    match same_text.filter(|&j| text.is_empty() && j != k) {
+                        Some(j) if k >= options.len() => return Ok(j),
+                        Some(j) => {
+                            return Err(bad(format!(
+                                "answer {s:?} is both the letter of option {k} and the text of option {j}; give its \
+                                 index"
+                            )))
+                        }
+                        None => {}
                     }
                     if !text.is_empty() && options.get(k).is_some_and(|o| o.trim() != text) {
                         return Err(bad(format!("answer {s:?} does not match option {k}: {:?}", options[k])));
@@ -186,6 +192,9 @@ mod tests {
         assert_eq!(parse_row(&siqa, p, 1).unwrap().unwrap().context, "P.\nQuestion: Q?\nAnswer:");
         let multi = row(serde_json::json!({"question": "Q?", "options": "A. x\n more\nB. y", "answer": "B"}));
         assert_eq!(parse_row(&multi, p, 1).unwrap().unwrap().options, ["x\nmore", "y"]);
+        // A bare letter with no option of its own is an option's text.
+        let text = row(serde_json::json!({"context": "c", "options": ["C", "A"], "answer": "C"}));
+        assert_eq!(parse_row(&text, p, 1).unwrap().unwrap().answer, 0);
         let test = row(serde_json::json!({"question": "Q?", "options": "A. x\nB. y"}));
         assert_eq!(parse_row(&test, p, 1).unwrap(), None);
         for bad in [

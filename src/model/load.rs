@@ -112,11 +112,10 @@ pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 /// A tokenizer whose ids reach past the model's embedding rows would fail at the first such token with a bare
 /// index error, or its special tokens would: refused when the model is opened, naming the file.
 fn check_tokenizer(cfg: &LlamaConfig, tok: &Tok, file: &Path) -> Result<()> {
-    let n = tok.vocab_size();
-    if n > cfg.vocab_size {
+    if let Some(id) = tok.max_id().filter(|&id| id as usize >= cfg.vocab_size) {
         return Err(Error::file(
             file,
-            format!("the tokenizer has {n} tokens, more than the model's vocab_size of {}", cfg.vocab_size),
+            format!("the tokenizer's ids reach {id}, past the model's vocab_size of {}", cfg.vocab_size),
         ));
     }
     for (name, id) in [("BOS", tok.specials.bos), ("EOS", tok.specials.eos)] {

@@ -392,9 +392,18 @@ mod tests {
             q.compute = compute;
             let together = q.linears(&ids, &x).unwrap();
             assert_eq!(together.len(), 3);
+            let (m, xv) = (x.dim(0).unwrap(), x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             for (&id, y) in ids.iter().zip(&together) {
-                let alone = q.linear(id, &x).unwrap();
-                assert_eq!(y.to_vec2::<f32>().unwrap(), alone.to_vec2::<f32>().unwrap(), "{compute:?} {id:?}");
+                // The kernels' own one-weight entry points, which quantize the input for each call.
+                let w = q.mat(id);
+                let mut alone = vec![0f32; m * w.rows()];
+                match compute {
+                    Compute::F32 => matmul::matmul_xwt(&xv, m, w, &mut alone),
+                    Compute::Int8 => qtune_quant::matmul_xwt_int(&xv, m, w, &mut alone),
+                    Compute::Int8Mixed => qtune_quant::matmul_xwt_mixed(&xv, m, w, &mut alone),
+                }
+                .unwrap();
+                assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), alone, "{compute:?} {id:?}");
             }
         }
         let wrong = Tensor::zeros((5, cfg.hidden_size + 1), DType::F32, &Device::Cpu).unwrap();

@@ -147,6 +147,12 @@ impl Tok {
         self.inner.get_vocab_size(true)
     }
 
+    /// The largest token id (ids may have gaps, so this is not always `vocab_size() - 1`); None for an empty
+    /// vocabulary.
+    pub fn max_id(&self) -> Option<u32> {
+        self.inner.get_vocab(true).into_values().max()
+    }
+
     /// llama.cpp's name for this tokenizer's pre-tokenizer (`tokenizer.ggml.pre` of a GGUF export): the GGUF's
     /// own, or recognized from tokenizer.json's: SmolLM's digit split, LLaMA-3's and Qwen2's regexes, else GPT-2's (llama.cpp's names).
     pub fn gguf_pre(&self) -> String {
