@@ -408,6 +408,16 @@ fn earlier_runs_and_inputs_are_not_taken_for_outputs() {
         &["which is (or holds) its input", "another --out"],
     );
     assert!(model.join("model.safetensors").exists());
+    // A data file named as a run file in --out (a dev split saved as <out>/dev.jsonl).
+    let proj = dir.path().join("proj");
+    std::fs::create_dir(&proj).unwrap();
+    std::fs::copy(&data, proj.join("dev.jsonl")).unwrap();
+    let dev = proj.join("dev.jsonl");
+    expect_last_error(
+        &[train_args(TINY, d, proj.to_str().unwrap()), vec!["--dev-data", dev.to_str().unwrap()]].concat(),
+        &["dev.jsonl", "which is (or holds) its input"],
+    );
+    assert!(dev.exists());
     // `export` onto a file it reads.
     expect_error(
         &[
