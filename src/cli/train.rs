@@ -87,8 +87,8 @@ pub struct TrainArgs {
     /// the weights; with FILE, also write the plan as JSON there.
     #[arg(long, value_name = "FILE", num_args = 0..=1)]
     pub plan: Option<Option<PathBuf>>,
-    /// Every option that defines the run, given or defaulted, as the command line spelled it (filled from the
-    /// parse by [`TrainArgs::check_options`]; checkpoints record it so a resume must match).
+    /// Every option that defines the run, given or defaulted, as a value (filled from the parse by
+    /// [`TrainArgs::check_options`]; checkpoints record it so a resume must match).
     #[arg(skip)]
     pub defining: BTreeMap<String, String>,
 }
@@ -187,10 +187,10 @@ fn exports(a: &TrainArgs) -> Result<Vec<Format>> {
 
 /// The recorded options with the values they take effect as, where a default depends on the method or the
 /// device: the learning rate, and the arithmetic of the quantized products (f32 on a GPU).
-fn effective_options(a: &TrainArgs) -> BTreeMap<String, String> {
+fn effective_options(a: &TrainArgs, lr: f64) -> BTreeMap<String, String> {
     let mut o = a.defining.clone();
     let (m, opts) = (a.m.method, &a.m.options);
-    o.insert("--lr".into(), a.lr.unwrap_or(m.default_lr(opts)).to_string());
+    o.insert("--lr".into(), lr.to_string());
     if matches!(m, MethodKind::Quzo | MethodKind::Qft) {
         let on_gpu = a.common.device.device != qtune::device::DeviceSpec::Cpu;
         let compute = if on_gpu { Compute::F32 } else { opts.compute.of(m, opts.zo.lora) };
@@ -256,19 +256,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let splits = c.splits(&tok)?;
     let out =
         c.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.m.method.cli_name(), c.task_name())));
+    // The peak is the method's default unless --lr names one.
+    let peak = a.lr.unwrap_or(a.m.method.default_lr(&a.m.options));
     let cfg = TrainConfig {
         steps: a.steps,
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
         max_seq_len: c.max_seq_len,
         eval_batch_size: c.eval_batch_size,
-        // The peak is the method's default unless --lr names one.
-        schedule: Schedule {
-            kind,
-            peak: a.lr.unwrap_or(a.m.method.default_lr(&a.m.options)),
-            warmup: a.warmup,
-            total: a.steps,
-        },
+        schedule: Schedule { kind, peak, warmup: a.warmup, total: a.steps },
         seed: c.seed,
         out: out.clone(),
         pad_id: pad_id(&header.cfg),
@@ -279,7 +275,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         selection: a.selection.clone(),
         export,
         export_opts: a.export_opts.clone(),
-        options: effective_options(&a),
+        options: effective_options(&a, peak),
     };
     check_outputs(&a, &out)?;
     if let Some(path) = &a.dump_batches {
